@@ -1,0 +1,85 @@
+"""The frontend boundary types and the helpers all frontends share."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+
+from ..errors import EdgecError
+from ..signature import TensorSpec
+
+
+@dataclass(frozen=True)
+class ImportedModel:
+    """A model in Relax. Weights are bound as constants; the pass pipeline lifts them out again."""
+    name: str
+    path: Path
+    format: str                      # "onnx" | "tflite"
+    mod: tvm.IRModule
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    import_seconds: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `edgec inspect` reports, computed from the model file alone."""
+    path: Path
+    format: str
+    inputs: tuple[TensorSpec | tuple, ...]   # dims that are dynamic are kept as strings ("?", "batch")
+    outputs: tuple[TensorSpec | tuple, ...]
+    op_histogram: dict[str, int]
+    param_count: int
+    param_bytes: int
+    macs: int | None                 # None when shapes are dynamic and MACs cannot be counted
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+
+
+def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """Parse repeated `--input-shape name:1x3x224x224` options."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise EdgecError(f"cannot parse --input-shape '{spec}'",
+                             "write it as NAME:DIMS with positive dims, e.g. input:1x3x224x224") from None
+        shapes[name] = shape
+    return shapes
+
+
+def unsupported_error(path: Path, missing: dict[str, int], fmt: str) -> EdgecError:
+    ops = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items(), key=lambda kv: (-kv[1], kv[0])))
+    return EdgecError(f"{path.name} uses {fmt} operators edgec cannot import: {ops}",
+                      "replace them in the model or export it with other operators; 'edgec inspect' lists them")
+
+
+def check_pins(path: Path, input_shapes: dict, known: list[str]) -> None:
+    unknown = sorted(set(input_shapes) - set(known))
+    if unknown:
+        raise EdgecError(f"--input-shape names {', '.join(unknown)}, which {path.name} has no input called",
+                         f"its inputs are: {', '.join(known)}")
+
+
+def relax_outputs(mod: tvm.IRModule) -> tuple[TensorSpec, ...]:
+    """Output signature read from the imported main function's return type."""
+    from tvm import relax
+
+    ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else mod["main"].body.ty
+    leaves = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    specs = []
+    for i, leaf in enumerate(leaves):
+        shape = tuple(int(d) for d in leaf.shape.values) if leaf.shape is not None else ()
+        specs.append(TensorSpec(f"output_{i}", shape, str(leaf.dtype)))
+    return tuple(specs)
+
+
+def histogram(names) -> dict[str, int]:
+    return dict(collections.Counter(names).most_common())

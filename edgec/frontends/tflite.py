@@ -1,0 +1,128 @@
+"""TFLite → Relax."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgecError
+from ..signature import TensorSpec
+from . import register_frontend
+from .base import ImportedModel, ModelInfo, check_pins, histogram, relax_outputs, unsupported_error
+
+
+def _load(path: Path):
+    try:
+        import tflite
+    except ImportError as e:
+        raise EdgecError("the 'tflite' package is not installed", "pip install tflite==2.18.0") from e
+    buf = path.read_bytes()
+    # A flatbuffer carries its file identifier at bytes 4..8; checking it avoids a crash deep in the parser.
+    if len(buf) < 8 or buf[4:8] != b"TFL3":
+        raise EdgecError(f"{path} is not a valid TFLite model (no TFL3 identifier)",
+                         "check that the file is a complete .tflite export")
+    return tflite.Model.GetRootAsModel(buf, 0)
+
+
+def _converter(model):
+    """The TVM TFLite op converter, used only for its op naming and support table."""
+    from tvm.relax.frontend.tflite.tflite_frontend import ExprTable, OperatorConverter
+
+    return OperatorConverter(model, model.Subgraphs(0), ExprTable(), None)
+
+
+def _tensor_spec(subgraph, index: int) -> tuple[str, list, str]:
+    from tvm.relax.frontend.tflite.tflite_frontend import _decode_type, get_tensor_name
+
+    t = subgraph.Tensors(index)
+    sig = t.ShapeSignatureAsNumpy() if t.ShapeSignatureLength() else t.ShapeAsNumpy()
+    dims = [int(d) if d >= 0 else "?" for d in sig]
+    return get_tensor_name(subgraph, index), dims, _decode_type(t.Type())
+
+
+def _op_names(model) -> list[str]:
+    conv = _converter(model)
+    sg = model.Subgraphs(0)
+    return [conv.get_op_code_str(sg.Operators(i)) for i in range(sg.OperatorsLength())]
+
+
+def _unsupported_ops(model) -> dict[str, int]:
+    conv = _converter(model)
+    return histogram(op for op in _op_names(model) if op not in conv.convert_map)
+
+
+def import_tflite(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> ImportedModel:
+    from tvm.relax.frontend.tflite import from_tflite
+
+    model = _load(path)
+    missing = _unsupported_ops(model)
+    if missing:
+        raise unsupported_error(path, missing, "TFLite")
+    sg = model.Subgraphs(0)
+    raw_inputs = [_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength())]
+    check_pins(path, input_shapes, [name for name, _, _ in raw_inputs])
+    inputs = []
+    for name, dims, dtype in raw_inputs:
+        if name in input_shapes:
+            dims = list(input_shapes[name])
+        if any(d == "?" for d in dims):
+            example = "x".join("1" if d == "?" else str(d) for d in dims)
+            raise EdgecError(f"input '{name}' has dynamic dims {dims}", f"pin them with --input-shape {name}:{example}")
+        inputs.append(TensorSpec(name, tuple(dims), dtype))
+    t0 = time.perf_counter()
+    try:
+        mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs})
+    except Exception as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise EdgecError(f"TVM's TFLite importer failed on {path.name}: {lines[-1] if lines else type(e).__name__}",
+                         "run with --verbose for details") from e
+    # The importer also attaches its weights as a function attribute; they are bound as constants already.
+    mod["main"] = mod["main"].without_attr("params")
+    out_names = [_tensor_spec(sg, sg.Outputs(i))[0] for i in range(sg.OutputsLength())]
+    outputs = tuple(TensorSpec(n, s.shape, s.dtype) for n, s in zip(out_names, relax_outputs(mod)))
+    return ImportedModel(path.stem, path, "tflite", mod, tuple(inputs), outputs, time.perf_counter() - t0)
+
+
+def _macs(model) -> int:
+    """MACs of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED from the stored (static) shapes."""
+    sg = model.Subgraphs(0)
+    conv = _converter(model)
+    total = 0
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        name = conv.get_op_code_str(op)
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
+            continue
+        out = sg.Tensors(op.Outputs(0)).ShapeAsNumpy()
+        w = sg.Tensors(op.Inputs(1 if name != "TRANSPOSE_CONV" else 1)).ShapeAsNumpy()
+        if name == "CONV_2D":                 # weights OHWI: each output element takes H*W*I MACs
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif name == "DEPTHWISE_CONV_2D":     # weights 1HWC: each output element takes H*W MACs
+            total += int(np.prod(out)) * int(w[1] * w[2])
+        elif name == "FULLY_CONNECTED":       # weights [units, K]
+            total += int(np.prod(out)) * int(w[-1])
+        else:                                 # TRANSPOSE_CONV weights OHWI, applied to each input element
+            x = sg.Tensors(op.Inputs(2)).ShapeAsNumpy()
+            total += int(np.prod(x)) * int(np.prod(w[:3]))
+    return total
+
+
+def inspect_tflite(path: Path) -> ModelInfo:
+    model = _load(path)
+    sg = model.Subgraphs(0)
+    activations = {sg.Inputs(i) for i in range(sg.InputsLength())}
+    param_count = param_bytes = 0
+    for i in range(sg.TensorsLength()):
+        t = sg.Tensors(i)
+        buf = model.Buffers(t.Buffer())
+        if i not in activations and buf is not None and buf.DataLength() > 0:
+            param_count += int(np.prod(t.ShapeAsNumpy())) if t.ShapeLength() else 1
+            param_bytes += buf.DataLength()
+    inputs = tuple(_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength()))
+    outputs = tuple(_tensor_spec(sg, sg.Outputs(i)) for i in range(sg.OutputsLength()))
+    return ModelInfo(path, "tflite", inputs, outputs, histogram(_op_names(model)), param_count, param_bytes,
+                     _macs(model), _unsupported_ops(model))
+
+
+register_frontend(".tflite", import_tflite, inspect_tflite)

@@ -1,0 +1,209 @@
+"""The one place where edgec finds external tools: compilers, cmake, qemu and the TVM runtime libraries."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import EdgecError
+
+# Per architecture: GNU triple (cross compiler prefix and sysroot under /usr), pip platform tag, qemu binary.
+_ARCHES = {
+    "x86_64": {"triple": "x86_64-linux-gnu", "platform": "manylinux_2_28_x86_64", "qemu": "qemu-x86_64-static"},
+    "aarch64": {"triple": "aarch64-linux-gnu", "platform": "manylinux_2_28_aarch64", "qemu": "qemu-aarch64-static"},
+}
+# The runtime .so files do not depend on the Python version; pip just needs one that has wheels.
+_WHEEL_PYTHON = "3.11"
+
+
+def cache_dir() -> Path:
+    """$EDGEC_CACHE_DIR, or ~/.cache/edgec."""
+    env = os.environ.get("EDGEC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "edgec"
+
+
+def find_tool(command: str, apt_package: str) -> str:
+    """Absolute path of an executable on PATH, or an EdgecError naming the apt package that provides it."""
+    path = shutil.which(command)
+    if path is None:
+        raise EdgecError(f"{command} not found", f"install it with: sudo apt-get install {apt_package}")
+    return path
+
+
+def host_arch() -> str:
+    """The machine this process runs on: "x86_64" or "aarch64"."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _check_arch(arch: str) -> dict:
+    if arch not in _ARCHES:
+        raise EdgecError(f"no TVM runtime for architecture '{arch}'",
+                         f"edgec can run bundles for {', '.join(_ARCHES)} (there are no TVM runtime wheels for others)")
+    return _ARCHES[arch]
+
+
+def tvm_versions() -> tuple[str, str]:
+    """Installed (apache-tvm, apache-tvm-ffi) versions: the runtime must match the compiler that built the bundle."""
+    return importlib.metadata.version("apache-tvm"), importlib.metadata.version("apache-tvm-ffi")
+
+
+def runtime_dir(arch: str) -> Path:
+    """A dir with lib/libtvm_runtime.so, lib/libtvm_ffi.so and include/ (tvm-ffi + dlpack headers) for `arch`."""
+    _check_arch(arch)
+    tvm_v, ffi_v = tvm_versions()
+    if arch == host_arch():
+        return _host_runtime_dir(tvm_v, ffi_v)
+    final = cache_dir() / "runtime" / f"{arch}-tvm{tvm_v}-ffi{ffi_v}"
+    if not (final / "lib" / "libtvm_runtime.so").is_file():
+        _fetch_runtime(arch, tvm_v, ffi_v, final)
+    return final
+
+
+def _host_runtime_dir(tvm_v: str, ffi_v: str) -> Path:
+    """Symlinks into the installed wheels; keyed by their location so two venvs never share a (dangling) dir."""
+    # find_spec locates the packages without importing them (importing tvm takes seconds)
+    tvm_pkg, ffi_pkg = (Path(importlib.util.find_spec(m).origin).parent for m in ("tvm", "tvm_ffi"))
+    sources = {"lib/libtvm_runtime.so": tvm_pkg / "lib" / "libtvm_runtime.so",
+               "lib/libtvm_ffi.so": ffi_pkg / "lib" / "libtvm_ffi.so",
+               "include": ffi_pkg / "include"}
+    for src in sources.values():
+        if not src.exists():
+            raise EdgecError(f"the installed TVM wheels lack {src}",
+                             f"reinstall them: pip install apache-tvm=={tvm_v} apache-tvm-ffi=={ffi_v}")
+    key = hashlib.sha256(str(tvm_pkg.resolve()).encode()).hexdigest()[:12]
+    final = cache_dir() / "runtime" / f"{host_arch()}-tvm{tvm_v}-ffi{ffi_v}-{key}"
+    if not final.is_dir():
+        tmp = _temp_sibling(final)
+        for rel, src in sources.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).symlink_to(src)
+        _publish(tmp, final)
+    return final
+
+
+def _temp_sibling(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished dir into place; if another process won the race, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+
+
+def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
+    """pip-download the target's wheels and extract only the runtime libs and the tvm-ffi headers."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--platform", _ARCHES[arch]["platform"], "--python-version", _WHEEL_PYTHON,
+           f"apache-tvm=={tvm_v}", f"apache-tvm-ffi=={ffi_v}"]
+    tmp = _temp_sibling(final)
+    try:
+        wheels = tmp / "wheels"
+        proc = subprocess.run([*cmd, "--dest", str(wheels)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgecError(f"could not download the {arch} TVM runtime wheels ({last})",
+                             "check the network and that these versions have wheels for the target; "
+                             f"the command was: {' '.join(cmd)}")
+        wanted = {"tvm/lib/libtvm_runtime.so": "lib/libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so": "lib/libtvm_ffi.so"}
+        for whl in wheels.glob("*.whl"):
+            with zipfile.ZipFile(whl) as z:
+                for name in z.namelist():
+                    if name.startswith("tvm_ffi/include/") and not name.endswith("/"):
+                        dest = tmp / "include" / name[len("tvm_ffi/include/"):]
+                    elif name in wanted:
+                        dest = tmp / wanted[name]
+                    else:
+                        continue
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(name) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        missing = [rel for rel in (*wanted.values(), "include/tvm/ffi/function.h") if not (tmp / rel).is_file()]
+        if missing:
+            raise EdgecError(f"the {arch} TVM wheels lack {', '.join(missing)}", "the wheel layout changed; "
+                             "pin apache-tvm and apache-tvm-ffi to versions edgec supports")
+        shutil.rmtree(wheels)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, final)
+
+
+def compiler_for(arch: str) -> str:
+    """The C++ compiler producing `arch` binaries on this host: g++, or the GNU cross compiler."""
+    info = _check_arch(arch)
+    if arch == host_arch():
+        return find_tool("g++", "g++")
+    return find_tool(f"{info['triple']}-g++", f"g++-{info['triple'].replace('_', '-')}")
+
+
+def build_runner(bundle_dir: Path, arch: str) -> Path:
+    """Build the bundle's edgec_run for `arch` with cmake; cached by the sources, compiler and runtime dir."""
+    bundle_dir = Path(bundle_dir)
+    sources = [bundle_dir / "main.cc", bundle_dir / "CMakeLists.txt"]
+    for src in sources:
+        if not src.is_file():
+            raise EdgecError(f"bundle file {src} is missing", "copy the whole bundle directory")
+    cmake = find_tool("cmake", "cmake")
+    cxx = compiler_for(arch)
+    rt = runtime_dir(arch)
+    h = hashlib.sha256(f"{arch}\0{cxx}\0{rt}\0".encode())
+    for src in sources:
+        h.update(src.read_bytes())
+    runner = cache_dir() / "runners" / f"edgec_run-{arch}-{h.hexdigest()[:16]}"
+    if runner.is_file():
+        return runner
+    # Build in a scratch copy: the bundle's files stay untouched and a failed build leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
+        src_dir, build_dir = Path(tmp) / "src", Path(tmp) / "build"
+        src_dir.mkdir()
+        for src in sources:
+            shutil.copy(src, src_dir / src.name)
+        configure = [cmake, "-S", str(src_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DTVM_RUNTIME_DIR={rt}", f"-DCMAKE_CXX_COMPILER={cxx}"]
+        if arch != host_arch():
+            configure += ["-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={arch}"]
+        for step in (configure, [cmake, "--build", str(build_dir), "--parallel", "2"]):
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                raise EdgecError(f"building the {arch} runner failed:\n{tail}",
+                                 f"check {bundle_dir / 'main.cc'} and the compiler {cxx}")
+        runner.parent.mkdir(parents=True, exist_ok=True)
+        tmp_runner = runner.with_name(f".{runner.name}.{os.getpid()}")
+        shutil.copy2(build_dir / "edgec_run", tmp_runner)
+        os.replace(tmp_runner, runner)
+    return runner
+
+
+def emulator_command(arch: str) -> list[str]:
+    """Command prefix that runs an `arch` binary here: [] natively, qemu-user with the target's sysroot otherwise."""
+    info = _check_arch(arch)
+    if arch == host_arch():
+        return []
+    return [find_tool(info["qemu"], "qemu-user-static"), "-L", f"/usr/{info['triple']}"]
+
+
+if __name__ == "__main__":
+    # `python -m edgec.toolchain fetch-runtime ARCH`: pre-fetch a runtime (cross/setup-aarch64.sh calls it).
+    if len(sys.argv) != 3 or sys.argv[1] != "fetch-runtime":
+        sys.exit("usage: python -m edgec.toolchain fetch-runtime ARCH")
+    try:
+        print(runtime_dir(sys.argv[2]))
+    except EdgecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
