@@ -92,7 +92,9 @@ def _host_runtime_dir(tvm_v: str, ffi_v: str) -> Path:
 
 def _temp_sibling(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published dir should read like any other cache dir
+    return tmp
 
 
 def _publish(tmp: Path, final: Path) -> None:

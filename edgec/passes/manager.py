@@ -25,14 +25,14 @@ class PassRecord:
 
 
 def count_calls(mod: tvm.IRModule) -> int:
-    """Operator calls (R.nn.conv2d, ...) plus kernel calls (call_tir) in main: one 'node' of the graph."""
+    """Calls in main to operators (R.nn.conv2d, call_tir, ...) and to fused subgraphs: the graph's nodes."""
     calls = 0
 
     @relax.expr_functor.visitor
     class Counter(relax.PyExprVisitor):
         def visit_call_(self, call):
             nonlocal calls
-            if isinstance(call.op, tvm.ir.Op):
+            if isinstance(call.op, (tvm.ir.Op, tvm.ir.GlobalVar)):
                 calls += 1
             for arg in call.args:
                 self.visit_expr(arg)
@@ -46,8 +46,11 @@ def _dump(mod: tvm.IRModule, dump_dir: Path, index: int, name: str) -> None:
 
 
 def run_pipeline(mod: tvm.IRModule, planned: list[PlannedPass], options: PassOptions,
-                 dump_dir: Path | None = None, on_pass=None) -> tuple[tvm.IRModule, list[PassRecord]]:
-    """Apply every enabled pass in order under the target. `on_pass(name)` reports progress."""
+                 dump_dir: Path | None = None, on_pass=None, after_pass=None) -> tuple[tvm.IRModule, list[PassRecord]]:
+    """Apply every enabled pass in order under the target.
+
+    `on_pass(name)` is called before each pass (progress), `after_pass(spec, mod)` after it (analyses).
+    """
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
         _dump(mod, dump_dir, 0, "imported")
@@ -70,4 +73,6 @@ def run_pipeline(mod: tvm.IRModule, planned: list[PlannedPass], options: PassOpt
             records.append(PassRecord(spec.name, spec.phase, time.perf_counter() - t0, count_calls(mod)))
             if dump_dir is not None:
                 _dump(mod, dump_dir, index, spec.name)
+            if after_pass:
+                after_pass(spec, mod)
     return mod, records
