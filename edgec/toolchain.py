@@ -47,13 +47,16 @@ def host_arch() -> str:
 def _check_arch(arch: str) -> dict:
     if arch not in _ARCHES:
         raise EdgecError(f"no TVM runtime for architecture '{arch}'",
-                         f"edgec can run bundles for {', '.join(_ARCHES)} (there are no TVM runtime wheels for others)")
+                         f"edgec runs bundles for {' and '.join(_ARCHES)}; TVM publishes no runtime wheels for others")
     return _ARCHES[arch]
 
 
 def tvm_versions() -> tuple[str, str]:
     """Installed (apache-tvm, apache-tvm-ffi) versions: the runtime must match the compiler that built the bundle."""
-    return importlib.metadata.version("apache-tvm"), importlib.metadata.version("apache-tvm-ffi")
+    try:
+        return importlib.metadata.version("apache-tvm"), importlib.metadata.version("apache-tvm-ffi")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise EdgecError(f"{e.name} is not installed", f"install it with: pip install {e.name}") from e
 
 
 def runtime_dir(arch: str) -> Path:
@@ -121,7 +124,8 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
             raise EdgecError(f"could not download the {arch} TVM runtime wheels ({last})",
                              "check the network and that these versions have wheels for the target; "
                              f"the command was: {' '.join(cmd)}")
-        wanted = {"tvm/lib/libtvm_runtime.so": "lib/libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so": "lib/libtvm_ffi.so"}
+        wanted = {"tvm/lib/libtvm_runtime.so": "lib/libtvm_runtime.so",
+                  "tvm_ffi/lib/libtvm_ffi.so": "lib/libtvm_ffi.so"}
         for whl in wheels.glob("*.whl"):
             with zipfile.ZipFile(whl) as z:
                 for name in z.namelist():

@@ -14,7 +14,7 @@ from ..errors import EdgecError
 from ..manifest import Manifest
 from ..toolchain import build_runner, emulator_command, runtime_dir
 
-_TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+)", re.M)
+_TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+)", re.M)
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class RunnerResult:
     first_ms: float
     median_ms: float
     min_ms: float
+    peak_rss_bytes: int  # the runner process's peak RSS; under qemu it includes the emulator's own memory
     emulated: bool
     command: list[str]
 
@@ -72,5 +73,5 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
             raise EdgecError(f"the bundle's runner printed no timing line: {proc.stdout.strip()[-200:]!r}",
                              "rebuild the bundle with this edgec")
         outputs = {s.name: np.load(os.path.join(out_dir, output_file_name(s.name))) for s in manifest.outputs}
-    load_ms, first_ms, median_ms, min_ms = map(float, m.groups())
-    return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, bool(emulator), command)
+    load_ms, first_ms, median_ms, min_ms = map(float, m.groups()[:4])
+    return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, bool(emulator), command)

@@ -1,0 +1,167 @@
+"""Sanity tests of the example model generator, the reference runtimes and the real test models."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from edgec.errors import EdgecError
+from edgec.examples import EXAMPLES, mobilenet_v2
+from edgec.reference import ReferenceRuntime, compare, within_tolerance
+from models import real_model
+
+# Measured max |TVM - reference| (untuned llvm build, 3 seeds of the inputs below): mobilenetv2 9.1e-6
+# (|ref| <= 6.2), ppocrv4_det 3.1e-5 on probabilities in [0, 1], hand_landmark_lite 1.1e-4 (|ref| <= 182),
+# face_detection_short_range 7.6e-5 (|ref| <= 162); at most 3.1e-5 of each output's range. ~10x headroom:
+ATOL, RTOL = 1e-5, 3e-4
+
+# name -> ({input: shape}, {output: shape}) as the reference runtime reports them; the TVM Relax frontends name
+# the parameters of `main` the same (ONNX dims pinned by shape_dict, since PP-OCR's are dynamic).
+REAL = {
+    "ppocrv4_det": ({"x": (1, 3, 320, 320)}, {"sigmoid_0.tmp_0": (1, 1, 320, 320)}),
+    "ppocr_cls": ({"x": (1, 3, 48, 192)}, {"save_infer_model/scale_0.tmp_1": (1, 2)}),
+    "hand_landmark_lite": ({"input_1": (1, 224, 224, 3)},
+                           {"Identity": (1, 63), "Identity_1": (1, 1), "Identity_2": (1, 1), "Identity_3": (1, 63)}),
+    "face_detection_short_range": ({"input": (1, 128, 128, 3)},
+                                   {"regressors": (1, 896, 16), "classificators": (1, 896, 1)}),
+}
+
+
+def text_image(h: int = 320, w: int = 320, seed: int = 0) -> np.ndarray:
+    """Rows of stroke 'glyphs' on white, ImageNet-normalised NCHW: PP-OCR det finds text in it, whereas on noise
+    its output is ~1e-5 everywhere and a comparison would check nothing."""
+    rng = np.random.default_rng(seed)
+    img = np.ones((h, w), np.float32)
+    gh, gw = 20, 12
+    for row in range(20, h - 2 * gh, 2 * gh):
+        for col in range(20, w - 2 * gw, gw + 2):
+            g = img[row:row + gh, col:col + gw]
+            for _ in range(3):
+                if rng.random() < 0.5:
+                    c = rng.integers(0, gw - 2)
+                    g[:, c:c + 2] = 0
+                else:
+                    r = rng.integers(0, gh - 2)
+                    g[r:r + 2, :] = 0
+    rgb = (img[..., None] - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return rgb.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def inputs_for(name: str) -> dict[str, np.ndarray]:
+    if name == "ppocrv4_det":
+        return {"x": text_image()}
+    rng = np.random.default_rng(0)
+    return {k: rng.random(s, dtype=np.float32) for k, s in REAL[name][0].items()}
+
+
+@pytest.fixture(scope="module")
+def mbv2(tmp_path_factory):
+    return mobilenet_v2(tmp_path_factory.mktemp("examples") / "mobilenetv2.onnx")
+
+
+def test_mobilenet_v2_structure(mbv2):
+    assert EXAMPLES["mobilenetv2"] is mobilenet_v2
+    model = onnx.load(mbv2)
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    depthwise = [n for n in model.graph.node if n.op_type == "Conv"
+                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert ops.count("BatchNormalization") == ops.count("Conv") == 52
+    assert len(depthwise) == 17 and ops.count("Clip") == 35 and ops.count("Add") == 10
+    assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "Clip")  # opset-17 min/max inputs
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_mobilenet_v2_deterministic(tmp_path):
+    a, b, c = (mobilenet_v2(tmp_path / f"{n}.onnx", seed=s) for n, s in [("a", 0), ("b", 0), ("c", 1)])
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+
+
+def test_mobilenet_v2_runs(mbv2):
+    ref = ReferenceRuntime(mbv2, threads=2)
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.random((1, 3, 224, 224), dtype=np.float32) for _ in range(2))
+    (y1,), (y2,) = ref.run({"input": x1}), ref.run({"input": x2})
+    assert y1.shape == (1, 1000) and np.isfinite(y1).all()
+    assert 0.1 < y1.std() < 100  # neither vanished nor exploded over the ~50 layers
+    assert np.abs(y1 - y2).max() > 1e-3 * np.abs(y1).max()  # depends on the input
+
+
+def test_mobilenet_v2_options(tmp_path):
+    path = mobilenet_v2(tmp_path / "small.onnx", width=0.5, resolution=96, num_classes=10)
+    (y,) = ReferenceRuntime(path).run({"input": np.zeros((1, 3, 96, 96), np.float32)})
+    assert y.shape == (1, 10)
+    head = next(n for n in onnx.load(path).graph.initializer if n.name == "head.weight")
+    assert head.dims[0] == 1280  # the last conv never shrinks below 1280, as in the paper
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_reference_runtime_real(name):
+    ref = ReferenceRuntime(real_model(name), threads=2)
+    ins, outs = REAL[name]
+    assert ref.input_names == list(ins) and ref.output_names == list(outs)
+    assert ref.name.startswith("onnxruntime 1." if name.startswith("ppocr") else "LiteRT 2.")
+    results = ref.run(inputs_for(name))
+    assert [r.shape for r in results] == list(outs.values())
+    assert all(np.isfinite(r).all() for r in results)
+    if name == "ppocrv4_det":
+        assert (results[0] > 0.3).mean() > 0.05  # text_image() really contains "text"
+
+
+def test_reference_maps_unknown_names_by_position():
+    ref = ReferenceRuntime(real_model("face_detection_short_range"))
+    x = inputs_for("face_detection_short_range")["input"]
+    by_name, by_position = ref.run({"input": x}), ref.run({"serving_default_input:0": x})
+    assert all(np.array_equal(a, b) for a, b in zip(by_name, by_position))
+    with pytest.raises(EdgecError):
+        ref.run({"a": x, "b": x})
+
+
+def test_reference_errors(monkeypatch, mbv2, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    with pytest.raises(EdgecError, match="onnxruntime is not installed") as e:
+        ReferenceRuntime(mbv2)
+    assert "edgec[verify]" in e.value.hint
+    with pytest.raises(EdgecError):
+        ReferenceRuntime(tmp_path / "model.pb")
+
+
+def test_compare():
+    ref = [np.array([1.0, -4.0]), np.zeros(3), np.ones((2, 2))]
+    stats = compare([np.array([1.0, -3.9]), np.zeros(3), np.ones(4)], ref)
+    assert stats[0]["max_abs"] == pytest.approx(0.1) and stats[0]["max_rel"] == pytest.approx(0.025)
+    assert stats[1]["max_rel"] == 0.0 and not stats[2]["shape_ok"]
+    assert within_tolerance(stats[:2], atol=0.0, rtol=0.03) and not within_tolerance(stats[:2], 0.0, 0.02)
+    assert not within_tolerance(stats, 1.0, 1.0)
+    assert not within_tolerance(compare([np.array([np.nan])], [np.array([1.0])]), 1.0, 1.0)
+
+
+def _relax_module(path, feeds):
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.relax.frontend.tflite import from_tflite
+
+    if path.suffix == ".onnx":
+        return from_onnx(onnx.load(path), shape_dict={k: list(a.shape) for k, a in feeds.items()})
+    import tflite
+
+    return from_tflite(tflite.Model.GetRootAsModel(path.read_bytes(), 0))
+
+
+# ppocr_cls is left out: from_onnx fails on its Reshape (shape computed at run time) unless constants are folded.
+@pytest.mark.parametrize("name", ["mobilenetv2", "ppocrv4_det", "hand_landmark_lite", "face_detection_short_range"])
+def test_tvm_matches_reference(name, mbv2):
+    import tvm
+    from tvm import relax
+
+    path = mbv2 if name == "mobilenetv2" else real_model(name)
+    feeds = {"input": np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)} \
+        if name == "mobilenetv2" else inputs_for(name)
+    mod = _relax_module(path, feeds)
+    assert [p.name for p in mod["main"].params] == list(feeds)  # frontends keep the model's input names
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in feeds.values()])
+    outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+    stats = compare(outs, ReferenceRuntime(path).run(feeds))
+    assert within_tolerance(stats, ATOL, RTOL), stats
