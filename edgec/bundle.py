@@ -20,6 +20,7 @@ from . import __version__
 from .build import CompiledModel, export_library
 from .errors import EdgecError
 from .manifest import MANIFEST_NAME, Manifest, sha256_file
+from .signature import tensor_file_name
 from .resources import data_dir
 
 LIBRARY_NAME = "model.so"
@@ -34,13 +35,6 @@ class Sample:
     inputs: dict[str, np.ndarray]
     expected: dict[str, np.ndarray]
     reference: str                   # e.g. "onnxruntime 1.31.1"
-
-
-def tensor_file_name(name: str) -> str:
-    """The .npy file a tensor is stored in; the runners (main.cc, run.py) use the same mapping."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npy"
 
 
 def _versions() -> dict:
@@ -114,7 +108,6 @@ def _write_into(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sa
             for name, array in arrays.items():
                 np.save(tmp / "sample" / sub / tensor_file_name(name), array)
     target_json = target.to_json()
-    target_json.update(apt_package=target.toolchain.apt_package)
     versions = _versions()
     io = {"inputs": [dict(s.to_json(), file=tensor_file_name(s.name)) for s in model.inputs],
           "outputs": [dict(s.to_json(), file=tensor_file_name(s.name)) for s in model.outputs]}

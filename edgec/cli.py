@@ -101,7 +101,7 @@ def run(bundle, inputs, emulate, compare_model, atol, rtol, output_dir, threads,
     import numpy as np
 
     from . import api
-    from .bundle import tensor_file_name
+    from .signature import tensor_file_name
     from .manifest import Manifest
 
     manifest = Manifest.load(bundle)

@@ -1,6 +1,7 @@
 """Tensor signatures shared by every stage: what a model takes and returns."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,11 @@ class TensorSpec:
         if dt == np.bool_:
             return rng.integers(0, 2, self.shape).astype(dt)
         return rng.integers(0, min(16, np.iinfo(dt).max), self.shape).astype(dt)
+
+
+def tensor_file_name(name: str) -> str:
+    """The .npy file a tensor is stored in; the bundle's runners (main.cc, run.py) use the same mapping."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npy"
 
 
 def random_inputs(specs: tuple[TensorSpec, ...] | list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EdgecError
@@ -85,10 +85,9 @@ class Target:
 
     def to_json(self) -> dict:
         return {"name": self.name, "description": self.description, "arch": self.arch,
-                "triple": self.toolchain.triple, "tvm_target": self.tvm_target, "tvm_host": self.tvm_host,
-                "compiler": self.toolchain.compiler, "threads": self.threads,
-                "memory_mb": self.memory_bytes // (1 << 20), "rpc_key": self.rpc_key,
-                "emulator": self.emulator.command if self.emulator else None, "tuning": self.tuning,
+                "tvm_target": self.tvm_target, "tvm_host": self.tvm_host, "toolchain": asdict(self.toolchain),
+                "threads": self.threads, "memory_mb": self.memory_bytes // (1 << 20), "rpc_key": self.rpc_key,
+                "emulator": asdict(self.emulator) if self.emulator else None, "tuning": self.tuning,
                 "file": str(self.path)}
 
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 from .errors import EdgecError
 
-# Per architecture: GNU triple (cross compiler prefix and sysroot under /usr), pip platform tag, qemu binary.
-_ARCHES = {
-    "x86_64": {"triple": "x86_64-linux-gnu", "platform": "manylinux_2_28_x86_64", "qemu": "qemu-x86_64-static"},
-    "aarch64": {"triple": "aarch64-linux-gnu", "platform": "manylinux_2_28_aarch64", "qemu": "qemu-aarch64-static"},
-}
+# The pip platform tag of the TVM runtime wheels per architecture. Compilers and emulators are not here:
+# they come from the target descriptor (its [toolchain] and [emulator] tables, copied into the manifest).
+_WHEEL_PLATFORMS = {"x86_64": "manylinux_2_28_x86_64", "aarch64": "manylinux_2_28_aarch64"}
 # The runtime .so files do not depend on the Python version; pip just needs one that has wheels.
 _WHEEL_PYTHON = "3.11"
 
@@ -44,11 +42,12 @@ def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
-def _check_arch(arch: str) -> dict:
-    if arch not in _ARCHES:
+def _check_arch(arch: str) -> str:
+    if arch not in _WHEEL_PLATFORMS:
         raise EdgecError(f"no TVM runtime for architecture '{arch}'",
-                         f"edgec runs bundles for {' and '.join(_ARCHES)}; TVM publishes no runtime wheels for others")
-    return _ARCHES[arch]
+                         f"edgec runs bundles for {' and '.join(_WHEEL_PLATFORMS)}; TVM publishes no runtime wheels "
+                         "for others")
+    return _WHEEL_PLATFORMS[arch]
 
 
 def tvm_versions() -> tuple[str, str]:
@@ -113,7 +112,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
     """pip-download the target's wheels and extract only the runtime libs and the tvm-ffi headers."""
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--platform", _ARCHES[arch]["platform"], "--python-version", _WHEEL_PYTHON,
+           "--platform", _check_arch(arch), "--python-version", _WHEEL_PYTHON,
            f"apache-tvm=={tvm_v}", f"apache-tvm-ffi=={ffi_v}"]
     tmp = _temp_sibling(final)
     try:
@@ -149,23 +148,17 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
     _publish(tmp, final)
 
 
-def compiler_for(arch: str) -> str:
-    """The C++ compiler producing `arch` binaries on this host: g++, or the GNU cross compiler."""
-    info = _check_arch(arch)
-    if arch == host_arch():
-        return find_tool("g++", "g++")
-    return find_tool(f"{info['triple']}-g++", f"g++-{info['triple'].replace('_', '-')}")
-
-
-def build_runner(bundle_dir: Path, arch: str) -> Path:
-    """Build the bundle's edgec_run for `arch` with cmake; cached by the sources, compiler and runtime dir."""
+def build_runner(bundle_dir: Path, target: dict) -> Path:
+    """Build the bundle's edgec_run with the target's compiler (manifest "target" entry) via cmake;
+    cached by the sources, compiler and runtime dir."""
     bundle_dir = Path(bundle_dir)
+    arch, chain = target["arch"], target["toolchain"]
     sources = [bundle_dir / "main.cc", bundle_dir / "CMakeLists.txt"]
     for src in sources:
         if not src.is_file():
             raise EdgecError(f"bundle file {src} is missing", "copy the whole bundle directory")
     cmake = find_tool("cmake", "cmake")
-    cxx = compiler_for(arch)
+    cxx = find_tool(chain["compiler"], chain["apt_package"])
     rt = runtime_dir(arch)
     h = hashlib.sha256(f"{arch}\0{cxx}\0{rt}\0".encode())
     for src in sources:
@@ -196,12 +189,15 @@ def build_runner(bundle_dir: Path, arch: str) -> Path:
     return runner
 
 
-def emulator_command(arch: str) -> list[str]:
-    """Command prefix that runs an `arch` binary here: [] natively, qemu-user with the target's sysroot otherwise."""
-    info = _check_arch(arch)
-    if arch == host_arch():
+def emulator_command(target: dict) -> list[str]:
+    """Command prefix that runs the target's binaries here: [] natively, else its [emulator] with its sysroot."""
+    if target["arch"] == host_arch():
         return []
-    return [find_tool(info["qemu"], "qemu-user-static"), "-L", f"/usr/{info['triple']}"]
+    emulator = target.get("emulator")
+    if not emulator:
+        raise EdgecError(f"target {target['name']} is {target['arch']} and its descriptor names no emulator",
+                         "add an [emulator] table to the descriptor, or run the bundle on the board")
+    return [find_tool(emulator["command"], emulator["apt_package"]), "-L", emulator["sysroot"]]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The bundle's C++ runner (templates/bundle) built by edgec.toolchain and driven by edgec.runtime.native.
 
-Builds its own tiny two-input, two-output ONNX model and bundles (no edgec pipeline), runs it on the host and,
-when the cross toolchain and qemu are installed, as aarch64 under qemu-user."""
+Builds a tiny two-input, two-output ONNX model into bundles for the host and for rpi4, and runs them through
+the C++ runner natively and under qemu-user (cross/setup-aarch64.sh installs the tools)."""
 from __future__ import annotations
 
 import hashlib
@@ -20,19 +20,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgec.errors import EdgecError
 from edgec.manifest import Manifest
-from edgec.runtime.native import output_file_name, run_with_runner
-from edgec.signature import TensorSpec, random_inputs
-from edgec.toolchain import build_runner, find_tool, host_arch, runtime_dir
+from edgec.runtime.native import run_with_runner
+from edgec.signature import TensorSpec, random_inputs, tensor_file_name
+from edgec.toolchain import build_runner, find_tool, host_arch
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "bundle"
 INPUTS = (TensorSpec("x", (1, 3, 8, 8), "float32"), TensorSpec("offset", (1, 10), "int32"))
 # an output name with characters that cannot go into a file name as they are
 OUTPUTS = (TensorSpec("features", (1, 4, 8, 8), "float32"), TensorSpec("logits/out:0", (1, 10), "float32"))
-TARGETS = {
-    "x86_64": None,  # filled in lazily: the host CPU name needs tvm
-    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
-                "num-cores": 4},
-}
 
 
 def tiny_onnx() -> onnx.ModelProto:
@@ -57,47 +52,19 @@ def tiny_onnx() -> onnx.ModelProto:
     return model
 
 
-def write_bundle(path: Path, arch: str, model: onnx.ModelProto, detach: bool = True) -> Path:
-    """Compile `model` for `arch` (weights in params.bin, or embedded) and lay out a minimal bundle directory."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-    from tvm.support import cc
+def write_bundle(path: Path, arch: str, model: onnx.ModelProto) -> Path:
+    """Build `model` with edgec's own pipeline for the host or the Raspberry Pi 4 (aarch64)."""
+    from edgec import api
 
-    target_dict = TARGETS[arch] or {"kind": "llvm", "mtriple": "x86_64-linux-gnu",
-                                    "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
-    target = tvm.target.Target(target_dict)
-    mod = from_onnx(model, {s.name: s.shape for s in INPUTS}, keep_params_in_input=detach)
-    path.mkdir(parents=True)
-    params_file = "params.bin" if detach else None
-    if detach:
-        num_input = int(mod["main"].attrs["num_input"])
-        names = [v.name for v in mod["main"].params[num_input:]]
-        mod, params = relax.frontend.detach_params(mod)
-        tvm.runtime.save_param_dict_to_file(dict(zip(names, params["main"])), str(path / params_file))
-    ex = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
-    fcompile = cc.cross_compiler("aarch64-linux-gnu-g++") if arch != host_arch() else None
-    ex.export_library(str(path / "model.so"), fcompile=fcompile)
-
-    manifest = Manifest(
-        model_name="tiny", model_file="tiny.onnx",
-        model_sha256=hashlib.sha256(model.SerializeToString()).hexdigest(), inputs=INPUTS, outputs=OUTPUTS,
-        library="model.so", params=params_file,
-        target={"name": arch, "arch": arch, "triple": target_dict["mtriple"], "tvm_target": target_dict,
-                "threads": 2},
-        versions={"tvm": tvm.__version__}, passes=())
-    (path / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=1))
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
-    variables = {"inputs": [s.to_json() for s in INPUTS], "outputs": [s.to_json() for s in OUTPUTS],
-                 "library": "model.so", "params": params_file, "model_name": "tiny"}
-    for name in ("main.cc", "CMakeLists.txt"):
-        (path / name).write_text(env.get_template(f"{name}.j2").render(**variables))
+    model_path = path.with_suffix(".onnx")
+    onnx.save(model, model_path)
+    api.build(model_path, "host" if arch == host_arch() else "rpi4", path)
     return path
 
 
 def dir_digest(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +104,6 @@ def reference(model, feeds, host_bundle) -> dict[str, dict[str, np.ndarray]]:
 def aarch64_bundle(tmp_path_factory, model) -> Path:
     if host_arch() == "aarch64":
         pytest.skip("the host is aarch64: covered by the host test")
-    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64-static", "cmake"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (cross/setup-aarch64.sh installs it)")
-    try:
-        runtime_dir("aarch64")
-    except EdgecError as e:
-        pytest.skip(f"aarch64 TVM runtime unavailable: {e}")
     return write_bundle(tmp_path_factory.mktemp("bundles") / "aarch64", "aarch64", model)
 
 
@@ -166,15 +126,9 @@ def test_host_runner_matches_vm_and_onnxruntime(host_bundle, feeds, reference):
     assert dir_digest(host_bundle) == before, "building/running must not touch the bundle"
 
 
-def test_host_runner_with_embedded_weights(model, feeds, reference, tmp_path):
-    bundle = write_bundle(tmp_path / "embedded", host_arch(), model, detach=False)
-    assert not (bundle / "params.bin").exists()
-    assert_matches(run_with_runner(bundle, feeds).outputs, reference)
-
-
 def test_aarch64_runner_under_qemu(aarch64_bundle, feeds, reference):
     t0 = time.perf_counter()
-    build_runner(aarch64_bundle, "aarch64")
+    build_runner(aarch64_bundle, Manifest.load(aarch64_bundle).target)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = run_with_runner(aarch64_bundle, feeds, repeat=2, threads=1)
@@ -186,10 +140,10 @@ def test_aarch64_runner_under_qemu(aarch64_bundle, feeds, reference):
 
 
 def test_runner_build_is_cached(host_bundle):
-    first = build_runner(host_bundle, host_arch())
+    first = build_runner(host_bundle, Manifest.load(host_bundle).target)
     mtime = first.stat().st_mtime_ns
     t0 = time.perf_counter()
-    assert build_runner(host_bundle, host_arch()) == first
+    assert build_runner(host_bundle, Manifest.load(host_bundle).target) == first
     assert time.perf_counter() - t0 < 1.0 and first.stat().st_mtime_ns == mtime
 
 
@@ -198,7 +152,7 @@ def test_runner_compile_error_shows_compiler_output(host_bundle, tmp_path):
     shutil.copytree(host_bundle, broken)
     (broken / "main.cc").write_text((broken / "main.cc").read_text() + "\nint broken_line = ;\n")
     with pytest.raises(EdgecError, match=r"building the .* runner failed:(.|\n)*error"):
-        build_runner(broken, host_arch())
+        build_runner(broken, Manifest.load(broken).target)
 
 
 def test_wrong_input_shape_is_rejected_before_running(host_bundle, feeds):
@@ -221,7 +175,7 @@ def test_wrong_input_shape_is_rejected_before_running(host_bundle, feeds):
 ])
 def test_runner_rejects_bad_inputs(host_bundle, feeds, tmp_path, case, message):
     """The C++ runner's own checks: one line on stderr, exit code 2."""
-    runner = build_runner(host_bundle, host_arch())
+    runner = build_runner(host_bundle, Manifest.load(host_bundle).target)
     x, offset = tmp_path / "x.npy", tmp_path / "offset.npy"
     np.save(offset, feeds["offset"])
     arrays = {"shape": np.zeros((1, 3, 4, 4), np.float32), "dtype": feeds["x"].astype(np.float64),
@@ -241,7 +195,7 @@ def test_runner_rejects_bad_inputs(host_bundle, feeds, tmp_path, case, message):
 
 
 def test_runner_writes_outputs_by_name(host_bundle, feeds, tmp_path):
-    runner = build_runner(host_bundle, host_arch())
+    runner = build_runner(host_bundle, Manifest.load(host_bundle).target)
     paths = []
     for spec in INPUTS:
         paths.append(str(tmp_path / f"{spec.name}.npy"))
@@ -249,8 +203,8 @@ def test_runner_writes_outputs_by_name(host_bundle, feeds, tmp_path):
     proc = subprocess.run([str(runner), "-d", str(host_bundle), "-o", str(tmp_path / "out"), *paths],
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("edgec_run: load_ms=") and "threads=default" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(output_file_name(s.name) for s in OUTPUTS)
-    assert output_file_name("logits/out:0") == "logits_out_0.npy"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(tensor_file_name(s.name) for s in OUTPUTS)
+    assert tensor_file_name("logits/out:0") == "logits_out_0.npy"
 
 
 def test_find_tool_reports_the_apt_package():

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import EdgecError
 from ..manifest import Manifest
+from ..signature import tensor_file_name
 from ..toolchain import build_runner, emulator_command, runtime_dir
 
 _TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+)", re.M)
@@ -29,11 +30,6 @@ class RunnerResult:
     command: list[str]
 
 
-def output_file_name(name: str) -> str:
-    """The file edgec_run writes an output to (same mapping as SafeFileName in main.cc)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npy"
-
-
 def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repeat: int = 1, warmup: int = 0,
                     threads: int | None = None) -> RunnerResult:
     """Build (cached) and run the bundle's edgec_run on `inputs`; `threads` defaults to the manifest's."""
@@ -46,8 +42,8 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
     for spec in manifest.inputs:
         spec.check(np.asarray(inputs[spec.name]))
 
-    runner = build_runner(bundle_dir, manifest.arch)
-    emulator = emulator_command(manifest.arch)
+    runner = build_runner(bundle_dir, manifest.target)
+    emulator = emulator_command(manifest.target)
     env = dict(os.environ)
     # qemu-user passes its environment to the guest, so the same variables work natively and emulated.
     lib_dir = str(runtime_dir(manifest.arch) / "lib")
@@ -72,6 +68,6 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
         if m is None:
             raise EdgecError(f"the bundle's runner printed no timing line: {proc.stdout.strip()[-200:]!r}",
                              "rebuild the bundle with this edgec")
-        outputs = {s.name: np.load(os.path.join(out_dir, output_file_name(s.name))) for s in manifest.outputs}
+        outputs = {s.name: np.load(os.path.join(out_dir, tensor_file_name(s.name))) for s in manifest.outputs}
     load_ms, first_ms, median_ms, min_ms = map(float, m.groups()[:4])
     return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, bool(emulator), command)
