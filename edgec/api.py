@@ -45,8 +45,12 @@ def _reference_sample(model: ImportedModel) -> Sample | None:
 def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_shapes=None,
           options: BuildOptions = BuildOptions(), archive: bool = False, progress=None) -> BuildResult:
     """Import, optimize, compile and bundle a model for a target."""
+    from .toolchain import find_tool
+
     say = progress or (lambda step: None)
     descriptor = load_target(target)
+    # Fail before minutes of compiling, not at the link step.
+    find_tool(descriptor.toolchain.compiler, descriptor.toolchain.apt_package)
     say("import model")
     model = load_model(model_path, input_shapes)
     compiled = compile_model(model, descriptor, options, progress=say)
@@ -92,8 +96,8 @@ def load_inputs(manifest: Manifest, paths: list[str] | None, seed: int = 0) -> d
             inputs[name] = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise EdgecError(f"input file {path} does not exist", "check the path") from None
-        except (ValueError, OSError) as e:
-            raise EdgecError(f"input file {path} is not a .npy array ({e})", "save it with numpy.save") from None
+        except (ValueError, OSError):
+            raise EdgecError(f"input file {path} is not a .npy file", "save the array with numpy.save") from None
     for spec in manifest.inputs:
         spec.check(inputs[spec.name])
     return inputs

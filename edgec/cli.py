@@ -77,8 +77,11 @@ def build(model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir,
 
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir)
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
+    # Progress goes to an interactive terminal only, so that a failing build in a script or CI prints
+    # exactly one error line.
+    show_progress = sys.stderr.isatty() or click.get_current_context().obj["verbose"]
     result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
-                       archive=archive, progress=_progress(True))
+                       archive=archive, progress=_progress(show_progress))
     click.echo(json.dumps(report.build_json(result), indent=2) if as_json else report.build_text(result))
 
 

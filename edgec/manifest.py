@@ -68,6 +68,8 @@ class Manifest:
     @classmethod
     def load(cls, bundle_dir: str | Path) -> "Manifest":
         path = Path(bundle_dir) / MANIFEST_NAME
+        if not Path(bundle_dir).exists():
+            raise EdgecError(f"bundle {bundle_dir} does not exist", "check the path given to edgec build -o")
         if not path.is_file():
             raise EdgecError(f"{bundle_dir} is not an edgec bundle: no {MANIFEST_NAME}",
                              "pass the directory written by 'edgec build -o DIR'")

@@ -10,51 +10,7 @@ import pytest
 from edgec.errors import EdgecError
 from edgec.examples import EXAMPLES, mobilenet_v2
 from edgec.reference import ReferenceRuntime, compare, within_tolerance
-from models import real_model
-
-# Measured max |TVM - reference| (untuned llvm build, 3 seeds of the inputs below): mobilenetv2 9.1e-6
-# (|ref| <= 6.2), ppocrv4_det 3.1e-5 on probabilities in [0, 1], hand_landmark_lite 1.1e-4 (|ref| <= 182),
-# face_detection_short_range 7.6e-5 (|ref| <= 162); at most 3.1e-5 of each output's range. ~10x headroom:
-ATOL, RTOL = 1e-5, 3e-4
-
-# name -> ({input: shape}, {output: shape}) as the reference runtime reports them; the TVM Relax frontends name
-# the parameters of `main` the same (ONNX dims pinned by shape_dict, since PP-OCR's are dynamic).
-REAL = {
-    "ppocrv4_det": ({"x": (1, 3, 320, 320)}, {"sigmoid_0.tmp_0": (1, 1, 320, 320)}),
-    "ppocr_cls": ({"x": (1, 3, 48, 192)}, {"save_infer_model/scale_0.tmp_1": (1, 2)}),
-    "hand_landmark_lite": ({"input_1": (1, 224, 224, 3)},
-                           {"Identity": (1, 63), "Identity_1": (1, 1), "Identity_2": (1, 1), "Identity_3": (1, 63)}),
-    "face_detection_short_range": ({"input": (1, 128, 128, 3)},
-                                   {"regressors": (1, 896, 16), "classificators": (1, 896, 1)}),
-}
-
-
-def text_image(h: int = 320, w: int = 320, seed: int = 0) -> np.ndarray:
-    """Rows of stroke 'glyphs' on white, ImageNet-normalised NCHW: PP-OCR det finds text in it, whereas on noise
-    its output is ~1e-5 everywhere and a comparison would check nothing."""
-    rng = np.random.default_rng(seed)
-    img = np.ones((h, w), np.float32)
-    gh, gw = 20, 12
-    for row in range(20, h - 2 * gh, 2 * gh):
-        for col in range(20, w - 2 * gw, gw + 2):
-            g = img[row:row + gh, col:col + gw]
-            for _ in range(3):
-                if rng.random() < 0.5:
-                    c = rng.integers(0, gw - 2)
-                    g[:, c:c + 2] = 0
-                else:
-                    r = rng.integers(0, gh - 2)
-                    g[r:r + 2, :] = 0
-    rgb = (img[..., None] - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    return rgb.transpose(2, 0, 1)[None].astype(np.float32)
-
-
-def inputs_for(name: str) -> dict[str, np.ndarray]:
-    if name == "ppocrv4_det":
-        return {"x": text_image()}
-    rng = np.random.default_rng(0)
-    return {k: rng.random(s, dtype=np.float32) for k, s in REAL[name][0].items()}
-
+from models import REAL, inputs_for, real_model
 
 @pytest.fixture(scope="module")
 def mbv2(tmp_path_factory):
@@ -136,32 +92,3 @@ def test_compare():
     assert within_tolerance(stats[:2], atol=0.0, rtol=0.03) and not within_tolerance(stats[:2], 0.0, 0.02)
     assert not within_tolerance(stats, 1.0, 1.0)
     assert not within_tolerance(compare([np.array([np.nan])], [np.array([1.0])]), 1.0, 1.0)
-
-
-def _relax_module(path, feeds):
-    from tvm.relax.frontend.onnx import from_onnx
-    from tvm.relax.frontend.tflite import from_tflite
-
-    if path.suffix == ".onnx":
-        return from_onnx(onnx.load(path), shape_dict={k: list(a.shape) for k, a in feeds.items()})
-    import tflite
-
-    return from_tflite(tflite.Model.GetRootAsModel(path.read_bytes(), 0))
-
-
-# ppocr_cls is left out: from_onnx fails on its Reshape (shape computed at run time) unless constants are folded.
-@pytest.mark.parametrize("name", ["mobilenetv2", "ppocrv4_det", "hand_landmark_lite", "face_detection_short_range"])
-def test_tvm_matches_reference(name, mbv2):
-    import tvm
-    from tvm import relax
-
-    path = mbv2 if name == "mobilenetv2" else real_model(name)
-    feeds = {"input": np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)} \
-        if name == "mobilenetv2" else inputs_for(name)
-    mod = _relax_module(path, feeds)
-    assert [p.name for p in mod["main"].params] == list(feeds)  # frontends keep the model's input names
-    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(a) for a in feeds.values()])
-    outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
-    stats = compare(outs, ReferenceRuntime(path).run(feeds))
-    assert within_tolerance(stats, ATOL, RTOL), stats
