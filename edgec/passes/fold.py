@@ -38,7 +38,7 @@ def _fold_batchnorm(mod, ctx):
                                     attrs.out_dtype)
         return relax.op.add(folded, relax.const(new_b))
 
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             mod[gv] = rewrite_call(pattern, rewrite, func)

@@ -40,7 +40,7 @@ def _lift_params(mod, ctx):
                               func.is_pure, func.attrs, func.span)
     # detach_params() reads the "params" attribute back when the pipeline is done.
     new_func = new_func.with_attrs({"num_input": num_input, "params": existing + [t for _, t in lifter.lifted]})
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     mod["main"] = new_func
     return mod
 
