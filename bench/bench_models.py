@@ -32,6 +32,7 @@ from pathlib import Path
 from edgec import api
 from edgec.errors import EdgecError
 from edgec.frontends import inspect_model, parse_input_shapes
+from edgec.reference import ReferenceRuntime
 
 _MODEL_SPEC = re.compile(r"^(?P<path>.+):(?P<name>[^:]+):(?P<dims>\d+(?:x\d+)*)$")
 
@@ -74,8 +75,14 @@ def bench_one(model: ModelArg, workdir: Path, args, say) -> dict:
     build_s = time.perf_counter() - t0
     say(f"{model.label}: built in {build_s:.1f}s; timing {args.runs} runs after {args.warmup} warm-up, "
         f"{args.threads} threads")
+    compare_model = model.path
+    try:
+        ReferenceRuntime(model.path)
+    except EdgecError as e:     # no onnxruntime / LiteRT installed: time edgec alone, say so
+        say(f"{model.label}: no reference runtime ({e}); timing edgec only")
+        compare_model = None
     b = api.bench(result.bundle_dir, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                  compare_model=model.path)
+                  compare_model=compare_model)
     lat = lambda x: None if x is None else {  # noqa: E731
         "runs": x.runs, "warmup": x.warmup, "threads": x.threads, "median_ms": x.median_ms, "p90_ms": x.p90_ms,
         "min_ms": x.min_ms}
