@@ -196,6 +196,17 @@ def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: i
                          "build with --target host, or time it on the board with run.py --repeat")
     threads = threads or manifest.target["threads"]
     inputs = random_inputs(manifest.inputs)
+    ref_latency = ref_name = None
+    if compare_model is not None:
+        # The reference goes first and its session is released before TVM starts: each runtime's worker
+        # threads keep spinning after a run and would slow the other down (measured: onnxruntime 2x slower
+        # right after TVM in the same process).
+        from .reference import ReferenceRuntime
+
+        ref = ReferenceRuntime(Path(compare_model), threads=threads)
+        ref_latency = Latency.from_times(_time(lambda: ref.run(inputs), runs, warmup), warmup, threads)
+        ref_name = ref.name
+        del ref
     _, model = run_in_process(bundle_dir, manifest, inputs, threads)
     args = model.prepare(inputs)
     latency = Latency.from_times(_time(lambda: model.main(*args), runs, warmup), warmup, threads)
@@ -204,13 +215,6 @@ def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: i
         from .runtime.native import run_with_runner
 
         peak = run_with_runner(bundle_dir, inputs, threads=threads).peak_rss_bytes
-    ref_latency = ref_name = None
-    if compare_model is not None:
-        from .reference import ReferenceRuntime
-
-        ref = ReferenceRuntime(Path(compare_model), threads=threads)
-        ref_latency = Latency.from_times(_time(lambda: ref.run(inputs), runs, warmup), warmup, threads)
-        ref_name = ref.name
     return BenchResult(latency, peak, ref_latency, ref_name)
 
 

@@ -59,9 +59,8 @@ _ESTIMATE = re.compile(r"(Without|With) memory planning, there are \d+ constant-
 
 def estimate_memory(mod: tvm.IRModule) -> MemoryEstimate:
     text = relax.analysis.estimate_memory_usage(mod["main"])
-    sizes = {kind: float(gb) for kind, gb in _ESTIMATE.findall(text)}
-    to_bytes = lambda gb: int(round(gb * (1 << 30)))  # noqa: E731
-    return MemoryEstimate(to_bytes(sizes.get("Without", 0.0)), to_bytes(sizes.get("With", 0.0)))
+    gib = {kind: float(size) for kind, size in _ESTIMATE.findall(text)}
+    return MemoryEstimate(round(gib.get("Without", 0.0) * (1 << 30)), round(gib.get("With", 0.0) * (1 << 30)))
 
 
 def compile_model(model: ImportedModel, target: Target, options: BuildOptions = BuildOptions(),

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tarfile
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -5,13 +5,11 @@ the C++ runner natively and under qemu-user (cross/setup-aarch64.sh installs the
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,7 +22,6 @@ from edgec.runtime.native import run_with_runner
 from edgec.signature import TensorSpec, random_inputs, tensor_file_name
 from edgec.toolchain import build_runner, find_tool, host_arch
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "bundle"
 INPUTS = (TensorSpec("x", (1, 3, 8, 8), "float32"), TensorSpec("offset", (1, 10), "int32"))
 # an output name with characters that cannot go into a file name as they are
 OUTPUTS = (TensorSpec("features", (1, 4, 8, 8), "float32"), TensorSpec("logits/out:0", (1, 10), "float32"))

@@ -60,9 +60,9 @@ def _unsupported_ops(model) -> dict[str, int]:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = _get_convert_map()
+    # Ops of custom domains are unsupported whatever their name.
     return histogram(n.op_type for n in _all_nodes(model.graph)
-                     if n.domain in ("", "ai.onnx") and n.op_type not in supported
-                     or n.domain not in ("", "ai.onnx"))
+                     if n.domain not in ("", "ai.onnx") or n.op_type not in supported)
 
 
 def pin_input_shapes(model, input_shapes: dict[str, tuple[int, ...]], path: Path) -> list[TensorSpec]:

@@ -95,7 +95,7 @@ def _macs(model) -> int:
         if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
             continue
         out = sg.Tensors(op.Outputs(0)).ShapeAsNumpy()
-        w = sg.Tensors(op.Inputs(1 if name != "TRANSPOSE_CONV" else 1)).ShapeAsNumpy()
+        w = sg.Tensors(op.Inputs(1)).ShapeAsNumpy()    # the weights are input 1 of all four ops
         if name == "CONV_2D":                 # weights OHWI: each output element takes H*W*I MACs
             total += int(np.prod(out)) * int(np.prod(w[1:]))
         elif name == "DEPTHWISE_CONV_2D":     # weights 1HWC: each output element takes H*W MACs
