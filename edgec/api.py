@@ -13,7 +13,7 @@ from .bundle import Sample, write_archive, write_bundle
 from .errors import EdgecError
 from .frontends import ImportedModel, inspect_model, load_model
 from .manifest import Manifest
-from .signature import random_inputs
+from .signature import check_inputs, random_inputs
 from .targets import load_target
 from .toolchain import host_arch
 
@@ -75,7 +75,8 @@ class RunResult:
 
 
 def load_inputs(manifest: Manifest, paths: list[str] | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs from .npy files (NAME=FILE or FILE in input order), or random ones when none are given."""
+    """Inputs from .npy files (NAME=FILE or FILE in input order), or random ones when none are given.
+    Shapes and dtypes are checked by run()."""
     if not paths:
         return random_inputs(manifest.inputs, seed)
     names = [s.name for s in manifest.inputs]
@@ -98,8 +99,6 @@ def load_inputs(manifest: Manifest, paths: list[str] | None, seed: int = 0) -> d
             raise EdgecError(f"input file {path} does not exist", "check the path") from None
         except (ValueError, OSError):
             raise EdgecError(f"input file {path} is not a .npy file", "save the array with numpy.save") from None
-    for spec in manifest.inputs:
-        spec.check(inputs[spec.name])
     return inputs
 
 
@@ -113,10 +112,7 @@ def run(bundle_dir: str | Path, inputs: dict[str, np.ndarray] | None = None, *, 
     manifest = Manifest.load(bundle_dir)
     manifest.verify_files(bundle_dir)
     inputs = inputs if inputs is not None else random_inputs(manifest.inputs)
-    for spec in manifest.inputs:
-        if spec.name not in inputs:
-            raise EdgecError(f"missing input '{spec.name}'", "pass one array per model input")
-        spec.check(inputs[spec.name])
+    check_inputs(manifest.inputs, inputs)
     foreign = manifest.arch != host_arch()
     if emulate is False and foreign:
         raise EdgecError(f"the bundle is for {manifest.arch} and this machine is {host_arch()}",
@@ -208,8 +204,7 @@ def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: i
         ref_name = ref.name
         del ref
     _, model = run_in_process(bundle_dir, manifest, inputs, threads)
-    args = model.prepare(inputs)
-    latency = Latency.from_times(_time(lambda: model.main(*args), runs, warmup), warmup, threads)
+    latency = Latency.from_times(model.time(inputs, repeat=runs, warmup=warmup), warmup, threads)
     peak = None
     if measure_memory:
         from .runtime.native import run_with_runner

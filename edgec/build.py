@@ -10,7 +10,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .errors import EdgecError
+from .errors import EdgecError, last_line
 from .frontends import ImportedModel
 from .passes import PassOptions, PassRecord, PlannedPass, pipeline_for, run_pipeline
 from .targets import Target
@@ -95,8 +95,7 @@ def compile_model(model: ImportedModel, target: Target, options: BuildOptions = 
     try:
         executable = tvm.compile(mod, tvm_target, relax_pipeline=None)
     except Exception as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise EdgecError(f"code generation for {target.name} failed: {lines[-1] if lines else type(e).__name__}",
+        raise EdgecError(f"code generation for {target.name} failed: {last_line(e)}",
                          "rerun with --verbose; try -O0 to rule out an optimization") from e
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
     return CompiledModel(model, target, executable, params, records, planned, kernels, memory, seconds)
@@ -114,8 +113,7 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
     try:
         compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
     except Exception as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise EdgecError(f"linking the model library with {chain.compiler} failed: {lines[-1] if lines else e}",
+        raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",
                          f"check the toolchain: sudo apt-get install {chain.apt_package}") from e
     seconds = time.perf_counter() - t0
     compiled.seconds["link"] = seconds

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgecError
+from .errors import EdgecError, last_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -28,8 +28,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             self._fail(ctx, "error: interrupted", 130)
         except Exception as e:  # a bug in edgec or TVM: still one line unless --verbose
-            first = (str(e).strip().splitlines() or [""])[-1]
-            self._fail(ctx, f"error: internal error ({type(e).__name__}: {first}); rerun with --verbose and "
+            self._fail(ctx, f"error: internal error ({type(e).__name__}: {last_line(e)}); rerun with --verbose and "
                             "report it", EXIT_INTERNAL_ERROR)
 
     @staticmethod

@@ -11,3 +11,9 @@ class EdgecError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an exception's text: where TVM and protobuf put the actual reason."""
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -45,6 +45,16 @@ class TensorSpec:
         return rng.integers(0, min(16, np.iinfo(dt).max), self.shape).astype(dt)
 
 
+def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -> None:
+    """Raise a user-facing error unless `inputs` holds exactly one matching array per spec."""
+    names = [s.name for s in specs]
+    if set(inputs) != set(names):
+        raise EdgecError(f"inputs {sorted(inputs)} do not match the model's inputs {names}",
+                         "pass one array per model input, keyed by input name")
+    for spec in specs:
+        spec.check(np.asarray(inputs[spec.name]))
+
+
 def tensor_file_name(name: str) -> str:
     """The .npy file a tensor is stored in; the bundle's runners (main.cc, run.py) use the same mapping."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npy"

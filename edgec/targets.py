@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import EdgecError
+from .errors import EdgecError, last_line
 from .resources import data_dir
 
 USER_TARGETS_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "edgec" / "targets"
@@ -80,7 +80,7 @@ class Target:
         try:
             return tvm.target.Target(self.tvm_target, self.tvm_host)
         except Exception as e:
-            raise EdgecError(f"{self.path}: field 'tvm.target' is not a valid TVM target ({str(e).splitlines()[-1]})",
+            raise EdgecError(f"{self.path}: field 'tvm.target' is not a valid TVM target ({last_line(e)})",
                              "use the dict form, e.g. { kind = \"llvm\", mtriple = \"aarch64-linux-gnu\" }") from e
 
     def to_json(self) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError
+from ..errors import EdgecError, last_line
 from ..signature import TensorSpec
 from . import register_frontend
 from .base import ImportedModel, ModelInfo, check_pins, histogram, relax_outputs, unsupported_error
@@ -149,8 +149,7 @@ def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Importe
                         dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False,
                         sanitize_input_names=False)
     except Exception as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise EdgecError(f"TVM's ONNX importer failed on {path.name}: {lines[-1] if lines else type(e).__name__}",
+        raise EdgecError(f"TVM's ONNX importer failed on {path.name}: {last_line(e)}",
                          "if an input has dynamic dims, pin them with --input-shape; run with --verbose for details") from e
     outputs = tuple(TensorSpec(o.name, spec.shape, spec.dtype)
                     for o, spec in zip(model.graph.output, relax_outputs(mod)))

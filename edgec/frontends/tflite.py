@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError
+from ..errors import EdgecError, last_line
 from ..signature import TensorSpec
 from . import register_frontend
 from .base import ImportedModel, ModelInfo, check_pins, histogram, relax_outputs, unsupported_error
@@ -74,8 +74,7 @@ def import_tflite(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Impor
     try:
         mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs})
     except Exception as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise EdgecError(f"TVM's TFLite importer failed on {path.name}: {lines[-1] if lines else type(e).__name__}",
+        raise EdgecError(f"TVM's TFLite importer failed on {path.name}: {last_line(e)}",
                          "run with --verbose for details") from e
     # The importer also attaches its weights as a function attribute; they are bound as constants already.
     mod["main"] = mod["main"].without_attr("params")

@@ -8,7 +8,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from ..errors import EdgecError
+from ..errors import EdgecError, last_line
 from .registry import PassOptions, PlannedPass
 
 
@@ -66,8 +66,7 @@ def run_pipeline(mod: tvm.IRModule, planned: list[PlannedPass], options: PassOpt
             except EdgecError:
                 raise
             except Exception as e:
-                lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-                raise PassError(f"pass '{spec.name}' failed: {lines[-1] if lines else type(e).__name__}",
+                raise PassError(f"pass '{spec.name}' failed: {last_line(e)}",
                                 f"rerun with --dump-ir DIR to see its input, or --disable-pass {spec.name}"
                                 if not spec.required else "rerun with --dump-ir DIR and --verbose") from e
             records.append(PassRecord(spec.name, spec.phase, time.perf_counter() - t0, count_calls(mod)))

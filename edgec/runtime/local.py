@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError
+from ..errors import EdgecError, last_line
 from ..manifest import Manifest
 
 
@@ -24,7 +24,7 @@ def run_in_process(bundle_dir: Path, manifest: Manifest, inputs: dict[str, np.nd
     try:
         model = load_bundle_runner(bundle_dir, threads)
     except Exception as e:
-        raise EdgecError(f"cannot load bundle {bundle_dir}: {str(e).strip().splitlines()[-1]}",
+        raise EdgecError(f"cannot load bundle {bundle_dir}: {last_line(e)}",
                          f"it was built for {manifest.target['name']} ({manifest.arch}); "
                          "run bundles for other architectures with --emulate") from e
     return model.run(inputs), model

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import EdgecError
 from ..manifest import Manifest
-from ..signature import tensor_file_name
+from ..signature import check_inputs, tensor_file_name
 from ..toolchain import build_runner, emulator_command, runtime_dir
 
 _TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+)", re.M)
@@ -35,12 +35,7 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
     """Build (cached) and run the bundle's edgec_run on `inputs`; `threads` defaults to the manifest's."""
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
-    names = [s.name for s in manifest.inputs]
-    if set(inputs) != set(names):
-        raise EdgecError(f"inputs {sorted(inputs)} do not match the model's inputs {names}",
-                         "pass one array per model input, keyed by input name")
-    for spec in manifest.inputs:
-        spec.check(np.asarray(inputs[spec.name]))
+    check_inputs(manifest.inputs, inputs)
 
     runner = build_runner(bundle_dir, manifest.target)
     emulator = emulator_command(manifest.target)
