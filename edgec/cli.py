@@ -198,7 +198,8 @@ def targets_show(name):
     from .targets import load_target
 
     t = load_target(name)
-    click.echo(json.dumps(t.to_json(), indent=2))
+    # Tables nothing reads yet are shown as such, never silently accepted.
+    click.echo(json.dumps({**t.to_json(), "file": t.origin, "not_used_yet": t.not_used_yet()}, indent=2))
 
 
 @main.command()
