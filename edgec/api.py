@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import BuildOptions, CompiledModel, compile_model
+from .build import CompiledModel, compile_model
+from .context import BuildContext, BuildOptions
 from .bundle import Sample, write_archive, write_bundle
 from .errors import EdgecError
-from .frontends import ImportedModel, inspect_model, load_model
+from .frontends import ImportedModel, inspect_model, load_model, model_format
+from .passes import plan
 from .manifest import Manifest
 from .signature import check_inputs, random_inputs
 from .targets import load_target
@@ -48,12 +50,17 @@ def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_sha
     from .toolchain import find_tool
 
     say = progress or (lambda step: None)
-    descriptor = load_target(target)
+    ctx = BuildContext(load_target(target), options)
+    steps = plan(ctx, model_format(model_path))
+    descriptor = ctx.target
     # Fail before minutes of compiling, not at the link step.
     find_tool(descriptor.toolchain.compiler, descriptor.toolchain.apt_package)
+    if options.dump_ir is not None:
+        options.dump_ir.mkdir(parents=True, exist_ok=True)
     say("import model")
-    model = load_model(model_path, input_shapes)
-    compiled = compile_model(model, descriptor, options, progress=say)
+    model = load_model(model_path, input_shapes, tuple(s.name for s in steps if s.phase == "import" and s.enabled),
+                       options.dump_ir)
+    compiled = compile_model(model, ctx, steps, progress=say)
     say("reference sample")
     sample = _reference_sample(model)
     say(f"link with {descriptor.toolchain.compiler} and write bundle")

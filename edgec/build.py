@@ -1,7 +1,6 @@
 """Compile an imported model for a target: run edgec's pipeline, generate code, link the library."""
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,24 +9,72 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .context import BuildContext, BuildOptions
 from .errors import EdgecError, last_line
 from .frontends import ImportedModel
-from .passes import PassOptions, PassRecord, PlannedPass, pipeline_for, run_pipeline
+from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
 from .targets import Target
 
+__all__ = ["ActivationMemory", "BuildOptions", "CompiledModel", "compile_model", "export_library"]
 
-@dataclass(frozen=True)
-class BuildOptions:
-    opt_level: int = 2
-    disabled_passes: tuple[str, ...] = ()
-    dump_ir: Path | None = None
+_ALLOC_TENSOR = "relax.builtin.alloc_tensor"     # one buffer per tensor (before planning, and for outputs)
+_ALLOC_STORAGE = "relax.memory.alloc_storage"    # a planned buffer that several tensors share in turn
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
-    """Activation memory of main from relax.analysis.estimate_memory_usage (weights not included)."""
-    unplanned_bytes: int
-    planned_bytes: int
+class ActivationMemory:
+    """Buffers main allocates for intermediate and output tensors (weights and inputs not included).
+
+    Read from the IR's allocation calls, not from TVM's text report. `tensor_bytes` is every tensor in its own
+    buffer; `planned_bytes` is what the VM allocates once memory planning has made tensors share buffers (None
+    when planning did not run, e.g. at -O0). Neither is a measured peak: planned storage is allocated once and
+    held for the whole run, so it is an upper bound of what a run adds to the process.
+    """
+    tensor_bytes: int
+    planned_bytes: int | None
+    dynamic_allocations: int       # allocations of non-constant size, not counted in the byte figures
+
+
+def _allocated_bytes(mod: tvm.IRModule) -> dict[str, tuple[int, int]]:
+    """op name -> (constant bytes allocated, allocations of dynamic size) over main's allocation calls."""
+    totals = {_ALLOC_TENSOR: [0, 0], _ALLOC_STORAGE: [0, 0]}
+
+    @relax.expr_functor.visitor
+    class Allocations(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            op = getattr(call.op, "name", None)
+            if op == _ALLOC_TENSOR:
+                dims, dtype = call.args[0].values, tvm.DataType(call.args[1].value)
+                size = (dtype.bits * dtype.lanes + 7) // 8
+            elif op == _ALLOC_STORAGE:
+                dims, size = call.args[0].values, 1
+            else:
+                return
+            if all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+                totals[op][0] += size * int(np.prod([d.value for d in dims], dtype=np.int64))
+            else:
+                totals[op][1] += 1
+
+    Allocations().visit_expr(mod["main"])
+    return {op: tuple(v) for op, v in totals.items()}
+
+
+class _MemoryWatch:
+    """Reads the allocations right before memory planning and right after it (see ActivationMemory)."""
+
+    def __init__(self):
+        self.unplanned: tuple[int, int] = (0, 0)
+        self.planned: int | None = None
+
+    def __call__(self, step: PlannedStep, mod: tvm.IRModule) -> None:
+        if step.phase == "dataflow-lower":        # every tensor now has its own explicit allocation
+            self.unplanned = _allocated_bytes(mod)[_ALLOC_TENSOR]
+        elif step.spec.tvm_name == "StaticPlanBlockMemory":
+            totals = _allocated_bytes(mod)
+            self.planned = totals[_ALLOC_STORAGE][0] + totals[_ALLOC_TENSOR][0]
+
+    def result(self) -> ActivationMemory:
+        return ActivationMemory(self.unplanned[0], self.planned, self.unplanned[1])
 
 
 @dataclass
@@ -36,10 +83,11 @@ class CompiledModel:
     target: Target
     executable: relax.VMExecutable
     params: dict[str, np.ndarray]            # VM parameter name -> value, in call order
-    passes: list[PassRecord]
-    planned: list[PlannedPass]
+    passes: list[PassRecord]                 # import steps, then the Relax steps, as they ran
+    planned: list[PlannedStep]
     kernels: int
-    memory: MemoryEstimate
+    memory: ActivationMemory
+    codegen_passes: dict[str, float]         # seconds per TVM pass inside tvm.compile, from the PassContext's timer
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
 
     @property
@@ -47,58 +95,47 @@ class CompiledModel:
         return sum(a.nbytes for a in self.params.values())
 
     def ops_around_fusion(self) -> tuple[int, int]:
-        """Operator calls in main right before and right after the fuse phase."""
-        before = [r.calls for r in self.passes if r.phase in ("graph", "quantize", "params", "legalize")]
-        after = [r.calls for r in self.passes if r.phase in ("graph", "quantize", "params", "legalize", "fuse")]
-        return (before[-1] if before else 0), (after[-1] if after else 0)
+        """Operator calls in main right before fuse-ops and right after fuse-tir (equal when fusion is off)."""
+        names = [r.name for r in self.passes]
+        if "fuse-ops" not in names:
+            legalized = [r.calls for r in self.passes if r.phase == "legalize"]
+            return (legalized[-1],) * 2 if legalized else (0, 0)
+        before = self.passes[names.index("fuse-ops") - 1].calls
+        after = next(r.calls for r in self.passes if r.name == "fuse-tir") if "fuse-tir" in names else before
+        return before, after
 
 
-_ESTIMATE = re.compile(r"(Without|With) memory planning, there are \d+ constant-size memory allocation\(s\) "
-                       r"with total size ([0-9.e+-]+) GB")
-
-
-def estimate_memory(mod: tvm.IRModule) -> MemoryEstimate:
-    text = relax.analysis.estimate_memory_usage(mod["main"])
-    gib = {kind: float(size) for kind, size in _ESTIMATE.findall(text)}
-    return MemoryEstimate(round(gib.get("Without", 0.0) * (1 << 30)), round(gib.get("With", 0.0) * (1 << 30)))
-
-
-def compile_model(model: ImportedModel, target: Target, options: BuildOptions = BuildOptions(),
-                  progress=None) -> CompiledModel:
-    """Run the pass pipeline for the target and generate code; `progress(step)` reports each step."""
-    tvm_target = target.tvm()
-    pass_options = PassOptions(tvm_target, target, options.opt_level)
-    planned = pipeline_for(pass_options, options.disabled_passes)
-    memory = MemoryEstimate(0, 0)
-
-    def observe(spec, mod):
-        nonlocal memory
-        if spec.phase in ("lower", "plan"):     # allocations are explicit here and not yet VM builtins
-            memory = estimate_memory(mod)
-
+def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedStep], progress=None) -> CompiledModel:
+    """Run the planned pipeline and generate code under one PassContext; `progress(step)` reports each step."""
+    say = progress or (lambda step: None)
+    timer, memory = PassTimer(), _MemoryWatch()
+    dump_dir = ctx.options.dump_ir
     t0 = time.perf_counter()
-    mod, records = run_pipeline(model.mod, planned, pass_options, options.dump_ir,
-                                on_pass=lambda name: progress and progress(f"pass {name}"), after_pass=observe)
-    t_passes = time.perf_counter() - t0
-    mod, detached = relax.frontend.detach_params(mod)
-    func = mod["main"]
-    num_input = len(model.inputs)
-    names = [p.name for p in func.params[num_input:]]
-    params = {n: v.numpy() for n, v in zip(names, detached.get("main", []))}
-    if len(params) != len(names):
-        raise EdgecError(f"internal error: {len(names)} weight parameters but {len(params)} values",
-                         "report this with the model and --dump-ir output")
-    kernels = sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-    if progress:
-        progress("generate code")
-    t0 = time.perf_counter()
-    try:
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=None)
-    except Exception as e:
-        raise EdgecError(f"code generation for {target.name} failed: {last_line(e)}",
-                         "rerun with --verbose; try -O0 to rule out an optimization") from e
+    with pass_context(ctx, timer):
+        mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=lambda n: say(f"pass {n}"),
+                                    after_step=memory)
+        t_passes = time.perf_counter() - t0
+        mod, detached = relax.frontend.detach_params(mod)
+        names = [p.name for p in mod["main"].params[len(model.inputs):]]
+        values = detached.get("main", [])
+        if len(values) != len(names):
+            raise EdgecError(f"internal error: {len(names)} weight parameters but {len(values)} values",
+                             "report this with the model and --dump-ir output")
+        params = {n: v.numpy() for n, v in zip(names, values)}
+        kernels = sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        say("generate code")
+        before_codegen = dict(timer.seconds)
+        t0 = time.perf_counter()
+        try:
+            executable = tvm.compile(mod, ctx.tvm_target(), relax_pipeline=None)
+        except Exception as e:  # a TVM codegen failure of any type; the message carries TVM's reason
+            raise EdgecError(f"code generation for {ctx.target.name} failed: {last_line(e)}",
+                             "rerun with --verbose; try -O0 to rule out an optimization") from e
+    codegen = {name: s - before_codegen.get(name, 0.0) for name, s in timer.seconds.items()
+               if s > before_codegen.get(name, 0.0)}
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
-    return CompiledModel(model, target, executable, params, records, planned, kernels, memory, seconds)
+    return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
+                         memory.result(), codegen, seconds)
 
 
 def export_library(compiled: CompiledModel, path: Path) -> float:
@@ -112,7 +149,7 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
     t0 = time.perf_counter()
     try:
         compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
-    except Exception as e:
+    except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
         raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",
                          f"check the toolchain: sudo apt-get install {chain.apt_package}") from e
     seconds = time.perf_counter() - t0

@@ -168,16 +168,22 @@ def bench(bundle, runs, warmup, threads, compare_model, as_json):
 @click.option("--disable-pass", multiple=True, metavar="NAME")
 def passes(target, opt_level, disable_pass):
     """List the pass pipeline build runs for a target."""
-    from .passes import PassOptions, pipeline_for
+    from .context import BuildContext, BuildOptions
+    from .passes import plan
     from .targets import load_target
 
     descriptor = load_target(target)
-    planned = pipeline_for(PassOptions(descriptor.tvm(), descriptor, opt_level), tuple(disable_pass))
-    click.echo(f"pipeline for {descriptor.name} at -O{opt_level}:")
-    for i, p in enumerate(planned, start=1):
-        state = "run " if p.enabled else "skip"
-        note = "required" if p.spec.required else (p.reason or f"-O{p.spec.opt_level}+")
-        click.echo(f"  {i:2d}. {state} {p.spec.name:<26} {p.spec.phase:<9} {note:<18} {p.spec.description}")
+    steps = plan(BuildContext(descriptor, BuildOptions(opt_level, tuple(disable_pass))))
+    click.echo(f"pipeline for {descriptor.name} at -O{opt_level}, TVM target {json.dumps(descriptor.tvm_target)}:")
+    phase = None
+    for i, step in enumerate(steps, start=1):
+        if step.phase != phase:
+            phase = step.phase
+            sources = sorted({s.source for s in steps if s.phase == phase})
+            click.echo(f"  {phase} (from {', '.join(sources)})")
+        state = "run " if step.enabled else "skip"
+        note = "required" if step.spec.required else (step.reason or f"-O{step.spec.opt_level}+")
+        click.echo(f"    {i:2d}. {state} {step.name:<26} {note:<14} {step.spec.description}")
 
 
 @main.group(invoke_without_command=True)

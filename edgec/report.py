@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .api import BenchResult, BuildResult
+from .build import ActivationMemory
 from .frontends import ModelInfo
 
 
@@ -16,18 +17,27 @@ def build_json(result: BuildResult) -> dict:
         "bundle": str(result.bundle_dir), "archive": str(result.archive) if result.archive else None,
         "model": c.model.name, "target": c.target.name,
         "operators_before_fusion": before, "operators_after_fusion": after, "kernels": c.kernels,
-        "param_bytes": c.param_bytes, "activation_bytes_planned": c.memory.planned_bytes,
-        "activation_bytes_unplanned": c.memory.unplanned_bytes,
+        "param_bytes": c.param_bytes,
+        "activations": {"tensor_bytes": c.memory.tensor_bytes, "planned_bytes": c.memory.planned_bytes,
+                        "dynamic_allocations": c.memory.dynamic_allocations},
         "library_bytes": result.library_bytes, "bundle_bytes": result.bundle_bytes,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "passes": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 4), "calls": r.calls}
                    for r in c.passes],
-        "skipped_passes": {p.spec.name: p.reason for p in c.planned if not p.enabled},
+        "skipped_passes": {p.name: p.reason for p in c.planned if not p.enabled},
+        "codegen_passes": {name: round(s, 4) for name, s in sorted(c.codegen_passes.items(), key=lambda kv: -kv[1])},
     }
+
+
+def _activations(m: ActivationMemory) -> str:
+    text = (f"activation buffers: {_mb(m.planned_bytes)} after memory planning ({_mb(m.tensor_bytes)} without)"
+            if m.planned_bytes is not None else f"activation buffers: {_mb(m.tensor_bytes)} (memory planning off)")
+    return text + (f", plus {m.dynamic_allocations} of dynamic size" if m.dynamic_allocations else "")
 
 
 def build_text(result: BuildResult) -> str:
     d = build_json(result)
+    c = result.compiled
     lines = [f"built {d['model']} for {d['target']} -> {d['bundle']}"]
     lines += [f"  {'pass':<26} {'time':>9} {'calls after':>12}"]
     lines += [f"  {p['name']:<26} {p['seconds'] * 1e3:>7.1f}ms {p['calls']:>12}" for p in d["passes"]]
@@ -36,8 +46,7 @@ def build_text(result: BuildResult) -> str:
     lines += [
         f"  operators: {d['operators_before_fusion']} before fusion, {d['operators_after_fusion']} after; "
         f"{d['kernels']} kernels",
-        f"  parameters: {_mb(d['param_bytes'])}; peak activations (estimate): "
-        f"{_mb(d['activation_bytes_planned'])} planned, {_mb(d['activation_bytes_unplanned'])} unplanned",
+        f"  parameters: {_mb(d['param_bytes'])}; {_activations(c.memory)}",
         f"  library: {_mb(d['library_bytes'])}; bundle: {_mb(d['bundle_bytes'])}"
         + (f"; archive: {d['archive']}" if d["archive"] else ""),
         "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items()),

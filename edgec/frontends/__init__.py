@@ -1,50 +1,99 @@
 """Model importers: a model file becomes an ImportedModel (Relax module + signature).
 
-Each frontend registers itself by file suffix; `load_model` picks one and checks the file first, so a
-missing file or an unknown format fails with one clear line before any heavy import happens.
+Each format registers a `Frontend` by file suffix; `load_model` runs the one import flow they share (check the
+file, refuse unsupported operators, pin input shapes, run the format's visible import steps, convert with TVM),
+so a missing file or an unknown format fails with one clear line before any heavy import happens.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from ..errors import EdgecError
-from .base import ImportedModel, ModelInfo, parse_input_shapes
-
-# suffix -> (import function, inspect function); filled in by the frontend modules below
-_FRONTENDS: dict[str, tuple[Callable[..., ImportedModel], Callable[[Path], ModelInfo]]] = {}
+from ..errors import EdgecError, last_line
+from .base import ImportedModel, ModelInfo, parse_input_shapes, relax_outputs, unsupported_error
 
 
-def register_frontend(suffix: str, importer: Callable[..., ImportedModel], inspector: Callable[[Path], ModelInfo]):
-    _FRONTENDS[suffix] = (importer, inspector)
+@dataclass(frozen=True)
+class Frontend:
+    format: str                                                  # "onnx", "tflite"
+    load: Callable[[Path], Any]                                  # file -> parsed model; EdgecError if invalid
+    unsupported_ops: Callable[[Any], dict[str, int]]
+    signature: Callable[[Any, Path, dict], tuple[list, list[str]]]   # -> (input TensorSpecs, output names)
+    convert: Callable[[Any, list], Any]                          # (model, inputs) -> tvm.IRModule
+    inspect: Callable[[Path], ModelInfo]
+    # name -> step(model) returning a one-line summary; run in order when enabled (see passes.registry "import")
+    steps: dict[str, Callable[[Any], str]]
 
 
-def _frontend_for(path: str | Path):
+_FRONTENDS: dict[str, Frontend] = {}
+
+
+def register_frontend(suffix: str, frontend: Frontend) -> None:
+    _FRONTENDS[suffix] = frontend
+
+
+def _frontend_for(path: str | Path) -> tuple[Path, Frontend]:
     path = Path(path)
     if not path.exists():
         raise EdgecError(f"model file {path} does not exist", "check the path")
     if not path.is_file():
         raise EdgecError(f"{path} is not a file", "pass a .onnx or .tflite model file")
-    entry = _FRONTENDS.get(path.suffix.lower())
-    if entry is None:
+    frontend = _FRONTENDS.get(path.suffix.lower())
+    if frontend is None:
         known = ", ".join(sorted(_FRONTENDS))
         raise EdgecError(f"{path} has an unsupported model format '{path.suffix}'", f"edgec reads {known} files")
-    return path, entry
+    return path, frontend
 
 
-def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
-    """Import a model file into Relax; `input_shapes` pins dynamic input dimensions."""
-    path, (importer, _) = _frontend_for(path)
-    return importer(path, input_shapes or {})
+def model_format(path: str | Path) -> str:
+    return _frontend_for(path)[1].format
+
+
+def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               import_steps: tuple[str, ...] = (), dump_dir: Path | None = None) -> ImportedModel:
+    """Import a model file into Relax.
+
+    `input_shapes` pins dynamic input dimensions; `import_steps` names the frontend steps to run (the enabled
+    "import" steps of the plan); `dump_dir` receives each step's summary and the imported module.
+    """
+    from ..passes import PassRecord
+
+    path, frontend = _frontend_for(path)
+    model = frontend.load(path)
+    missing = frontend.unsupported_ops(model)
+    if missing:
+        raise unsupported_error(path, missing, frontend.format)
+    t0 = time.perf_counter()
+    inputs, output_names = frontend.signature(model, path, input_shapes or {})
+    records = []
+    for name in import_steps:
+        t_step = time.perf_counter()
+        summary = frontend.steps[name](model)
+        records.append(PassRecord(name, "import", time.perf_counter() - t_step, 0))
+        if dump_dir is not None:
+            (dump_dir / f"00-import-{name}.txt").write_text(summary + "\n")
+    try:
+        mod = frontend.convert(model, inputs)
+    except Exception as e:  # TVM's importers raise anything from KeyError to their own errors on a bad graph
+        raise EdgecError(f"TVM's {frontend.format.upper() if frontend.format == 'onnx' else 'TFLite'} importer "
+                         f"failed on {path.name}: {last_line(e)}", "run with --verbose for details") from e
+    outputs = relax_outputs(mod, output_names)
+    if dump_dir is not None:
+        (dump_dir / "00-imported.py").write_text(mod.script(show_meta=False))
+    return ImportedModel(path.stem, path, frontend.format, mod, tuple(inputs), outputs, time.perf_counter() - t0,
+                         tuple(records))
 
 
 def inspect_model(path: str | Path) -> ModelInfo:
     """Describe a model (operators, parameters, MACs, signature) without building it."""
-    path, (_, inspector) = _frontend_for(path)
-    return inspector(path)
+    path, frontend = _frontend_for(path)
+    return frontend.inspect(path)
 
 
 from . import onnx as _onnx  # noqa: E402,F401  (registers .onnx)
 from . import tflite as _tflite  # noqa: E402,F401  (registers .tflite)
 
-__all__ = ["ImportedModel", "ModelInfo", "load_model", "inspect_model", "parse_input_shapes", "register_frontend"]
+__all__ = ["Frontend", "ImportedModel", "ModelInfo", "load_model", "inspect_model", "model_format",
+           "parse_input_shapes", "register_frontend"]

@@ -21,6 +21,7 @@ class ImportedModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     import_seconds: float
+    import_records: tuple = ()       # PassRecords of the frontend's "import" steps
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,17 @@ def check_pins(path: Path, input_shapes: dict, known: list[str]) -> None:
                          f"its inputs are: {', '.join(known)}")
 
 
-def relax_outputs(mod: tvm.IRModule) -> tuple[TensorSpec, ...]:
-    """Output signature read from the imported main function's return type."""
+def relax_outputs(mod: tvm.IRModule, names: list[str]) -> tuple[TensorSpec, ...]:
+    """Output signature: the model's output names with shapes and dtypes from the imported main's return type."""
     from tvm import relax
 
-    ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else mod["main"].body.ty
+    ret = mod["main"].ret_ty
     leaves = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
-    specs = []
-    for i, leaf in enumerate(leaves):
-        shape = tuple(int(d) for d in leaf.shape.values) if leaf.shape is not None else ()
-        specs.append(TensorSpec(f"output_{i}", shape, str(leaf.dtype)))
-    return tuple(specs)
+    if len(leaves) != len(names):
+        raise EdgecError(f"internal error: the imported module returns {len(leaves)} values for "
+                         f"{len(names)} model outputs", "report this with the model")
+    return tuple(TensorSpec(name, tuple(int(d) for d in leaf.shape.values) if leaf.shape is not None else (),
+                            str(leaf.dtype)) for name, leaf in zip(names, leaves))
 
 
 def histogram(names) -> dict[str, int]:

@@ -1,20 +1,22 @@
 """ONNX → Relax."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError, last_line
+from ..errors import EdgecError
+from ..passes import register_pass
 from ..signature import TensorSpec
-from . import register_frontend
-from .base import ImportedModel, ModelInfo, check_pins, histogram, relax_outputs, unsupported_error
+from . import Frontend, register_frontend
+from .base import ModelInfo, check_pins, histogram
 
-# Small constant subgraphs (Shape → Gather → Concat → Reshape) are evaluated on the CPU when
-# folding; anything bigger is left to Relax's FoldConstant, which is far faster on weights.
-_FOLD_MAX_ELEMENTS = 1 << 16
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
+# only when one of its inputs derives from a Shape/Size of a pinned tensor and all are constant; weights and
+# everything else (a DequantizeLinear on int8 weights included) reach the Relax pipeline unchanged.
+_SHAPE_OPS = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Identity", "Reshape",
+              "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Max", "Min", "Equal", "Where",
+              "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten"}
 
 
 def _load(path: Path):
@@ -91,8 +93,12 @@ def pin_input_shapes(model, input_shapes: dict[str, tuple[int, ...]], path: Path
     return specs
 
 
-def fold_shape_subgraphs(model) -> int:
-    """Evaluate the small constant subgraphs that pinned shapes make static; returns nodes folded.
+def _static(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def fold_shape_subgraphs(model) -> str:
+    """Replace the shape computations that pinned input dims make constant by their values; returns a summary.
 
     Relax's importer needs Reshape/Expand targets as constants. PP-OCR rec/cls compute them through
     Shape → Gather → Concat chains; once the input dims are pinned, these chains are constant.
@@ -104,56 +110,55 @@ def fold_shape_subgraphs(model) -> int:
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    kept, folded = [], 0
+    derived: set[str] = set()          # values computed from the shape of a pinned tensor
+    kept, folded = [], []
     for node in model.graph.node:
         value = None
-        if node.op_type == "Shape" and all(isinstance(d, int) and d > 0 for d in shapes.get(node.input[0], [None])):
-            value = np.array(shapes[node.input[0]], dtype=np.int64)
-            start = next((a.i for a in node.attribute if a.name == "start"), 0)
-            end = next((a.i for a in node.attribute if a.name == "end"), None)
-            value = value[start:end]
-        elif (node.op_type not in _NONDETERMINISTIC and node.domain in ("", "ai.onnx") and len(node.output) == 1
-              and all(i == "" or i in consts for i in node.input)
-              and sum(consts[i].size for i in node.input if i) <= _FOLD_MAX_ELEMENTS
-              and not any(a.HasField("g") or a.graphs for a in node.attribute)):
+        if node.domain in ("", "ai.onnx") and node.op_type in ("Shape", "Size") and _static(shapes.get(node.input[0])):
+            dims = np.array(shapes[node.input[0]], dtype=np.int64)
+            if node.op_type == "Size":
+                value = np.array(dims.prod(), dtype=np.int64)
+            else:
+                start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                end = next((a.i for a in node.attribute if a.name == "end"), None)
+                value = dims[start:end]
+        elif (node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_OPS and len(node.output) == 1
+              and any(i in derived for i in node.input) and all(i == "" or i in consts for i in node.input)):
             feeds = {i: consts[i] for i in node.input if i}
-            try:
-                value = ReferenceEvaluator(node, opsets={"": opset} if opset else None).run(None, feeds)[0]
-            except Exception:  # an op the reference evaluator lacks: leave the node to the importer
-                value = None
-        if value is not None and np.asarray(value).size <= _FOLD_MAX_ELEMENTS:
-            consts[node.output[0]] = np.asarray(value)
-            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), node.output[0]))
-            folded += 1
-        else:
+            value = ReferenceEvaluator(node, opsets={"": opset} if opset else None).run(None, feeds)[0]
+        if value is None:
             kept.append(node)
+            continue
+        value = np.asarray(value)
+        consts[node.output[0]] = value
+        derived.add(node.output[0])
+        model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        folded.append(f"{node.op_type} {node.name or node.output[0]} = {value.tolist()}")
     if folded:
         del model.graph.node[:]
         model.graph.node.extend(kept)
-    return folded
+    return f"folded {len(folded)} shape node(s)" + "".join(f"\n  {line}" for line in folded)
 
 
-def import_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> ImportedModel:
+@register_pass("fold-shape-subgraphs", phase="import", frontend="onnx", opt_level=0)
+def _fold_shape_subgraphs_step(ctx):
+    """Evaluate the Shape → Gather → Concat chains that pinned input dims make constant (in the ONNX graph)."""
+    return fold_shape_subgraphs
+
+
+def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec], list[str]]:
+    return pin_input_shapes(model, input_shapes, path), [o.name for o in model.graph.output]
+
+
+def _convert(model, inputs: list[TensorSpec]):
     from tvm.relax.frontend.onnx import from_onnx
 
-    model = _load(path)
-    missing = _unsupported_ops(model)
-    if missing:
-        raise unsupported_error(path, missing, "ONNX")
-    t0 = time.perf_counter()
-    inputs = pin_input_shapes(model, input_shapes, path)
-    fold_shape_subgraphs(model)
-    try:
-        mod = from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
-                        dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False,
-                        sanitize_input_names=False)
-    except Exception as e:
-        raise EdgecError(f"TVM's ONNX importer failed on {path.name}: {last_line(e)}",
-                         "if an input has dynamic dims, pin them with --input-shape; run with --verbose for details") from e
-    outputs = tuple(TensorSpec(o.name, spec.shape, spec.dtype)
-                    for o, spec in zip(model.graph.output, relax_outputs(mod)))
-    return ImportedModel(path.stem, path, "onnx", mod, tuple(inputs), outputs, time.perf_counter() - t0)
+    return from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
+                     dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False,
+                     sanitize_input_names=False)
 
 
 def _macs(model) -> int | None:
@@ -194,4 +199,5 @@ def inspect_onnx(path: Path) -> ModelInfo:
                      sum(a.size for a in arrays), sum(a.nbytes for a in arrays), _macs(model), _unsupported_ops(model))
 
 
-register_frontend(".onnx", import_onnx, inspect_onnx)
+register_frontend(".onnx", Frontend("onnx", _load, _unsupported_ops, _signature, _convert, inspect_onnx,
+                                     {"fold-shape-subgraphs": fold_shape_subgraphs}))

@@ -1,15 +1,14 @@
 """TFLite → Relax."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError, last_line
+from ..errors import EdgecError
 from ..signature import TensorSpec
-from . import register_frontend
-from .base import ImportedModel, ModelInfo, check_pins, histogram, relax_outputs, unsupported_error
+from . import Frontend, register_frontend
+from .base import ModelInfo, check_pins, histogram
 
 
 def _load(path: Path):
@@ -52,13 +51,7 @@ def _unsupported_ops(model) -> dict[str, int]:
     return histogram(op for op in _op_names(model) if op not in conv.convert_map)
 
 
-def import_tflite(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> ImportedModel:
-    from tvm.relax.frontend.tflite import from_tflite
-
-    model = _load(path)
-    missing = _unsupported_ops(model)
-    if missing:
-        raise unsupported_error(path, missing, "TFLite")
+def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec], list[str]]:
     sg = model.Subgraphs(0)
     raw_inputs = [_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength())]
     check_pins(path, input_shapes, [name for name, _, _ in raw_inputs])
@@ -70,17 +63,16 @@ def import_tflite(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Impor
             example = "x".join("1" if d == "?" else str(d) for d in dims)
             raise EdgecError(f"input '{name}' has dynamic dims {dims}", f"pin them with --input-shape {name}:{example}")
         inputs.append(TensorSpec(name, tuple(dims), dtype))
-    t0 = time.perf_counter()
-    try:
-        mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs})
-    except Exception as e:
-        raise EdgecError(f"TVM's TFLite importer failed on {path.name}: {last_line(e)}",
-                         "run with --verbose for details") from e
+    return inputs, [_tensor_spec(sg, sg.Outputs(i))[0] for i in range(sg.OutputsLength())]
+
+
+def _convert(model, inputs: list[TensorSpec]):
+    from tvm.relax.frontend.tflite import from_tflite
+
+    mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs})
     # The importer also attaches its weights as a function attribute; they are bound as constants already.
     mod["main"] = mod["main"].without_attr("params")
-    out_names = [_tensor_spec(sg, sg.Outputs(i))[0] for i in range(sg.OutputsLength())]
-    outputs = tuple(TensorSpec(n, s.shape, s.dtype) for n, s in zip(out_names, relax_outputs(mod)))
-    return ImportedModel(path.stem, path, "tflite", mod, tuple(inputs), outputs, time.perf_counter() - t0)
+    return mod
 
 
 def _macs(model) -> int:
@@ -124,4 +116,4 @@ def inspect_tflite(path: Path) -> ModelInfo:
                      _macs(model), _unsupported_ops(model))
 
 
-register_frontend(".tflite", import_tflite, inspect_tflite)
+register_frontend(".tflite", Frontend("tflite", _load, _unsupported_ops, _signature, _convert, inspect_tflite, {}))

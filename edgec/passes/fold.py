@@ -45,13 +45,13 @@ def _fold_batchnorm(mod, ctx):
     return mod
 
 
-@register_pass("fold-batchnorm", phase="graph", order=10)
-def fold_batchnorm(options):
+@register_pass("fold-batchnorm", phase="graph")
+def fold_batchnorm(ctx):
     """Fold inference batch-norm (after conv2d, with or without bias) into the conv's weights and bias."""
     return _fold_batchnorm
 
 
-@register_pass("fold-constants", phase="graph", order=40)
-def fold_constants(options):
+@register_pass("fold-constants", phase="graph", after=("canonicalize",), tvm_name="FoldConstant")
+def fold_constants(ctx):
     """Evaluate subexpressions whose inputs are all constants (weight transposes, casts, reshapes)."""
     return relax.transform.FoldConstant()

@@ -1,50 +1,34 @@
-"""Lowering to the Relax VM: legalize ops to TIR, leave dataflow, plan memory, finalize for the VM.
+"""edgec's policy for the passes TVM's lowering phases run.
 
-These mirror TVM's CPU backend pipeline (relax/backend/cpu_generic/pipeline.py), split into named
-steps so each can be timed, dumped and, where optional, disabled.
+The phases themselves come from TVM for each target (see registry.TVM_PHASES). This table names the passes
+they hold for CPU and GPU targets, says what each does, and marks the ones a build may skip: those are
+optimizations (fusion, folding, memory planning), everything else is needed for a runnable module.
 """
-import tvm
-from tvm import relax
+from .registry import adopt_tvm_pass
 
-from .registry import register_pass
+# TVM pass name -> (edgec name, what it does, lowest -O level or None when required)
+_TVM_PASSES = {
+    "DispatchSampling": ("dispatch-sampling", "Lower sampling ops (multinomial) to library or TIR kernels", None),
+    "DispatchSortScan": ("dispatch-sort-scan", "Lower sort, scan and top-k ops to library or TIR kernels", None),
+    "LegalizeOps": ("legalize-ops", "Lower every high-level op to a TIR kernel (call_tir)", None),
+    "AnnotateTIROpPattern": ("annotate-op-pattern", "Mark each kernel's fusion pattern (elementwise, injective...)",
+                             None),
+    "FuseOps": ("fuse-ops", "Group kernels into fusable functions (conv + bias + relu6 become one group)", 1),
+    "FuseTIR": ("fuse-tir", "Merge each fused group's kernels into a single TIR kernel", 1),
+    "ApplyDefaultSchedule": ("gpu-default-schedule", "Give every GPU kernel a default thread binding (dlight)",
+                             None),
+    "RewriteDataflowReshape": ("rewrite-reshape", "Turn reshapes into zero-copy views", None),
+    "ToNonDataflow": ("leave-dataflow", "Leave dataflow blocks", None),
+    "RemovePurityChecking": ("remove-purity-checks", "Drop purity annotations before explicit allocation", None),
+    "CallTIRRewrite": ("explicit-allocation", "Make each kernel call allocate its outputs explicitly", None),
+    "StaticPlanBlockMemory": ("plan-memory", "Reuse activation buffers whose lifetimes do not overlap", 1),
+    "LowerAllocTensor": ("lower-alloc-tensor", "Turn tensor allocations into storage allocations", None),
+    "KillAfterLastUse": ("kill-after-last-use", "Release each tensor right after its last use", None),
+    "LowerRuntimeBuiltin": ("lower-builtins", "Lower runtime builtins to VM calls", None),
+    "ComputePrimValue": ("compute-prim-values", "Compute symbolic scalar values for the VM", None),
+    "VMShapeLower": ("lower-shapes", "Lower shape computations and checks to VM instructions", None),
+    "AttachGlobalSymbol": ("attach-symbols", "Name every function for the linked library", None),
+}
 
-
-@register_pass("legalize", phase="legalize", order=10, required=True)
-def legalize(options):
-    """Lower every high-level op to a TIR kernel and annotate each kernel's fusion pattern."""
-    return tvm.transform.Sequential([
-        relax.backend.DispatchSampling(),
-        relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-    ], name="edgec.legalize")
-
-
-@register_pass("lower-dataflow", phase="lower", order=10, required=True)
-def lower_dataflow(options):
-    """Leave dataflow form and make every kernel call allocate its outputs explicitly."""
-    return tvm.transform.Sequential([
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-    ], name="edgec.lower_dataflow")
-
-
-@register_pass("plan-memory", phase="plan", order=10)
-def plan_memory(options):
-    """Reuse activation buffers whose lifetimes do not overlap (static memory planning)."""
-    return relax.transform.StaticPlanBlockMemory()
-
-
-@register_pass("finalize-vm", phase="finalize", order=10, required=True)
-def finalize_vm(options):
-    """Lower allocations, builtins and shape computations to VM instructions."""
-    return tvm.transform.Sequential([
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ], name="edgec.finalize_vm")
+for _tvm_name, (_name, _description, _opt_level) in _TVM_PASSES.items():
+    adopt_tvm_pass(_tvm_name, _name, _description, opt_level=_opt_level or 0, required=_opt_level is None)

@@ -45,7 +45,7 @@ def _lift_params(mod, ctx):
     return mod
 
 
-@register_pass("lift-params", phase="params", order=10, required=True)
-def lift_params(options):
+@register_pass("lift-params", phase="params", required=True)
+def lift_params(ctx):
     """Turn weight constants into parameters of main; they are saved to params.bin, apart from the code."""
     return _lift_params

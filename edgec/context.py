@@ -1,0 +1,36 @@
+"""What a build is asked to do (BuildOptions) and what every pipeline stage may read (BuildContext)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .targets import Target
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    opt_level: int = 2
+    disabled_passes: tuple[str, ...] = ()
+    dump_ir: Path | None = None
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Built once per build and handed to every pass factory.
+
+    The last three fields are where later stages plug in (calibration for quantization, a MetaSchedule
+    database for tuning, library offload backends); a pass that needs one declares `applies=` on it, so adding
+    such a stage is adding a file, not editing the registry.
+    """
+    target: Target
+    options: BuildOptions
+    calibration: Path | None = None
+    tuning_database: Path | None = None
+    offload: tuple[str, ...] = ()
+
+    @property
+    def opt_level(self) -> int:
+        return self.options.opt_level
+
+    def tvm_target(self):
+        return self.target.tvm()
