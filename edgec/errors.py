@@ -17,3 +17,16 @@ def last_line(error: BaseException) -> str:
     """The last non-empty line of an exception's text: where TVM and protobuf put the actual reason."""
     lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so cleanup code runs on the way out;
+    the CLI exits with the shell's code for it, 128 + the signal number (130, 143, 129)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
