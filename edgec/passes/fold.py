@@ -8,10 +8,13 @@ from .registry import register_pass
 
 
 def _batchnorm_after_conv():
-    """Pattern: batch_norm(conv2d(x, W) [+ b], gamma, beta, mean, var)[0], all parameters constant."""
+    """Pattern: batch_norm(conv2d(x, W) [+ b], gamma, beta, mean, var)[0], all parameters constant.
+
+    The ONNX importer adds a conv's bias as reshape(b, [1, C, 1, 1]), so the bias may sit behind a reshape.
+    """
     x, weight, bias = wildcard(), is_const(), is_const()
     conv = is_op("relax.nn.conv2d")(x, weight)
-    producer = conv | is_op("relax.add")(conv, bias)
+    producer = conv | is_op("relax.add")(conv, bias | is_op("relax.reshape")(bias, wildcard()))
     stats = [is_const() for _ in range(4)]
     bn = is_op("relax.nn.batch_norm")(producer, *stats)
     return is_tuple_get_item(bn, 0), x, weight, bias, conv, bn, stats
