@@ -6,6 +6,8 @@ so a missing file or an unknown format fails with one clear line before any heav
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +76,15 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
         records.append(PassRecord(name, "import", time.perf_counter() - t_step, 0))
         if dump_dir is not None:
             (dump_dir / f"00-import-{name}.txt").write_text(summary + "\n")
+    # TVM's importers print their diagnostics to stdout, which belongs to edgec's own report: keep them for
+    # the traceback that --verbose shows.
+    chatter = io.StringIO()
     try:
-        mod = frontend.convert(model, inputs)
+        with contextlib.redirect_stdout(chatter):
+            mod = frontend.convert(model, inputs)
     except Exception as e:  # TVM's importers raise anything from KeyError to their own errors on a bad graph
+        if chatter.getvalue():
+            e.add_note(chatter.getvalue())
         raise EdgecError(f"TVM's {frontend.format.upper() if frontend.format == 'onnx' else 'TFLite'} importer "
                          f"failed on {path.name}: {last_line(e)}", "run with --verbose for details") from e
     outputs = relax_outputs(mod, output_names)
