@@ -30,3 +30,9 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def last_stderr_line(text: str, fallback: str) -> str:
+    """The last non-empty line of a tool's output (pip, a compiler, edgec_run): where it says what went wrong."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else fallback

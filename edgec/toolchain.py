@@ -12,8 +12,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import EdgecError
+from .errors import EdgecError, last_stderr_line
+
+if TYPE_CHECKING:
+    from .targets import Target
 
 # The pip platform tag of the TVM runtime wheels per architecture. Compilers and emulators are not here:
 # they come from the target descriptor (its [toolchain] and [emulator] tables, copied into the manifest).
@@ -51,7 +55,8 @@ def _check_arch(arch: str) -> str:
 
 
 def tvm_versions() -> tuple[str, str]:
-    """Installed (apache-tvm, apache-tvm-ffi) versions: the runtime must match the compiler that built the bundle."""
+    """Installed (apache-tvm, apache-tvm-ffi) versions: the runtime must match the compiler that built the bundle.
+    The one place edgec looks them up (the manifest's "versions" too)."""
     try:
         return importlib.metadata.version("apache-tvm"), importlib.metadata.version("apache-tvm-ffi")
     except importlib.metadata.PackageNotFoundError as e:
@@ -119,7 +124,7 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
         wheels = tmp / "wheels"
         proc = subprocess.run([*cmd, "--dest", str(wheels)], capture_output=True, text=True)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            last = last_stderr_line(proc.stderr, "no output")
             raise EdgecError(f"could not download the {arch} TVM runtime wheels ({last})",
                              "check the network and that these versions have wheels for the target; "
                              f"the command was: {' '.join(cmd)}")
@@ -148,39 +153,49 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
     _publish(tmp, final)
 
 
-def build_runner(bundle_dir: Path, target: dict) -> Path:
-    """Build the bundle's edgec_run with the target's compiler (manifest "target" entry) via cmake;
-    cached by the sources, compiler and runtime dir."""
+# The runner's sources, the same bytes in every bundle of one edgec version (templates/bundle).
+RUNNER_SOURCES = ("main.cc", "CMakeLists.txt")
+
+
+def build_runner(bundle_dir: Path, target: Target) -> Path:
+    """Build the bundle's edgec_run with the target's compiler via cmake. Cached by the sources, compiler and
+    runtime dir: main.cc is the same in every bundle, so this builds once per architecture.
+
+    `target` is a validated Target (Target.from_json of the manifest), so the compiler is a bare command name,
+    resolved on PATH here. The sources are read once: the bytes hashed for the cache key are the bytes built.
+    That they are the bundle's own, unmodified, is for the caller to check (api.run verifies the bundle)."""
     bundle_dir = Path(bundle_dir)
-    arch, chain = target["arch"], target["toolchain"]
-    sources = [bundle_dir / "main.cc", bundle_dir / "CMakeLists.txt"]
-    for src in sources:
-        if not src.is_file():
-            raise EdgecError(f"bundle file {src} is missing", "copy the whole bundle directory")
+    sources = {}
+    for name in RUNNER_SOURCES:
+        try:
+            sources[name] = (bundle_dir / name).read_bytes()
+        except OSError as e:
+            raise EdgecError(f"cannot read bundle file {bundle_dir / name} ({e.strerror})",
+                             "copy the whole bundle directory") from e
     cmake = find_tool("cmake", "cmake")
-    cxx = find_tool(chain["compiler"], chain["apt_package"])
-    rt = runtime_dir(arch)
-    h = hashlib.sha256(f"{arch}\0{cxx}\0{rt}\0".encode())
-    for src in sources:
-        h.update(src.read_bytes())
-    runner = cache_dir() / "runners" / f"edgec_run-{arch}-{h.hexdigest()[:16]}"
+    cxx = find_tool(target.toolchain.compiler, target.toolchain.apt_package)
+    rt = runtime_dir(target.arch)
+    h = hashlib.sha256(f"{target.arch}\0{cxx}\0{rt}\0".encode())
+    for data in sources.values():
+        h.update(hashlib.sha256(data).digest())
+    runner = cache_dir() / "runners" / f"edgec_run-{target.arch}-{h.hexdigest()[:16]}"
     if runner.is_file():
         return runner
-    # Build in a scratch copy: the bundle's files stay untouched and a failed build leaves nothing behind.
+    # Build in a scratch dir: the bundle stays untouched and a failed build leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
         src_dir, build_dir = Path(tmp) / "src", Path(tmp) / "build"
         src_dir.mkdir()
-        for src in sources:
-            shutil.copy(src, src_dir / src.name)
+        for name, data in sources.items():
+            (src_dir / name).write_bytes(data)
         configure = [cmake, "-S", str(src_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                      f"-DTVM_RUNTIME_DIR={rt}", f"-DCMAKE_CXX_COMPILER={cxx}"]
-        if arch != host_arch():
-            configure += ["-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={arch}"]
+        if target.arch != host_arch():
+            configure += ["-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={target.arch}"]
         for step in (configure, [cmake, "--build", str(build_dir), "--parallel", "2"]):
             proc = subprocess.run(step, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-                raise EdgecError(f"building the {arch} runner failed:\n{tail}",
+                raise EdgecError(f"building the {target.arch} runner failed:\n{tail}",
                                  f"check {bundle_dir / 'main.cc'} and the compiler {cxx}")
         runner.parent.mkdir(parents=True, exist_ok=True)
         tmp_runner = runner.with_name(f".{runner.name}.{os.getpid()}")
@@ -189,15 +204,22 @@ def build_runner(bundle_dir: Path, target: dict) -> Path:
     return runner
 
 
-def emulator_command(target: dict) -> list[str]:
-    """Command prefix that runs the target's binaries here: [] natively, else its [emulator] with its sysroot."""
-    if target["arch"] == host_arch():
+def emulator_command(target: Target) -> list[str]:
+    """Command prefix that runs the target's binaries here: [] natively, else its emulator with its sysroot.
+
+    `target` is a validated Target: the emulator is a bare command name (resolved on PATH here) and the sysroot
+    an absolute, normalised path, which must also be an existing directory on this machine."""
+    if target.arch == host_arch():
         return []
-    emulator = target.get("emulator")
-    if not emulator:
-        raise EdgecError(f"target {target['name']} is {target['arch']} and its descriptor names no emulator",
+    emulator = target.emulator
+    if emulator is None:
+        raise EdgecError(f"target {target.name} is {target.arch} and its descriptor names no emulator",
                          "add an [emulator] table to the descriptor, or run the bundle on the board")
-    return [find_tool(emulator["command"], emulator["apt_package"]), "-L", emulator["sysroot"]]
+    command = find_tool(emulator.command, emulator.apt_package)
+    if not os.path.isdir(emulator.sysroot):
+        raise EdgecError(f"the {target.arch} sysroot {emulator.sysroot} does not exist",
+                         f"install the target's C++ runtime: sudo apt-get install {target.toolchain.apt_package}")
+    return [command, "-L", emulator.sysroot]
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError
-from ..manifest import Manifest
-from ..signature import check_inputs, tensor_file_name
+from ..errors import EdgecError, last_stderr_line
+from ..signature import TensorSpec, check_inputs
+from ..targets import Target
 from ..toolchain import build_runner, emulator_command, runtime_dir
+from . import bundle_errors
 
-_TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+)", re.M)
+_TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+) "
+                     r"repeat=\d+ warmup=\d+ threads=(\d+)$", re.M)
 
 
 @dataclass(frozen=True)
@@ -26,43 +28,48 @@ class RunnerResult:
     median_ms: float
     min_ms: float
     peak_rss_bytes: int  # the runner process's peak RSS; under qemu it includes the emulator's own memory
+    threads: int         # the TVM runtime's worker threads, as the runner reports them
     emulated: bool
     command: list[str]
 
 
 def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repeat: int = 1, warmup: int = 0,
-                    threads: int | None = None) -> RunnerResult:
-    """Build (cached) and run the bundle's edgec_run on `inputs`; `threads` defaults to the manifest's."""
-    bundle_dir = Path(bundle_dir).resolve()
-    manifest = Manifest.load(bundle_dir)
-    check_inputs(manifest.inputs, inputs)
+                    threads: int | None = None, verify: bool = True) -> RunnerResult:
+    """Build (cached) and run the bundle's edgec_run on `inputs`; `threads` defaults to the manifest's.
 
-    runner = build_runner(bundle_dir, manifest.target)
-    emulator = emulator_command(manifest.target)
+    edgec_run checks the bundle itself (files, sizes, sha256 unless verify=False) before it loads anything."""
+    bundle_dir = Path(bundle_dir).resolve()
+    with bundle_errors() as runner_py:
+        manifest = runner_py.load_manifest(bundle_dir)
+    check_inputs(tuple(TensorSpec.from_json(s) for s in manifest["inputs"]), inputs)
+    target = Target.from_json(manifest["target"], str(bundle_dir / "manifest.json"))
+
+    runner = build_runner(bundle_dir, target)
+    emulator = emulator_command(target)
     env = dict(os.environ)
-    # qemu-user passes its environment to the guest, so the same variables work natively and emulated.
-    lib_dir = str(runtime_dir(manifest.arch) / "lib")
+    # qemu-user passes its environment to the guest, so the same variable works natively and emulated.
+    lib_dir = str(runtime_dir(target.arch) / "lib")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [lib_dir, env.get("LD_LIBRARY_PATH")]))
-    threads = threads if threads is not None else manifest.target.get("threads")
-    if threads is not None:
-        env["TVM_NUM_THREADS"] = str(threads)
 
     with tempfile.TemporaryDirectory(prefix="edgec-run-") as tmp:
         in_paths = []
-        for i, spec in enumerate(manifest.inputs):
+        for i, spec in enumerate(manifest["inputs"]):
             in_paths.append(os.path.join(tmp, f"in{i}.npy"))
-            np.save(in_paths[-1], np.ascontiguousarray(inputs[spec.name]))
+            np.save(in_paths[-1], np.ascontiguousarray(inputs[spec["name"]]))
         out_dir = os.path.join(tmp, "out")
-        command = [*emulator, str(runner), "-d", str(bundle_dir), "-o", out_dir,
-                   "-n", str(repeat), "-w", str(warmup), *in_paths]
+        command = [*emulator, str(runner), "-d", str(bundle_dir), "-o", out_dir, "-n", str(repeat), "-w", str(warmup),
+                   *(["-t", str(threads)] if threads is not None else []), *([] if verify else ["--no-verify"]),
+                   *in_paths]
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or [f"no output, exit code {proc.returncode}"])[-1]
+            last = last_stderr_line(proc.stderr, f"no output, exit code {proc.returncode}")
             raise EdgecError(f"the bundle's runner failed: {last}", f"the command was: {' '.join(command)}")
         m = _TIMING.search(proc.stdout)
         if m is None:
             raise EdgecError(f"the bundle's runner printed no timing line: {proc.stdout.strip()[-200:]!r}",
                              "rebuild the bundle with this edgec")
-        outputs = {s.name: np.load(os.path.join(out_dir, tensor_file_name(s.name))) for s in manifest.outputs}
+        outputs = {s["name"]: np.load(os.path.join(out_dir, s["file"]), allow_pickle=False)
+                   for s in manifest["outputs"]}
     load_ms, first_ms, median_ms, min_ms = map(float, m.groups()[:4])
-    return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, bool(emulator), command)
+    return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, int(m.group(6)),
+                        bool(emulator), command)

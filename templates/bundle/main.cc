@@ -1,0 +1,911 @@
+// edgec_run: the C++ runner of an edgec bundle. This file is the same in every bundle: the model's signature,
+// entry function, files, device and threads are read from manifest.json at run time (docs/bundle-format.md).
+//
+// usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [--no-verify] [IN0.npy ...]
+//   Inputs are .npy files in the manifest's input order; with none, the bundle's sample inputs are used.
+//   Output i is written as OUT_DIR/<outputs[i].file>. Runs the model once ("first"), WARMUP more times
+//   untimed, then REPEAT timed times, and prints one timing line (with the process's peak resident memory).
+//   THREADS (default: the manifest's target.device.threads; 0 there means TVM's default) sets TVM_NUM_THREADS.
+//   Before loading anything it checks the bundle as the spec's "What a runner checks" says: manifest fields,
+//   paths, the exact file set, every size and (unless --no-verify) every sha256.
+//   Exit codes: 0 ok; 2 bad command line, input or bundle; 1 error inside the TVM runtime. Errors are one
+//   line on stderr.
+//
+// Security model: the checks make a bundle tamper-evident against the manifest, not authentic (whoever can
+// edit the manifest can re-hash). The library and params bytes that are hashed are the bytes that are loaded:
+// each is read once into memory, the library is handed to the dynamic loader through an anonymous memfd and
+// the params are decoded from memory, so swapping a file after the check has no effect. Still trusted: the
+// bundle directory itself and the directories inside it (nested files are checked, then re-opened by path),
+// this binary, the TVM runtime libraries it links, and other processes of the same user (who could ptrace us).
+//
+// Built only against the tvm-ffi headers (the wheel's tvm/runtime headers need files it does not ship) and
+// linked with libtvm_runtime.so + libtvm_ffi.so.
+#include <dlpack/dlpack.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kFormatVersion = 2;
+constexpr size_t kMaxManifestBytes = 16 << 20;  // far above any real manifest; bounds the parser's input
+constexpr int kMaxJsonDepth = 32;               // the manifest nests 5 deep; tvm-ffi's parser recurses unbounded
+constexpr uint32_t kMaxNpyHeader = 1 << 16;     // numpy itself refuses headers over 10000 bytes by default
+constexpr size_t kMaxDims = 32;                 // numpy's NPY_MAXDIMS
+
+// A bad command line, input file or bundle: one line on stderr, exit code 2.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// SHA-256 (FIPS 180-4), small and self-contained so the runner needs nothing beyond the TVM runtime.
+class Sha256 {
+ public:
+  void Update(const unsigned char* p, size_t n) {
+    total_ += n;
+    while (n > 0) {
+      size_t take = std::min(n, sizeof(buf_) - used_);
+      std::memcpy(buf_ + used_, p, take);
+      used_ += take, p += take, n -= take;
+      if (used_ == sizeof(buf_)) Block(buf_), used_ = 0;
+    }
+  }
+  std::string HexDigest() {
+    uint64_t bits = total_ * 8;
+    unsigned char pad[72] = {0x80};
+    Update(pad, 1 + (119 - used_) % 64);  // up to 56 bytes mod 64, leaving room for the length
+    for (int i = 7; i >= 0; --i) pad[7 - i] = static_cast<unsigned char>(bits >> (8 * i));
+    Update(pad, 8);
+    std::string hex;
+    for (uint32_t v : h_)
+      for (int s = 28; s >= 0; s -= 4) hex += "0123456789abcdef"[(v >> s) & 15];
+    return hex;
+  }
+
+ private:
+  static uint32_t Rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+  void Block(const unsigned char* p) {
+    static const uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+    uint32_t w[64], s[8];
+    for (int i = 0; i < 16; ++i)
+      w[i] = uint32_t(p[4 * i]) << 24 | uint32_t(p[4 * i + 1]) << 16 | uint32_t(p[4 * i + 2]) << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = Rotr(w[i - 15], 7) ^ Rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = Rotr(w[i - 2], 17) ^ Rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    std::copy(h_, h_ + 8, s);
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = s[7] + (Rotr(s[4], 6) ^ Rotr(s[4], 11) ^ Rotr(s[4], 25)) + ((s[4] & s[5]) ^ (~s[4] & s[6])) +
+                    k[i] + w[i];
+      uint32_t t2 = (Rotr(s[0], 2) ^ Rotr(s[0], 13) ^ Rotr(s[0], 22)) + ((s[0] & s[1]) ^ (s[0] & s[2]) ^ (s[1] & s[2]));
+      std::copy_backward(s, s + 7, s + 8);
+      s[4] += t1, s[0] = t1 + t2;
+    }
+    for (int i = 0; i < 8; ++i) h_[i] += s[i];
+  }
+  uint32_t h_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  unsigned char buf_[64];
+  size_t used_ = 0;
+  uint64_t total_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Files
+
+// An open file descriptor that closes itself.
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  Fd(Fd&& other) noexcept : fd(other.fd) { other.fd = -1; }
+  Fd(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+// Opens a regular file without following a symlink in its last component; `size` gets its size.
+Fd OpenRegular(const std::string& path, const std::string& what, uint64_t* size) {
+  Fd f(open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  struct stat st {};
+  if (f.fd < 0) throw InputError("cannot open " + what + " " + path + " (" + std::strerror(errno) + ")");
+  if (fstat(f.fd, &st) != 0 || !S_ISREG(st.st_mode)) throw InputError(what + " " + path + " is not a regular file");
+  *size = static_cast<uint64_t>(st.st_size);
+  return f;
+}
+
+// Reads exactly n bytes; false at end of file.
+bool ReadExact(int fd, void* dst, size_t n) {
+  for (char* p = static_cast<char*>(dst); n > 0;) {
+    ssize_t got = read(fd, p, std::min<size_t>(n, 1 << 30));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;
+    p += got, n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+// Reads a whole file of a known size: the bytes returned are exactly `size` bytes, or an error is thrown.
+std::string ReadAll(const std::string& path, const std::string& what, uint64_t size) {
+  uint64_t actual;
+  Fd f = OpenRegular(path, what, &actual);
+  if (actual != size)
+    throw InputError(what + " " + path + " has " + std::to_string(actual) + " bytes, the manifest says " +
+                     std::to_string(size));
+  std::string bytes(size, '\0');
+  char extra;
+  if (!ReadExact(f.fd, bytes.data(), size) || read(f.fd, &extra, 1) != 0)
+    throw InputError(what + " " + path + " changed size while it was read");
+  return bytes;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Data types and tensors
+
+struct DType {
+  const char* name;
+  char kind;  // numpy kind: f, i, u, b
+  int bytes;
+  DLDataType dl;
+};
+const DType kDTypes[] = {
+    {"float32", 'f', 4, {kDLFloat, 32, 1}}, {"float16", 'f', 2, {kDLFloat, 16, 1}},
+    {"float64", 'f', 8, {kDLFloat, 64, 1}}, {"int8", 'i', 1, {kDLInt, 8, 1}},
+    {"int16", 'i', 2, {kDLInt, 16, 1}},     {"int32", 'i', 4, {kDLInt, 32, 1}},
+    {"int64", 'i', 8, {kDLInt, 64, 1}},     {"uint8", 'u', 1, {kDLUInt, 8, 1}},
+    {"uint16", 'u', 2, {kDLUInt, 16, 1}},   {"uint32", 'u', 4, {kDLUInt, 32, 1}},
+    {"uint64", 'u', 8, {kDLUInt, 64, 1}},   {"bool", 'b', 1, {kDLBool, 8, 1}},
+};
+
+const DType* DTypeByDL(DLDataType t) {
+  if (t.code == kDLUInt && t.bits == 1 && t.lanes == 1) t = {kDLBool, 8, 1};  // older TVM spelling of bool
+  for (const DType& d : kDTypes)
+    if (d.dl.code == t.code && d.dl.bits == t.bits && d.dl.lanes == t.lanes) return &d;
+  return nullptr;
+}
+
+std::string ShapeStr(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+struct TensorSpec {
+  std::string name, file;
+  std::vector<int64_t> shape;
+  const DType* dtype;
+  size_t nbytes;  // checked for overflow when the manifest is read
+};
+
+struct CPUAlloc {
+  void AllocData(DLTensor* t) {
+    // aligned_alloc needs a size that is a multiple of the alignment (and non-zero)
+    t->data = std::aligned_alloc(64, std::max<size_t>(64, (ffi::GetDataSize(*t) + 63) / 64 * 64));
+    if (t->data == nullptr) throw std::bad_alloc();
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// .npy files
+
+// The header dict numpy writes, e.g. {'descr': '<f4', 'fortran_order': False, 'shape': (1, 3), }, parsed
+// strictly: exactly these three keys, quoted strings, True/False, a tuple of at most kMaxDims plain integers.
+class NpyHeaderParser {
+ public:
+  NpyHeaderParser(const std::string& text, const std::string& path) : s_(text), path_(path) {}
+
+  void Parse(std::string* descr, bool* fortran, std::vector<int64_t>* shape) {
+    std::set<std::string> seen;
+    Expect('{');
+    while (Skip(), Peek() != '}') {
+      std::string key = Quoted();
+      Skip(), Expect(':'), Skip();
+      if (!seen.insert(key).second) Fail("key '" + key + "' appears twice");
+      if (key == "descr") {
+        *descr = Quoted();
+      } else if (key == "fortran_order") {
+        if (Word("True")) *fortran = true;
+        else if (!Word("False")) Fail("fortran_order is not True or False");
+      } else if (key == "shape") {
+        *shape = Tuple();
+      } else {
+        Fail("unexpected key '" + key + "'");
+      }
+      Skip();
+      if (Peek() != '}') Expect(',');
+    }
+    ++i_;
+    Skip();
+    if (i_ != s_.size()) Fail("text after the header dict");
+    if (seen.size() != 3) Fail("the header needs 'descr', 'fortran_order' and 'shape'");
+  }
+
+ private:
+  [[noreturn]] void Fail(const std::string& why) const {
+    throw InputError(path_ + ": not a valid .npy file (" + why + ")");
+  }
+  int Peek() const { return i_ < s_.size() ? static_cast<unsigned char>(s_[i_]) : -1; }
+  void Skip() {
+    while (Peek() == ' ' || Peek() == '\n') ++i_;
+  }
+  void Expect(char c) {
+    if (Peek() != c) Fail(std::string("expected '") + c + "' in the header");
+    ++i_;
+  }
+  bool Word(const char* w) {
+    size_t n = std::strlen(w);
+    if (s_.compare(i_, n, w) != 0) return false;
+    i_ += n;
+    return true;
+  }
+  std::string Quoted() {
+    int q = Peek();
+    if (q != '\'' && q != '"') Fail("expected a quoted string in the header");
+    size_t end = s_.find(static_cast<char>(q), i_ + 1);
+    if (end == std::string::npos) Fail("unterminated string in the header");
+    std::string v = s_.substr(i_ + 1, end - i_ - 1);
+    i_ = end + 1;
+    return v;
+  }
+  std::vector<int64_t> Tuple() {
+    std::vector<int64_t> dims;
+    Expect('(');
+    while (Skip(), Peek() != ')') {
+      int64_t v = 0;
+      size_t digits = 0;
+      for (; Peek() >= '0' && Peek() <= '9'; ++i_, ++digits) {
+        if (digits == 18) Fail("a dimension in 'shape' is too large");  // 18 digits always fit in int64
+        v = v * 10 + (s_[i_] - '0');
+      }
+      if (digits == 0) Fail("'shape' holds something other than non-negative integers");
+      if (dims.size() == kMaxDims) Fail("'shape' has more than " + std::to_string(kMaxDims) + " dimensions");
+      dims.push_back(v);
+      Skip();
+      if (Peek() != ')') Expect(',');
+    }
+    ++i_;
+    return dims;
+  }
+
+  const std::string& s_;
+  const std::string& path_;
+  size_t i_ = 0;
+};
+
+// Reads a little-endian, C-order .npy file (format versions 1-3) that must match `spec`. Nothing is allocated
+// before the header has been checked against the spec and the file's size against the spec's byte count.
+ffi::Tensor ReadNpy(const std::string& path, const TensorSpec& spec) {
+  uint64_t file_size;
+  Fd f = [&] {
+    try {
+      return OpenRegular(path, "input file", &file_size);
+    } catch (const InputError&) {
+      throw InputError("cannot open input file " + path);
+    }
+  }();
+  unsigned char prefix[12];
+  if (!ReadExact(f.fd, prefix, 8) || std::memcmp(prefix, "\x93NUMPY", 6) != 0)
+    throw InputError(path + ": not a .npy file");
+  int major = prefix[6];
+  if (major < 1 || major > 3) throw InputError(path + ": unsupported .npy format version " + std::to_string(major));
+  int len_bytes = major == 1 ? 2 : 4;
+  if (!ReadExact(f.fd, prefix + 8, len_bytes)) throw InputError(path + ": truncated .npy header");
+  uint32_t header_len = 0;
+  for (int i = len_bytes - 1; i >= 0; --i) header_len = header_len << 8 | prefix[8 + i];
+  uint64_t data_offset = 8 + len_bytes + uint64_t{header_len};
+  if (header_len > kMaxNpyHeader) throw InputError(path + ": .npy header of " + std::to_string(header_len) + " bytes is too long");
+  if (data_offset > file_size) throw InputError(path + ": truncated .npy header");
+  std::string header(header_len, '\0');
+  if (!ReadExact(f.fd, header.data(), header_len)) throw InputError(path + ": truncated .npy header");
+
+  std::string descr;
+  bool fortran = false;
+  std::vector<int64_t> shape;
+  NpyHeaderParser(header, path).Parse(&descr, &fortran, &shape);
+  if (fortran) throw InputError(path + ": Fortran-order arrays are not supported (save with np.ascontiguousarray)");
+  const DType* dtype = nullptr;
+  for (const DType& d : kDTypes)
+    if (descr.size() >= 2 && descr.substr(1) == d.kind + std::to_string(d.bytes) &&
+        (descr[0] == '<' || (descr[0] == '|' && d.bytes == 1)))
+      dtype = &d;
+  if (dtype == nullptr)
+    throw InputError(path + ": unsupported dtype '" + descr + "' (need little-endian f2/f4/f8/i1/i2/i4/i8/u1/u2/u4/u8/b1)");
+  if (shape != spec.shape)
+    throw InputError("input '" + spec.name + "' (" + path + ") has shape " + ShapeStr(shape) + ", the model expects " +
+                     ShapeStr(spec.shape));
+  if (dtype != spec.dtype)
+    throw InputError("input '" + spec.name + "' (" + path + ") has dtype " + dtype->name + ", the model expects " +
+                     spec.dtype->name);
+  if (file_size - data_offset != spec.nbytes)
+    throw InputError(path + ": data size does not match the header's shape and dtype");
+
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()), dtype->dl,
+                                           DLDevice{kDLCPU, 0});
+  if (!ReadExact(f.fd, t.data_ptr(), spec.nbytes)) throw InputError(path + ": changed size while it was read");
+  return t;
+}
+
+// Writes a CPU tensor as a version-1 .npy file.
+void WriteNpy(const std::string& path, const ffi::Tensor& t, const DType* dtype) {
+  std::string dims;
+  for (int64_t d : t.shape()) dims += std::to_string(d) + ", ";
+  if (t.ndim() > 1) dims.resize(dims.size() - 2);  // (n,) keeps its comma, () and (a, b) do not
+  std::string header = std::string("{'descr': '") + (dtype->bytes == 1 ? '|' : '<') + dtype->kind +
+                       std::to_string(dtype->bytes) + "', 'fortran_order': False, 'shape': (" + dims + "), }";
+  header.append(63 - (10 + header.size()) % 64, ' ').push_back('\n');  // pad magic+header to 64 bytes
+  uint16_t len = static_cast<uint16_t>(header.size());
+  std::string bytes = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
+  bytes += header;
+  const DLTensor* dl = t.GetDLTensorPtr();
+  bytes.append(static_cast<const char*>(dl->data) + dl->byte_offset, ffi::GetDataSize(*dl));
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  bool ok = f != nullptr && std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  if (f != nullptr) ok = std::fclose(f) == 0 && ok;
+  if (!ok) throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// manifest.json
+
+// Spec rule 2: relative, normalised POSIX path, no backslash (and no NUL, which would cut the path short).
+bool IsCleanRelativePath(const std::string& p) {
+  if (p.empty() || p[0] == '/' || p.find('\\') != std::string::npos || p.find('\0') != std::string::npos)
+    return false;
+  for (size_t b = 0; b <= p.size();) {
+    size_t e = std::min(p.find('/', b), p.size());
+    std::string part = p.substr(b, e - b);
+    if (part.empty() || part == "." || part == "..") return false;
+    b = e + 1;
+  }
+  return true;
+}
+
+// Characters allowed after the first one of a command name and in a tensor file name's NAME part.
+bool IsNameChar(unsigned char c, const char* extra) {
+  return std::isalnum(c) || (c != '\0' && std::strchr(extra, c) != nullptr);
+}
+
+// Tensor file names: ^[0-9]+-[A-Za-z0-9._-]*\.npy$
+bool IsTensorFileName(const std::string& f) {
+  size_t dash = f.find('-');
+  if (dash == 0 || dash == std::string::npos || f.size() < dash + 5 || f.compare(f.size() - 4, 4, ".npy") != 0)
+    return false;
+  for (size_t i = 0; i < f.size(); ++i) {
+    unsigned char c = static_cast<unsigned char>(f[i]);
+    if (!(i < dash ? std::isdigit(c) : IsNameChar(c, "._-"))) return false;
+  }
+  return true;
+}
+
+// A value in the parsed manifest with its field path, for type checks whose messages name the field.
+struct Field {
+  ffi::Any v;
+  std::string path;
+
+  [[noreturn]] void Fail(const std::string& what) const {
+    throw InputError("manifest.json: field '" + path + "' " + what);
+  }
+  std::string Child(const std::string& key) const { return path.empty() ? key : path + "." + key; }
+  bool IsNull() const { return v.type_index() == ffi::TypeIndex::kTVMFFINone; }
+  ffi::json::Object Obj() const {
+    if (auto o = v.as<ffi::json::Object>()) return *o;
+    Fail("is not an object");
+  }
+  std::optional<Field> Opt(const char* key) const {
+    ffi::json::Object o = Obj();
+    auto it = o.find(ffi::String(key));
+    if (it == o.end()) return std::nullopt;
+    return Field{(*it).second, Child(key)};
+  }
+  Field operator[](const char* key) const {
+    if (auto f = Opt(key)) return *f;
+    throw InputError("manifest.json: field '" + Child(key) + "' is missing");
+  }
+  std::vector<Field> Items() const {
+    auto a = v.as<ffi::json::Array>();
+    if (!a) Fail("is not a list");
+    std::vector<Field> items;
+    for (size_t i = 0; i < a->size(); ++i) items.push_back({(*a)[i], path + "[" + std::to_string(i) + "]"});
+    return items;
+  }
+  std::string Str() const {
+    if (auto s = v.as<ffi::String>()) return std::string(*s);
+    Fail("is not a string");
+  }
+  int64_t Count() const {
+    auto i = v.as<int64_t>();
+    if (!i || *i < 0) Fail("is not a non-negative integer");
+    return *i;
+  }
+  void Number() const {
+    auto d = v.as<double>();
+    if (!(d ? std::isfinite(*d) && *d >= 0 : v.as<int64_t>().value_or(-1) >= 0)) Fail("is not a finite non-negative number");
+  }
+  std::string Hex64() const {
+    std::string s = Str();
+    if (s.size() != 64 || s.find_first_not_of("0123456789abcdef") != std::string::npos) Fail("is not a sha256 hex digest");
+    return s;
+  }
+  std::string RelPath() const {
+    std::string s = Str();
+    if (!IsCleanRelativePath(s)) Fail("is not a relative, normalised path inside the bundle");
+    return s;
+  }
+  // Spec rule 6: what a runner may execute is a bare command name, the emulator's sysroot an absolute path.
+  void Command() const {
+    std::string s = Str();
+    for (size_t i = 0; i < s.size(); ++i)
+      if (!IsNameChar(static_cast<unsigned char>(s[i]), i ? "._+-" : "")) Fail("is not a bare command name");
+    if (s.empty()) Fail("is not a bare command name");
+  }
+  void AbsPath() const {
+    std::string s = Str();
+    if (s != "/" && (s.empty() || s[0] != '/' || !IsCleanRelativePath(s.substr(1))))
+      Fail("is not an absolute, normalised path");
+  }
+};
+
+// DLPack device types of the spec's target.device.kind values.
+const std::map<std::string, DLDeviceType> kDevices = {{"cpu", kDLCPU},      {"cuda", kDLCUDA},   {"opencl", kDLOpenCL},
+                                                      {"vulkan", kDLVulkan}, {"metal", kDLMetal}, {"rocm", kDLROCM}};
+
+struct FileEntry {
+  std::string sha256;
+  uint64_t size;
+};
+
+struct Manifest {
+  std::string entry, library, params;  // params is empty when the manifest's "params" is null
+  std::vector<TensorSpec> inputs, outputs;
+  std::vector<std::string> sample_inputs;  // empty when "sample" is null
+  DLDevice device;
+  int threads;  // 0: the TVM runtime's default
+  std::map<std::string, FileEntry> files;
+};
+
+std::vector<TensorSpec> ReadSpecs(const Field& list) {
+  std::vector<TensorSpec> specs;
+  std::set<std::string> names, files;
+  for (const Field& t : list.Items()) {
+    TensorSpec s{t["name"].Str(), t["file"].Str(), {}, nullptr, 0};
+    if (!IsTensorFileName(s.file)) t["file"].Fail("is not a tensor file name (N-NAME.npy)");
+    if (!names.insert(s.name).second || !files.insert(s.file).second)
+      list.Fail("has two tensors with the same name or file");
+    std::string dtype = t["dtype"].Str();
+    for (const DType& d : kDTypes)
+      if (dtype == d.name) s.dtype = &d;
+    if (s.dtype == nullptr) t["dtype"].Fail("is '" + dtype + "', not a dtype this runner supports");
+    uint64_t n = static_cast<uint64_t>(s.dtype->bytes);
+    for (const Field& d : t["shape"].Items()) {
+      s.shape.push_back(d.Count());
+      if (s.shape.size() > kMaxDims) t["shape"].Fail("has more than " + std::to_string(kMaxDims) + " dimensions");
+      if (__builtin_mul_overflow(n, static_cast<uint64_t>(s.shape.back()), &n) || n > SIZE_MAX / 2)
+        t["shape"].Fail("describes a tensor too large to hold");
+    }
+    s.nbytes = static_cast<size_t>(n);
+    specs.push_back(std::move(s));
+  }
+  return specs;
+}
+
+// Parses manifest.json and checks every field of the spec with its type (the same schema as run.py's);
+// returns what the runner uses. Unknown fields are allowed.
+Manifest ParseManifest(const std::string& text) {
+  // Bound the nesting before tvm-ffi's recursive parser sees it: deep nesting would overflow the stack.
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if ((c == '[' || c == '{') && ++depth > kMaxJsonDepth) {
+      throw InputError("manifest.json is not valid JSON (nested deeper than " + std::to_string(kMaxJsonDepth) + ")");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  ffi::String error;
+  ffi::Any parsed = ffi::json::Parse(ffi::String(text), &error);
+  if (!error.empty()) throw InputError("manifest.json is not valid JSON (" + std::string(error) + ")");
+  Field m{parsed, ""};
+  std::optional<int64_t> version = m["format_version"].v.as<int64_t>();
+  if (version != kFormatVersion)
+    throw InputError("manifest.json has format version " + (version ? std::to_string(*version) : "?") +
+                     ", this runner reads version " + std::to_string(kFormatVersion) + " (rebuild the bundle)");
+  Manifest out;
+  Field model = m["model"];
+  model["name"].Str(), model["file"].Str(), model["sha256"].Hex64();
+  out.entry = m["entry"].Str();
+  out.inputs = ReadSpecs(m["inputs"]);
+  out.outputs = ReadSpecs(m["outputs"]);
+  if (out.outputs.empty()) m["outputs"].Fail("is empty");
+  out.library = m["library"].RelPath();
+  if (out.library.size() < 4 || out.library.compare(out.library.size() - 3, 3, ".so") != 0)
+    m["library"].Fail("is not a .so file");
+  if (!m["params"].IsNull()) out.params = m["params"].RelPath();
+
+  Field target = m["target"];
+  for (const char* key : {"name", "description", "arch"}) target[key].Str();
+  Field device = target["device"];
+  std::string kind = device["kind"].Str();
+  auto dev = kDevices.find(kind);
+  if (dev == kDevices.end()) device["kind"].Fail("is not one of cpu, cuda, opencl, vulkan, metal, rocm");
+  out.device = DLDevice{dev->second, 0};
+  out.threads = static_cast<int>(std::min<int64_t>(device["threads"].Count(), 1 << 16));
+  device["memory_mb"].Count();
+  for (const Field& lib : device["runtime_libs"].Items()) lib.Str();
+  target["tvm"]["target"].Obj();
+  for (const char* key : {"triple", "apt_package"}) target["toolchain"][key].Str();
+  target["toolchain"]["compiler"].Command();
+  if (auto emulator = target.Opt("emulator")) {
+    (*emulator)["command"].Command(), (*emulator)["sysroot"].AbsPath(), (*emulator)["apt_package"].Str();
+  }
+
+  for (const char* key : {"edgec", "tvm", "tvm_ffi"}) m["versions"][key].Str();
+  for (const Field& p : m["passes"].Items()) p.Str();
+  Field sample = m["sample"];
+  if (!sample.IsNull()) sample["inputs"].RelPath(), sample["expected"].RelPath();
+  Field verification = m["verification"];
+  std::string status = verification["status"].Str();
+  if (status != "verified" && status != "not verified") verification["status"].Fail("is not one of verified, not verified");
+  for (const char* key : {"reason", "reference", "runner"})
+    if (!verification[key].IsNull()) verification[key].Str();
+  verification["tolerance"]["atol"].Number(), verification["tolerance"]["rtol"].Number();
+  for (const auto& kv : verification["outputs"].Obj()) {
+    Field error{kv.second, verification["outputs"].Child(std::string(*kv.first.as<ffi::String>()))};
+    error["max_abs"].Number(), error["max_rel"].Number();
+  }
+
+  for (const auto& kv : m["files"].Obj()) {
+    std::string rel(*kv.first.as<ffi::String>());  // JSON object keys are always strings
+    if (!IsCleanRelativePath(rel) || rel == "manifest.json")
+      throw InputError("manifest.json: 'files' lists '" + rel + "', not a relative, normalised path of a bundle file");
+    Field entry{kv.second, m["files"].Child(rel)};
+    out.files[rel] = FileEntry{entry["sha256"].Hex64(), static_cast<uint64_t>(entry["size"].Count())};
+  }
+  std::vector<std::string> needed = {out.library};
+  if (!out.params.empty()) needed.push_back(out.params);
+  if (!sample.IsNull()) {
+    for (const TensorSpec& s : out.inputs) out.sample_inputs.push_back(sample["inputs"].Str() + "/" + s.file);
+    needed.insert(needed.end(), out.sample_inputs.begin(), out.sample_inputs.end());
+    for (const TensorSpec& s : out.outputs) needed.push_back(sample["expected"].Str() + "/" + s.file);
+  }
+  for (const std::string& rel : needed)
+    if (!out.files.count(rel)) throw InputError("manifest.json: '" + rel + "' is not listed in 'files'");
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The bundle
+
+struct Bundle {
+  Manifest manifest;
+  std::string library, params;  // the verified bytes that get loaded
+};
+
+// Spec rules 1-5, in that order, before any byte of the bundle reaches TVM.
+Bundle LoadBundle(const fs::path& dir, bool verify) {
+  fs::path manifest_path = dir / "manifest.json";
+  uint64_t size;
+  {
+    Fd probe = OpenRegular(manifest_path.string(), "bundle manifest", &size);
+  }
+  if (size > kMaxManifestBytes) throw InputError(manifest_path.string() + " is too large to be a manifest");
+  Bundle b{ParseManifest(ReadAll(manifest_path.string(), "bundle manifest", size)), "", ""};
+  const auto& files = b.manifest.files;
+
+  // The files on disk, without following any symlink, must be exactly the listed ones.
+  std::set<std::string> found;
+  for (auto it = fs::recursive_directory_iterator(dir); it != fs::recursive_directory_iterator(); ++it) {
+    std::string rel = it->path().lexically_relative(dir).generic_string();
+    fs::file_status st = it->symlink_status();
+    if (fs::is_symlink(st)) throw InputError("bundle path " + rel + " is a symlink (bundles hold regular files only)");
+    if (fs::is_directory(st) || rel == "manifest.json") continue;
+    if (!fs::is_regular_file(st)) throw InputError("bundle path " + rel + " is not a regular file");
+    auto entry = files.find(rel);
+    if (entry == files.end()) throw InputError("bundle file " + rel + " is not listed in manifest.json");
+    if (it->file_size() != entry->second.size)
+      throw InputError("bundle file " + rel + " has " + std::to_string(it->file_size()) + " bytes, the manifest says " +
+                       std::to_string(entry->second.size));
+    found.insert(rel);
+  }
+  for (const auto& kv : files)
+    if (!found.count(kv.first)) throw InputError("bundle file " + kv.first + " is listed in manifest.json but missing");
+
+  // Hash the bytes that will be loaded, and stream every other file through the hash.
+  for (const auto& [rel, entry] : files) {
+    std::string path = (dir / rel).string();
+    std::string* keep = rel == b.manifest.library ? &b.library : rel == b.manifest.params ? &b.params : nullptr;
+    if (keep == nullptr && !verify) continue;
+    Sha256 h;
+    if (keep != nullptr) {
+      *keep = ReadAll(path, "bundle file", entry.size);
+      h.Update(reinterpret_cast<const unsigned char*>(keep->data()), keep->size());
+    } else {
+      uint64_t actual, total = 0;
+      Fd f = OpenRegular(path, "bundle file", &actual);
+      std::vector<unsigned char> buf(1 << 20);
+      for (ssize_t got; (got = read(f.fd, buf.data(), buf.size())) != 0;) {
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) throw InputError("cannot read bundle file " + rel + " (" + std::strerror(errno) + ")");
+        h.Update(buf.data(), static_cast<size_t>(got));
+        total += static_cast<uint64_t>(got);
+      }
+      if (total != entry.size) throw InputError("bundle file " + rel + " changed size while it was read");
+    }
+    if (verify && h.HexDigest() != entry.sha256)
+      throw InputError("bundle file " + rel + " does not match its sha256 in the manifest (modified or corrupted)");
+  }
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// TVM
+
+ffi::Function Global(const char* name) {
+  auto f = ffi::Function::GetGlobal(name);
+  if (!f.has_value()) throw std::runtime_error(std::string("the TVM runtime has no function ") + name);
+  return *f;
+}
+
+ffi::Function GetFunction(const ffi::Module& mod, const std::string& name) {
+  auto f = mod->GetFunction(name);
+  if (!f.has_value()) throw InputError("the model library has no function '" + name + "' (not a Relax VM executable?)");
+  return *f;
+}
+
+// Hands the verified library bytes to the dynamic loader without a file anyone else could swap: an anonymous
+// memory file, opened by the loader as /proc/self/fd/N. TVM picks its loader by file suffix, which that path
+// lacks, so the .so loader is called directly.
+ffi::Module LoadLibrary(const std::string& bytes) {
+  Fd mem(memfd_create("edgec-model.so", MFD_CLOEXEC));
+  if (mem.fd < 0) throw std::runtime_error(std::string("memfd_create failed: ") + std::strerror(errno));
+  for (size_t done = 0; done < bytes.size();) {
+    ssize_t n = write(mem.fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) throw std::runtime_error(std::string("cannot write the model library to memory: ") + std::strerror(errno));
+    done += static_cast<size_t>(n);
+  }
+  std::string path = "/proc/self/fd/" + std::to_string(mem.fd);
+  return Global("ffi.Module.load_from_file.so")(ffi::String(path), ffi::String("so")).cast<ffi::Module>();
+}
+
+ffi::Tensor CopyTo(const ffi::Tensor& t, DLDevice dev) {
+  if (t.device().device_type == dev.device_type && t.device().device_id == dev.device_id) return t;
+  static ffi::Function alloc = Global("runtime.TVMTensorAllocWithScope"), copy = Global("runtime.TVMTensorCopyFromTo");
+  ffi::Tensor out = alloc(ffi::Shape(t.shape()), t.dtype(), dev, nullptr).cast<ffi::Tensor>();
+  copy(t, out);
+  return out;
+}
+
+// The VM returns a Tensor or a (nested) tuple of Tensors; outputs are its leaves in order.
+void Flatten(const ffi::Any& value, std::vector<ffi::Tensor>* out) {
+  if (auto t = value.try_cast<ffi::Tensor>()) {
+    out->push_back(*t);
+  } else if (auto a = value.try_cast<ffi::Array<ffi::Any>>()) {
+    for (const ffi::Any& v : *a) Flatten(v, out);
+  } else {
+    throw std::runtime_error("the model returned a " + value.GetTypeKey() + ", expected tensors");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+double MsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int ParseCount(const char* arg, const char* what, long min) {
+  char* end;
+  errno = 0;
+  long v = std::strtol(arg, &end, 10);
+  if (*arg == '\0' || *end != '\0' || errno != 0 || v < min || v > 1000000)
+    throw InputError(std::string(what) + " must be a whole number from " + std::to_string(min) + " to 1000000");
+  return static_cast<int>(v);
+}
+
+// Peak resident memory of this process in KiB. VmHWM starts afresh at exec, unlike getrusage's ru_maxrss,
+// which keeps the high-water mark of the (possibly large) process that forked us.
+long PeakRssKb() {
+  if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    long kb = -1;
+    while (kb < 0 && std::fgets(line, sizeof(line), f))
+      if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::strtol(line + 6, nullptr, 10);
+    std::fclose(f);
+    if (kb >= 0) return kb;
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);  // no procfs: ru_maxrss, in KiB on Linux
+  return usage.ru_maxrss;
+}
+
+const char kUsage[] =
+    "usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [--no-verify] [IN0.npy ...]";
+
+int Run(int argc, char** argv) {
+  std::string bundle_dir = ".", out_dir = ".";
+  int repeat = 1, warmup = 0, threads = 0;
+  bool verify = true;
+  const option long_options[] = {{"no-verify", no_argument, nullptr, 'V'}, {nullptr, 0, nullptr, 0}};
+  for (int c; (c = getopt_long(argc, argv, "d:o:n:w:t:h", long_options, nullptr)) != -1;) {
+    if (c == 'd') bundle_dir = optarg;
+    else if (c == 'o') out_dir = optarg;
+    else if (c == 'n') repeat = ParseCount(optarg, "-n REPEAT", 0);
+    else if (c == 'w') warmup = ParseCount(optarg, "-w WARMUP", 0);
+    else if (c == 't') threads = ParseCount(optarg, "-t THREADS", 1);
+    else if (c == 'V') verify = false;
+    else throw InputError(kUsage);
+  }
+  if (!verify)
+    std::fprintf(stderr, "edgec_run: --no-verify: not checking the sha256 of bundle files "
+                         "(manifest, paths, file list and sizes are still checked)\n");
+
+  Bundle bundle = LoadBundle(bundle_dir, verify);
+  const Manifest& m = bundle.manifest;
+  std::vector<std::string> in_paths(argv + optind, argv + argc);
+  if (in_paths.empty())
+    for (const std::string& rel : m.sample_inputs) in_paths.push_back((fs::path(bundle_dir) / rel).string());
+  if (in_paths.size() != m.inputs.size()) {
+    std::string names;
+    for (const TensorSpec& s : m.inputs) names += (names.empty() ? "" : ", ") + s.name;
+    throw InputError("expected " + std::to_string(m.inputs.size()) + " input .npy files (" + names + "), got " +
+                     std::to_string(in_paths.size()));
+  }
+  std::vector<ffi::Tensor> inputs;
+  for (size_t i = 0; i < m.inputs.size(); ++i) inputs.push_back(ReadNpy(in_paths[i], m.inputs[i]));
+
+  auto t0 = std::chrono::steady_clock::now();
+  // TVM sizes its thread pool from TVM_NUM_THREADS when it first starts it; without it, it takes half the cores
+  // on x86 (and runtime.config_threadpool cannot go above that).
+  if (int n = threads ? threads : m.threads) setenv("TVM_NUM_THREADS", std::to_string(n).c_str(), 1);
+  std::optional<ffi::Module> vm;  // kept alive for the entry function
+  ffi::Function entry;
+  std::vector<ffi::Any> args;
+  try {  // a library, executable or params that TVM cannot load is a bad bundle (exit 2), not a runtime failure
+    ffi::Module lib = LoadLibrary(bundle.library);
+    vm = GetFunction(lib, "vm_load_executable")().cast<ffi::Module>();
+    // (device type, device id, allocator: 2 = pooled, so the memory of one run is reused by the next) for the
+    // model's device, plus the host CPU, on which the VM runs shape computations, as relax.VirtualMachine does
+    if (m.device.device_type == kDLCPU)
+      GetFunction(*vm, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
+    else
+      GetFunction(*vm, "vm_initialization")(static_cast<int>(m.device.device_type), 0, 2, static_cast<int>(kDLCPU), 0, 2);
+    entry = GetFunction(*vm, m.entry);
+    int arity = GetFunction(*vm, "get_function_arity")(m.entry).cast<int>();
+    for (const ffi::Tensor& t : inputs) args.push_back(CopyTo(t, m.device));
+    if (!m.params.empty()) {
+      auto params = Global("runtime.LoadParams")(ffi::Bytes(std::move(bundle.params)))
+                        .cast<ffi::Map<ffi::String, ffi::Tensor>>();
+      ffi::Function param_name = GetFunction(*vm, "get_function_param_name");
+      // weights follow the data inputs, in the order of the entry function's parameters
+      for (int i = static_cast<int>(inputs.size()); i < arity; ++i) {
+        ffi::String name = param_name(m.entry, i).cast<ffi::String>();
+        auto it = params.find(name);
+        if (it == params.end()) throw InputError(m.params + " has no weight '" + std::string(name) + "'");
+        args.push_back(CopyTo((*it).second, m.device));
+      }
+    }
+    if (static_cast<int>(args.size()) != arity)
+      throw InputError("'" + m.entry + "' takes " + std::to_string(arity) + " arguments, the bundle gives " +
+                       std::to_string(args.size()) + " (library and manifest do not match)");
+  } catch (const ffi::Error& e) {
+    throw InputError("cannot load the bundle's model: " + e.kind() + ": " + e.message());
+  }
+  double load_ms = MsSince(t0);
+
+  std::vector<ffi::AnyView> views(args.begin(), args.end());
+  ffi::Any ret;
+  auto call = [&] { entry.CallPacked(views.data(), static_cast<int>(views.size()), &ret); };
+  t0 = std::chrono::steady_clock::now();
+  call();
+  double first_ms = MsSince(t0);
+  for (int i = 0; i < warmup; ++i) call();
+  std::vector<double> times;
+  for (int i = 0; i < repeat; ++i) {
+    t0 = std::chrono::steady_clock::now();
+    call();
+    times.push_back(MsSince(t0));
+  }
+  if (times.empty()) times.push_back(first_ms);
+  std::sort(times.begin(), times.end());
+  size_t mid = times.size() / 2;
+  double median_ms = times.size() % 2 ? times[mid] : (times[mid - 1] + times[mid]) / 2;
+
+  std::vector<ffi::Tensor> outputs;
+  Flatten(ret, &outputs);
+  if (outputs.size() != m.outputs.size())
+    throw InputError("the model returned " + std::to_string(outputs.size()) + " tensors, the manifest lists " +
+                     std::to_string(m.outputs.size()) + " outputs (library and manifest do not match)");
+  fs::create_directories(out_dir);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const TensorSpec& spec = m.outputs[i];
+    ffi::Tensor t = CopyTo(outputs[i], DLDevice{kDLCPU, 0});
+    std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
+    const DType* dtype = DTypeByDL(t.dtype());
+    if (shape != spec.shape || dtype != spec.dtype || !t.IsContiguous())
+      throw InputError("output '" + spec.name + "' is " + (dtype ? dtype->name : "an unsupported dtype") +
+                       ShapeStr(shape) + ", the manifest says " + spec.dtype->name + ShapeStr(spec.shape) +
+                       " (library and manifest do not match)");
+    WriteNpy((fs::path(out_dir) / spec.file).string(), t, spec.dtype);
+  }
+  std::printf("edgec_run: load_ms=%.6g first_ms=%.6g median_ms=%.6g min_ms=%.6g peak_rss_kb=%ld repeat=%d warmup=%d "
+              "threads=%d\n", load_ms, first_ms, median_ms, times[0], PeakRssKb(), repeat, warmup,
+              Global("runtime.NumThreads")().cast<int>());
+  return 0;
+}
+
+// One line, printable: messages can quote names and paths taken from the manifest or the command line.
+std::string OneLine(std::string s) {
+  for (char& c : s)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const InputError& e) {
+    std::fprintf(stderr, "edgec_run: error: %s\n", OneLine(e.what()).c_str());
+    return 2;
+  } catch (const fs::filesystem_error& e) {
+    std::fprintf(stderr, "edgec_run: error: %s\n", OneLine(e.what()).c_str());
+    return 2;
+  } catch (const ffi::Error& e) {
+    std::fprintf(stderr, "edgec_run: TVM error: %s: %s\n", e.kind().c_str(), OneLine(e.message()).c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "edgec_run: error: %s\n", OneLine(e.what()).c_str());
+    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "edgec_run: error: unknown failure\n");
+    return 1;
+  }
+}
