@@ -1,16 +1,21 @@
-"""manifest.json: the contract between a bundle and everything that runs it."""
+"""manifest.json: the contract between a bundle and everything that runs it (docs/bundle-format.md).
+
+edgec writes it from the `Manifest` dataclass. Reading and checking it is the bundle's own run.py (edgec's
+copy, see edgec.runtime): one implementation of the checks, the same for edgec and for a deployed bundle.
+"""
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgecError
+from .reference import DEFAULT_TOLERANCE, Tolerance
+from .runtime import bundle_errors
 from .signature import TensorSpec
+from .targets import Target
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def sha256_file(path: Path) -> str:
@@ -22,72 +27,102 @@ def sha256_file(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class BundleTensor(TensorSpec):
+    """An input or output with the .npy file name it has in sample/ and in a runner's output directory."""
+    file: str
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "file": self.file}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BundleTensor":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], d["file"])
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> "FileEntry":
+        return cls(sha256_file(path), path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class SampleDirs:
+    """Where the sample inputs and the reference's outputs for them live, relative to the bundle."""
+    inputs: str = "sample/inputs"
+    expected: str = "sample/expected"
+
+
+def not_verified(reason: str, tolerance: Tolerance = DEFAULT_TOLERANCE) -> dict:
+    """The manifest's "verification" entry of a bundle whose outputs were not compared with a reference."""
+    return {"status": "not verified", "reason": reason, "reference": None, "runner": None,
+            "tolerance": tolerance.to_json(), "outputs": {}}
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_name: str
-    model_file: str           # the source model's file name
+    model_file: str                     # the source model's file name
     model_sha256: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    library: str              # compiled Relax VM executable, relative to the bundle
-    params: str | None        # tvm param dict keyed by the VM's parameter names; None when weights are bound
-    target: dict              # {"name", "arch", "triple", "tvm_target", "threads"}
-    versions: dict            # {"edgec", "tvm", "tvm_ffi"}
-    passes: tuple[str, ...]   # pass names in the order they ran
-    files: dict = field(default_factory=dict)  # relative path -> sha256, every file but the manifest
-    entry: str = "main"
+    entry: str                          # the VM function runners call
+    inputs: tuple[BundleTensor, ...]
+    outputs: tuple[BundleTensor, ...]
+    library: str                        # the compiled Relax VM executable, relative to the bundle
+    params: str | None                  # tvm param dict keyed by the entry's parameter names; None: no weights
+    target: Target
+    versions: dict[str, str]            # {"edgec", "tvm", "tvm_ffi"}
+    passes: tuple[str, ...]             # pass names in the order they ran
+    sample: SampleDirs | None           # None when no sample was written
+    verification: dict                  # see docs/bundle-format.md; not_verified() until a reference agreed
+    files: dict[str, FileEntry]         # every file but the manifest, by relative POSIX path
 
     @property
     def arch(self) -> str:
-        return self.target["arch"]
+        return self.target.arch
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return Tolerance(**self.verification["tolerance"])
 
     def to_json(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
             "model": {"name": self.model_name, "file": self.model_file, "sha256": self.model_sha256},
             "entry": self.entry,
-            "inputs": [s.to_json() for s in self.inputs],
-            "outputs": [s.to_json() for s in self.outputs],
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
             "library": self.library,
             "params": self.params,
-            "target": self.target,
+            "target": self.target.to_json(),
             "versions": self.versions,
             "passes": list(self.passes),
-            "files": self.files,
+            "sample": vars(self.sample) if self.sample else None,
+            "verification": self.verification,
+            "files": {rel: vars(entry) for rel, entry in sorted(self.files.items())},
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Manifest":
+    def from_json(cls, d: dict, origin: str) -> "Manifest":
+        """A manifest that run.py's load_manifest has checked; `origin` names it in errors."""
         return cls(
             model_name=d["model"]["name"], model_file=d["model"]["file"], model_sha256=d["model"]["sha256"],
-            inputs=tuple(TensorSpec.from_json(s) for s in d["inputs"]),
-            outputs=tuple(TensorSpec.from_json(s) for s in d["outputs"]),
-            library=d["library"], params=d["params"], target=d["target"], versions=d["versions"],
-            passes=tuple(d["passes"]), files=d["files"], entry=d.get("entry", "main"),
-        )
+            entry=d["entry"], inputs=tuple(BundleTensor.from_json(t) for t in d["inputs"]),
+            outputs=tuple(BundleTensor.from_json(t) for t in d["outputs"]), library=d["library"],
+            params=d["params"], target=Target.from_json(d["target"], origin), versions=d["versions"],
+            passes=tuple(d["passes"]), sample=SampleDirs(**d["sample"]) if d["sample"] else None,
+            verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()})
 
     @classmethod
-    def load(cls, bundle_dir: str | Path) -> "Manifest":
-        path = Path(bundle_dir) / MANIFEST_NAME
-        if not Path(bundle_dir).exists():
-            raise EdgecError(f"bundle {bundle_dir} does not exist", "check the path given to edgec build -o")
-        if not path.is_file():
-            raise EdgecError(f"{bundle_dir} is not an edgec bundle: no {MANIFEST_NAME}",
-                             "pass the directory written by 'edgec build -o DIR'")
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format_version") != FORMAT_VERSION:
-                raise EdgecError(f"{path} has format version {data.get('format_version')}, "
-                                 f"this edgec reads version {FORMAT_VERSION}", "rebuild the bundle with this edgec")
-            return cls.from_json(data)
-        except (ValueError, KeyError, TypeError) as e:
-            raise EdgecError(f"{path} is not a valid manifest ({e})", "rebuild the bundle") from e
-
-    def verify_files(self, bundle_dir: str | Path) -> None:
-        """Fail when a bundle file is missing or was changed after the build."""
-        for rel, digest in self.files.items():
-            p = Path(bundle_dir) / rel
-            if not p.is_file():
-                raise EdgecError(f"bundle file {p} is missing", "copy the whole bundle directory")
-            if sha256_file(p) != digest:
-                raise EdgecError(f"bundle file {p} does not match its sha256 in the manifest",
-                                 "the file was modified or corrupted; copy or rebuild the bundle")
+    def load(cls, bundle_dir: str | Path, *, check_files: bool = False, verify: bool = True) -> "Manifest":
+        """Read and check a bundle's manifest (structure, types, consistency). With check_files, also refuse a
+        bundle whose files differ from it: missing, unlisted, a symlink, another size, or another sha256
+        (verify=False skips the sha256s and says so on stderr)."""
+        bundle_dir = Path(bundle_dir)
+        with bundle_errors() as runner:
+            data = runner.load_manifest(bundle_dir)
+            if check_files:
+                runner.check_files(bundle_dir, data, verify)
+        return cls.from_json(data, str(bundle_dir / MANIFEST_NAME))

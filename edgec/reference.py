@@ -1,6 +1,8 @@
-"""Reference runtimes (onnxruntime for .onnx, LiteRT for .tflite) that compiled models are verified against."""
+"""Reference runtimes (onnxruntime for .onnx, LiteRT for .tflite) that compiled models are verified against,
+and the tolerance rule that decides whether two sets of outputs agree."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -12,7 +14,7 @@ _HINT = "pip install 'edgec[verify]'"
 
 
 class ReferenceRuntime:
-    """Runs a model in its framework's own runtime on CPU; `run` returns outputs in the model's output order."""
+    """Runs a model in its framework's own runtime on CPU, with inputs and outputs keyed by name."""
 
     def __init__(self, model_path, threads: int | None = None):
         self.path = Path(model_path)
@@ -62,36 +64,56 @@ class ReferenceRuntime:
         # get_tensor copies, so results survive the next invoke.
         return [self._interp.get_tensor(d["index"]) for d in self._outputs]
 
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run on named inputs. Names the runtime does not know are matched by position instead, because a
-        compiled model's input names may differ from the runtime's (e.g. TFLite's "serving_default_x:0")."""
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on inputs keyed by the model's exact input names; returns the outputs by name."""
         if set(inputs) != set(self.input_names):
-            if len(inputs) != len(self.input_names):
-                raise EdgecError(f"got {len(inputs)} inputs {list(inputs)}, the model takes {self.input_names}",
-                                 "pass one array per model input")
-            inputs = dict(zip(self.input_names, inputs.values()))
-        return [np.asarray(o) for o in self._run(inputs)]
+            raise EdgecError(f"inputs {sorted(inputs)} do not match {self.path.name}'s inputs {self.input_names}",
+                             "pass one array per model input, keyed by its name in the model")
+        return {name: np.asarray(out) for name, out in zip(self.output_names, self._run(inputs))}
 
 
-def compare(outputs: list[np.ndarray], refs: list[np.ndarray]) -> list[dict]:
-    """Per output: max absolute error, max error relative to max |ref|, and whether the shapes agree."""
-    if len(outputs) != len(refs):
-        raise EdgecError(f"the model gave {len(outputs)} outputs, the reference {len(refs)}")
-    stats = []
-    for out, ref in zip(outputs, refs):
-        out, ref = np.asarray(out), np.asarray(ref)
-        s = {"shape": list(out.shape), "ref_shape": list(ref.shape), "shape_ok": out.shape == ref.shape}
-        if s["shape_ok"]:
-            diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-            scale = float(np.abs(ref).max()) if ref.size else 0.0
-            s["max_abs"] = float(diff.max()) if diff.size else 0.0
-            s["ref_absmax"] = scale
-            s["max_rel"] = s["max_abs"] / scale if scale > 0 else (0.0 if s["max_abs"] == 0 else float("inf"))
-        stats.append(s)
-    return stats
+@dataclass(frozen=True)
+class Tolerance:
+    """Outputs match when max |out - ref| <= atol + rtol * max |ref| (see compare_outputs)."""
+    atol: float
+    rtol: float
+
+    def to_json(self) -> dict:
+        return {"atol": self.atol, "rtol": self.rtol}
 
 
-def within_tolerance(stats: list[dict], atol: float, rtol: float) -> bool:
-    """True when every output has the right shape and max_abs <= atol + rtol * max |ref| (allclose with the
-    relative part taken against the output's range, since elementwise rtol is meaningless near zero)."""
-    return all(s["shape_ok"] and s["max_abs"] <= atol + rtol * s["ref_absmax"] for s in stats)
+DEFAULT_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-3)
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    max_abs: float
+    max_rel: float                 # max_abs / max |ref|
+    ok: bool
+    problem: str | None            # a missing output, a shape or dtype mismatch; None when the numbers compare
+
+
+@dataclass(frozen=True)
+class Comparison:
+    against: str                   # what the outputs were compared with, e.g. "onnxruntime 1.23.2"
+    tolerance: Tolerance
+    outputs: dict[str, OutputComparison]   # every name on either side
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs.values())
+
+    def to_json(self) -> dict:
+        return {"against": self.against, "ok": self.ok, **self.tolerance.to_json(),
+                "outputs": {n: vars(o) for n, o in self.outputs.items()}}
+
+
+def compare_outputs(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                    tol: Tolerance = DEFAULT_TOLERANCE, against: str = "the reference") -> Comparison:
+    """Compare outputs with reference outputs by name, with the one tolerance rule every edgec check uses:
+    the bundle's run.py `compare` (what `run.py --check` applies), so edgec and a deployed bundle agree."""
+    from .runtime import bundle_runner
+
+    report = bundle_runner().compare(outputs, reference, tol.atol, tol.rtol)
+    return Comparison(against, tol, {name: OutputComparison(name, **r) for name, r in report.items()})

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import EdgecError
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -22,19 +20,6 @@ class TensorSpec:
     def from_json(cls, d: dict) -> "TensorSpec":
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
 
-    def check(self, array: np.ndarray, what: str = "input") -> None:
-        """Raise a user-facing error when an array does not match this spec."""
-        if tuple(array.shape) != self.shape:
-            raise EdgecError(
-                f"{what} '{self.name}' has shape {list(array.shape)}, the model expects {list(self.shape)}",
-                f"pass an array of shape {'x'.join(map(str, self.shape))}",
-            )
-        if str(array.dtype) != self.dtype:
-            raise EdgecError(
-                f"{what} '{self.name}' has dtype {array.dtype}, the model expects {self.dtype}",
-                f"convert it with array.astype('{self.dtype}')",
-            )
-
     def random(self, rng: np.random.Generator) -> np.ndarray:
         """A deterministic test input: uniform [0, 1) floats, small non-negative integers."""
         dt = np.dtype(self.dtype)
@@ -46,18 +31,18 @@ class TensorSpec:
 
 
 def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -> None:
-    """Raise a user-facing error unless `inputs` holds exactly one matching array per spec."""
-    names = [s.name for s in specs]
-    if set(inputs) != set(names):
-        raise EdgecError(f"inputs {sorted(inputs)} do not match the model's inputs {names}",
-                         "pass one array per model input, keyed by input name")
-    for spec in specs:
-        spec.check(np.asarray(inputs[spec.name]))
+    """Raise a user-facing error unless `inputs` holds exactly one array per spec, of its shape and dtype.
+    The check is the bundle runner's own (run.py), so edgec and a deployed bundle refuse the same inputs."""
+    from .runtime import bundle_errors
+
+    with bundle_errors() as runner:
+        runner.check_inputs([s.to_json() for s in specs], inputs)
 
 
-def tensor_file_name(name: str) -> str:
-    """The .npy file a tensor is stored in; the bundle's runners (main.cc, run.py) use the same mapping."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npy"
+def tensor_file(index: int, name: str) -> str:
+    """The .npy file name of the index-th input or output (docs/bundle-format.md): unique, and safe on any
+    file system whatever the tensor's name."""
+    return f"{index}-{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64]}.npy"
 
 
 def random_inputs(specs: tuple[TensorSpec, ...] | list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,30 +1,25 @@
-"""Run a host bundle in this process through the bundle's own run.py, the code a deployer runs."""
+"""Run a bundle in this process with edgec's own copy of run.py (edgec.runtime.bundle_runner): the code every
+bundle ships, never Python taken from the bundle being run."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError, last_line
-from ..manifest import Manifest
+from . import bundle_errors
 
 
-def load_bundle_runner(bundle_dir: Path, threads: int | None = None):
-    """The bundle's run.py `Model`, loaded from the bundle itself so edgec tests exactly what ships."""
-    spec = importlib.util.spec_from_file_location(f"edgec_bundle_{abs(hash(str(bundle_dir)))}", bundle_dir / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Model(bundle_dir, threads=threads)
+def load_model(bundle_dir: str | Path, threads: int | None = None, verify: bool = True):
+    """run.py's `Model` for a bundle: every file checked against the manifest (sha256 unless verify=False),
+    the library loaded from a private copy of the checked bytes. Its run() and time() raise run.py's
+    BundleError; wrap calls in edgec.runtime.bundle_errors() for an EdgecError."""
+    with bundle_errors() as runner:
+        return runner.Model(Path(bundle_dir), threads=threads, verify=verify)
 
 
-def run_in_process(bundle_dir: Path, manifest: Manifest, inputs: dict[str, np.ndarray],
-                   threads: int | None = None):
-    """Returns (outputs by name, the loaded model for timing)."""
-    try:
-        model = load_bundle_runner(bundle_dir, threads)
-    except Exception as e:
-        raise EdgecError(f"cannot load bundle {bundle_dir}: {last_line(e)}",
-                         f"it was built for {manifest.target['name']} ({manifest.arch}); "
-                         "run bundles for other architectures with --emulate") from e
-    return model.run(inputs), model
+def run_in_process(bundle_dir: str | Path, inputs: dict[str, np.ndarray], threads: int | None = None,
+                   verify: bool = True) -> dict[str, np.ndarray]:
+    """Outputs by name of one run of a bundle on `inputs`."""
+    model = load_model(bundle_dir, threads, verify)
+    with bundle_errors():
+        return model.run(inputs)

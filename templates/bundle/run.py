@@ -1,0 +1,652 @@
+#!/usr/bin/env python3
+"""Runs an edgec bundle with the TVM runtime's Python API, after checking every file against manifest.json.
+
+This file is the same in every bundle of one edgec version: everything model-specific (signature, entry
+function, device, file names, tolerance) is read from manifest.json at run time, as data. edgec itself runs
+its own copy of this file for `edgec run` and `edgec bench`, so what edgec tests is what ships.
+
+Needs Python 3.9+, numpy, and the TVM runtime wheels named in manifest.json "versions":
+    pip install numpy apache-tvm==VERSION apache-tvm-ffi==VERSION
+Usage:
+    python3 run.py                           # runs the sample input in sample/inputs
+    python3 run.py --check                   # ... and compares with sample/expected
+    python3 run.py --input NAME=x.npy --output-dir out/ --repeat 20
+    python3 run.py --no-verify               # skips the sha256 checks (file sizes are still checked)
+Exit codes: 0 ok; 2 bad bundle, input or command line; 1 the TVM runtime failed or --check found a
+difference. Errors are one line on stderr.
+"""
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BUNDLE_DIR = Path(__file__).resolve().parent
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 2
+DEVICE_KINDS = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
+TENSOR_FILE = re.compile(r"[0-9]+-[A-Za-z0-9._-]*\.npy\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_COMMAND = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
+_MAX_MANIFEST_BYTES = 16 << 20
+_REBUILD = "rebuild the bundle with edgec build"
+_RECOPY = "the bundle was modified or damaged; copy or rebuild it"
+
+
+class BundleError(Exception):
+    """A bad bundle, input or command line (exit code 2), or a failure inside the TVM runtime (exit code 1)."""
+
+    def __init__(self, message, hint=None, exit_code=2):
+        super().__init__(message)
+        self.message, self.hint, self.exit_code = message, hint, exit_code
+
+    def line(self):
+        return "error: " + self.message + ("; " + self.hint if self.hint else "")
+
+
+def shown(text):
+    """A name from a bundle or the command line, safe to print on one line (control characters escaped)."""
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
+def _last_line(error):
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return shown(lines[-1].strip()) if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------ manifest.json
+# A schema is a type; a dict (an object with these keys, a key ending in "?" may be absent); a one-item
+# list (a list of such values); a tuple (any one of these); None (JSON null); or a function returning what
+# is wrong with a value (None when it is fine). Keys not in the schema are allowed and ignored.
+
+def _rel_path(value):
+    if not isinstance(value, str):
+        return "is not a string"
+    parts = value.split("/")
+    if "\\" in value or "\0" in value or any(p in ("", ".", "..") for p in parts):
+        return "is not a relative, normalised path inside the bundle"
+    return None
+
+
+def _library_path(value):
+    # TVM's load_module compiles .tar/.o files with a C compiler: only a shared library is loaded.
+    return _rel_path(value) or (None if value.endswith(".so") else "is not a .so file")
+
+
+def _sha256(value):
+    return None if isinstance(value, str) and _SHA256.match(value) else "is not a sha256 hex digest"
+
+
+def _command(value):
+    return None if isinstance(value, str) and _COMMAND.match(value) else "is not a bare command name"
+
+
+def _abs_path(value):
+    ok = isinstance(value, str) and value.startswith("/") and os.path.normpath(value) == value
+    return None if ok else "is not an absolute, normalised path"
+
+
+def _tensor_file(value):
+    return None if isinstance(value, str) and TENSOR_FILE.match(value) else "is not a tensor file name (N-NAME.npy)"
+
+
+def _count(value):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "is not a non-negative integer"
+
+
+def _number(value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    return None if ok else "is not a finite non-negative number"
+
+
+def _one_of(*values):
+    return lambda value: None if value in values else "is not one of " + ", ".join(map(str, values))
+
+
+class _Map:
+    """A JSON object with any keys passing `key`, each value matching `value`."""
+
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+
+
+_TENSOR = {"name": str, "shape": [_count], "dtype": str, "file": _tensor_file}
+_SCHEMA = {
+    "format_version": int,
+    "model": {"name": str, "file": str, "sha256": _sha256},
+    "entry": str,
+    "inputs": [_TENSOR],
+    "outputs": [_TENSOR],
+    "library": _library_path,
+    "params": (None, _rel_path),
+    "target": {
+        "name": str, "description": str, "arch": str,
+        "device": {"kind": _one_of(*DEVICE_KINDS), "threads": _count, "memory_mb": _count, "runtime_libs": [str]},
+        "tvm": {"target": dict},
+        "toolchain": {"triple": str, "compiler": _command, "apt_package": str},
+        "emulator?": {"command": _command, "sysroot": _abs_path, "apt_package": str},
+    },
+    "versions": {"edgec": str, "tvm": str, "tvm_ffi": str},
+    "passes": [str],
+    "sample": (None, {"inputs": _rel_path, "expected": _rel_path}),
+    "verification": {
+        "status": _one_of("verified", "not verified"), "reason": (None, str), "reference": (None, str),
+        "runner": (None, str), "tolerance": {"atol": _number, "rtol": _number},
+        "outputs": _Map(str, {"max_abs": _number, "max_rel": _number}),
+    },
+    "files": _Map(_rel_path, {"sha256": _sha256, "size": _count}),
+}
+
+
+def _problem(value, schema, where):
+    """(path, what is wrong) for the first part of `value` that does not match `schema`, else None."""
+    if schema is None:
+        return None if value is None else (where, "is not null")
+    if isinstance(schema, type):
+        ok = isinstance(value, schema) and not (isinstance(value, bool) and schema is not bool)
+        return None if ok else (where, f"is not of type {schema.__name__}")
+    if isinstance(schema, tuple):
+        found = [_problem(value, s, where) for s in schema]
+        return None if None in found else found[-1]
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return where, "is not a list"
+        return next(filter(None, (_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))), None)
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return where, "is not an object"
+        for key, sub in schema.items():
+            optional, key = key.endswith("?"), key.rstrip("?")
+            if key not in value:
+                if optional:
+                    continue
+                return f"{where}.{key}".lstrip("."), "is missing"
+            found = _problem(value[key], sub, f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+        return None
+    if isinstance(schema, _Map):
+        if not isinstance(value, dict):
+            return where, "is not an object"
+        for key, sub in value.items():
+            found = _problem(key, schema.key, f"{where} key {key!r}") or _problem(sub, schema.value, f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    error = schema(value)
+    return (where, error) if error else None
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def load_manifest(bundle_dir):
+    """manifest.json of `bundle_dir`, checked for structure, types and consistency (not the files)."""
+    root = Path(bundle_dir)
+    path = root / MANIFEST
+    if not root.exists():
+        raise BundleError(f"bundle {shown(str(root))} does not exist", "check the path given to edgec build -o")
+    if not root.is_dir():
+        raise BundleError(f"{shown(str(root))} is not a bundle directory", "pass the directory written by edgec build -o")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise BundleError(f"{shown(str(root))} is not an edgec bundle: no {MANIFEST}",
+                          "pass the directory written by 'edgec build -o DIR'") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST} is not a regular file of at most 16 MiB", _REBUILD)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{MANIFEST} is not valid JSON ({shown(str(e))})", _RECOPY) from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{MANIFEST} has format version {shown(str(version))}, this run.py reads version "
+                          f"{FORMAT_VERSION}", _REBUILD)
+    found = _problem(data, _SCHEMA, "")
+    if found:
+        raise BundleError(f"{MANIFEST}: '{shown(found[0])}' {found[1]}", _REBUILD)
+    _check_consistent(data)
+    return data
+
+
+def _check_consistent(m):
+    def fail(message):
+        raise BundleError(f"{MANIFEST}: {message}", _REBUILD)
+
+    for side in ("inputs", "outputs"):
+        for key in ("name", "file"):
+            values = [t[key] for t in m[side]]
+            if len(set(values)) != len(values):
+                fail(f"two {side} have the same {key}")
+    if not m["outputs"]:
+        fail("the model has no outputs")
+    if MANIFEST in m["files"]:
+        fail(f"'files' lists {MANIFEST} itself")
+    needed = [m["library"]] + ([m["params"]] if m["params"] else []) + sample_files(m)
+    for rel in needed:
+        if rel not in m["files"]:
+            fail(f"'{shown(rel)}' is not listed in 'files'")
+
+
+def sample_files(manifest):
+    """Paths of the sample inputs and expected outputs, relative to the bundle; [] without a sample."""
+    sample = manifest["sample"]
+    if sample is None:
+        return []
+    return ([f"{sample['inputs']}/{t['file']}" for t in manifest["inputs"]]
+            + [f"{sample['expected']}/{t['file']}" for t in manifest["outputs"]])
+
+
+# ------------------------------------------------------------------------------------------ bundle files
+
+def _hash_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def survey(bundle_dir, manifest, verify=True):
+    """How the bundle differs from its manifest: {"missing", "unlisted", "links", "resized", "changed"},
+    each a sorted list of paths.
+
+    "unlisted": regular files the manifest does not list; "links": symlinks and other non-regular entries
+    (never followed); "resized": listed files of another size; "changed": listed files of the right size
+    and another sha256 (only looked for with verify=True).
+    """
+    root = str(bundle_dir)
+    listed = manifest["files"]
+    present, unlisted, links, resized, changed = set(), [], [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames) + sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                links.append(rel)
+            elif rel == MANIFEST:
+                continue
+            elif rel not in listed:
+                unlisted.append(rel)
+            else:
+                present.add(rel)
+                if st.st_size != listed[rel]["size"]:
+                    resized.append(rel)
+                elif verify and _hash_file(full) != listed[rel]["sha256"]:
+                    changed.append(rel)
+    return {"missing": sorted(set(listed) - present), "unlisted": sorted(unlisted), "links": sorted(links),
+            "resized": sorted(resized), "changed": sorted(changed)}
+
+
+def check_files(bundle_dir, manifest, verify=True, warn=None):
+    """Refuse a bundle whose files are not exactly those of its manifest, each of the listed size and sha256.
+
+    verify=False skips the sha256s (sizes are always checked) and says so through `warn` (default: stderr).
+    """
+    found = survey(bundle_dir, manifest, verify)
+    if found["links"]:
+        raise BundleError(f"bundle entry '{shown(found['links'][0])}' is a symbolic link or not a regular file",
+                          "a bundle holds regular files only; copy it without links")
+    if found["missing"]:
+        raise BundleError(f"bundle file '{shown(found['missing'][0])}' is missing", "copy the whole bundle directory")
+    if found["unlisted"]:
+        raise BundleError(f"bundle file '{shown(found['unlisted'][0])}' is not listed in {MANIFEST}",
+                          "a bundle holds only the files its manifest lists; remove it or rebuild")
+    for key, what in (("resized", "size"), ("changed", "sha256")):
+        if found[key]:
+            raise BundleError(f"bundle file '{shown(found[key][0])}' does not match its {what} in {MANIFEST}", _RECOPY)
+    if not verify:
+        names = sorted(manifest["files"])
+        (warn or _stderr)(f"run.py: --no-verify: sha256 not checked for {len(names)} files "
+                          f"({', '.join(map(shown, names))}); sizes were checked")
+
+
+def _stderr(message):
+    print(message, file=sys.stderr)
+
+
+def read_file(bundle_dir, manifest, rel, verify=True):
+    """The bytes of a listed file, checked on these very bytes (size, and sha256 unless verify=False), so
+    what is used is what was checked, even if the file changes on disk meanwhile."""
+    entry = manifest["files"][rel]
+    try:
+        fd = os.open(os.path.join(str(bundle_dir), rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise BundleError(f"cannot read bundle file '{shown(rel)}' ({e.strerror})", _RECOPY) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(entry["size"] + 1)
+    if len(data) != entry["size"]:
+        raise BundleError(f"bundle file '{shown(rel)}' does not match its size in {MANIFEST}", _RECOPY)
+    if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"bundle file '{shown(rel)}' does not match its sha256 in {MANIFEST}", _RECOPY)
+    return data
+
+
+_private_dir = []
+
+
+def _private_copy(data, name):
+    """Write `data` to `name` in this process's own directory (mode 0700, removed at exit)."""
+    if not _private_dir:
+        _private_dir.append(tempfile.mkdtemp(prefix="edgec-run-"))
+        atexit.register(shutil.rmtree, _private_dir[0], True)
+    path = os.path.join(_private_dir[0], name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def load_npy(source, what):
+    """A numeric array from a .npy path or bytes, never unpickling anything."""
+    import io
+
+    try:
+        f = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise BundleError(f"{what} does not exist", "check the path") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {what} ({e.strerror})", "check the path") from None
+    with f:
+        try:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ValueError("unsupported .npy version")
+            if read_header(f)[2].hasobject:
+                raise BundleError(f"{what} holds Python objects, not numbers", "save a numeric array with numpy.save")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+        except BundleError:
+            raise
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError):
+            raise BundleError(f"{what} is not a .npy file", "save the array with numpy.save") from None
+
+
+def check_inputs(specs, inputs):
+    """Refuse inputs that are not exactly one array per spec ({"name", "shape", "dtype"}) of its shape and dtype."""
+    names = [s["name"] for s in specs]
+    if set(inputs) != set(names):
+        raise BundleError(f"inputs {shown(str(sorted(inputs)))} do not match the model's inputs {shown(str(names))}",
+                          "pass one array per model input, keyed by input name")
+    for s in specs:
+        a = np.asarray(inputs[s["name"]])
+        if list(a.shape) != s["shape"]:
+            raise BundleError(f"input '{shown(s['name'])}' has shape {list(a.shape)}, the model expects {s['shape']}",
+                              f"pass an array of shape {'x'.join(map(str, s['shape']))}")
+        if str(a.dtype) != s["dtype"]:
+            raise BundleError(f"input '{shown(s['name'])}' has dtype {a.dtype}, the model expects {s['dtype']}",
+                              f"convert it with array.astype('{s['dtype']}')")
+
+
+def read_inputs(specs, items):
+    """Arrays for --input values: NAME=FILE.npy, or FILE.npy for the next input not named. When the part
+    before '=' is not an input name, the whole value is a path (file names may contain '=')."""
+    names = [s["name"] for s in specs]
+    if len(items) != len(names):
+        raise BundleError(f"the model takes {len(names)} input(s) ({shown(', '.join(names))}), {len(items)} given",
+                          "pass one --input per model input, as NAME=FILE.npy or in order")
+    named, positional = {}, []
+    for item in items:
+        key, sep, path = item.partition("=")
+        if sep and key in names:
+            if key in named:
+                raise BundleError(f"input '{shown(key)}' is given twice", "pass one --input per model input")
+            named[key] = path
+        else:
+            positional.append(item)
+    paths = dict(named)
+    paths.update(zip([n for n in names if n not in named], positional))
+    arrays = {}
+    for name, path in paths.items():
+        key, sep, _ = path.partition("=")
+        if sep and path in positional and not os.path.exists(path):
+            raise BundleError(f"--input '{shown(path)}': '{shown(key)}' is not an input name and no file has that path",
+                              f"its inputs are: {shown(', '.join(names))}")
+        arrays[name] = load_npy(path, f"input file {shown(path)}")
+    return arrays
+
+
+def compare(outputs, expected, atol, rtol):
+    """The tolerance rule of edgec, one place for run.py --check and edgec's own comparisons.
+
+    For each name in `expected` or `outputs`: {"max_abs", "max_rel", "ok", "problem"}. An output is ok when it
+    exists on both sides with the same shape and dtype and max |out - ref| <= atol + rtol * max |ref| (the
+    relative part is taken against the reference's range: elementwise rtol is meaningless near zero).
+    NaN matches NaN and an infinity matches the same infinity; max |ref| is over finite values.
+    """
+    report = {}
+    for name in list(expected) + [n for n in outputs if n not in expected]:
+        out, ref = outputs.get(name), expected.get(name)
+        problem = None
+        if out is None or ref is None:
+            problem = "missing from the outputs" if out is None else "not an expected output"
+        else:
+            out, ref = np.asarray(out), np.asarray(ref)
+            if out.shape != ref.shape:
+                problem = f"shape {list(out.shape)} differs from the expected {list(ref.shape)}"
+            elif out.dtype != ref.dtype:
+                problem = f"dtype {out.dtype} differs from the expected {ref.dtype}"
+        if problem:
+            report[name] = {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False, "problem": problem}
+            continue
+        o, r = out.astype(np.float64), ref.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(o - r)
+        diff[(o == r) | (np.isnan(o) & np.isnan(r))] = 0.0
+        diff[np.isnan(diff)] = np.inf
+        finite = np.abs(r[np.isfinite(r)])
+        scale = float(finite.max()) if finite.size else 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        report[name] = {"max_abs": max_abs, "max_rel": max_rel, "ok": max_abs <= atol + rtol * scale, "problem": None}
+    return report
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+class Model:
+    """The compiled model, checked and loaded once: call run() many times."""
+
+    def __init__(self, bundle_dir=BUNDLE_DIR, threads=None, verify=True, warn=None):
+        self.bundle_dir = Path(bundle_dir)
+        self.verify = verify
+        self.manifest = m = load_manifest(self.bundle_dir)
+        check_files(self.bundle_dir, m, verify, warn)
+        self.inputs, self.outputs = m["inputs"], m["outputs"]
+        try:
+            import tvm
+            from tvm.runtime.vm import VirtualMachine
+        except ImportError as e:
+            raise BundleError(f"the TVM runtime is not installed ({_last_line(e)})",
+                              f"pip install apache-tvm=={m['versions']['tvm']} "
+                              f"apache-tvm-ffi=={m['versions']['tvm_ffi']}") from None
+        target = m["target"]
+        kind = target["device"]["kind"]
+        self.device = tvm.device(kind, 0)
+        if not self.device.exist:
+            raise BundleError(f"this machine has no {kind} device, which the bundle was built for",
+                              f"run it on {shown(target['name'])}")
+        config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if config is not None:
+            config(0, int(threads or target["device"]["threads"]))   # 0: big cores first, as TVM_NUM_THREADS
+        library = m["library"]
+        code = read_file(self.bundle_dir, m, library, verify)
+        # Loaded from a private copy named by its content: the dynamic loader hands back an already loaded
+        # library of the same path, so a rebuilt bundle at the same path would otherwise run the old code.
+        path = _private_copy(code, hashlib.sha256(code).hexdigest() + ".so")
+        try:
+            self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
+            self.main = self.vm[m["entry"]]
+            arity = self.vm.module["get_function_arity"](m["entry"])
+            weights = [self.vm.module["get_function_param_name"](m["entry"], i) for i in range(len(self.inputs), arity)]
+        except Exception as e:  # TVM raises its own error types for a library it cannot load
+            raise BundleError(f"{shown(library)} cannot be loaded as the bundle's '{shown(m['entry'])}' "
+                              f"function: {_last_line(e)}",
+                              f"the bundle is for {shown(target['arch'])} ({kind}); {_REBUILD}") from None
+        finally:
+            os.unlink(path)
+        self.weights = self._load_weights(tvm, weights)
+
+    def _load_weights(self, tvm, names):
+        """The weights in the order the entry function takes them after its inputs, on the device."""
+        m = self.manifest
+        if not names:
+            return []
+        if not m["params"]:
+            raise BundleError(f"'{shown(m['entry'])}' takes {len(names)} weights and the bundle has no params file",
+                              _REBUILD)
+        data = read_file(self.bundle_dir, m, m["params"], self.verify)
+        try:
+            params = tvm.runtime.load_param_dict(data)
+        except Exception as e:  # TVM's own error for a malformed file
+            raise BundleError(f"{shown(m['params'])} is not a TVM parameter file: {_last_line(e)}", _REBUILD) from None
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise BundleError(f"{shown(m['params'])} lacks the weight '{shown(missing[0])}'", _REBUILD)
+        on_host = m["target"]["device"]["kind"] == "cpu"
+        return [params[n] if on_host else params[n].copyto(self.device) for n in names]
+
+    def _args(self, inputs):
+        import tvm
+
+        check_inputs(self.inputs, inputs)
+        return [tvm.runtime.tensor(np.ascontiguousarray(inputs[s["name"]]), self.device)
+                for s in self.inputs] + self.weights
+
+    def _call(self, args):
+        try:
+            return self.main(*args)
+        except Exception as e:  # a failure inside a kernel or the VM
+            raise BundleError(f"the model failed in the TVM runtime: {_last_line(e)}", exit_code=1) from None
+
+    def run(self, inputs):
+        """inputs: {name: ndarray}. Returns {output name: ndarray} in the manifest's output order."""
+        flat = []
+
+        def collect(value):
+            if hasattr(value, "numpy"):
+                flat.append(value.numpy())   # copies from the device to the host
+            else:
+                for item in value:
+                    collect(item)
+
+        collect(self._call(self._args(inputs)))
+        if len(flat) != len(self.outputs):
+            raise BundleError(f"the model returned {len(flat)} outputs, {MANIFEST} lists {len(self.outputs)}",
+                              _REBUILD, exit_code=1)
+        for spec, value in zip(self.outputs, flat):
+            if list(value.shape) != spec["shape"] or str(value.dtype) != spec["dtype"]:
+                raise BundleError(f"output '{shown(spec['name'])}' is {value.dtype}{list(value.shape)}, "
+                                  f"{MANIFEST} says {spec['dtype']}{spec['shape']}", _REBUILD, exit_code=1)
+        return {spec["name"]: value for spec, value in zip(self.outputs, flat)}
+
+    def time(self, inputs, repeat=10, warmup=2):
+        """Milliseconds per call of the entry function for `repeat` calls after `warmup` calls."""
+        args = self._args(inputs)
+        for _ in range(warmup):
+            self._call(args)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            self._call(args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    def sample(self, which):
+        """The shipped sample arrays by tensor name: which="inputs" or "expected"."""
+        m = self.manifest
+        if m["sample"] is None:
+            v = m["verification"]
+            raise BundleError("the bundle has no sample" + (f" ({shown(v['reason'])})" if v["reason"] else ""),
+                              "pass --input NAME=FILE.npy for each input")
+        specs = m["inputs"] if which == "inputs" else m["outputs"]
+        return {s["name"]: load_npy(read_file(self.bundle_dir, m, f"{m['sample'][which]}/{s['file']}", self.verify),
+                                    f"sample file {s['file']}") for s in specs}
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise BundleError(shown(message), "see python3 run.py --help")
+
+
+def _main(argv):
+    parser = _Parser(description="Run an edgec bundle (checks every file against manifest.json first).")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                        help="an input array (default: the sample in sample/inputs)")
+    parser.add_argument("--output-dir", type=Path, help="write each output to the file manifest.json names for it")
+    parser.add_argument("--repeat", type=int, default=1, help="runs to time")
+    parser.add_argument("--threads", type=int, help="worker threads (default: the target's)")
+    parser.add_argument("--check", action="store_true", help="compare with sample/expected (sample input only)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 checks (sizes are still checked)")
+    args = parser.parse_args(argv)
+    if args.check and args.input:
+        raise BundleError("--check compares the sample input's outputs with sample/expected", "drop --input")
+    if args.repeat < 1 or (args.threads is not None and args.threads < 1):
+        raise BundleError("--repeat and --threads must be at least 1")
+    model = Model(threads=args.threads, verify=not args.no_verify)
+    inputs = read_inputs(model.inputs, args.input) if args.input else model.sample("inputs")
+    outputs = model.run(inputs)
+    times = sorted(model.time(inputs, repeat=args.repeat, warmup=0)) if args.repeat > 1 else []
+    for spec in model.outputs:
+        value = outputs[spec["name"]]
+        span = f" min {value.min():.6g} max {value.max():.6g}" if value.size else ""
+        print(f"{shown(spec['name'])}: {value.dtype}{list(value.shape)}{span}")
+        if args.output_dir:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            np.save(args.output_dir / spec["file"], value)
+    if times:
+        print(f"latency: median {times[len(times) // 2]:.3f} ms, min {times[0]:.3f} ms over {len(times)} runs")
+    if args.check:
+        tol = model.manifest["verification"]["tolerance"]
+        report = compare(outputs, model.sample("expected"), tol["atol"], tol["rtol"])
+        for name, r in report.items():
+            print(f"check {shown(name)}: " + (r["problem"] or f"max abs {r['max_abs']:.3g}, max rel {r['max_rel']:.3g}")
+                  + ("" if r["ok"] else " FAIL"))
+        failed = [shown(n) for n, r in report.items() if not r["ok"]]
+        if failed:
+            raise BundleError(f"outputs differ from sample/expected beyond atol={tol['atol']}, rtol={tol['rtol']}: "
+                              + ", ".join(failed), exit_code=1)
+        print(f"check: ok (atol={tol['atol']}, rtol={tol['rtol']})")
+
+
+def main(argv=None):
+    try:
+        _main(argv)
+    except BundleError as e:
+        print(e.line(), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in this file or an unexpected environment: still one line
+        print(f"error: unexpected {type(e).__name__}: {_last_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
