@@ -10,11 +10,14 @@ import numpy as np
 
 from .build import CompiledModel, compile_model
 from .context import BuildContext, BuildOptions
-from .bundle import Sample, write_archive, write_bundle
+from . import fsutil
+from .bundle import Sample, archive_path, check_outputs, write_bundle
 from .errors import EdgecError
 from .frontends import ImportedModel, inspect_model, load_model, model_format
 from .passes import plan
 from .manifest import Manifest
+from .reference import DEFAULT_TOLERANCE, Comparison, Tolerance, compare_outputs
+from .runtime import bundle_errors
 from .signature import check_inputs, random_inputs
 from .targets import load_target
 from .toolchain import host_arch
@@ -29,6 +32,7 @@ class BuildResult:
     bundle_bytes: int
     archive: Path | None
     seconds: dict[str, float]
+    warnings: tuple[str, ...] = ()   # for the user, e.g. the estimated memory exceeds the target's
 
 
 def _reference_sample(model: ImportedModel) -> Sample | None:
@@ -40,16 +44,39 @@ def _reference_sample(model: ImportedModel) -> Sample | None:
     except EdgecError:
         return None
     sample_in = random_inputs(model.inputs)
-    outputs = ref.run(sample_in)
-    return Sample(sample_in, {s.name: out for s, out in zip(model.outputs, outputs)}, ref.name)
+    return Sample(sample_in, ref.run(sample_in), ref.name)
+
+
+def _memory_over_budget(compiled: CompiledModel) -> str | None:
+    activations = compiled.memory.planned_bytes
+    if activations is None:
+        activations = compiled.memory.tensor_bytes
+    needed, budget = compiled.param_bytes + activations, compiled.target.device.memory_bytes
+    if needed <= budget:
+        return None
+    return (f"the model needs an estimated {needed / 2**20:.1f} MiB (weights and activations), more than "
+            f"{compiled.target.name}'s memory_mb = {budget >> 20}")
 
 
 def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_shapes=None,
-          options: BuildOptions = BuildOptions(), archive: bool = False, progress=None) -> BuildResult:
-    """Import, optimize, compile and bundle a model for a target."""
+          options: BuildOptions = BuildOptions(), archive: bool = False, force: bool = False,
+          strict_memory: bool = False, progress=None) -> BuildResult:
+    """Import, optimize, compile and bundle a model for a target.
+
+    One build at a time per out_dir (a second one fails at once); temporary files live in an edgec workspace.
+    `strict_memory` refuses a model whose estimated memory exceeds the target's (else it is a warning).
+    """
+    with fsutil.output_lock(out_dir), fsutil.workspace():
+        return _build(model_path, target, Path(out_dir), input_shapes, options, archive, force, strict_memory,
+                      progress)
+
+
+def _build(model_path, target, out_dir: Path, input_shapes, options, archive, force, strict_memory,
+           progress) -> BuildResult:
     from .toolchain import find_tool
 
     say = progress or (lambda step: None)
+    check_outputs(out_dir, archive, force)
     ctx = BuildContext(load_target(target), options)
     steps = plan(ctx, model_format(model_path))
     descriptor = ctx.target
@@ -61,17 +88,20 @@ def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_sha
     model = load_model(model_path, input_shapes, tuple(s.name for s in steps if s.phase == "import" and s.enabled),
                        options.dump_ir)
     compiled = compile_model(model, ctx, steps, progress=say)
+    over_budget = _memory_over_budget(compiled)
+    if over_budget and strict_memory:
+        raise EdgecError(over_budget, "drop --strict-memory to build anyway, or use a smaller model or input shape")
     say("reference sample")
     sample = _reference_sample(model)
     say(f"link with {descriptor.toolchain.compiler} and write bundle")
     t0 = time.perf_counter()
-    manifest = write_bundle(compiled, Path(out_dir), sample)
-    bundle_dir = Path(out_dir).resolve()
+    manifest = write_bundle(compiled, out_dir, sample, archive=archive, force=force)
+    bundle_dir = out_dir.resolve()
     seconds = dict(compiled.seconds, bundle=time.perf_counter() - t0 - compiled.seconds.get("link", 0.0))
-    archive_path = write_archive(bundle_dir) if archive else None
     sizes = [p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file()]
     return BuildResult(bundle_dir, manifest, compiled, (bundle_dir / manifest.library).stat().st_size,
-                       sum(sizes), archive_path, seconds)
+                       sum(sizes), archive_path(bundle_dir) if archive else None, seconds,
+                       (over_budget,) if over_budget else ())
 
 
 @dataclass(frozen=True)
@@ -82,42 +112,23 @@ class RunResult:
 
 
 def load_inputs(manifest: Manifest, paths: list[str] | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs from .npy files (NAME=FILE or FILE in input order), or random ones when none are given.
-    Shapes and dtypes are checked by run()."""
+    """Inputs from --input values (NAME=FILE.npy, or FILE.npy in input order; a path holding '=' works too),
+    read as run.py reads them, or random ones (seeded) when none are given. Shapes and dtypes: run() checks."""
     if not paths:
         return random_inputs(manifest.inputs, seed)
-    names = [s.name for s in manifest.inputs]
-    if len(paths) != len(names):
-        raise EdgecError(f"the model takes {len(names)} input(s) ({', '.join(names)}), {len(paths)} given",
-                         "pass one --input per model input, as NAME=FILE.npy or in order")
-    inputs = {}
-    for name, item in zip(names, paths):
-        key, sep, path = item.partition("=")
-        if sep:
-            if key not in names:
-                raise EdgecError(f"--input names '{key}', which the model has no input called",
-                                 f"its inputs are: {', '.join(names)}")
-            name = key
-        else:
-            path = item
-        try:
-            inputs[name] = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise EdgecError(f"input file {path} does not exist", "check the path") from None
-        except (ValueError, OSError):
-            raise EdgecError(f"input file {path} is not a .npy file", "save the array with numpy.save") from None
-    return inputs
+    with bundle_errors() as runner:
+        return runner.read_inputs([s.to_json() for s in manifest.inputs], list(paths))
 
 
 def run(bundle_dir: str | Path, inputs: dict[str, np.ndarray] | None = None, *, emulate: bool | None = None,
-        threads: int | None = None) -> RunResult:
+        threads: int | None = None, verify: bool = True) -> RunResult:
     """Run a bundle: in process when it is for this machine, else through its C++ runner under qemu.
 
     emulate=True forces the C++ runner (under qemu when the architecture differs) even for a host bundle.
+    Every runner checks the bundle's files against its manifest first; verify=False skips the sha256s.
     """
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
-    manifest.verify_files(bundle_dir)
     inputs = inputs if inputs is not None else random_inputs(manifest.inputs)
     check_inputs(manifest.inputs, inputs)
     foreign = manifest.arch != host_arch()
@@ -127,24 +138,21 @@ def run(bundle_dir: str | Path, inputs: dict[str, np.ndarray] | None = None, *, 
     if emulate or foreign:
         from .runtime.native import run_with_runner
 
-        result = run_with_runner(bundle_dir, inputs, threads=threads)
+        # build_runner compiles the bundle's main.cc: check it is the one the manifest lists first.
+        Manifest.load(bundle_dir, check_files=True, verify=verify)
+        result = run_with_runner(bundle_dir, inputs, threads=threads, verify=verify)
         return RunResult(result.outputs, inputs, "qemu" if result.emulated else "native runner")
     from .runtime.local import run_in_process
 
-    outputs, _ = run_in_process(bundle_dir, manifest, inputs, threads)
-    return RunResult(outputs, inputs, "in-process")
+    return RunResult(run_in_process(bundle_dir, inputs, threads, verify), inputs, "in-process")
 
 
-def compare(run_result: RunResult, model_path: str | Path, *, atol: float, rtol: float):
-    """Compare a run's outputs with the reference runtime on the same inputs: (stats, reference name, ok)."""
-    from .reference import ReferenceRuntime, compare as compare_outputs, within_tolerance
+def compare(run_result: RunResult, model_path: str | Path, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
+    """Compare a run's outputs, by name, with the reference runtime's on the same inputs."""
+    from .reference import ReferenceRuntime
 
     ref = ReferenceRuntime(Path(model_path))
-    refs = ref.run(run_result.inputs)
-    stats = compare_outputs(list(run_result.outputs.values()), refs)
-    for s, name in zip(stats, run_result.outputs):
-        s["name"] = name
-    return stats, ref.name, within_tolerance(stats, atol, rtol)
+    return compare_outputs(run_result.outputs, ref.run(run_result.inputs), tolerance, against=ref.name)
 
 
 @dataclass(frozen=True)
@@ -190,14 +198,14 @@ def _time(fn, runs: int, warmup: int) -> list[float]:
 def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: int | None = None,
           compare_model: str | Path | None = None, measure_memory: bool = True) -> BenchResult:
     """Latency of a host bundle in process and, with compare_model, of the reference runtime in the same run."""
-    from .runtime.local import run_in_process
+    from .runtime.local import load_model
 
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
     if manifest.arch != host_arch():
         raise EdgecError(f"edgec bench times host bundles; this one is for {manifest.arch}",
                          "build with --target host, or time it on the board with run.py --repeat")
-    threads = threads or manifest.target["threads"]
+    threads = threads or manifest.target.device.threads
     inputs = random_inputs(manifest.inputs)
     ref_latency = ref_name = None
     if compare_model is not None:
@@ -210,8 +218,9 @@ def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: i
         ref_latency = Latency.from_times(_time(lambda: ref.run(inputs), runs, warmup), warmup, threads)
         ref_name = ref.name
         del ref
-    _, model = run_in_process(bundle_dir, manifest, inputs, threads)
-    latency = Latency.from_times(model.time(inputs, repeat=runs, warmup=warmup), warmup, threads)
+    model = load_model(bundle_dir, threads)
+    with bundle_errors():
+        latency = Latency.from_times(model.time(inputs, repeat=runs, warmup=warmup), warmup, threads)
     peak = None
     if measure_memory:
         from .runtime.native import run_with_runner

@@ -1,7 +1,11 @@
 """The edgec command line. Each command parses its options and calls edgec.api; nothing else lives here."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import signal
 import sys
 import time
 import traceback
@@ -9,34 +13,104 @@ from pathlib import Path
 
 import click
 
+from . import fsutil
 from .errors import EdgecError, last_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+_STDERR = "edgec.stderr"      # ctx.meta key: the stream edgec's own stderr lines go to
+
+
+def _is_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return False
+
+
+@contextlib.contextmanager
+def _own_stderr(quiet: bool):
+    """Yield the stream for edgec's own stderr lines. With `quiet`, everything else sent to stderr goes to
+    /dev/null: TVM's C++ log lines and onnxruntime's warnings (fd 2), the libraries' Python warnings and logging
+    (sys.stderr). --verbose lets all of it through."""
+    if not quiet:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved_fd, saved_stream = os.dup(2), sys.stderr
+    user = open(saved_fd, "w", buffering=1, closefd=False, encoding=saved_stream.encoding, errors="replace") \
+        if _is_fd2(saved_stream) else saved_stream
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(os.devnull, "w")
+    try:
+        yield user
+    finally:
+        sys.stderr.close()
+        sys.stderr = saved_stream
+        user.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+
+
+def _err(line: str) -> None:
+    """One of edgec's own stderr lines (progress, a warning, the error), never hidden with the libraries'."""
+    click.echo(line, file=click.get_current_context().meta.get(_STDERR, sys.stderr))
+
+
+def _interrupted(signum: int) -> tuple[str, int]:
+    return f"error: interrupted by {signal.Signals(signum).name}", 128 + signum
+
+
+def _usage_line(e: click.ClickException) -> str:
+    """A bad option or argument as one line, instead of click's usage block."""
+    message = e.format_message().rstrip(".")
+    where = e.ctx.command_path if isinstance(e, click.UsageError) and e.ctx else "edgec"
+    return f"error: {message[:1].lower()}{message[1:]}; see '{where} --help'"
 
 
 class _Group(click.Group):
-    """Turns every error into one line on stderr; --verbose adds the traceback."""
+    """Turns every error into one line on stderr; --verbose adds the traceback and the libraries' own output.
+    SIGINT, SIGTERM and SIGHUP clean up like Ctrl-C and exit 130, 143, 129."""
 
     def invoke(self, ctx):
+        with fsutil.signals_as_interrupts(), _own_stderr(quiet=not ctx.params.get("verbose")) as stream:
+            ctx.meta[_STDERR] = stream
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.exceptions.Abort):
+                raise
+            except (Exception, KeyboardInterrupt) as e:
+                line, code = self._describe(e)
+                if ctx.params.get("verbose"):
+                    traceback.print_exc()
+                _err(line)
+                ctx.exit(code)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # edgec's own options are parsed before invoke(): a bad one needs the same one line
         try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except EdgecError as e:
-            self._fail(ctx, f"error: {e.message}" + (f"; {e.hint}" if e.hint else ""), EXIT_USER_ERROR)
-        except KeyboardInterrupt:
-            self._fail(ctx, "error: interrupted", 130)
-        except Exception as e:  # a bug in edgec or TVM: still one line unless --verbose
-            self._fail(ctx, f"error: internal error ({type(e).__name__}: {last_line(e)}); rerun with --verbose and "
-                            "report it", EXIT_INTERNAL_ERROR)
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:
+            click.echo(_usage_line(e), err=True)
+            sys.exit(EXIT_USER_ERROR)
 
     @staticmethod
-    def _fail(ctx, line, code):
-        if ctx.obj and ctx.obj.get("verbose"):
-            traceback.print_exc()
-        click.echo(line, err=True)
-        ctx.exit(code)
+    def _describe(e: BaseException) -> tuple[str, int]:
+        if fsutil.received_signal() is not None:   # also when TVM rewrapped the Interrupted raised inside it
+            return _interrupted(fsutil.received_signal())
+        if isinstance(e, KeyboardInterrupt):
+            return _interrupted(getattr(e, "signum", signal.SIGINT))
+        if isinstance(e, click.ClickException):
+            return _usage_line(e), EXIT_USER_ERROR
+        if isinstance(e, OSError) and e.filename:
+            e = fsutil.as_user_error(e, Path(e.filename)) or e
+        if isinstance(e, EdgecError):
+            return f"error: {e.message}" + (f"; {e.hint}" if e.hint else ""), EXIT_USER_ERROR
+        # a bug in edgec or TVM: still one line unless --verbose
+        return (f"error: internal error ({type(e).__name__}: {last_line(e)}); rerun with --verbose and report it",
+                EXIT_INTERNAL_ERROR)
 
 
 def _progress(enabled: bool):
@@ -44,7 +118,7 @@ def _progress(enabled: bool):
 
     def say(step: str):
         if enabled:
-            click.echo(f"[{time.perf_counter() - start:6.1f}s] {step}", err=True)
+            _err(f"[{time.perf_counter() - start:6.1f}s] {step}")
 
     return say
 
@@ -67,20 +141,32 @@ def main(ctx, verbose):
 @click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip an optional pass (see edgec passes).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after each pass to this directory.")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
+@click.option("--force", is_flag=True, help="Overwrite an existing archive or --dump-ir files, replace a modified bundle.")
+@click.option("--strict-memory", is_flag=True, help="Refuse a model whose estimated memory exceeds the target's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
-def build(model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, as_json):
+@click.pass_context
+def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, force, strict_memory,
+          as_json):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
     from .frontends import parse_input_shapes
 
+    if dump_ir is not None and dump_ir.exists():
+        if not dump_ir.is_dir():
+            raise EdgecError(f"--dump-ir {dump_ir} is a file", "pass a new or empty directory")
+        if any(dump_ir.iterdir()) and not force:
+            raise EdgecError(f"--dump-ir {dump_ir} is not empty", "pass --force to write into it anyway, or pick a "
+                             "new or empty directory")
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir)
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     # Progress goes to an interactive terminal only, so that a failing build in a script or CI prints
     # exactly one error line.
-    show_progress = sys.stderr.isatty() or click.get_current_context().obj["verbose"]
+    show_progress = ctx.meta[_STDERR].isatty() or ctx.obj["verbose"]
     result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
-                       archive=archive, progress=_progress(show_progress))
+                       archive=archive, force=force, strict_memory=strict_memory, progress=_progress(show_progress))
+    for warning in result.warnings:
+        _err(f"warning: {warning}")
     click.echo(json.dumps(report.build_json(result), indent=2) if as_json else report.build_text(result))
 
 
@@ -91,46 +177,47 @@ def build(model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir,
 @click.option("--emulate/--no-emulate", default=None,
               help="Run through the bundle's C++ runner (under qemu for another architecture). "
                    "Default: in process for host bundles, emulated otherwise.")
-@click.option("--compare", "compare_model", type=click.Path(path_type=Path),
+@click.option("--compare", "compare_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Compare the outputs with onnxruntime / LiteRT running this model.")
 @click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance for --compare.")
 @click.option("--rtol", default=1e-3, show_default=True, help="Tolerance relative to the output's range for --compare.")
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Save each output as NAME.npy here.")
-@click.option("--threads", type=int, help="Worker threads [default: the target's].")
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def run(bundle, inputs, emulate, compare_model, atol, rtol, output_dir, threads, as_json):
     """Run a bundle and optionally check it against the reference runtime."""
     import numpy as np
 
     from . import api
-    from .signature import tensor_file_name
     from .manifest import Manifest
+    from .reference import Tolerance
 
     manifest = Manifest.load(bundle)
     result = api.run(bundle, api.load_inputs(manifest, list(inputs)), emulate=emulate, threads=threads)
     report = {"mode": result.mode, "outputs": {}}
-    for name, value in result.outputs.items():
-        report["outputs"][name] = {"shape": list(value.shape), "dtype": str(value.dtype),
-                                   "min": float(value.min()), "max": float(value.max())}
+    for spec in manifest.outputs:
+        value = result.outputs[spec.name]
+        report["outputs"][spec.name] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                                        "min": float(value.min()), "max": float(value.max())}
         if output_dir:
             output_dir.mkdir(parents=True, exist_ok=True)
-            np.save(output_dir / tensor_file_name(name), value)
+            np.save(output_dir / spec.file, value)
     ok = True
     if compare_model:
-        stats, ref_name, ok = api.compare(result, compare_model, atol=atol, rtol=rtol)
-        report["compare"] = {"reference": ref_name, "atol": atol, "rtol": rtol, "ok": ok, "outputs": stats}
+        comparison = api.compare(result, compare_model, Tolerance(atol, rtol))
+        ok = comparison.ok
+        report["compare"] = comparison.to_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"ran {bundle} ({result.mode})")
         for name, o in report["outputs"].items():
             click.echo(f"  {name}: {o['dtype']}{o['shape']} min {o['min']:.6g} max {o['max']:.6g}")
-        for s in report.get("compare", {}).get("outputs", []):
-            click.echo(f"  vs {report['compare']['reference']}: {s['name']} max abs {s.get('max_abs', float('nan')):.3g}, "
-                       f"max rel {s.get('max_rel', float('nan')):.3g}" + ("" if s["shape_ok"] else
-                                                                         f" SHAPE {s['shape']} != {s['ref_shape']}"))
+        for name, o in report.get("compare", {}).get("outputs", {}).items():
+            click.echo(f"  vs {report['compare']['against']}: {name} "
+                       + (o["problem"] or f"max abs {o['max_abs']:.3g}, max rel {o['max_rel']:.3g}"))
     if not ok:
-        raise EdgecError(f"outputs differ from {report['compare']['reference']} beyond atol={atol}, rtol={rtol}",
+        raise EdgecError(f"outputs differ from {report['compare']['against']} beyond atol={atol}, rtol={rtol}",
                          "check the model's inputs, or rebuild with -O0 to rule out an optimization")
 
 
@@ -148,10 +235,10 @@ def inspect(model, as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runs", default=50, show_default=True)
-@click.option("--warmup", default=5, show_default=True)
-@click.option("--threads", type=int, help="Worker threads [default: the target's].")
-@click.option("--compare", "compare_model", type=click.Path(path_type=Path),
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
+@click.option("--compare", "compare_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Time onnxruntime / LiteRT on the same input and threads and print the ratio.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle, runs, warmup, threads, compare_model, as_json):
@@ -211,7 +298,8 @@ def targets_show(name):
 @main.command()
 @click.argument("name", required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the model [default: NAME.onnx].")
-def example(name, output):
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def example(name, output, force):
     """Generate an example model (run without NAME to list them)."""
     from .examples import EXAMPLES
 
@@ -221,7 +309,12 @@ def example(name, output):
         return
     if name not in EXAMPLES:
         raise EdgecError(f"unknown example '{name}'", f"examples: {', '.join(EXAMPLES)}")
-    path = EXAMPLES[name](output or Path(f"{name}.onnx"))
+    path = output or Path(f"{name}.onnx")
+    fsutil.check_overwrite(path, force, "-o")
+    # Generated in the workspace and renamed into place: an interrupted run leaves no partial model.
+    with fsutil.workspace() as tmp, fsutil.writing_to(path.absolute().parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.atomic_write(path, EXAMPLES[name](tmp / path.name).read_bytes())
     click.echo(f"wrote {path}")
 
 
