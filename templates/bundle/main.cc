@@ -1,7 +1,7 @@
 // edgec_run: the C++ runner of an edgec bundle. This file is the same in every bundle: the model's signature,
 // entry function, files, device and threads are read from manifest.json at run time (docs/bundle-format.md).
 //
-// usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [--no-verify] [IN0.npy ...]
+// usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [-v] [--no-verify] [IN0.npy ...]
 //   Inputs are .npy files in the manifest's input order; with none, the bundle's sample inputs are used.
 //   Output i is written as OUT_DIR/<outputs[i].file>. Runs the model once ("first"), WARMUP more times
 //   untimed, then REPEAT timed times, and prints one timing line (with the process's peak resident memory).
@@ -9,7 +9,7 @@
 //   Before loading anything it checks the bundle as the spec's "What a runner checks" says: manifest fields,
 //   paths, the exact file set, every size and (unless --no-verify) every sha256.
 //   Exit codes: 0 ok; 2 bad command line, input or bundle; 1 error inside the TVM runtime. Errors are one
-//   line on stderr.
+//   line on stderr; the TVM runtime's own log messages are dropped unless -v is given.
 //
 // Security model: the checks make a bundle tamper-evident against the manifest, not authentic (whoever can
 // edit the manifest can re-hash). The library and params bytes that are hashed are the bytes that are loaded:
@@ -64,6 +64,11 @@ constexpr size_t kMaxManifestBytes = 16 << 20;  // far above any real manifest; 
 constexpr int kMaxJsonDepth = 32;               // the manifest nests 5 deep; tvm-ffi's parser recurses unbounded
 constexpr uint32_t kMaxNpyHeader = 1 << 16;     // numpy itself refuses headers over 10000 bytes by default
 constexpr size_t kMaxDims = 32;                 // numpy's NPY_MAXDIMS
+
+// Where edgec_run's own messages go: stderr, kept aside while the TVM runtime's log is silenced (see Run).
+int g_stderr = STDERR_FILENO;
+
+void Message(const char* kind, const std::string& text);
 
 // A bad command line, input file or bundle: one line on stderr, exit code 2.
 struct InputError : std::runtime_error {
@@ -500,6 +505,7 @@ struct Manifest {
   std::string entry, library, params;  // params is empty when the manifest's "params" is null
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> sample_inputs;  // empty when "sample" is null
+  std::string device_kind;
   DLDevice device;
   int threads;  // 0: the TVM runtime's default
   std::map<std::string, FileEntry> files;
@@ -575,6 +581,7 @@ Manifest ParseManifest(const std::string& text) {
   std::string kind = device["kind"].Str();
   auto dev = kDevices.find(kind);
   if (dev == kDevices.end()) device["kind"].Fail("is not one of cpu, cuda, opencl, vulkan, metal, rocm");
+  out.device_kind = kind;
   out.device = DLDevice{dev->second, 0};
   out.threads = static_cast<int>(std::min<int64_t>(device["threads"].Count(), 1 << 16));
   device["memory_mb"].Count();
@@ -765,26 +772,35 @@ long PeakRssKb() {
   return usage.ru_maxrss;
 }
 
-const char kUsage[] =
-    "usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [--no-verify] [IN0.npy ...]";
+const char kUsage[] = "usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [-v] "
+                      "[--no-verify] [IN0.npy ...]";
 
 int Run(int argc, char** argv) {
   std::string bundle_dir = ".", out_dir = ".";
   int repeat = 1, warmup = 0, threads = 0;
-  bool verify = true;
+  bool verify = true, verbose = false;
   const option long_options[] = {{"no-verify", no_argument, nullptr, 'V'}, {nullptr, 0, nullptr, 0}};
-  for (int c; (c = getopt_long(argc, argv, "d:o:n:w:t:h", long_options, nullptr)) != -1;) {
+  for (int c; (c = getopt_long(argc, argv, "d:o:n:w:t:vh", long_options, nullptr)) != -1;) {
     if (c == 'd') bundle_dir = optarg;
     else if (c == 'o') out_dir = optarg;
     else if (c == 'n') repeat = ParseCount(optarg, "-n REPEAT", 0);
     else if (c == 'w') warmup = ParseCount(optarg, "-w WARMUP", 0);
     else if (c == 't') threads = ParseCount(optarg, "-t THREADS", 1);
     else if (c == 'V') verify = false;
+    else if (c == 'v') verbose = true;
     else throw InputError(kUsage);
   }
+  // TVM logs warnings straight to stderr (e.g. several lines before a failed allocation); errors must stay one
+  // line, so the runtime's stderr goes to /dev/null and this program's messages to a duplicate of stderr.
+  int null_fd = verbose ? -1 : open("/dev/null", O_WRONLY | O_CLOEXEC);
+  if (null_fd >= 0) {
+    g_stderr = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 0);
+    dup2(null_fd, STDERR_FILENO);
+    close(null_fd);
+  }
   if (!verify)
-    std::fprintf(stderr, "edgec_run: --no-verify: not checking the sha256 of bundle files "
-                         "(manifest, paths, file list and sizes are still checked)\n");
+    Message("warning", "--no-verify: not checking the sha256 of bundle files "
+                       "(manifest, paths, file list and sizes are still checked)");
 
   Bundle bundle = LoadBundle(bundle_dir, verify);
   const Manifest& m = bundle.manifest;
@@ -804,6 +820,10 @@ int Run(int argc, char** argv) {
   // TVM sizes its thread pool from TVM_NUM_THREADS when it first starts it; without it, it takes half the cores
   // on x86 (and runtime.config_threadpool cannot go above that).
   if (int n = threads ? threads : m.threads) setenv("TVM_NUM_THREADS", std::to_string(n).c_str(), 1);
+  // attribute 0 (kExist) is 0 for a missing device, and for one this TVM runtime was built without
+  if (!Global("runtime.GetDeviceAttr")(static_cast<int>(m.device.device_type), 0, 0).cast<bool>())
+    throw InputError("this machine has no " + m.device_kind + " device that the TVM runtime can use, and the bundle "
+                     "was built for one");
   std::optional<ffi::Module> vm;  // kept alive for the entry function
   ffi::Function entry;
   std::vector<ffi::Any> args;
@@ -881,10 +901,12 @@ int Run(int argc, char** argv) {
 }
 
 // One line, printable: messages can quote names and paths taken from the manifest or the command line.
-std::string OneLine(std::string s) {
-  for (char& c : s)
+void Message(const char* kind, const std::string& text) {
+  std::string line = std::string("edgec_run: ") + kind + ": " + text;
+  for (char& c : line)
     if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
-  return s;
+  line += '\n';
+  if (write(g_stderr, line.data(), line.size()) < 0) return;  // nowhere left to report it
 }
 
 }  // namespace
@@ -893,19 +915,19 @@ int main(int argc, char** argv) {
   try {
     return Run(argc, argv);
   } catch (const InputError& e) {
-    std::fprintf(stderr, "edgec_run: error: %s\n", OneLine(e.what()).c_str());
+    Message("error", e.what());
     return 2;
   } catch (const fs::filesystem_error& e) {
-    std::fprintf(stderr, "edgec_run: error: %s\n", OneLine(e.what()).c_str());
+    Message("error", e.what());
     return 2;
   } catch (const ffi::Error& e) {
-    std::fprintf(stderr, "edgec_run: TVM error: %s: %s\n", e.kind().c_str(), OneLine(e.message()).c_str());
+    Message("TVM error", e.kind() + ": " + e.message());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "edgec_run: error: %s\n", OneLine(e.what()).c_str());
+    Message("error", e.what());
     return 1;
   } catch (...) {
-    std::fprintf(stderr, "edgec_run: error: unknown failure\n");
+    Message("error", "unknown failure");
     return 1;
   }
 }
