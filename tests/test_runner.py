@@ -1,10 +1,14 @@
-"""The bundle's C++ runner (templates/bundle) built by edgec.toolchain and driven by edgec.runtime.native.
+"""The bundle's C++ runner edgec_run (templates/bundle/main.cc), built by edgec.toolchain and driven by
+edgec.runtime.native.
 
-Builds a tiny two-input, two-output ONNX model into bundles for the host and for rpi4, and runs them through
-the C++ runner natively and under qemu-user (cross/setup-aarch64.sh installs the tools)."""
+Builds a tiny two-input, two-output ONNX model into bundles for the host and for rpi4, runs them through the
+C++ runner natively and under qemu-user (cross/setup-aarch64.sh installs the tools), and feeds edgec_run bad
+inputs, broken manifests and tampered bundles: each must end in one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -16,11 +20,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgec import toolchain
 from edgec.errors import EdgecError
 from edgec.manifest import Manifest
+from edgec.resources import data_dir
 from edgec.runtime.native import run_with_runner
-from edgec.signature import TensorSpec, random_inputs, tensor_file_name
-from edgec.toolchain import build_runner, find_tool, host_arch
+from edgec.signature import TensorSpec, random_inputs
+from edgec.toolchain import build_runner, emulator_command, find_tool, host_arch
 
 INPUTS = (TensorSpec("x", (1, 3, 8, 8), "float32"), TensorSpec("offset", (1, 10), "int32"))
 # an output name with characters that cannot go into a file name as they are
@@ -64,6 +70,34 @@ def dir_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def edit_manifest(bundle: Path, edit) -> None:
+    """Apply edit(manifest dict) to the bundle's manifest.json."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def relist(bundle: Path, *rels: str) -> None:
+    """Record the current size and sha256 of these files in the manifest, as a careful tamperer would."""
+    def edit(m):
+        for rel in rels:
+            data = (bundle / rel).read_bytes()
+            m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    edit_manifest(bundle, edit)
+
+
+def run_runner(runner: Path, bundle: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(runner), "-d", str(bundle), "-o", str(out), *args], capture_output=True, text=True)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit code 2 and the error as the last line on stderr (only a --no-verify warning may come before it)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert lines and lines[-1].startswith("edgec_run: error: ") and message in lines[-1], proc.stderr
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("edgec_run: warning: --no-verify")), lines
+
+
 @pytest.fixture(scope="module")
 def model() -> onnx.ModelProto:
     return tiny_onnx()
@@ -77,6 +111,16 @@ def feeds() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def host_bundle(tmp_path_factory, model) -> Path:
     return write_bundle(tmp_path_factory.mktemp("bundles") / "host", host_arch(), model)
+
+
+@pytest.fixture(scope="module")
+def runner(host_bundle) -> Path:
+    return build_runner(host_bundle, Manifest.load(host_bundle).target)
+
+
+@pytest.fixture
+def bundle_copy(host_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(host_bundle, tmp_path / "bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +157,8 @@ def assert_matches(outputs: dict[str, np.ndarray], reference: dict[str, dict[str
                                        err_msg=f"{spec.name} vs {ref}")
 
 
+# ------------------------------------------------------------------------------------------ running
+
 def test_host_runner_matches_vm_and_onnxruntime(host_bundle, feeds, reference):
     before = dir_digest(host_bundle)
     res = run_with_runner(host_bundle, feeds, repeat=3, warmup=1)
@@ -120,6 +166,8 @@ def test_host_runner_matches_vm_and_onnxruntime(host_bundle, feeds, reference):
     assert not res.emulated and "edgec_run" in res.command[0]
     assert res.load_ms > 0 and res.first_ms > 0 and 0 < res.min_ms <= res.median_ms
     assert 1 << 20 < res.peak_rss_bytes < 1 << 30
+    assert res.threads == Manifest.load(host_bundle).target.device.threads, "threads default to the manifest's"
+    assert run_with_runner(host_bundle, feeds, threads=1).threads == 1
     assert dir_digest(host_bundle) == before, "building/running must not touch the bundle"
 
 
@@ -136,17 +184,22 @@ def test_aarch64_runner_under_qemu(aarch64_bundle, feeds, reference):
     assert_matches(res.outputs, reference)
 
 
-def test_runner_build_is_cached(host_bundle):
-    first = build_runner(host_bundle, Manifest.load(host_bundle).target)
-    mtime = first.stat().st_mtime_ns
-    t0 = time.perf_counter()
-    assert build_runner(host_bundle, Manifest.load(host_bundle).target) == first
-    assert time.perf_counter() - t0 < 1.0 and first.stat().st_mtime_ns == mtime
+def test_runner_sources_are_static_and_built_once(host_bundle, runner, monkeypatch):
+    """main.cc and CMakeLists.txt are the template's bytes in every bundle, so one build serves every bundle."""
+    for name in toolchain.RUNNER_SOURCES:
+        assert (host_bundle / name).read_bytes() == (data_dir("templates") / "bundle" / name).read_bytes()
+    mtime = runner.stat().st_mtime_ns
+
+    def no_build(*args, **kwargs):
+        raise AssertionError(f"a cached runner was rebuilt: {args}")
+
+    monkeypatch.setattr(toolchain.subprocess, "run", no_build)
+    assert build_runner(host_bundle, Manifest.load(host_bundle).target) == runner
+    assert runner.stat().st_mtime_ns == mtime
 
 
 def test_runner_compile_error_shows_compiler_output(host_bundle, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(host_bundle, broken)
+    broken = Path(shutil.copytree(host_bundle, tmp_path / "broken"))
     (broken / "main.cc").write_text((broken / "main.cc").read_text() + "\nint broken_line = ;\n")
     with pytest.raises(EdgecError, match=r"building the .* runner failed:(.|\n)*error"):
         build_runner(broken, Manifest.load(broken).target)
@@ -160,48 +213,166 @@ def test_wrong_input_shape_is_rejected_before_running(host_bundle, feeds):
         run_with_runner(host_bundle, {"x": feeds["x"]})
 
 
-@pytest.mark.parametrize("case, message", [
-    ("shape", "has shape [1, 3, 4, 4], the model expects [1, 3, 8, 8]"),
-    ("dtype", "has dtype float64, the model expects float32"),
-    ("big_endian", "unsupported dtype '>f4'"),
-    ("fortran", "Fortran-order"),
-    ("garbage", "not a .npy file"),
-    ("truncated", "data size does not match"),
-    ("missing", "cannot open input file"),
-    ("count", "expected 2 input .npy files (x, offset), got 1"),
-])
-def test_runner_rejects_bad_inputs(host_bundle, feeds, tmp_path, case, message):
-    """The C++ runner's own checks: one line on stderr, exit code 2."""
-    runner = build_runner(host_bundle, Manifest.load(host_bundle).target)
-    x, offset = tmp_path / "x.npy", tmp_path / "offset.npy"
-    np.save(offset, feeds["offset"])
-    arrays = {"shape": np.zeros((1, 3, 4, 4), np.float32), "dtype": feeds["x"].astype(np.float64),
-              "big_endian": feeds["x"].astype(">f4"), "fortran": np.asfortranarray(feeds["x"])}
-    if case in arrays:
-        np.save(x, arrays[case])
-    elif case == "garbage":
-        x.write_bytes(b"not numpy")
-    elif case == "truncated":
-        np.save(x, feeds["x"])
-        x.write_bytes(x.read_bytes()[:-4])
-    args = [str(x)] if case == "count" else [str(x), str(offset)]
-    proc = subprocess.run([str(runner), "-d", str(host_bundle), "-o", str(tmp_path / "out"), *args],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
-
-
-def test_runner_writes_outputs_by_name(host_bundle, feeds, tmp_path):
-    runner = build_runner(host_bundle, Manifest.load(host_bundle).target)
+def test_runner_writes_outputs_by_manifest_file_names(host_bundle, runner, feeds, tmp_path):
     paths = []
     for spec in INPUTS:
         paths.append(str(tmp_path / f"{spec.name}.npy"))
         np.save(paths[-1], feeds[spec.name])
-    proc = subprocess.run([str(runner), "-d", str(host_bundle), "-o", str(tmp_path / "out"), *paths],
-                          capture_output=True, text=True, check=True)
-    assert proc.stdout.startswith("edgec_run: load_ms=") and "threads=default" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(tensor_file_name(s.name) for s in OUTPUTS)
-    assert tensor_file_name("logits/out:0") == "logits_out_0.npy"
+    proc = run_runner(runner, host_bundle, tmp_path / "out", "-t", "1", *paths)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("edgec_run: load_ms=") and proc.stdout.strip().endswith("threads=1")
+    outputs = json.loads((host_bundle / "manifest.json").read_text())["outputs"]
+    assert [o["file"] for o in outputs] == ["0-features.npy", "1-logits_out_0.npy"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [o["file"] for o in outputs]
+
+
+def test_runner_runs_the_sample_without_inputs(host_bundle, runner, tmp_path):
+    proc = run_runner(runner, host_bundle, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((host_bundle / "manifest.json").read_text())
+    for spec in m["outputs"]:
+        expected = np.load(host_bundle / m["sample"]["expected"] / spec["file"])
+        np.testing.assert_allclose(np.load(tmp_path / "out" / spec["file"]), expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.save(f, array)
+    return f.getvalue()
+
+
+def with_header(header: str, data: bytes = b"", version: int = 1) -> bytes:
+    """A .npy file with this header text (padded as numpy pads it) and data."""
+    text = header.encode("latin1")
+    text += b" " * (63 - (len(text) + (10 if version == 1 else 12)) % 64) + b"\n"
+    size = len(text).to_bytes(2 if version == 1 else 4, "little")
+    return b"\x93NUMPY" + bytes([version, 0]) + size + text + data
+
+
+X_DATA = bytes(4 * 3 * 8 * 8)
+BAD_INPUTS = {
+    "shape": (lambda f: npy_bytes(np.zeros((1, 3, 4, 4), np.float32)), "has shape [1, 3, 4, 4], the model expects [1, 3, 8, 8]"),
+    "dtype": (lambda f: npy_bytes(f["x"].astype(np.float64)), "has dtype float64, the model expects float32"),
+    "big_endian": (lambda f: npy_bytes(f["x"].astype(">f4")), "unsupported dtype '>f4'"),
+    "fortran": (lambda f: npy_bytes(np.asfortranarray(f["x"])), "Fortran-order"),
+    "garbage": (lambda f: b"not numpy", "not a .npy file"),
+    "truncated": (lambda f: npy_bytes(f["x"])[:-4], "data size does not match"),
+    "missing": (None, "cannot open input file"),
+    "pickled": (lambda f: npy_bytes(np.array([{"a": 1}], dtype=object)), "unsupported dtype '|O'"),
+    "huge_header_len": (lambda f: b"\x93NUMPY\x02\x00\xff\xff\xff\xff{'descr'", "too long"),
+    "header_past_eof": (lambda f: b"\x93NUMPY\x01\x00\xff\x7f{'descr': '<f4'", "truncated .npy header"),
+    "absurd_shape": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999, 99999999, 99999999), }", X_DATA),
+                     "has shape [99999999, 99999999, 99999999]"),
+    "overflowing_dim": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }"),
+                        "too large"),
+    "negative_dim": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 3), }"),
+                     "non-negative integers"),
+    "non_numeric_dim": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 'a'), }"),
+                        "non-negative integers"),
+    "too_many_dims": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (" + "1," * 40 + "), }"),
+                      "more than 32 dimensions"),
+    "unterminated_quote": (lambda f: with_header("{'descr': '<f4, 'fortran_order': False, 'shape': (1,), }"),
+                           "not a valid .npy file"),
+    "unterminated_string_at_end": (lambda f: with_header("{'descr': '<f4"), "unterminated string"),
+    "no_shape": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, }"), "needs 'descr'"),
+    "duplicate_key": (lambda f: with_header("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (1,), }"),
+                      "appears twice"),
+    "unknown_key": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'x': 1}"),
+                    "unexpected key 'x'"),
+    "version_9": (lambda f: b"\x93NUMPY\x09\x00" + npy_bytes(f["x"])[8:], "unsupported .npy format version 9"),
+    "version_3_ok_header_wrong_shape": (lambda f: with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
+                                                              bytes(12), version=3), "has shape [3]"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUTS, "count"])
+def test_runner_rejects_bad_inputs(host_bundle, runner, feeds, tmp_path, case):
+    """The C++ runner's own checks, hostile .npy headers included: one line on stderr, exit code 2."""
+    x, offset = tmp_path / "x.npy", tmp_path / "offset.npy"
+    np.save(offset, feeds["offset"])
+    make, message = BAD_INPUTS.get(case, (lambda f: npy_bytes(f["x"]), "expected 2 input .npy files (x, offset), got 1"))
+    if make is not None:
+        x.write_bytes(make(feeds))
+    args = [str(x)] if case == "count" else [str(x), str(offset)]
+    assert_refused(run_runner(runner, host_bundle, tmp_path / "out", *args), message)
+    assert not (tmp_path / "out").exists(), "nothing is written for refused inputs"
+
+
+# ------------------------------------------------------------------------------------------ bad bundles
+
+def test_runner_sha256_matches_hashlib(bundle_copy, runner, tmp_path):
+    """Files around SHA-256's 64-byte block and 56-byte padding boundaries, listed with hashlib's digests."""
+    sizes = [0, 1, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, (1 << 20) + 7]
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        (bundle_copy / "extra").mkdir(exist_ok=True)
+        (bundle_copy / "extra" / f"{n}.bin").write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    relist(bundle_copy, *(f"extra/{n}.bin" for n in sizes))
+    proc = run_runner(runner, bundle_copy, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    edit_manifest(bundle_copy, lambda m: m["files"]["extra/56.bin"].update(sha256="0" * 64))
+    assert_refused(run_runner(runner, bundle_copy, tmp_path / "out"), "extra/56.bin does not match its sha256")
+
+
+def _garbage_library(bundle: Path) -> None:
+    (bundle / "model.so").write_bytes(b"\x7fELF not really" * 100)
+    relist(bundle, "model.so")
+
+
+def _other_device(kind: str):
+    return lambda bundle: edit_manifest(bundle, lambda m: m["target"]["device"].update(kind=kind))
+
+
+BROKEN_BUNDLES = {
+    "garbage_manifest": (lambda b: (b / "manifest.json").write_bytes(b"\x00\xffnot json"), "not valid JSON"),
+    "truncated_manifest": (lambda b: (b / "manifest.json").write_bytes((b / "manifest.json").read_bytes()[:300]),
+                           "not valid JSON"),
+    "deeply_nested_manifest": (lambda b: (b / "manifest.json").write_text("[" * 200000), "nested deeper than 32"),
+    "no_manifest": (lambda b: (b / "manifest.json").unlink(), "cannot open bundle manifest"),
+    "format_version_1": (lambda b: edit_manifest(b, lambda m: m.update(format_version=1)), "format version 1"),
+    "missing_library": (lambda b: (b / "model.so").unlink(), "model.so is listed in manifest.json but missing"),
+    "garbage_library": (_garbage_library, "cannot load the bundle's model"),
+    "library_not_listed": (lambda b: edit_manifest(b, lambda m: m.update(library="other.so")),
+                           "'other.so' is not listed in 'files'"),
+    "output_file_outside": (lambda b: edit_manifest(b, lambda m: m["outputs"][0].update(file="../0-x.npy")),
+                            "'outputs[0].file' is not a tensor file name"),
+    "huge_shape": (lambda b: edit_manifest(b, lambda m: m["inputs"][0].update(shape=[2 ** 62, 2 ** 62])),
+                   "too large to hold"),
+    "compiler_with_path": (lambda b: edit_manifest(b, lambda m: m["target"]["toolchain"].update(compiler="/tmp/cc")),
+                           "'target.toolchain.compiler' is not a bare command name"),
+    "entry_from_manifest": (lambda b: edit_manifest(b, lambda m: m.update(entry="nonexistent")),
+                            "has no function 'nonexistent'"),
+    "device_from_manifest": (_other_device("cuda"), "no cuda device"),
+    "unknown_device": (_other_device("tpu"), "'target.device.kind' is not one of"),
+    "output_shape_mismatch": (lambda b: edit_manifest(b, lambda m: m["outputs"][1].update(shape=[1, 11])),
+                              "the manifest says float32[1, 11]"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_BUNDLES)
+def test_runner_refuses_broken_bundles(bundle_copy, runner, tmp_path, case):
+    """Garbage, truncated or inconsistent manifests and libraries: one line on stderr, exit code 2, no crash."""
+    break_it, message = BROKEN_BUNDLES[case]
+    break_it(bundle_copy)
+    assert_refused(run_runner(runner, bundle_copy, tmp_path / "out"), message)
+
+
+# ------------------------------------------------------------------------------------------ toolchain
+
+def test_emulator_command_takes_only_what_exists(host_bundle, aarch64_bundle, tmp_path):
+    assert emulator_command(Manifest.load(host_bundle).target) == []
+    target = Manifest.load(aarch64_bundle).target
+    command = emulator_command(target)
+    assert Path(command[0]).is_absolute() and command[1:] == ["-L", target.emulator.sysroot]
+    gone = dataclasses.replace(target, emulator=dataclasses.replace(target.emulator, sysroot=str(tmp_path / "none")))
+    with pytest.raises(EdgecError, match="sysroot .* does not exist"):
+        emulator_command(gone)
+    with pytest.raises(EdgecError, match="names no emulator"):
+        emulator_command(dataclasses.replace(target, emulator=None))
 
 
 def test_find_tool_reports_the_apt_package():

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgecError, last_stderr_line
-from ..signature import TensorSpec, check_inputs
-from ..targets import Target
+from ..manifest import Manifest
+from ..signature import check_inputs
 from ..toolchain import build_runner, emulator_command, runtime_dir
-from . import bundle_errors
 
 _TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+) "
                      r"repeat=\d+ warmup=\d+ threads=(\d+)$", re.M)
@@ -39,10 +38,9 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
 
     edgec_run checks the bundle itself (files, sizes, sha256 unless verify=False) before it loads anything."""
     bundle_dir = Path(bundle_dir).resolve()
-    with bundle_errors() as runner_py:
-        manifest = runner_py.load_manifest(bundle_dir)
-    check_inputs(tuple(TensorSpec.from_json(s) for s in manifest["inputs"]), inputs)
-    target = Target.from_json(manifest["target"], str(bundle_dir / "manifest.json"))
+    manifest = Manifest.load(bundle_dir)
+    check_inputs(manifest.inputs, inputs)
+    target = manifest.target
 
     runner = build_runner(bundle_dir, target)
     emulator = emulator_command(target)
@@ -53,9 +51,9 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
 
     with tempfile.TemporaryDirectory(prefix="edgec-run-") as tmp:
         in_paths = []
-        for i, spec in enumerate(manifest["inputs"]):
+        for i, spec in enumerate(manifest.inputs):
             in_paths.append(os.path.join(tmp, f"in{i}.npy"))
-            np.save(in_paths[-1], np.ascontiguousarray(inputs[spec["name"]]))
+            np.save(in_paths[-1], np.ascontiguousarray(inputs[spec.name]))
         out_dir = os.path.join(tmp, "out")
         command = [*emulator, str(runner), "-d", str(bundle_dir), "-o", out_dir, "-n", str(repeat), "-w", str(warmup),
                    *(["-t", str(threads)] if threads is not None else []), *([] if verify else ["--no-verify"]),
@@ -68,8 +66,7 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
         if m is None:
             raise EdgecError(f"the bundle's runner printed no timing line: {proc.stdout.strip()[-200:]!r}",
                              "rebuild the bundle with this edgec")
-        outputs = {s["name"]: np.load(os.path.join(out_dir, s["file"]), allow_pickle=False)
-                   for s in manifest["outputs"]}
+        outputs = {s.name: np.load(os.path.join(out_dir, s.file), allow_pickle=False) for s in manifest.outputs}
     load_ms, first_ms, median_ms, min_ms = map(float, m.groups()[:4])
     return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, int(m.group(6)),
                         bool(emulator), command)
