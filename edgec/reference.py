@@ -26,6 +26,15 @@ class ReferenceRuntime:
         else:
             raise EdgecError(f"no reference runtime for '{self.path.name}'", "use a .onnx or .tflite model")
 
+    def _source(self) -> str | bytes:
+        """The path, or the file's bytes when the path is not valid UTF-8 (file names are bytes on Linux),
+        which both runtimes refuse as a path."""
+        try:
+            str(self.path).encode("utf-8")
+            return str(self.path)
+        except UnicodeEncodeError:
+            return self.path.read_bytes()
+
     def _init_onnx(self, threads):
         try:
             import onnxruntime as ort
@@ -35,7 +44,7 @@ class ReferenceRuntime:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self._sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self._sess = ort.InferenceSession(self._source(), opts, providers=["CPUExecutionProvider"])
         self.name = f"onnxruntime {ort.__version__}"
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
@@ -46,7 +55,9 @@ class ReferenceRuntime:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
             raise EdgecError("ai-edge-litert is not installed", _HINT) from None
-        self._interp = Interpreter(model_path=str(self.path), num_threads=threads)
+        source = self._source()
+        self._interp = Interpreter(**{"model_content" if isinstance(source, bytes) else "model_path": source},
+                                   num_threads=threads)
         self._interp.allocate_tensors()
         self.name = f"LiteRT {version('ai-edge-litert')}"
         # Detail order is the subgraph's input/output order, which is also the order of the parameters and

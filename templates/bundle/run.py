@@ -179,7 +179,10 @@ def _problem(value, schema, where):
         if not isinstance(value, dict):
             return where, "is not an object"
         for key, sub in value.items():
-            found = _problem(key, schema.key, f"{where} key {key!r}") or _problem(sub, schema.value, f"{where}[{key!r}]")
+            found = _problem(key, schema.key, where)
+            if found:
+                return where, f"has the key {key!r}, which {found[1]}"
+            found = _problem(sub, schema.value, f"{where}[{key!r}]")
             if found:
                 return found
         return None
@@ -422,7 +425,7 @@ def read_inputs(specs, items):
     for name, path in paths.items():
         key, sep, _ = path.partition("=")
         if sep and path in positional and not os.path.exists(path):
-            raise BundleError(f"--input '{shown(path)}': '{shown(key)}' is not an input name and no file has that path",
+            raise BundleError(f"input file {shown(path)} does not exist, and '{shown(key)}' is not an input name",
                               f"its inputs are: {shown(', '.join(names))}")
         arrays[name] = load_npy(path, f"input file {shown(path)}")
     return arrays
