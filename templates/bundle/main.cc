@@ -32,7 +32,6 @@
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
-#include <tvm/ffi/extra/json.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
@@ -61,7 +60,7 @@ namespace {
 
 constexpr int kFormatVersion = 2;
 constexpr size_t kMaxManifestBytes = 16 << 20;  // far above any real manifest; bounds the parser's input
-constexpr int kMaxJsonDepth = 32;               // the manifest nests 5 deep; tvm-ffi's parser recurses unbounded
+constexpr int kMaxJsonDepth = 32;               // the manifest nests 5 deep; bounds the reader's recursion
 constexpr uint32_t kMaxNpyHeader = 1 << 16;     // numpy itself refuses headers over 10000 bytes by default
 constexpr size_t kMaxDims = 32;                 // numpy's NPY_MAXDIMS
 
@@ -176,7 +175,7 @@ std::string ReadAll(const std::string& path, const std::string& what, uint64_t s
   uint64_t actual;
   Fd f = OpenRegular(path, what, &actual);
   if (actual != size)
-    throw InputError(what + " " + path + " has " + std::to_string(actual) + " bytes, the manifest says " +
+    throw InputError(what + " " + path + " has " + std::to_string(actual) + " bytes, its size in the manifest is " +
                      std::to_string(size));
   std::string bytes(size, '\0');
   char extra;
@@ -394,6 +393,167 @@ void WriteNpy(const std::string& path, const ffi::Tensor& t, const DType* dtype)
 // ---------------------------------------------------------------------------------------------------------
 // manifest.json
 
+using JsonObject = ffi::Map<ffi::Any, ffi::Any>;
+using JsonArray = ffi::Array<ffi::Any>;
+
+// A strict JSON reader (RFC 8259) producing tvm-ffi values: objects, arrays, strings, int64 or double numbers,
+// booleans and None. tvm-ffi's own json::Parse lets the last of two equal keys win silently (a second "params"
+// would replace the first) and recurses without a depth limit; this reader refuses both, and NaN/Infinity.
+class JsonReader {
+ public:
+  explicit JsonReader(const std::string& text) : s_(text) {}
+
+  ffi::Any Document() {
+    ffi::Any v = Value(0);
+    Skip();
+    if (i_ != s_.size()) Fail("text after the JSON value");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void Fail(const std::string& why) const {
+    throw InputError("manifest.json is not valid JSON (" + why + " at byte " + std::to_string(i_) + ")");
+  }
+  void Skip() {
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
+  }
+  bool Eat(char c) {
+    Skip();
+    if (i_ >= s_.size() || s_[i_] != c) return false;
+    ++i_;
+    return true;
+  }
+  void Expect(char c) {
+    if (!Eat(c)) Fail(std::string("expected '") + c + "'");
+  }
+  bool Word(const char* w) {
+    size_t n = std::strlen(w);
+    if (s_.compare(i_, n, w) != 0) return false;
+    i_ += n;
+    return true;
+  }
+
+  ffi::Any Value(int depth) {
+    if (depth > kMaxJsonDepth) Fail("nested deeper than " + std::to_string(kMaxJsonDepth));
+    Skip();
+    if (Eat('{')) {
+      std::vector<std::pair<ffi::Any, ffi::Any>> items;
+      std::set<std::string> keys;
+      if (!Eat('}')) {
+        do {
+          Skip();
+          std::string key = String();
+          if (!keys.insert(key).second) Fail("duplicate key \"" + key + "\"");
+          Expect(':');
+          items.emplace_back(ffi::String(key), Value(depth + 1));
+        } while (Eat(','));
+        Expect('}');
+      }
+      return JsonObject(items.begin(), items.end());
+    }
+    if (Eat('[')) {
+      std::vector<ffi::Any> items;
+      if (!Eat(']')) {
+        do items.push_back(Value(depth + 1));
+        while (Eat(','));
+        Expect(']');
+      }
+      return JsonArray(items.begin(), items.end());
+    }
+    if (i_ < s_.size() && s_[i_] == '"') return ffi::String(String());
+    if (Word("true")) return true;
+    if (Word("false")) return false;
+    if (Word("null")) return ffi::Any();
+    return Number();
+  }
+
+  std::string String() {
+    if (i_ >= s_.size() || s_[i_] != '"') Fail("expected a string");
+    std::string out;
+    for (++i_; i_ < s_.size();) {
+      unsigned char c = static_cast<unsigned char>(s_[i_++]);
+      if (c == '"') return out;
+      if (c < 0x20) Fail("control character in a string");
+      if (c != '\\') {
+        out += static_cast<char>(c);
+      } else if (i_ < s_.size() && s_[i_] == 'u') {
+        ++i_;
+        uint32_t cp = Hex4();
+        if (cp >= 0xD800 && cp < 0xDC00 && Word("\\u")) {  // a UTF-16 surrogate pair
+          uint32_t low = Hex4();
+          if (low < 0xDC00 || low > 0xDFFF) Fail("unpaired surrogate in a \\u escape");
+          cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+        } else if (cp >= 0xD800 && cp < 0xE000) {
+          Fail("unpaired surrogate in a \\u escape");
+        }
+        AppendUtf8(cp, &out);
+      } else {
+        switch (i_ < s_.size() ? s_[i_++] : '\0') {
+          case '"': out += '"'; break;
+          case '\\': out += '\\'; break;
+          case '/': out += '/'; break;
+          case 'b': out += '\b'; break;
+          case 'f': out += '\f'; break;
+          case 'n': out += '\n'; break;
+          case 'r': out += '\r'; break;
+          case 't': out += '\t'; break;
+          default: Fail("bad escape in a string");
+        }
+      }
+    }
+    Fail("unterminated string");
+  }
+  uint32_t Hex4() {
+    uint32_t v = 0;
+    for (int k = 0; k < 4; ++k, ++i_) {
+      int c = i_ < s_.size() ? static_cast<unsigned char>(s_[i_]) : -1;
+      int d = std::isdigit(c) ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
+      if (d < 0) Fail("bad \\u escape");
+      v = v << 4 | static_cast<uint32_t>(d);
+    }
+    return v;
+  }
+  static void AppendUtf8(uint32_t cp, std::string* out) {
+    if (cp < 0x80) {
+      *out += static_cast<char>(cp);
+      return;
+    }
+    static const unsigned char kLead[] = {0, 0xC0, 0xE0, 0xF0};  // 110xxxxx, 1110xxxx, 11110xxx
+    int extra = cp < 0x800 ? 1 : cp < 0x10000 ? 2 : 3;
+    *out += static_cast<char>(kLead[extra] | (cp >> (6 * extra)));
+    for (int k = extra - 1; k >= 0; --k) *out += static_cast<char>(0x80 | ((cp >> (6 * k)) & 0x3F));
+  }
+
+  // -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?: an int64 when it is an integer that fits, else a double.
+  ffi::Any Number() {
+    size_t start = i_;
+    auto digits = [&] {
+      size_t from = i_;
+      while (i_ < s_.size() && std::isdigit(static_cast<unsigned char>(s_[i_]))) ++i_;
+      if (i_ == from) Fail("expected a value");
+    };
+    Word("-");
+    if (!Word("0")) digits();
+    bool integer = true;
+    if (Word(".")) integer = false, digits();
+    if (Word("e") || Word("E")) {
+      integer = false;
+      if (!Word("+")) Word("-");
+      digits();
+    }
+    std::string text = s_.substr(start, i_ - start);
+    errno = 0;
+    if (integer) {
+      long long v = std::strtoll(text.c_str(), nullptr, 10);
+      if (errno == 0) return static_cast<int64_t>(v);
+    }
+    return std::strtod(text.c_str(), nullptr);
+  }
+
+  const std::string& s_;
+  size_t i_ = 0;
+};
+
 // Spec rule 2: relative, normalised POSIX path, no backslash (and no NUL, which would cut the path short).
 bool IsCleanRelativePath(const std::string& p) {
   if (p.empty() || p[0] == '/' || p.find('\\') != std::string::npos || p.find('\0') != std::string::npos)
@@ -434,12 +594,12 @@ struct Field {
   }
   std::string Child(const std::string& key) const { return path.empty() ? key : path + "." + key; }
   bool IsNull() const { return v.type_index() == ffi::TypeIndex::kTVMFFINone; }
-  ffi::json::Object Obj() const {
-    if (auto o = v.as<ffi::json::Object>()) return *o;
+  JsonObject Obj() const {
+    if (auto o = v.as<JsonObject>()) return *o;
     Fail("is not an object");
   }
   std::optional<Field> Opt(const char* key) const {
-    ffi::json::Object o = Obj();
+    JsonObject o = Obj();
     auto it = o.find(ffi::String(key));
     if (it == o.end()) return std::nullopt;
     return Field{(*it).second, Child(key)};
@@ -449,7 +609,7 @@ struct Field {
     throw InputError("manifest.json: field '" + Child(key) + "' is missing");
   }
   std::vector<Field> Items() const {
-    auto a = v.as<ffi::json::Array>();
+    auto a = v.as<JsonArray>();
     if (!a) Fail("is not a list");
     std::vector<Field> items;
     for (size_t i = 0; i < a->size(); ++i) items.push_back({(*a)[i], path + "[" + std::to_string(i) + "]"});
@@ -539,26 +699,7 @@ std::vector<TensorSpec> ReadSpecs(const Field& list) {
 // Parses manifest.json and checks every field of the spec with its type (the same schema as run.py's);
 // returns what the runner uses. Unknown fields are allowed.
 Manifest ParseManifest(const std::string& text) {
-  // Bound the nesting before tvm-ffi's recursive parser sees it: deep nesting would overflow the stack.
-  int depth = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    char c = text[i];
-    if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if ((c == '[' || c == '{') && ++depth > kMaxJsonDepth) {
-      throw InputError("manifest.json is not valid JSON (nested deeper than " + std::to_string(kMaxJsonDepth) + ")");
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  ffi::String error;
-  ffi::Any parsed = ffi::json::Parse(ffi::String(text), &error);
-  if (!error.empty()) throw InputError("manifest.json is not valid JSON (" + std::string(error) + ")");
-  Field m{parsed, ""};
+  Field m{JsonReader(text).Document(), ""};
   std::optional<int64_t> version = m["format_version"].v.as<int64_t>();
   if (version != kFormatVersion)
     throw InputError("manifest.json has format version " + (version ? std::to_string(*version) : "?") +
@@ -657,8 +798,8 @@ Bundle LoadBundle(const fs::path& dir, bool verify) {
     auto entry = files.find(rel);
     if (entry == files.end()) throw InputError("bundle file " + rel + " is not listed in manifest.json");
     if (it->file_size() != entry->second.size)
-      throw InputError("bundle file " + rel + " has " + std::to_string(it->file_size()) + " bytes, the manifest says " +
-                       std::to_string(entry->second.size));
+      throw InputError("bundle file " + rel + " has " + std::to_string(it->file_size()) +
+                       " bytes, its size in the manifest is " + std::to_string(entry->second.size));
     found.insert(rel);
   }
   for (const auto& kv : files)
@@ -720,6 +861,17 @@ ffi::Module LoadLibrary(const std::string& bytes) {
   }
   std::string path = "/proc/self/fd/" + std::to_string(mem.fd);
   return Global("ffi.Module.load_from_file.so")(ffi::String(path), ffi::String("so")).cast<ffi::Module>();
+}
+
+// Runs a step that loads part of the bundle into TVM: a library, executable or params file that TVM cannot
+// load is a bad bundle (exit 2), not a failure of the runtime.
+template <typename F>
+auto Loading(const std::string& what, F&& step) -> decltype(step()) {
+  try {
+    return step();
+  } catch (const ffi::Error& e) {
+    throw InputError("cannot load " + what + ": " + e.kind() + ": " + e.message());
+  }
 }
 
 ffi::Tensor CopyTo(const ffi::Tensor& t, DLDevice dev) {
@@ -824,39 +976,37 @@ int Run(int argc, char** argv) {
   if (!Global("runtime.GetDeviceAttr")(static_cast<int>(m.device.device_type), 0, 0).cast<bool>())
     throw InputError("this machine has no " + m.device_kind + " device that the TVM runtime can use, and the bundle "
                      "was built for one");
-  std::optional<ffi::Module> vm;  // kept alive for the entry function
-  ffi::Function entry;
-  std::vector<ffi::Any> args;
-  try {  // a library, executable or params that TVM cannot load is a bad bundle (exit 2), not a runtime failure
-    ffi::Module lib = LoadLibrary(bundle.library);
-    vm = GetFunction(lib, "vm_load_executable")().cast<ffi::Module>();
+  ffi::Module vm = Loading("the model library " + m.library, [&] {
+    ffi::Module vm = GetFunction(LoadLibrary(bundle.library), "vm_load_executable")().cast<ffi::Module>();
     // (device type, device id, allocator: 2 = pooled, so the memory of one run is reused by the next) for the
     // model's device, plus the host CPU, on which the VM runs shape computations, as relax.VirtualMachine does
     if (m.device.device_type == kDLCPU)
-      GetFunction(*vm, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
+      GetFunction(vm, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
     else
-      GetFunction(*vm, "vm_initialization")(static_cast<int>(m.device.device_type), 0, 2, static_cast<int>(kDLCPU), 0, 2);
-    entry = GetFunction(*vm, m.entry);
-    int arity = GetFunction(*vm, "get_function_arity")(m.entry).cast<int>();
-    for (const ffi::Tensor& t : inputs) args.push_back(CopyTo(t, m.device));
-    if (!m.params.empty()) {
-      auto params = Global("runtime.LoadParams")(ffi::Bytes(std::move(bundle.params)))
-                        .cast<ffi::Map<ffi::String, ffi::Tensor>>();
-      ffi::Function param_name = GetFunction(*vm, "get_function_param_name");
-      // weights follow the data inputs, in the order of the entry function's parameters
-      for (int i = static_cast<int>(inputs.size()); i < arity; ++i) {
-        ffi::String name = param_name(m.entry, i).cast<ffi::String>();
-        auto it = params.find(name);
-        if (it == params.end()) throw InputError(m.params + " has no weight '" + std::string(name) + "'");
-        args.push_back(CopyTo((*it).second, m.device));
-      }
+      GetFunction(vm, "vm_initialization")(static_cast<int>(m.device.device_type), 0, 2, static_cast<int>(kDLCPU), 0, 2);
+    return vm;
+  });
+  ffi::Function entry = GetFunction(vm, m.entry);
+  int arity = Loading("the signature of '" + m.entry + "' in " + m.library,
+                      [&] { return GetFunction(vm, "get_function_arity")(m.entry).cast<int>(); });
+  std::vector<ffi::Any> args;
+  for (const ffi::Tensor& t : inputs) args.push_back(CopyTo(t, m.device));
+  if (!m.params.empty()) {
+    auto params = Loading("the weights " + m.params, [&] {
+      return Global("runtime.LoadParams")(ffi::Bytes(std::move(bundle.params))).cast<ffi::Map<ffi::String, ffi::Tensor>>();
+    });
+    ffi::Function param_name = GetFunction(vm, "get_function_param_name");
+    // weights follow the data inputs, in the order of the entry function's parameters
+    for (int i = static_cast<int>(inputs.size()); i < arity; ++i) {
+      ffi::String name = param_name(m.entry, i).cast<ffi::String>();
+      auto it = params.find(name);
+      if (it == params.end()) throw InputError(m.params + " has no weight '" + std::string(name) + "'");
+      args.push_back(CopyTo((*it).second, m.device));
     }
-    if (static_cast<int>(args.size()) != arity)
-      throw InputError("'" + m.entry + "' takes " + std::to_string(arity) + " arguments, the bundle gives " +
-                       std::to_string(args.size()) + " (library and manifest do not match)");
-  } catch (const ffi::Error& e) {
-    throw InputError("cannot load the bundle's model: " + e.kind() + ": " + e.message());
   }
+  if (static_cast<int>(args.size()) != arity)
+    throw InputError("'" + m.entry + "' takes " + std::to_string(arity) + " arguments, the bundle gives " +
+                     std::to_string(args.size()) + " (library and manifest do not match)");
   double load_ms = MsSince(t0);
 
   std::vector<ffi::AnyView> views(args.begin(), args.end());
