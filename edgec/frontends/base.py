@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class ModelInfo:
     unsupported_ops: dict[str, int] = field(default_factory=dict)
 
 
+# TVM indexes tensors with int32 unless told otherwise; a pin beyond that is a typo, refused before anything
+# is allocated for it.
+MAX_INPUT_ELEMENTS = 2**31 - 1
+
+
 def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
     """Parse repeated `--input-shape name:1x3x224x224` options."""
     shapes = {}
@@ -52,6 +58,14 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
         except ValueError:
             raise EdgecError(f"cannot parse --input-shape '{spec}'",
                              "write it as NAME:DIMS with positive dims, e.g. input:1x3x224x224") from None
+        elements = math.prod(shape)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise EdgecError(f"--input-shape '{spec}' asks for {elements:.3g} elements per input "
+                             f"({elements * 4 / 2**30:.3g} GiB as float32); edgec builds inputs of up to 2^31-1 "
+                             "elements", "check the dims")
+        if shapes.get(name, shape) != shape:
+            raise EdgecError(f"--input-shape pins '{name}' twice, as {'x'.join(map(str, shapes[name]))} and "
+                             f"{'x'.join(map(str, shape))}", "pass one --input-shape per input")
         shapes[name] = shape
     return shapes
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgecError
+from ..errors import EdgecError, last_line
 from ..passes import register_pass
 from ..signature import TensorSpec
 from . import Frontend, register_frontend
@@ -19,18 +19,133 @@ _SHAPE_OPS = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slic
               "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten"}
 
 
+_REEXPORT = "check that the file is a complete .onnx export"
+
+
 def _load(path: Path):
     import onnx
 
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises several unrelated types for a bad file
-        raise EdgecError(f"{path} is not a valid ONNX model ({type(e).__name__})",
-                         "check that the file is a complete .onnx export") from e
+        raise EdgecError(f"{path} is not a valid ONNX model ({type(e).__name__})", _REEXPORT) from e
     if not model.graph.node:
-        raise EdgecError(f"{path} is not a valid ONNX model (its graph has no nodes)",
-                         "check that the file is a complete .onnx export")
+        raise EdgecError(f"{path} is not a valid ONNX model (its graph has no nodes)", _REEXPORT)
+    if model.ir_version > onnx.IR_VERSION:
+        raise EdgecError(f"{path} has ONNX IR version {model.ir_version}, newer than this edgec reads "
+                         f"(up to {onnx.IR_VERSION}, onnx {onnx.__version__})",
+                         "export the model with an older IR version, or upgrade onnx")
+    _check_opset(model, path)
+    _load_external_data(model, path)
+    _sort_graph(model, path)
     return model
+
+
+def _load_external_data(model, path: Path) -> None:
+    """Weights kept next to the model (onnx's external data): name a missing file, not onnx's ValidationError."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, load_external_data_for_model
+    from onnx.external_data_helper import uses_external_data
+
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    for tensor in external:
+        location = ExternalDataInfo(tensor).location
+        if not (path.parent / location).is_file():
+            raise EdgecError(f"{path.name} keeps tensor '{tensor.name}' in the file '{location}', which is missing",
+                             f"put {location} next to {path.name} (it is part of the model)")
+    if external:
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:  # onnx refuses paths outside the model's directory, short files, ...
+            raise EdgecError(f"cannot read the external data of {path.name} ({last_line(e)})", _REEXPORT) from e
+
+
+def _check_opset(model, path: Path) -> None:
+    """Refuse opsets TVM's importer would convert wrongly instead of failing: newer than the onnx package knows,
+    or (per operator) older than TVM's oldest converter of that operator when the node uses inputs or
+    attributes that this converter does not have (TVM falls back to it silently)."""
+    import onnx
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return
+    if opset > onnx.defs.onnx_opset_version():
+        raise EdgecError(f"{path.name} uses ONNX opset {opset}, newer than TVM's importer reads (up to opset "
+                         f"{onnx.defs.onnx_opset_version()}, onnx {onnx.__version__})",
+                         "export the model with an older opset")
+    converters = _get_convert_map()
+    for node in model.graph.node:
+        versions = [int(a[len("_impl_v"):]) for a in dir(converters.get(node.op_type)) if a.startswith("_impl_v")]
+        if node.domain not in ("", "ai.onnx") or not versions or min(versions) <= opset:
+            continue
+        try:
+            oldest = onnx.defs.get_schema(node.op_type, min(versions))
+        except onnx.defs.SchemaError:
+            continue
+        unread = sorted({a.name for a in node.attribute} - set(oldest.attributes))
+        if unread or len(node.input) < oldest.min_input:
+            raise EdgecError(f"{path.name} uses {node.op_type} at opset {opset}, older than TVM's importer converts "
+                             f"({node.op_type} from opset {min(versions)} on: "
+                             + (f"it ignores {', '.join(unread)})" if unread else "it takes more inputs)"),
+                             f"export the model with opset {min(versions)} or newer")
+
+
+def _sort_graph(model, path: Path) -> None:
+    """Check that every tensor a node reads is made by a graph input, an initializer or another node, without a
+    cycle, and put the nodes in that order (TVM's importer reads them in file order and otherwise fails with a
+    bare KeyError that looks like a missing --input-shape)."""
+    import heapq
+
+    graph = model.graph
+    nodes = list(graph.node)
+    available = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
+    producer = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out in producer or out in available - {""}:
+                raise _malformed(path, f"tensor '{out}' is produced twice")
+            producer[out] = i
+    waiting, missing, ready = {}, [], []
+    for i, node in enumerate(nodes):
+        need = set(node.input) - available
+        missing.append(len(need))
+        for name in need:
+            waiting.setdefault(name, []).append(i)
+        if not need:
+            ready.append(i)
+    heapq.heapify(ready)
+    order = []
+    while ready:                       # Kahn's algorithm, keeping the file's order where it is already right
+        i = heapq.heappop(ready)
+        order.append(i)
+        for out in nodes[i].output:
+            for j in waiting.pop(out, []):
+                missing[j] -= 1
+                if not missing[j]:
+                    heapq.heappush(ready, j)
+    if len(order) < len(nodes):
+        # Follow unmet inputs upstream: they end at a tensor nobody makes, or go round a cycle.
+        i, seen = missing.index(next(m for m in missing if m)), set()
+        while True:
+            seen.add(i)
+            name = next(t for t in nodes[i].input if t in waiting)
+            if name not in producer:
+                raise _malformed(path, f"node '{nodes[i].name or nodes[i].op_type}' reads tensor '{name}', which "
+                                       "no node, graph input or initializer provides")
+            if producer[name] in seen:
+                raise _malformed(path, f"tensor '{name}' depends on itself (the graph has a cycle)")
+            i = producer[name]
+    dangling = [o.name for o in graph.output if o.name not in producer and o.name not in available]
+    if dangling:
+        raise _malformed(path, f"graph output '{dangling[0]}' is made by no node")
+    if order != sorted(order):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _malformed(path: Path, what: str) -> EdgecError:
+    return EdgecError(f"{path.name} is a malformed ONNX graph: {what}",
+                      "re-export the model; onnx.checker.check_model(model, full_check=True) shows such errors")
 
 
 def _graph_inputs(model):

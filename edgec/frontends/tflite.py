@@ -1,6 +1,7 @@
 """TFLite → Relax."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,61 @@ def _load(path: Path):
     if len(buf) < 8 or buf[4:8] != b"TFL3":
         raise EdgecError(f"{path} is not a valid TFLite model (no TFL3 identifier)",
                          "check that the file is a complete .tflite export")
-    return tflite.Model.GetRootAsModel(buf, 0)
+    model = tflite.Model.GetRootAsModel(buf, 0)
+    try:
+        _walk(model, len(buf))
+    except (ArithmeticError, LookupError, TypeError, ValueError, struct.error) as e:
+        raise EdgecError(f"{path} is not a valid TFLite model (its body is corrupt or truncated)",
+                         "check that the file is a complete .tflite export") from e
+    return model
+
+
+def _walk(model, size: int) -> None:
+    """Read every table and index the importer will use. A flatbuffer has no checksum and the Python reader no
+    verifier: garbage after a valid header would fail deep inside TVM, or loop over a garbage length."""
+    def count(n: int) -> int:
+        if not 0 <= n <= size:
+            raise ValueError(f"a length of {n} in a {size}-byte file")
+        return n
+
+    def index(i: int, n: int) -> None:
+        if not -1 <= i < n:                      # -1: an optional input left out
+            raise ValueError(f"index {i} of {n}")
+
+    from tflite.BuiltinOperator import BuiltinOperator
+
+    known_ops = {v for k, v in vars(BuiltinOperator).items() if not k.startswith("_")}
+    codes, buffers = count(model.OperatorCodesLength()), count(model.BuffersLength())
+    for i in range(codes):
+        code = model.OperatorCodes(i)
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) not in known_ops:   # as TVM reads it
+            raise ValueError(f"operator code {code.BuiltinCode()}")
+        code.CustomCode()
+    for i in range(buffers):
+        count(model.Buffers(i).DataLength())
+    if not count(model.SubgraphsLength()):
+        raise ValueError("no subgraph")
+    for g in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(g)
+        tensors = count(sg.TensorsLength())
+        for i in range(tensors):
+            t = sg.Tensors(i)
+            (t.Name() or b"").decode("utf-8")
+            count(t.ShapeLength()), count(t.ShapeSignatureLength())
+            t.ShapeAsNumpy(), t.ShapeSignatureAsNumpy(), t.Type()
+            index(t.Buffer(), buffers)
+        for i in [*map(sg.Inputs, range(count(sg.InputsLength()))), *map(sg.Outputs, range(count(sg.OutputsLength())))]:
+            index(i, tensors)
+            if i < 0 or not isinstance(sg.Tensors(i).ShapeAsNumpy(), np.ndarray):   # the signature needs a shape
+                raise ValueError(f"model input or output {i} without a shape")
+        for i in range(count(sg.OperatorsLength())):
+            op = sg.Operators(i)
+            index(op.OpcodeIndex(), codes)
+            for j in range(count(op.InputsLength())):
+                index(op.Inputs(j), tensors)
+            for j in range(count(op.OutputsLength())):
+                index(op.Outputs(j), tensors)
+            op.BuiltinOptionsType()
 
 
 def _converter(model):
