@@ -157,6 +157,21 @@ def staging_dir(dest: Path):
 
 
 @contextlib.contextmanager
+def new_dir(final: Path):
+    """Build a directory that appears at `final` whole or not at all (a cache entry): the block fills a staging
+    sibling, which is then renamed to `final`, unless another process got there first (theirs is kept)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with staging_dir(final) as tmp:
+        yield tmp
+        tmp.chmod(0o755)           # mkdtemp made it private
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+
+
+@contextlib.contextmanager
 def output_lock(dest: Path):
     """Claim an output path for a whole build, so that a second build to it fails at once instead of both
     reporting success. Keyed by the resolved path, in the cache dir (never next to the user's files)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgecError, last_stderr_line
+from .fsutil import atomic_write, new_dir
 
 if TYPE_CHECKING:
     from .targets import Target
@@ -89,29 +90,11 @@ def _host_runtime_dir(tvm_v: str, ffi_v: str) -> Path:
     key = hashlib.sha256(str(tvm_pkg.resolve()).encode()).hexdigest()[:12]
     final = cache_dir() / "runtime" / f"{host_arch()}-tvm{tvm_v}-ffi{ffi_v}-{key}"
     if not final.is_dir():
-        tmp = _temp_sibling(final)
-        for rel, src in sources.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).symlink_to(src)
-        _publish(tmp, final)
+        with new_dir(final) as tmp:
+            for rel, src in sources.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).symlink_to(src)
     return final
-
-
-def _temp_sibling(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published dir should read like any other cache dir
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Atomically move a finished dir into place; if another process won the race, keep theirs."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
-            raise
 
 
 def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
@@ -119,8 +102,7 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--platform", _check_arch(arch), "--python-version", _WHEEL_PYTHON,
            f"apache-tvm=={tvm_v}", f"apache-tvm-ffi=={ffi_v}"]
-    tmp = _temp_sibling(final)
-    try:
+    with new_dir(final) as tmp:
         wheels = tmp / "wheels"
         proc = subprocess.run([*cmd, "--dest", str(wheels)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -147,10 +129,6 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
             raise EdgecError(f"the {arch} TVM wheels lack {', '.join(missing)}", "the wheel layout changed; "
                              "pin apache-tvm and apache-tvm-ffi to versions edgec supports")
         shutil.rmtree(wheels)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, final)
 
 
 # The runner's sources, the same bytes in every bundle of one edgec version (templates/bundle).
@@ -198,9 +176,7 @@ def build_runner(bundle_dir: Path, target: Target) -> Path:
                 raise EdgecError(f"building the {target.arch} runner failed:\n{tail}",
                                  f"check {bundle_dir / 'main.cc'} and the compiler {cxx}")
         runner.parent.mkdir(parents=True, exist_ok=True)
-        tmp_runner = runner.with_name(f".{runner.name}.{os.getpid()}")
-        shutil.copy2(build_dir / "edgec_run", tmp_runner)
-        os.replace(tmp_runner, runner)
+        atomic_write(runner, (build_dir / "edgec_run").read_bytes(), mode=0o777)
     return runner
 
 

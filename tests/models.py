@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgec.fsutil import atomic_write
+
 # name -> (pip requirement, path of the model inside the wheel)
 REAL_MODELS = {
     "ppocrv4_det": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
@@ -48,15 +50,8 @@ def real_model(name: str) -> Path:
         with zipfile.ZipFile(wheels[0]) as zf:
             for req, mem in REAL_MODELS.values():
                 if req == requirement:
-                    _write_atomic(dest.parent / Path(mem).name, zf.read(mem))
+                    atomic_write(dest.parent / Path(mem).name, zf.read(mem))
     return dest
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Write then rename, so a concurrent or interrupted run never sees a partial file.
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    part.write_bytes(data)
-    os.replace(part, path)
 
 
 # Measured max |TVM - reference| (untuned llvm build, 3 seeds of the inputs below): mobilenetv2 9.1e-6
