@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -47,6 +48,7 @@ def _own_stderr(quiet: bool):
     try:
         yield user
     finally:
+        gc.collect()
         sys.stderr.close()
         sys.stderr = saved_stream
         user.flush()
@@ -86,7 +88,9 @@ class _Group(click.Group):
                 if ctx.params.get("verbose"):
                     traceback.print_exc()
                 _err(line)
-                ctx.exit(code)
+            # Exiting from outside the except block lets the error's traceback go, and with it the TVM objects
+            # that print from their destructors ("BlockBuilder destroyed..."), while stderr is still quiet.
+            ctx.exit(code)
 
     def make_context(self, info_name, args, parent=None, **extra):
         # edgec's own options are parsed before invoke(): a bad one needs the same one line
