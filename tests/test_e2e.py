@@ -82,7 +82,7 @@ def test_cnn_host_cpp_runner(cnn, cnn_host):
 
 def test_cnn_rpi4_under_qemu(cnn, cnn_rpi4):
     assert elf_machine(cnn_rpi4.bundle_dir / "model.so") == ELF_MACHINE["aarch64"]
-    assert cnn_rpi4.manifest.target["tvm_target"]["mcpu"] == "cortex-a72"
+    assert cnn_rpi4.manifest.target.tvm_target["mcpu"] == "cortex-a72"
     assert_close_to_reference(cnn, cnn_rpi4.bundle_dir, expect_mode="qemu")
 
 
@@ -115,12 +115,14 @@ def test_bundle_contents_and_manifest(cnn, cnn_host):
     b, m = cnn_host.bundle_dir, cnn_host.manifest
     for name in ("model.so", "params.bin", "manifest.json", "main.cc", "CMakeLists.txt", "run.py", "README.md"):
         assert (b / name).is_file(), name
-    assert m.inputs[0].to_json() == {"name": "input", "shape": [1, 3, 224, 224], "dtype": "float32"}
+    assert m.inputs[0].to_json() == {"name": "input", "shape": [1, 3, 224, 224], "dtype": "float32",
+                                     "file": "0-input.npy"}
     assert m.outputs[0].shape == (1, 1000)
     assert m.model_sha256 == sha256_file(cnn)
     assert set(m.versions) == {"edgec", "tvm", "tvm_ffi"}
-    assert all(m.files[rel] == sha256_file(b / rel) for rel in m.files)
-    assert "params.bin" in m.files and "sample/expected/logits.npy" in m.files
+    assert all(m.files[rel].sha256 == sha256_file(b / rel) for rel in m.files)
+    on_disk = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(m.files) == on_disk and "params.bin" in on_disk and "sample/expected/0-logits.npy" in on_disk
     readme = (b / "README.md").read_text()
     assert "edgec_run" in readme and "run.py --check" in readme and "logits" in readme
     with tarfile.open(cnn_host.archive) as tar:
@@ -133,7 +135,7 @@ def test_bundle_run_py_standalone(cnn_host):
     proc = subprocess.run([sys.executable, str(cnn_host.bundle_dir / "run.py"), "--check", "--repeat", "2"],
                           capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
-    assert "check: max error relative to the output range" in proc.stdout
+    assert "check logits: max abs" in proc.stdout and "check: ok" in proc.stdout
 
 
 @pytest.mark.parametrize("level", [0, 3])

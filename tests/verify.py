@@ -6,18 +6,21 @@ from pathlib import Path
 import numpy as np
 
 from edgec import api
+from edgec.reference import Comparison, Tolerance
 from models import ATOL, RTOL
 
 
 def assert_close_to_reference(model_path: Path, bundle_dir: Path, inputs: dict[str, np.ndarray] | None = None, *,
                               emulate: bool | None = None, expect_mode: str | None = None,
-                              atol: float = ATOL, rtol: float = RTOL):
-    """Run the bundle (in process, native runner or qemu) and assert every output matches onnxruntime / LiteRT."""
+                              tolerance: Tolerance = Tolerance(ATOL, RTOL)) -> tuple[api.RunResult, Comparison]:
+    """Run the bundle (in process, native runner or qemu) and assert every output matches onnxruntime / LiteRT
+    by name, with edgec's one tolerance rule."""
     result = api.run(bundle_dir, inputs, emulate=emulate)
     if expect_mode is not None:
         assert result.mode == expect_mode, result.mode
-    stats, ref_name, ok = api.compare(result, model_path, atol=atol, rtol=rtol)
-    assert ok, f"{bundle_dir.name} ({result.mode}) vs {ref_name}: {stats}"
-    print(f"{bundle_dir.name} ({result.mode}) vs {ref_name}: "
-          + ", ".join(f"{s['name']} max abs {s['max_abs']:.3g} (rel {s['max_rel']:.3g})" for s in stats))
-    return result, stats
+    comparison = api.compare(result, model_path, tolerance)
+    summary = ", ".join(o.problem or f"{o.name} max abs {o.max_abs:.3g} (rel {o.max_rel:.3g})"
+                        for o in comparison.outputs.values())
+    assert comparison.ok, f"{bundle_dir.name} ({result.mode}) vs {comparison.against}: {summary}"
+    print(f"{bundle_dir.name} ({result.mode}) vs {comparison.against}: {summary}")
+    return result, comparison
