@@ -43,13 +43,13 @@ HOSTILE = ("q'uo\"te \\back\\slash */ /* {{ 1234*5 }} {% raw %} %s %d `tick` | <
            + PAYLOAD)
 
 
-def conv_relu(path: Path, x: str = "x", y: str = "y", seed: int = 0) -> Path:
-    """x[1,3,8,8] -> Conv(4, 3x3, pad 1) -> Relu -> y, with the given tensor names."""
+def conv_relu(path: Path, x: str = "x", y: str = "y", seed: int = 0, activation: str = "Relu") -> Path:
+    """x[1,3,8,8] -> Conv(4, 3x3, pad 1) -> Relu (or another activation) -> y, with the given tensor names."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.2).astype(np.float32), "w"),
              numpy_helper.from_array((rng.standard_normal(4) * 0.2).astype(np.float32), "b")]
     graph = helper.make_graph(
-        [helper.make_node("Conv", [x, "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], [y])],
+        [helper.make_node("Conv", [x, "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node(activation, ["c"], [y])],
         "conv_relu", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4, 8, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -323,14 +323,15 @@ def test_intact_bundle_replaced(work, bundle, tmp_path):
 # ------------------------------------------------------------------------------------------ one process
 
 def test_rebuild_in_same_process_runs_new_library(tmp_path):
-    """The dynamic loader reuses a loaded library of the same path: a rebuilt bundle must still run its own."""
+    """The dynamic loader reuses a loaded library of the same path: a rebuilt bundle must still run its own.
+    The second model differs in code (Sigmoid for Relu), not only in weights, which live in params.bin."""
     x = {"x": np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)}
     out = tmp_path / "b"
     first = conv_relu(tmp_path / "first.onnx", seed=0)
     api.build(first, "host", out)
     y1 = api.run(out, x).outputs["y"]
     assert_matches_onnxruntime(first, {"y": y1}, x)
-    second = conv_relu(tmp_path / "second.onnx", seed=1)
+    second = conv_relu(tmp_path / "second.onnx", seed=1, activation="Sigmoid")
     api.build(second, "host", out)
     y2 = api.run(out, x).outputs["y"]
     assert not np.allclose(y1, y2)
