@@ -51,6 +51,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ffi = tvm::ffi;
@@ -724,7 +725,8 @@ Manifest ParseManifest(const std::string& text) {
   if (dev == kDevices.end()) device["kind"].Fail("is not one of cpu, cuda, opencl, vulkan, metal, rocm");
   out.device_kind = kind;
   out.device = DLDevice{dev->second, 0};
-  out.threads = static_cast<int>(std::min<int64_t>(device["threads"].Count(), 1 << 16));
+  // TVM starts as many workers as TVM_NUM_THREADS says: a manifest gets no more than this machine's cores
+  out.threads = static_cast<int>(std::min<int64_t>(device["threads"].Count(), std::thread::hardware_concurrency()));
   device["memory_mb"].Count();
   for (const Field& lib : device["runtime_libs"].Items()) lib.Str();
   target["tvm"]["target"].Obj();
@@ -899,12 +901,13 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-int ParseCount(const char* arg, const char* what, long min) {
+int ParseCount(const char* arg, const char* what, long min, long max) {
   char* end;
   errno = 0;
   long v = std::strtol(arg, &end, 10);
-  if (*arg == '\0' || *end != '\0' || errno != 0 || v < min || v > 1000000)
-    throw InputError(std::string(what) + " must be a whole number from " + std::to_string(min) + " to 1000000");
+  if (*arg == '\0' || *end != '\0' || errno != 0 || v < min || v > max)
+    throw InputError(std::string(what) + " must be a whole number from " + std::to_string(min) + " to " +
+                     std::to_string(max));
   return static_cast<int>(v);
 }
 
@@ -935,9 +938,9 @@ int Run(int argc, char** argv) {
   for (int c; (c = getopt_long(argc, argv, "d:o:n:w:t:vh", long_options, nullptr)) != -1;) {
     if (c == 'd') bundle_dir = optarg;
     else if (c == 'o') out_dir = optarg;
-    else if (c == 'n') repeat = ParseCount(optarg, "-n REPEAT", 0);
-    else if (c == 'w') warmup = ParseCount(optarg, "-w WARMUP", 0);
-    else if (c == 't') threads = ParseCount(optarg, "-t THREADS", 1);
+    else if (c == 'n') repeat = ParseCount(optarg, "-n REPEAT", 0, 1000000);
+    else if (c == 'w') warmup = ParseCount(optarg, "-w WARMUP", 0, 1000000);
+    else if (c == 't') threads = ParseCount(optarg, "-t THREADS", 1, 1024);
     else if (c == 'V') verify = false;
     else if (c == 'v') verbose = true;
     else throw InputError(kUsage);
@@ -1050,11 +1053,30 @@ int Run(int argc, char** argv) {
   return 0;
 }
 
-// One line, printable: messages can quote names and paths taken from the manifest or the command line.
+// A message as one printable line: it can quote names and bytes taken from the manifest, an input file or the
+// command line. Control characters and bytes that are not valid UTF-8 are shown as \xNN.
 void Message(const char* kind, const std::string& text) {
-  std::string line = std::string("edgec_run: ") + kind + ": " + text;
-  for (char& c : line)
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
+  std::string line = std::string("edgec_run: ") + kind + ": ";
+  for (size_t i = 0; i < text.size();) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    size_t n = c < 0x80 ? 1 : c >= 0xC2 && c < 0xE0 ? 2 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xF0 && c < 0xF5 ? 4 : 0;
+    // the second byte's range excludes overlong forms, UTF-16 surrogates and code points above U+10FFFF
+    unsigned char lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80, hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
+    bool ok = n == 1 ? c >= 0x20 && c != 0x7f : n > 0 && i + n <= text.size();
+    for (size_t k = 1; ok && k < n; ++k) {
+      unsigned char b = static_cast<unsigned char>(text[i + k]);
+      ok = k == 1 ? b >= lo && b <= hi : (b & 0xC0) == 0x80;
+    }
+    if (ok) {
+      line.append(text, i, n);
+      i += n;
+    } else {
+      char hex[5];
+      std::snprintf(hex, sizeof(hex), "\\x%02x", c);
+      line += hex;
+      ++i;
+    }
+  }
   line += '\n';
   if (write(g_stderr, line.data(), line.size()) < 0) return;  // nowhere left to report it
 }
