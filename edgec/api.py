@@ -198,7 +198,7 @@ def _time(fn, runs: int, warmup: int) -> list[float]:
 def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: int | None = None,
           compare_model: str | Path | None = None, measure_memory: bool = True) -> BenchResult:
     """Latency of a host bundle in process and, with compare_model, of the reference runtime in the same run."""
-    from .runtime.local import load_model
+    from .runtime.local import load_bundle
 
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
@@ -218,7 +218,7 @@ def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: i
         ref_latency = Latency.from_times(_time(lambda: ref.run(inputs), runs, warmup), warmup, threads)
         ref_name = ref.name
         del ref
-    model = load_model(bundle_dir, threads)
+    model = load_bundle(bundle_dir, threads)
     with bundle_errors():
         latency = Latency.from_times(model.time(inputs, repeat=runs, warmup=warmup), warmup, threads)
     peak = None

@@ -9,7 +9,7 @@ import numpy as np
 from . import bundle_errors
 
 
-def load_model(bundle_dir: str | Path, threads: int | None = None, verify: bool = True):
+def load_bundle(bundle_dir: str | Path, threads: int | None = None, verify: bool = True):
     """run.py's `Model` for a bundle: every file checked against the manifest (sha256 unless verify=False),
     the library loaded from a private copy of the checked bytes. Its run() and time() raise run.py's
     BundleError; wrap calls in edgec.runtime.bundle_errors() for an EdgecError."""
@@ -20,6 +20,6 @@ def load_model(bundle_dir: str | Path, threads: int | None = None, verify: bool 
 def run_in_process(bundle_dir: str | Path, inputs: dict[str, np.ndarray], threads: int | None = None,
                    verify: bool = True) -> dict[str, np.ndarray]:
     """Outputs by name of one run of a bundle on `inputs`."""
-    model = load_model(bundle_dir, threads, verify)
+    model = load_bundle(bundle_dir, threads, verify)
     with bundle_errors():
         return model.run(inputs)
