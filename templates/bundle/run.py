@@ -383,7 +383,7 @@ def load_npy(source, what):
             return np.load(f, allow_pickle=False)
         except BundleError:
             raise
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError):
+        except Exception:  # numpy's header parser raises whatever tokenize and ast raise on hostile bytes
             raise BundleError(f"{what} is not a .npy file", "save the array with numpy.save") from None
 
 
