@@ -4,8 +4,10 @@ Every case goes through `edgec.cli:main` with click's CliRunner (click 8.2+ keep
 `result.stderr`, `result.stdout`); a few also run `python -m edgec.cli` in a real process to prove that the
 installed entry point behaves the same. `edgec --verbose ...` is the one way to get a traceback.
 
-Builds are few: one module-scoped host bundle of a tiny Conv+Relu model serves every `edgec run` case, and the
-missing-compiler case is the only other build that gets as far as linking.
+Builds are few: one module-scoped host bundle of a tiny Conv+Relu model serves every `edgec run` case; the
+others that get as far as linking are the missing compiler, the positive TFLite control, -o at a file and the
+memory budget. A full disk and a read-only directory are real: a tmpfs and a read-only bind mount in a private
+mount namespace (`unshare -Urm`), skipped where the kernel allows no user namespaces.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from edgec.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RPI4_TOML = REPO / "targets" / "rpi4.toml"
+HOST_TOML = REPO / "targets" / "host.toml"
 SHAPE = (1, 3, 8, 8)
 USER_ERROR = 2
 
@@ -50,6 +53,79 @@ def conv_relu_onnx(path: Path, seed: int = 0, batch: int | str = 1) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 8, 8])], inits)
     return _save(graph, path)
+
+
+def tiny_onnx(path: Path, nodes, inputs=(("x", [1, 4]),), outputs=(("y", [1, 4]),), inits=(), opset: int = 17,
+              ir: int = 8) -> Path:
+    """A float32 graph saved without onnx.checker: the point is often that it is invalid."""
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in outputs], list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    onnx.save(model, path)
+    return path
+
+
+def relu_tflite(path: Path, shape=(1, 4)) -> Path:
+    """A valid one-operator TFLite model (RELU on float32 x -> y), written with the tflite package's builders."""
+    import importlib
+
+    import flatbuffers
+
+    Model, SubGraph, Tensor, Operator, OperatorCode, Buffer = (importlib.import_module(f"tflite.{m}") for m in (
+        "Model", "SubGraph", "Tensor", "Operator", "OperatorCode", "Buffer"))
+    from tflite.BuiltinOperator import BuiltinOperator
+    from tflite.TensorType import TensorType
+
+    b = flatbuffers.Builder(1024)
+
+    def vector(start, items, prepend):
+        start(b, len(items))
+        for item in reversed(items):
+            prepend(item)
+        return b.EndVector()
+
+    tensors = []
+    for name in ("x", "y"):
+        name_off = b.CreateString(name)
+        shape_off = vector(Tensor.TensorStartShapeVector, list(shape), b.PrependInt32)
+        Tensor.TensorStart(b)
+        Tensor.TensorAddShape(b, shape_off)
+        Tensor.TensorAddType(b, TensorType.FLOAT32)
+        Tensor.TensorAddName(b, name_off)
+        tensors.append(Tensor.TensorEnd(b))
+    op_in = vector(Operator.OperatorStartInputsVector, [0], b.PrependInt32)
+    op_out = vector(Operator.OperatorStartOutputsVector, [1], b.PrependInt32)
+    Operator.OperatorStart(b)
+    Operator.OperatorAddInputs(b, op_in)
+    Operator.OperatorAddOutputs(b, op_out)
+    op = Operator.OperatorEnd(b)
+    sg_parts = (vector(SubGraph.SubGraphStartTensorsVector, tensors, b.PrependUOffsetTRelative),
+                vector(SubGraph.SubGraphStartInputsVector, [0], b.PrependInt32),
+                vector(SubGraph.SubGraphStartOutputsVector, [1], b.PrependInt32),
+                vector(SubGraph.SubGraphStartOperatorsVector, [op], b.PrependUOffsetTRelative))
+    SubGraph.SubGraphStart(b)
+    for add, part in zip((SubGraph.SubGraphAddTensors, SubGraph.SubGraphAddInputs, SubGraph.SubGraphAddOutputs,
+                          SubGraph.SubGraphAddOperators), sg_parts):
+        add(b, part)
+    subgraph = SubGraph.SubGraphEnd(b)
+    OperatorCode.OperatorCodeStart(b)
+    OperatorCode.OperatorCodeAddBuiltinCode(b, BuiltinOperator.RELU)
+    OperatorCode.OperatorCodeAddDeprecatedBuiltinCode(b, BuiltinOperator.RELU)
+    OperatorCode.OperatorCodeAddVersion(b, 1)
+    code = OperatorCode.OperatorCodeEnd(b)
+    Buffer.BufferStart(b)
+    empty = Buffer.BufferEnd(b)
+    model_parts = (vector(Model.ModelStartSubgraphsVector, [subgraph], b.PrependUOffsetTRelative),
+                   vector(Model.ModelStartOperatorCodesVector, [code], b.PrependUOffsetTRelative),
+                   vector(Model.ModelStartBuffersVector, [empty], b.PrependUOffsetTRelative))
+    Model.ModelStart(b)
+    Model.ModelAddVersion(b, 3)
+    for add, part in zip((Model.ModelAddSubgraphs, Model.ModelAddOperatorCodes, Model.ModelAddBuffers), model_parts):
+        add(b, part)
+    b.Finish(Model.ModelEnd(b), file_identifier=b"TFL3")
+    path.write_bytes(bytes(b.Output()))
+    return path
 
 
 def unsupported_onnx(path: Path) -> Path:
@@ -117,6 +193,45 @@ def check_cli_error(result, *keywords: str, code: int = USER_ERROR) -> str:
 
 def entries(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
+
+
+def host_target(directory: Path, *, compiler: str = "g++", memory_mb: str = '"auto"') -> Path:
+    """A copy of targets/host.toml with another compiler command or memory budget."""
+    text = _edit_toml(HOST_TOML.read_text(), 'compiler = "g++"', f'compiler = "{compiler}"')
+    path = directory / f"host-{compiler}-{memory_mb.strip(chr(34))}.toml"
+    path.write_text(_edit_toml(text, 'memory_mb = "auto"', f"memory_mb = {memory_mb}"))
+    return path
+
+
+def fake_compiler(directory: Path, name: str, script: str) -> Path:
+    """An executable `name` in directory/bin running the sh `script` (the compiler's arguments are "$@");
+    returns the bin directory, to put first on PATH."""
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _can_unshare() -> bool:
+    return shutil.which("unshare") is not None and \
+        subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+
+
+needs_mount_namespace = pytest.mark.skipif(not _can_unshare(),
+                                           reason="needs user and mount namespaces (unshare -Urm)")
+
+
+def cli_in_mount(mount: str, mnt: Path, *args, cwd: Path):
+    """Run edgec in a private mount namespace where the directory `mnt` is read-only ("ro") or a full 64 KiB
+    tmpfs ("full"). Returns the process and the names `mnt` holds afterwards, as seen from inside."""
+    setup = {"ro": 'mount --bind "$mnt" "$mnt" && mount -o remount,bind,ro "$mnt"',
+             "full": 'mount -t tmpfs -o size=64k tmpfs "$mnt"'}[mount]
+    script = f'mnt="$1"; shift; {setup} || exit 99; "$@" >/dev/null; rc=$?; echo "$(ls -A "$mnt")"; exit $rc'
+    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", str(mnt), sys.executable, "-m", "edgec.cli",
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 99, f"could not set up the mount: {proc.stderr}"
+    return proc, set(proc.stdout.split())
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -326,8 +441,8 @@ def test_disable_unknown_pass(work, tmp_path):
 
 
 def test_disable_required_pass(work, tmp_path):
-    result = cli("build", work / "model.onnx", "--disable-pass", "legalize", "-o", tmp_path / "out")
-    check_cli_error(result, "'legalize'", "cannot be disabled", "edgec passes")
+    result = cli("build", work / "model.onnx", "--disable-pass", "legalize-ops", "-o", tmp_path / "out")
+    check_cli_error(result, "'legalize-ops'", "cannot be disabled", "edgec passes")
     assert not (tmp_path / "out").exists()
 
 
@@ -395,3 +510,196 @@ def test_verbose_prints_traceback_real_process(tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "EdgecError" in proc.stderr
     assert proc.stderr.splitlines()[-1] == "error: model file missing.onnx does not exist; check the path"
+
+
+# --------------------------------------------------------------------------------------------- 12: broken model files
+
+def test_corrupt_tflite_body(tmp_path):
+    """A valid TFL3 header with garbage after it: the flatbuffer reader has no verifier, edgec walks it."""
+    good = relu_tflite(tmp_path / "good.tflite").read_bytes()
+    rng = np.random.default_rng(0)
+    for i, body in enumerate([rng.bytes(len(good) - 8), rng.bytes(4000), good[8:len(good) // 2]]):
+        model = tmp_path / f"corrupt{i}.tflite"
+        model.write_bytes(good[:8] + body)
+        result = cli("build", model, "-o", tmp_path / "out")
+        check_cli_error(result, model.name, "not a valid TFLite model", "corrupt", "complete .tflite export")
+    assert not (tmp_path / "out").exists()
+
+
+def test_valid_tflite_passes_the_corruption_check(tmp_path):
+    """Positive control for the walk above: the same model uncorrupted builds."""
+    result = cli("build", relu_tflite(tmp_path / "good.tflite"), "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_onnx_ir_version_too_new(tmp_path):
+    model = tiny_onnx(tmp_path / "ir99.onnx", [helper.make_node("Relu", ["x"], ["y"])], ir=99)
+    check_cli_error(cli("build", model, "-o", tmp_path / "out"), "ir99.onnx", "IR version 99", "older IR version")
+
+
+def test_onnx_opset_too_new_for_tvm(tmp_path):
+    model = tiny_onnx(tmp_path / "opset99.onnx", [helper.make_node("Relu", ["x"], ["y"])], opset=99)
+    check_cli_error(cli("build", model, "-o", tmp_path / "out"), "opset99.onnx", "opset 99", "older opset")
+
+
+def test_onnx_opset_too_old_for_tvm(tmp_path):
+    """Reshape-1 takes its shape as an attribute; TVM's oldest Reshape converter (opset 13) reads an input."""
+    model = tiny_onnx(tmp_path / "old.onnx", [helper.make_node("Reshape", ["x"], ["y"], shape=[4, 1])],
+                      outputs=(("y", [4, 1]),), opset=1, ir=3)
+    check_cli_error(cli("build", model, "-o", tmp_path / "out"), "old.onnx", "Reshape", "opset 1", "opset 13")
+
+
+def test_missing_external_data_file(tmp_path):
+    w = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "ext",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.weights",
+                    size_threshold=0)
+    (tmp_path / "ext.weights").unlink()
+    line = check_cli_error(cli("build", tmp_path / "ext.onnx", "-o", tmp_path / "out"), "ext.onnx", "'w'",
+                           "ext.weights", "missing")
+    assert "ValidationError" not in line
+
+
+@pytest.mark.parametrize("case,nodes,words", [
+    ("dangling", [helper.make_node("Relu", ["nowhere"], ["y"])], ["'nowhere'", "no node"]),
+    ("cyclic", [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                helper.make_node("Relu", ["a"], ["y"])], ["cycle"]),
+])
+def test_malformed_onnx_graph_is_named(tmp_path, case, nodes, words):
+    model = tiny_onnx(tmp_path / f"{case}.onnx", nodes)
+    line = check_cli_error(cli("build", model, "-o", tmp_path / "out"), f"{case}.onnx", "malformed", *words)
+    assert "--input-shape" not in line
+
+
+def test_unsorted_onnx_graph_builds(tmp_path):
+    """Acyclic but out of order (ONNX wants topological order, onnxruntime sorts): edgec sorts it too."""
+    model = tiny_onnx(tmp_path / "unsorted.onnx", [helper.make_node("Relu", ["a"], ["y"]),
+                                                    helper.make_node("Neg", ["x"], ["a"])])
+    result = cli("build", model, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+def test_tvm_messages_stay_off_stderr_real_process(tmp_path):
+    """TVM's importer fails here and its BlockBuilder complains from C++ on fd 2: only --verbose shows that."""
+    model = tiny_onnx(tmp_path / "bad.onnx", [helper.make_node("Reshape", ["x", "x"], ["y"])])
+    proc = cli_process("build", model, "-o", "out", cwd=tmp_path)
+    check_error(proc.stderr, proc.returncode, "bad.onnx", "importer failed")
+    verbose = cli_process("--verbose", "build", model, "-o", "out", cwd=tmp_path)
+    assert "BlockBuilder" in verbose.stderr, "control: the quiet run had a TVM message to hide"
+
+
+# --------------------------------------------------------------------------------------------- 13: options
+
+def test_input_shape_too_large_is_refused_before_allocating(tmp_path):
+    model = tiny_onnx(tmp_path / "dyn.onnx", [helper.make_node("Relu", ["x"], ["y"])],
+                      inputs=(("x", ["a", "b", "c", "d"]),), outputs=(("y", ["a", "b", "c", "d"]),))
+    for spec, size in [("x:99999999x99999999x3x3", "9e+16"), (f"x:{'9' * 40}x3", "3e+40")]:
+        check_cli_error(cli("build", model, "--input-shape", spec, "-o", tmp_path / "out"), spec, size, "elements")
+
+
+def test_conflicting_pins_of_one_input(tmp_path):
+    model = conv_relu_onnx(tmp_path / "dyn.onnx", batch="batch")
+    result = cli("build", model, "--input-shape", "x:1x3x8x8", "--input-shape", "x:2x3x8x8", "-o", tmp_path / "out")
+    check_cli_error(result, "'x'", "twice", "1x3x8x8", "2x3x8x8")
+
+
+@pytest.mark.parametrize("option,value", [("--runs", "0"), ("--runs", "-3"), ("--warmup", "-1"), ("--threads", "0")])
+def test_bench_counts_out_of_range(bundle, option, value):
+    check_cli_error(cli("bench", bundle, option, value), option, value, "range", "--help")
+
+
+def test_missing_compare_model(bundle, tmp_path):
+    for command in ("run", "bench"):
+        check_cli_error(cli(command, bundle, "--compare", tmp_path / "gone.onnx"), "--compare", "gone.onnx",
+                        "does not exist")
+
+
+def test_usage_error_is_one_line_real_process(tmp_path):
+    proc = cli_process("--no-such-option", "build", cwd=tmp_path)
+    check_error(proc.stderr, proc.returncode, "--no-such-option")
+
+
+def test_input_path_holding_equals_sign(work, bundle, tmp_path):
+    path = Path(shutil.copy(work / "good.npy", tmp_path / "a=b.npy"))
+    result = cli("run", bundle, "--input", path)
+    assert result.exit_code == 0, result.output
+    named = cli("run", bundle, "--input", f"x={path}")
+    assert named.exit_code == 0, named.output
+
+
+def test_target_file_not_utf8(work, tmp_path):
+    toml = tmp_path / "latin1.toml"
+    toml.write_bytes(RPI4_TOML.read_bytes().replace(b"Raspberry Pi 4", b"Raspberry Pi \xe9"))
+    check_cli_error(cli("build", work / "model.onnx", "--target", toml, "-o", tmp_path / "out"), "latin1.toml",
+                    "UTF-8")
+
+
+def test_internal_error_is_kept_for_bugs(work, tmp_path, monkeypatch):
+    import edgec.api
+
+    monkeypatch.setattr(edgec.api, "build", lambda *a, **k: 1 / 0)
+    check_cli_error(cli("build", work / "model.onnx", "-o", tmp_path / "out"), "internal error",
+                    "ZeroDivisionError", "report it", code=1)
+
+
+# --------------------------------------------------------------------------------------------- 14: where -o points
+
+def test_output_at_an_existing_file(work, tmp_path):
+    (tmp_path / "out").write_text("mine\n")
+    check_cli_error(cli("build", work / "model.onnx", "-o", tmp_path / "out"), "out", "not a directory")
+    assert (tmp_path / "out").read_text() == "mine\n"
+
+
+@needs_mount_namespace
+def test_output_in_a_read_only_directory(work, tmp_path):
+    (tmp_path / "ro").mkdir()
+    proc, left = cli_in_mount("ro", tmp_path / "ro", "build", work / "model.onnx", "-o", tmp_path / "ro" / "out",
+                              cwd=tmp_path)
+    check_error(proc.stderr, proc.returncode, "cannot write in", "read-only file system")
+    assert left == set()
+
+
+@needs_mount_namespace
+def test_output_on_a_full_disk(work, tmp_path):
+    (tmp_path / "full").mkdir()
+    proc, left = cli_in_mount("full", tmp_path / "full", "build", work / "model.onnx", "-o", tmp_path / "full" / "out",
+                              cwd=tmp_path)
+    line = check_error(proc.stderr, proc.returncode, "no space left", str(tmp_path / "full"), "full")
+    assert "not permitted" not in line
+    assert left == set(), "a build that ran out of space must leave no staging dir behind"
+
+
+# --------------------------------------------------------------------------------------------- 15: memory budget
+
+def _big_matmul(path: Path) -> Path:
+    """x[1,512] @ w[512,1024]: 2 MiB of weights, over a 1 MiB budget."""
+    w = numpy_helper.from_array(np.zeros((512, 1024), np.float32), "w")
+    return tiny_onnx(path, [helper.make_node("MatMul", ["x", "w"], ["y"])], inputs=(("x", [1, 512]),),
+                     outputs=(("y", [1, 1024]),), inits=[w])
+
+
+def test_memory_over_budget_warns(tmp_path):
+    result = cli("build", _big_matmul(tmp_path / "big.onnx"), "-t", host_target(tmp_path, memory_mb="1"),
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: ") and "memory_mb = 1" in result.stderr, result.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_memory_over_budget_refused_with_strict_memory(tmp_path):
+    result = cli("build", _big_matmul(tmp_path / "big.onnx"), "-t", host_target(tmp_path, memory_mb="1"),
+                 "--strict-memory", "-o", tmp_path / "out")
+    check_cli_error(result, "MiB", "memory_mb = 1", "--strict-memory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_within_budget_is_quiet(tmp_path):
+    """Control: the same model with a budget it fits in."""
+    result = cli("build", _big_matmul(tmp_path / "big.onnx"), "-t", host_target(tmp_path, memory_mb="64"),
+                 "--strict-memory", "-o", tmp_path / "out")
+    assert result.exit_code == 0 and result.stderr == "", result.output
