@@ -5,7 +5,8 @@
 //   Inputs are .npy files in the manifest's input order; with none, the bundle's sample inputs are used.
 //   Output i is written as OUT_DIR/<outputs[i].file>. Runs the model once ("first"), WARMUP more times
 //   untimed, then REPEAT timed times, and prints one timing line (with the process's peak resident memory).
-//   THREADS (default: the manifest's target.device.threads; 0 there means TVM's default) sets TVM_NUM_THREADS.
+//   THREADS (default: the manifest's target.device.threads, at most this machine's cores; 0 there means TVM's
+//   default) sets TVM_NUM_THREADS.
 //   Before loading anything it checks the bundle as the spec's "What a runner checks" says: manifest fields,
 //   paths, the exact file set, every size and (unless --no-verify) every sha256.
 //   Exit codes: 0 ok; 2 bad command line, input or bundle; 1 error inside the TVM runtime. Errors are one
@@ -68,7 +69,33 @@ constexpr size_t kMaxDims = 32;                 // numpy's NPY_MAXDIMS
 // Where edgec_run's own messages go: stderr, kept aside while the TVM runtime's log is silenced (see Run).
 int g_stderr = STDERR_FILENO;
 
-void Message(const char* kind, const std::string& text);
+// A message as one printable line: it can quote names and bytes taken from the manifest, an input file or the
+// command line. Control characters and bytes that are not valid UTF-8 are shown as \xNN.
+void Message(const char* kind, const std::string& text) {
+  std::string line = std::string("edgec_run: ") + kind + ": ";
+  for (size_t i = 0; i < text.size();) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    size_t n = c < 0x80 ? 1 : c >= 0xC2 && c < 0xE0 ? 2 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xF0 && c < 0xF5 ? 4 : 0;
+    // the second byte's range excludes overlong forms, UTF-16 surrogates and code points above U+10FFFF
+    unsigned char lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80, hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
+    bool ok = n == 1 ? c >= 0x20 && c != 0x7f : n > 0 && i + n <= text.size();
+    for (size_t k = 1; ok && k < n; ++k) {
+      unsigned char b = static_cast<unsigned char>(text[i + k]);
+      ok = k == 1 ? b >= lo && b <= hi : (b & 0xC0) == 0x80;
+    }
+    if (ok) {
+      line.append(text, i, n);
+      i += n;
+    } else {
+      char hex[5];
+      std::snprintf(hex, sizeof(hex), "\\x%02x", c);
+      line += hex;
+      ++i;
+    }
+  }
+  line += '\n';
+  if (write(g_stderr, line.data(), line.size()) < 0) return;  // nowhere left to report it
+}
 
 // A bad command line, input file or bundle: one line on stderr, exit code 2.
 struct InputError : std::runtime_error {
@@ -171,17 +198,12 @@ bool ReadExact(int fd, void* dst, size_t n) {
   return true;
 }
 
-// Reads a whole file of a known size: the bytes returned are exactly `size` bytes, or an error is thrown.
-std::string ReadAll(const std::string& path, const std::string& what, uint64_t size) {
-  uint64_t actual;
-  Fd f = OpenRegular(path, what, &actual);
-  if (actual != size)
-    throw InputError(what + " " + path + " has " + std::to_string(actual) + " bytes, its size in the manifest is " +
-                     std::to_string(size));
+// The rest of an open file, which must be exactly `size` bytes long.
+std::string ReadRest(const Fd& f, uint64_t size, const std::string& path) {
   std::string bytes(size, '\0');
   char extra;
   if (!ReadExact(f.fd, bytes.data(), size) || read(f.fd, &extra, 1) != 0)
-    throw InputError(what + " " + path + " changed size while it was read");
+    throw InputError(path + " changed size while it was read");
   return bytes;
 }
 
@@ -780,13 +802,11 @@ struct Bundle {
 
 // Spec rules 1-5, in that order, before any byte of the bundle reaches TVM.
 Bundle LoadBundle(const fs::path& dir, bool verify) {
-  fs::path manifest_path = dir / "manifest.json";
+  std::string manifest_path = (dir / "manifest.json").string();
   uint64_t size;
-  {
-    Fd probe = OpenRegular(manifest_path.string(), "bundle manifest", &size);
-  }
-  if (size > kMaxManifestBytes) throw InputError(manifest_path.string() + " is too large to be a manifest");
-  Bundle b{ParseManifest(ReadAll(manifest_path.string(), "bundle manifest", size)), "", ""};
+  Fd manifest = OpenRegular(manifest_path, "bundle manifest", &size);
+  if (size > kMaxManifestBytes) throw InputError(manifest_path + " is too large to be a manifest");
+  Bundle b{ParseManifest(ReadRest(manifest, size, manifest_path)), "", ""};
   const auto& files = b.manifest.files;
 
   // The files on disk, without following any symlink, must be exactly the listed ones.
@@ -813,12 +833,13 @@ Bundle LoadBundle(const fs::path& dir, bool verify) {
     std::string* keep = rel == b.manifest.library ? &b.library : rel == b.manifest.params ? &b.params : nullptr;
     if (keep == nullptr && !verify) continue;
     Sha256 h;
+    uint64_t actual, total = 0;
+    Fd f = OpenRegular(path, "bundle file", &actual);
+    if (actual != entry.size) throw InputError("bundle file " + rel + " changed size while it was checked");
     if (keep != nullptr) {
-      *keep = ReadAll(path, "bundle file", entry.size);
+      *keep = ReadRest(f, entry.size, path);
       h.Update(reinterpret_cast<const unsigned char*>(keep->data()), keep->size());
     } else {
-      uint64_t actual, total = 0;
-      Fd f = OpenRegular(path, "bundle file", &actual);
       std::vector<unsigned char> buf(1 << 20);
       for (ssize_t got; (got = read(f.fd, buf.data(), buf.size())) != 0;) {
         if (got < 0 && errno == EINTR) continue;
@@ -1051,34 +1072,6 @@ int Run(int argc, char** argv) {
               "threads=%d\n", load_ms, first_ms, median_ms, times[0], PeakRssKb(), repeat, warmup,
               Global("runtime.NumThreads")().cast<int>());
   return 0;
-}
-
-// A message as one printable line: it can quote names and bytes taken from the manifest, an input file or the
-// command line. Control characters and bytes that are not valid UTF-8 are shown as \xNN.
-void Message(const char* kind, const std::string& text) {
-  std::string line = std::string("edgec_run: ") + kind + ": ";
-  for (size_t i = 0; i < text.size();) {
-    unsigned char c = static_cast<unsigned char>(text[i]);
-    size_t n = c < 0x80 ? 1 : c >= 0xC2 && c < 0xE0 ? 2 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xF0 && c < 0xF5 ? 4 : 0;
-    // the second byte's range excludes overlong forms, UTF-16 surrogates and code points above U+10FFFF
-    unsigned char lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80, hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
-    bool ok = n == 1 ? c >= 0x20 && c != 0x7f : n > 0 && i + n <= text.size();
-    for (size_t k = 1; ok && k < n; ++k) {
-      unsigned char b = static_cast<unsigned char>(text[i + k]);
-      ok = k == 1 ? b >= lo && b <= hi : (b & 0xC0) == 0x80;
-    }
-    if (ok) {
-      line.append(text, i, n);
-      i += n;
-    } else {
-      char hex[5];
-      std::snprintf(hex, sizeof(hex), "\\x%02x", c);
-      line += hex;
-      ++i;
-    }
-  }
-  line += '\n';
-  if (write(g_stderr, line.data(), line.size()) < 0) return;  // nowhere left to report it
 }
 
 }  // namespace
