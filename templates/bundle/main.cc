@@ -345,13 +345,7 @@ class NpyHeaderParser {
 // before the header has been checked against the spec and the file's size against the spec's byte count.
 ffi::Tensor ReadNpy(const std::string& path, const TensorSpec& spec) {
   uint64_t file_size;
-  Fd f = [&] {
-    try {
-      return OpenRegular(path, "input file", &file_size);
-    } catch (const InputError&) {
-      throw InputError("cannot open input file " + path);
-    }
-  }();
+  Fd f = OpenRegular(path, "input file", &file_size);
   unsigned char prefix[12];
   if (!ReadExact(f.fd, prefix, 8) || std::memcmp(prefix, "\x93NUMPY", 6) != 0)
     throw InputError(path + ": not a .npy file");
