@@ -122,29 +122,25 @@ def load_inputs(manifest: Manifest, paths: list[str] | None, seed: int = 0) -> d
 
 def run(bundle_dir: str | Path, inputs: dict[str, np.ndarray] | None = None, *, emulate: bool | None = None,
         threads: int | None = None, verify: bool = True) -> RunResult:
-    """Run a bundle: in process when it is for this machine, else through its C++ runner under qemu.
+    """Run a bundle the way its target runs here (runtime.choose_runner): in process for this machine's
+    architecture, else through its C++ runner under the descriptor's emulator.
 
     emulate=True forces the C++ runner (under qemu when the architecture differs) even for a host bundle.
     Every runner checks the bundle's files against its manifest first; verify=False skips the sha256s.
     """
+    from .runtime import IN_PROCESS, NATIVE_RUNNER, choose_runner, run_bundle
+
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
     inputs = inputs if inputs is not None else random_inputs(manifest.inputs)
     check_inputs(manifest.inputs, inputs)
-    foreign = manifest.arch != host_arch()
-    if emulate is False and foreign:
+    if emulate is False and manifest.arch != host_arch():
         raise EdgecError(f"the bundle is for {manifest.arch} and this machine is {host_arch()}",
                          "run it under emulation (drop --no-emulate) or on the board")
-    if emulate or foreign:
-        from .runtime.native import run_with_runner
-
-        # build_runner compiles the bundle's main.cc: check it is the one the manifest lists first.
-        Manifest.load(bundle_dir, check_files=True, verify=verify)
-        result = run_with_runner(bundle_dir, inputs, threads=threads, verify=verify)
-        return RunResult(result.outputs, inputs, "qemu" if result.emulated else "native runner")
-    from .runtime.local import run_in_process
-
-    return RunResult(run_in_process(bundle_dir, inputs, threads, verify), inputs, "in-process")
+    runner = choose_runner(manifest.target)
+    if emulate and runner == IN_PROCESS:
+        runner = NATIVE_RUNNER
+    return RunResult(run_bundle(bundle_dir, inputs, runner, threads, verify), inputs, runner)
 
 
 def compare(run_result: RunResult, model_path: str | Path, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Comparison:

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgecError
+from .errors import EdgecError, last_line
 
 _HINT = "pip install 'edgec[verify]'"
+
+
+class ReferenceUnavailable(EdgecError):
+    """The reference runtime cannot give outputs for this model here: it is not installed, there is none for
+    the format, it refuses the model (e.g. an IR version or opset it does not know), or it fails on the input.
+    A build goes on and marks the bundle "not verified" with this reason."""
 
 
 class ReferenceRuntime:
@@ -24,7 +30,7 @@ class ReferenceRuntime:
         elif suffix == ".tflite":
             self._init_tflite(threads)
         else:
-            raise EdgecError(f"no reference runtime for '{self.path.name}'", "use a .onnx or .tflite model")
+            raise ReferenceUnavailable(f"no reference runtime for '{self.path.name}'", "use a .onnx or .tflite model")
 
     def _source(self) -> str | bytes:
         """The path, or the file's bytes when the path is not valid UTF-8 (file names are bytes on Linux),
@@ -35,17 +41,24 @@ class ReferenceRuntime:
         except UnicodeEncodeError:
             return self.path.read_bytes()
 
+    def _refused(self, error: Exception) -> ReferenceUnavailable:
+        return ReferenceUnavailable(f"{self.name} cannot load {self.path.name}: {last_line(error)}",
+                                    "check that this runtime version supports the model (IR version, opsets)")
+
     def _init_onnx(self, threads):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise EdgecError("onnxruntime is not installed", _HINT) from None
+            raise ReferenceUnavailable("onnxruntime is not installed", _HINT) from None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self._sess = ort.InferenceSession(self._source(), opts, providers=["CPUExecutionProvider"])
         self.name = f"onnxruntime {ort.__version__}"
+        try:
+            self._sess = ort.InferenceSession(self._source(), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a model it refuses
+            raise self._refused(e) from e
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self._run = lambda feeds: self._sess.run(self.output_names, feeds)
@@ -54,12 +67,15 @@ class ReferenceRuntime:
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
-            raise EdgecError("ai-edge-litert is not installed", _HINT) from None
-        source = self._source()
-        self._interp = Interpreter(**{"model_content" if isinstance(source, bytes) else "model_path": source},
-                                   num_threads=threads)
-        self._interp.allocate_tensors()
+            raise ReferenceUnavailable("ai-edge-litert is not installed", _HINT) from None
         self.name = f"LiteRT {version('ai-edge-litert')}"
+        source = self._source()
+        try:
+            self._interp = Interpreter(**{"model_content" if isinstance(source, bytes) else "model_path": source},
+                                       num_threads=threads)
+            self._interp.allocate_tensors()
+        except Exception as e:  # LiteRT raises ValueError or RuntimeError for a model it refuses
+            raise self._refused(e) from e
         # Detail order is the subgraph's input/output order, which is also the order of the parameters and
         # tuple fields of `main` made by tvm.relax.frontend.tflite.from_tflite.
         self._inputs = self._interp.get_input_details()
@@ -80,7 +96,12 @@ class ReferenceRuntime:
         if set(inputs) != set(self.input_names):
             raise EdgecError(f"inputs {sorted(inputs)} do not match {self.path.name}'s inputs {self.input_names}",
                              "pass one array per model input, keyed by its name in the model")
-        return {name: np.asarray(out) for name, out in zip(self.output_names, self._run(inputs))}
+        try:
+            outputs = self._run(inputs)
+        except Exception as e:  # e.g. an index input out of range for the model: the runtime's own error types
+            raise ReferenceUnavailable(f"{self.name} failed on the input: {last_line(e)}",
+                                       "give a valid input with --input") from e
+        return {name: np.asarray(out) for name, out in zip(self.output_names, outputs)}
 
 
 @dataclass(frozen=True)

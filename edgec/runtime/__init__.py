@@ -33,3 +33,42 @@ def bundle_errors():
         yield runner
     except runner.BundleError as e:
         raise EdgecError(e.message, e.hint) from e
+
+
+# How a bundle runs on this machine: the values of choose_runner() and RunResult.mode.
+IN_PROCESS, NATIVE_RUNNER, QEMU = "in-process", "native runner", "qemu"
+
+
+def choose_runner(target) -> str:
+    """How this machine runs code built for `target` (a Target), from its descriptor: in process (run.py) for
+    this architecture, on a device TVM finds here; under the descriptor's emulator (the C++ runner in qemu-user)
+    for another CPU architecture. An EdgecError says why neither works."""
+    from ..toolchain import emulator_command, host_arch
+
+    kind = target.device.kind
+    if target.arch == host_arch():
+        import tvm
+
+        if not tvm.device(kind, 0).exist:
+            raise EdgecError(f"this machine has no {kind} device for {target.name}", "run the bundle on the board")
+        return IN_PROCESS
+    if kind != "cpu":
+        raise EdgecError(f"{target.name} runs on a {kind} device of a {target.arch} machine, which cannot be "
+                         "emulated here", "run the bundle on the board")
+    emulator_command(target)   # raises when the emulator or its sysroot is missing
+    return QEMU
+
+
+def run_bundle(bundle_dir, inputs: dict, runner: str, threads: int | None = None, verify: bool = True) -> dict:
+    """Outputs by name of one run of a bundle through `runner` (a choose_runner() value, or NATIVE_RUNNER for
+    the C++ runner on this machine). Every runner checks the bundle's files first."""
+    if runner == IN_PROCESS:
+        from .local import run_in_process
+
+        return run_in_process(bundle_dir, inputs, threads, verify)
+    from ..manifest import Manifest
+    from .native import run_with_runner
+
+    # edgec builds the C++ runner from the bundle's main.cc: check it is the file the manifest lists first.
+    Manifest.load(bundle_dir, check_files=True, verify=verify)
+    return run_with_runner(bundle_dir, inputs, threads=threads, verify=verify).outputs
