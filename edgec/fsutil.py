@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import EdgecError, Interrupted
@@ -325,6 +326,9 @@ def signals_as_interrupts():
     """While active, SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (as Ctrl-C raises
     KeyboardInterrupt), so every `finally` and context manager cleans up on the way out."""
     global _received, _held_back
+    if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
+        yield
+        return
     _received, _held_back = None, False
     previous = {s: signal.signal(s, _on_signal) for s in HANDLED_SIGNALS}
     try:
