@@ -391,3 +391,37 @@ def test_run_py_check_applies_the_same_rule(bundle, tmp_path, shift, ok):
     proc = run_py(copy, "--check", "--no-verify", cwd=tmp_path)
     assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
     assert compare_outputs({"y": actual}, {"y": moved}, tol).ok is ok
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+def test_runner_chosen_from_the_descriptor():
+    import dataclasses
+
+    import tvm
+
+    from edgec.runtime import choose_runner
+    from edgec.targets import load_target
+
+    host, rpi4 = load_target("host"), load_target("rpi4")
+    assert choose_runner(host) == "in-process"
+    with pytest.raises(EdgecError, match="no emulator"):
+        choose_runner(dataclasses.replace(rpi4, emulator=None))
+    with pytest.raises(EdgecError, match="cuda device .* cannot be emulated"):
+        choose_runner(dataclasses.replace(rpi4, device=dataclasses.replace(rpi4.device, kind="cuda")))
+    if not tvm.cuda().exist:
+        with pytest.raises(EdgecError, match="no cuda device"):
+            choose_runner(dataclasses.replace(host, device=dataclasses.replace(host.device, kind="cuda")))
+
+
+def test_run_py_refuses_a_device_this_machine_lacks(bundle, tmp_path):
+    import tvm
+
+    if tvm.cuda().exist:
+        pytest.skip("this machine has a CUDA device")
+    copy = Path(shutil.copytree(bundle, tmp_path / "b"))
+    m = json.loads((copy / "manifest.json").read_text())
+    m["target"]["device"]["kind"] = "cuda"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    proc = run_py(copy, cwd=tmp_path)
+    assert_one_error(proc.stderr, proc.returncode, "no cuda device")
