@@ -14,6 +14,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import jinja2
 import numpy as np
@@ -185,8 +186,11 @@ def _publish(staging: Path, out_dir: Path, archive: Path | None) -> None:
 
 
 def write_bundle(compiled: CompiledModel, out_dir: Path, sample: Sample | None = None, *,
-                 verification: dict | None = None, archive: bool = False, force: bool = False) -> Manifest:
-    """Export the library and write the whole bundle to out_dir (and with `archive`, OUT.tar.gz), atomically."""
+                 verify: Callable[[Path], dict] | None = None, archive: bool = False, force: bool = False) -> Manifest:
+    """Export the library and write the whole bundle to out_dir (and with `archive`, OUT.tar.gz), atomically.
+
+    `verify(staged_bundle_dir)` runs the complete staged bundle before anything is published and returns the
+    manifest's "verification" entry (or raises, and nothing is published)."""
     out_dir = Path(out_dir).resolve()
     check_outputs(out_dir, archive, force)
     _prepare_destination(out_dir, force)
@@ -195,8 +199,11 @@ def write_bundle(compiled: CompiledModel, out_dir: Path, sample: Sample | None =
         with fsutil.staging_dir(out_dir) as staging:
             bundle = staging / "bundle"
             bundle.mkdir()
-            manifest = _write_into(compiled, bundle, out_dir.name, sample, verification)
+            artifacts = _write_artifacts(compiled, bundle, sample)
             _check_library(bundle / LIBRARY_NAME, compiled.target)
+            manifest = _describe(compiled, bundle, out_dir.name, sample, artifacts, not_verified("not run"))
+            if verify is not None:
+                manifest = _describe(compiled, bundle, out_dir.name, sample, artifacts, verify(bundle))
             if tarball is not None:
                 write_archive(bundle, staging / tarball.name, out_dir.name)
             _publish(staging, out_dir, tarball)
@@ -213,11 +220,11 @@ def _text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _write_into(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sample | None,
-                verification: dict | None) -> Manifest:
+def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
+    """The library, params.bin and sample/; returns (params file name, input and output tensors, sample dirs)."""
     import tvm
 
-    model, target = compiled.model, compiled.target
+    model = compiled.model
     export_library(compiled, tmp / LIBRARY_NAME)
     params_name = None
     if compiled.params:
@@ -233,7 +240,15 @@ def _write_into(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sa
             (tmp / sub).mkdir(parents=True)
             for t in tensors:
                 np.save(tmp / sub / t.file, arrays[t.name])
-    verification = verification or not_verified("not run")
+    return params_name, inputs, outputs, dirs
+
+
+def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sample | None, artifacts,
+              verification: dict) -> Manifest:
+    """The runners, README.md and manifest.json over the artifacts already in `tmp` (again after verification,
+    whose result the README and the manifest state)."""
+    model, target = compiled.model, compiled.target
+    params_name, inputs, outputs, dirs = artifacts
     versions = _versions()
     model_name, model_file = _text(model.name), _text(model.path.name)
     _render_all(tmp, {
@@ -242,7 +257,8 @@ def _write_into(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sa
         "inputs": [t.to_json() for t in inputs], "outputs": [t.to_json() for t in outputs],
         "sample": dirs is not None, "reference": sample.reference if sample else None, "verification": verification,
     })
-    files = {p.relative_to(tmp).as_posix(): FileEntry.of(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {p.relative_to(tmp).as_posix(): FileEntry.of(p) for p in sorted(tmp.rglob("*"))
+             if p.is_file() and p.name != MANIFEST_NAME}
     manifest = Manifest(
         model_name=model_name, model_file=model_file, model_sha256=sha256_file(model.path), entry="main",
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,

@@ -348,10 +348,12 @@ _private_dir = []
 
 def _private_copy(data, name):
     """Write `data` to `name` in this process's own directory (mode 0700, removed at exit)."""
-    if not _private_dir:
+    # A host program may remove the temp root it had when the first copy was made (edgec's build workspace):
+    # then make a new directory.
+    if not _private_dir or not os.path.isdir(_private_dir[-1]):
         _private_dir.append(tempfile.mkdtemp(prefix="edgec-run-"))
-        atexit.register(shutil.rmtree, _private_dir[0], True)
-    path = os.path.join(_private_dir[0], name)
+        atexit.register(shutil.rmtree, _private_dir[-1], True)
+    path = os.path.join(_private_dir[-1], name)
     with open(path, "wb") as f:
         f.write(data)
     return path

@@ -1,0 +1,164 @@
+"""Build-time verification: every build runs its staged bundle through the runner its target uses here and
+compares the outputs, by name, with the reference runtime; the manifest and the summary say what happened.
+Also: a bundle for every descriptor in targets/, and a TFLite model under qemu."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from edgec import api
+from edgec.cli import main
+from edgec.passes import registry
+from edgec.targets import all_targets
+from edgec.toolchain import host_arch
+from edgec.verification import VerificationFailed
+from models import inputs_for, real_model
+from verify import assert_close_to_reference
+
+RNG = np.random.default_rng(7)
+
+
+def save(graph, path, opset=17, ir_version=8):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.save(model, path)
+    return path
+
+
+def two_in_two_out(path):
+    """Outputs listed in the graph as ("zeta", "alpha"), inputs as ("b", "a"): nothing lines up by position or
+    alphabetical order, so only a comparison by name passes."""
+    w = numpy_helper.from_array(RNG.standard_normal((6, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["alpha"]),
+         helper.make_node("Sub", ["b", "a"], ["d"]), helper.make_node("Tanh", ["d"], ["zeta"])],
+        "two", [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 6]),
+                helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("zeta", TensorProto.FLOAT, [2, 6]),
+         helper.make_tensor_value_info("alpha", TensorProto.FLOAT, [2, 4])], [w])
+    return save(graph, path)
+
+
+def conv_relu(path, **save_args):
+    w = numpy_helper.from_array((RNG.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "conv_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    return save(graph, path, **save_args)
+
+
+def gather(path):
+    """Gather(table, idx): valid only for indices below 3, which random sample inputs (0..15) are not."""
+    table = numpy_helper.from_array(RNG.standard_normal((3, 5)).astype(np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["rows"], axis=0)], "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [4, 5])], [table])
+    return save(graph, path)
+
+
+def test_outputs_compared_by_name(tmp_path):
+    model = two_in_two_out(tmp_path / "two.onnx")
+    built = api.build(model, "host", tmp_path / "b")
+    v = built.manifest.verification
+    assert v["status"] == "verified" and set(v["outputs"]) == {"zeta", "alpha"}
+    assert [t.name for t in built.manifest.outputs] == ["zeta", "alpha"]
+    result = api.run(built.bundle_dir, {"a": RNG.random((2, 6), dtype=np.float32),
+                                        "b": RNG.random((2, 6), dtype=np.float32)})
+    comparison = api.compare(result, model)
+    assert comparison.ok and set(comparison.outputs) == {"zeta", "alpha"}
+    # the same arrays under swapped names must fail: a positional match would have passed
+    swapped = dataclasses.replace(result, outputs={"zeta": result.outputs["alpha"], "alpha": result.outputs["zeta"]})
+    assert not api.compare(swapped, model).ok
+
+
+def test_reference_that_refuses_the_model_marks_the_bundle_not_verified(tmp_path):
+    """onnxruntime 1.31 refuses IR version 14; edgec still builds, and says the bundle is not verified."""
+    model = conv_relu(tmp_path / "ir14.onnx", ir_version=14, opset=21)
+    result = CliRunner().invoke(main, ["build", str(model), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "NOT VERIFIED: onnxruntime" in result.stdout
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["verification"]["status"] == "not verified" and manifest["sample"] is None
+    assert "onnxruntime" in manifest["verification"]["reason"]
+    assert "not verified" in (tmp_path / "b" / "README.md").read_text()
+    # the bundle still runs, and run.py --check says there is nothing to check against instead of crashing
+    proc = subprocess.run([sys.executable, str(tmp_path / "b" / "run.py"), "--check",
+                           "--input", f"x={_npy(tmp_path, RNG.random((1, 3, 8, 8), dtype=np.float32))}"],
+                          capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 1, proc.stderr
+
+
+def _npy(tmp_path, array):
+    path = tmp_path / f"in{RNG.integers(1 << 30)}.npy"
+    np.save(path, array)
+    return path
+
+
+def test_invalid_random_sample_then_a_valid_one(tmp_path):
+    """Random indices are out of range for Gather: the reference fails on them, the bundle is built "not
+    verified"; the user's valid sample (--input at build time) verifies it."""
+    model = gather(tmp_path / "gather.onnx")
+    unverified = api.build(model, "host", tmp_path / "b1")
+    assert unverified.manifest.verification["status"] == "not verified"
+    assert "onnxruntime" in unverified.manifest.verification["reason"]
+    idx = _npy(tmp_path, np.array([2, 0, 1, 2], np.int64))
+    result = CliRunner().invoke(main, ["build", str(model), "-o", str(tmp_path / "b2"), "--input", f"idx={idx}"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert manifest["verification"]["status"] == "verified"
+    assert np.array_equal(np.load(tmp_path / "b2" / "sample" / "inputs" / manifest["inputs"][0]["file"]),
+                          np.load(idx))
+
+
+def test_wrong_numbers_stop_the_build(tmp_path, monkeypatch):
+    """A pass that breaks the numbers (here: fold-batchnorm replaced by one that turns every Relu into a
+    Sigmoid) is caught before anything is published; the CLI says so with exit code 1, not as a user error."""
+    @tvm.transform.module_pass(opt_level=0, name="BrokenFold")
+    def broken(mod, ctx):
+        from tvm import relax
+        from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+        x = wildcard()
+        mod = mod.clone()
+        mod["main"] = rewrite_call(is_op("relax.nn.relu")(x), lambda expr, m: relax.op.sigmoid(m[x]), mod["main"])
+        return mod
+
+    spec = registry._PASSES["fold-batchnorm"]
+    monkeypatch.setitem(registry._PASSES, "fold-batchnorm", dataclasses.replace(spec, make=lambda ctx: broken))
+    model = conv_relu(tmp_path / "m.onnx")
+    with pytest.raises(VerificationFailed, match="disagrees with onnxruntime .* on output 'y'"):
+        api.build(model, "host", tmp_path / "b")
+    assert not (tmp_path / "b").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    result = CliRunner().invoke(main, ["build", str(model), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "internal error" not in result.stderr, result.output
+    assert result.stderr.startswith("error: the compiled model disagrees with onnxruntime")
+
+
+@pytest.mark.parametrize("target", sorted(t.name for t in all_targets()))
+def test_every_descriptor_builds_and_verifies(tmp_path, target):
+    """Every board in targets/ (rpi3 and rpi-zero2w included) builds and is verified on this machine: in
+    process for the host, under qemu for the Raspberry Pis."""
+    built = api.build(conv_relu(tmp_path / "m.onnx"), target, tmp_path / target)
+    v = built.manifest.verification
+    assert v["status"] == "verified", v
+    assert v["runner"] == ("in-process" if built.manifest.target.arch == host_arch() else "qemu")
+    assert built.manifest.target.name == target
+
+
+def test_tflite_model_under_qemu(tmp_path):
+    name = "face_detection_short_range"
+    built = api.build(real_model(name), "rpi4", tmp_path / "face-rpi4")
+    assert built.manifest.verification["status"] == "verified"
+    assert built.manifest.verification["runner"] == "qemu"
+    assert_close_to_reference(real_model(name), built.bundle_dir, inputs_for(name), expect_mode="qemu")
