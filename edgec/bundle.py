@@ -43,9 +43,10 @@ class Sample:
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
+    from .toolchain import tvm_versions
 
-    return {"edgec": __version__, "tvm": version("apache-tvm"), "tvm_ffi": version("apache-tvm-ffi")}
+    tvm, tvm_ffi = tvm_versions()
+    return {"edgec": __version__, "tvm": tvm, "tvm_ffi": tvm_ffi}
 
 
 class _Verbatim(str):

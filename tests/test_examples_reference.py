@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from edgec.errors import EdgecError
-from edgec.examples import EXAMPLES, mobilenet_v2
+from edgec.examples import mobilenet_v2
 from edgec.reference import ReferenceRuntime
 from models import REAL, inputs_for, real_model
 
@@ -18,7 +18,6 @@ def mbv2(tmp_path_factory):
 
 
 def test_mobilenet_v2_structure(mbv2):
-    assert EXAMPLES["mobilenetv2"] is mobilenet_v2
     model = onnx.load(mbv2)
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
@@ -28,6 +27,16 @@ def test_mobilenet_v2_structure(mbv2):
     assert len(depthwise) == 17 and ops.count("Clip") == 35 and ops.count("Add") == 10
     assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "Clip")  # opset-17 min/max inputs
     assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_example_command_writes_the_generated_model(tmp_path):
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+
+    result = CliRunner().invoke(main, ["example", "mobilenetv2", "-o", str(tmp_path / "cli.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli.onnx").read_bytes() == mobilenet_v2(tmp_path / "api.onnx").read_bytes()
 
 
 def test_mobilenet_v2_deterministic(tmp_path):
