@@ -1,13 +1,13 @@
 """The Python API behind the CLI: build, run, compare, bench, inspect. Tests call these directly."""
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .benchmark import BenchResult, bench  # edgec.api is the API surface; the benchmark lives there
 from .build import CompiledModel, compile_model
 from .context import BuildContext, BuildOptions
 from . import fsutil
@@ -149,80 +149,6 @@ def compare(run_result: RunResult, model_path: str | Path, tolerance: Tolerance 
 
     ref = ReferenceRuntime(Path(model_path))
     return compare_outputs(run_result.outputs, ref.run(run_result.inputs), tolerance, against=ref.name)
-
-
-@dataclass(frozen=True)
-class Latency:
-    runs: int
-    warmup: int
-    threads: int
-    median_ms: float
-    p90_ms: float
-    min_ms: float
-
-    @classmethod
-    def from_times(cls, times: list[float], warmup: int, threads: int) -> "Latency":
-        ordered = sorted(times)
-        p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-        return cls(len(times), warmup, threads, statistics.median(ordered), p90, ordered[0])
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    edgec: Latency
-    peak_rss_bytes: int | None     # the C++ runner's peak resident memory
-    reference: Latency | None
-    reference_name: str | None
-
-    @property
-    def ratio(self) -> float | None:
-        """edgec latency over the reference's: below 1 means edgec is faster."""
-        return self.edgec.median_ms / self.reference.median_ms if self.reference else None
-
-
-def _time(fn, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def bench(bundle_dir: str | Path, *, runs: int = 50, warmup: int = 5, threads: int | None = None,
-          compare_model: str | Path | None = None, measure_memory: bool = True) -> BenchResult:
-    """Latency of a host bundle in process and, with compare_model, of the reference runtime in the same run."""
-    from .runtime.local import load_bundle
-
-    bundle_dir = Path(bundle_dir).resolve()
-    manifest = Manifest.load(bundle_dir)
-    if manifest.arch != host_arch():
-        raise EdgecError(f"edgec bench times host bundles; this one is for {manifest.arch}",
-                         "build with --target host, or time it on the board with run.py --repeat")
-    threads = threads or manifest.target.device.threads
-    inputs = random_inputs(manifest.inputs)
-    ref_latency = ref_name = None
-    if compare_model is not None:
-        # The reference goes first and its session is released before TVM starts: each runtime's worker
-        # threads keep spinning after a run and would slow the other down (measured: onnxruntime 2x slower
-        # right after TVM in the same process).
-        from .reference import ReferenceRuntime
-
-        ref = ReferenceRuntime(Path(compare_model), threads=threads)
-        ref_latency = Latency.from_times(_time(lambda: ref.run(inputs), runs, warmup), warmup, threads)
-        ref_name = ref.name
-        del ref
-    model = load_bundle(bundle_dir, threads)
-    with bundle_errors():
-        latency = Latency.from_times(model.time(inputs, repeat=runs, warmup=warmup), warmup, threads)
-    peak = None
-    if measure_memory:
-        from .runtime.native import run_with_runner
-
-        peak = run_with_runner(bundle_dir, inputs, threads=threads).peak_rss_bytes
-    return BenchResult(latency, peak, ref_latency, ref_name)
 
 
 __all__ = ["BuildOptions", "BuildResult", "RunResult", "BenchResult", "build", "run", "compare", "bench",

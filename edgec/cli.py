@@ -239,17 +239,22 @@ def inspect(model, as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per block.")
+@click.option("--blocks", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Timed blocks per runtime; with --compare, alternated edgec, reference, edgec, ...")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Runs in each runtime's untimed warm-up block.")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
 @click.option("--compare", "compare_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Time onnxruntime / LiteRT on the same input and threads and print the ratio.")
-@click.option("--json", "as_json", is_flag=True)
-def bench(bundle, runs, warmup, threads, compare_model, as_json):
-    """Latency and peak memory of a host bundle."""
-    from . import api, report
+              help="Also time onnxruntime / LiteRT on this model, same input and threads, in its own process.")
+@click.option("--no-memory", is_flag=True, help="Skip the C++ runner's peak RSS (needs a C++ compiler and cmake).")
+@click.option("--json", "as_json", is_flag=True, help="Print every run, block and thread as JSON.")
+def bench(bundle, runs, blocks, warmup, threads, compare_model, no_memory, as_json):
+    """Latency of a host bundle, threads really used, and with --compare the ratio to the reference runtime."""
+    from . import benchmark, report
 
-    result = api.bench(bundle, runs=runs, warmup=warmup, threads=threads, compare_model=compare_model)
+    result = benchmark.bench(bundle, runs=runs, blocks=blocks, warmup=warmup, threads=threads,
+                             compare_model=compare_model, measure_memory=not no_memory)
     click.echo(json.dumps(report.bench_json(result), indent=2) if as_json else report.bench_text(result))
 
 

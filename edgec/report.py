@@ -1,7 +1,10 @@
 """Human-readable summaries for the CLI; --json prints the same data from the *_json functions."""
 from __future__ import annotations
 
-from .api import BenchResult, BuildResult
+from dataclasses import asdict
+
+from .api import BuildResult
+from .benchmark import BUSY_FRACTION, RUNNER_RSS, SPREAD, BenchResult
 from .build import ActivationMemory
 from .frontends import ModelInfo
 
@@ -84,26 +87,42 @@ def inspect_text(info: ModelInfo) -> str:
 
 
 def bench_json(result: BenchResult) -> dict:
-    def lat(x):
-        return None if x is None else {"runs": x.runs, "warmup": x.warmup, "threads": x.threads,
-                                       "median_ms": round(x.median_ms, 4), "p90_ms": round(x.p90_ms, 4),
-                                       "min_ms": round(x.min_ms, 4)}
-
-    return {"edgec": lat(result.edgec), "peak_rss_bytes": result.peak_rss_bytes,
-            "reference": lat(result.reference), "reference_name": result.reference_name,
-            "ratio_edgec_over_reference": None if result.ratio is None else round(result.ratio, 3)}
+    """Everything the benchmark measured: every run's time, every block in the order it ran, every thread's
+    CPU share, with the definitions of the derived figures."""
+    return {**asdict(result), "reference_name": result.reference_name,
+            "definitions": {"timed": result.timed, "threads_used": f"threads on a CPU for at least "
+                            f"{BUSY_FRACTION:.0%} of the timed wall time", "ratio": "median of all edgec runs / "
+                            "median of all reference runs", "ratio_spread": SPREAD,
+                            "idle_cores": "CPU a worker used while the other worker was timed, in cores",
+                            "runner_peak_rss_bytes": RUNNER_RSS}}
 
 
 def bench_text(result: BenchResult) -> str:
-    e = result.edgec
-    lines = [f"edgec: median {e.median_ms:.3f} ms, p90 {e.p90_ms:.3f} ms, min {e.min_ms:.3f} ms "
-             f"({e.runs} runs after {e.warmup} warm-up, {e.threads} threads)"]
-    if result.peak_rss_bytes is not None:
-        lines.append(f"peak memory (C++ runner RSS): {_mb(result.peak_rss_bytes)}")
-    if result.reference is not None:
-        r = result.reference
-        lines.append(f"{result.reference_name}: median {r.median_ms:.3f} ms, p90 {r.p90_ms:.3f} ms, "
-                     f"min {r.min_ms:.3f} ms (same input, {r.threads} threads)")
-        lines.append(f"ratio edgec / {result.reference_name.split()[0]}: {result.ratio:.2f}x "
-                     + ("(edgec slower)" if result.ratio > 1 else "(edgec faster)"))
+    rows = [r for r in (result.edgec, result.reference) if r is not None]
+    blocks = len(result.edgec.block_medians_ms)
+    order = ", ".join(r.runtime.split()[0] for r in rows)
+    m = result.machine
+    lines = [f"{blocks} timed blocks of {result.runs_per_block} runs per runtime"
+             + (f", alternated {order}, {order}, ..." if len(rows) == 2 else "")
+             + (f", after one warm-up block of {result.edgec.warmup} runs" if result.edgec.warmup else ", no warm-up")
+             + "; each runtime in its own process",
+             f"timed: {result.timed}",
+             f"machine: {m.cpu} (LLVM: {m.llvm_cpu}; {', '.join(m.flags) or 'no avx2/avx512f'}), {m.cores} cores, "
+             f"1-min load {m.load_1min} before",
+             f"  {'runtime':<26} {'median':>10} {'p10':>10} {'p90':>10}  threads used / configured  block medians (ms)"]
+    for r in rows:
+        used = "?" if r.threads.used is None else r.threads.used
+        lines.append(f"  {r.runtime:<26} {r.median_ms:>7.3f} ms {r.p10_ms:>7.3f} ms {r.p90_ms:>7.3f} ms  "
+                     f"{f'{used} / {r.threads.configured}':>25}  " + " ".join(f"{x:.3g}" for x in r.block_medians_ms))
+    lines.append(f"threads used: threads on a CPU for at least {BUSY_FRACTION:.0%} of the timed wall time")
+    if result.ratio is not None:
+        ref = result.reference.runtime.split()[0]
+        idle = ", ".join(f"{r.runtime.split()[0]} {r.idle_cores:.2f}" for r in rows if r.idle_cores is not None)
+        if idle:
+            lines.append(f"CPU used by the idle worker while the other was timed (cores): {idle}")
+        lines.append(f"ratio edgec / {ref} (medians of all runs): {result.ratio.value:.2f}x, per-block range "
+                     f"{result.ratio.low:.2f}x-{result.ratio.high:.2f}x "
+                     + ("(edgec slower)" if result.ratio.value > 1 else "(edgec faster)"))
+    if result.runner_peak_rss_bytes is not None:
+        lines.append(f"C++ runner peak RSS: {_mb(result.runner_peak_rss_bytes)} ({RUNNER_RSS})")
     return "\n".join(lines)

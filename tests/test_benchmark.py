@@ -1,0 +1,141 @@
+"""edgec.benchmark: alternated blocks in separate worker processes, threads really used, ratio and spread."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from edgec import api
+from edgec.benchmark import Block, WorkerSpec, bench, latency, ratio_of_medians, run_blocks, threads_used
+from edgec.cli import main
+from edgec.errors import EdgecError
+from edgec.examples import mobilenet_v2
+
+
+def _children() -> set[int]:
+    """Live child processes of this process."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(model, host bundle) of a narrow 96x96 MobileNetV2: quick to build and to run."""
+    d = tmp_path_factory.mktemp("bench")
+    model = mobilenet_v2(d / "mnv2_small.onnx", width=0.35, resolution=96)
+    return model, api.build(model, "host", d / "bundle").bundle_dir
+
+
+@pytest.fixture(scope="module")
+def matmul(tmp_path_factory) -> Path:
+    """A 256x1024 @ 1024x1024 MatMul: enough work per run for onnxruntime to keep every intra-op thread busy."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.random((1024, 1024), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])], [w])
+    path = tmp_path_factory.mktemp("mm") / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def _block(pid, times, wall=1.0, cpu=None, idle=None) -> Block:
+    return Block("edgec", pid, 0.0, 0.0, tuple(times), wall, cpu, idle)
+
+
+def test_ratio_of_medians_and_spread_from_given_times():
+    a = [[10.0, 12.0, 11.0], [20.0, 22.0, 21.0]]
+    b = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    r = ratio_of_medians(a, b)
+    assert r.value == pytest.approx(16.0 / 1.5)          # medians of all runs: 16 and 1.5
+    assert (r.low, r.high) == pytest.approx((10.5, 11.0))  # per block pair: 11/1 and 21/2
+    with pytest.raises(ValueError):
+        ratio_of_medians(a, b[:1])
+
+
+def test_threads_used_counts_threads_busy_for_a_fifth_of_the_wall_time():
+    t = threads_used({1: 1.9, 2: 0.5, 3: 0.3, 4: 0.01}, wall_s=2.0, configured=4)
+    assert (t.configured, t.used) == (4, 2)
+    assert t.cpu_fraction == (0.95, 0.25, 0.15)         # descending, under 1% left out
+    assert threads_used(None, 1.0, 2).used is None
+
+
+def test_latency_pools_own_blocks_and_takes_idle_cpu_from_the_others():
+    blocks = [_block(1, [1, 2, 3, 4, 5], cpu={11: 0.9, 12: 0.0}, idle=0.1),
+              _block(2, [100, 100], wall=0.5, idle=0.0),
+              _block(1, [6, 7, 8, 9, 10], cpu={11: 0.9, 12: 0.3}, idle=0.3)]
+    lat = latency("x", 1, 0, blocks, configured=2)
+    assert lat.times_ms == tuple(range(1, 11)) and lat.block_medians_ms == (3.0, 8.0)
+    assert (lat.median_ms, lat.p10_ms, lat.p90_ms, lat.min_ms) == pytest.approx((5.5, 1.9, 9.1, 1.0))
+    assert lat.threads.used == 1 and lat.threads.cpu_fraction == (0.9, 0.15)
+    assert lat.idle_cores == 0.0                          # worker 1 while worker 2's block ran
+    assert latency("y", 2, 0, blocks, configured=2).idle_cores == pytest.approx(0.4 / 2.0)
+
+
+def test_bench_alternates_blocks_of_separate_processes(small):
+    model, bundle = small
+    before = _children()
+    result = bench(bundle, runs=3, blocks=3, warmup=1, threads=1, compare_model=model)
+    e, r = result.edgec, result.reference
+    assert len({e.pid, r.pid, os.getpid()}) == 3
+    assert [(b.runtime, b.pid) for b in result.blocks] == [("edgec", e.pid), ("reference", r.pid)] * 3
+    # The workers' own clock: each block ended before the next one started, so one runtime ran at a time.
+    assert all(x.end <= y.start for x, y in zip(result.blocks, result.blocks[1:]))
+    assert len(e.times_ms) == len(r.times_ms) == 9 and len(e.block_medians_ms) == 3
+    assert e.runtime.startswith("edgec (TVM") and r.runtime.startswith("onnxruntime")
+    assert e.threads.configured == r.threads.configured == 1 and e.threads.used == r.threads.used == 1
+    assert result.ratio == ratio_of_medians([b.times_ms for b in result.blocks[0::2]],
+                                            [b.times_ms for b in result.blocks[1::2]])
+    assert result.runner_peak_rss_bytes > 1 << 20
+    assert _children() == before                          # both workers stopped
+
+
+def test_thread_counting_tells_one_busy_thread_from_two(matmul):
+    x = {"x": np.random.default_rng(0).random((256, 1024), dtype=np.float32)}
+    timing = run_blocks([WorkerSpec("reference", matmul, 1), WorkerSpec("reference", matmul, 2)], x,
+                        runs=5, blocks=2, warmup=2)
+    one, two = (latency(name, pid, 2, timing.blocks, n)
+                for name, pid, n in zip(timing.names, timing.pids, (1, 2)))
+    assert [b.pid for b in timing.blocks] == list(timing.pids) * 2
+    assert one.threads.used == 1, one.threads
+    assert two.threads.used == 2, two.threads
+
+
+def test_a_failing_worker_is_one_error_and_leaves_no_process(small, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    before = _children()
+    with pytest.raises(EdgecError, match="reference worker: onnxruntime .* cannot load bad.onnx"):
+        bench(small[1], runs=1, blocks=1, warmup=0, compare_model=bad, measure_memory=False)
+    assert _children() == before
+
+
+def test_cli_bench_compare_prints_threads_and_ratio(small):
+    model, bundle = small
+    args = ["bench", str(bundle), "--compare", str(model), "--runs", "2", "--blocks", "2", "--warmup", "1",
+            "--threads", "1", "--no-memory"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    assert re.search(r"^  edgec \(TVM .* 1 / 1 ", out.output, re.M), out.output
+    assert re.search(r"^  onnxruntime .* 1 / 1 ", out.output, re.M), out.output
+    assert "threads used / configured" in out.output and "numpy in -> numpy out" in out.output
+    assert re.search(r"^ratio edgec / onnxruntime \(medians of all runs\): \d+\.\d\dx, per-block range "
+                     r"\d+\.\d\dx-\d+\.\d\dx", out.output, re.M), out.output
+    data = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert [b["runtime"] for b in data["blocks"]] == ["edgec", "reference"] * 2
+    assert data["reference"]["threads"]["configured"] == 1 and data["ratio"]["value"] > 0
+    assert data["machine"]["llvm_cpu"] and "ratio_spread" in data["definitions"]
