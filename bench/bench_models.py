@@ -1,187 +1,243 @@
 #!/usr/bin/env python3
-"""Time edgec against the model's reference runtime (onnxruntime / LiteRT) in the same run.
+"""Every figure of README's "What was measured" table, for the models named, from one run.
 
-For each model: build a host bundle with edgec.api.build into a temporary directory, then time the
-bundle (in process, through its own run.py) and the reference runtime on the same input with the same
-thread count via edgec.api.bench, and measure the C++ runner's peak RSS. Prints a markdown table;
-every number in it comes from this run.
+For each model: build a host and an rpi4 bundle with edgec.api.build (wall time, sizes, operators, activation
+buffers from the build summary); run each on the same input with edgec.api.run (host in process, rpi4 through
+its C++ runner under qemu) and compare with the reference runtime with edgec.api.compare; time the host bundle
+against the reference with edgec.benchmark.bench (each runtime in its own process, alternated blocks, threads
+really used). Prints the machine, the README table and a latency table: every number comes from this run.
 
-    python bench/bench_models.py                                   # the generated MobileNetV2
-    python bench/bench_models.py --runs 20 --threads 2 --json out.json
-    python bench/bench_models.py --no-example model.tflite --model det.onnx:x:1x3x320x320
-    python bench/bench_models.py det.onnx --input-shape x:1x3x320x320
+    python bench/bench_models.py                                        # mobilenetv2 ppocrv4_det, as in README
+    python bench/bench_models.py mobilenetv2 --runs 3 --blocks 2 --no-rpi4  # a quick look
+    python bench/bench_models.py face_detection_short_range.tflite det.onnx:x:1x3x320x320 --json out.json
 
-Models: the generated MobileNetV2 (edgec.examples.mobilenet_v2, unless --no-example), every positional
-PATH, and every --model PATH[:NAME:DIMS] (NAME:DIMS pins that model's input NAME to DIMS, e.g. 1x3x224x224).
---input-shape NAME:DIMS pins the input NAME of every positional model that has an input of that name.
+MODEL is `mobilenetv2` (edgec's generated MobileNetV2, 224x224), `ppocrv4_det` (PP-OCRv4 det from the test
+suite's model cache, tests/models.py, pinned to x:1x3x320x320 and compared on its synthetic text image, since
+on noise its output is ~0 everywhere), or PATH[:NAME:DIMS] for any .onnx / .tflite model (NAME:DIMS pins input
+NAME; random inputs, seed 0).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
-import platform
 import re
+import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-from edgec import api
+import numpy as np
+
+import edgec
+from edgec import api, benchmark, report
 from edgec.errors import EdgecError
-from edgec.frontends import inspect_model, parse_input_shapes
-from edgec.reference import ReferenceRuntime
+from edgec.frontends import parse_input_shapes
 
-_MODEL_SPEC = re.compile(r"^(?P<path>.+):(?P<name>[^:]+):(?P<dims>\d+(?:x\d+)*)$")
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+_PATH_PIN = re.compile(r"^(?P<path>.+):(?P<name>[^:]+):(?P<dims>\d+(?:x\d+)*)$")
 
 
-@dataclass
-class ModelArg:
+@dataclass(frozen=True)
+class Model:
+    label: str                                  # the table's column head
     path: Path
-    label: str
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] | None
+    inputs: dict[str, np.ndarray] | None        # the accuracy check's input; None: random, seed 0
 
 
-def parse_model_spec(spec: str) -> ModelArg:
-    """PATH or PATH:NAME:DIMS (the path itself may contain ':' as long as it does not end in ':NAME:DIMS')."""
-    m = _MODEL_SPEC.match(spec)
-    if m and not Path(spec).exists():
-        path = Path(m["path"])
-        return ModelArg(path, path.stem, parse_input_shapes([f"{m['name']}:{m['dims']}"]))
-    return ModelArg(Path(spec), Path(spec).stem)
+def _test_models():
+    """tests/models.py: one download-and-cache place for the real models, shared with the tests."""
+    spec = importlib.util.spec_from_file_location("edgec_test_models", TESTS / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version(), "loadavg_1min": round(os.getloadavg()[0], 2)}
+def resolve(name: str, workdir: Path) -> Model:
+    if name == "mobilenetv2":
+        from edgec.examples import mobilenet_v2
+
+        return Model("MobileNetV2 (generated, 224x224)", mobilenet_v2(workdir / "mobilenetv2.onnx"), None, None)
+    if name == "ppocrv4_det":
+        models = _test_models()
+        shapes = models.REAL["ppocrv4_det"][0]
+        dims = "x".join(map(str, shapes["x"]))
+        return Model(f"PP-OCRv4 det ({dims})", models.real_model("ppocrv4_det"), shapes,
+                     models.inputs_for("ppocrv4_det"))
+    m = _PATH_PIN.match(name)
+    if m and not Path(name).exists():
+        return Model(f"{Path(m['path']).stem} ({m['dims']})", Path(m["path"]),
+                     parse_input_shapes([f"{m['name']}:{m['dims']}"]), None)
+    return Model(Path(name).stem, Path(name), None, None)
 
 
-def bench_one(model: ModelArg, workdir: Path, args, say) -> dict:
-    bundle = workdir / f"{model.label}-host"
-    say(f"{model.label}: build host bundle")
+@dataclass(frozen=True)
+class TargetFigures:
+    """One bundle of one model: the build summary (report.build_json) and its outputs against the reference."""
+    build_seconds: float                        # wall time of edgec.api.build, its own verification run included
+    summary: dict
+    run_mode: str                               # how edgec.api.run ran it: in-process, qemu, ...
+    comparison: dict                            # edgec.reference.Comparison.to_json()
+
+    @property
+    def max_abs(self) -> float:
+        return max(o["max_abs"] for o in self.comparison["outputs"].values())
+
+    @property
+    def max_rel(self) -> float:
+        return max(o["max_rel"] for o in self.comparison["outputs"].values())
+
+
+def build_and_check(model: Model, target: str, workdir: Path, say) -> TargetFigures:
+    say(f"{model.label}: build for {target}")
     t0 = time.perf_counter()
-    result = api.build(model.path, "host", bundle, input_shapes=model.input_shapes or None,
-                       progress=lambda step: say(f"{model.label}:   {step}") if args.verbose else None)
-    build_s = time.perf_counter() - t0
-    say(f"{model.label}: built in {build_s:.1f}s; timing {args.runs} runs after {args.warmup} warm-up, "
-        f"{args.threads} threads")
-    compare_model = model.path
-    try:
-        ReferenceRuntime(model.path)
-    except EdgecError as e:     # no onnxruntime / LiteRT installed: time edgec alone, say so
-        say(f"{model.label}: no reference runtime ({e}); timing edgec only")
-        compare_model = None
-    b = api.bench(result.bundle_dir, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                  compare_model=compare_model)
-    lat = lambda x: None if x is None else {  # noqa: E731
-        "runs": x.runs, "warmup": x.warmup, "threads": x.threads, "median_ms": x.median_ms, "p90_ms": x.p90_ms,
-        "min_ms": x.min_ms}
-    return {
-        "model": model.label, "file": str(model.path), "inputs": {s.name: list(s.shape) for s in result.manifest.inputs},
-        "threads": b.edgec.threads, "edgec": lat(b.edgec), "reference": lat(b.reference),
-        "reference_name": b.reference_name, "ratio_edgec_over_reference": b.ratio,
-        "runner_peak_rss_bytes": b.peak_rss_bytes, "build_seconds": build_s,
-        "build_phases_seconds": result.seconds, "bundle_bytes": result.bundle_bytes,
-        "library_bytes": result.library_bytes, "param_bytes": result.compiled.param_bytes,
-        "llvm_target": result.manifest.target["tvm_target"],
-    }
+    built = api.build(model.path, target, workdir / f"{model.path.stem}-{target}", input_shapes=model.input_shapes)
+    seconds = time.perf_counter() - t0
+    say(f"{model.label}: run the {target} bundle and compare with the reference")
+    ran = api.run(built.bundle_dir, model.inputs)
+    return TargetFigures(seconds, report.build_json(built), ran.mode, api.compare(ran, model.path).to_json())
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| model | threads | edgec median ms | edgec p90 ms | reference | reference median ms "
-            "| edgec / reference | runner peak RSS MB | build s | bundle MB |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+@dataclass(frozen=True)
+class ModelFigures:
+    model: Model
+    host: TargetFigures
+    rpi4: TargetFigures | None                  # None with --no-rpi4
+    bench: benchmark.BenchResult
+
+
+def measure(model: Model, workdir: Path, args, say) -> ModelFigures:
+    host = build_and_check(model, "host", workdir, say)
+    rpi4 = None if args.no_rpi4 else build_and_check(model, "rpi4", workdir, say)
+    say(f"{model.label}: time edgec and the reference, {args.blocks} alternated blocks of {args.runs} runs")
+    timed = benchmark.bench(host.summary["bundle"], runs=args.runs, blocks=args.blocks, warmup=args.warmup,
+                            threads=args.threads, compare_model=model.path)
+    return ModelFigures(model, host, rpi4, timed)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.4g} ms"
+
+
+def _host_rpi4(r: "ModelFigures", fmt) -> str:
+    return fmt(r.host) + " / " + ("not run" if r.rpi4 is None else fmt(r.rpi4))
+
+
+def _error(t: TargetFigures) -> str:
+    return f"{t.max_abs:.2g} ({t.max_rel:.2g} of the output range)"
+
+
+def _activations(summary: dict) -> str:
+    a = summary["activations"]
+    planned = "not planned" if a["planned_bytes"] is None else _mb(a["planned_bytes"])
+    return f"{planned} / {_mb(a['tensor_bytes'])}" + (f" + {a['dynamic_allocations']} dynamic"
+                                                      if a["dynamic_allocations"] else "")
+
+
+def readme_table(rows: list[ModelFigures], threads: int) -> str:
+    """The table of README's "What was measured": one column per model."""
+    def line(label, cell):
+        return f"| {label} | " + " | ".join(cell(r) for r in rows) + " |"
+
+    def latency(r: ModelFigures) -> str:
+        b = r.bench
+        return (f"{_ms(b.edgec.median_ms)} / {_ms(b.reference.median_ms)} ({b.ratio.value:.3g}x; per-block "
+                f"{b.ratio.low:.3g}x-{b.ratio.high:.3g}x)")
+
+    return "\n".join([
+        "| | " + " | ".join(r.model.label for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+        line("build time host / rpi4", lambda r: _host_rpi4(r, lambda t: f"{t.build_seconds:.1f} s")),
+        line("bundle (library) host / rpi4", lambda r: _host_rpi4(
+            r, lambda t: f"{_mb(t.summary['bundle_bytes'])} ({_mb(t.summary['library_bytes'])})")),
+        line("operators before → after fusion",
+             lambda r: f"{r.host.summary['operators_before_fusion']} → {r.host.summary['operators_after_fusion']}"),
+        line("activation buffers (host), with / without memory planning", lambda r: _activations(r.host.summary)),
+        line("max abs error vs reference runtime, host", lambda r: _error(r.host)),
+        line("max abs error vs reference runtime, rpi4 under qemu",
+             lambda r: "not run" if r.rpi4 is None else _error(r.rpi4)),
+        line(f"host latency, {threads} threads: edgec / reference (ratio of medians; per-block range)", latency),
+        line("threads used: edgec / reference", lambda r: f"{r.bench.edgec.threads.used} / "
+             f"{r.bench.reference.threads.used} (of {r.bench.edgec.threads.configured})"),
+        line("C++ runner peak RSS, host (one run)", lambda r: _mb(r.bench.runner_peak_rss_bytes)),
+    ])
+
+
+def latency_table(rows: list[ModelFigures]) -> str:
+    lines = ["| model | runtime | median | p10 | p90 | block medians (ms) | threads used / configured "
+             "| idle worker CPU (cores) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['threads']} | error: {r['error']} |" + " |" * 7)
-            continue
-        e, ref = r["edgec"], r["reference"]
-        ratio = r["ratio_edgec_over_reference"]
-        rss = r["runner_peak_rss_bytes"]
-        lines.append(
-            f"| {r['model']} | {r['threads']} | {e['median_ms']:.2f} | {e['p90_ms']:.2f} "
-            f"| {r['reference_name'] or 'n/a'} | {ref['median_ms']:.2f} | {ratio:.2f}x "
-            f"| {'n/a' if rss is None else f'{rss / 1e6:.0f}'} | {r['build_seconds']:.1f} "
-            f"| {r['bundle_bytes'] / 1e6:.2f} |" if ref else
-            f"| {r['model']} | {r['threads']} | {e['median_ms']:.2f} | {e['p90_ms']:.2f} | n/a | n/a | n/a "
-            f"| {'n/a' if rss is None else f'{rss / 1e6:.0f}'} | {r['build_seconds']:.1f} "
-            f"| {r['bundle_bytes'] / 1e6:.2f} |")
+        for lat in (r.bench.edgec, r.bench.reference):
+            lines.append(f"| {r.model.label} | {lat.runtime} | {_ms(lat.median_ms)} | {_ms(lat.p10_ms)} "
+                         f"| {_ms(lat.p90_ms)} | {' '.join(f'{x:.4g}' for x in lat.block_medians_ms)} "
+                         f"| {lat.threads.used} / {lat.threads.configured} | {lat.idle_cores:.2f} |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("models", nargs="*", metavar="PATH", help="real .onnx / .tflite models to add")
-    p.add_argument("--model", action="append", default=[], metavar="PATH[:NAME:DIMS]",
-                   help="a model with an optional input pin, e.g. det.onnx:x:1x3x320x320 (repeatable)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="pin input NAME of the positional models that have it (repeatable)")
-    p.add_argument("--no-example", action="store_true", help="skip the generated MobileNetV2")
-    p.add_argument("--threads", type=int, default=2, help="threads for edgec and the reference (default 2)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per runtime (default 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs (default 5)")
-    p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON here")
-    p.add_argument("--verbose", action="store_true", help="print each build step")
-    args = p.parse_args(argv)
+def header(machine: benchmark.Machine, load_after: float, rows: list[ModelFigures], args) -> str:
+    refs = sorted({r.bench.reference.runtime for r in rows})
+    return "\n".join([
+        f"{datetime.date.today().isoformat()}: {machine.cpu} (LLVM: {machine.llvm_cpu}; "
+        f"{', '.join(machine.flags) or 'no avx2/avx512f'}), {machine.cores} cores, 1-min load {machine.load_1min} "
+        f"before / {load_after} after",
+        f"edgec {edgec.__version__}, TVM {version('apache-tvm')} (untuned, -O2); reference: {', '.join(refs)}",
+        f"latency: {args.blocks} alternated blocks of {args.runs} runs per runtime after a {args.warmup}-run "
+        f"warm-up block each, each runtime in its own process, {args.threads} threads; timed {benchmark.TIMED}",
+        f"threads used: threads on a CPU for at least {benchmark.BUSY_FRACTION:.0%} of the timed wall time; "
+        f"C++ runner peak RSS: {benchmark.RUNNER_RSS}",
+    ])
 
+
+def main(argv=None) -> int:
+    doc = __doc__.splitlines()
+    p = argparse.ArgumentParser(description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(doc[2:]))
+    p.add_argument("models", nargs="*", metavar="MODEL", default=["mobilenetv2", "ppocrv4_det"],
+                   help="mobilenetv2, ppocrv4_det or PATH[:NAME:DIMS] (default: mobilenetv2 ppocrv4_det)")
+    p.add_argument("--threads", type=int, default=2, help="threads for edgec and the reference (default 2)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per block (default 10)")
+    p.add_argument("--blocks", type=int, default=6, help="timed blocks per runtime (default 6)")
+    p.add_argument("--warmup", type=int, default=5, help="runs in each runtime's warm-up block (default 5)")
+    p.add_argument("--no-rpi4", action="store_true", help="skip the rpi4 build and its check under qemu")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write every figure as JSON here")
+    args = p.parse_args(argv)
     start = time.perf_counter()
 
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    machine = benchmark.machine()           # before this run adds to the load average
+    rows = []
     try:
-        pins = parse_input_shapes(args.input_shape)
-        models = []
-        for path in args.models:
-            m = ModelArg(Path(path), Path(path).stem)
-            if pins:
-                names = {i[0] if isinstance(i, tuple) else i.name for i in inspect_model(m.path).inputs}
-                m.input_shapes = {k: v for k, v in pins.items() if k in names}
-            models.append(m)
-        models += [parse_model_spec(s) for s in args.model]
+        with tempfile.TemporaryDirectory(prefix="edgec-bench-") as tmp:
+            for name in args.models:
+                rows.append(measure(resolve(name, Path(tmp)), Path(tmp), args, say))
     except EdgecError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    load_before = round(os.getloadavg()[0], 2)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="edgec-bench-") as tmp:
-        workdir = Path(tmp)
-        if not args.no_example:
-            from edgec.examples import mobilenet_v2
-
-            models.insert(0, ModelArg(mobilenet_v2(workdir / "mobilenetv2.onnx"), "mobilenetv2 (generated)"))
-        if not models:
-            p.error("no models: drop --no-example or pass a model")
-        for m in models:
-            try:
-                rows.append(bench_one(m, workdir, args, say))
-            except EdgecError as e:
-                say(f"{m.label}: error: {e}")
-                rows.append({"model": m.label, "file": str(m.path), "threads": args.threads, "error": str(e)})
-
-    info = dict(machine(), loadavg_1min_before=load_before)
-    print(f"edgec bench, {info['date']}: {info['nproc']} CPUs ({info['cpu']}), 1-min load average "
-          f"{load_before} before / {info['loadavg_1min']} after; {args.runs} runs after {args.warmup} warm-up; "
-          "edgec and reference timed in the same process with the same threads\n")
-    print(table(rows))
+        return 1
+    load_after = round(os.getloadavg()[0], 2)
+    print(f"python bench/bench_models.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    print(header(machine, load_after, rows, args) + "\n")
+    print(readme_table(rows, args.threads) + "\n")
+    print(latency_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "runs": args.runs, "warmup": args.warmup,
-                                         "threads": args.threads, "results": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({
+            "machine": asdict(machine), "load_1min_after": load_after, "argv": sys.argv[1:],
+            "models": [{"label": r.model.label, "file": str(r.model.path), "host": asdict(r.host),
+                        "rpi4": r.rpi4 and asdict(r.rpi4), "bench": report.bench_json(r.bench)} for r in rows],
+        }, indent=2, default=str) + "\n")
         say(f"wrote {args.json}")
-    return 1 if any("error" in r for r in rows) else 0
+    return 0
 
 
 if __name__ == "__main__":

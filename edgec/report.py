@@ -113,7 +113,7 @@ def bench_text(result: BenchResult) -> str:
     for r in rows:
         used = "?" if r.threads.used is None else r.threads.used
         lines.append(f"  {r.runtime:<26} {r.median_ms:>7.3f} ms {r.p10_ms:>7.3f} ms {r.p90_ms:>7.3f} ms  "
-                     f"{f'{used} / {r.threads.configured}':>25}  " + " ".join(f"{x:.3g}" for x in r.block_medians_ms))
+                     f"{f'{used} / {r.threads.configured}':>25}  " + " ".join(f"{x:.4g}" for x in r.block_medians_ms))
     lines.append(f"threads used: threads on a CPU for at least {BUSY_FRACTION:.0%} of the timed wall time")
     if result.ratio is not None:
         ref = result.reference.runtime.split()[0]
