@@ -3,6 +3,7 @@ and compare every output with onnxruntime / LiteRT."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 import tarfile
@@ -68,7 +69,7 @@ def test_cnn_host_in_process(cnn, cnn_host):
     c = cnn_host.compiled
     before, after = c.ops_around_fusion()
     assert after < before / 2, "fusion should merge conv + bias + clip chains"
-    assert c.memory.planned_bytes < c.memory.unplanned_bytes
+    assert c.memory.planned_bytes < c.memory.tensor_bytes
     assert "fold-batchnorm" in cnn_host.manifest.passes
     assert elf_machine(cnn_host.bundle_dir / "model.so") == ELF_MACHINE["x86_64"]
     # weights live in params.bin, not in the library
@@ -156,13 +157,13 @@ def test_cli_build_dump_ir_disable_pass_json(small_cnn, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     for key in ("operators_before_fusion", "operators_after_fusion", "kernels", "param_bytes",
-                "activation_bytes_planned", "library_bytes", "seconds", "passes"):
+                "activations", "verification", "manifest_sha256", "library_bytes", "seconds", "passes"):
         assert key in summary, key
     assert summary["skipped_passes"]["fuse-tir"] == "disabled"
     assert "fuse-tir" not in Manifest.load(out).passes
     dumps = sorted(p.name for p in dump.iterdir())
-    assert dumps[0] == "00-imported.py" and dumps[1] == "01-fold-batchnorm.py"
-    assert len(dumps) == len(summary["passes"]) + 1
+    assert dumps[:3] == ["00-import-fold-shape-subgraphs.txt", "00-imported.py", "01-fold-batchnorm.py"]
+    assert len(dumps) == len(summary["passes"]) + 1   # the imported module, then one file per step
     assert "R.nn.batch_norm" in (dump / "00-imported.py").read_text()
     assert "R.nn.batch_norm" not in (dump / "01-fold-batchnorm.py").read_text()
     assert_close_to_reference(small_cnn, out)
@@ -175,10 +176,11 @@ def test_cli_passes_targets_inspect(cnn, tmp_path):
     res = runner.invoke(main, ["targets"])
     assert all(name in res.stdout for name in ("host", "rpi4", "rpi3", "rpi-zero2w"))
     shown = json.loads(runner.invoke(main, ["targets", "show", "rpi-zero2w"]).stdout)
-    assert shown["memory_mb"] == 512 and shown["tvm_target"]["mcpu"] == "cortex-a53"
+    assert shown["device"]["memory_mb"] == 512 and shown["tvm"]["target"]["mcpu"] == "cortex-a53"
+    assert set(shown["not_used_yet"]) == {"rpc", "tuning"}, "tables nothing reads are reported, not accepted silently"
     board = tmp_path / "my-board.toml"
     from edgec.targets import load_target
-    board.write_text(load_target("rpi4").path.read_text().replace('name = "rpi4"', 'name = "my-board"'))
+    board.write_text(Path(load_target("rpi4").origin).read_text().replace('name = "rpi4"', 'name = "my-board"'))
     assert json.loads(runner.invoke(main, ["targets", "show", str(board)]).stdout)["name"] == "my-board"
     info = json.loads(runner.invoke(main, ["inspect", str(cnn), "--json"]).stdout)
     assert info["operators"]["BatchNormalization"] == 52 and info["param_count"] == 3_538_986
