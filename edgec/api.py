@@ -13,7 +13,7 @@ from .context import BuildContext, BuildOptions
 from . import fsutil
 from .bundle import Sample, archive_path, check_outputs, write_bundle
 from .errors import EdgecError
-from .frontends import ImportedModel, inspect_model, load_model, model_format
+from .frontends import inspect_model, load_model, model_format
 from .passes import plan
 from .manifest import Manifest
 from .reference import DEFAULT_TOLERANCE, Comparison, Tolerance, compare_outputs
@@ -35,18 +35,6 @@ class BuildResult:
     warnings: tuple[str, ...] = ()   # for the user, e.g. the estimated memory exceeds the target's
 
 
-def _reference_sample(model: ImportedModel) -> Sample | None:
-    """A sample input with the reference runtime's outputs, or None when no reference runtime is installed."""
-    from .reference import ReferenceRuntime
-
-    try:
-        ref = ReferenceRuntime(model.path)
-    except EdgecError:
-        return None
-    sample_in = random_inputs(model.inputs)
-    return Sample(sample_in, ref.run(sample_in), ref.name)
-
-
 def _memory_over_budget(compiled: CompiledModel) -> str | None:
     activations = compiled.memory.planned_bytes
     if activations is None:
@@ -60,19 +48,24 @@ def _memory_over_budget(compiled: CompiledModel) -> str | None:
 
 def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_shapes=None,
           options: BuildOptions = BuildOptions(), archive: bool = False, force: bool = False,
-          strict_memory: bool = False, progress=None) -> BuildResult:
-    """Import, optimize, compile and bundle a model for a target.
+          strict_memory: bool = False, sample_inputs: dict[str, np.ndarray] | list[str] | None = None,
+          progress=None) -> BuildResult:
+    """Import, optimize, compile, verify and bundle a model for a target.
 
     One build at a time per out_dir (a second one fails at once); temporary files live in an edgec workspace.
     `strict_memory` refuses a model whose estimated memory exceeds the target's (else it is a warning).
+    `sample_inputs` is the sample the bundle is verified on and ships, as arrays by name or as `--input`
+    values (default: seeded random inputs).
     """
     with fsutil.output_lock(out_dir), fsutil.workspace():
         return _build(model_path, target, Path(out_dir), input_shapes, options, archive, force, strict_memory,
-                      progress)
+                      sample_inputs, progress)
 
 
 def _build(model_path, target, out_dir: Path, input_shapes, options, archive, force, strict_memory,
-           progress) -> BuildResult:
+           given_sample, progress) -> BuildResult:
+    from .verification import reference_outputs, sample_inputs, verify_staged
+
     from .toolchain import find_tool
 
     say = progress or (lambda step: None)
@@ -91,11 +84,14 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     over_budget = _memory_over_budget(compiled)
     if over_budget and strict_memory:
         raise EdgecError(over_budget, "drop --strict-memory to build anyway, or use a smaller model or input shape")
-    say("reference sample")
-    sample = _reference_sample(model)
-    say(f"link with {descriptor.toolchain.compiler} and write bundle")
+    say("reference run")
+    inputs = sample_inputs(model, given_sample)
+    reference = reference_outputs(model, inputs)
+    sample = None if isinstance(reference, str) else Sample(inputs, reference[1], reference[0])
+    say(f"link with {descriptor.toolchain.compiler}, verify and write the bundle")
     t0 = time.perf_counter()
-    manifest = write_bundle(compiled, out_dir, sample, archive=archive, force=force)
+    manifest = write_bundle(compiled, out_dir, sample, archive=archive, force=force,
+                            verify=lambda staged: verify_staged(staged, descriptor, inputs, reference))
     bundle_dir = out_dir.resolve()
     seconds = dict(compiled.seconds, bundle=time.perf_counter() - t0 - compiled.seconds.get("link", 0.0))
     sizes = [p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file()]

@@ -111,7 +111,8 @@ class _Group(click.Group):
         if isinstance(e, OSError) and e.filename:
             e = fsutil.as_user_error(e, Path(e.filename)) or e
         if isinstance(e, EdgecError):
-            return f"error: {e.message}" + (f"; {e.hint}" if e.hint else ""), EXIT_USER_ERROR
+            # a user error unless the error says otherwise (a failed verification is edgec's fault, exit 1)
+            return f"error: {e.message}" + (f"; {e.hint}" if e.hint else ""), getattr(e, "exit_code", EXIT_USER_ERROR)
         # a bug in edgec or TVM: still one line unless --verbose
         return (f"error: internal error ({type(e).__name__}: {last_line(e)}); rerun with --verbose and report it",
                 EXIT_INTERNAL_ERROR)
@@ -147,10 +148,12 @@ def main(ctx, verbose):
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
 @click.option("--force", is_flag=True, help="Overwrite an existing archive or --dump-ir files, replace a modified bundle.")
 @click.option("--strict-memory", is_flag=True, help="Refuse a model whose estimated memory exceeds the target's.")
+@click.option("-i", "--input", "sample", multiple=True, metavar="[NAME=]FILE.npy",
+              help="Sample input the bundle is verified on and ships [default: seeded random inputs].")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.pass_context
 def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, force, strict_memory,
-          as_json):
+          sample, as_json):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -168,7 +171,8 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dum
     # exactly one error line.
     show_progress = ctx.meta[_STDERR].isatty() or ctx.obj["verbose"]
     result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
-                       archive=archive, force=force, strict_memory=strict_memory, progress=_progress(show_progress))
+                       archive=archive, force=force, strict_memory=strict_memory, sample_inputs=list(sample) or None,
+                       progress=_progress(show_progress))
     for warning in result.warnings:
         _err(f"warning: {warning}")
     click.echo(json.dumps(report.build_json(result), indent=2) if as_json else report.build_text(result))

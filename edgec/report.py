@@ -7,6 +7,7 @@ from .api import BuildResult
 from .benchmark import BUSY_FRACTION, RUNNER_RSS, SPREAD, BenchResult
 from .build import ActivationMemory
 from .frontends import ModelInfo
+from .manifest import MANIFEST_NAME, sha256_file
 
 
 def _mb(n: int | None) -> str:
@@ -28,6 +29,9 @@ def build_json(result: BuildResult) -> dict:
         "passes": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 4), "calls": r.calls}
                    for r in c.passes],
         "skipped_passes": {p.name: p.reason for p in c.planned if not p.enabled},
+        "verification": result.manifest.verification,
+        # what a deployer compares to know the bundle is this build's: every file's digest is in the manifest
+        "manifest_sha256": sha256_file(result.bundle_dir / MANIFEST_NAME),
         "codegen_passes": {name: round(s, 4) for name, s in sorted(c.codegen_passes.items(), key=lambda kv: -kv[1])},
     }
 
@@ -36,6 +40,15 @@ def _activations(m: ActivationMemory) -> str:
     text = (f"activation buffers: {_mb(m.planned_bytes)} after memory planning ({_mb(m.tensor_bytes)} without)"
             if m.planned_bytes is not None else f"activation buffers: {_mb(m.tensor_bytes)} (memory planning off)")
     return text + (f", plus {m.dynamic_allocations} of dynamic size" if m.dynamic_allocations else "")
+
+
+def _verification(v: dict) -> str:
+    if v["status"] != "verified":
+        return f"  NOT VERIFIED: {v['reason']}"
+    worst = max(v["outputs"].values(), key=lambda o: o["max_rel"])
+    return (f"  verified against {v['reference']} ({v['runner']}): max abs error {worst['max_abs']:.3g}, "
+            f"{worst['max_rel']:.3g} of the output range (tolerance atol {v['tolerance']['atol']:g}, "
+            f"rtol {v['tolerance']['rtol']:g})")
 
 
 def build_text(result: BuildResult) -> str:
@@ -47,6 +60,8 @@ def build_text(result: BuildResult) -> str:
     if d["skipped_passes"]:
         lines.append("  skipped: " + ", ".join(f"{k} ({v})" for k, v in d["skipped_passes"].items()))
     lines += [
+        _verification(d["verification"]),
+        f"  manifest sha256: {d['manifest_sha256']}",
         f"  operators: {d['operators_before_fusion']} before fusion, {d['operators_after_fusion']} after; "
         f"{d['kernels']} kernels",
         f"  parameters: {_mb(d['param_bytes'])}; {_activations(c.memory)}",
