@@ -213,16 +213,9 @@ def _load(spec: WorkerSpec, inputs: dict[str, np.ndarray]) -> tuple[str, Callabl
     if spec.kind == "edgec":
         import tvm
 
-        from .runtime import bundle_errors
         from .runtime.local import load_bundle
 
-        model = load_bundle(spec.path, spec.threads)
-
-        def run(feeds):
-            with bundle_errors():
-                return model.run(feeds)
-
-        name = f"edgec (TVM {tvm.__version__})"
+        run, name = load_bundle(spec.path, spec.threads).run, f"edgec (TVM {tvm.__version__})"
     else:
         from .reference import ReferenceRuntime
 
@@ -255,10 +248,11 @@ def _worker_main() -> None:
                 run(inputs)
                 times.append((time.perf_counter() - t0) * 1e3)
             answer("block", (start, time.monotonic(), tuple(times)))
-    except EdgecError as e:
-        answer("error", (e.message, e.hint))
-    except Exception as e:  # a runtime's own failure: the parent reports it as one line
-        answer("error", (f"{type(e).__name__}: {last_line(e)}", None))
+    except EOFError:       # the parent went away
+        pass
+    except Exception as e:  # EdgecError and run.py's BundleError carry a message and a hint; others: one line
+        answer("error", (getattr(e, "message", None) or f"{type(e).__name__}: {last_line(e)}",
+                         getattr(e, "hint", None)))
 
 
 class _Worker:
