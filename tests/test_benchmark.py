@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +141,20 @@ def test_cli_bench_compare_prints_threads_and_ratio(small):
     assert [b["runtime"] for b in data["blocks"]] == ["edgec", "reference"] * 2
     assert data["reference"]["threads"]["configured"] == 1 and data["ratio"]["value"] > 0
     assert data["machine"]["llvm_cpu"] and "ratio_spread" in data["definitions"]
+
+
+def test_bench_models_script_prints_every_readme_row(small, tmp_path):
+    model, _ = small
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_models.py"
+    out = subprocess.run([sys.executable, str(script), str(model), "--no-rpi4", "--runs", "1", "--blocks", "1",
+                          "--warmup", "0", "--json", str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for row in ("build time host / rpi4", "bundle (library) host / rpi4", "operators before → after fusion",
+                "activation buffers (host), with / without memory planning", "max abs error vs reference runtime, host",
+                "max abs error vs reference runtime, rpi4 under qemu", "host latency, 2 threads", "threads used: edgec",
+                "C++ runner peak RSS"):
+        assert f"| {row}" in out.stdout, (row, out.stdout)
+    assert re.search(r"^\d{4}-\d\d-\d\d: .+ \(LLVM: \S+; .*\), \d+ cores", out.stdout, re.M), out.stdout
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert [b["runtime"] for b in data["models"][0]["bench"]["blocks"]] == ["edgec", "reference"]
+    assert data["models"][0]["host"]["comparison"]["ok"]
