@@ -118,7 +118,6 @@ def _prepare_destination(out_dir: Path, force: bool) -> None:
         if modified and not force:
             raise EdgecError(f"{where} is an edgec bundle whose files were modified: {_some(modified)}",
                              "pass --force to replace it anyway, or pick another -o")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
 # ELF e_machine of each architecture a descriptor may name
@@ -156,8 +155,10 @@ def archive_path(out_dir: Path) -> Path:
 
 def check_outputs(out_dir: Path, archive: bool, force: bool) -> None:
     """Refuse at once what a build could otherwise refuse only after compiling: a directory that cannot be
-    written to, an existing archive without --force."""
-    out_dir = Path(out_dir).resolve()
+    written to, an -o edgec may not replace, an existing archive without --force."""
+    # absolute, not resolved: an -o that is a symlink must be seen as one (and refused), not followed
+    out_dir = Path(os.path.abspath(out_dir))
+    _prepare_destination(out_dir, force)
     parent = next(p for p in out_dir.parents if p.exists())
     if not os.access(parent, os.W_OK):
         why = "read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
@@ -192,9 +193,9 @@ def write_bundle(compiled: CompiledModel, out_dir: Path, sample: Sample | None =
 
     `verify(staged_bundle_dir)` runs the complete staged bundle before anything is published and returns the
     manifest's "verification" entry (or raises, and nothing is published)."""
-    out_dir = Path(out_dir).resolve()
+    out_dir = Path(os.path.abspath(out_dir))
     check_outputs(out_dir, archive, force)
-    _prepare_destination(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tarball = archive_path(out_dir) if archive else None
     try:
         with fsutil.staging_dir(out_dir) as staging:

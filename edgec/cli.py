@@ -16,6 +16,7 @@ import click
 
 from . import fsutil
 from .errors import EdgecError, last_line
+from .reference import DEFAULT_TOLERANCE
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -187,12 +188,15 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dum
                    "Default: in process for host bundles, emulated otherwise.")
 @click.option("--compare", "compare_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Compare the outputs with onnxruntime / LiteRT running this model.")
-@click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance for --compare.")
-@click.option("--rtol", default=1e-3, show_default=True, help="Tolerance relative to the output's range for --compare.")
+@click.option("--atol", default=DEFAULT_TOLERANCE.atol, show_default=True, help="Absolute tolerance for --compare.")
+@click.option("--rtol", default=DEFAULT_TOLERANCE.rtol, show_default=True,
+              help="Tolerance relative to the output's range for --compare.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes and the file "
+                                                 "list are still checked).")
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Save each output as NAME.npy here.")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def run(bundle, inputs, emulate, compare_model, atol, rtol, output_dir, threads, as_json):
+def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_dir, threads, as_json):
     """Run a bundle and optionally check it against the reference runtime."""
     import numpy as np
 
@@ -201,7 +205,10 @@ def run(bundle, inputs, emulate, compare_model, atol, rtol, output_dir, threads,
     from .reference import Tolerance
 
     manifest = Manifest.load(bundle)
-    result = api.run(bundle, api.load_inputs(manifest, list(inputs)), emulate=emulate, threads=threads)
+    if no_verify:
+        _err("warning: --no-verify: the bundle's files are not checked against their sha256 (their list and sizes are)")
+    result = api.run(bundle, api.load_inputs(manifest, list(inputs)), emulate=emulate, threads=threads,
+                     verify=not no_verify)
     report = {"mode": result.mode, "outputs": {}}
     for spec in manifest.outputs:
         value = result.outputs[spec.name]

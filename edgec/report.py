@@ -19,7 +19,7 @@ def build_json(result: BuildResult) -> dict:
     before, after = c.ops_around_fusion()
     return {
         "bundle": str(result.bundle_dir), "archive": str(result.archive) if result.archive else None,
-        "model": c.model.name, "target": c.target.name,
+        "model": result.manifest.model_name, "target": c.target.name,
         "operators_before_fusion": before, "operators_after_fusion": after, "kernels": c.kernels,
         "param_bytes": c.param_bytes,
         "activations": {"tensor_bytes": c.memory.tensor_bytes, "planned_bytes": c.memory.planned_bytes,

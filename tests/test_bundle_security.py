@@ -300,6 +300,21 @@ def test_file_at_output_refused(work, tmp_path):
     assert target.read_text() == "precious\n"
 
 
+def test_symlink_at_output_refused_before_compiling(work, tmp_path, monkeypatch):
+    """An -o that is a symlink is refused as it is, not followed into the directory it points to, and the
+    refusal comes before any compiling."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(elsewhere)
+    import edgec.api
+
+    monkeypatch.setattr(edgec.api, "compile_model", lambda *a, **k: pytest.fail("compiled before refusing -o"))
+    result = cli("build", work / "plain.onnx", "-o", link)
+    assert_one_error(result.stderr, result.exit_code, "not a directory")
+    assert link.is_symlink() and list(elsewhere.iterdir()) == []
+
+
 def test_non_bundle_dir_refused_and_empty_dir_accepted(work, tmp_path):
     full, empty = tmp_path / "full", tmp_path / "empty"
     full.mkdir()
