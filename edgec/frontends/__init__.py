@@ -20,6 +20,7 @@ from .base import ImportedModel, ModelInfo, parse_input_shapes, relax_outputs, u
 @dataclass(frozen=True)
 class Frontend:
     format: str                                                  # "onnx", "tflite"
+    display_name: str                                            # "ONNX", "TFLite"
     load: Callable[[Path], Any]                                  # file -> parsed model; EdgecError if invalid
     unsupported_ops: Callable[[Any], dict[str, int]]
     signature: Callable[[Any, Path, dict], tuple[list, list[str]]]   # -> (input TensorSpecs, output names)
@@ -66,7 +67,7 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
     model = frontend.load(path)
     missing = frontend.unsupported_ops(model)
     if missing:
-        raise unsupported_error(path, missing, frontend.format)
+        raise unsupported_error(path, missing, frontend.display_name)
     t0 = time.perf_counter()
     inputs, output_names = frontend.signature(model, path, input_shapes or {})
     records = []
@@ -85,8 +86,8 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
     except Exception as e:  # TVM's importers raise anything from KeyError to their own errors on a bad graph
         if chatter.getvalue():
             e.add_note(chatter.getvalue())
-        raise EdgecError(f"TVM's {frontend.format.upper() if frontend.format == 'onnx' else 'TFLite'} importer "
-                         f"failed on {path.name}: {last_line(e)}", "run with --verbose for details") from e
+        raise EdgecError(f"TVM's {frontend.display_name} importer failed on {path.name}: {last_line(e)}",
+                         "run with --verbose for details") from e
     outputs = relax_outputs(mod, output_names)
     if dump_dir is not None:
         (dump_dir / "00-imported.py").write_text(mod.script(show_meta=False))

@@ -314,5 +314,5 @@ def inspect_onnx(path: Path) -> ModelInfo:
                      sum(a.size for a in arrays), sum(a.nbytes for a in arrays), _macs(model), _unsupported_ops(model))
 
 
-register_frontend(".onnx", Frontend("onnx", _load, _unsupported_ops, _signature, _convert, inspect_onnx,
+register_frontend(".onnx", Frontend("onnx", "ONNX", _load, _unsupported_ops, _signature, _convert, inspect_onnx,
                                      {"fold-shape-subgraphs": fold_shape_subgraphs}))

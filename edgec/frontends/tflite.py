@@ -171,4 +171,5 @@ def inspect_tflite(path: Path) -> ModelInfo:
                      _macs(model), _unsupported_ops(model))
 
 
-register_frontend(".tflite", Frontend("tflite", _load, _unsupported_ops, _signature, _convert, inspect_tflite, {}))
+register_frontend(".tflite", Frontend("tflite", "TFLite", _load, _unsupported_ops, _signature, _convert, inspect_tflite,
+                                       {}))
