@@ -90,10 +90,20 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     sample = None if isinstance(reference, str) else Sample(inputs, reference[1], reference[0])
     say(f"link with {descriptor.toolchain.compiler}, verify and write the bundle")
     t0 = time.perf_counter()
-    manifest = write_bundle(compiled, out_dir, sample, archive=archive, force=force,
-                            verify=lambda staged: verify_staged(staged, descriptor, inputs, reference))
+    verify_seconds = []
+
+    def verify(staged: Path) -> dict:
+        t_verify = time.perf_counter()
+        try:
+            return verify_staged(staged, descriptor, inputs, reference)
+        finally:
+            verify_seconds.append(time.perf_counter() - t_verify)
+
+    manifest = write_bundle(compiled, out_dir, sample, archive=archive, force=force, verify=verify)
     bundle_dir = out_dir.resolve()
-    seconds = dict(compiled.seconds, bundle=time.perf_counter() - t0 - compiled.seconds.get("link", 0.0))
+    link = compiled.seconds.get("link", 0.0)
+    seconds = dict(compiled.seconds, verify=verify_seconds[0],
+                   bundle=time.perf_counter() - t0 - link - verify_seconds[0])
     sizes = [p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file()]
     return BuildResult(bundle_dir, manifest, compiled, (bundle_dir / manifest.library).stat().st_size,
                        sum(sizes), archive_path(bundle_dir) if archive else None, seconds,
