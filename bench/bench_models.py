@@ -4,8 +4,9 @@
 For each model: build a host and an rpi4 bundle with edgec.api.build (wall time, sizes, operators, activation
 buffers from the build summary); run each on the same input with edgec.api.run (host in process, rpi4 through
 its C++ runner under qemu) and compare with the reference runtime with edgec.api.compare; time the host bundle
-against the reference with edgec.benchmark.bench (each runtime in its own process, alternated blocks, threads
-really used). Prints the machine, the README table and a latency table: every number comes from this run.
+against its peers, the reference and IREE, with edgec.benchmark.bench (each runtime in its own process,
+alternated blocks, threads really used). Prints the machine, the README table and a latency table: every number
+comes from this run.
 
     python bench/bench_models.py                                        # mobilenetv2 ppocrv4_det, as in README
     python bench/bench_models.py mobilenetv2 --runs 3 --blocks 2 --no-rpi4  # a quick look
@@ -115,9 +116,9 @@ class ModelFigures:
 def measure(model: Model, workdir: Path, args, say) -> ModelFigures:
     host = build_and_check(model, "host", workdir, say)
     rpi4 = None if args.no_rpi4 else build_and_check(model, "rpi4", workdir, say)
-    say(f"{model.label}: time edgec and the reference, {args.blocks} alternated blocks of {args.runs} runs")
+    say(f"{model.label}: time edgec, {' and '.join(args.peers)}, {args.blocks} alternated blocks of {args.runs} runs")
     timed = benchmark.bench(host.summary["bundle"], runs=args.runs, blocks=args.blocks, warmup=args.warmup,
-                            threads=args.threads, compare_model=model.path)
+                            threads=args.threads, compare_model=model.path, peers=args.peers)
     return ModelFigures(model, host, rpi4, timed)
 
 
@@ -144,15 +145,21 @@ def _activations(summary: dict) -> str:
                                                       if a["dynamic_allocations"] else "")
 
 
+def _latency(r: ModelFigures, i: int) -> str:
+    """edgec against peer i, or why that peer was not timed."""
+    p = r.bench.peers[i]
+    if p.latency is None:
+        return "not timed: " + p.skipped.replace("|", "\\|")
+    return (f"{_ms(r.bench.edgec.median_ms)} / {_ms(p.latency.median_ms)} ({p.ratio.value:.3g}x; per-block "
+            f"{p.ratio.low:.3g}x-{p.ratio.high:.3g}x)")
+
+
 def readme_table(rows: list[ModelFigures], threads: int) -> str:
-    """The table of README's "What was measured": one column per model."""
+    """The table of README's "What was measured": one column per model, a latency row per peer."""
     def line(label, cell):
         return f"| {label} | " + " | ".join(cell(r) for r in rows) + " |"
 
-    def latency(r: ModelFigures) -> str:
-        b = r.bench
-        return (f"{_ms(b.edgec.median_ms)} / {_ms(b.reference.median_ms)} ({b.ratio.value:.3g}x; per-block "
-                f"{b.ratio.low:.3g}x-{b.ratio.high:.3g}x)")
+    labels = [benchmark.PEERS[p.peer] for p in rows[0].bench.peers]    # every model has the same peers
 
     return "\n".join([
         "| | " + " | ".join(r.model.label for r in rows) + " |",
@@ -166,9 +173,11 @@ def readme_table(rows: list[ModelFigures], threads: int) -> str:
         line("max abs error vs reference runtime, host", lambda r: _error(r.host)),
         line("max abs error vs reference runtime, rpi4 under qemu",
              lambda r: "not run" if r.rpi4 is None else _error(r.rpi4)),
-        line(f"host latency, {threads} threads: edgec / reference (ratio of medians; per-block range)", latency),
-        line("threads used: edgec / reference", lambda r: f"{r.bench.edgec.threads.used} / "
-             f"{r.bench.reference.threads.used} (of {r.bench.edgec.threads.configured})"),
+        *(line(f"host latency, {threads} threads: edgec / {label} (ratio of medians; per-block range)",
+               lambda r, i=i: _latency(r, i)) for i, label in enumerate(labels)),
+        line(f"threads used: edgec / {' / '.join(labels)}", lambda r: " / ".join(
+            str(lat.threads.used) if lat else "-" for lat in (r.bench.edgec, *(p.latency for p in r.bench.peers)))
+             + f" (of {r.bench.edgec.threads.configured})"),
         line("C++ runner peak RSS, host (one run)", lambda r: _mb(r.bench.runner_peak_rss_bytes)),
     ])
 
@@ -177,7 +186,7 @@ def latency_table(rows: list[ModelFigures]) -> str:
     lines = ["| model | runtime | median | p10 | p90 | block medians (ms) | threads used / configured "
              "| idle worker CPU (cores) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for lat in (r.bench.edgec, r.bench.reference):
+        for lat in (r.bench.edgec, *(p.latency for p in r.bench.peers if p.latency)):
             lines.append(f"| {r.model.label} | {lat.runtime} | {_ms(lat.median_ms)} | {_ms(lat.p10_ms)} "
                          f"| {_ms(lat.p90_ms)} | {' '.join(f'{x:.4g}' for x in lat.block_medians_ms)} "
                          f"| {lat.threads.used} / {lat.threads.configured} | {lat.idle_cores:.2f} |")
@@ -185,16 +194,20 @@ def latency_table(rows: list[ModelFigures]) -> str:
 
 
 def header(machine: benchmark.Machine, load_after: float, rows: list[ModelFigures], args) -> str:
-    refs = sorted({r.bench.reference.runtime for r in rows})
+    peers = list(dict.fromkeys(p.runtime for r in rows for p in r.bench.peers if p.latency))
     return "\n".join([
         f"{datetime.date.today().isoformat()}: {machine.cpu} (LLVM: {machine.llvm_cpu}; "
         f"{', '.join(machine.flags) or 'no avx2/avx512f'}), {machine.cores} cores, 1-min load {machine.load_1min} "
         f"before / {load_after} after",
-        f"edgec {edgec.__version__}, TVM {version('apache-tvm')} (untuned, -O2); reference: {', '.join(refs)}",
+        f"edgec {edgec.__version__}, TVM {version('apache-tvm')} (untuned, -O2); peers: {', '.join(peers) or 'none'}",
         f"latency: {args.blocks} alternated blocks of {args.runs} runs per runtime after a {args.warmup}-run "
         f"warm-up block each, each runtime in its own process, {args.threads} threads; timed {benchmark.TIMED}",
         f"threads used: threads on a CPU for at least {benchmark.BUSY_FRACTION:.0%} of the timed wall time; "
         f"C++ runner peak RSS: {benchmark.RUNNER_RSS}",
+        *([f"IREE: iree-import-onnx, then iree-compile {' '.join(benchmark.IREE_COMPILE_FLAGS)} (untuned), inputs "
+           f"pinned to edgec's shapes, outputs checked against the reference before timing; {args.threads} task "
+           "workers, beside the calling thread that runs IREE's VM and issues the dispatches"]
+          if "iree" in args.peers else []),
     ])
 
 
@@ -204,7 +217,10 @@ def main(argv=None) -> int:
                                 epilog="\n".join(doc[2:]))
     p.add_argument("models", nargs="*", metavar="MODEL", default=["mobilenetv2", "ppocrv4_det"],
                    help="mobilenetv2, ppocrv4_det or PATH[:NAME:DIMS] (default: mobilenetv2 ppocrv4_det)")
-    p.add_argument("--threads", type=int, default=2, help="threads for edgec and the reference (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="threads for edgec and every peer (default 2)")
+    p.add_argument("--peers", default="reference,iree", type=lambda s: s.split(","), metavar="LIST",
+                   help=f"peers to time against edgec, comma-separated, of {', '.join(benchmark.PEERS)} "
+                   "(default reference,iree)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per block (default 10)")
     p.add_argument("--blocks", type=int, default=6, help="timed blocks per runtime (default 6)")
     p.add_argument("--warmup", type=int, default=5, help="runs in each runtime's warm-up block (default 5)")

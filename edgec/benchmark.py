@@ -1,44 +1,59 @@
-"""edgec bench: a host bundle and its reference runtime, each in its own process, timed in alternating blocks.
+"""edgec bench: a host bundle and its peers, each in its own process, timed in alternating blocks.
 
-Why this shape. Two runtimes in one process disturb each other (worker threads that keep spinning after a run
-made onnxruntime 2x slower right after TVM), and timing one runtime after the other lets drift, thermal
-throttling and other load hit them unequally. So each runtime runs in its own spawned worker process, started
-once and kept alive, and the parent asks them for timed blocks A, B, A, B, ...: only one runtime runs at a
-time, and slow changes of the machine hit both alike. Both are timed the same way, numpy arrays in and numpy
-arrays out (input binding, the run, output fetch), in the same loop.
+A peer is another runtime that runs the same model file: the reference (onnxruntime or LiteRT) and IREE, which
+compiles the ONNX model ahead of time like edgec does. Why this shape. Two runtimes in one process disturb each
+other (worker threads that keep spinning after a run made onnxruntime 2x slower right after TVM), and timing one
+runtime after the other lets drift, thermal throttling and other load hit them unequally. So each runtime runs
+in its own spawned worker process, started once and kept alive, and the parent asks them for timed blocks
+A, B, C, A, B, C, ...: only one runtime runs at a time, and slow changes of the machine hit all alike. All are
+timed the same way, numpy arrays in and numpy arrays out (input binding, the run, output fetch), in one loop.
 
 The parent also reads every worker thread's CPU time around each block (/proc/PID/task/TID/schedstat), which
-gives the threads a runtime really used, not the number it was asked for, and the CPU the idle worker burnt
-while the other one was timed (0 when its threads sleep between blocks).
+gives the threads a runtime really used, not the number it was asked for, and the CPU the idle workers burnt
+while another one was timed (0 when their threads sleep between blocks).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import pickle
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from importlib.metadata import version
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import EdgecError, last_line
-from .manifest import Manifest
+from .manifest import Manifest, sha256_file
+from .reference import DEFAULT_TOLERANCE, ReferenceRuntime, compare_outputs
 from .signature import random_inputs
-from .toolchain import host_arch
+from .toolchain import cache_dir, host_arch
 
-TIMED = "numpy in -> numpy out (input binding, run, output fetch), the same loop for both runtimes"
+TIMED = "numpy in -> numpy out (input binding, run, output fetch), the same loop for every runtime"
 # A thread counts as used when it was on a CPU for at least this share of the timed wall time: the runtime's
 # own pool threads are busy most of a block, while helper threads (Python's, a logger's) are near 0.
 BUSY_FRACTION = 0.2
 RUNNER_RSS = ("the bundle's C++ runner (edgec_run) in a process of its own: TVM runtime, library and params "
               "loaded, one run; not the timed workers")
-SPREAD = "lowest and highest ratio of paired block medians (block i of edgec / block i of the reference)"
+SPREAD = "lowest and highest ratio of paired block medians (block i of edgec / block i of the peer)"
 _CPU_FLAGS = ("avx2", "avx512f", "asimd")
+# The peers by name, with their label. The reference is the ground truth: it failing is an error, and every
+# other peer's outputs are checked against it before it is timed; another peer that cannot load the model or
+# disagrees with the reference is left out of the timing with the reason, and the benchmark goes on.
+PEERS = {"reference": "reference", "iree": "IREE"}
+REQUIRED = ("edgec", "reference")
+# IREE untuned, for this CPU: the same footing as an untuned host bundle.
+IREE_COMPILE_FLAGS = ("--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
+                      "--iree-llvmcpu-target-cpu=host")
 
 
 @dataclass(frozen=True)
@@ -59,14 +74,14 @@ class Threads:
 
 @dataclass(frozen=True)
 class Block:
-    runtime: str                     # "edgec" or "reference"
+    runtime: str                     # "edgec" or a name in PEERS
     pid: int                         # the worker that ran it
     start: float                     # time.monotonic() in the worker: one clock for every process on Linux
     end: float
     times_ms: tuple[float, ...]
     wall_s: float                    # measured by the parent around the block
     cpu_s: dict[int, float] | None   # CPU seconds of each of the worker's threads over the block
-    idle_cpu_s: float | None         # CPU seconds of the other worker over the block (None: no other worker)
+    idle_cpu_s: dict[int, float] | None  # CPU seconds of each other worker over the block, by pid (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -81,31 +96,35 @@ class Latency:
     p90_ms: float
     min_ms: float
     threads: Threads
-    idle_cores: float | None         # CPU this worker used while the other was timed, in cores (0: it slept)
+    idle_cores: float | None         # CPU this worker used while others were timed, in cores (0: it slept)
 
 
 @dataclass(frozen=True)
 class Ratio:
-    """edgec over the reference: above 1 means edgec is slower."""
-    value: float                     # median of all edgec runs / median of all reference runs
+    """edgec over a peer: above 1 means edgec is slower."""
+    value: float                     # median of all edgec runs / median of all the peer's runs
     low: float                       # the spread: see SPREAD
     high: float
 
 
 @dataclass(frozen=True)
+class PeerResult:
+    peer: str                        # a name in PEERS
+    runtime: str                     # display name, e.g. "onnxruntime 1.20.1"; the label when it never loaded
+    latency: Latency | None          # None: not timed, see skipped
+    ratio: Ratio | None              # edgec over this peer
+    skipped: str | None              # one line: why it was not timed (cannot load the model, wrong outputs)
+
+
+@dataclass(frozen=True)
 class BenchResult:
     edgec: Latency
-    reference: Latency | None
-    ratio: Ratio | None
+    peers: tuple[PeerResult, ...]    # in the order their blocks ran after edgec's
     blocks: tuple[Block, ...]        # timed blocks in the order they ran
     runs_per_block: int
     runner_peak_rss_bytes: int | None  # the C++ runner process (runtime + library + params, one run); not the workers
     machine: Machine
     timed: str = TIMED
-
-    @property
-    def reference_name(self) -> str | None:
-        return self.reference.runtime if self.reference else None
 
 
 # ---- pure statistics, tested on given numbers -------------------------------------------------------------
@@ -140,7 +159,7 @@ def latency(runtime: str, pid: int, warmup: int, blocks: Sequence[Block], config
         for b in own:
             for tid, s in b.cpu_s.items():
                 cpu[tid] = cpu.get(tid, 0.0) + s
-    idle = (sum(b.idle_cpu_s for b in others) / sum(b.wall_s for b in others)
+    idle = (sum(b.idle_cpu_s[pid] for b in others) / sum(b.wall_s for b in others)
             if others and all(b.idle_cpu_s is not None for b in others) else None)
     return Latency(runtime, pid, warmup, tuple(times), tuple(float(np.median(b.times_ms)) for b in own), median,
                    p10, p90, min(times), threads_used(cpu, sum(b.wall_s for b in own), configured), idle)
@@ -148,19 +167,25 @@ def latency(runtime: str, pid: int, warmup: int, blocks: Sequence[Block], config
 
 # ---- measuring --------------------------------------------------------------------------------------------
 
-def machine() -> Machine:
-    from tvm.target import codegen
-
-    cpu, flags = platform.machine(), set()
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(/proc/cpuinfo's model name, or the architecture where it has none; the CPU's feature flags)."""
+    cpu, flags = platform.machine(), frozenset()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and cpu == platform.machine():
                 cpu = value.strip()
             elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
+                flags = frozenset(value.split())
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine() -> Machine:
+    from tvm.target import codegen
+
+    cpu, flags = _cpuinfo()
     return Machine(cpu, codegen.llvm_get_system_cpu(), tuple(f for f in _CPU_FLAGS if f in flags),
                    os.cpu_count() or 1, round(os.getloadavg()[0], 2))
 
@@ -201,34 +226,111 @@ def _cpu_delta(before: dict[int, int] | None, after: dict[int, int] | None) -> d
     return {tid: (ns - before.get(tid, 0)) / 1e9 for tid, ns in after.items()}
 
 
+# ---- IREE ---------------------------------------------------------------------------------------------------
+
+def _tool_error(stderr: str, limit: int = 200) -> str:
+    """The reason in an IREE tool's stderr, on one table-sized line: its first 'error:' diagnostic (the notes
+    after it repeat the IR), else the last line (a Python traceback's exception)."""
+    m = re.search(r"error: (.+)", stderr)
+    reason = m[1].strip() if m else last_line(Exception(stderr))
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def iree_module(model: Path, inputs: dict[str, np.ndarray]) -> Path:
+    """`model` compiled by iree-compile for this CPU with its inputs pinned to the shapes of `inputs` (the shapes
+    the bundle was built for), cached in edgec's cache dir by the model's sha256, those shapes, the compiler's
+    version and flags and the CPU; an EdgecError with IREE's own one-line reason when it cannot."""
+    try:
+        import onnx
+        from iree.compiler import version as compiler
+        from iree.compiler.tools.binaries import find_tool
+    except ImportError:
+        raise EdgecError("IREE is not installed", "pip install 'edgec[bench]'") from None
+    if model.suffix.lower() != ".onnx":
+        raise EdgecError(f"edgec compiles only .onnx models with IREE, not {model.name}")
+    cpu, flags = _cpuinfo()
+    key = json.dumps([sha256_file(model), {n: a.shape for n, a in sorted(inputs.items())}, compiler.VERSION,
+                      compiler.REVISIONS, IREE_COMPILE_FLAGS, cpu, sorted(flags)])
+    vmfb = cache_dir() / "iree" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.vmfb"
+    if vmfb.exists():
+        return vmfb
+    vmfb.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=vmfb.parent) as tmp:
+        pinned, mlir, out = Path(tmp, "model.onnx"), Path(tmp, "model.mlir"), Path(tmp, "model.vmfb")
+        proto = onnx.load(model)
+        for value in proto.graph.input:
+            if value.name in inputs:       # models of IR version < 4 list their weights as inputs too
+                for dim, n in zip(value.type.tensor_type.shape.dim, inputs[value.name].shape):
+                    dim.dim_value = n      # replaces a symbolic dim_param: they are one protobuf oneof
+        onnx.save(proto, pinned)
+        for name, command in (("iree-import-onnx", [sys.executable, "-m", "iree.compiler.tools.import_onnx",
+                                                    str(pinned), "-o", str(mlir)]),
+                              ("iree-compile", [find_tool("iree-compile"), str(mlir), *IREE_COMPILE_FLAGS,
+                                                "-o", str(out)])):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise EdgecError(f"{name} cannot compile {model.name}: {_tool_error(done.stderr)}")
+        os.replace(out, vmfb)              # atomic: a concurrent benchmark never maps a half-written module
+    return vmfb
+
+
+def _iree_runner(model: Path, threads: int, inputs: dict[str, np.ndarray]) -> Callable[[dict], dict]:
+    """A numpy-in numpy-out run function of the model compiled by IREE, on the local-task driver with
+    `threads` task workers."""
+    import iree.runtime as rt
+    import onnx
+
+    vmfb = iree_module(model, inputs)
+    # Process-wide and read when the device is made; an explicit group count, not the default topology
+    # ("physical_cores"), which would count SMT siblings as one.
+    rt.flags.parse_flags(f"--task_topology_group_count={threads}")
+    config = rt.Config("local-task")
+    module = rt.VmModule.mmap(config.vm_instance, str(vmfb))
+    (entry,) = (f for f in module.function_names if not f.startswith("__") and not f.endswith("$async"))
+    function = rt.SystemContext(vm_modules=[module], config=config).modules[module.name][entry]
+    graph = onnx.load(model, load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    input_names = [v.name for v in graph.input if v.name not in weights]
+    output_names = [v.name for v in graph.output]
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = function(*(feeds[n] for n in input_names))
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        return {n: r.to_host() for n, r in zip(output_names, results)}
+
+    return run
+
+
+# ---- workers ------------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class WorkerSpec:
-    kind: str             # "edgec": path is a bundle directory; "reference": path is the model file
+    kind: str             # "edgec": path is a bundle directory; a name in PEERS: path is the model file
     path: Path
     threads: int
 
 
-def _load(spec: WorkerSpec, inputs: dict[str, np.ndarray]) -> tuple[str, Callable[[dict], object]]:
-    """In the worker: (display name, numpy-in numpy-out run function), after one untimed run."""
+def _load(spec: WorkerSpec, inputs: dict[str, np.ndarray]) -> tuple[str, Callable[[dict], dict], dict]:
+    """In the worker: (display name, numpy-in numpy-out run function, the outputs of one untimed run)."""
     if spec.kind == "edgec":
         import tvm
 
         from .runtime.local import load_bundle
 
         run, name = load_bundle(spec.path, spec.threads).run, f"edgec (TVM {tvm.__version__})"
+    elif spec.kind == "iree":
+        run = _iree_runner(spec.path, spec.threads, inputs)
+        name = f"IREE {version('iree-base-runtime')} (llvm-cpu)"
     else:
-        from .reference import ReferenceRuntime
-
         ref = ReferenceRuntime(spec.path, threads=spec.threads)
         run, name = ref.run, ref.name
-    run(inputs)
-    return name, run
+    return name, run, run(inputs)
 
 
 def _worker_main() -> None:
     """`python -m edgec.benchmark worker`: load one runtime, then run one block per request on stdin (pickled
-    run counts; None stops) and answer each on stdout: ("ready", name), ("block", (start, end, times_ms)) or
-    ("error", (message, hint))."""
+    run counts; None stops) and answer each on stdout: ("ready", (name, outputs)), ("block", (start, end,
+    times_ms)) or ("error", (message, hint))."""
     requests = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)   # whatever a runtime prints goes to stderr, never into the answers
@@ -239,8 +341,8 @@ def _worker_main() -> None:
 
     try:
         spec, inputs = pickle.load(requests)
-        name, run = _load(spec, inputs)
-        answer("ready", name)
+        name, run, outputs = _load(spec, inputs)
+        answer("ready", (name, outputs))
         while (runs := pickle.load(requests)) is not None:
             start, times = time.monotonic(), []
             for _ in range(runs):
@@ -267,7 +369,7 @@ class _Worker:
         self.process = subprocess.Popen([sys.executable, "-m", "edgec.benchmark", "worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self._stderr, env=env)
         self.pid = self.process.pid
-        self.name = ""
+        self.name = PEERS.get(spec.kind, spec.kind)    # until the worker says which runtime it loaded
         self._send((spec, inputs))
 
     def _send(self, message) -> None:
@@ -282,7 +384,8 @@ class _Worker:
         self._stderr.seek(0)
         reason = last_line(Exception(self._stderr.read().decode(errors="replace")))
         raise EdgecError(f"the {self.spec.kind} worker exited with code {self.process.returncode}: {reason}",
-                         "run the bundle with 'edgec run' to see the failure") from None
+                         "run the bundle with 'edgec run' to see the failure" if self.spec.kind == "edgec"
+                         else None) from None
 
     def _receive(self, expected: str):
         try:
@@ -290,27 +393,31 @@ class _Worker:
         except EOFError:
             self._died()
         if kind == "error":
-            raise EdgecError(f"{self.spec.kind} worker: {payload[0]}", payload[1])
+            raise EdgecError(*payload)
         assert kind == expected, (kind, expected)
         return payload
 
-    def wait_ready(self) -> None:
-        self.name = self._receive("ready")
+    def wait_ready(self) -> dict[str, np.ndarray]:
+        """The outputs of the worker's untimed first run, once it has loaded its runtime."""
+        self.name, outputs = self._receive("ready")
+        return outputs
 
-    def block(self, runs: int, other: "_Worker | None") -> Block:
+    def block(self, runs: int, others: Sequence["_Worker"]) -> Block:
         before = thread_cpu_ns(self.pid)
-        other_before = thread_cpu_ns(other.pid) if other else None
+        others_before = [thread_cpu_ns(o.pid) for o in others]
         t0 = time.perf_counter()
         self._send(runs)
         start, end, times = self._receive("block")
         wall = time.perf_counter() - t0
         cpu = _cpu_delta(before, thread_cpu_ns(self.pid))
-        idle = _cpu_delta(other_before, thread_cpu_ns(other.pid)) if other else None
+        idle = [_cpu_delta(b, thread_cpu_ns(o.pid)) for o, b in zip(others, others_before)]
         _wait_until_idle(self.pid)
         return Block(self.spec.kind, self.pid, start, end, times, wall, cpu,
-                     None if idle is None else sum(idle.values()))
+                     None if None in idle else {o.pid: sum(d.values()) for o, d in zip(others, idle)})
 
     def stop(self) -> None:
+        if self.process.stdout.closed:
+            return
         try:
             pickle.dump(None, self.process.stdin)
             self.process.stdin.close()
@@ -326,36 +433,73 @@ class _Worker:
 class Timing:
     names: tuple[str, ...]          # per worker spec: the runtime's display name
     pids: tuple[int, ...]           # per worker spec: its process
+    skipped: tuple[str | None, ...]  # per worker spec: why it was left out of the timing; None: it was timed
     blocks: tuple[Block, ...]       # the timed blocks in the order they ran
 
 
 def run_blocks(specs: Sequence[WorkerSpec], inputs: dict[str, np.ndarray], *, runs: int, blocks: int,
-               warmup: int) -> Timing:
-    """Start one worker per spec (one or two), give each an untimed warm-up block on its own, then `blocks`
-    rounds of one timed block per worker in spec order: A, B, A, B, ... Workers are stopped on return."""
-    assert 1 <= len(specs) <= 2
-    workers = []
+               warmup: int, check: Callable[[dict[str, np.ndarray]], str | None] | None = None) -> Timing:
+    """Start one worker per spec, give each an untimed warm-up block on its own, then `blocks` rounds of one
+    timed block per worker in spec order: A, B, C, A, B, C, ... A worker of a kind not in REQUIRED that fails to
+    load, or whose first outputs `check` refuses (it returns the reason), is stopped and left out with the
+    reason; any other failure raises. Workers are stopped on return."""
+    workers, skipped = [], {}
     try:
         for spec in specs:                        # they load in parallel
             workers.append(_Worker(spec, inputs))
         for w in workers:
-            w.wait_ready()
-        for w in workers:
+            try:
+                outputs = w.wait_ready()
+                if check is not None and w.spec.kind not in REQUIRED and (reason := check(outputs)):
+                    skipped[w.pid] = reason
+            except EdgecError as e:
+                if w.spec.kind in REQUIRED:
+                    raise
+                skipped[w.pid] = str(e)
+            if w.pid in skipped:
+                w.stop()
+        timed_workers = [w for w in workers if w.pid not in skipped]
+        for w in timed_workers:
             if warmup:
-                w.block(warmup, None)
-        timed = [w.block(runs, workers[1 - i] if len(workers) == 2 else None)
-                 for _ in range(blocks) for i, w in enumerate(workers)]
+                w.block(warmup, ())
+        timed = [w.block(runs, [o for o in timed_workers if o is not w])
+                 for _ in range(blocks) for w in timed_workers]
     finally:
         for w in workers:
             w.stop()
-    return Timing(tuple(w.name for w in workers), tuple(w.pid for w in workers), tuple(timed))
+    return Timing(tuple(w.name for w in workers), tuple(w.pid for w in workers),
+                  tuple(skipped.get(w.pid) for w in workers), tuple(timed))
+
+
+def _agrees_with_reference(model: Path, inputs: dict[str, np.ndarray]) -> Callable[[dict], str | None]:
+    """check for run_blocks: None when outputs match the reference runtime's on `inputs` (the tolerance every
+    edgec check uses), else the one-line reason. The reference runs in this process once, on one thread (no
+    pool left spinning beside the workers), and only if a peer needs checking."""
+    @functools.cache
+    def reference() -> tuple[str, dict[str, np.ndarray]]:
+        ref = ReferenceRuntime(model, threads=1)
+        return ref.name, ref.run(inputs)
+
+    def check(outputs: dict[str, np.ndarray]) -> str | None:
+        name, expected = reference()
+        comparison = compare_outputs(outputs, expected, DEFAULT_TOLERANCE, against=name)
+        if comparison.ok:
+            return None
+        worst = max(comparison.outputs.values(), key=lambda o: (not o.ok, o.max_rel))
+        return (f"outputs differ from {name} on '{worst.name}': " + (worst.problem or f"max abs error "
+                f"{worst.max_abs:.3g} ({worst.max_rel:.3g} of its range)") + f", beyond atol="
+                f"{DEFAULT_TOLERANCE.atol:g} + rtol={DEFAULT_TOLERANCE.rtol:g} * max|ref|")
+
+    return check
 
 
 def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: int = 5, threads: int | None = None,
-          compare_model: str | Path | None = None, measure_memory: bool = True) -> BenchResult:
+          compare_model: str | Path | None = None, peers: Sequence[str] = ("reference",),
+          measure_memory: bool = True) -> BenchResult:
     """Time a host bundle in `blocks` blocks of `runs` runs after a warm-up block of `warmup` runs; with
-    compare_model, the reference runtime too, in its own process, the blocks alternated edgec, reference, ...
-    Both on the same random input (seed 0) with the same number of threads (default: the bundle target's)."""
+    compare_model, each of `peers` (names in PEERS) too on that model, each in its own process, the blocks
+    alternated edgec, peer 1, peer 2, ... All on the same random input (seed 0) with the same number of threads
+    (default: the bundle target's)."""
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
     if manifest.arch != host_arch():
@@ -363,24 +507,32 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
                          "build with --target host, or time it on the board with run.py --repeat")
     if runs < 1 or blocks < 1 or warmup < 0:
         raise EdgecError("runs and blocks must be at least 1, warmup at least 0")
+    if unknown := [p for p in peers if p not in PEERS]:
+        raise EdgecError(f"unknown peer {unknown[0]!r}", f"choose from {', '.join(PEERS)}")
+    peers = tuple(dict.fromkeys(peers)) if compare_model is not None else ()
     threads = threads or manifest.target.device.threads
     host = machine()                              # before this run adds to the load average
     inputs = random_inputs(manifest.inputs)
-    specs = [WorkerSpec("edgec", bundle_dir, threads)]
-    if compare_model is not None:
-        specs.append(WorkerSpec("reference", Path(compare_model).resolve(), threads))
-    timing = run_blocks(specs, inputs, runs=runs, blocks=blocks, warmup=warmup)
-    summaries = [latency(name, pid, warmup, timing.blocks, threads) for name, pid in zip(timing.names, timing.pids)]
-    ratio = None
-    if compare_model is not None:
-        ratio = ratio_of_medians(*([b.times_ms for b in timing.blocks if b.pid == pid] for pid in timing.pids))
+    model = Path(compare_model).resolve() if peers else None
+    specs = [WorkerSpec("edgec", bundle_dir, threads), *(WorkerSpec(peer, model, threads) for peer in peers)]
+    timing = run_blocks(specs, inputs, runs=runs, blocks=blocks, warmup=warmup,
+                        check=_agrees_with_reference(model, inputs) if peers else None)
+
+    def own_blocks(pid: int) -> list[tuple[float, ...]]:
+        return [b.times_ms for b in timing.blocks if b.pid == pid]
+
+    results = []
+    for peer, name, pid, reason in zip(peers, timing.names[1:], timing.pids[1:], timing.skipped[1:]):
+        results.append(PeerResult(peer, name, None, None, reason) if reason else PeerResult(
+            peer, name, latency(name, pid, warmup, timing.blocks, threads),
+            ratio_of_medians(own_blocks(timing.pids[0]), own_blocks(pid)), None))
     peak = None
     if measure_memory:
         from .runtime.native import run_with_runner
 
         peak = run_with_runner(bundle_dir, inputs, threads=threads).peak_rss_bytes
-    return BenchResult(summaries[0], summaries[1] if compare_model is not None else None, ratio, timing.blocks, runs,
-                       peak, host)
+    return BenchResult(latency(timing.names[0], timing.pids[0], warmup, timing.blocks, threads), tuple(results),
+                       timing.blocks, runs, peak, host)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:

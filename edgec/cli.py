@@ -151,10 +151,13 @@ def main(ctx, verbose):
 @click.option("--strict-memory", is_flag=True, help="Refuse a model whose estimated memory exceeds the target's.")
 @click.option("-i", "--input", "sample", multiple=True, metavar="[NAME=]FILE.npy",
               help="Sample input the bundle is verified on and ships [default: seeded random inputs].")
+@click.option("--offload", metavar="none|NAME[,NAME]",
+              help="Kernel libraries that run convolutions and matrix products, in priority order (onednn), or "
+                   "none [default: the target's [offload] backends].")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.pass_context
 def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, force, strict_memory,
-          sample, as_json):
+          sample, offload, as_json):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -166,7 +169,10 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dum
         if any(dump_ir.iterdir()) and not force:
             raise EdgecError(f"--dump-ir {dump_ir} is not empty", "pass --force to write into it anyway, or pick a "
                              "new or empty directory")
-    options = BuildOptions(opt_level, tuple(disable_pass), dump_ir)
+    from .offload import parse_option
+
+    options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
+                           None if offload is None else parse_option(offload))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     # Progress goes to an interactive terminal only, so that a failing build in a script or CI prints
     # exactly one error line.
@@ -252,20 +258,26 @@ def inspect(model, as_json):
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per block.")
 @click.option("--blocks", type=click.IntRange(min=1), default=6, show_default=True,
-              help="Timed blocks per runtime; with --compare, alternated edgec, reference, edgec, ...")
+              help="Timed blocks per runtime; with --compare, alternated edgec, peer 1, peer 2, edgec, ...")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Runs in each runtime's untimed warm-up block.")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
 @click.option("--compare", "compare_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Also time onnxruntime / LiteRT on this model, same input and threads, in its own process.")
+              help="Also time the peers on this model, same input and threads, each in its own process.")
+@click.option("--peers", metavar="LIST", help="With --compare: peers to time, comma-separated: 'reference' "
+              "(onnxruntime / LiteRT), 'iree' (IREE, compiled for this CPU; outputs checked against the reference "
+              "first) [default: reference].")
 @click.option("--no-memory", is_flag=True, help="Skip the C++ runner's peak RSS (needs a C++ compiler and cmake).")
 @click.option("--json", "as_json", is_flag=True, help="Print every run, block and thread as JSON.")
-def bench(bundle, runs, blocks, warmup, threads, compare_model, no_memory, as_json):
-    """Latency of a host bundle, threads really used, and with --compare the ratio to the reference runtime."""
+def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory, as_json):
+    """Latency of a host bundle, threads really used, and with --compare the ratio to each peer runtime."""
     from . import benchmark, report
 
+    if peers is not None and compare_model is None:
+        raise EdgecError("--peers needs --compare MODEL", "pass the model file the peers run")
     result = benchmark.bench(bundle, runs=runs, blocks=blocks, warmup=warmup, threads=threads,
-                             compare_model=compare_model, measure_memory=not no_memory)
+                             compare_model=compare_model, peers=(peers or "reference").split(","),
+                             measure_memory=not no_memory)
     click.echo(json.dumps(report.bench_json(result), indent=2) if as_json else report.bench_text(result))
 
 

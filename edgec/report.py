@@ -33,6 +33,9 @@ def build_json(result: BuildResult) -> dict:
         # what a deployer compares to know the bundle is this build's: every file's digest is in the manifest
         "manifest_sha256": sha256_file(result.bundle_dir / MANIFEST_NAME),
         "codegen_passes": {name: round(s, 4) for name, s in sorted(c.codegen_passes.items(), key=lambda kv: -kv[1])},
+        # which operators each offload backend took (and as which fused pattern), which stayed in TVM and why
+        "offload": None if c.offload is None else [asdict(p) for p in c.offload],
+        "shared_libs": list(result.manifest.shared_libs),
     }
 
 
@@ -69,6 +72,13 @@ def build_text(result: BuildResult) -> str:
         + (f"; archive: {d['archive']}" if d["archive"] else ""),
         "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items()),
     ]
+    if c.offload is not None:
+        lines.append("  offload (operator calls -> where they run):" if c.offload else
+                     "  offload: no operator matched a backend's patterns")
+        lines += [f"    {p.operator} x{p.count} -> " + (f"{p.backend} ({p.detail})" if p.backend else f"TVM: {p.detail}")
+                  for p in c.offload]
+        if d["shared_libs"]:
+            lines.append("    ships " + ", ".join(d["shared_libs"]))
     return "\n".join(lines)
 
 
@@ -103,41 +113,42 @@ def inspect_text(info: ModelInfo) -> str:
 
 def bench_json(result: BenchResult) -> dict:
     """Everything the benchmark measured: every run's time, every block in the order it ran, every thread's
-    CPU share, with the definitions of the derived figures."""
-    return {**asdict(result), "reference_name": result.reference_name,
+    CPU share, each peer's result or why it was not timed, with the definitions of the derived figures."""
+    return {**asdict(result),
             "definitions": {"timed": result.timed, "threads_used": f"threads on a CPU for at least "
                             f"{BUSY_FRACTION:.0%} of the timed wall time", "ratio": "median of all edgec runs / "
-                            "median of all reference runs", "ratio_spread": SPREAD,
-                            "idle_cores": "CPU a worker used while the other worker was timed, in cores",
+                            "median of all the peer's runs", "ratio_spread": SPREAD,
+                            "idle_cores": "CPU a worker used while another worker was timed, in cores",
                             "runner_peak_rss_bytes": RUNNER_RSS}}
 
 
 def bench_text(result: BenchResult) -> str:
-    rows = [r for r in (result.edgec, result.reference) if r is not None]
+    rows = [result.edgec, *(p.latency for p in result.peers if p.latency is not None)]
     blocks = len(result.edgec.block_medians_ms)
     order = ", ".join(r.runtime.split()[0] for r in rows)
     m = result.machine
     lines = [f"{blocks} timed blocks of {result.runs_per_block} runs per runtime"
-             + (f", alternated {order}, {order}, ..." if len(rows) == 2 else "")
+             + (f", alternated {order}, {order}, ..." if len(rows) > 1 else "")
              + (f", after one warm-up block of {result.edgec.warmup} runs" if result.edgec.warmup else ", no warm-up")
              + "; each runtime in its own process",
              f"timed: {result.timed}",
              f"machine: {m.cpu} (LLVM: {m.llvm_cpu}; {', '.join(m.flags) or 'no avx2/avx512f'}), {m.cores} cores, "
              f"1-min load {m.load_1min} before",
-             f"  {'runtime':<26} {'median':>10} {'p10':>10} {'p90':>10}  threads used / configured  block medians (ms)"]
+             f"  {'runtime':<28} {'median':>10} {'p10':>10} {'p90':>10}  threads used / configured  block medians (ms)"]
     for r in rows:
         used = "?" if r.threads.used is None else r.threads.used
-        lines.append(f"  {r.runtime:<26} {r.median_ms:>7.3f} ms {r.p10_ms:>7.3f} ms {r.p90_ms:>7.3f} ms  "
+        lines.append(f"  {r.runtime:<28} {r.median_ms:>7.3f} ms {r.p10_ms:>7.3f} ms {r.p90_ms:>7.3f} ms  "
                      f"{f'{used} / {r.threads.configured}':>25}  " + " ".join(f"{x:.4g}" for x in r.block_medians_ms))
+    lines += [f"  {p.runtime:<28} not timed: {p.skipped}" for p in result.peers if p.skipped]
     lines.append(f"threads used: threads on a CPU for at least {BUSY_FRACTION:.0%} of the timed wall time")
-    if result.ratio is not None:
-        ref = result.reference.runtime.split()[0]
-        idle = ", ".join(f"{r.runtime.split()[0]} {r.idle_cores:.2f}" for r in rows if r.idle_cores is not None)
-        if idle:
-            lines.append(f"CPU used by the idle worker while the other was timed (cores): {idle}")
-        lines.append(f"ratio edgec / {ref} (medians of all runs): {result.ratio.value:.2f}x, per-block range "
-                     f"{result.ratio.low:.2f}x-{result.ratio.high:.2f}x "
-                     + ("(edgec slower)" if result.ratio.value > 1 else "(edgec faster)"))
+    idle = ", ".join(f"{r.runtime.split()[0]} {r.idle_cores:.2f}" for r in rows if r.idle_cores is not None)
+    if idle:
+        lines.append(f"CPU used by the idle workers while another was timed (cores): {idle}")
+    for p in result.peers:
+        if p.ratio is not None:
+            lines.append(f"ratio edgec / {p.runtime.split()[0]} (medians of all runs): {p.ratio.value:.2f}x, "
+                         f"per-block range {p.ratio.low:.2f}x-{p.ratio.high:.2f}x "
+                         + ("(edgec slower)" if p.ratio.value > 1 else "(edgec faster)"))
     if result.runner_peak_rss_bytes is not None:
         lines.append(f"C++ runner peak RSS: {_mb(result.runner_peak_rss_bytes)} ({RUNNER_RSS})")
     return "\n".join(lines)
