@@ -204,9 +204,10 @@ def header(machine: benchmark.Machine, load_after: float, rows: list[ModelFigure
         f"warm-up block each, each runtime in its own process, {args.threads} threads; timed {benchmark.TIMED}",
         f"threads used: threads on a CPU for at least {benchmark.BUSY_FRACTION:.0%} of the timed wall time; "
         f"C++ runner peak RSS: {benchmark.RUNNER_RSS}",
-        *([f"IREE: iree-import-onnx, then iree-compile {' '.join(benchmark.IREE_COMPILE_FLAGS)} (untuned), inputs "
-           f"pinned to edgec's shapes, outputs checked against the reference before timing; {args.threads} task "
-           "workers, beside the calling thread that runs IREE's VM and issues the dispatches"]
+        *([f"IREE: iree-import-onnx --opset-version {benchmark.IREE_IMPORT_OPSET}, then iree-compile "
+           f"{' '.join(benchmark.IREE_COMPILE_FLAGS)} (untuned), inputs pinned to edgec's shapes, outputs checked "
+           f"against the reference before timing; {args.threads} task workers, beside the calling thread that runs "
+           "IREE's VM and issues the dispatches"]
           if "iree" in args.peers else []),
     ])
 

@@ -51,6 +51,9 @@ _CPU_FLAGS = ("avx2", "avx512f", "asimd")
 # disagrees with the reference is left out of the timing with the reason, and the benchmark goes on.
 PEERS = {"reference": "reference", "iree": "IREE"}
 REQUIRED = ("edgec", "reference")
+# Older models are converted to this opset before IREE imports them: its ONNX importer matches some operators
+# only in their newer forms (PP-OCRv4 det's opset-12 BatchNormalization is "explicitly marked illegal").
+IREE_IMPORT_OPSET = 17
 # IREE untuned, for this CPU: the same footing as an untuned host bundle.
 IREE_COMPILE_FLAGS = ("--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
                       "--iree-llvmcpu-target-cpu=host")
@@ -237,9 +240,10 @@ def _tool_error(stderr: str, limit: int = 200) -> str:
 
 
 def iree_module(model: Path, inputs: dict[str, np.ndarray]) -> Path:
-    """`model` compiled by iree-compile for this CPU with its inputs pinned to the shapes of `inputs` (the shapes
-    the bundle was built for), cached in edgec's cache dir by the model's sha256, those shapes, the compiler's
-    version and flags and the CPU; an EdgecError with IREE's own one-line reason when it cannot."""
+    """`model` compiled by iree-compile for this CPU, its inputs pinned to the shapes of `inputs` (the shapes the
+    bundle was built for) and its opset raised to IREE_IMPORT_OPSET; cached in edgec's cache dir by the model's
+    sha256, those shapes, the compiler's version and flags and the CPU. An EdgecError with IREE's own one-line
+    reason when it cannot."""
     try:
         import onnx
         from iree.compiler import version as compiler
@@ -250,7 +254,7 @@ def iree_module(model: Path, inputs: dict[str, np.ndarray]) -> Path:
         raise EdgecError(f"edgec compiles only .onnx models with IREE, not {model.name}")
     cpu, flags = _cpuinfo()
     key = json.dumps([sha256_file(model), {n: a.shape for n, a in sorted(inputs.items())}, compiler.VERSION,
-                      compiler.REVISIONS, IREE_COMPILE_FLAGS, cpu, sorted(flags)])
+                      compiler.REVISIONS, IREE_IMPORT_OPSET, IREE_COMPILE_FLAGS, cpu, sorted(flags)])
     vmfb = cache_dir() / "iree" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.vmfb"
     if vmfb.exists():
         return vmfb
@@ -264,7 +268,8 @@ def iree_module(model: Path, inputs: dict[str, np.ndarray]) -> Path:
                     dim.dim_value = n      # replaces a symbolic dim_param: they are one protobuf oneof
         onnx.save(proto, pinned)
         for name, command in (("iree-import-onnx", [sys.executable, "-m", "iree.compiler.tools.import_onnx",
-                                                    str(pinned), "-o", str(mlir)]),
+                                                    str(pinned), "--opset-version", str(IREE_IMPORT_OPSET),
+                                                    "-o", str(mlir)]),
                               ("iree-compile", [find_tool("iree-compile"), str(mlir), *IREE_COMPILE_FLAGS,
                                                 "-o", str(out)])):
             done = subprocess.run(command, capture_output=True, text=True)
@@ -277,10 +282,10 @@ def iree_module(model: Path, inputs: dict[str, np.ndarray]) -> Path:
 def _iree_runner(model: Path, threads: int, inputs: dict[str, np.ndarray]) -> Callable[[dict], dict]:
     """A numpy-in numpy-out run function of the model compiled by IREE, on the local-task driver with
     `threads` task workers."""
+    vmfb = iree_module(model, inputs)              # first: it says so when IREE is not installed
     import iree.runtime as rt
     import onnx
 
-    vmfb = iree_module(model, inputs)
     # Process-wide and read when the device is made; an explicit group count, not the default topology
     # ("physical_cores"), which would count SMT siblings as one.
     rt.flags.parse_flags(f"--task_topology_group_count={threads}")

@@ -50,6 +50,24 @@ def _children() -> set[int]:
     return kids
 
 
+def _onnx(path: Path, nodes, inputs, outputs, weights=()) -> Path:
+    graph = helper.make_graph(nodes, path.stem, inputs, outputs, list(weights))
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+    return path
+
+
+def _f32(name: str, dims) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _unary(path: Path, op: str, **attrs) -> Path:
+    """y = op(x) on a 1x4 x: a model that compiles in a second."""
+    domain = "ai.onnx.ml" if op == "Binarizer" else ""
+    return _onnx(path, [helper.make_node(op, ["x"], ["y"], domain=domain, **attrs)], [_f32("x", [1, 4])],
+                 [_f32("y", [1, 4])])
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """(model, host bundle) of a narrow 96x96 MobileNetV2: quick to build and to run."""
@@ -61,32 +79,9 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def matmul(tmp_path_factory) -> Path:
     """A 256x1024 @ 1024x1024 MatMul: enough work per run for onnxruntime to keep every intra-op thread busy."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.random((1024, 1024), dtype=np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])], [w])
-    path = tmp_path_factory.mktemp("mm") / "matmul.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
-    return path
-
-
-def _onnx(path: Path, nodes, inputs, outputs, weights=()) -> Path:
-    graph = helper.make_graph(nodes, path.stem, inputs, outputs, list(weights))
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
-                                ir_version=8), path)
-    return path
-
-
-def _x(dims) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
-
-
-def _unary(path: Path, op: str, **attrs) -> Path:
-    """y = op(x) on a 1x4 x: a model that compiles in a second."""
-    domain = "ai.onnx.ml" if op == "Binarizer" else ""
-    return _onnx(path, [helper.make_node(op, ["x"], ["y"], domain=domain, **attrs)], [_x([1, 4])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    w = numpy_helper.from_array(np.random.default_rng(0).random((1024, 1024), dtype=np.float32), "w")
+    return _onnx(tmp_path_factory.mktemp("mm") / "matmul.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                 [_f32("x", [256, 1024])], [_f32("y", [256, 1024])], [w])
 
 
 def _block(pid, times, wall=1.0, cpu=None, idle=None) -> Block:
@@ -208,9 +203,8 @@ def test_iree_worker_outputs_match_onnxruntime_by_name(tmp_path):
     name, as numpy, and agree with onnxruntime's."""
     w = numpy_helper.from_array(np.random.default_rng(1).random((8, 4), dtype=np.float32), "w")
     model = _onnx(tmp_path / "two.onnx", [helper.make_node("MatMul", ["x", "w"], ["mm"]),
-                                          helper.make_node("Relu", ["x"], ["relu"])], [_x(["N", 8])],
-                  [helper.make_tensor_value_info("relu", TensorProto.FLOAT, ["N", 8]),
-                   helper.make_tensor_value_info("mm", TensorProto.FLOAT, ["N", 4])], [w])
+                                          helper.make_node("Relu", ["x"], ["relu"])], [_f32("x", ["N", 8])],
+                  [_f32("relu", ["N", 8]), _f32("mm", ["N", 4])], [w])
     x = {"x": np.random.default_rng(0).standard_normal((3, 8), dtype=np.float32)}
     seen = []
     timing = run_blocks([WorkerSpec("iree", model, 1)], x, runs=2, blocks=1, warmup=0,
@@ -284,7 +278,8 @@ def test_bench_models_script_prints_every_readme_row(small, tmp_path):
     for row in ("build time host / rpi4", "bundle (library) host / rpi4", "operators before → after fusion",
                 "activation buffers (host), with / without memory planning", "max abs error vs reference runtime, host",
                 "max abs error vs reference runtime, rpi4 under qemu", "host latency, 2 threads: edgec / reference",
-                "host latency, 2 threads: edgec / IREE", "threads used: edgec / reference / IREE", "C++ runner peak RSS"):
+                "host latency, 2 threads: edgec / IREE", "threads used: edgec / reference / IREE",
+                "C++ runner peak RSS"):
         assert f"| {row}" in out.stdout, (row, out.stdout)
     assert re.search(r"^\d{4}-\d\d-\d\d: .+ \(LLVM: \S+; .*\), \d+ cores", out.stdout, re.M), out.stdout
     data = json.loads((tmp_path / "out.json").read_text())
