@@ -16,6 +16,7 @@ from .errors import EdgecError
 from .frontends import inspect_model, load_model, model_format
 from .passes import plan
 from .manifest import Manifest
+from .offload import check_installed, resolve
 from .reference import DEFAULT_TOLERANCE, Comparison, Tolerance, compare_outputs
 from .runtime import bundle_errors
 from .signature import check_inputs, random_inputs
@@ -70,11 +71,13 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
 
     say = progress or (lambda step: None)
     check_outputs(out_dir, archive, force)
-    ctx = BuildContext(load_target(target), options)
-    steps = plan(ctx, model_format(model_path))
-    descriptor = ctx.target
+    descriptor = load_target(target)
     # Fail before minutes of compiling, not at the link step.
     find_tool(descriptor.toolchain.compiler, descriptor.toolchain.apt_package)
+    offload = descriptor.offload if options.offload is None else options.offload
+    check_installed(resolve(offload, descriptor.arch), descriptor)
+    ctx = BuildContext(descriptor, options, offload=offload)
+    steps = plan(ctx, model_format(model_path))
     if options.dump_ir is not None:
         options.dump_ir.mkdir(parents=True, exist_ok=True)
     say("import model")

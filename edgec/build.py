@@ -12,6 +12,7 @@ from tvm import relax
 from .context import BuildContext, BuildOptions
 from .errors import EdgecError, last_line
 from .frontends import ImportedModel
+from .offload import Placement, placement_of, used
 from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
 from .targets import Target
 
@@ -89,6 +90,7 @@ class CompiledModel:
     memory: ActivationMemory
     codegen_passes: dict[str, float]         # seconds per TVM pass inside tvm.compile, from the PassContext's timer
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
+    offload: tuple[Placement, ...] | None = None   # where offload-partition put each operator; None: it did not run
 
     @property
     def param_bytes(self) -> int:
@@ -112,10 +114,21 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
     dump_dir = ctx.options.dump_ir
     t0 = time.perf_counter()
     with pass_context(ctx, timer):
+        placement = []
+
+        def after_step(step: PlannedStep, mod: tvm.IRModule) -> None:
+            memory(step, mod)
+            if step.name == "offload-partition":
+                placement.append(placement_of(mod))
+
         mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=lambda n: say(f"pass {n}"),
-                                    after_step=memory)
+                                    after_step=after_step)
         t_passes = time.perf_counter() - t0
+        attrs = mod.attrs
         mod, detached = relax.frontend.detach_params(mod)
+        # detach_params builds a new module without the attributes, which hold the offload codegen's C++
+        for key, value in (attrs or {}).items():
+            mod = mod.with_attr(key, value)
         names = [p.name for p in mod["main"].params[len(model.inputs):]]
         values = detached.get("main", [])
         if len(values) != len(names):
@@ -135,7 +148,7 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
                if s > before_codegen.get(name, 0.0)}
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
     return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
-                         memory.result(), codegen, seconds)
+                         memory.result(), codegen, seconds, placement[0] if placement else None)
 
 
 def export_library(compiled: CompiledModel, path: Path) -> float:
@@ -146,9 +159,17 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
 
     chain = compiled.target.toolchain
     compiler = find_tool(chain.compiler, chain.apt_package)
+    backends = used(compiled.offload)
+    # TVM puts options before the objects, where the linker drops libraries nothing has needed yet: the
+    # offload libraries go after them.
+    libs = [flag for backend in backends for flag in backend.linkage.libs]
+    # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
+    # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
+    rpath = ["-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib"] if any(b.linkage.ship for b in backends) else []
     t0 = time.perf_counter()
     try:
-        compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+        compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=rpath,
+                                                                                  add_files=libs))
     except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
         raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",
                          f"check the toolchain: sudo apt-get install {chain.apt_package}") from e

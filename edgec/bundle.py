@@ -23,11 +23,13 @@ from . import __version__, fsutil
 from .build import CompiledModel, export_library
 from .errors import EdgecError
 from .manifest import MANIFEST_NAME, BundleTensor, FileEntry, Manifest, SampleDirs, not_verified, sha256_file
+from .offload import shipped_libraries, used
 from .resources import data_dir
 from .runtime import bundle_runner
 from .signature import tensor_file
 
 LIBRARY_NAME = "model.so"
+SHARED_LIB_DIR = "lib"     # libraries model.so needs that a stock board lacks (offload backends'); see its rpath
 PARAMS_NAME = "params.bin"
 # Copied byte for byte into every bundle: they read everything model-specific from manifest.json.
 RUNNERS = ("run.py", "main.cc", "CMakeLists.txt")
@@ -223,11 +225,17 @@ def _text(name: str) -> str:
 
 
 def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
-    """The library, params.bin and sample/; returns (params file name, input and output tensors, sample dirs)."""
+    """The library, the shared libraries it needs (lib/), params.bin and sample/; returns (params file name, input
+    and output tensors, sample dirs, shared libraries in load order)."""
     import tvm
 
     model = compiled.model
     export_library(compiled, tmp / LIBRARY_NAME)
+    shared_libs = []
+    for soname, path in shipped_libraries(used(compiled.offload), compiled.target):
+        (tmp / SHARED_LIB_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(path, tmp / SHARED_LIB_DIR / soname)
+        shared_libs.append(f"{SHARED_LIB_DIR}/{soname}")
     params_name = None
     if compiled.params:
         params_name = PARAMS_NAME
@@ -242,7 +250,7 @@ def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
             (tmp / sub).mkdir(parents=True)
             for t in tensors:
                 np.save(tmp / sub / t.file, arrays[t.name])
-    return params_name, inputs, outputs, dirs
+    return params_name, inputs, outputs, dirs, tuple(shared_libs)
 
 
 def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sample | None, artifacts,
@@ -250,7 +258,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
     """The runners, README.md and manifest.json over the artifacts already in `tmp` (again after verification,
     whose result the README and the manifest state)."""
     model, target = compiled.model, compiled.target
-    params_name, inputs, outputs, dirs = artifacts
+    params_name, inputs, outputs, dirs, shared_libs = artifacts
     versions = _versions()
     model_name, model_file = _text(model.name), _text(model.path.name)
     _render_all(tmp, {
@@ -264,6 +272,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
     manifest = Manifest(
         model_name=model_name, model_file=model_file, model_sha256=sha256_file(model.path), entry="main",
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
-        passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files)
+        passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
+        shared_libs=shared_libs)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

@@ -12,6 +12,7 @@ class BuildOptions:
     opt_level: int = 2
     disabled_passes: tuple[str, ...] = ()
     dump_ir: Path | None = None
+    offload: tuple[str, ...] | None = None    # offload backends in priority order; None: the descriptor's
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class Manifest:
     sample: SampleDirs | None           # None when no sample was written
     verification: dict                  # see docs/bundle-format.md; not_verified() until a reference agreed
     files: dict[str, FileEntry]         # every file but the manifest, by relative POSIX path
+    shared_libs: tuple[str, ...] = ()   # libraries runners load before `library`, in order (offload backends')
 
     @property
     def arch(self) -> str:
@@ -102,6 +103,7 @@ class Manifest:
             "sample": vars(self.sample) if self.sample else None,
             "verification": self.verification,
             "files": {rel: vars(entry) for rel, entry in sorted(self.files.items())},
+            **({"shared_libs": list(self.shared_libs)} if self.shared_libs else {}),
         }
 
     @classmethod
@@ -113,7 +115,8 @@ class Manifest:
             outputs=tuple(BundleTensor.from_json(t) for t in d["outputs"]), library=d["library"],
             params=d["params"], target=Target.from_json(d["target"], origin), versions=d["versions"],
             passes=tuple(d["passes"]), sample=SampleDirs(**d["sample"]) if d["sample"] else None,
-            verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()})
+            verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()},
+            shared_libs=tuple(d.get("shared_libs", ())))
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, check_files: bool = False, verify: bool = True) -> "Manifest":

@@ -51,6 +51,9 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "emulator.command": ((str,), True, "the user-mode emulator command, e.g. \"qemu-aarch64-static\""),
     "emulator.sysroot": ((str,), True, "the target's library root, an absolute path, e.g. \"/usr/aarch64-linux-gnu\""),
     "emulator.apt_package": ((str,), True, "the Debian package that provides the emulator"),
+    "offload": ((dict,), False, "an [offload] table"),
+    "offload.backends": ((list,), True, "library backends in priority order, e.g. [\"onednn\"] (edgec build "
+                         "--offload lists them)"),
     "rpc": ((dict,), False, "an [rpc] table"),
     "rpc.key": ((str,), True, "the device key the board registers with at the RPC tracker"),
     "tuning": ((dict,), False, "a [tuning] table"),
@@ -103,6 +106,7 @@ class Target:
     emulator: Emulator | None
     rpc_key: str | None = None
     tuning: dict = field(default_factory=dict)
+    offload: tuple[str, ...] = ()    # library backends (edgec.offload) in priority order
 
     def tvm(self):
         """The tvm.target.Target this descriptor compiles for."""
@@ -124,6 +128,8 @@ class Target:
                         "runtime_libs": list(self.device.runtime_libs)}}
         if self.emulator:
             d["emulator"] = vars(self.emulator).copy()
+        if self.offload:
+            d["offload"] = {"backends": list(self.offload)}
         if self.rpc_key:
             d["rpc"] = {"key": self.rpc_key}
         if self.tuning:
@@ -183,6 +189,9 @@ def _validate(data: dict, origin: str) -> None:
             fail(f"tvm.{key}", "is not a known field", "known fields here: tvm.target, tvm.host, tvm.pass_config")
     _validate_commands(data, fail)
     _validate_device(data, fail)
+    for backend in data.get("offload", {}).get("backends", []):
+        if not isinstance(backend, str) or not _COMMAND.match(backend):
+            fail("offload.backends", f"holds {backend!r}", "list backend names, e.g. \"onednn\"")
 
 
 def _validate_commands(data: dict, fail) -> None:
@@ -241,7 +250,8 @@ def _from_table(data: dict, origin: str) -> Target:
                   tvm_table.get("host"), dict(tvm_table.get("pass_config", {})), Toolchain(**chain),
                   Device(device.get("kind", "cpu"), threads, memory_mb,
                          tuple(device.get("runtime_libs", DEFAULT_RUNTIME_LIBS))),
-                  emulator, data.get("rpc", {}).get("key"), dict(data.get("tuning", {})))
+                  emulator, data.get("rpc", {}).get("key"), dict(data.get("tuning", {})),
+                  tuple(data.get("offload", {}).get("backends", ())))
 
 
 def load_target_file(path: Path) -> Target:

@@ -21,6 +21,7 @@
 //
 // Built only against the tvm-ffi headers (the wheel's tvm/runtime headers need files it does not ship) and
 // linked with libtvm_runtime.so + libtvm_ffi.so.
+#include <dlfcn.h>
 #include <dlpack/dlpack.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -680,6 +681,7 @@ struct FileEntry {
 
 struct Manifest {
   std::string entry, library, params;  // params is empty when the manifest's "params" is null
+  std::vector<std::string> shared_libs;  // loaded before the library, in this order
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> sample_inputs;  // empty when "sample" is null
   std::string device_kind;
@@ -774,7 +776,10 @@ Manifest ParseManifest(const std::string& text) {
     Field entry{kv.second, m["files"].Child(rel)};
     out.files[rel] = FileEntry{entry["sha256"].Hex64(), static_cast<uint64_t>(entry["size"].Count())};
   }
+  if (auto libs = m.Opt("shared_libs"))
+    for (const Field& lib : libs->Items()) out.shared_libs.push_back(lib.RelPath());
   std::vector<std::string> needed = {out.library};
+  needed.insert(needed.end(), out.shared_libs.begin(), out.shared_libs.end());
   if (!out.params.empty()) needed.push_back(out.params);
   if (!sample.IsNull()) {
     for (const TensorSpec& s : out.inputs) out.sample_inputs.push_back(sample["inputs"].Str() + "/" + s.file);
@@ -792,6 +797,7 @@ Manifest ParseManifest(const std::string& text) {
 struct Bundle {
   Manifest manifest;
   std::string library, params;  // the verified bytes that get loaded
+  std::vector<std::string> shared_libs;  // likewise, in the manifest's order
 };
 
 // Spec rules 1-5, in that order, before any byte of the bundle reaches TVM.
@@ -800,7 +806,8 @@ Bundle LoadBundle(const fs::path& dir, bool verify) {
   uint64_t size;
   Fd manifest = OpenRegular(manifest_path, "bundle manifest", &size);
   if (size > kMaxManifestBytes) throw InputError(manifest_path + " is too large to be a manifest");
-  Bundle b{ParseManifest(ReadRest(manifest, size, manifest_path)), "", ""};
+  Bundle b{ParseManifest(ReadRest(manifest, size, manifest_path)), "", "", {}};
+  b.shared_libs.resize(b.manifest.shared_libs.size());
   const auto& files = b.manifest.files;
 
   // The files on disk, without following any symlink, must be exactly the listed ones.
@@ -825,6 +832,8 @@ Bundle LoadBundle(const fs::path& dir, bool verify) {
   for (const auto& [rel, entry] : files) {
     std::string path = (dir / rel).string();
     std::string* keep = rel == b.manifest.library ? &b.library : rel == b.manifest.params ? &b.params : nullptr;
+    for (size_t i = 0; i < b.shared_libs.size(); ++i)
+      if (rel == b.manifest.shared_libs[i]) keep = &b.shared_libs[i];
     if (keep == nullptr && !verify) continue;
     Sha256 h;
     uint64_t actual, total = 0;
@@ -867,16 +876,34 @@ ffi::Function GetFunction(const ffi::Module& mod, const std::string& name) {
 // Hands the verified library bytes to the dynamic loader without a file anyone else could swap: an anonymous
 // memory file, opened by the loader as /proc/self/fd/N. TVM picks its loader by file suffix, which that path
 // lacks, so the .so loader is called directly.
-ffi::Module LoadLibrary(const std::string& bytes) {
-  Fd mem(memfd_create("edgec-model.so", MFD_CLOEXEC));
+std::string ToMemfd(const Fd& mem, const std::string& bytes) {
   if (mem.fd < 0) throw std::runtime_error(std::string("memfd_create failed: ") + std::strerror(errno));
   for (size_t done = 0; done < bytes.size();) {
     ssize_t n = write(mem.fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw std::runtime_error(std::string("cannot write the model library to memory: ") + std::strerror(errno));
+    if (n <= 0) throw std::runtime_error(std::string("cannot write a library to memory: ") + std::strerror(errno));
     done += static_cast<size_t>(n);
   }
-  std::string path = "/proc/self/fd/" + std::to_string(mem.fd);
+  return "/proc/self/fd/" + std::to_string(mem.fd);
+}
+
+// The libraries the model library needs, shipped in the bundle, loaded the same way and kept loaded: the model
+// library's (and each other's) dependencies are then found already loaded, by soname. Their memfds stay open:
+// the loader knows each library by its /proc/self/fd/N path, which must never name another file later.
+void LoadSharedLibs(const std::vector<std::string>& rels, const std::vector<std::string>& bytes) {
+  static std::vector<Fd> loaded;
+  // an OpenMP pool (oneDNN's) must not spin between its parallel regions against TVM's workers
+  setenv("OMP_WAIT_POLICY", "passive", 0);
+  for (size_t i = 0; i < rels.size(); ++i) {
+    loaded.emplace_back(memfd_create("edgec-lib.so", MFD_CLOEXEC));
+    if (dlopen(ToMemfd(loaded.back(), bytes[i]).c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr)
+      throw InputError("cannot load bundle file " + rels[i] + ": " + dlerror());
+  }
+}
+
+ffi::Module LoadLibrary(const std::string& bytes) {
+  Fd mem(memfd_create("edgec-model.so", MFD_CLOEXEC));
+  std::string path = ToMemfd(mem, bytes);
   return Global("ffi.Module.load_from_file.so")(ffi::String(path), ffi::String("so")).cast<ffi::Module>();
 }
 
@@ -994,6 +1021,7 @@ int Run(int argc, char** argv) {
   if (!Global("runtime.GetDeviceAttr")(static_cast<int>(m.device.device_type), 0, 0).cast<bool>())
     throw InputError("this machine has no " + m.device_kind + " device that the TVM runtime can use, and the bundle "
                      "was built for one");
+  LoadSharedLibs(m.shared_libs, bundle.shared_libs);
   ffi::Module vm = Loading("the model library " + m.library, [&] {
     ffi::Module vm = GetFunction(LoadLibrary(bundle.library), "vm_load_executable")().cast<ffi::Module>();
     // (device type, device id, allocator: 2 = pooled, so the memory of one run is reused by the next) for the

@@ -82,6 +82,10 @@ def _library_path(value):
     return _rel_path(value) or (None if value.endswith(".so") else "is not a .so file")
 
 
+def _shared_lib_path(value):
+    return _rel_path(value) or (None if re.search(r"\.so(\.[0-9]+)*$", value) else "is not a shared library")
+
+
 def _sha256(value):
     return None if isinstance(value, str) and _SHA256.match(value) else "is not a sha256 hex digest"
 
@@ -145,6 +149,7 @@ _SCHEMA = {
         "outputs": _Map(str, {"max_abs": _number, "max_rel": _number}),
     },
     "files": _Map(_rel_path, {"sha256": _sha256, "size": _count}),
+    "shared_libs?": [_shared_lib_path],
 }
 
 
@@ -240,7 +245,7 @@ def _check_consistent(m):
         fail("the model has no outputs")
     if MANIFEST in m["files"]:
         fail(f"'files' lists {MANIFEST} itself")
-    needed = [m["library"]] + ([m["params"]] if m["params"] else []) + sample_files(m)
+    needed = [m["library"]] + ([m["params"]] if m["params"] else []) + sample_files(m) + m.get("shared_libs", [])
     for rel in needed:
         if rel not in m["files"]:
             fail(f"'{shown(rel)}' is not listed in 'files'")
@@ -344,6 +349,7 @@ def read_file(bundle_dir, manifest, rel, verify=True):
 
 
 _private_dir = []
+_shared_libs = {}   # sha256 -> the loaded library: each is loaded once per process
 
 
 def _private_copy(data, name):
@@ -495,7 +501,11 @@ class Model:
                               f"run it on {shown(target['name'])}")
         config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
         if config is not None:
-            config(0, int(threads or target["device"]["threads"]))   # 0: big cores first, as TVM_NUM_THREADS
+            count = int(threads or target["device"]["threads"])
+            # TVM caps the pool at TVM_NUM_THREADS, and without it at half the cores (one thread on 2 cores)
+            os.environ["TVM_NUM_THREADS"] = str(count)
+            config(0, count)   # 0: big cores first, as TVM_NUM_THREADS
+        self._load_shared_libs()
         library = m["library"]
         code = read_file(self.bundle_dir, m, library, verify)
         # Loaded from a private copy named by its content: the dynamic loader hands back an already loaded
@@ -513,6 +523,27 @@ class Model:
         finally:
             os.unlink(path)
         self.weights = self._load_weights(tvm, weights)
+
+    def _load_shared_libs(self):
+        """Load the libraries the model library needs (shipped in the bundle, in the manifest's order) from
+        private copies of the checked bytes: the model library then finds them loaded, by soname."""
+        import ctypes
+
+        # an OpenMP pool (oneDNN's) must not spin between its parallel regions against TVM's workers
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        for rel in self.manifest.get("shared_libs", []):
+            data = read_file(self.bundle_dir, self.manifest, rel, self.verify)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in _shared_libs:
+                continue
+            path = _private_copy(data, digest + "-" + os.path.basename(rel))
+            try:
+                _shared_libs[digest] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                raise BundleError(f"bundle file '{shown(rel)}' cannot be loaded: {_last_line(e)}",
+                                  f"the bundle is for {shown(self.manifest['target']['arch'])}; {_REBUILD}") from None
+            finally:
+                os.unlink(path)
 
     def _load_weights(self, tvm, names):
         """The weights in the order the entry function takes them after its inputs, on the device."""

@@ -1,0 +1,109 @@
+"""Library offload (BYOC): convolutions and matrix products run in a kernel library instead of TVM's kernels.
+
+A backend (backend.Backend) is one module in `edgec/offload/backends/`, found by listing that package: its
+patterns with checks, a C++ emitter registered as TVM's `relax.ext.<name>` codegen, and what the code needs
+to link and run. The target descriptor's `[offload] backends` lists them in priority order; `edgec build
+--offload` overrides it. The pipeline passes (passes.py) prepare the graph, partition it and generate code;
+the build links the libraries and ships them in the bundle.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pkgutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import EdgecError, last_stderr_line
+from .backend import Backend, Linkage, Pattern
+from .passes import Placement, placement_of
+
+if TYPE_CHECKING:
+    from ..targets import Target
+
+__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "check_installed", "parse_option",
+           "placement_of", "resolve", "shipped_libraries", "used"]
+
+
+@functools.cache
+def all_backends() -> dict[str, Backend]:
+    """Every backend module in edgec/offload/backends, by name; each registers its relax.ext codegen."""
+    from . import backends
+    from .codegen import register_codegen
+
+    found = {}
+    for info in pkgutil.iter_modules(backends.__path__):
+        backend = importlib.import_module(f"{backends.__name__}.{info.name}").BACKEND
+        register_codegen(backend)
+        found[backend.name] = backend
+    return found
+
+
+def parse_option(value: str) -> tuple[str, ...]:
+    """`--offload none|NAME[,NAME]` as backend names in priority order."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if names == ("none",):
+        return ()
+    if not names or "none" in names:
+        raise EdgecError(f"--offload {value!r} is not 'none' or a list of backends",
+                         f"pass --offload none, or names from: {', '.join(all_backends())}")
+    return names
+
+
+def resolve(names: tuple[str, ...], arch: str) -> tuple[Backend, ...]:
+    """The backends named, in order; an unknown one, or one without a build for `arch`, is a user error."""
+    known = all_backends()
+    chosen = []
+    for name in names:
+        if name not in known:
+            raise EdgecError(f"unknown offload backend '{name}'", f"backends: {', '.join(known)}, or none")
+        if not known[name].supports(arch):
+            raise EdgecError(f"offload backend '{name}' has no {arch} build",
+                             f"it supports {', '.join(known[name].linkage.packages)}; pass --offload none")
+        chosen.append(known[name])
+    return tuple(chosen)
+
+
+def check_installed(backends: tuple[Backend, ...], target: Target) -> None:
+    """Before compiling: the target's compiler must find every header the backends' code includes."""
+    from ..toolchain import find_tool
+
+    compiler = find_tool(target.toolchain.compiler, target.toolchain.apt_package)
+    for backend in backends:
+        source = "".join(f"#include <{header}>\n" for header in backend.linkage.headers)
+        proc = subprocess.run([compiler, "-E", "-x", "c++", "-", "-o", os.devnull], input=source, text=True,
+                              capture_output=True)
+        if proc.returncode != 0:
+            raise EdgecError(f"offload backend '{backend.name}' needs headers {target.toolchain.compiler} cannot "
+                             f"find ({last_stderr_line(proc.stderr, 'no output')})",
+                             f"install them: sudo apt-get install {backend.linkage.packages[target.arch]}; "
+                             "or build with --offload none")
+
+
+def used(placement: tuple[Placement, ...] | None) -> tuple[Backend, ...]:
+    """The backends that took at least one operator: the library links and ships only these."""
+    names = {p.backend for p in placement or () if p.backend}
+    return tuple(b for name, b in all_backends().items() if name in names)
+
+
+def shipped_libraries(backends: tuple[Backend, ...], target: Target) -> list[tuple[str, Path]]:
+    """(soname, real file) of each shared library the bundle ships, in load order, found where the target's
+    compiler links from (so a cross compiler finds its sysroot's)."""
+    from ..toolchain import find_tool
+
+    compiler = find_tool(target.toolchain.compiler, target.toolchain.apt_package)
+    found = []
+    for backend in backends:
+        for soname in backend.linkage.ship:
+            if any(soname == known for known, _ in found):
+                continue
+            path = subprocess.run([compiler, f"-print-file-name={soname}"], capture_output=True, text=True).stdout
+            path = Path(path.strip())
+            if not path.is_absolute() or not path.is_file():
+                raise EdgecError(f"{target.toolchain.compiler} cannot find {soname}, which the '{backend.name}' "
+                                 "offload code needs in the bundle",
+                                 f"install it: sudo apt-get install {backend.linkage.packages[target.arch]}")
+            found.append((soname, path.resolve()))
+    return found

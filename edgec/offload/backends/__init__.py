@@ -1,0 +1,1 @@
+"""One module per offload backend, each defining BACKEND (edgec.offload.Backend); edgec.offload lists them."""

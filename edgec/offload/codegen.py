@@ -1,0 +1,18 @@
+"""A backend's emitter as TVM's external codegen `relax.ext.<name>`, which RunCodegen calls with the
+partitioned functions: one C++ source module, compiled and linked into model.so at export."""
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+
+from .backend import Backend
+
+
+def register_codegen(backend: Backend) -> None:
+    def codegen(functions, options, constant_names):
+        functions = list(functions)
+        source = backend.emit(functions)
+        symbols = [str(f.attrs["global_symbol"]) for f in functions]
+        return [tvm.get_global_func("runtime.CSourceModuleCreate")(source, "cc", symbols, [])]
+
+    tvm_ffi.register_global_func(f"relax.ext.{backend.name}", codegen, override=True)

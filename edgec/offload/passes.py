@@ -1,0 +1,225 @@
+"""The offload steps of edgec's pipeline, run when the build offloads (BuildContext.offload names backends):
+graph preparation, partition, code generation. `edgec passes` lists them and `--dump-ir` shows each one's effect.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from ..context import BuildContext
+from ..passes.registry import register_pass
+from .fusion import read_fused, static_shape
+
+_PLACEMENT_ATTR = "edgec_offload_placement"
+# TVM's ONNX importer emits Clip as TE kernels named after the topi functions: maximum, minimum1, ...
+_CLIP_HALF = re.compile(r"^(maximum|minimum)\d*$")
+# Ops ConvertLayout would move along to the new layout, which TVM 0.27 cannot lower in it.
+_KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+# Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair.
+_NO_LAYOUT_RULE = ("relax.clip",)
+
+
+def _offloading(ctx: BuildContext) -> bool:
+    return bool(ctx.offload)
+
+
+def _backends(ctx: BuildContext):
+    from . import resolve
+
+    return resolve(ctx.offload, ctx.target.arch)
+
+
+@relax.expr_functor.mutator
+class _ClipRestorer(relax.PyExprMutator):
+    """call_tir(maximum, (x, lo)) and call_tir(minimum, (., hi)) become one R.clip(x, lo, hi)."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        half = _clip_half(call)
+        if half is None:
+            return call
+        x, lo, hi = half
+        if isinstance(x, relax.Var):
+            producer = self.lookup_binding(x)
+            if isinstance(producer, relax.Call) and producer.op == tvm.ir.Op.get("relax.clip"):
+                x, lo, hi = producer.args[0], max(lo, producer.args[1].value), min(hi, producer.args[2].value)
+        return relax.op.clip(x, lo, hi)
+
+
+def _clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
+    if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], tvm.ir.GlobalVar):
+        return None
+    which = _CLIP_HALF.match(call.args[0].name_hint)
+    args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else ()
+    if which is None or len(args) != 2 or not isinstance(args[1], tvm.ir.expr.GenericConst) \
+            or args[1].value.numpy().size != 1:
+        return None
+    bound = float(args[1].value.numpy())
+    return (args[0], bound, math.inf) if which[1] == "maximum" else (args[0], -math.inf, bound)
+
+
+@tvm.transform.module_pass(opt_level=0, name="OffloadRestoreClip")
+def _restore_clip(mod, pctx):
+    restorer = _ClipRestorer(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            restorer.builder_.update_func(gv, restorer.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(restorer.builder_.get())
+
+
+@register_pass("offload-restore-clip", phase="graph", after=("dead-code-elimination",), applies=_offloading)
+def restore_clip(ctx):
+    """Turn ONNX Clip (imported as call_tir maximum + minimum) back into R.clip, which patterns can fuse"""
+    return _restore_clip
+
+
+def _identity(first, second) -> bool:
+    """permute_dims(permute_dims(x, first), second) is x."""
+    first, second = [int(a) for a in first], [int(a) for a in second]
+    return len(first) == len(second) and all(first[second[i]] == i for i in range(len(first)))
+
+
+@tvm.transform.module_pass(opt_level=0, name="OffloadDropTransposePairs")
+def _drop_transpose_pairs(mod, pctx):
+    """Transposes are moved below the elementwise ops ConvertLayout left in the old layout, until they meet
+    the transpose that undoes them; both are then removed."""
+    x = wildcard()
+    transposed = is_op("relax.permute_dims")(x)
+    elementwise = is_op(_NO_LAYOUT_RULE[0])
+    for name in _NO_LAYOUT_RULE[1:]:
+        elementwise |= is_op(name)
+    op = elementwise(transposed, wildcard(), wildcard())
+    pair = is_op("relax.permute_dims")(transposed)
+
+    def sink(expr, m):
+        inner = relax.Call(m[op].op, [m[x], *m[op].args[1:]], m[op].attrs)
+        return relax.op.permute_dims(inner, m[transposed].attrs.axes)
+
+    def cancel(expr, m):
+        return m[x] if _identity(m[transposed].attrs.axes, m[pair].attrs.axes) else expr
+
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pair, cancel, rewrite_call(op, sink, func))
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="OffloadConstantsSecond")
+def _constants_second(mod, pctx):
+    """add/multiply(const, x) becomes add/multiply(x, const), the constant at x's rank (leading 1s, as
+    broadcasting reads it): ConvertLayout takes a binary op's layout from its first operand and gives up on
+    operands of another rank, and the op and everything after it would stay in the old layout."""
+    def rewrite(expr, m):
+        const, data = m[constant], m[x]
+        rank = len(static_shape(data) or ())
+        value = const.value.numpy()
+        if rank > value.ndim:
+            const = relax.const(value.reshape((1,) * (rank - value.ndim) + value.shape))
+        elif expr.args[1].same_as(const):
+            return expr
+        return relax.Call(expr.op, [data, const], expr.attrs)
+
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    for op in ("relax.add", "relax.multiply"):
+        for args in ((0, 1), (1, 0)):
+            x, constant = wildcard(), is_const()
+            operands = [constant, x] if args == (0, 1) else [x, constant]
+            for gv, func in list(mod.functions_items()):
+                if isinstance(func, relax.Function):
+                    mod[gv] = rewrite_call(is_op(op)(*operands), rewrite, func)
+    return mod
+
+
+@register_pass("offload-layout", phase="graph", after=("offload-restore-clip",), applies=_offloading)
+def layout(ctx):
+    """Convert the graph to the backends' layout (NHWC), leaving no transpose pairs between offloaded operators"""
+    desired = dict(_KEEP_LAYOUT)
+    for backend in reversed(_backends(ctx)):   # the first backend's wish wins
+        desired.update(backend.layouts)
+    return tvm.transform.Sequential([
+        _constants_second, relax.transform.ConvertLayout(desired), _drop_transpose_pairs,
+        # ConvertLayout transposes constant biases; folding makes them constants the patterns accept
+        relax.transform.FoldConstant(), relax.transform.DeadCodeElimination(["main"]),
+        relax.transform.CanonicalizeBindings()], name="OffloadLayout")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where calls of one operator went: a backend (with the fused pattern) or TVM (with the reason)."""
+    operator: str            # "conv2d", "matmul"
+    backend: str | None      # None: it stays in TVM
+    detail: str              # the pattern it was fused as, or why the backends refused it
+    count: int
+
+
+def placement_of(mod: tvm.IRModule) -> tuple[Placement, ...] | None:
+    """The placement offload-partition recorded in the module, None when it did not run."""
+    if mod.attrs is None or _PLACEMENT_ATTR not in mod.attrs:
+        return None
+    return tuple(Placement(**p) for p in json.loads(str(mod.attrs[_PLACEMENT_ATTR])))
+
+
+def _partition_pass(backends):
+    @tvm.transform.module_pass(opt_level=0, name="OffloadPartition")
+    def partition(mod, pctx):
+        accepted, refused = set(), {}   # anchor variable -> the last reason a check gave
+
+        def recording(pattern):
+            def check(ctx):
+                reason = pattern.check(ctx)
+                var = ctx.value_to_bound_var[ctx.annotated_expr["anchor"]].name
+                if reason is None:
+                    accepted.add(var)
+                else:
+                    refused[var] = reason
+                return reason is None
+            return check
+
+        patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, recording(p))
+                    for backend in backends for p in backend.patterns()]
+        anchors = {p.anchor for backend in backends for p in backend.patterns()}
+        mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)(mod)
+        names = ", ".join(b.name for b in backends)
+        counts = Counter()
+        for binding in (b for block in mod["main"].body.blocks for b in block.bindings):
+            call = binding.value
+            if not isinstance(call, relax.Call):
+                continue
+            if isinstance(call.op, tvm.ir.GlobalVar) and "Codegen" in (mod[call.op].attrs or {}):
+                fused = read_fused(mod[call.op])
+                counts[(_short(fused.anchor.op.name), str(mod[call.op].attrs["Codegen"]), fused.composite)] += 1
+            elif isinstance(call.op, tvm.ir.Op) and call.op.name in anchors:
+                var = binding.var.name
+                why = refused.get(var, f"no {names} pattern matches it")
+                if var in accepted:
+                    why = "its match overlapped another fused group"
+                counts[(_short(call.op.name), None, why)] += 1
+        placement = [asdict(Placement(op, backend, detail, n)) for (op, backend, detail), n in
+                     sorted(counts.items(), key=lambda kv: (kv[0][1] is None, kv[0][0], -kv[1]))]
+        return mod.with_attr(_PLACEMENT_ATTR, json.dumps(placement))
+
+    return partition
+
+
+def _short(op_name: str) -> str:
+    return op_name.rsplit(".", 1)[-1]
+
+
+@register_pass("offload-partition", phase="graph", after=("offload-layout",), applies=_offloading)
+def partition(ctx):
+    """Group the operators a backend takes into functions for its codegen; record where each one runs and why"""
+    return _partition_pass(_backends(ctx))
+
+
+@register_pass("offload-codegen", phase="params", after=("lift-params",), required=True, applies=_offloading)
+def codegen(ctx):
+    """Emit the backends' C++ for the partitioned functions (before TVM's legalize phase lowers the rest)"""
+    return relax.transform.RunCodegen()
