@@ -1,0 +1,208 @@
+"""Library offload (edgec/offload) with the oneDNN backend on the host: offloaded builds match the reference,
+the summary says where every convolution and matrix product runs (and why one stays in TVM), bundles ship the
+library and run from anywhere, --offload none offloads nothing, and two bundles run concurrently in one process."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgec import api, report
+from edgec.build import BuildOptions
+from edgec.context import BuildContext
+from edgec.errors import EdgecError
+from edgec.examples import mobilenet_v2
+from edgec.passes import plan
+from edgec.reference import Tolerance, compare_outputs
+from edgec.runtime.local import load_bundle
+from edgec.targets import load_target
+from models import ATOL, RTOL, inputs_for, real_model
+from verify import assert_close_to_reference
+
+ONEDNN = BuildOptions(offload=("onednn",))
+NONE = BuildOptions(offload=())
+RNG = np.random.default_rng(3)
+
+
+def build(model, out, options=ONEDNN, **kw) -> api.BuildResult:
+    result = api.build(model, "host", out, options=options, **kw)
+    assert result.manifest.verification["status"] == "verified", result.manifest.verification
+    return result
+
+
+def placed(result: api.BuildResult) -> dict[tuple[str, str | None], int]:
+    """(operator, backend or None for TVM) -> calls, from the build summary's JSON."""
+    counts = {}
+    for p in report.build_json(result)["offload"]:
+        counts[(p["operator"], p["backend"])] = counts.get((p["operator"], p["backend"]), 0) + p["count"]
+    return counts
+
+
+def _weight(*shape):
+    return (RNG.standard_normal(shape) * 0.2).astype(np.float32)
+
+
+def conv_zoo(path: Path) -> Path:
+    """Every conv2d form the backend takes, a Gemm with bias + ReLU, a residual add before a ReLU, ReLU6 as Clip,
+    and one conv whose weights are a model input (refused: packing needs constant weights)."""
+    inits, nodes = [], []
+
+    def conv(x, out, cin, cout, k, group=1, **attrs):
+        w, b = f"{out}_w", f"{out}_b"
+        inits.extend([numpy_helper.from_array(_weight(cout, cin // group, k, k), w),
+                      numpy_helper.from_array(_weight(cout), b)])
+        nodes.append(helper.make_node("Conv", [x, w, b], [out], group=group, kernel_shape=[k, k], **attrs))
+        return out
+
+    lo, hi = numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")
+    inits += [lo, hi]
+    a = conv("x", "a", 8, 16, 3, pads=[1, 1, 1, 1])                                  # 3x3 padded
+    nodes.append(helper.make_node("Clip", [a, "lo", "hi"], ["a6"]))                   # ReLU6
+    b = conv("a6", "b", 16, 16, 3, group=16, strides=[2, 2], pads=[0, 1, 1, 0])       # depthwise, strided, asym
+    c = conv(b, "c", 16, 16, 3, group=4, dilations=[2, 2], pads=[2, 2, 2, 2])         # grouped, dilated
+    d = conv(c, "d", 16, 16, 1)                                                       # 1x1
+    nodes += [helper.make_node("Add", [d, b], ["r"]), helper.make_node("Relu", ["r"], ["rr"])]  # residual
+    nodes.append(helper.make_node("Conv", ["rr", "wx"], ["e"], pads=[1, 1, 1, 1]))   # runtime weights
+    nodes.append(helper.make_node("Flatten", ["e"], ["f"]))
+    inits += [numpy_helper.from_array(_weight(10, 16 * 8 * 8), "g_w"), numpy_helper.from_array(_weight(10), "g_b")]
+    nodes += [helper.make_node("Gemm", ["f", "g_w", "g_b"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["y"])]
+    graph = helper.make_graph(nodes, "conv_zoo",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16]),
+                               helper.make_tensor_value_info("wx", TensorProto.FLOAT, [16, 16, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    return mobilenet_v2(tmp_path_factory.mktemp("models") / "mnv2_small.onnx", width=0.35, resolution=96)
+
+
+@pytest.fixture(scope="module")
+def small_cnn_host(small_cnn, tmp_path_factory):
+    return build(small_cnn, tmp_path_factory.mktemp("b") / "small-onednn")
+
+
+def test_pipeline_has_the_offload_steps_before_legalization():
+    steps = plan(BuildContext(load_target("host"), ONEDNN, offload=("onednn",)), "onnx")
+    names = [s.name for s in steps if s.enabled]
+    wanted = ["offload-restore-clip", "offload-layout", "offload-partition", "lift-params", "offload-codegen",
+              "legalize-ops"]
+    assert [n for n in names if n in wanted] == wanted
+    off = plan(BuildContext(load_target("host"), NONE, offload=()), "onnx")
+    assert not any(s.enabled for s in off if s.name.startswith("offload-"))
+
+
+def test_unknown_backend_is_a_user_error(small_cnn, tmp_path):
+    with pytest.raises(EdgecError, match="unknown offload backend 'mkl'"):
+        api.build(small_cnn, "host", tmp_path / "b", options=BuildOptions(offload=("mkl",)))
+
+
+def test_small_cnn_offloaded_matches_reference(small_cnn, small_cnn_host):
+    assert placed(small_cnn_host) == {("conv2d", "onednn"): 52, ("matmul", "onednn"): 1}
+    patterns = {p.detail for p in small_cnn_host.compiled.offload}
+    # ReLU6 (ONNX Clip) and the residual adds are fused into the convolutions
+    assert {"onednn.conv2d_bias_clip", "onednn.conv2d_bias_add", "onednn.matmul_bias"} <= patterns
+    text = report.build_text(small_cnn_host)
+    assert "conv2d x35 -> onednn (onednn.conv2d_bias_clip)" in text
+    assert "ships lib/libgomp.so.1, lib/libOpenCL.so.1, lib/libdnnl.so.2" in text
+    assert_close_to_reference(small_cnn, small_cnn_host.bundle_dir)
+    assert_close_to_reference(small_cnn, small_cnn_host.bundle_dir, emulate=True, expect_mode="native runner")
+
+
+def test_cnn_offloaded_matches_reference(tmp_path):
+    model = mobilenet_v2(tmp_path / "mobilenetv2.onnx")
+    result = build(model, tmp_path / "cnn-onednn")
+    assert placed(result) == {("conv2d", "onednn"): 52, ("matmul", "onednn"): 1}
+    assert_close_to_reference(model, result.bundle_dir)
+
+
+def test_ppocrv4_det_offloaded_matches_reference(tmp_path):
+    model = real_model("ppocrv4_det")
+    inputs = inputs_for("ppocrv4_det")
+    options = BuildOptions(dump_ir=tmp_path / "ir", offload=("onednn",))
+    result = build(model, tmp_path / "det-onednn", options, input_shapes={"x": (1, 3, 320, 320)},
+                   sample_inputs=inputs)
+    assert placed(result) == {("conv2d", "onednn"): 62}
+    assert_close_to_reference(model, result.bundle_dir, inputs)
+    # whole-graph NHWC: no transpose pairs between offloaded operators, only the input's and the output's
+    partitioned = next((tmp_path / "ir").glob("*-offload-partition.py")).read_text()
+    assert partitioned.count("R.permute_dims(") == 2
+
+
+def test_every_conv_form_and_the_refused_one(tmp_path):
+    model = conv_zoo(tmp_path / "zoo.onnx")
+    inputs = {"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32), "wx": _weight(16, 16, 3, 3)}
+    result = build(model, tmp_path / "zoo", sample_inputs=inputs)
+    assert placed(result) == {("conv2d", "onednn"): 4, ("matmul", "onednn"): 1, ("conv2d", None): 1}
+    refused = [p for p in result.compiled.offload if p.backend is None]
+    assert refused[0].detail == "its weights are computed at run time (only constant weights are packed)"
+    assert "conv2d x1 -> TVM: its weights are computed at run time" in report.build_text(result)
+    patterns = {p.detail for p in result.compiled.offload if p.backend}
+    assert {"onednn.conv2d_bias_clip", "onednn.conv2d_bias_add_relu", "onednn.matmul_bias_relu"} <= patterns
+    assert_close_to_reference(model, result.bundle_dir, inputs)
+
+
+def test_offload_none_makes_no_external_calls(small_cnn, tmp_path):
+    result = build(small_cnn, tmp_path / "plain", options=NONE)
+    assert result.compiled.offload is None and report.build_json(result)["offload"] is None
+    assert result.manifest.shared_libs == () and not (result.bundle_dir / "lib").exists()
+    assert "dnnl" not in subprocess.run(["ldd", result.bundle_dir / "model.so"], capture_output=True,
+                                        text=True).stdout
+    symbols = subprocess.run(["nm", "-D", "--defined-only", result.bundle_dir / "model.so"], capture_output=True,
+                             text=True).stdout
+    assert "onednn" not in symbols
+
+
+def test_copied_bundle_runs_on_its_shipped_library(small_cnn, small_cnn_host, tmp_path):
+    copy = Path(shutil.copytree(small_cnn_host.bundle_dir, tmp_path / "elsewhere" / "bundle"))
+    manifest = small_cnn_host.manifest
+    assert manifest.shared_libs == ("lib/libgomp.so.1", "lib/libOpenCL.so.1", "lib/libdnnl.so.2")
+    assert all(rel in manifest.files for rel in manifest.shared_libs)
+    # loaded from the bundle directly, the model library finds its libraries in lib/
+    ldd = subprocess.run(["ldd", copy / "model.so"], capture_output=True, text=True).stdout
+    for lib in ("libdnnl.so.2", "libgomp.so.1", "libOpenCL.so.1"):
+        assert f"{lib} => {copy}/./lib/{lib}" in ldd or f"{lib} => {copy}/lib/{lib}" in ldd, ldd
+    # run.py loads the shipped bytes, never the system's libdnnl
+    script = ("import sys; from edgec.runtime.local import load_bundle; m = load_bundle(sys.argv[1]); "
+              "m.run(m.sample('inputs')); "
+              "print('\\n'.join(l for l in open('/proc/self/maps') if 'libdnnl' in l))")
+    maps = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, check=True).stdout
+    assert "libdnnl" in maps and "/usr/lib" not in maps and "/lib/x86_64" not in maps, maps
+    assert_close_to_reference(small_cnn, copy)
+    assert_close_to_reference(small_cnn, copy, emulate=True, expect_mode="native runner")
+
+
+def test_two_bundles_concurrently_in_one_process(tmp_path):
+    """Same architecture, other weights, both run from two threads each at once: every call's packed weights
+    must be its own model's (state is keyed by the weight tensor, shared state guarded by a mutex)."""
+    models = [mobilenet_v2(tmp_path / f"m{seed}.onnx", width=0.35, resolution=96, seed=seed) for seed in (1, 2)]
+    results = [build(m, tmp_path / f"b{i}") for i, m in enumerate(models)]
+    loaded = [load_bundle(r.bundle_dir, threads=2) for r in results]
+    failures = []
+
+    def worker(model):
+        inputs, expected = model.sample("inputs"), model.sample("expected")
+        for _ in range(6):
+            comparison = compare_outputs(model.run(inputs), expected, Tolerance(ATOL, RTOL))
+            if not comparison.ok:
+                failures.append(comparison)
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in loaded * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
