@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs edgec on a fresh Debian/Ubuntu x86-64 machine: a virtual environment in .venv with edgec, its
-# reference runtimes, IREE and test tools, plus the system packages and the aarch64 TVM runtime that cross
-# builds and qemu runs need. Run it as a normal user (it uses sudo for apt) or as root.
+# reference runtimes, IREE and test tools, plus the system packages (compilers, qemu, oneDNN for host offload)
+# and the aarch64 TVM runtime that cross builds and qemu runs need. Run it as a normal user (it uses sudo for
+# apt) or as root.
 #   PYTHON=python3.11 sh cross/install.sh
 set -eu
 cd "$(dirname "$0")/.."

@@ -13,7 +13,8 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q g++-aarch64-linux-gnu qemu-user-static cmake g++
+# libdnnl-dev: oneDNN, the offload backend of the host target (targets/host.toml [offload])
+apt-get install -y -q g++-aarch64-linux-gnu qemu-user-static cmake g++ libdnnl-dev
 
 # From the repository root, so `edgec` imports even when it is not pip-installed.
 cd "$(dirname "$0")/.."

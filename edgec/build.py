@@ -163,12 +163,15 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
     # TVM puts options before the objects, where the linker drops libraries nothing has needed yet: the
     # offload libraries go after them.
     libs = [flag for backend in backends for flag in backend.linkage.libs]
-    # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
-    # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
-    rpath = ["-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib"] if any(b.linkage.ship for b in backends) else []
+    # TVM compiles the backends' C++ sources with this command too, unoptimized unless told
+    options = ["-O2"] if backends else []
+    if any(b.linkage.ship for b in backends):
+        # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
+        # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
+        options.append("-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib")
     t0 = time.perf_counter()
     try:
-        compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=rpath,
+        compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=options,
                                                                                   add_files=libs))
     except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
         raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",

@@ -288,11 +288,13 @@ def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory
 def passes(target, opt_level, disable_pass):
     """List the pass pipeline build runs for a target."""
     from .context import BuildContext, BuildOptions
+    from .offload import for_target
     from .passes import plan
     from .targets import load_target
 
     descriptor = load_target(target)
-    steps = plan(BuildContext(descriptor, BuildOptions(opt_level, tuple(disable_pass))))
+    steps = plan(BuildContext(descriptor, BuildOptions(opt_level, tuple(disable_pass)),
+                              offload=for_target(descriptor)))
     click.echo(f"pipeline for {descriptor.name} at -O{opt_level}, TVM target {json.dumps(descriptor.tvm_target)}:")
     phase = None
     for i, step in enumerate(steps, start=1):

@@ -75,8 +75,8 @@ def build_text(result: BuildResult) -> str:
     if c.offload is not None:
         lines.append("  offload (operator calls -> where they run):" if c.offload else
                      "  offload: no operator matched a backend's patterns")
-        lines += [f"    {p.operator} x{p.count} -> " + (f"{p.backend} ({p.detail})" if p.backend else f"TVM: {p.detail}")
-                  for p in c.offload]
+        lines += [f"    {p.operator} x{p.count} -> "
+                  + (f"{p.backend} ({p.detail})" if p.backend else f"TVM: {p.detail}") for p in c.offload]
         if d["shared_libs"]:
             lines.append("    ships " + ", ".join(d["shared_libs"]))
     return "\n".join(lines)

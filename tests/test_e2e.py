@@ -67,8 +67,9 @@ def det_rpi4(tmp_path_factory):
 def test_cnn_host_in_process(cnn, cnn_host):
     assert_close_to_reference(cnn, cnn_host.bundle_dir, expect_mode="in-process")
     c = cnn_host.compiled
-    before, after = c.ops_around_fusion()
-    assert after < before / 2, "fusion should merge conv + bias + clip chains"
+    # each conv + bias + clip chain becomes one call: offloaded to a library, or fused by TVM
+    imported = next(r.calls for r in c.passes if r.phase == "graph")
+    assert c.ops_around_fusion()[1] < imported / 2, "conv + bias + clip chains should be merged"
     assert c.memory.planned_bytes < c.memory.tensor_bytes
     assert "fold-batchnorm" in cnn_host.manifest.passes
     assert elf_machine(cnn_host.bundle_dir / "model.so") == ELF_MACHINE["x86_64"]

@@ -23,8 +23,8 @@ from .passes import Placement, placement_of
 if TYPE_CHECKING:
     from ..targets import Target
 
-__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "check_installed", "parse_option",
-           "placement_of", "resolve", "shipped_libraries", "used"]
+__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "check_installed", "for_target",
+           "parse_option", "placement_of", "resolve", "shipped_libraries", "used"]
 
 
 @functools.cache
@@ -52,14 +52,20 @@ def parse_option(value: str) -> tuple[str, ...]:
     return names
 
 
-def resolve(names: tuple[str, ...], arch: str) -> tuple[Backend, ...]:
-    """The backends named, in order; an unknown one, or one without a build for `arch`, is a user error."""
+def for_target(target: Target) -> tuple[str, ...]:
+    """The descriptor's backends that have a build for its architecture: `host` lists one per architecture."""
+    return tuple(b.name for b in resolve(target.offload, None) if b.supports(target.arch))
+
+
+def resolve(names: tuple[str, ...], arch: str | None) -> tuple[Backend, ...]:
+    """The backends named, in order; an unknown one, or one without a build for `arch` (if given), is a user
+    error."""
     known = all_backends()
     chosen = []
     for name in names:
         if name not in known:
             raise EdgecError(f"unknown offload backend '{name}'", f"backends: {', '.join(known)}, or none")
-        if not known[name].supports(arch):
+        if arch is not None and not known[name].supports(arch):
             raise EdgecError(f"offload backend '{name}' has no {arch} build",
                              f"it supports {', '.join(known[name].linkage.packages)}; pass --offload none")
         chosen.append(known[name])

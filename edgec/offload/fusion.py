@@ -129,6 +129,11 @@ def read_fused(func: relax.Function) -> Fused:
         raise ValueError(f"{func.attrs['global_symbol']}: expected one composite function, found {len(inner)}")
     inner = inner[0]
     composite = str(inner.attrs["Composite"])
+    # the emitter's parameter indices are the composite's: the wrapper must pass its own parameters in order
+    calls = [b.value for block in func.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+    if len(calls) != 1 or len(calls[0].args) != len(func.params) or \
+            not all(a.same_as(p) for a, p in zip(calls[0].args, func.params)):
+        raise ValueError(f"{func.attrs['global_symbol']}: the composite is not called with the parameters in order")
     chain = composite.split(".", 1)[1].split("_")[1:]
     bindings = [b for block in inner.body.blocks for b in block.bindings]
     if len(bindings) != len(chain) + 1:

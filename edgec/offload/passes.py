@@ -76,7 +76,7 @@ def _restore_clip(mod, pctx):
 
 @register_pass("offload-restore-clip", phase="graph", after=("dead-code-elimination",), applies=_offloading)
 def restore_clip(ctx):
-    """Turn ONNX Clip (imported as call_tir maximum + minimum) back into R.clip, which patterns can fuse"""
+    """Turn ONNX Clip (imported as call_tir maximum + minimum) back into R.clip, which patterns can fuse."""
     return _restore_clip
 
 
@@ -119,6 +119,8 @@ def _constants_second(mod, pctx):
     operands of another rank, and the op and everything after it would stay in the old layout."""
     def rewrite(expr, m):
         const, data = m[constant], m[x]
+        if const.ty.dtype != getattr(data.ty, "dtype", None):
+            return expr
         rank = len(static_shape(data) or ())
         value = const.value.numpy()
         if rank > value.ndim:
@@ -140,15 +142,33 @@ def _constants_second(mod, pctx):
 
 @register_pass("offload-layout", phase="graph", after=("offload-restore-clip",), applies=_offloading)
 def layout(ctx):
-    """Convert the graph to the backends' layout (NHWC), leaving no transpose pairs between offloaded operators"""
+    """Convert the graph to the backends' layout (NHWC), leaving no transpose pairs between offloaded operators."""
     desired = dict(_KEEP_LAYOUT)
     for backend in reversed(_backends(ctx)):   # the first backend's wish wins
         desired.update(backend.layouts)
-    return tvm.transform.Sequential([
+    convert = tvm.transform.Sequential([
         _constants_second, relax.transform.ConvertLayout(desired), _drop_transpose_pairs,
         # ConvertLayout transposes constant biases; folding makes them constants the patterns accept
         relax.transform.FoldConstant(), relax.transform.DeadCodeElimination(["main"]),
         relax.transform.CanonicalizeBindings()], name="OffloadLayout")
+    wanted = {op for op in desired if op not in _KEEP_LAYOUT}
+
+    @tvm.transform.module_pass(opt_level=0, name="OffloadLayoutIfNeeded")
+    def layout_if_needed(mod, pctx):
+        # ConvertLayout re-checks every binding, and refuses some the importer made (add of int64 and int32
+        # indices): a graph without the backends' operators is left alone
+        return convert(mod) if _uses(mod, wanted) else mod
+
+    return layout_if_needed
+
+
+def _uses(mod: tvm.IRModule, ops: set[str]) -> bool:
+    found = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(1) if isinstance(e, relax.Call) and
+                                            isinstance(e.op, tvm.ir.Op) and e.op.name in ops else None)
+    return bool(found)
 
 
 @dataclass(frozen=True)
@@ -215,11 +235,11 @@ def _short(op_name: str) -> str:
 
 @register_pass("offload-partition", phase="graph", after=("offload-layout",), applies=_offloading)
 def partition(ctx):
-    """Group the operators a backend takes into functions for its codegen; record where each one runs and why"""
+    """Group the operators a backend takes into functions for its codegen; record where each one runs and why."""
     return _partition_pass(_backends(ctx))
 
 
 @register_pass("offload-codegen", phase="params", after=("lift-params",), required=True, applies=_offloading)
 def codegen(ctx):
-    """Emit the backends' C++ for the partitioned functions (before TVM's legalize phase lowers the rest)"""
+    """Emit the backends' C++ for the partitioned functions (before TVM's legalize phase lowers the rest)."""
     return relax.transform.RunCodegen()
