@@ -19,7 +19,7 @@ from edgec.context import BuildContext
 from edgec.examples import mobilenet_v2
 from edgec.frontends import load_model
 from edgec.passes import plan, run_pipeline
-from edgec.passes.schedule import _MIN_PARALLEL_WORK, ATTR, CpuDefaultSchedule, schedule_summary
+from edgec.passes.cpu_schedule import _MIN_PARALLEL_WORK, ATTR, CpuDefaultSchedule, schedule_summary
 from edgec.targets import load_target, load_target_file
 from test_passes import MALI
 from verify import assert_close_to_reference
