@@ -174,8 +174,10 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
         compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=options,
                                                                                   add_files=libs))
     except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
+        packages = " ".join([chain.apt_package, *(b.linkage.packages[compiled.target.arch] for b in backends)])
         raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",
-                         f"check the toolchain: sudo apt-get install {chain.apt_package}") from e
+                         f"check the toolchain: sudo apt-get install {packages}"
+                         + ("; or build with --offload none" if backends else "")) from e
     seconds = time.perf_counter() - t0
     compiled.seconds["link"] = seconds
     return seconds

@@ -204,7 +204,6 @@ def write_bundle(compiled: CompiledModel, out_dir: Path, sample: Sample | None =
             bundle = staging / "bundle"
             bundle.mkdir()
             artifacts = _write_artifacts(compiled, bundle, sample)
-            _check_library(bundle / LIBRARY_NAME, compiled.target)
             manifest = _describe(compiled, bundle, out_dir.name, sample, artifacts, not_verified("not run"))
             if verify is not None:
                 manifest = _describe(compiled, bundle, out_dir.name, sample, artifacts, verify(bundle))
@@ -231,6 +230,7 @@ def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
 
     model = compiled.model
     export_library(compiled, tmp / LIBRARY_NAME)
+    _check_library(tmp / LIBRARY_NAME, compiled.target)
     shared_libs = []
     for soname, path in shipped_libraries(used(compiled.offload), compiled.target):
         (tmp / SHARED_LIB_DIR).mkdir(exist_ok=True)

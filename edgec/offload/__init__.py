@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import pkgutil
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EdgecError, last_stderr_line
+from ..errors import EdgecError
 from .backend import Backend, Linkage, Pattern
 from .passes import Placement, placement_of
 
 if TYPE_CHECKING:
     from ..targets import Target
 
-__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "check_installed", "for_target",
-           "parse_option", "placement_of", "resolve", "shipped_libraries", "used"]
+__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "for_target", "parse_option",
+           "placement_of", "resolve", "shipped_libraries", "used"]
 
 
 @functools.cache
@@ -70,22 +69,6 @@ def resolve(names: tuple[str, ...], arch: str | None) -> tuple[Backend, ...]:
                              f"it supports {', '.join(known[name].linkage.packages)}; pass --offload none")
         chosen.append(known[name])
     return tuple(chosen)
-
-
-def check_installed(backends: tuple[Backend, ...], target: Target) -> None:
-    """Before compiling: the target's compiler must find every header the backends' code includes."""
-    from ..toolchain import find_tool
-
-    compiler = find_tool(target.toolchain.compiler, target.toolchain.apt_package)
-    for backend in backends:
-        source = "".join(f"#include <{header}>\n" for header in backend.linkage.headers)
-        proc = subprocess.run([compiler, "-E", "-x", "c++", "-", "-o", os.devnull], input=source, text=True,
-                              capture_output=True)
-        if proc.returncode != 0:
-            raise EdgecError(f"offload backend '{backend.name}' needs headers {target.toolchain.compiler} cannot "
-                             f"find ({last_stderr_line(proc.stderr, 'no output')})",
-                             f"install them: sudo apt-get install {backend.linkage.packages[target.arch]}; "
-                             "or build with --offload none")
 
 
 def used(placement: tuple[Placement, ...] | None) -> tuple[Backend, ...]:

@@ -11,7 +11,7 @@ from tvm.relax.dpl import DFPattern
 @dataclass(frozen=True)
 class Linkage:
     """What the emitted C++ needs at build time and in the bundle."""
-    headers: tuple[str, ...]             # included by the emitted code; missing ones are named with the package
+    headers: tuple[str, ...]             # the library's headers, included ahead of the emitted code
     libs: tuple[str, ...]                # linker flags, placed after the objects (TVM puts options before them)
     packages: dict[str, str]             # architecture -> Debian package with the headers and libraries
     ship: tuple[str, ...]                # sonames copied into the bundle's lib/, dependencies first (load order)

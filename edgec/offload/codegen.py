@@ -11,7 +11,7 @@ from .backend import Backend
 def register_codegen(backend: Backend) -> None:
     def codegen(functions, options, constant_names):
         functions = list(functions)
-        source = backend.emit(functions)
+        source = "".join(f"#include <{header}>\n" for header in backend.linkage.headers) + backend.emit(functions)
         symbols = [str(f.attrs["global_symbol"]) for f in functions]
         return [tvm.get_global_func("runtime.CSourceModuleCreate")(source, "cc", symbols, [])]
 

@@ -71,7 +71,7 @@ def _check(chain: tuple[str, ...], check_anchor) -> Callable[[relax.transform.Pa
         # FuseOpsByPattern itself accepts a match whose intermediate value is also used outside it (a conv output
         # feeding a residual add and the next block): the result would be invalid IR (TVM 0.27).
         if has_leaking_intermediate_variables(ctx):
-            return f"its {chain[-1] if chain else 'result'} input is also used elsewhere, so it cannot be fused"
+            return f"a value inside the fused chain ({' + '.join(chain)}) is also used outside it"
         anchor = ctx.annotated_expr["anchor"]
         for role, expr in (("input", anchor.args[0]), ("weight", anchor.args[1]), ("output", anchor)):
             dtype = getattr(expr.ty, "dtype", None)
