@@ -892,8 +892,6 @@ std::string ToMemfd(const Fd& mem, const std::string& bytes) {
 // the loader knows each library by its /proc/self/fd/N path, which must never name another file later.
 void LoadSharedLibs(const std::vector<std::string>& rels, const std::vector<std::string>& bytes) {
   static std::vector<Fd> loaded;
-  // an OpenMP pool (oneDNN's) must not spin between its parallel regions against TVM's workers
-  setenv("OMP_WAIT_POLICY", "passive", 0);
   for (size_t i = 0; i < rels.size(); ++i) {
     loaded.emplace_back(memfd_create("edgec-lib.so", MFD_CLOEXEC));
     if (dlopen(ToMemfd(loaded.back(), bytes[i]).c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr)
@@ -1017,6 +1015,9 @@ int Run(int argc, char** argv) {
   // TVM sizes its thread pool from TVM_NUM_THREADS when it first starts it; without it, it takes half the cores
   // on x86 (and runtime.config_threadpool cannot go above that).
   if (int n = threads ? threads : m.threads) setenv("TVM_NUM_THREADS", std::to_string(n).c_str(), 1);
+  // The shipped offload libraries run their own (OpenMP) pool: TVM's workers must sleep, not spin, meanwhile
+  // (run.py says what was measured).
+  if (!m.shared_libs.empty()) setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
   // attribute 0 (kExist) is 0 for a missing device, and for one this TVM runtime was built without
   if (!Global("runtime.GetDeviceAttr")(static_cast<int>(m.device.device_type), 0, 0).cast<bool>())
     throw InputError("this machine has no " + m.device_kind + " device that the TVM runtime can use, and the bundle "
