@@ -18,7 +18,7 @@ from edgec import api, report
 from edgec.build import BuildOptions
 from edgec.context import BuildContext
 from edgec.errors import EdgecError
-from edgec.examples import mobilenet_v2
+from edgec.examples import mobilenet_v2, resnet_small, transformer_block
 from edgec.passes import plan
 from edgec.reference import Tolerance, compare_outputs
 from edgec.runtime.local import load_bundle
@@ -209,58 +209,6 @@ def test_two_bundles_concurrently_in_one_process(tmp_path):
 
 
 
-def transformer_block(path: Path, tokens=16, dim=64, heads=4) -> Path:
-    """A pre-norm transformer encoder block: LayerNorm, multi-head attention (batched MatMuls, Softmax), residual,
-    LayerNorm, a GELU (Erf form) MLP, residual. The projections are 3-D x 2-D MatMuls with bias."""
-    hd = dim // heads
-    inits, nodes = [], []
-
-    def const(name, value):
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def linear(x, out, n_in, n_out):
-        nodes.extend([helper.make_node("MatMul", [x, const(f"{out}_w", _weight(n_in, n_out))], [f"{out}_mm"]),
-                      helper.make_node("Add", [f"{out}_mm", const(f"{out}_b", _weight(n_out))], [out])])
-        return out
-
-    def layernorm(x, out):
-        nodes.append(helper.make_node("LayerNormalization", [x, const(f"{out}_g", (RNG.random(dim) + 0.5).astype(np.float32)),
-                                                             const(f"{out}_b", _weight(dim))], [out], axis=-1))
-        return out
-
-    def split_heads(x, out):
-        nodes.extend([helper.make_node("Reshape", [x, const(f"{out}_s", np.array([1, tokens, heads, hd]))], [f"{out}_r"]),
-                      helper.make_node("Transpose", [f"{out}_r"], [out], perm=[0, 2, 1, 3])])
-        return out
-
-    h = layernorm("x", "ln1")
-    q, k, v = (split_heads(linear(h, n, dim, dim), f"{n}_h") for n in ("q", "k", "v"))
-    nodes += [helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]),
-              helper.make_node("MatMul", [q, "kt"], ["scores"]),
-              helper.make_node("Mul", ["scores", const("scale", np.float32(hd ** -0.5))], ["scaled"]),
-              helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1),
-              helper.make_node("MatMul", ["attn", v], ["ctx_h"]),
-              helper.make_node("Transpose", ["ctx_h"], ["ctx_t"], perm=[0, 2, 1, 3]),
-              helper.make_node("Reshape", ["ctx_t", const("ctx_s", np.array([1, tokens, dim]))], ["ctx"])]
-    nodes.append(helper.make_node("Add", [linear("ctx", "o", dim, dim), "x"], ["res1"]))
-    m = linear(layernorm("res1", "ln2"), "fc1", dim, 4 * dim)
-    nodes += [helper.make_node("Div", [m, const("sqrt2", np.float32(np.sqrt(2)))], ["g_d"]),
-              helper.make_node("Erf", ["g_d"], ["g_e"]),
-              helper.make_node("Add", ["g_e", const("one", np.float32(1))], ["g_a"]),
-              helper.make_node("Mul", [m, "g_a"], ["g_m"]),
-              helper.make_node("Mul", ["g_m", const("half", np.float32(0.5))], ["gelu"])]
-    nodes.append(helper.make_node("Add", [linear("gelu", "fc2", 4 * dim, dim), "res1"], ["y"]))
-    graph = helper.make_graph(nodes, "transformer_block",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, dim])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, dim])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, path)
-    return path
-
-
 def test_transformer_block_matches_reference(tmp_path):
     """Attention and an MLP: the default host build verifies, and the summary places every matrix product."""
     model = transformer_block(tmp_path / "block.onnx")
@@ -270,3 +218,15 @@ def test_transformer_block_matches_reference(tmp_path):
     matmuls = {backend: n for (op, backend), n in where.items() if "matmul" in op}
     assert sum(matmuls.values()) == 8, where       # q, k, v, out, fc1, fc2 projections and the two attention products
     print(report.build_text(result))
+
+
+def test_resnet_small_fuses_the_residual_adds(tmp_path):
+    """A CIFAR ResNet-20: every convolution goes to oneDNN, and each block's second conv carries its residual add
+    and ReLU as post-ops (nine blocks), so no add or ReLU of a block is left to a TVM kernel."""
+    model = resnet_small(tmp_path / "resnet.onnx")
+    result = build(model, tmp_path / "resnet")
+    assert_close_to_reference(model, result.bundle_dir, {"input": RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)})
+    where = placed(result)
+    assert where == {("conv2d", "onednn"): 21, ("matmul", "onednn"): 1}, where
+    fused = [p for p in report.build_json(result)["offload"] if p["detail"].endswith("_add_relu")]
+    assert sum(p["count"] for p in fused) == 9, report.build_text(result)
