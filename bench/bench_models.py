@@ -2,17 +2,18 @@
 """Every figure of README's "What was measured" table, for the models named, from one run.
 
 For each model: build a host and an rpi4 bundle with edgec.api.build (wall time, sizes, operators, activation
-buffers from the build summary); run each on the same input with edgec.api.run (host in process, rpi4 through
-its C++ runner under qemu) and compare with the reference runtime with edgec.api.compare; time the host bundle
-against its peers, the reference and IREE, with edgec.benchmark.bench (each runtime in its own process,
-alternated blocks, threads really used). Prints the machine, the README table and a latency table: every number
-comes from this run.
+buffers from the build summary), and host bundles with other --offload settings (`none`, `auto`); run each on the
+same input with edgec.api.run (host in process, rpi4 through its C++ runner under qemu) and compare with the
+reference runtime with edgec.api.compare; time the host bundles against their peers, the reference and IREE, with
+edgec.benchmark.bench (each runtime in its own process, alternated blocks, threads really used). Prints the
+machine, the README table and a latency table: every number comes from this run.
 
-    python bench/bench_models.py                                        # mobilenetv2 ppocrv4_det, as in README
+    python bench/bench_models.py                  # mobilenetv2 ppocrv4_det resnet-small transformer-block, as in README
     python bench/bench_models.py mobilenetv2 --runs 3 --blocks 2 --no-rpi4  # a quick look
     python bench/bench_models.py face_detection_short_range.tflite det.onnx:x:1x3x320x320 --json out.json
 
-MODEL is `mobilenetv2` (edgec's generated MobileNetV2, 224x224), `ppocrv4_det` (PP-OCRv4 det from the test
+MODEL is an example edgec generates (`mobilenetv2`: MobileNetV2 224x224; `resnet-small`: CIFAR ResNet-20 32x32;
+`transformer-block`: a pre-norm encoder block, 16 tokens x 64), `ppocrv4_det` (PP-OCRv4 det from the test
 suite's model cache, tests/models.py, pinned to x:1x3x320x320 and compared on its synthetic text image, since
 on noise its output is ~0 everywhere), or PATH[:NAME:DIMS] for any .onnx / .tflite model (NAME:DIMS pins input
 NAME; random inputs, seed 0).
@@ -37,8 +38,11 @@ import numpy as np
 
 import edgec
 from edgec import api, benchmark, report
+from edgec.build import BuildOptions
 from edgec.errors import EdgecError
+from edgec.examples import EXAMPLES
 from edgec.frontends import parse_input_shapes
+from edgec.offload import parse_option
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 _PATH_PIN = re.compile(r"^(?P<path>.+):(?P<name>[^:]+):(?P<dims>\d+(?:x\d+)*)$")
@@ -60,11 +64,13 @@ def _test_models():
     return module
 
 
-def resolve(name: str, workdir: Path) -> Model:
-    if name == "mobilenetv2":
-        from edgec.examples import mobilenet_v2
+_EXAMPLE_LABELS = {"mobilenetv2": "MobileNetV2 (generated, 224x224)", "resnet-small": "ResNet-20 (generated, 32x32)",
+                   "transformer-block": "transformer block (generated, 16x64)"}
 
-        return Model("MobileNetV2 (generated, 224x224)", mobilenet_v2(workdir / "mobilenetv2.onnx"), None, None)
+
+def resolve(name: str, workdir: Path) -> Model:
+    if name in EXAMPLES:
+        return Model(_EXAMPLE_LABELS.get(name, name), EXAMPLES[name](workdir / f"{name}.onnx"), None, None)
     if name == "ppocrv4_det":
         models = _test_models()
         shapes = models.REAL["ppocrv4_det"][0]
@@ -95,12 +101,16 @@ class TargetFigures:
         return max(o["max_rel"] for o in self.comparison["outputs"].values())
 
 
-def build_and_check(model: Model, target: str, workdir: Path, say) -> TargetFigures:
-    say(f"{model.label}: build for {target}")
+def build_and_check(model: Model, target: str, workdir: Path, say, offload: str | None = None) -> TargetFigures:
+    """A build with the target's default offload, or with `--offload OFFLOAD`."""
+    name = target + (f" --offload {offload}" if offload else "")
+    say(f"{model.label}: build for {name}")
     t0 = time.perf_counter()
-    built = api.build(model.path, target, workdir / f"{model.path.stem}-{target}", input_shapes=model.input_shapes)
+    options = BuildOptions() if offload is None else BuildOptions(offload=parse_option(offload))
+    built = api.build(model.path, target, workdir / f"{model.path.stem}-{target}-{offload or 'default'}",
+                      input_shapes=model.input_shapes, options=options)
     seconds = time.perf_counter() - t0
-    say(f"{model.label}: run the {target} bundle and compare with the reference")
+    say(f"{model.label}: run the {name} bundle and compare with the reference")
     ran = api.run(built.bundle_dir, model.inputs)
     return TargetFigures(seconds, report.build_json(built), ran.mode, api.compare(ran, model.path).to_json())
 
@@ -110,16 +120,20 @@ class ModelFigures:
     model: Model
     host: TargetFigures
     rpi4: TargetFigures | None                  # None with --no-rpi4
+    offload: dict[str, TargetFigures]           # --offload value -> that host build, timed as a variant
     bench: benchmark.BenchResult
 
 
 def measure(model: Model, workdir: Path, args, say) -> ModelFigures:
     host = build_and_check(model, "host", workdir, say)
+    offload = {value: build_and_check(model, "host", workdir, say, value) for value in args.offload}
     rpi4 = None if args.no_rpi4 else build_and_check(model, "rpi4", workdir, say)
-    say(f"{model.label}: time edgec, {' and '.join(args.peers)}, {args.blocks} alternated blocks of {args.runs} runs")
+    say(f"{model.label}: time edgec ({len(offload) + 1} builds), {' and '.join(args.peers)}, {args.blocks} "
+        f"alternated blocks of {args.runs} runs")
     timed = benchmark.bench(host.summary["bundle"], runs=args.runs, blocks=args.blocks, warmup=args.warmup,
-                            threads=args.threads, compare_model=model.path, peers=args.peers)
-    return ModelFigures(model, host, rpi4, timed)
+                            threads=args.threads, compare_model=model.path, peers=args.peers,
+                            variants=[(f"--offload {v}", f.summary["bundle"]) for v, f in offload.items()])
+    return ModelFigures(model, host, rpi4, offload, timed)
 
 
 def _mb(n: int) -> str:
@@ -145,13 +159,17 @@ def _activations(summary: dict) -> str:
                                                       if a["dynamic_allocations"] else "")
 
 
-def _latency(r: ModelFigures, i: int) -> str:
-    """edgec against peer i, or why that peer was not timed."""
-    p = r.bench.peers[i]
-    if p.latency is None:
-        return "not timed: " + p.skipped.replace("|", "\\|")
-    return (f"{_ms(r.bench.edgec.median_ms)} / {_ms(p.latency.median_ms)} ({p.ratio.value:.3g}x; per-block "
-            f"{p.ratio.low:.3g}x-{p.ratio.high:.3g}x)")
+def _peer_latency(p: benchmark.PeerResult) -> str:
+    return _ms(p.latency.median_ms) if p.latency else "not timed: " + p.skipped.replace("|", "\\|")
+
+
+def _edgec_latency(r: ModelFigures, build: str) -> str:
+    """An edgec build's median, then its ratio to each timed peer (per-block range in brackets)."""
+    lat = r.bench.edgec if build == "default" else \
+        next(v.latency for v in r.bench.variants if v.peer == f"--offload {build}")
+    ratios = [(p, r.bench.ratio(lat, p)) for p in r.bench.peers if p.latency]
+    return _ms(lat.median_ms) + "".join(f"; {q.value:.3g}x {p.runtime.split()[0]} ({q.low:.3g}-{q.high:.3g})"
+                                        for p, q in ratios)
 
 
 def readme_table(rows: list[ModelFigures], threads: int) -> str:
@@ -173,8 +191,11 @@ def readme_table(rows: list[ModelFigures], threads: int) -> str:
         line("max abs error vs reference runtime, host", lambda r: _error(r.host)),
         line("max abs error vs reference runtime, rpi4 under qemu",
              lambda r: "not run" if r.rpi4 is None else _error(r.rpi4)),
-        *(line(f"host latency, {threads} threads: edgec / {label} (ratio of medians; per-block range)",
-               lambda r, i=i: _latency(r, i)) for i, label in enumerate(labels)),
+        *(line(f"host latency, {threads} threads, edgec {'default build' if build == 'default' else '--offload ' + build}"
+               " (ratio of medians to each peer; per-block range)", lambda r, b=build: _edgec_latency(r, b))
+          for build in ("default", *rows[0].offload)),
+        *(line(f"host latency, {threads} threads, {label}", lambda r, i=i: _peer_latency(r.bench.peers[i]))
+          for i, label in enumerate(labels)),
         line(f"threads used: edgec / {' / '.join(labels)}", lambda r: " / ".join(
             str(lat.threads.used) if lat else "-" for lat in (r.bench.edgec, *(p.latency for p in r.bench.peers)))
              + f" (of {r.bench.edgec.threads.configured})"),
@@ -186,8 +207,10 @@ def latency_table(rows: list[ModelFigures]) -> str:
     lines = ["| model | runtime | median | p10 | p90 | block medians (ms) | threads used / configured "
              "| idle worker CPU (cores) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for lat in (r.bench.edgec, *(p.latency for p in r.bench.peers if p.latency)):
-            lines.append(f"| {r.model.label} | {lat.runtime} | {_ms(lat.median_ms)} | {_ms(lat.p10_ms)} "
+        runtimes = [(lat.runtime, lat) for lat in (r.bench.edgec, *(p.latency for p in r.bench.peers if p.latency))]
+        runtimes[1:1] = [(f"{v.runtime} {v.peer}", v.latency) for v in r.bench.variants]
+        for name, lat in runtimes:
+            lines.append(f"| {r.model.label} | {name} | {_ms(lat.median_ms)} | {_ms(lat.p10_ms)} "
                          f"| {_ms(lat.p90_ms)} | {' '.join(f'{x:.4g}' for x in lat.block_medians_ms)} "
                          f"| {lat.threads.used} / {lat.threads.configured} | {lat.idle_cores:.2f} |")
     return "\n".join(lines)
@@ -216,8 +239,11 @@ def main(argv=None) -> int:
     doc = __doc__.splitlines()
     p = argparse.ArgumentParser(description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(doc[2:]))
-    p.add_argument("models", nargs="*", metavar="MODEL", default=["mobilenetv2", "ppocrv4_det"],
-                   help="mobilenetv2, ppocrv4_det or PATH[:NAME:DIMS] (default: mobilenetv2 ppocrv4_det)")
+    p.add_argument("models", nargs="*", metavar="MODEL", default=["mobilenetv2", "ppocrv4_det", "resnet-small", "transformer-block"],
+                   help=f"{', '.join(EXAMPLES)}, ppocrv4_det or PATH[:NAME:DIMS] (default: all but PATHs)")
+    p.add_argument("--offload", default="none;auto", type=lambda s: [v for v in s.split(";") if v], metavar="LIST",
+                   help="host builds with these --offload values, ';'-separated, timed beside the default build "
+                   "(default 'none;auto'; '' for none)")
     p.add_argument("--threads", type=int, default=2, help="threads for edgec and every peer (default 2)")
     p.add_argument("--peers", default="reference,iree", type=lambda s: s.split(","), metavar="LIST",
                    help=f"peers to time against edgec, comma-separated, of {', '.join(benchmark.PEERS)} "
@@ -251,7 +277,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "machine": asdict(machine), "load_1min_after": load_after, "argv": sys.argv[1:],
             "models": [{"label": r.model.label, "file": str(r.model.path), "host": asdict(r.host),
-                        "rpi4": r.rpi4 and asdict(r.rpi4), "bench": report.bench_json(r.bench)} for r in rows],
+                        "rpi4": r.rpi4 and asdict(r.rpi4), "offload": {v: asdict(f) for v, f in r.offload.items()},
+                        "bench": report.bench_json(r.bench)} for r in rows],
         }, indent=2, default=str) + "\n")
         say(f"wrote {args.json}")
     return 0

@@ -122,12 +122,22 @@ class PeerResult:
 @dataclass(frozen=True)
 class BenchResult:
     edgec: Latency
-    peers: tuple[PeerResult, ...]    # in the order their blocks ran after edgec's
+    peers: tuple[PeerResult, ...]    # in the order their blocks ran after edgec's and the variants'
     blocks: tuple[Block, ...]        # timed blocks in the order they ran
     runs_per_block: int
     runner_peak_rss_bytes: int | None  # the C++ runner process (runtime + library + params, one run); not the workers
     machine: Machine
     timed: str = TIMED
+    # other builds of the same model (e.g. --offload none), timed in the same alternation right after edgec's
+    # blocks; `peer` is the label given, the ratio is edgec over the variant
+    variants: tuple[PeerResult, ...] = ()
+
+    def ratio(self, runtime: Latency, peer: PeerResult) -> Ratio | None:
+        """`runtime` (edgec or a variant) over a timed peer, from the blocks of the same run."""
+        if peer.latency is None:
+            return None
+        return ratio_of_medians(*([b.times_ms for b in self.blocks if b.pid == pid]
+                                  for pid in (runtime.pid, peer.latency.pid)))
 
 
 # ---- pure statistics, tested on given numbers -------------------------------------------------------------
@@ -500,16 +510,21 @@ def _agrees_with_reference(model: Path, inputs: dict[str, np.ndarray]) -> Callab
 
 def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: int = 5, threads: int | None = None,
           compare_model: str | Path | None = None, peers: Sequence[str] = ("reference",),
-          measure_memory: bool = True) -> BenchResult:
+          measure_memory: bool = True, variants: Sequence[tuple[str, str | Path]] = ()) -> BenchResult:
     """Time a host bundle in `blocks` blocks of `runs` runs after a warm-up block of `warmup` runs; with
     compare_model, each of `peers` (names in PEERS) too on that model, each in its own process, the blocks
-    alternated edgec, peer 1, peer 2, ... All on the same random input (seed 0) with the same number of threads
-    (default: the bundle target's)."""
+    alternated edgec, variant 1, ..., peer 1, peer 2, ... `variants` are (label, bundle) of other builds of the
+    same model. All on the same random input (seed 0) with the same number of threads (default: the bundle
+    target's)."""
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
-    if manifest.arch != host_arch():
-        raise EdgecError(f"edgec bench times host bundles; this one is for {manifest.arch}",
-                         "build with --target host, or time it on the board with run.py --repeat")
+    for path in (bundle_dir, *(Path(v) for _, v in variants)):
+        other = Manifest.load(path)
+        if other.arch != host_arch():
+            raise EdgecError(f"edgec bench times host bundles; {path} is for {other.arch}",
+                             "build with --target host, or time it on the board with run.py --repeat")
+        if other.inputs != manifest.inputs:
+            raise EdgecError(f"{path} takes other inputs than {bundle_dir}", "compare builds of one model")
     if runs < 1 or blocks < 1 or warmup < 0:
         raise EdgecError("runs and blocks must be at least 1, warmup at least 0")
     if unknown := [p for p in peers if p not in PEERS]:
@@ -519,7 +534,9 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
     host = machine()                              # before this run adds to the load average
     inputs = random_inputs(manifest.inputs)
     model = Path(compare_model).resolve() if peers else None
-    specs = [WorkerSpec("edgec", bundle_dir, threads), *(WorkerSpec(peer, model, threads) for peer in peers)]
+    specs = [WorkerSpec("edgec", bundle_dir, threads),
+             *(WorkerSpec("edgec", Path(path).resolve(), threads) for _, path in variants),
+             *(WorkerSpec(peer, model, threads) for peer in peers)]
     timing = run_blocks(specs, inputs, runs=runs, blocks=blocks, warmup=warmup,
                         check=_agrees_with_reference(model, inputs) if peers else None)
 
@@ -527,17 +544,19 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
         return [b.times_ms for b in timing.blocks if b.pid == pid]
 
     results = []
-    for peer, name, pid, reason in zip(peers, timing.names[1:], timing.pids[1:], timing.skipped[1:]):
-        results.append(PeerResult(peer, name, None, None, reason) if reason else PeerResult(
-            peer, name, latency(name, pid, warmup, timing.blocks, threads),
+    labels = [label for label, _ in variants] + list(peers)
+    for label, name, pid, reason in zip(labels, timing.names[1:], timing.pids[1:], timing.skipped[1:]):
+        results.append(PeerResult(label, name, None, None, reason) if reason else PeerResult(
+            label, name, latency(name, pid, warmup, timing.blocks, threads),
             ratio_of_medians(own_blocks(timing.pids[0]), own_blocks(pid)), None))
     peak = None
     if measure_memory:
         from .runtime.native import run_with_runner
 
         peak = run_with_runner(bundle_dir, inputs, threads=threads).peak_rss_bytes
-    return BenchResult(latency(timing.names[0], timing.pids[0], warmup, timing.blocks, threads), tuple(results),
-                       timing.blocks, runs, peak, host)
+    return BenchResult(latency(timing.names[0], timing.pids[0], warmup, timing.blocks, threads),
+                       tuple(results[len(variants):]), timing.blocks, runs, peak, host,
+                       variants=tuple(results[:len(variants)]))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:

@@ -273,17 +273,22 @@ def test_bench_models_script_prints_every_readme_row(small, tmp_path):
     model, _ = small
     script = Path(__file__).resolve().parents[1] / "bench" / "bench_models.py"
     out = subprocess.run([sys.executable, str(script), str(model), "--no-rpi4", "--runs", "1", "--blocks", "1",
-                          "--warmup", "0", "--json", str(tmp_path / "out.json")], capture_output=True, text=True)
+                          "--warmup", "0", "--offload", "none", "--json", str(tmp_path / "out.json")],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for row in ("build time host / rpi4", "bundle (library) host / rpi4", "operators before → after fusion",
                 "activation buffers (host), with / without memory planning", "max abs error vs reference runtime, host",
-                "max abs error vs reference runtime, rpi4 under qemu", "host latency, 2 threads: edgec / reference",
-                "host latency, 2 threads: edgec / IREE", "threads used: edgec / reference / IREE",
+                "max abs error vs reference runtime, rpi4 under qemu", "host latency, 2 threads, edgec default build",
+                "host latency, 2 threads, edgec --offload none", "host latency, 2 threads, reference",
+                "host latency, 2 threads, IREE", "threads used: edgec / reference / IREE",
                 "C++ runner peak RSS"):
         assert f"| {row}" in out.stdout, (row, out.stdout)
     assert re.search(r"^\d{4}-\d\d-\d\d: .+ \(LLVM: \S+; .*\), \d+ cores", out.stdout, re.M), out.stdout
     data = json.loads((tmp_path / "out.json").read_text())
     # IREE is timed when installed, else its row says it is not.
-    assert [b["runtime"] for b in data["models"][0]["bench"]["blocks"]] == ["edgec", "reference"] + ["iree"] * (
-        _iree_installed())
-    assert data["models"][0]["host"]["comparison"]["ok"]
+    # the --offload none build is a second edgec worker, timed right after the default build's
+    assert [b["runtime"] for b in data["models"][0]["bench"]["blocks"]] == ["edgec", "edgec", "reference"] + [
+        "iree"] * _iree_installed()
+    assert data["models"][0]["host"]["comparison"]["ok"] and data["models"][0]["offload"]["none"]["comparison"]["ok"]
+    assert data["models"][0]["offload"]["none"]["summary"]["offload"] is None   # nothing was offloaded
+    assert re.search(r"\| host latency, 2 threads, edgec default build .*\| [\d.]+ ms; [\d.]+x onnxruntime", out.stdout)
