@@ -12,7 +12,7 @@ from tvm import relax
 from .context import BuildContext, BuildOptions
 from .errors import EdgecError, last_line
 from .frontends import ImportedModel
-from .offload import Placement, placement_of, used
+from .offload import Placement, build_options, placement_of, used
 from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
 from .targets import Target
 
@@ -164,7 +164,7 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
     # offload libraries go after them.
     libs = [flag for backend in backends for flag in backend.linkage.libs]
     # TVM compiles the backends' C++ sources with this command too, unoptimized unless told
-    options = ["-O2"] if backends else []
+    options = (["-O2"] if backends else []) + build_options(backends, compiled.target)
     if any(b.linkage.ship for b in backends):
         # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
         # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
