@@ -51,6 +51,7 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "emulator.command": ((str,), True, "the user-mode emulator command, e.g. \"qemu-aarch64-static\""),
     "emulator.sysroot": ((str,), True, "the target's library root, an absolute path, e.g. \"/usr/aarch64-linux-gnu\""),
     "emulator.apt_package": ((str,), True, "the Debian package that provides the emulator"),
+    "emulator.cpu": ((str,), False, "the CPU model the emulator runs (qemu's QEMU_CPU), e.g. \"cortex-a72\""),
     "offload": ((dict,), False, "an [offload] table"),
     "offload.backends": ((list,), True, "library backends in priority order, e.g. [\"onednn\"] (edgec build "
                          "--offload lists them)"),
@@ -78,6 +79,7 @@ class Emulator:
     command: str
     sysroot: str
     apt_package: str
+    cpu: str | None = None           # the CPU model the emulator runs, None: its default
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class Target:
              "device": {"kind": self.device.kind, "threads": self.device.threads, "memory_mb": self.device.memory_mb,
                         "runtime_libs": list(self.device.runtime_libs)}}
         if self.emulator:
-            d["emulator"] = vars(self.emulator).copy()
+            d["emulator"] = {k: v for k, v in vars(self.emulator).items() if v is not None}
         if self.offload:
             d["offload"] = {"backends": list(self.offload)}
         if self.rpc_key:
@@ -201,6 +203,10 @@ def _validate_commands(data: dict, fail) -> None:
         if value is not None and not _COMMAND.match(value):
             fail(f"{table}.{key}", f"is {value!r}, not a bare command name",
                  "name a command found on PATH, e.g. \"aarch64-linux-gnu-g++\" (no paths, spaces or arguments)")
+    cpu = data.get("emulator", {}).get("cpu")
+    if cpu is not None and not _COMMAND.match(cpu):
+        fail("emulator.cpu", f"is {cpu!r}, not a CPU model name", "name one of the emulator's CPU models, e.g. "
+             "\"cortex-a72\" (qemu-aarch64-static -cpu help lists them)")
     sysroot = data.get("emulator", {}).get("sysroot")
     if sysroot is not None and (not sysroot.startswith("/") or posixpath.normpath(sysroot) != sysroot):
         fail("emulator.sysroot", f"is {sysroot!r}, not an absolute normalised path",

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 _WHEEL_PLATFORMS = {"x86_64": "manylinux_2_28_x86_64", "aarch64": "manylinux_2_28_aarch64"}
 # The runtime .so files do not depend on the Python version; pip just needs one that has wheels.
 _WHEEL_PYTHON = "3.11"
+# Debian's name for each architecture, and its multiarch library directory (usr/lib/<dir>).
+_DEBIAN_ARCH = {"x86_64": ("amd64", "x86_64-linux-gnu"), "aarch64": ("arm64", "aarch64-linux-gnu")}
 
 
 def cache_dir() -> Path:
@@ -131,6 +133,43 @@ def _fetch_runtime(arch: str, tvm_v: str, ffi_v: str, final: Path) -> None:
         shutil.rmtree(wheels)
 
 
+def deb_sysroot(arch: str, packages: tuple[str, ...]) -> Path:
+    """A directory holding the Debian packages for `arch` extracted as they would be installed (usr/include,
+    usr/lib/<multiarch>/), fetched with `apt-get download` on first use and cached. They are never installed:
+    arm64 library packages are not co-installable with the host's. Needs apt to know the architecture
+    (`dpkg --add-architecture`, then `apt-get update`: root, done by cross/setup-aarch64.sh); the download
+    itself does not need root."""
+    if arch not in _DEBIAN_ARCH:
+        raise EdgecError(f"no Debian architecture for '{arch}'", f"edgec fetches packages for {', '.join(_DEBIAN_ARCH)}")
+    deb_arch = _DEBIAN_ARCH[arch][0]
+    key = hashlib.sha256("\0".join(sorted(packages)).encode()).hexdigest()[:12]
+    final = cache_dir() / "sysroots" / f"{arch}-{key}"
+    if final.is_dir():
+        return final
+    apt_get, dpkg_deb = find_tool("apt-get", "apt"), find_tool("dpkg-deb", "dpkg")
+    fix = (f"run: sudo sh cross/setup-{arch}.sh" if arch == "aarch64" else
+           f"run: sudo dpkg --add-architecture {deb_arch} && sudo apt-get update")
+    with new_dir(final) as tmp:
+        debs = tmp / "debs"
+        debs.mkdir()
+        proc = subprocess.run([apt_get, "download", *(f"{p}:{deb_arch}" for p in packages)], cwd=debs,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = last_stderr_line(proc.stderr, f"exit code {proc.returncode}")
+            raise EdgecError(f"could not download the {deb_arch} packages {' '.join(packages)} ({last})", fix)
+        for deb in sorted(debs.glob("*.deb")):
+            proc = subprocess.run([dpkg_deb, "-x", str(deb), str(tmp)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise EdgecError(f"could not extract {deb.name} ({last_stderr_line(proc.stderr, 'no output')})", fix)
+        shutil.rmtree(debs)
+    return final
+
+
+def deb_lib_dir(sysroot: Path, arch: str) -> Path:
+    """Where a deb_sysroot holds the architecture's shared libraries."""
+    return sysroot / "usr" / "lib" / _DEBIAN_ARCH[arch][1]
+
+
 # The runner's sources, the same bytes in every bundle of one edgec version (templates/bundle).
 RUNNER_SOURCES = ("main.cc", "CMakeLists.txt")
 
@@ -198,12 +237,29 @@ def emulator_command(target: Target) -> list[str]:
     return [command, "-L", emulator.sysroot]
 
 
+def emulator_env(target: Target) -> dict[str, str]:
+    """Environment for the emulator: the descriptor's CPU model (QEMU_CPU, as qemu-user reads it), so that the
+    library kernels chosen at run time by the CPU's features are the board's."""
+    emulator = target.emulator
+    if target.arch == host_arch() or emulator is None or emulator.cpu is None:
+        return {}
+    return {"QEMU_CPU": emulator.cpu}
+
+
 if __name__ == "__main__":
-    # `python -m edgec.toolchain fetch-runtime ARCH`: pre-fetch a runtime (cross/setup-aarch64.sh calls it).
-    if len(sys.argv) != 3 or sys.argv[1] != "fetch-runtime":
-        sys.exit("usage: python -m edgec.toolchain fetch-runtime ARCH")
+    # `python -m edgec.toolchain fetch-runtime ARCH`: pre-fetch a runtime; `fetch-offload ARCH`: the sysroots of
+    # the offload backends with packages for ARCH (cross/setup-aarch64.sh calls both).
+    if len(sys.argv) != 3 or sys.argv[1] not in ("fetch-runtime", "fetch-offload"):
+        sys.exit("usage: python -m edgec.toolchain fetch-runtime|fetch-offload ARCH")
     try:
-        print(runtime_dir(sys.argv[2]))
+        if sys.argv[1] == "fetch-runtime":
+            print(runtime_dir(sys.argv[2]))
+        else:
+            from .offload import all_backends
+
+            for backend in all_backends().values():
+                if sys.argv[2] in backend.linkage.debs:
+                    print(deb_sysroot(sys.argv[2], backend.linkage.debs[sys.argv[2]]))
     except EdgecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,8 +22,8 @@ from .passes import Placement, placement_of
 if TYPE_CHECKING:
     from ..targets import Target
 
-__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "for_target", "parse_option",
-           "placement_of", "resolve", "shipped_libraries", "used"]
+__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "build_options", "for_target",
+           "parse_option", "placement_of", "resolve", "shipped_libraries", "used"]
 
 
 @functools.cache
@@ -58,7 +58,7 @@ def for_target(target: Target) -> tuple[str, ...]:
 
 def resolve(names: tuple[str, ...], arch: str | None) -> tuple[Backend, ...]:
     """The backends named, in order; an unknown one, or one without a build for `arch` (if given), is a user
-    error."""
+    error. For `arch`, the packages a backend fetches are fetched now (once), so a build fails before compiling."""
     known = all_backends()
     chosen = []
     for name in names:
@@ -67,6 +67,10 @@ def resolve(names: tuple[str, ...], arch: str | None) -> tuple[Backend, ...]:
         if arch is not None and not known[name].supports(arch):
             raise EdgecError(f"offload backend '{name}' has no {arch} build",
                              f"it supports {', '.join(known[name].linkage.packages)}; pass --offload none")
+        if arch is not None and arch in known[name].linkage.debs:
+            from ..toolchain import deb_sysroot
+
+            deb_sysroot(arch, known[name].linkage.debs[arch])
         chosen.append(known[name])
     return tuple(chosen)
 
@@ -77,22 +81,47 @@ def used(placement: tuple[Placement, ...] | None) -> tuple[Backend, ...]:
     return tuple(b for name, b in all_backends().items() if name in names)
 
 
+def _lib_dir(backend: Backend, target: Target) -> Path | None:
+    """The directory of the backend's libraries in the sysroot edgec fetches for the target (fetched on first
+    use), or None when the compiler's own paths have them."""
+    from ..toolchain import deb_lib_dir, deb_sysroot
+
+    packages = backend.linkage.debs.get(target.arch)
+    return deb_lib_dir(deb_sysroot(target.arch, packages), target.arch) if packages else None
+
+
+def build_options(backends: tuple[Backend, ...], target: Target) -> list[str]:
+    """Compiler options that find the backends' headers and libraries in their fetched sysroots."""
+    options = []
+    for backend in backends:
+        lib_dir = _lib_dir(backend, target)
+        if lib_dir is not None:
+            # rpath-link: the library's own dependencies (libXNNPACK's libcpuinfo) are found there too
+            options += [f"-I{lib_dir.parents[1] / 'include'}", f"-L{lib_dir}", f"-Wl,-rpath-link,{lib_dir}"]
+    return options
+
+
 def shipped_libraries(backends: tuple[Backend, ...], target: Target) -> list[tuple[str, Path]]:
-    """(soname, real file) of each shared library the bundle ships, in load order, found where the target's
-    compiler links from (so a cross compiler finds its sysroot's)."""
+    """(soname, real file) of each shared library the bundle ships, in load order: from the backend's fetched
+    sysroot, else where the target's compiler links from."""
     from ..toolchain import find_tool
 
-    compiler = find_tool(target.toolchain.compiler, target.toolchain.apt_package)
     found = []
     for backend in backends:
+        lib_dir = _lib_dir(backend, target)
         for soname in backend.linkage.ship:
             if any(soname == known for known, _ in found):
                 continue
-            path = subprocess.run([compiler, f"-print-file-name={soname}"], capture_output=True, text=True).stdout
-            path = Path(path.strip())
+            if lib_dir is not None:
+                path = lib_dir / soname
+                hint = f"delete {lib_dir.parents[2]} and build again, or run: sudo sh cross/setup-{target.arch}.sh"
+            else:
+                compiler = find_tool(target.toolchain.compiler, target.toolchain.apt_package)
+                path = Path(subprocess.run([compiler, f"-print-file-name={soname}"], capture_output=True,
+                                           text=True).stdout.strip())
+                hint = f"install it: sudo apt-get install {backend.linkage.packages[target.arch]}"
             if not path.is_absolute() or not path.is_file():
-                raise EdgecError(f"{target.toolchain.compiler} cannot find {soname}, which the '{backend.name}' "
-                                 "offload code needs in the bundle",
-                                 f"install it: sudo apt-get install {backend.linkage.packages[target.arch]}")
+                raise EdgecError(f"{lib_dir or target.toolchain.compiler} has no {soname}, which the "
+                                 f"'{backend.name}' offload code needs in the bundle", hint)
             found.append((soname, path.resolve()))
     return found

@@ -1,7 +1,8 @@
 """What an offload backend is: patterns with checks, a C++ emitter, and what its code needs to link and run."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 from tvm import relax
@@ -15,6 +16,10 @@ class Linkage:
     libs: tuple[str, ...]                # linker flags, placed after the objects (TVM puts options before them)
     packages: dict[str, str]             # architecture -> Debian package with the headers and libraries
     ship: tuple[str, ...]                # sonames copied into the bundle's lib/, dependencies first (load order)
+    # architecture -> Debian packages fetched with `apt-get download` and extracted into a sysroot in edgec's cache
+    # (never installed: arm64 libraries are not co-installable with the host's); the build compiles and links
+    # against it and ships the libraries from it. Architectures absent here use the compiler's own paths.
+    debs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -39,3 +44,32 @@ class Backend:
 
     def supports(self, arch: str) -> bool:
         return arch in self.linkage.packages
+
+
+def c_float(value: float) -> str:
+    """A float as a C++ float literal (infinities included) for emitted code."""
+    return ("-" if value < 0 else "") + "INFINITY" if math.isinf(value) else f"{value!r}f"
+
+
+# C++ shared by the emitters: what tells a weight tensor freed and replaced at the same address apart from the
+# one packed for that address (state is keyed by the weight pointer), and the size of TVM's thread pool, which
+# every library's threads follow so that --threads governs both.
+CPP_HELPERS = r"""
+namespace edgec_offload {
+// A few weights spread over the tensor.
+inline uint64_t Fingerprint(const float* w, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < 64 && n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, w + i * (n - 1) / 63, sizeof bits);
+    h = (h ^ bits) * 1099511628211ull;
+  }
+  return h ^ n;
+}
+
+inline int NumThreads() {
+  static const auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
+  return num_threads ? (*num_threads)().cast<int>() : 1;
+}
+}  // namespace edgec_offload
+"""

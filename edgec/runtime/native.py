@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import EdgecError, last_stderr_line
 from ..manifest import Manifest
 from ..signature import check_inputs
-from ..toolchain import build_runner, emulator_command, runtime_dir
+from ..toolchain import build_runner, emulator_command, emulator_env, runtime_dir
 
 _TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) min_ms=(\S+) peak_rss_kb=(\d+) "
                      r"repeat=\d+ warmup=\d+ threads=(\d+)$", re.M)
@@ -44,7 +44,7 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
 
     runner = build_runner(bundle_dir, target)
     emulator = emulator_command(target)
-    env = dict(os.environ)
+    env = {**os.environ, **emulator_env(target)}
     # qemu-user passes its environment to the guest, so the same variable works natively and emulated.
     lib_dir = str(runtime_dir(target.arch) / "lib")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [lib_dir, env.get("LD_LIBRARY_PATH")]))
