@@ -118,7 +118,7 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
 
         def after_step(step: PlannedStep, mod: tvm.IRModule) -> None:
             memory(step, mod)
-            if step.name == "offload-partition":
+            if step.name in ("offload-partition", "offload-auto"):   # auto revises what partition placed
                 placement.append(placement_of(mod))
 
         mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=lambda n: say(f"pass {n}"),
@@ -148,18 +148,26 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
                if s > before_codegen.get(name, 0.0)}
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
     return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
-                         memory.result(), codegen, seconds, placement[0] if placement else None)
+                         memory.result(), codegen, seconds, placement[-1] if placement else None)
 
 
 def export_library(compiled: CompiledModel, path: Path) -> float:
     """Link the model library with the target's compiler; returns seconds taken."""
+    t0 = time.perf_counter()
+    link_library(compiled.executable, compiled.target, used(compiled.offload), path)
+    seconds = time.perf_counter() - t0
+    compiled.seconds["link"] = seconds
+    return seconds
+
+
+def link_library(executable: relax.VMExecutable, target: Target, backends: tuple[Backend, ...], path: Path) -> None:
+    """Link an executable into a shared library with the target's compiler and the backends' libraries."""
     from tvm.support import cc
 
     from .toolchain import find_tool
 
-    chain = compiled.target.toolchain
+    chain = target.toolchain
     compiler = find_tool(chain.compiler, chain.apt_package)
-    backends = used(compiled.offload)
     # TVM puts options before the objects, where the linker drops libraries nothing has needed yet: the
     # offload libraries go after them.
     libs = [flag for backend in backends for flag in backend.linkage.libs]
@@ -169,15 +177,10 @@ def export_library(compiled: CompiledModel, path: Path) -> float:
         # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
         # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
         options.append("-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib")
-    t0 = time.perf_counter()
     try:
-        compiled.executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=options,
-                                                                                  add_files=libs))
+        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=options, add_files=libs))
     except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
-        packages = " ".join([chain.apt_package, *(b.linkage.packages[compiled.target.arch] for b in backends)])
+        packages = " ".join([chain.apt_package, *(b.linkage.packages[target.arch] for b in backends)])
         raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",
                          f"check the toolchain: sudo apt-get install {packages}"
                          + ("; or build with --offload none" if backends else "")) from e
-    seconds = time.perf_counter() - t0
-    compiled.seconds["link"] = seconds
-    return seconds
