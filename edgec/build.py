@@ -172,7 +172,7 @@ def link_library(executable: relax.VMExecutable, target: Target, backends: tuple
     # offload libraries go after them.
     libs = [flag for backend in backends for flag in backend.linkage.libs]
     # TVM compiles the backends' C++ sources with this command too, unoptimized unless told
-    options = (["-O2"] if backends else []) + build_options(backends, compiled.target)
+    options = (["-O2"] if backends else []) + build_options(backends, target)
     if any(b.linkage.ship for b in backends):
         # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
         # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
