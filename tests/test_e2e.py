@@ -11,7 +11,7 @@ import tarfile
 import pytest
 from click.testing import CliRunner
 
-from edgec import api
+from edgec import api, report
 from edgec.build import BuildOptions
 from edgec.cli import main
 from edgec.examples import mobilenet_v2
@@ -102,9 +102,14 @@ def test_ppocr_det_rpi4_under_qemu(det_rpi4):
 
 @pytest.mark.parametrize("name", ["hand_landmark_lite", "face_detection_short_range"])
 def test_tflite_host(name, tmp_path):
+    """The default host build offloads a TFLite model's convolutions to oneDNN (NHWC throughout) and matches LiteRT."""
     built = api.build(real_model(name), "host", tmp_path / name)
     assert len(built.manifest.outputs) == {"hand_landmark_lite": 4, "face_detection_short_range": 2}[name]
     assert_close_to_reference(real_model(name), built.bundle_dir, inputs_for(name))
+    convs = {(p["backend"], p["detail"]): p["count"] for p in report.build_json(built)["offload"]
+             if p["operator"] == "conv2d"}
+    assert sum(convs.values()) == {"hand_landmark_lite": 47, "face_detection_short_range": 37}[name], convs
+    assert all(backend == "onednn" for backend, _ in convs), convs
 
 
 def test_ppocr_cls_shape_subgraphs_fold_after_pinning(tmp_path):
