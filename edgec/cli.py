@@ -151,9 +151,10 @@ def main(ctx, verbose):
 @click.option("--strict-memory", is_flag=True, help="Refuse a model whose estimated memory exceeds the target's.")
 @click.option("-i", "--input", "sample", multiple=True, metavar="[NAME=]FILE.npy",
               help="Sample input the bundle is verified on and ships [default: seeded random inputs].")
-@click.option("--offload", metavar="none|NAME[,NAME]",
+@click.option("--offload", metavar="none|auto|NAME[,NAME]",
               help="Kernel libraries that run convolutions and matrix products, in priority order (onednn), or "
-                   "none [default: the target's [offload] backends].")
+                   "none, or auto: the target's backends, each operator group timed here against TVM's kernel and "
+                   "the faster kept (host only; decisions cached) [default: the target's [offload] backends].")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.pass_context
 def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, force, strict_memory,
@@ -285,16 +286,19 @@ def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory
 @click.option("-t", "--target", default="host", show_default=True)
 @click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True)
 @click.option("--disable-pass", multiple=True, metavar="NAME")
-def passes(target, opt_level, disable_pass):
+@click.option("--offload", metavar="none|auto|NAME[,NAME]", help="As for build [default: the target's backends].")
+def passes(target, opt_level, disable_pass, offload):
     """List the pass pipeline build runs for a target."""
     from .context import BuildContext, BuildOptions
-    from .offload import for_target
+    from .offload import for_build, parse_option, resolve
     from .passes import plan
     from .targets import load_target
 
     descriptor = load_target(target)
-    steps = plan(BuildContext(descriptor, BuildOptions(opt_level, tuple(disable_pass)),
-                              offload=for_target(descriptor)))
+    options = BuildOptions(opt_level, tuple(disable_pass), offload=None if offload is None else parse_option(offload))
+    backends = for_build(descriptor, options.offload)
+    resolve(backends, descriptor.arch)
+    steps = plan(BuildContext(descriptor, options, offload=backends))
     click.echo(f"pipeline for {descriptor.name} at -O{opt_level}, TVM target {json.dumps(descriptor.tvm_target)}:")
     phase = None
     for i, step in enumerate(steps, start=1):

@@ -6,13 +6,17 @@ from pathlib import Path
 
 from .targets import Target
 
+# --offload auto: the descriptor's backends, each operator group measured against TVM's kernel, the faster kept
+OFFLOAD_AUTO = "auto"
+
 
 @dataclass(frozen=True)
 class BuildOptions:
     opt_level: int = 2
     disabled_passes: tuple[str, ...] = ()
     dump_ir: Path | None = None
-    offload: tuple[str, ...] | None = None    # offload backends in priority order; None: the descriptor's
+    # offload backends in priority order; None: the descriptor's; OFFLOAD_AUTO: the descriptor's, measured
+    offload: tuple[str, ...] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class BuildContext:
     calibration: Path | None = None
     tuning_database: Path | None = None
     offload: tuple[str, ...] = ()
+
+    @property
+    def offload_auto(self) -> bool:
+        return self.options.offload == OFFLOAD_AUTO
 
     @property
     def opt_level(self) -> int:

@@ -9,6 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EdgecError
 from .reference import DEFAULT_TOLERANCE, Tolerance
 from .runtime import bundle_errors
 from .signature import TensorSpec
@@ -56,10 +57,39 @@ class SampleDirs:
     expected: str = "sample/expected"
 
 
+def _list(value, origin: str) -> list:
+    if not isinstance(value, list):
+        raise EdgecError(f"{origin}: offload_auto is not a list", "rebuild the bundle")
+    return value
+
+
 def not_verified(reason: str, tolerance: Tolerance = DEFAULT_TOLERANCE) -> dict:
     """The manifest's "verification" entry of a bundle whose outputs were not compared with a reference."""
     return {"status": "not verified", "reason": reason, "reference": None, "runner": None,
             "tolerance": tolerance.to_json(), "outputs": {}}
+
+
+@dataclass(frozen=True)
+class OffloadDecision:
+    """One operator group `--offload auto` timed at build time, and where it runs (docs/bundle-format.md)."""
+    operator: str          # "conv2d", "matmul"
+    group: str             # the backend's pattern and the data input's shape, "onednn.conv2d_bias_clip 1x48x48x16"
+    calls: int             # call sites of this group in the model
+    backend: str           # the backend whose library call was timed
+    backend_ms: float
+    tvm_ms: float          # TVM's kernel for the same group
+    runs_in: str           # the backend's name, or "tvm"
+
+    @classmethod
+    def from_json(cls, d, origin: str) -> "OffloadDecision":
+        """An entry of a manifest's offload_auto, which run.py leaves unchecked (runners do not use it)."""
+        types = {"operator": str, "group": str, "calls": int, "backend": str, "backend_ms": (int, float),
+                 "tvm_ms": (int, float), "runs_in": str}
+        if not isinstance(d, dict) or any(not isinstance(d.get(k), t) or isinstance(d.get(k), bool)
+                                          for k, t in types.items()):
+            raise EdgecError(f"{origin}: an offload_auto entry is not {{{', '.join(types)}}} with their types",
+                             "rebuild the bundle")
+        return cls(**{k: d[k] for k in types})
 
 
 @dataclass(frozen=True)
@@ -79,6 +109,7 @@ class Manifest:
     verification: dict                  # see docs/bundle-format.md; not_verified() until a reference agreed
     files: dict[str, FileEntry]         # every file but the manifest, by relative POSIX path
     shared_libs: tuple[str, ...] = ()   # libraries runners load before `library`, in order (offload backends')
+    offload_auto: tuple[OffloadDecision, ...] = ()   # --offload auto's measured decisions; runners ignore them
 
     @property
     def arch(self) -> str:
@@ -104,6 +135,7 @@ class Manifest:
             "verification": self.verification,
             "files": {rel: vars(entry) for rel, entry in sorted(self.files.items())},
             **({"shared_libs": list(self.shared_libs)} if self.shared_libs else {}),
+            **({"offload_auto": [vars(d) for d in self.offload_auto]} if self.offload_auto else {}),
         }
 
     @classmethod
@@ -116,7 +148,8 @@ class Manifest:
             params=d["params"], target=Target.from_json(d["target"], origin), versions=d["versions"],
             passes=tuple(d["passes"]), sample=SampleDirs(**d["sample"]) if d["sample"] else None,
             verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()},
-            shared_libs=tuple(d.get("shared_libs", ())))
+            shared_libs=tuple(d.get("shared_libs", ())),
+            offload_auto=tuple(OffloadDecision.from_json(e, origin) for e in _list(d.get("offload_auto", []), origin)))
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, check_files: bool = False, verify: bool = True) -> "Manifest":

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..context import OFFLOAD_AUTO
 from ..errors import EdgecError
 from .backend import Backend, Linkage, Pattern
 from .passes import Placement, placement_of
@@ -22,7 +23,7 @@ from .passes import Placement, placement_of
 if TYPE_CHECKING:
     from ..targets import Target
 
-__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "build_options", "for_target",
+__all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "build_options", "for_build", "for_target",
            "parse_option", "placement_of", "resolve", "shipped_libraries", "used"]
 
 
@@ -40,15 +41,27 @@ def all_backends() -> dict[str, Backend]:
     return found
 
 
-def parse_option(value: str) -> tuple[str, ...]:
-    """`--offload none|NAME[,NAME]` as backend names in priority order."""
+def parse_option(value: str) -> tuple[str, ...] | str:
+    """`--offload none|auto|NAME[,NAME]` as backend names in priority order, or OFFLOAD_AUTO."""
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     if names == ("none",):
         return ()
-    if not names or "none" in names:
-        raise EdgecError(f"--offload {value!r} is not 'none' or a list of backends",
-                         f"pass --offload none, or names from: {', '.join(all_backends())}")
+    if names == (OFFLOAD_AUTO,):
+        return OFFLOAD_AUTO
+    if not names or {"none", OFFLOAD_AUTO} & set(names):
+        raise EdgecError(f"--offload {value!r} is not 'none', 'auto' or a list of backends",
+                         f"pass --offload none, auto, or names from: {', '.join(all_backends())}")
     return names
+
+
+def for_build(target: Target, option: tuple[str, ...] | str | None) -> tuple[str, ...]:
+    """The backends a build offloads to: BuildOptions.offload's, else the descriptor's (for auto once it is
+    sure it can measure this target's code here)."""
+    if option == OFFLOAD_AUTO:
+        from .auto import check_target
+
+        check_target(target)
+    return for_target(target) if option in (None, OFFLOAD_AUTO) else option
 
 
 def for_target(target: Target) -> tuple[str, ...]:

@@ -172,19 +172,36 @@ def _uses(mod: tvm.IRModule, ops: set[str]) -> bool:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What `--offload auto` measured for one operator group on this machine: the library call and TVM's kernel."""
+    group: str               # the backend's pattern and the data input's shape: "onednn.conv2d_bias_clip 1x48x48x16"
+    backend: str             # the backend whose call was timed
+    backend_ms: float
+    tvm_ms: float
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where calls of one operator went: a backend (with the fused pattern) or TVM (with the reason)."""
     operator: str            # "conv2d", "matmul"
     backend: str | None      # None: it stays in TVM
     detail: str              # the pattern it was fused as, or why the backends refused it
     count: int
+    measured: Measured | None = None   # offload-auto's timings, which decided where it runs
 
 
 def placement_of(mod: tvm.IRModule) -> tuple[Placement, ...] | None:
-    """The placement offload-partition recorded in the module, None when it did not run."""
+    """The placement offload-partition recorded in the module (offload-auto revises it), None when it did not run."""
     if mod.attrs is None or _PLACEMENT_ATTR not in mod.attrs:
         return None
-    return tuple(Placement(**p) for p in json.loads(str(mod.attrs[_PLACEMENT_ATTR])))
+    return tuple(Placement(**{**p, "measured": p.get("measured") and Measured(**p["measured"])})
+                 for p in json.loads(str(mod.attrs[_PLACEMENT_ATTR])))
+
+
+def with_placement(mod: tvm.IRModule, placement: list[Placement]) -> tvm.IRModule:
+    """`mod` with `placement` recorded, offloaded operators first."""
+    ordered = sorted(placement, key=lambda p: (p.backend is None, p.operator, -p.count))
+    return mod.with_attr(_PLACEMENT_ATTR, json.dumps([asdict(p) for p in ordered]))
 
 
 def _partition_pass(backends):
@@ -222,9 +239,7 @@ def _partition_pass(backends):
                 if var in accepted:
                     why = "its match overlapped another fused group"
                 counts[(_short(call.op.name), None, why)] += 1
-        placement = [asdict(Placement(op, backend, detail, n)) for (op, backend, detail), n in
-                     sorted(counts.items(), key=lambda kv: (kv[0][1] is None, kv[0][0], -kv[1]))]
-        return mod.with_attr(_PLACEMENT_ATTR, json.dumps(placement))
+        return with_placement(mod, [Placement(op, backend, detail, n) for (op, backend, detail), n in counts.items()])
 
     return partition
 
@@ -237,6 +252,15 @@ def _short(op_name: str) -> str:
 def partition(ctx):
     """Group the operators a backend takes into functions for its codegen; record where each one runs and why."""
     return _partition_pass(_backends(ctx))
+
+
+@register_pass("offload-auto", phase="graph", after=("offload-partition",),
+               applies=lambda ctx: _offloading(ctx) and ctx.offload_auto)
+def auto(ctx):
+    """--offload auto: time each partitioned group against TVM's kernel here; the slower library calls go back to TVM."""
+    from .auto import auto_pass
+
+    return auto_pass(ctx, _backends(ctx))
 
 
 @register_pass("offload-codegen", phase="params", after=("lift-params",), required=True, applies=_offloading)

@@ -1,0 +1,390 @@
+"""`--offload auto`: each operator group the backends took is timed on this machine against TVM's own kernel for
+the same group, and the faster is kept; the groups TVM wins go back into the graph (un-partitioned), where
+TVM's pipeline fuses them like any other operator.
+
+Why this shape. A library call has a fixed cost (a primitive to run, a thread team to wake) that a small
+group does not earn back, and where that line falls depends on the CPU and the thread count, so it is
+measured, not guessed. Equal groups are measured once (same pattern, shapes and attributes: the structural
+hash of the group), all groups of one variant are compiled into one module (one compile, one link per
+variant, not per group), and each variant runs in a worker process of its own, the two timed in alternated
+rounds with edgec.benchmark's method (only one process runs at a time, each waits until the other's threads
+are idle): per round the lowest of a few repeats, then the median over rounds. Decisions are cached in the user's cache, keyed by the CPU, the thread
+count, TVM's version, the backend's code and the group, so a rebuild does not measure again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from ..context import BuildContext
+from ..errors import EdgecError, last_line
+from .backend import Backend
+from .fusion import read_fused, static_shape
+from .passes import Measured, Placement, placement_of, with_placement
+
+TIME_LIMIT_S = 120.0       # timing both variants (compiling them is not counted): rounds run while they fit
+ROUNDS = 5                 # alternated rounds per variant; each gives one value per group, the median is kept
+REPEATS = 5                # per round and group: repeats of at least MIN_REPEAT_MS each, the lowest kept (load
+MIN_REPEAT_MS = 1          # from other processes only adds time: a stalled thread team, on 2 busy cores 12 ms)
+_CACHE = "offload-auto"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One partitioned function in main (FuseOpsByPattern made one per distinct group)."""
+    symbol: str            # its name in the module
+    backend: str
+    composite: str         # the backend's pattern, e.g. "onednn.conv2d_bias_clip"
+    operator: str          # the anchor, e.g. "conv2d"
+    shape: str             # the data input's shape, e.g. "1x48x48x16"
+    calls: int             # call sites in main
+    key: str               # what its timings are cached under (see _cache_key)
+
+
+@dataclass(frozen=True)
+class Timing:
+    backend_ms: float
+    tvm_ms: float
+
+    @property
+    def library_wins(self) -> bool:
+        return self.backend_ms <= self.tvm_ms   # a tie keeps the descriptor's choice
+
+
+def check_target(target) -> None:
+    """auto measures here: the target's code must be this machine's (architecture and CPU), with a backend."""
+    from tvm.target import codegen
+
+    from . import for_target
+    from ..toolchain import host_arch
+
+    here, cpu = host_arch(), codegen.llvm_get_system_cpu()
+    mcpu = target.tvm_target.get("mcpu")
+    if target.arch != here or mcpu not in (None, cpu) or target.device.kind != "cpu":
+        theirs = ", ".join(filter(None, (target.arch, mcpu, None if target.device.kind == "cpu" else
+                                         target.device.kind)))
+        raise EdgecError(f"--offload auto measures each operator on this machine ({here}, {cpu}), which cannot "
+                         f"run {target.name}'s code ({theirs})",
+                         f"pass --offload {','.join(for_target(target)) or 'none'} or --offload none for "
+                         f"{target.name} (measuring on the board over RPC comes with tuning)")
+    if not for_target(target):
+        raise EdgecError(f"--offload auto: {target.name} lists no offload backend for {target.arch}",
+                         "pass --offload none, or a backend name")
+
+
+def auto_pass(ctx: BuildContext, backends: tuple[Backend, ...]) -> Callable[[tvm.IRModule], tvm.IRModule]:
+    """The offload-auto step. A Python callable, not a tvm Pass: an exception raised inside a Python pass comes
+    out of TVM's FFI as a RuntimeError, and a user error or Ctrl-C while measuring must reach the build as it is."""
+    def offload_auto(mod: tvm.IRModule) -> tvm.IRModule:
+        groups = find_groups(mod, ctx, backends)
+        timings = {g.key: t for g in groups if (t := _cached(g.key)) is not None}
+        missing = list({g.key: g for g in groups if g.key not in timings}.values())
+        if missing:
+            measured = measure(mod, missing, ctx, backends)
+            for key, timing in measured.items():
+                _store(key, timing)
+            timings.update(measured)
+        return decide(mod, groups, timings)
+
+    return offload_auto
+
+
+def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, ...]) -> list[Group]:
+    """The partitioned functions main calls, in first-call order, with their call counts and cache keys."""
+    calls: dict[str, int] = {}
+    for binding in (b for block in mod["main"].body.blocks for b in block.bindings):
+        call = binding.value
+        if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.GlobalVar) \
+                and "Codegen" in (mod[call.op].attrs or {}):
+            calls[call.op.name_hint] = calls.get(call.op.name_hint, 0) + 1
+    by_name = {b.name: b for b in backends}
+    context = _context_key(ctx)
+    groups = []
+    for symbol, count in calls.items():
+        func = mod[symbol]
+        backend = by_name[str(func.attrs["Codegen"])]
+        fused = read_fused(func)
+        shape = "x".join(map(str, static_shape(fused.anchor.args[0]) or ["?"]))
+        structure = tvm_ffi.structural_hash(_plain(func), map_free_vars=True)
+        key = hashlib.sha256(json.dumps([context, backend.name, _code_digest(backend), fused.composite,
+                                         structure], default=str).encode()).hexdigest()[:32]
+        groups.append(Group(symbol, backend.name, fused.composite, fused.anchor.op.name.rsplit(".", 1)[-1], shape,
+                            count, key))
+    return groups
+
+
+def decide(mod: tvm.IRModule, groups: list[Group], timings: dict[str, Timing]) -> tvm.IRModule:
+    """Keep the groups whose library call is faster; inline the others back into main as plain operators; record
+    each decision with both timings in the placement."""
+    losers = [g for g in groups if not timings[g.key].library_wins]
+    if losers:
+        mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+        for g in losers:
+            mod[mod.get_global_var(g.symbol)] = _plain(mod[g.symbol])
+        mod = tvm.transform.Sequential([relax.transform.InlinePrivateFunctions(),
+                                        relax.transform.CanonicalizeBindings()])(mod)
+    rows = [p for p in placement_of(mod) or () if p.backend is None]   # the checks' refusals stay as they were
+    for g in groups:
+        t = timings[g.key]
+        measured = Measured(f"{g.composite} {g.shape}", g.backend, t.backend_ms, t.tvm_ms)
+        if t.library_wins:
+            rows.append(Placement(g.operator, g.backend, f"{g.composite} on {g.shape}; auto: {g.backend} "
+                                  f"{_ms(t.backend_ms)} vs TVM {_ms(t.tvm_ms)}", g.calls, measured))
+        else:
+            rows.append(Placement(g.operator, None, f"auto: TVM {_ms(t.tvm_ms)} vs {g.backend} {_ms(t.backend_ms)} "
+                                  f"({g.composite} on {g.shape})", g.calls, measured))
+    return with_placement(mod, rows)
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.3g} ms"
+
+
+def _plain(func: relax.Function) -> relax.Function:
+    """A partitioned function as the plain operators it groups: its composite function, private (so that
+    InlinePrivateFunctions puts its body where it is called) and without the Composite attribute."""
+    inner = []
+    relax.analysis.post_order_visit(func.body, lambda e: inner.append(e) if isinstance(e, relax.Function) else None)
+    return inner[0].without_attr("Composite")
+
+
+# ---- the cache ----------------------------------------------------------------------------------------------
+
+def _context_key(ctx: BuildContext) -> list:
+    """What TVM's side of a timing depends on besides the group: this CPU, the threads, TVM and how it lowers."""
+    from ..benchmark import _cpuinfo
+    from ..passes import cpu_schedule
+
+    cpu, flags = _cpuinfo()
+    return [cpu, sorted(flags), ctx.target.tvm_target, ctx.target.device.threads, tvm.__version__, ctx.opt_level,
+            ctx.target.pass_config, [s.name for s in _lowering(ctx)], _file_digest(cpu_schedule.__file__)]
+
+
+def _code_digest(backend: Backend) -> str:
+    """The backend's code: its module, and the shared pattern and C++ helpers its emitter uses."""
+    from . import backend as backend_module, fusion
+
+    files = (sys.modules[backend.emit.__module__].__file__, backend_module.__file__, fusion.__file__)
+    return hashlib.sha256("".join(_file_digest(f) for f in files).encode()).hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _cache_path(key: str) -> Path:
+    from ..toolchain import cache_dir
+
+    return cache_dir() / _CACHE / f"{key}.json"
+
+
+def _cached(key: str) -> Timing | None:
+    try:
+        data = json.loads(_cache_path(key).read_text())
+        timing = Timing(float(data["backend_ms"]), float(data["tvm_ms"]))
+    except (OSError, ValueError, KeyError, TypeError):   # absent, or damaged: measured again
+        return None
+    return timing if all(np.isfinite([timing.backend_ms, timing.tvm_ms])) else None
+
+
+def _store(key: str, timing: Timing) -> None:
+    from ..fsutil import atomic_write
+
+    path = _cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"backend_ms": timing.backend_ms, "tvm_ms": timing.tvm_ms}))
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------
+
+def _lowering(ctx: BuildContext):
+    """The steps the build runs on the partitioned graph: the backends' codegen and TVM's lowering phases (with
+    cpu-default-schedule), as planned for this build (-O level, disabled passes). lift-params is not among them:
+    the groups' weights are parameters already."""
+    from ..passes import plan
+    from ..passes.registry import PHASES
+
+    return [s for s in plan(ctx) if s.enabled and (s.name == "offload-codegen" or
+                                                   PHASES.index(s.phase) > PHASES.index("params"))]
+
+
+def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
+            backends: tuple[Backend, ...]) -> dict[str, Timing]:
+    """Timings by cache key of `groups` (one per key): both variants compiled, linked and timed in workers."""
+    from ..build import link_library
+
+    steps = _lowering(ctx)
+    with tempfile.TemporaryDirectory(prefix="offload-auto-") as tmp:
+        libraries = []
+        for library in (True, False):
+            variant = _variant(mod, groups, library)
+            # a context of its own: the build's timer counts the build's passes, not these
+            with tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.pass_config):
+                lowered = tvm.transform.Sequential([s.make(ctx) for s in steps], name="OffloadAutoLowering")(variant)
+                executable = tvm.compile(lowered, ctx.tvm_target(), relax_pipeline=None)
+            path = Path(tmp) / ("backend.so" if library else "tvm.so")
+            link_library(executable, ctx.target, backends if library else (), path)
+            libraries.append(path)
+        shapes = [[(static_shape(p), str(p.ty.dtype)) for p in mod[g.symbol].params] for g in groups]
+        backend_ms, tvm_ms = _time(libraries, shapes, ctx.target.device.threads)
+    return {g.key: Timing(b, t) for g, b, t in zip(groups, backend_ms, tvm_ms)}
+
+
+def _variant(mod: tvm.IRModule, groups: list[Group], library: bool) -> tvm.IRModule:
+    """One module with a public function g<i>(params) per group: calling its partitioned function (library) or
+    holding its operators inlined (TVM)."""
+    bb = relax.BlockBuilder()
+    for i, g in enumerate(groups):
+        func = mod[g.symbol]
+        callee = bb.add_func(func if library else _plain(func), g.symbol)
+        params = [relax.Var(p.name, p.ty) for p in func.params]
+        with bb.function(f"g{i}", params):
+            with bb.dataflow():
+                out = bb.emit_output(relax.Call(callee, params))
+            bb.emit_func_output(out)
+    variant = bb.get()
+    return variant if library else relax.transform.InlinePrivateFunctions()(variant)
+
+
+def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float], ...]:
+    """Per library, each group's time in ms: the median over alternated rounds, one worker process per library."""
+    from ..benchmark import _wait_until_idle
+
+    deadline = time.monotonic() + TIME_LIMIT_S
+    workers = [_Worker(path, shapes, threads) for path in libraries]
+    try:
+        for w in workers:
+            w.receive(deadline)                       # loaded, each group called once (weights packed)
+        rounds: list[list[tuple[float, ...]]] = [[] for _ in workers]
+        started = time.monotonic()
+        while len(rounds[0]) < ROUNDS:
+            for w, results in zip(workers, rounds):
+                w.send(True)
+                results.append(w.receive(deadline))
+                _wait_until_idle(w.process.pid)   # library and TVM threads spin after a call
+            per_round = (time.monotonic() - started) / len(rounds[0])
+            if time.monotonic() + per_round > deadline:
+                break
+    finally:
+        for w in workers:
+            w.stop()
+    return tuple([float(np.median(col)) for col in zip(*results)] for results in rounds)
+
+
+class _Worker:
+    """`python -m edgec.offload.auto worker` timing one library's groups, on the target's threads."""
+
+    def __init__(self, library: Path, shapes: list, threads: int):
+        self.library = library
+        self._stderr = tempfile.TemporaryFile()
+        # As a bundle with an offload library runs: TVM's pool on the target's threads, not spinning while the
+        # library's own pool works (see run.py).
+        env = dict(os.environ, TVM_NUM_THREADS=str(threads), TVM_THREAD_POOL_SPIN_COUNT="0",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                            os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, "worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+        self.send((str(library), shapes))
+
+    def send(self, message) -> None:
+        try:
+            pickle.dump(message, self.process.stdin)
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self._fail()
+
+    def receive(self, deadline: float):
+        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            self.process.kill()
+            raise EdgecError(f"--offload auto: timing the operator groups took over {TIME_LIMIT_S:.0f} s",
+                             "pass the backends by name (--offload onednn) or --offload none to build without "
+                             "measuring")
+        try:
+            kind, payload = pickle.load(self.process.stdout)
+        except EOFError:
+            self._fail()
+        if kind == "error":
+            self._fail(payload)
+        return payload
+
+    def _fail(self, reason: str | None = None):
+        self.process.kill()
+        code = self.process.wait()
+        self._stderr.seek(0)
+        reason = reason or f"exited with code {code}: " + last_line(Exception(self._stderr.read().decode(
+            errors="replace")))
+        raise EdgecError(f"--offload auto: timing {self.library.stem}'s kernels failed: {reason}",
+                         "pass the backends by name (--offload onednn) or --offload none to build without "
+                         "measuring") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                pickle.dump(None, self.process.stdin)
+                self.process.stdin.close()
+                self.process.wait(10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self._stderr.close()
+
+
+def _worker_main() -> None:
+    """Load one library, make random inputs for each group, call each once, answer ("ready", None); then per
+    request, each group's lowest of REPEATS timed repeats in ms, ("block", times); None stops. The calls are
+    timed back to back in the VM (time_evaluator), as a model's kernels run, without Python between them."""
+    requests = sys.stdin.buffer
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)   # whatever the runtime or the library prints goes to stderr, never into the answers
+
+    def answer(kind: str, payload) -> None:
+        pickle.dump((kind, payload), answers)
+        answers.flush()
+
+    try:
+        library, shapes = pickle.load(requests)
+        device = tvm.cpu()
+        vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)
+        rng = np.random.default_rng(0)
+        args = [[tvm.runtime.tensor((rng.standard_normal(s) * 0.1).astype(dtype), device) for s, dtype in group]
+                for group in shapes]
+        timers = [vm.time_evaluator(f"g{i}", device, number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS)
+                  for i in range(len(args))]
+        for i, a in enumerate(args):
+            vm[f"g{i}"](*a)
+        answer("ready", None)
+        while pickle.load(requests):
+            answer("block", tuple(min(timer(*a).results) * 1e3 for timer, a in zip(timers, args)))
+    except EOFError:       # the parent went away
+        pass
+    except Exception as e:  # TVM's errors: one line back to the parent
+        answer("error", f"{type(e).__name__}: {last_line(e)}")
+
+
+def manifest_decisions(placement: tuple[Placement, ...] | None) -> tuple:
+    """The manifest's `offload_auto` entries (docs/bundle-format.md) for the placement's measured groups."""
+    from ..manifest import OffloadDecision
+
+    return tuple(OffloadDecision(p.operator, p.measured.group, p.count, p.measured.backend, p.measured.backend_ms,
+                                 p.measured.tvm_ms, p.backend or "tvm")
+                 for p in placement or () if p.measured is not None)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
+    _worker_main()
