@@ -16,7 +16,7 @@ from .errors import EdgecError
 from .frontends import inspect_model, load_model, model_format
 from .passes import plan
 from .manifest import Manifest
-from .offload import for_target, resolve
+from .offload import for_build, resolve
 from .reference import DEFAULT_TOLERANCE, Comparison, Tolerance, compare_outputs
 from .runtime import bundle_errors
 from .signature import check_inputs, random_inputs
@@ -74,7 +74,7 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     descriptor = load_target(target)
     # Fail before minutes of compiling, not at the link step.
     find_tool(descriptor.toolchain.compiler, descriptor.toolchain.apt_package)
-    offload = for_target(descriptor) if options.offload is None else options.offload
+    offload = for_build(descriptor, options.offload)
     resolve(offload, descriptor.arch)   # an unknown backend, or one without a build for the target
     ctx = BuildContext(descriptor, options, offload=offload)
     steps = plan(ctx, model_format(model_path))
