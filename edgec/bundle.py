@@ -24,6 +24,7 @@ from .build import CompiledModel, export_library
 from .errors import EdgecError
 from .manifest import MANIFEST_NAME, BundleTensor, FileEntry, Manifest, SampleDirs, not_verified, sha256_file
 from .offload import shipped_libraries, used
+from .offload.auto import manifest_decisions
 from .resources import data_dir
 from .runtime import bundle_runner
 from .signature import tensor_file
@@ -273,6 +274,6 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         model_name=model_name, model_file=model_file, model_sha256=sha256_file(model.path), entry="main",
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
         passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
-        shared_libs=shared_libs)
+        shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload))
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
