@@ -4,8 +4,9 @@ LegalizeOps emits every kernel as plain loop nests: one thread, no vector instru
 kernel nobody has scheduled yet (no `tirx.is_scheduled`) a default: small producers (copies, bias, activation)
 inlined into their consumers, the outer spatial loops fused and run in parallel across the target's cores, the
 innermost spatial loop vectorized at the target's vector width (moved under the reduction loops, so a
-convolution or matmul accumulates a vector of outputs per weight), and the epilogue (bias, clamp, residual
-add) computed right after each parallel slice while it is in cache. Reductions are never split (no rfactor):
+convolution or matmul accumulates a vector of outputs per weight), the epilogue (bias, clamp, residual
+add) computed right after each parallel slice while it is in cache, and float32 exp, erf, tanh and sigmoid as
+arithmetic the vector loops can hold (cpu_math.py) instead of one C library call per element. Reductions are never split (no rfactor):
 only the spatial loops around them are parallel or vector loops, so every sum keeps its order.
 
 A kernel the schedule primitives refuse stays exactly as it was; each kernel says what happened in its
@@ -21,6 +22,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target.codegen import llvm_get_vector_width
 
 from ..context import BuildContext
+from .cpu_math import vectorizable_math
 from .registry import register_pass
 
 ATTR = "edgec.cpu_schedule"          # "scheduled", or why the kernel was left as it was
@@ -63,7 +65,8 @@ class CpuDefaultSchedule:
             except s_tir.ScheduleError as e:
                 updates[gvar] = func.with_attr(ATTR, f"refused: {_first_line(e)}")
             else:
-                updates[gvar] = sch.mod["main"].with_attr(_SCHEDULED, True).with_attr(ATTR, "scheduled")
+                scheduled = vectorizable_math(sch.mod["main"])
+                updates[gvar] = scheduled.with_attr(_SCHEDULED, True).with_attr(ATTR, "scheduled")
         mod = mod.clone()   # assigning a function mutates the module in place: the caller's copy stays as it was
         for gvar, func in updates.items():
             mod[gvar] = func
