@@ -75,7 +75,8 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     # Fail before minutes of compiling, not at the link step.
     find_tool(descriptor.toolchain.compiler, descriptor.toolchain.apt_package)
     offload = for_build(descriptor, options.offload)
-    resolve(offload, descriptor.arch)   # an unknown backend, or one without a build for the target
+    # an unknown backend, one without a build for the target, packages it cannot fetch
+    resolve(offload, descriptor.arch, fetch=True)
     ctx = BuildContext(descriptor, options, offload=offload)
     steps = plan(ctx, model_format(model_path))
     if options.dump_ir is not None:
