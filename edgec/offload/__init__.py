@@ -69,9 +69,10 @@ def for_target(target: Target) -> tuple[str, ...]:
     return tuple(b.name for b in resolve(target.offload, None) if b.supports(target.arch))
 
 
-def resolve(names: tuple[str, ...], arch: str | None) -> tuple[Backend, ...]:
+def resolve(names: tuple[str, ...], arch: str | None, *, fetch: bool = False) -> tuple[Backend, ...]:
     """The backends named, in order; an unknown one, or one without a build for `arch` (if given), is a user
-    error. For `arch`, the packages a backend fetches are fetched now (once), so a build fails before compiling."""
+    error. `fetch`: the packages a backend fetches for `arch` are fetched now (once), so that a build fails before
+    compiling, not at the link."""
     known = all_backends()
     chosen = []
     for name in names:
@@ -80,7 +81,7 @@ def resolve(names: tuple[str, ...], arch: str | None) -> tuple[Backend, ...]:
         if arch is not None and not known[name].supports(arch):
             raise EdgecError(f"offload backend '{name}' has no {arch} build",
                              f"it supports {', '.join(known[name].linkage.packages)}; pass --offload none")
-        if arch is not None and arch in known[name].linkage.debs:
+        if fetch and arch in known[name].linkage.debs:
             from ..toolchain import deb_sysroot
 
             deb_sysroot(arch, known[name].linkage.debs[arch])
