@@ -83,6 +83,8 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
     try:
         with contextlib.redirect_stdout(chatter):
             mod = frontend.convert(model, inputs)
+    except EdgecError:          # the frontend's own refusal, already one line for the user
+        raise
     except Exception as e:  # TVM's importers raise anything from KeyError to their own errors on a bad graph
         if chatter.getvalue():
             e.add_note(chatter.getvalue())
