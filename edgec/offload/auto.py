@@ -92,6 +92,8 @@ def auto_pass(ctx: BuildContext, backends: tuple[Backend, ...]) -> Callable[[tvm
     out of TVM's FFI as a RuntimeError, and a user error or Ctrl-C while measuring must reach the build as it is."""
     def offload_auto(mod: tvm.IRModule) -> tvm.IRModule:
         groups = find_groups(mod, ctx, backends)
+        if not groups:
+            return mod
         timings = {g.key: t for g in groups if (t := _cached(g.key)) is not None}
         missing = list({g.key: g for g in groups if g.key not in timings}.values())
         if missing:
