@@ -170,3 +170,12 @@ def test_option_and_pipeline_listing():
     assert any(" run  offload-auto " in line for line in listed.splitlines())
     disabled = _edgec("passes", "-t", "host", "--offload", "auto", "--disable-pass", "offload-auto").stdout
     assert any(" skip offload-auto " in line and "disabled" in line for line in disabled.splitlines())
+
+
+def test_time_limit_is_one_line_and_leaves_nothing(two_groups, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto, "TIME_LIMIT_S", 0.0)
+    with pytest.raises(EdgecError, match=r"timing the operator groups took over 0 s") as error:
+        api.build(two_groups, "host", tmp_path / "b", options=AUTO)
+    assert "--offload onednn" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "cache" / "offload-auto").exists()
