@@ -10,6 +10,7 @@ from ..passes import register_pass
 from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
+from .onnx_semantics import from_onnx, refuse_wrong_conversions
 
 # The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
 # only when one of its inputs derives from a Shape/Size of a pinned tensor and all are constant; weights and
@@ -269,11 +270,10 @@ def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec],
 
 
 def _convert(model, inputs: list[TensorSpec]):
-    from tvm.relax.frontend.onnx import from_onnx
-
-    return from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
-                     dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False,
-                     sanitize_input_names=False)
+    # Node forms TVM would convert to wrong numbers are refused first; the importer is TVM's with edgec's
+    # corrected converters (onnx_semantics).
+    refuse_wrong_conversions(model)
+    return from_onnx(model, {s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs})
 
 
 def _macs(model) -> int | None:
