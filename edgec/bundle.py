@@ -233,10 +233,12 @@ def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
     export_library(compiled, tmp / LIBRARY_NAME)
     _check_library(tmp / LIBRARY_NAME, compiled.target)
     shared_libs = []
-    for soname, path in shipped_libraries(used(compiled.offload), compiled.target):
+    for lib in shipped_libraries(used(compiled.offload), compiled.target):
         (tmp / SHARED_LIB_DIR).mkdir(exist_ok=True)
-        shutil.copyfile(path, tmp / SHARED_LIB_DIR / soname)
-        shared_libs.append(f"{SHARED_LIB_DIR}/{soname}")
+        shutil.copyfile(lib.path, tmp / SHARED_LIB_DIR / lib.soname)
+        shared_libs.append(f"{SHARED_LIB_DIR}/{lib.soname}")
+        if lib.notice is not None:   # the libraries' licenses ask for their notice in every binary copy
+            shutil.copyfile(lib.notice, tmp / SHARED_LIB_DIR / f"{lib.soname}.copyright")
     params_name = None
     if compiled.params:
         params_name = PARAMS_NAME

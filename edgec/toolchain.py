@@ -4,11 +4,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -27,6 +30,7 @@ _WHEEL_PLATFORMS = {"x86_64": "manylinux_2_28_x86_64", "aarch64": "manylinux_2_2
 _WHEEL_PYTHON = "3.11"
 # Debian's name for each architecture, and its multiarch library directory (usr/lib/<dir>).
 _DEBIAN_ARCH = {"x86_64": ("amd64", "x86_64-linux-gnu"), "aarch64": ("arm64", "aarch64-linux-gnu")}
+_OWNERS = "edgec-owners.json"   # in a deb_sysroot: file path -> the package it came from
 
 
 def cache_dir() -> Path:
@@ -142,7 +146,8 @@ def deb_sysroot(arch: str, packages: tuple[str, ...]) -> Path:
     if arch not in _DEBIAN_ARCH:
         raise EdgecError(f"no Debian architecture for '{arch}'", f"edgec fetches packages for {', '.join(_DEBIAN_ARCH)}")
     deb_arch = _DEBIAN_ARCH[arch][0]
-    key = hashlib.sha256("\0".join(sorted(packages)).encode()).hexdigest()[:12]
+    # v2: with the record of which package holds which file
+    key = hashlib.sha256("\0".join(["v2", *sorted(packages)]).encode()).hexdigest()[:12]
     final = cache_dir() / "sysroots" / f"{arch}-{key}"
     if final.is_dir():
         return final
@@ -157,12 +162,35 @@ def deb_sysroot(arch: str, packages: tuple[str, ...]) -> Path:
         if proc.returncode != 0:
             last = last_stderr_line(proc.stderr, f"exit code {proc.returncode}")
             raise EdgecError(f"could not download the {deb_arch} packages {' '.join(packages)} ({last})", fix)
+        owners = {}
         for deb in sorted(debs.glob("*.deb")):
+            listing = subprocess.run([dpkg_deb, "-f", str(deb), "Package"], capture_output=True, text=True)
             proc = subprocess.run([dpkg_deb, "-x", str(deb), str(tmp)], capture_output=True, text=True)
-            if proc.returncode != 0:
+            contents = subprocess.run([dpkg_deb, "--fsys-tarfile", str(deb)], capture_output=True)
+            if proc.returncode or listing.returncode or contents.returncode:
                 raise EdgecError(f"could not extract {deb.name} ({last_stderr_line(proc.stderr, 'no output')})", fix)
+            with tarfile.open(fileobj=io.BytesIO(contents.stdout)) as tar:
+                owners.update({os.path.normpath(name): listing.stdout.strip() for name in tar.getnames()})
+        (tmp / _OWNERS).write_text(json.dumps(owners, sort_keys=True))
         shutil.rmtree(debs)
     return final
+
+
+def package_notice(path: Path, sysroot: Path | None = None) -> tuple[str, Path] | None:
+    """(Debian package, its copyright file) for a library file: of the package installed here that owns it, or
+    of the fetched package it came from when `sysroot` (a deb_sysroot) holds it. None when no package owns it
+    (a library built by hand). Bundles ship the file with the library: the licenses require the notice."""
+    if sysroot is not None:
+        owners = json.loads((sysroot / _OWNERS).read_text())
+        package = owners.get(path.relative_to(sysroot).as_posix())
+        doc_root = sysroot
+    else:
+        dpkg = shutil.which("dpkg")
+        proc = subprocess.run([dpkg, "-S", str(path)], capture_output=True, text=True) if dpkg else None
+        package = proc.stdout.split(":", 1)[0] if proc and proc.returncode == 0 else None
+        doc_root = Path("/")
+    notice = doc_root / "usr" / "share" / "doc" / (package or "") / "copyright"
+    return (package, notice) if package and notice.is_file() else None
 
 
 def deb_lib_dir(sysroot: Path, arch: str) -> Path:

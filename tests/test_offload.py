@@ -169,6 +169,9 @@ def test_copied_bundle_runs_on_its_shipped_library(small_cnn, small_cnn_host, tm
     manifest = small_cnn_host.manifest
     assert manifest.shared_libs == ("lib/libgomp.so.1", "lib/libOpenCL.so.1", "lib/libdnnl.so.2")
     assert all(rel in manifest.files for rel in manifest.shared_libs)
+    # each library's license notice travels with it, from the Debian package that installed the library
+    for rel in manifest.shared_libs:
+        assert f"{rel}.copyright" in manifest.files and "Copyright" in (copy / f"{rel}.copyright").read_text()
     # loaded from the bundle directly, the model library finds its libraries in lib/
     ldd = subprocess.run(["ldd", copy / "model.so"], capture_output=True, text=True).stdout
     for lib in ("libdnnl.so.2", "libgomp.so.1", "libOpenCL.so.1"):

@@ -116,6 +116,9 @@ def test_copied_bundle_runs_on_its_own_libraries(cnn, cnn_rpi4, tmp_path):
     copy = Path(shutil.copytree(cnn_rpi4.bundle_dir, tmp_path / "elsewhere" / "bundle"))
     manifest = Manifest.load(copy)
     assert all(rel in manifest.files for rel in manifest.shared_libs)
+    # each library's license notice travels with it (BSD: "must reproduce the above copyright notice")
+    for rel in manifest.shared_libs:
+        assert f"{rel}.copyright" in manifest.files and "Copyright" in (copy / f"{rel}.copyright").read_text()
     dynamic = subprocess.run(["aarch64-linux-gnu-readelf", "-d", copy / "model.so"], capture_output=True,
                              text=True, check=True).stdout
     assert "Library rpath: [$ORIGIN/lib]" in dynamic and "sysroots" not in dynamic

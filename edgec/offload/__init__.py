@@ -12,6 +12,7 @@ import functools
 import importlib
 import pkgutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from ..targets import Target
 
 __all__ = ["Backend", "Linkage", "Pattern", "Placement", "all_backends", "build_options", "for_build", "for_target",
-           "parse_option", "placement_of", "resolve", "shipped_libraries", "used"]
+           "parse_option", "placement_of", "resolve", "ShippedLibrary", "shipped_libraries", "used"]
 
 
 @functools.cache
@@ -115,16 +116,24 @@ def build_options(backends: tuple[Backend, ...], target: Target) -> list[str]:
     return options
 
 
-def shipped_libraries(backends: tuple[Backend, ...], target: Target) -> list[tuple[str, Path]]:
-    """(soname, real file) of each shared library the bundle ships, in load order: from the backend's fetched
-    sysroot, else where the target's compiler links from."""
-    from ..toolchain import find_tool
+@dataclass(frozen=True)
+class ShippedLibrary:
+    soname: str
+    path: Path                           # the real file, copied into the bundle's lib/ as `soname`
+    package: str | None                  # the Debian package it comes from; None: no package owns it
+    notice: Path | None                  # that package's copyright file, shipped beside the library
+
+
+def shipped_libraries(backends: tuple[Backend, ...], target: Target) -> list[ShippedLibrary]:
+    """Each shared library the bundle ships, in load order: from the backend's fetched sysroot, else where the
+    target's compiler links from; with the license notice of its package."""
+    from ..toolchain import find_tool, package_notice
 
     found = []
     for backend in backends:
         lib_dir = _lib_dir(backend, target)
         for soname in backend.linkage.ship:
-            if any(soname == known for known, _ in found):
+            if any(soname == known.soname for known in found):
                 continue
             if lib_dir is not None:
                 path = lib_dir / soname
@@ -137,5 +146,7 @@ def shipped_libraries(backends: tuple[Backend, ...], target: Target) -> list[tup
             if not path.is_absolute() or not path.is_file():
                 raise EdgecError(f"{lib_dir or target.toolchain.compiler} has no {soname}, which the "
                                  f"'{backend.name}' offload code needs in the bundle", hint)
-            found.append((soname, path.resolve()))
+            sysroot = lib_dir.parents[2] if lib_dir is not None else None
+            notice = package_notice(path.resolve(), sysroot.resolve() if sysroot else None)
+            found.append(ShippedLibrary(soname, path.resolve(), *(notice or (None, None))))
     return found
