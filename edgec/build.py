@@ -180,7 +180,12 @@ def link_library(executable: relax.VMExecutable, target: Target, backends: tuple
     try:
         executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=options, add_files=libs))
     except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
-        packages = " ".join([chain.apt_package, *(b.linkage.packages[target.arch] for b in backends)])
+        # a backend with fetched packages for this architecture (its sysroot) is not apt-installed here
+        packages = " ".join([chain.apt_package, *(b.linkage.packages[target.arch] for b in backends
+                                                  if target.arch not in b.linkage.debs)])
+        fetched = [b.name for b in backends if target.arch in b.linkage.debs]
         raise EdgecError(f"linking the model library with {chain.compiler} failed: {last_line(e)}",
                          f"check the toolchain: sudo apt-get install {packages}"
+                         + (f", and refetch the {'/'.join(fetched)} packages: sudo sh cross/setup-{target.arch}.sh"
+                            if fetched else "")
                          + ("; or build with --offload none" if backends else "")) from e
