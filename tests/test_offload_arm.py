@@ -85,6 +85,9 @@ def test_emulator_cpu_must_be_a_model_name(tmp_path):
 
 
 def test_cnn_rpi4_matches_reference_under_cortex_a72(cnn, cnn_rpi4, qemu_cpus):
+    with open(cnn_rpi4.bundle_dir / "model.so", "rb") as f:
+        assert f.read(20)[18:20] == (183).to_bytes(2, "little")      # ELF e_machine: EM_AARCH64
+    assert cnn_rpi4.manifest.target.tvm_target["mcpu"] == "cortex-a72"
     assert placed(cnn_rpi4) == {("conv2d", "xnnpack"): 52, ("matmul", "xnnpack"): 1}
     patterns = {p.detail for p in cnn_rpi4.compiled.offload}
     # ReLU6 and the residual adds run inside the XNNPACK functions
