@@ -503,8 +503,8 @@ def main(argv=None) -> int:
 
     results = run_suite(args.filter, args.jobs, args.timeout, progress)
     minutes = (time.monotonic() - t0) / 60
-    command = "python bench/onnx_suite.py" + "".join(f" --filter {f}" for f in args.filter)
-    header = (f"# ONNX backend node suite through edgec\n\n`{command}` ({len(results)} cases, {args.jobs} job(s), "
+    command = f"python bench/onnx_suite.py --jobs {args.jobs}" + "".join(f" --filter {f}" for f in args.filter)
+    header = (f"# ONNX backend node suite through edgec\n\n`{command}` ({len(results)} cases, "
               f"{minutes:.1f} min). {_environment()}.")
     text = markdown(results, header)
     print(text)
