@@ -2,14 +2,14 @@
 the same group, and the faster is kept; the groups TVM wins go back into the graph (un-partitioned), where
 TVM's pipeline fuses them like any other operator.
 
-Why this shape. A library call has a fixed cost (a primitive to run, a thread team to wake) that a small
-group does not earn back, and where that line falls depends on the CPU and the thread count, so it is
-measured, not guessed. Equal groups are measured once (same pattern, shapes and attributes: the structural
-hash of the group), all groups of one variant are compiled into one module (one compile, one link per
-variant, not per group), and each variant runs in a worker process of its own, the two timed in alternated
-rounds with edgec.benchmark's method (only one process runs at a time, the next starting once the last one's threads
-are idle): per round the lowest of a few repeats, then the median over rounds. Decisions are cached in the user's cache, keyed by the CPU, the thread
-count, TVM's version, the backend's code and the group, so a rebuild does not measure again.
+Why this shape. A library call has a fixed cost (a primitive to run, a thread team to wake) that a small group does
+not earn back, and where that line falls depends on the CPU and the thread count, so it is measured, not guessed.
+Equal groups are measured once (same pattern, shapes and attributes: the structural hash of the group), all groups
+of one variant are compiled into one module (one compile, one link per variant, not per group), and each variant
+runs in a worker process of its own, the two timed in alternated rounds with edgec.benchmark's method (only one
+process runs at a time, the next starting once the last one's threads are idle): per round the lowest of a few
+repeats, then the median over rounds. Decisions are cached in the user's cache, keyed by the CPU, the thread count,
+TVM's version, the backend's code and the group, so a rebuild does not measure again.
 """
 from __future__ import annotations
 
