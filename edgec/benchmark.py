@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import pickle
 import platform
 import re
 import subprocess
@@ -37,6 +36,7 @@ from .manifest import Manifest, sha256_file
 from .reference import DEFAULT_TOLERANCE, ReferenceRuntime, compare_outputs
 from .signature import random_inputs
 from .toolchain import cache_dir, host_arch
+from .workers import WorkerProcess, serve
 
 TIMED = "numpy in -> numpy out (input binding, run, output fetch), the same loop for every runtime"
 # A thread counts as used when it was on a CPU for at least this share of the timed wall time: the runtime's
@@ -342,106 +342,49 @@ def _load(spec: WorkerSpec, inputs: dict[str, np.ndarray]) -> tuple[str, Callabl
     return name, run, run(inputs)
 
 
-def _worker_main() -> None:
-    """`python -m edgec.benchmark worker`: load one runtime, then run one block per request on stdin (pickled
-    run counts; None stops) and answer each on stdout: ("ready", (name, outputs)), ("block", (start, end,
-    times_ms)) or ("error", (message, hint))."""
-    requests = sys.stdin.buffer
-    answers = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)   # whatever a runtime prints goes to stderr, never into the answers
+def _serve(request) -> tuple:
+    """In the worker: load one runtime; ready with (name, outputs of one untimed run); then per request (a run
+    count), the block's (start, end, times_ms)."""
+    spec, inputs = request
+    name, run, outputs = _load(spec, inputs)
 
-    def answer(kind: str, payload) -> None:
-        pickle.dump((kind, payload), answers)
-        answers.flush()
+    def block(runs: int) -> tuple:
+        start, times = time.monotonic(), []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run(inputs)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return start, time.monotonic(), tuple(times)
 
-    try:
-        spec, inputs = pickle.load(requests)
-        name, run, outputs = _load(spec, inputs)
-        answer("ready", (name, outputs))
-        while (runs := pickle.load(requests)) is not None:
-            start, times = time.monotonic(), []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                run(inputs)
-                times.append((time.perf_counter() - t0) * 1e3)
-            answer("block", (start, time.monotonic(), tuple(times)))
-    except EOFError:       # the parent went away
-        pass
-    except Exception as e:  # EdgecError and run.py's BundleError carry a message and a hint; others: one line
-        answer("error", (getattr(e, "message", None) or f"{type(e).__name__}: {last_line(e)}",
-                         getattr(e, "hint", None)))
+    return (name, outputs), block
 
 
-class _Worker:
-    """The parent's handle on one worker process."""
+class _Worker(WorkerProcess):
+    """The parent's handle on one runtime's worker process (`python -m edgec.benchmark worker`)."""
 
     def __init__(self, spec: WorkerSpec, inputs: dict[str, np.ndarray]):
+        super().__init__("edgec.benchmark", (spec, inputs), what=f"the {spec.kind} worker",
+                         hint="run the bundle with 'edgec run' to see the failure" if spec.kind == "edgec" else None)
         self.spec = spec
-        self._stderr = tempfile.TemporaryFile()
-        # The worker imports this same edgec, whatever the current directory.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen([sys.executable, "-m", "edgec.benchmark", "worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self._stderr, env=env)
-        self.pid = self.process.pid
         self.name = PEERS.get(spec.kind, spec.kind)    # until the worker says which runtime it loaded
-        self._send((spec, inputs))
-
-    def _send(self, message) -> None:
-        try:
-            pickle.dump(message, self.process.stdin)
-            self.process.stdin.flush()
-        except BrokenPipeError:
-            self._died()
-
-    def _died(self):
-        self.process.wait()
-        self._stderr.seek(0)
-        reason = last_line(Exception(self._stderr.read().decode(errors="replace")))
-        raise EdgecError(f"the {self.spec.kind} worker exited with code {self.process.returncode}: {reason}",
-                         "run the bundle with 'edgec run' to see the failure" if self.spec.kind == "edgec"
-                         else None) from None
-
-    def _receive(self, expected: str):
-        try:
-            kind, payload = pickle.load(self.process.stdout)
-        except EOFError:
-            self._died()
-        if kind == "error":
-            raise EdgecError(*payload)
-        assert kind == expected, (kind, expected)
-        return payload
 
     def wait_ready(self) -> dict[str, np.ndarray]:
         """The outputs of the worker's untimed first run, once it has loaded its runtime."""
-        self.name, outputs = self._receive("ready")
+        self.name, outputs = self.receive("ready")
         return outputs
 
     def block(self, runs: int, others: Sequence["_Worker"]) -> Block:
         before = thread_cpu_ns(self.pid)
         others_before = [thread_cpu_ns(o.pid) for o in others]
         t0 = time.perf_counter()
-        self._send(runs)
-        start, end, times = self._receive("block")
+        self.send(runs)
+        start, end, times = self.receive("answer")
         wall = time.perf_counter() - t0
         cpu = _cpu_delta(before, thread_cpu_ns(self.pid))
         idle = [_cpu_delta(b, thread_cpu_ns(o.pid)) for o, b in zip(others, others_before)]
         _wait_until_idle(self.pid)
         return Block(self.spec.kind, self.pid, start, end, times, wall, cpu,
                      None if None in idle else {o.pid: sum(d.values()) for o, d in zip(others, idle)})
-
-    def stop(self) -> None:
-        if self.process.stdout.closed:
-            return
-        try:
-            pickle.dump(None, self.process.stdin)
-            self.process.stdin.close()
-            self.process.wait(10)
-        except (BrokenPipeError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
-        self._stderr.close()
 
 
 @dataclass(frozen=True)
@@ -560,4 +503,4 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
-    _worker_main()
+    serve(_serve)

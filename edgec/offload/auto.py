@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pickle
-import select
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +28,8 @@ import tvm_ffi
 from tvm import relax
 
 from ..context import BuildContext
-from ..errors import EdgecError, last_line
+from ..errors import EdgecError
+from ..workers import WorkerProcess, WorkerTimeout, serve
 from .backend import Backend
 from .fusion import read_fused, static_shape
 from .passes import Measured, Placement, placement_of, with_placement
@@ -263,120 +260,58 @@ def _variant(mod: tvm.IRModule, groups: list[Group], library: bool) -> tvm.IRMod
     return variant if library else relax.transform.InlinePrivateFunctions()(variant)
 
 
+_MEASURE_HINT = "pass the backends by name (--offload onednn) or --offload none to build without measuring"
+
+
 def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float], ...]:
     """Per library, each group's time in ms: the median over alternated rounds, one worker process per library."""
     from ..benchmark import _wait_until_idle
 
     deadline = time.monotonic() + TIME_LIMIT_S
-    workers = [_Worker(path, shapes, threads) for path in libraries]
+    # As a bundle with an offload library runs: TVM's pool on the target's threads, not spinning while the
+    # library's own pool works (see run.py).
+    env = {"TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": "0"}
+    workers = []
     try:
+        for path in libraries:
+            workers.append(WorkerProcess(__name__, (str(path), shapes), env=env, hint=_MEASURE_HINT,
+                                         what=f"--offload auto: timing {path.stem}'s kernels"))
         for w in workers:
-            w.receive(deadline)                       # loaded, each group called once (weights packed)
+            w.receive("ready", deadline)              # loaded, each group called once (weights packed)
         rounds: list[list[tuple[float, ...]]] = [[] for _ in workers]
         started = time.monotonic()
         while len(rounds[0]) < ROUNDS:
             for w, results in zip(workers, rounds):
                 w.send(True)
-                results.append(w.receive(deadline))
-                _wait_until_idle(w.process.pid)   # library and TVM threads spin after a call
+                results.append(w.receive("answer", deadline))
+                _wait_until_idle(w.pid)           # library and TVM threads spin after a call
             per_round = (time.monotonic() - started) / len(rounds[0])
             if time.monotonic() + per_round > deadline:
                 break
+    except WorkerTimeout:
+        raise EdgecError(f"--offload auto: timing the operator groups took over {TIME_LIMIT_S:.0f} s",
+                         _MEASURE_HINT) from None
     finally:
         for w in workers:
             w.stop()
     return tuple([float(np.median(col)) for col in zip(*results)] for results in rounds)
 
 
-class _Worker:
-    """`python -m edgec.offload.auto worker` timing one library's groups, on the target's threads."""
-
-    def __init__(self, library: Path, shapes: list, threads: int):
-        self.library = library
-        self._stderr = tempfile.TemporaryFile()
-        # As a bundle with an offload library runs: TVM's pool on the target's threads, not spinning while the
-        # library's own pool works (see run.py).
-        env = dict(os.environ, TVM_NUM_THREADS=str(threads), TVM_THREAD_POOL_SPIN_COUNT="0",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                            os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen([sys.executable, "-m", __name__, "worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self._stderr, env=env)
-        self.send((str(library), shapes))
-
-    def send(self, message) -> None:
-        try:
-            pickle.dump(message, self.process.stdin)
-            self.process.stdin.flush()
-        except BrokenPipeError:
-            self._fail()
-
-    def receive(self, deadline: float):
-        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            self.process.kill()
-            raise EdgecError(f"--offload auto: timing the operator groups took over {TIME_LIMIT_S:.0f} s",
-                             "pass the backends by name (--offload onednn) or --offload none to build without "
-                             "measuring")
-        try:
-            kind, payload = pickle.load(self.process.stdout)
-        except EOFError:
-            self._fail()
-        if kind == "error":
-            self._fail(payload)
-        return payload
-
-    def _fail(self, reason: str | None = None):
-        self.process.kill()
-        code = self.process.wait()
-        self._stderr.seek(0)
-        reason = reason or f"exited with code {code}: " + last_line(Exception(self._stderr.read().decode(
-            errors="replace")))
-        raise EdgecError(f"--offload auto: timing {self.library.stem}'s kernels failed: {reason}",
-                         "pass the backends by name (--offload onednn) or --offload none to build without "
-                         "measuring") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                pickle.dump(None, self.process.stdin)
-                self.process.stdin.close()
-                self.process.wait(10)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
-        self._stderr.close()
-
-
-def _worker_main() -> None:
-    """Load one library, make random inputs for each group, call each once, answer ("ready", None); then per
-    request, each group's lowest of REPEATS timed repeats in ms, ("block", times); None stops. The calls are
-    timed back to back in the VM (time_evaluator), as a model's kernels run, without Python between them."""
-    requests = sys.stdin.buffer
-    answers = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)   # whatever the runtime or the library prints goes to stderr, never into the answers
-
-    def answer(kind: str, payload) -> None:
-        pickle.dump((kind, payload), answers)
-        answers.flush()
-
-    try:
-        library, shapes = pickle.load(requests)
-        device = tvm.cpu()
-        vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)
-        rng = np.random.default_rng(0)
-        args = [[tvm.runtime.tensor((rng.standard_normal(s) * 0.1).astype(dtype), device) for s, dtype in group]
-                for group in shapes]
-        timers = [vm.time_evaluator(f"g{i}", device, number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS)
-                  for i in range(len(args))]
-        for i, a in enumerate(args):
-            vm[f"g{i}"](*a)
-        answer("ready", None)
-        while pickle.load(requests):
-            answer("block", tuple(min(timer(*a).results) * 1e3 for timer, a in zip(timers, args)))
-    except EOFError:       # the parent went away
-        pass
-    except Exception as e:  # TVM's errors: one line back to the parent
-        answer("error", f"{type(e).__name__}: {last_line(e)}")
+def _serve(request) -> tuple:
+    """In the worker: load one library, make random inputs for each group and call each once (ready); then per
+    request, each group's lowest of REPEATS timed repeats in ms. The calls are timed back to back in the VM
+    (time_evaluator), as a model's kernels run, without Python between them."""
+    library, shapes = request
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)
+    rng = np.random.default_rng(0)
+    args = [[tvm.runtime.tensor((rng.standard_normal(s) * 0.1).astype(dtype), device) for s, dtype in group]
+            for group in shapes]
+    timers = [vm.time_evaluator(f"g{i}", device, number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS)
+              for i in range(len(args))]
+    for i, a in enumerate(args):
+        vm[f"g{i}"](*a)
+    return None, lambda _: tuple(min(timer(*a).results) * 1e3 for timer, a in zip(timers, args))
 
 
 def manifest_decisions(placement: tuple[Placement, ...] | None) -> tuple:
@@ -389,4 +324,4 @@ def manifest_decisions(placement: tuple[Placement, ...] | None) -> tuple:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
-    _worker_main()
+    serve(_serve)
