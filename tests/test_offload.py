@@ -20,7 +20,7 @@ from edgec.context import BuildContext
 from edgec.errors import EdgecError
 from edgec.examples import mobilenet_v2, resnet_small, transformer_block
 from edgec.passes import plan
-from edgec.reference import Tolerance, compare_outputs
+from edgec.reference import ReferenceRuntime, Tolerance, compare_outputs
 from edgec.runtime.local import load_bundle
 from edgec.targets import load_target
 from models import ATOL, RTOL, inputs_for, real_model
@@ -221,6 +221,13 @@ def test_transformer_block_matches_reference(tmp_path):
     matmuls = {backend: n for (op, backend), n in where.items() if "matmul" in op}
     assert sum(matmuls.values()) == 8, where       # q, k, v, out, fc1, fc2 projections and the two attention products
     print(report.build_text(result))
+    # one loaded model, runs in a row: each run's inputs reach the bound input tensors, and the outputs handed back
+    # are copies that the next run (reusing the VM's buffers and oneDNN's per-thread memory objects) leaves alone
+    loaded, reference = load_bundle(result.bundle_dir), ReferenceRuntime(model)
+    xs = [RNG.standard_normal((1, 16, 64)).astype(np.float32) * scale for scale in (1, 3, 0.1)]
+    outputs = [loaded.run({"x": x}) for x in xs]
+    for x, out in zip(xs, outputs):
+        assert compare_outputs(out, reference.run({"x": x}), Tolerance(ATOL, RTOL)).ok
 
 
 def test_resnet_small_fuses_the_residual_adds(tmp_path):

@@ -6,8 +6,10 @@ the VM passes from params.bin; on the first call with a given weight tensor they
 layout the primitive chose, and later calls reuse that. One generated function can serve several call sites
 with different weights (FuseOpsByPattern deduplicates equal functions), so state is keyed by symbol, weight and
 bias pointer, guarded by a mutex for concurrent runs of several models in one process. A fingerprint of the
-weights catches a freed tensor's address reused by other weights. oneDNN runs as many OpenMP threads as TVM's
-thread pool has (runtime.NumThreads), so `--threads` and the descriptor's threads govern both.
+weights catches a freed tensor's address reused by other weights. Each thread keeps a stream and, per primitive,
+memory objects pointed at each call's tensors. oneDNN runs as many OpenMP threads as TVM's thread pool has
+(runtime.NumThreads), so `--threads` and the descriptor's threads govern both, except that a primitive under
+kParallelMacs multiply-adds runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -46,7 +48,18 @@ struct Prepared {
   memory weights;
   memory::desc src, bias, dst, scratchpad;
   uint64_t fingerprint;
+  int threads;   // the OpenMP threads it was created for, and runs on
 };
+
+// Below this many multiply-adds (about 10 us of one core's work) a primitive runs on the calling thread alone:
+// starting and joining OpenMP's team costs about what a second thread saves (16x64 by 64x256, 262 K: 4.2 us on two
+// threads, 3.1 us on one), and while another process holds a core, the team waits for it a whole time slice.
+constexpr double kParallelMacs = 1 << 20;
+
+int Threads() {
+  static const auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
+  return num_threads ? (*num_threads)().cast<int>() : 1;
+}
 
 // A few weights spread over the tensor: tells a tensor freed and replaced at the same address apart.
 uint64_t Fingerprint(const float* w, size_t n) {
@@ -61,7 +74,7 @@ uint64_t Fingerprint(const float* w, size_t n) {
 
 using Key = std::tuple<const char*, const void*, const void*>;   // symbol, weights, bias
 
-std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count,
+std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count, double macs,
                                   const std::function<std::pair<dnnl::primitive_desc, memory::desc>()>& make) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<Prepared>> prepared;
@@ -69,8 +82,12 @@ std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count,
   std::lock_guard<std::mutex> lock(mutex);
   auto& slot = prepared[key];
   if (slot && slot->fingerprint == fingerprint) return slot;
+  // TVM's pool size, one thread budget for both; oneDNN splits the primitive's work for this many threads
+  int threads = macs < kParallelMacs ? 1 : Threads();
+  omp_set_num_threads(threads);
   auto [pd, user_weights] = make();
   auto p = std::make_shared<Prepared>();
+  p->threads = threads;
   p->primitive = dnnl::primitive(pd);
   p->weights = memory(pd.weights_desc(0), Engine());
   memory user(user_weights, Engine(), weights);
@@ -94,28 +111,48 @@ dnnl::primitive_attr Attr(const dnnl::post_ops& post) {
   return attr;
 }
 
-int Threads() {
-  static const auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
-  return num_threads ? (*num_threads)().cast<int>() : 1;
+// A thread's memory objects for one prepared primitive, pointed at each call's data: making them, the argument
+// map and a stream on every call cost 1 us, as much as a 16x64x64 matmul's work (2.4 us a call, now 1.35 us).
+struct Bound {
+  std::weak_ptr<Prepared> owner;   // expired or another object: the primitive was prepared again
+  memory src, dst, bias, scratchpad;
+  std::vector<dnnl_exec_arg_t> args;
+};
+
+Bound& Bind(const std::shared_ptr<Prepared>& p, bool has_bias) {
+  thread_local std::unordered_map<const Prepared*, Bound> bound;
+  Bound& b = bound[p.get()];
+  if (b.owner.lock() == p) return b;
+  b.owner = p;
+  b.src = memory(p->src, Engine(), DNNL_MEMORY_NONE);
+  b.dst = memory(p->dst, Engine(), DNNL_MEMORY_NONE);
+  b.scratchpad = memory(p->scratchpad, Engine(), DNNL_MEMORY_NONE);
+  b.args = {{DNNL_ARG_SRC, b.src.get()}, {DNNL_ARG_WEIGHTS, p->weights.get()}, {DNNL_ARG_DST, b.dst.get()},
+            {DNNL_ARG_SCRATCHPAD, b.scratchpad.get()}};
+  if (has_bias) {
+    b.bias = memory(p->bias, Engine(), DNNL_MEMORY_NONE);
+    b.args.push_back({DNNL_ARG_BIAS, b.bias.get()});
+  }
+  return b;
 }
 
 int Run(const char* symbol, tvm::ffi::TensorView src, tvm::ffi::TensorView weights, const void* bias,
-        const void* residual, tvm::ffi::TensorView dst, size_t weight_count, size_t dst_bytes,
+        const void* residual, tvm::ffi::TensorView dst, size_t weight_count, size_t dst_bytes, double macs,
         const std::function<std::pair<dnnl::primitive_desc, memory::desc>()>& make) {
-  omp_set_num_threads(Threads());   // TVM's pool size: one thread budget for both
-  auto p = Prepare(Key(symbol, weights.data_ptr(), bias), weights.data_ptr(), weight_count, make);
+  auto p = Prepare(Key(symbol, weights.data_ptr(), bias), weights.data_ptr(), weight_count, macs, make);
+  omp_set_num_threads(p->threads);
   // the sum post-op adds what dst holds
   if (residual && residual != dst.data_ptr()) std::memcpy(dst.data_ptr(), residual, dst_bytes);
   thread_local std::vector<char> scratch;
   if (scratch.size() < p->scratchpad.get_size()) scratch.resize(p->scratchpad.get_size());
-  std::unordered_map<int, memory> args{
-      {DNNL_ARG_SRC, memory(p->src, Engine(), src.data_ptr())},
-      {DNNL_ARG_WEIGHTS, p->weights},
-      {DNNL_ARG_DST, memory(p->dst, Engine(), dst.data_ptr())},
-      {DNNL_ARG_SCRATCHPAD, memory(p->scratchpad, Engine(), scratch.data())}};
-  if (bias) args.emplace(DNNL_ARG_BIAS, memory(p->bias, Engine(), const_cast<void*>(bias)));
-  dnnl::stream stream(Engine());
-  p->primitive.execute(stream, args);
+  thread_local dnnl::stream stream(Engine());
+  Bound& b = Bind(p, bias != nullptr);
+  b.src.set_data_handle(src.data_ptr());
+  b.dst.set_data_handle(dst.data_ptr());
+  b.scratchpad.set_data_handle(scratch.data());
+  if (bias) b.bias.set_data_handle(const_cast<void*>(bias));
+  dnnl::error::wrap_c_api(dnnl_primitive_execute(p->primitive.get(), stream.get(), int(b.args.size()), b.args.data()),
+                          "could not execute a primitive");
   stream.wait();
   return 0;
 }
@@ -188,6 +225,14 @@ def _matmul(fused: Fused) -> str:
 _BUILDERS = {"relax.nn.conv2d": _conv, "relax.matmul": _matmul}
 
 
+def _macs(fused: Fused) -> int:
+    """Multiply-adds of the anchor: each output element sums over the weights' other dimensions (conv: I/groups x
+    KH x KW, matmul: K)."""
+    out, weight = static_shape(fused.anchor), static_shape(fused.anchor.args[1])
+    per_output = math.prod(weight[1:]) if fused.anchor.op.name == "relax.nn.conv2d" else weight[0]
+    return math.prod(out) * per_output
+
+
 def _function(fused: Fused) -> str:
     params = ", ".join([f"tvm::ffi::TensorView a{i}" for i in range(fused.num_params)] + ["tvm::ffi::TensorView out"])
     weight_count = math.prod(static_shape(fused.anchor.args[1]))
@@ -196,7 +241,7 @@ def _function(fused: Fused) -> str:
 // {fused.composite}
 static int {fused.symbol}_impl({params}) {{
   return Run("{fused.symbol}", a{fused.data}, a{fused.weight}, {_operand(fused, "bias")}, {_operand(fused, "add")}, out,
-             {weight_count}, {dst_bytes}, [&] {{{_BUILDERS[fused.anchor.op.name](fused)}
+             {weight_count}, {dst_bytes}, {_macs(fused)}, [&] {{{_BUILDERS[fused.anchor.op.name](fused)}
     return std::make_pair(dnnl::primitive_desc(pd), user_weights);
   }});
 }}
