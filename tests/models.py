@@ -24,6 +24,11 @@ REAL_MODELS = {
     "hand_landmark_lite": ("mediapipe==0.10.21", "mediapipe/modules/hand_landmark/hand_landmark_lite.tflite"),
     "face_detection_short_range": ("mediapipe==0.10.21",
                                    "mediapipe/modules/face_detection/face_detection_short_range.tflite"),
+    # custom operator Convolution2DTransposeBias; sparse fp16 weights (DENSIFY); PRELU, float32
+    "selfie_segmentation": ("mediapipe==0.10.21", "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite"),
+    "face_detection_full_range_sparse": ("mediapipe==0.10.21",
+                                         "mediapipe/modules/face_detection/face_detection_full_range_sparse.tflite"),
+    "iris_landmark": ("mediapipe==0.10.21", "mediapipe/modules/iris_landmark/iris_landmark.tflite"),
 }
 
 
