@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import EdgecError
 from ..signature import TensorSpec
 from . import Frontend, register_frontend
-from .base import ModelInfo, check_pins, histogram
+from .base import ModelInfo, check_pins, histogram, unsupported_error
 
 
 def _load(path: Path):
@@ -80,10 +80,12 @@ def _walk(model, size: int) -> None:
 
 
 def _converter(model):
-    """The TVM TFLite op converter, used only for its op naming and support table."""
-    from tvm.relax.frontend.tflite.tflite_frontend import ExprTable, OperatorConverter
+    """edgec's TFLite op converter (TVM's, corrected), used here only for its op naming and support table."""
+    from tvm.relax.frontend.tflite.tflite_frontend import ExprTable
 
-    return OperatorConverter(model, model.Subgraphs(0), ExprTable(), None)
+    from .tflite_convert import EdgecOperatorConverter
+
+    return EdgecOperatorConverter(model, model.Subgraphs(0), ExprTable(), None)
 
 
 def _tensor_spec(subgraph, index: int) -> tuple[str, list, str]:
@@ -106,6 +108,19 @@ def _unsupported_ops(model) -> dict[str, int]:
     return histogram(op for op in _op_names(model) if op not in conv.convert_map)
 
 
+def _load_for_import(path: Path):
+    """_load, refusing custom operators without a converter with the hint that fits them (--converter)."""
+    from .tflite_convert import CUSTOM_SUFFIX
+
+    model = _load(path)
+    missing = _unsupported_ops(model)
+    if any(op.endswith(CUSTOM_SUFFIX) for op in missing):
+        error = unsupported_error(path, missing, "TFLite")
+        raise EdgecError(error.message, "map a custom operator to Relax with a converter file: edgec build "
+                         "--converter my_ops.py (examples/tflite_converters.py maps Convolution2DTransposeBias)")
+    return model
+
+
 def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec], list[str]]:
     sg = model.Subgraphs(0)
     raw_inputs = [_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength())]
@@ -124,7 +139,10 @@ def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec],
 def _convert(model, inputs: list[TensorSpec]):
     from tvm.relax.frontend.tflite import from_tflite
 
-    mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs})
+    from .tflite_convert import EdgecOperatorConverter
+
+    mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs},
+                      op_converter=EdgecOperatorConverter)
     # The importer also attaches its weights as a function attribute; they are bound as constants already.
     mod["main"] = mod["main"].without_attr("params")
     return mod
@@ -171,5 +189,5 @@ def inspect_tflite(path: Path) -> ModelInfo:
                      _macs(model), _unsupported_ops(model))
 
 
-register_frontend(".tflite", Frontend("tflite", "TFLite", _load, _unsupported_ops, _signature, _convert, inspect_tflite,
+register_frontend(".tflite", Frontend("tflite", "TFLite", _load_for_import, _unsupported_ops, _signature, _convert, inspect_tflite,
                                        {}))

@@ -1,0 +1,110 @@
+"""TVM's TFLite operator converter with edgec's corrections, and the user's custom-operator converters.
+
+Each override fixes a conversion TVM gets wrong on real models; the rest is TVM's converter unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter, get_tensor_name
+
+from ..errors import EdgecError, last_line
+from .custom_ops import CustomOp, active_converters
+
+# TVM's converter knows this custom code as a builtin-like operator of its own
+_TVM_CUSTOM = {b"TFLite_Detection_PostProcess"}
+CUSTOM_SUFFIX = " (custom)"
+
+
+def custom_code(model, op) -> str | None:
+    """The custom code of a CUSTOM operator node (None for builtins and for those TVM converts itself)."""
+    from tflite.BuiltinOperator import BuiltinOperator
+
+    code = model.OperatorCodes(op.OpcodeIndex())
+    if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) != BuiltinOperator.CUSTOM:
+        return None
+    name = code.CustomCode() or b""
+    return None if name in _TVM_CUSTOM else name.decode("utf-8", "replace")
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in tensor.tensor.ShapeAsNumpy()) if tensor.tensor.ShapeLength() else ()
+
+
+class EdgecOperatorConverter(OperatorConverter):
+    def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
+        super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
+        self.custom = active_converters()
+        for name in self.custom:
+            self.convert_map[name + CUSTOM_SUFFIX] = self.convert_custom
+
+    def get_op_code_str(self, op):
+        # TVM raises NotImplementedError for every custom operator; edgec names it so that it can be reported
+        # by name, or converted by the user's converter.
+        name = custom_code(self.model, op)
+        return super().get_op_code_str(op) if name is None else name + CUSTOM_SUFFIX
+
+    def convert_custom(self, op):
+        name = custom_code(self.model, op)
+        registered = self.custom[name]
+        inputs, outputs = self.get_input_tensors(op), self.get_output_tensors(op)
+        node = CustomOp(
+            name=name,
+            inputs=tuple(None if t.tensor_idx < 0 else self.get_tensor_expr(t) for t in inputs),
+            input_shapes=tuple(None if t.tensor_idx < 0 else _shape(t) for t in inputs),
+            output_shapes=tuple(_shape(t) for t in outputs),
+            output_dtypes=tuple(self.get_tensor_type_str(t.tensor.Type()) for t in outputs),
+            options=op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b"")
+        where = f"the converter of custom operator {name} ({registered.source.name})"
+        try:
+            result = self.bb.normalize(registered.function(node))
+        except EdgecError:
+            raise
+        except Exception as e:  # the user's code
+            raise EdgecError(f"{where} failed: {type(e).__name__}: {last_line(e)}",
+                             "fix the converter (edgec --verbose shows the traceback)") from e
+        leaves = list(result.ty.fields) if isinstance(result.ty, relax.TupleType) else [result.ty]
+        got = [(tuple(int(d) for d in leaf.shape.values) if getattr(leaf, "shape", None) is not None else None,
+                str(leaf.dtype)) for leaf in leaves]
+        want = list(zip(node.output_shapes, node.output_dtypes))
+        if got != want:
+            raise EdgecError(f"{where} returned {got}, but the model declares its outputs as {want} (shape, dtype)",
+                             "return one Relax tensor per output, with the declared shape and dtype")
+        return result
+
+    def convert_prelu(self, op):
+        # TVM broadcasts alpha to the whole activation and stores that as a weight: a per-channel PReLU then
+        # costs H*W times its parameters (the bundle was 5-8x the model). TFLite broadcasts alpha against the
+        # input, so alpha keeps its own shape here.
+        data, alpha = self.get_input_tensors(op)
+        x, a = self.get_tensor_expr(data), self.get_tensor_expr(alpha)
+        zero = relax.const(0, self.get_tensor_type_str(data.tensor.Type()))
+        return relax.op.where(relax.op.greater_equal(x, zero), x, relax.op.multiply(x, a))
+
+    def convert_dequantize(self, op):
+        # A sparse fp16 weight is DENSIFY -> DEQUANTIZE: TVM's DENSIFY leaves the dense value prefetched,
+        # and its DEQUANTIZE reads the (empty) buffer of DENSIFY's output instead.
+        from tflite.TensorType import TensorType
+
+        source = self.get_input_tensors(op)[0]
+        if source.tensor.Type() == TensorType.FLOAT16 and self.is_prefetched(source.tensor_idx):
+            value = np.asarray(self.get_prefetched_node(source.tensor_idx), dtype=np.float16)
+            dense = self.exp_tab.new_const(value, dtype="float16", source_name=source.tensor.Name())
+            return relax.op.astype(dense, "float32")
+        return super().convert_dequantize(op)
+
+    def convert_expand_dims(self, op):
+        # TVM calls relax.op.expand_dims(x, axis, 1), an arity Relax does not have.
+        data, axis_tensor = self.get_input_tensors(op)
+        name = get_tensor_name(self.subgraph, data.tensor_idx)
+        if not self._has_tensor_buffer_data(axis_tensor):
+            raise EdgecError(f"EXPAND_DIMS of {name} takes its axis from a computed tensor",
+                             "export the model with a constant axis")
+        if data.qnn_params and not self.has_same_qnn_params(data, self.get_output_tensors(op)[0]):
+            raise EdgecError(f"EXPAND_DIMS of {name} changes the quantization parameters", "check the model")
+        axis = np.asarray(self.get_tensor_value(axis_tensor)).reshape(-1)
+        rank = len(data.tensor.ShapeAsNumpy()) if data.tensor.ShapeLength() else 0
+        if axis.size != 1 or not -1 - rank <= int(axis[0]) <= rank:
+            raise EdgecError(f"EXPAND_DIMS of {name} has axis {axis.tolist()} for a rank-{rank} input",
+                             "check the model")
+        return relax.op.expand_dims(self.get_tensor_expr(data), int(axis[0]))
