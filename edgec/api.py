@@ -14,6 +14,7 @@ from . import fsutil
 from .bundle import Sample, archive_path, check_outputs, write_bundle
 from .errors import EdgecError
 from .frontends import inspect_model, load_model, model_format
+from .frontends.custom_ops import active as custom_ops, load_converters
 from .passes import plan
 from .manifest import Manifest
 from .offload import for_build, resolve
@@ -79,11 +80,13 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     resolve(offload, descriptor.arch, fetch=True)
     ctx = BuildContext(descriptor, options, offload=offload)
     steps = plan(ctx, model_format(model_path))
+    converters = load_converters(options.converters)
     if options.dump_ir is not None:
         options.dump_ir.mkdir(parents=True, exist_ok=True)
     say("import model")
-    model = load_model(model_path, input_shapes, tuple(s.name for s in steps if s.phase == "import" and s.enabled),
-                       options.dump_ir)
+    with custom_ops(converters):
+        model = load_model(model_path, input_shapes,
+                           tuple(s.name for s in steps if s.phase == "import" and s.enabled), options.dump_ir)
     compiled = compile_model(model, ctx, steps, progress=say)
     over_budget = _memory_over_budget(compiled)
     if over_budget and strict_memory:

@@ -155,10 +155,12 @@ def main(ctx, verbose):
               help="Kernel libraries that run convolutions and matrix products, in priority order (onednn), or "
                    "none, or auto: the target's backends, each operator group timed here against TVM's kernel and "
                    "the faster kept (host only; decisions cached) [default: the target's [offload] backends].")
+@click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
+              help="Python file of converters for TFLite custom operators (examples/tflite_converters.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.pass_context
 def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, force, strict_memory,
-          sample, offload, as_json):
+          sample, offload, converter, as_json):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -173,7 +175,7 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dum
     from .offload import parse_option
 
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
-                           None if offload is None else parse_option(offload))
+                           None if offload is None else parse_option(offload), tuple(converter))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     # Progress goes to an interactive terminal only, so that a failing build in a script or CI prints
     # exactly one error line.

@@ -17,6 +17,8 @@ class BuildOptions:
     dump_ir: Path | None = None
     # offload backends in priority order; None: the descriptor's; OFFLOAD_AUTO: the descriptor's, measured
     offload: tuple[str, ...] | str | None = None
+    # the user's converter files for TFLite custom operators (edgec.frontends.custom_ops), run by their choice
+    converters: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
