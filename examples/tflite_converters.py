@@ -30,8 +30,9 @@ def convolution_2d_transpose_bias(op):
         pads.append((total // 2, total - total // 2))
         extra.append(out - ((size - 1) * stride + kernel - total))
     (top, bottom), (left, right) = pads
+    # TVM lowers conv2d_transpose in NCHW only: transpose around it (the layout passes fold what they can)
     y = relax.op.nn.conv2d_transpose(
-        x, relax.op.permute_dims(weights, (3, 0, 1, 2)),   # OHWI -> IOHW
+        relax.op.permute_dims(x, (0, 3, 1, 2)), relax.op.permute_dims(weights, (3, 0, 1, 2)),   # OHWI -> IOHW
         strides=(stride_h, stride_w), padding=(top, left, bottom, right), output_padding=tuple(extra),
-        data_layout="NHWC", kernel_layout="IOHW")
-    return relax.op.add(y, bias)
+        data_layout="NCHW", kernel_layout="IOHW")
+    return relax.op.add(relax.op.permute_dims(y, (0, 2, 3, 1)), bias)
