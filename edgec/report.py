@@ -6,7 +6,8 @@ from dataclasses import asdict
 from .api import BuildResult
 from .benchmark import BUSY_FRACTION, RUNNER_RSS, SPREAD, BenchResult
 from .build import ActivationMemory
-from .frontends import ModelInfo
+from .frontends.custom_ops import CONVERTER_HINT, CUSTOM_SUFFIX
+from .inspection import Inspection
 from .manifest import MANIFEST_NAME, sha256_file
 
 
@@ -86,17 +87,22 @@ def _shape(dims) -> str:
     return "x".join(str(d) for d in dims) or "scalar"
 
 
-def inspect_json(info: ModelInfo) -> dict:
+def inspect_json(inspection: Inspection) -> dict:
+    info = inspection.info
     return {
         "model": str(info.path), "format": info.format,
         "inputs": [{"name": n, "shape": list(s), "dtype": t} for n, s, t in info.inputs],
         "outputs": [{"name": n, "shape": list(s), "dtype": t} for n, s, t in info.outputs],
         "operators": info.op_histogram, "param_count": info.param_count, "param_bytes": info.param_bytes,
         "macs": info.macs, "unsupported_operators": info.unsupported_ops,
+        # the import a build runs, run for real (no passes, no code generation)
+        "imports": inspection.import_error is None, "import_error": inspection.import_error,
+        "imported_operator_calls": inspection.relax_calls,
     }
 
 
-def inspect_text(info: ModelInfo) -> str:
+def inspect_text(inspection: Inspection) -> str:
+    info = inspection.info
     lines = [f"{info.path.name} ({info.format})"]
     lines += [f"  input  {n}: {t} {_shape(s)}" for n, s, t in info.inputs]
     lines += [f"  output {n}: {t} {_shape(s)}" for n, s, t in info.outputs]
@@ -106,8 +112,13 @@ def inspect_text(info: ModelInfo) -> str:
     lines += [f"    {op:<28} {n}" for op, n in info.op_histogram.items()]
     if info.unsupported_ops:
         lines.append("  cannot import: " + ", ".join(f"{op} (x{n})" for op, n in info.unsupported_ops.items()))
+        if any(op.endswith(CUSTOM_SUFFIX) for op in info.unsupported_ops):
+            lines.append(f"  {CONVERTER_HINT}")
+    elif inspection.import_error is not None:
+        lines.append(f"  import fails: {inspection.import_error}")
     else:
-        lines.append("  every operator is supported")
+        lines.append(f"  imports: {inspection.relax_calls} operator calls in Relax (imported as a build would, "
+                     "without compiling)")
     return "\n".join(lines)
 
 

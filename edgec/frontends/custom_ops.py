@@ -27,6 +27,11 @@ import numpy as np
 
 from ..errors import EdgecError, last_line
 
+# how a custom operator is named in operator lists and errors, and what the user can do about one
+CUSTOM_SUFFIX = " (custom)"
+CONVERTER_HINT = ("map a custom operator to Relax with a converter file: --converter my_ops.py "
+                  "(examples/tflite_converters.py maps MediaPipe's Convolution2DTransposeBias)")
+
 
 @dataclass(frozen=True)
 class CustomOp:

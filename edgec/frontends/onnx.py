@@ -11,6 +11,7 @@ from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
 from .onnx_semantics import from_onnx, refuse_wrong_conversions
+from .pins import dynamic_dims_error
 
 # The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
 # only when one of its inputs derives from a Shape/Size of a pinned tensor and all are constant; weights and
@@ -202,9 +203,7 @@ def pin_input_shapes(model, input_shapes: dict[str, tuple[int, ...]], path: Path
                 dim.dim_value = value
         dynamic = [d for d in dims if not isinstance(d, int) or d <= 0]
         if dynamic:
-            example = "x".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in dims)
-            raise EdgecError(f"input '{inp.name}' has dynamic dims {dims}",
-                             f"pin them with --input-shape {inp.name}:{example}")
+            raise dynamic_dims_error(inp.name, dims)
         specs.append(TensorSpec(inp.name, tuple(dims), _np_dtype(inp)))
     return specs
 
@@ -277,20 +276,23 @@ def _convert(model, inputs: list[TensorSpec]):
 
 
 def _macs(model) -> int | None:
-    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul, from inferred static shapes."""
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul and their integer forms, from inferred static
+    shapes."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
     total = 0
+    weight_input = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1,
+                    "MatMulInteger": 1, "QLinearMatMul": 3}
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op_type not in weight_input:
             continue
-        out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
+        out, w = shapes.get(node.output[0]), shapes.get(node.input[weight_input[node.op_type]])
         if out is None or w is None or not all(isinstance(d, int) and d > 0 for d in [*out, *w]):
             return None
-        if node.op_type == "Conv":          # each output element: Cin/group * kh * kw MACs
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):   # each output element: Cin/group * kh * kw MACs
             total += int(np.prod(out)) * int(np.prod(w[1:]))
         elif node.op_type == "ConvTranspose":
             x = shapes.get(node.input[0])
@@ -307,7 +309,10 @@ def inspect_onnx(path: Path) -> ModelInfo:
     from onnx import numpy_helper
 
     model = _load(path)
+    # weights are initializers, or Constant nodes in some exporters' graphs (Paddle's)
     arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    arrays += [numpy_helper.to_array(a.t) for n in _all_nodes(model.graph) if n.op_type == "Constant"
+               for a in n.attribute if a.name == "value"]
     inputs = tuple((i.name, _dims(i), _np_dtype(i)) for i in _graph_inputs(model))
     outputs = tuple((o.name, _dims(o), _np_dtype(o)) for o in model.graph.output)
     return ModelInfo(path, "onnx", inputs, outputs, histogram(n.op_type for n in _all_nodes(model.graph)),

@@ -10,6 +10,8 @@ from ..errors import EdgecError
 from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram, unsupported_error
+from .custom_ops import CONVERTER_HINT, CUSTOM_SUFFIX
+from .pins import dynamic_dims_error
 
 
 def _load(path: Path):
@@ -110,14 +112,10 @@ def _unsupported_ops(model) -> dict[str, int]:
 
 def _load_for_import(path: Path):
     """_load, refusing custom operators without a converter with the hint that fits them (--converter)."""
-    from .tflite_convert import CUSTOM_SUFFIX
-
     model = _load(path)
     missing = _unsupported_ops(model)
     if any(op.endswith(CUSTOM_SUFFIX) for op in missing):
-        error = unsupported_error(path, missing, "TFLite")
-        raise EdgecError(error.message, "map a custom operator to Relax with a converter file: edgec build "
-                         "--converter my_ops.py (examples/tflite_converters.py maps Convolution2DTransposeBias)")
+        raise EdgecError(unsupported_error(path, missing, "TFLite").message, CONVERTER_HINT)
     return model
 
 
@@ -126,12 +124,16 @@ def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec],
     raw_inputs = [_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength())]
     check_pins(path, input_shapes, [name for name, _, _ in raw_inputs])
     inputs = []
-    for name, dims, dtype in raw_inputs:
+    for i, (name, dims, dtype) in enumerate(raw_inputs):
         if name in input_shapes:
-            dims = list(input_shapes[name])
+            pinned = input_shapes[name]
+            # TVM's converters read the stored shapes too: a pin may only fill in the dynamic dims
+            if len(pinned) != len(dims) or any(d != "?" and d != p for d, p in zip(dims, pinned)):
+                raise EdgecError(f"--input-shape {name}:{'x'.join(map(str, pinned))} does not fit the model's "
+                                 f"input shape {dims}", "keep the rank and the static dims, pin only dynamic ones")
+            dims = list(pinned)
         if any(d == "?" for d in dims):
-            example = "x".join("1" if d == "?" else str(d) for d in dims)
-            raise EdgecError(f"input '{name}' has dynamic dims {dims}", f"pin them with --input-shape {name}:{example}")
+            raise dynamic_dims_error(name, dims, sg.Tensors(sg.Inputs(i)).ShapeAsNumpy())
         inputs.append(TensorSpec(name, tuple(dims), dtype))
     return inputs, [_tensor_spec(sg, sg.Outputs(i))[0] for i in range(sg.OutputsLength())]
 

@@ -9,11 +9,10 @@ from tvm import relax
 from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter, get_tensor_name
 
 from ..errors import EdgecError, last_line
-from .custom_ops import CustomOp, active_converters
+from .custom_ops import CUSTOM_SUFFIX, CustomOp, active_converters
 
 # TVM's converter knows this custom code as a builtin-like operator of its own
 _TVM_CUSTOM = {b"TFLite_Detection_PostProcess"}
-CUSTOM_SUFFIX = " (custom)"
 
 
 def custom_code(model, op) -> str | None:
