@@ -247,14 +247,18 @@ def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_di
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
+@click.option("--input-shape", multiple=True, metavar="NAME:DIMS", help="Pin an input's shape, as for build.")
+@click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
+              help="Converters for TFLite custom operators, as for build.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(model, as_json):
-    """Describe MODEL (operators, parameters, MACs, signature) before building it."""
+def inspect(model, input_shape, converter, as_json):
+    """Describe MODEL (operators, parameters, MACs, signature) and import it as a build would, without compiling."""
     from . import report
-    from .frontends import inspect_model
+    from .frontends import parse_input_shapes
+    from .inspection import inspect
 
-    info = inspect_model(model)
-    click.echo(json.dumps(report.inspect_json(info), indent=2) if as_json else report.inspect_text(info))
+    result = inspect(model, input_shapes=parse_input_shapes(input_shape), converters=converter)
+    click.echo(json.dumps(report.inspect_json(result), indent=2) if as_json else report.inspect_text(result))
 
 
 @main.command()
