@@ -5,6 +5,7 @@ Each override fixes a conversion TVM gets wrong on real models; the rest is TVM'
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter, get_tensor_name
 
@@ -28,6 +29,14 @@ def custom_code(model, op) -> str | None:
 
 def _shape(tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.tensor.ShapeAsNumpy()) if tensor.tensor.ShapeLength() else ()
+
+
+def _static_shape(ty) -> tuple | None:
+    """A Relax tensor type's shape as ints; None when it is not a tensor of known, static shape."""
+    dims = getattr(getattr(ty, "shape", None), "values", None)
+    if dims is None or not all(isinstance(d, tvm.ir.prim.expr.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
 
 
 class EdgecOperatorConverter(OperatorConverter):
@@ -63,8 +72,7 @@ class EdgecOperatorConverter(OperatorConverter):
             raise EdgecError(f"{where} failed: {type(e).__name__}: {last_line(e)}",
                              "fix the converter (edgec --verbose shows the traceback)") from e
         leaves = list(result.ty.fields) if isinstance(result.ty, relax.TupleType) else [result.ty]
-        got = [(tuple(int(d) for d in leaf.shape.values) if getattr(leaf, "shape", None) is not None else None,
-                str(leaf.dtype)) for leaf in leaves]
+        got = [(_static_shape(leaf), str(getattr(leaf, "dtype", leaf))) for leaf in leaves]
         want = list(zip(node.output_shapes, node.output_dtypes))
         if got != want:
             raise EdgecError(f"{where} returned {got}, but the model declares its outputs as {want} (shape, dtype)",
