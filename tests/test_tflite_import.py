@@ -11,7 +11,7 @@ import pytest
 
 from edgec import api
 from edgec.build import BuildOptions
-from edgec.reference import DEFAULT_TOLERANCE, Tolerance
+from edgec.reference import DEFAULT_TOLERANCE, ReferenceRuntime, Tolerance
 from models import real_model
 from tflite_builder import Graph, schema
 from test_cli_errors import check_cli_error, cli
@@ -139,3 +139,30 @@ def test_expand_dims(tmp_path):
     built = api.build(model, "host", tmp_path / "out", options=NO_OFFLOAD)
     assert [o.shape for o in built.manifest.outputs] == [(1, 2, 3), (2, 3, 1), (2, 1, 3)]
     assert_close_to_reference(model, built.bundle_dir)
+
+
+# ------------------------------------------------------------------------------------------ full-integer models
+
+def test_full_integer_conv_matches_litert_exactly(tmp_path):
+    """An int8 CONV_2D (per-channel weight scales, int32 bias, fused RELU), imported as dequantize -> float
+    conv -> quantize: every int8 output equals LiteRT's."""
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.tensor("x", (1, 8, 8, 3), np.int8, quant=([0.02], [-5], 0))
+    w_scales = [0.01, 0.02, 0.015, 0.03]
+    w = g.tensor("w", (4, 3, 3, 3), np.int8, rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8),
+                 quant=(w_scales, [0] * 4, 0))
+    b = g.tensor("b", (4,), np.int32, rng.integers(-500, 500, 4).astype(np.int32),
+                 quant=([0.02 * s for s in w_scales], [0] * 4, 0))
+    y = g.tensor("y", (1, 8, 8, 4), np.int8, quant=([0.05], [2], 0))
+    options = schema.Conv2DOptionsT()
+    options.padding, options.strideH, options.strideW = schema.Padding.SAME, 1, 1
+    options.fusedActivationFunction = schema.ActivationFunctionType.RELU
+    g.op(schema.BuiltinOperator.CONV_2D, [x, w, b], [y], schema.BuiltinOptions.Conv2DOptions, options)
+    model = g.save(tmp_path / "int8_conv.tflite", [x], [y])
+    sample = {"x": rng.integers(-128, 128, (1, 8, 8, 3)).astype(np.int8)}
+    built = api.build(model, "host", tmp_path / "out", options=NO_OFFLOAD, sample_inputs=sample)
+    assert built.manifest.verification["status"] == "verified"
+    ours = api.run(built.bundle_dir, sample).outputs["y"]
+    reference = ReferenceRuntime(model).run(sample)["y"]
+    assert ours.dtype == np.int8 and np.array_equal(ours, reference) and reference.max() > reference.min() + 50
