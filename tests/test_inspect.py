@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models import real_model
@@ -36,13 +35,13 @@ def test_inspect_reports_an_importer_failure(tmp_path):
     assert "import fails: TVM's TFLite importer failed" in text and "every operator is supported" not in text
 
 
-def test_inspect_of_a_model_that_imports(tmp_path):
+def test_inspect_of_a_model_that_imports():
     info = inspect_json(real_model("face_detection_full_range_sparse"))
     assert info["imports"] is True and info["import_error"] is None and info["imported_operator_calls"] > 300
     assert "imports: " in cli("inspect", real_model("face_detection_full_range_sparse")).stdout
 
 
-def test_inspect_custom_operator_names_it_and_takes_a_converter(tmp_path):
+def test_inspect_custom_operator_names_it_and_takes_a_converter():
     text = cli("inspect", real_model("selfie_segmentation")).stdout
     assert "cannot import: Convolution2DTransposeBias (custom) (x1)" in text and "--converter" in text
     from test_tflite_import import EXAMPLE_CONVERTERS
