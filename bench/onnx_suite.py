@@ -93,10 +93,14 @@ def _case_info(cases: dict) -> dict[str, tuple[str, int, bool, set[str]]]:
 # generators make them graph inputs, which TVM's importer needs as constants. They are folded into initializers
 # (what `--const-input` is for), so the case tests the operator, not the input's constness.
 PARAMETER_INPUTS = {"shape", "axes", "pads", "scales", "sizes", "split", "repeats", "starts", "ends", "steps", "k",
-                    "K", "axis", "size", "depth", "ratio", "training_mode", "constant_value", "roi",
+                    "axis", "size", "depth", "ratio", "training_mode", "constant_value", "roi",
                     "max_output_boxes_per_class", "iou_threshold", "score_threshold", "block_shape", "image_shape",
                     "output_shape", "dft_length", "frame_length", "frame_step", "num_mel_bins", "sample_rate",
                     "lower_edge_hertz", "upper_edge_hertz"}
+
+
+# Names too common to fold everywhere (Attention's K is data): only for these operators.
+OP_PARAMETER_INPUTS = {("TopK", "K"), ("ConstantOfShape", "input")}
 
 
 def parameter_inputs(node, opset_import) -> set[str]:
@@ -108,8 +112,10 @@ def parameter_inputs(node, opset_import) -> set[str]:
         formal = onnx.defs.get_schema(node.op_type, version, node.domain).inputs
     except onnx.defs.SchemaError:
         return set()
-    return {name for i, name in enumerate(node.input)
-            if name and formal and formal[min(i, len(formal) - 1)].name in PARAMETER_INPUTS}
+    def parameter(formal_name):
+        return formal_name in PARAMETER_INPUTS or (node.op_type, formal_name) in OP_PARAMETER_INPUTS
+
+    return {name for i, name in enumerate(node.input) if name and formal and parameter(formal[min(i, len(formal) - 1)].name)}
 
 
 def prepared(case, parameters: set[str]):

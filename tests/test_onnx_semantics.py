@@ -128,6 +128,76 @@ def test_conv_transpose_output_shape(edgec_host, tmp_path, output_shape, auto_pa
     _assert_matches_reference(edgec_host, _conv_transpose(output_shape, auto_pad), [x], tmp_path)
 
 
+def test_reduce_max_of_only_minus_inf(edgec_host, tmp_path):
+    x = np.array([[-np.inf, -np.inf, -np.inf], [-np.inf, 2.0, -1.0]], np.float32)
+    model = _model([helper.make_node("ReduceMax", ["x"], ["y"], axes=[1], keepdims=1)],
+                   [helper.make_tensor_value_info("x", F32, [2, 3])], [helper.make_tensor_value_info("y", F32, [2, 1])],
+                   opset=13)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def _attention(q_shape, kv_shape, mask=None, past=None, fp=F32, **attrs):
+    """Attention (opset 24) with Y, present_key, present_value and qk_matmul_output as outputs; mask: (dtype, shape)."""
+    names = ["q", "k", "v", "mask" if mask else "", "pk" if past else "", "pv" if past else ""]
+    while not names[-1]:
+        names.pop()
+    inputs = [helper.make_tensor_value_info(n, fp, s) for n, s in (("q", q_shape), ("k", kv_shape), ("v", kv_shape))]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("mask", *mask))
+    if past:
+        inputs += [helper.make_tensor_value_info(n, fp, past) for n in ("pk", "pv")]
+    outputs = [helper.make_tensor_value_info(n, fp, ["?"] * rank)
+               for n, rank in (("y", len(q_shape)), ("present_k", 4), ("present_v", 4), ("qk", 4))]
+    node = helper.make_node("Attention", names, ["y", "present_k", "present_v", "qk"], **attrs)
+    return _model([node], inputs, outputs, opset=24)
+
+
+def test_attention_bool_mask_with_fully_masked_rows(edgec_host, tmp_path):
+    """A query row whose boolean mask is all False yields 0 in Y and in the softmax output (mode 3), not NaN."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)))
+    mask = rng.random((3, 5)) > 0.4
+    mask[1] = False
+    model = _attention((1, 2, 3, 4), (1, 2, 5, 4), mask=(TensorProto.BOOL, [3, 5]), qk_matmul_output_mode=3)
+    _assert_matches_reference(edgec_host, model, [q, k, v, mask], tmp_path)
+    outputs = edgec_host.run(model, [q, k, v, mask], tmp_path, lambda stage: None)
+    assert not outputs[0][:, :, 1].any() and not outputs[3][:, :, 1].any()
+
+
+def test_attention_3d_grouped_query_causal_with_past(edgec_host, tmp_path):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 3, 4 * 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 2 * 8)).astype(np.float32) for _ in range(2))
+    pk, pv = (rng.standard_normal((2, 2, 4, 8)).astype(np.float32) for _ in range(2))
+    model = _attention((2, 3, 32), (2, 3, 16), past=[2, 2, 4, 8], q_num_heads=4, kv_num_heads=2, is_causal=1,
+                       softcap=2.0, scale=0.3, qk_matmul_output_mode=3)
+    _assert_matches_reference(edgec_host, model, [q, k, v, pk, pv], tmp_path)
+
+
+def test_attention_float16(edgec_host, tmp_path):
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.random((1, 2, 4, 8)).astype(np.float16) for _ in range(3))
+    model = _attention((1, 2, 4, 8), (1, 2, 4, 8), fp=TensorProto.FLOAT16, is_causal=1)
+    _assert_matches_reference(edgec_host, model, [q, k, v], tmp_path)
+
+
+def test_expand_to_a_shape_computed_from_weights(edgec_host, tmp_path):
+    """Expand to Shape(weight) + 0: the shape is computed in the graph, and folded at import."""
+    x = np.arange(3, dtype=np.float32).reshape(3, 1)
+    model = _expand(runtime=False)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def _expand(runtime: bool):
+    shape = [helper.make_node("Abs", ["s"], ["shape"])] if runtime else [
+        helper.make_node("Shape", ["w"], ["ws"]), helper.make_node("Add", ["ws", "zero"], ["shape"])]
+    inputs = [helper.make_tensor_value_info("x", F32, [3, 1])]
+    inputs += [helper.make_tensor_value_info("s", TensorProto.INT64, [2])] if runtime else []
+    return _model([*shape, helper.make_node("Expand", ["x", "shape"], ["y"])], inputs,
+                  [helper.make_tensor_value_info("y", F32, ["?", "?"])], opset=13,
+                  initializers=[_const("w", np.zeros((3, 4), np.float32)), _const("zero", np.zeros(2, np.int64))])
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)
@@ -181,6 +251,10 @@ REFUSALS = {
     "cast-float8": (lambda: _cast(TensorProto.FLOAT8E4M3FN), "FLOAT8E4M3FN", lambda: _cast(TensorProto.FLOAT16)),
     "convtranspose-crop": (lambda: _conv_transpose([8, 6]), "output_shape [8, 6]", lambda: _conv_transpose([10, 8])),
     "cast-int4": (lambda: _cast(TensorProto.INT4), "INT4", lambda: _cast(TensorProto.INT8)),
+    "attention-qk-softcap": (lambda: _attention((1, 2, 3, 4), (1, 2, 3, 4), softcap=2.0), "qk_matmul_output in mode 0",
+                             lambda: _attention((1, 2, 3, 4), (1, 2, 3, 4), softcap=2.0, qk_matmul_output_mode=3)),
+    "expand-runtime-shape": (lambda: _expand(runtime=True), "takes its shape from the input data",
+                             lambda: _expand(runtime=False)),
 }
 
 

@@ -18,7 +18,8 @@ from .pins import dynamic_dims_error
 # everything else (a DequantizeLinear on int8 weights included) reach the Relax pipeline unchanged.
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Identity", "Reshape",
               "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Max", "Min", "Equal", "Where",
-              "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten"}
+              "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten", "Not", "And", "Or",
+              "Xor", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sqrt", "Reciprocal", "Pow"}
 
 
 _REEXPORT = "check that the file is a complete .onnx export"
@@ -103,7 +104,7 @@ def _sort_graph(model, path: Path) -> None:
     available = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
     producer = {}
     for i, node in enumerate(nodes):
-        for out in node.output:
+        for out in filter(None, node.output):          # '' is an omitted optional output
             if out in producer or out in available - {""}:
                 raise _malformed(path, f"tensor '{out}' is produced twice")
             producer[out] = i
@@ -224,6 +225,7 @@ def fold_shape_subgraphs(model) -> str:
 
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})   # weights' shapes are static too
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})

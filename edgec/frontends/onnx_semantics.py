@@ -131,6 +131,7 @@ def refuse_wrong_conversions(model) -> None:
 # --------------------------------------------------------------------------------------------- converters
 def _converters() -> dict:
     """op_type -> converter class; built on first use, since it imports TVM's frontend."""
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
@@ -223,7 +224,182 @@ def _converters() -> dict:
             attr.update(pads=[0] * 2 * len(totals), output_padding=[e - t for e, t in zip(extra, totals)])
             return super()._impl_v1(bb, inputs, attr, params)
 
-    return {c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose)}
+    def static_shape(op: str, attr: dict, shape) -> None:
+        """Refuse a target shape computed from the input data: the output's shape would be known only at run time
+        (a bundle's signature is static), and TVM's converters make a malformed module of it."""
+        if not isinstance(shape, (relax.ShapeExpr, tvm.ir.GenericConst)):
+            name = attr["tvm_custom"]["name"]
+            raise EdgecError(f"{op} node{f' {name!r}' if name else ''} takes its shape from the input data at run "
+                             "time; edgec compiles static shapes only",
+                             "if that shape comes from a graph input, fix it with --const-input NAME=FILE.npy")
+
+    class Expand(tvm_onnx.Expand):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            static_shape("Expand", attr, inputs[1])
+            return super()._impl_v13(bb, inputs, attr, params)
+
+    class ConstantOfShape(tvm_onnx.ConstantOfShape):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            static_shape("ConstantOfShape", attr, inputs[0])
+            return super()._impl_v9(bb, inputs, attr, params)
+
+    class ReduceMax(tvm_onnx.ReduceMax):
+        """Float max of only -inf values is -inf (TVM starts its max at the lowest finite value and returns that)."""
+
+        @classmethod
+        def _fix(cls, impl, bb, inputs, attr, params):
+            x = inputs[0]
+            result = bb.emit(impl(bb, inputs, attr, params))
+            if not dtype(x).startswith(("float", "bfloat")):
+                return result
+            finite = bb.emit(relax.op.astype(relax.op.not_equal(x, relax.const(-np.inf, dtype(x))), "int32"))
+            any_finite = bb.emit(impl(bb, [finite, *inputs[1:]], attr, params))
+            return relax.op.where(relax.op.equal(any_finite, relax.const(0, "int32")),
+                                  relax.const(-np.inf, dtype(x)), result)
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            return cls._fix(super()._impl_v11, bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            return cls._fix(super()._impl_v18, bb, inputs, attr, params)
+
+    class Attention(tvm_onnx.OnnxOpConverter):
+        """ONNX's own Attention (opset 23 on; TVM converts every Attention as the com.microsoft one), step for step
+        as onnx's reference implementation: Q and K each scaled by sqrt(scale), softcap before the masks, causal and
+        window masks aligned bottom-right (after past_key, or per batch at nonpad_kv_seqlen), a softmax that is 0
+        (not NaN) on a row whose mask is all -inf, as the spec says, and such rows zeroed in Y and mode 3."""
+
+        @classmethod
+        def _impl_v23(cls, bb, inputs, attr, params):
+            q, k, v = inputs[:3]
+            mask, past_key, past_value, nonpad = (inputs[i] if len(inputs) > i else None for i in range(3, 7))
+            dt, name = dtype(q), attr["tvm_custom"]["name"] or "Attention"
+            out_dt = dt
+            if dt == "float16":   # TVM's float16 matmul and exp round each step; float32 inside, rounded once
+                q, k, v = (bb.emit(relax.op.astype(t, "float32")) for t in (q, k, v))
+                past_key, past_value = (t if t is None else bb.emit(relax.op.astype(t, "float32"))
+                                        for t in (past_key, past_value))
+                if mask is not None and dtype(mask) == dt:
+                    mask = bb.emit(relax.op.astype(mask, "float32"))
+                dt = "float32"
+
+            def const(value, to=None):
+                return relax.const(np.asarray(value), to or dt)
+
+            def add(a, b):
+                return b if a is None else bb.emit(relax.op.add(a, b))
+
+            def where(cond, yes, no):
+                return bb.emit(relax.op.where(cond, const(yes), const(no)))
+
+            def refuse(what):
+                raise EdgecError(f"Attention node '{name}' {what}, which edgec does not convert",
+                                 "export the attention as separate MatMul/Softmax nodes")
+
+            rank = len(q.ty.shape)
+            if rank == 3:
+                def heads(t, n):       # (B, S, n*h) -> (B, n, S, h)
+                    b, seq, hidden = (int(d) for d in t.ty.shape)
+                    return bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(t, (b, seq, n, hidden // n))),
+                                                         [0, 2, 1, 3]))
+
+                if not attr.get("q_num_heads") or not attr.get("kv_num_heads"):
+                    refuse("has 3-D inputs without q_num_heads and kv_num_heads")
+                q = heads(q, attr["q_num_heads"])
+                k, v = heads(k, attr["kv_num_heads"]), heads(v, attr["kv_num_heads"])
+            if past_key is not None:
+                k = bb.emit(relax.op.concat([past_key, k], axis=2))
+                v = bb.emit(relax.op.concat([past_value, v], axis=2))
+            present_k, present_v = k, v
+            batch, q_heads, q_len, head = (int(d) for d in q.ty.shape)
+            kv_heads, kv_len = int(k.ty.shape[1]), int(k.ty.shape[2])
+
+            bias = None
+            if mask is not None:
+                short = kv_len - int(mask.ty.shape[-1])
+                if short > 0:             # a mask shorter than the keys masks the rest
+                    fill = np.full([int(d) for d in list(mask.ty.shape)[:-1]] + [short],
+                                   dtype(mask) != "bool" and -np.inf)
+                    mask = bb.emit(relax.op.concat([mask, const(fill, dtype(mask))], axis=-1))
+                bias = where(mask, 0, -np.inf) if dtype(mask) == "bool" else mask
+            # Causal and window masks: query i attends key j by j - (i + offset); the offset is past_key's length,
+            # or per batch nonpad_kv_seqlen - q_len (an external cache), else 0.
+            window = attr.get("left_window_size", -1), attr.get("right_window_size", -1)
+            if attr.get("is_causal", 0) or window != (-1, -1):
+                j_minus_i = np.arange(kv_len)[None, :] - np.arange(q_len)[:, None]
+                if past_key is None and nonpad is not None:
+                    offset = bb.emit(relax.op.reshape(relax.op.astype(nonpad, "int64"), (batch, 1, 1, 1)))
+                    diff = bb.emit(relax.op.subtract(const(j_minus_i + q_len, "int64"), offset))  # j - i - offset
+                else:
+                    diff = const(j_minus_i - (int(past_key.ty.shape[2]) if past_key is not None else 0), "int64")
+                allowed = []
+                if attr.get("is_causal", 0):
+                    allowed.append(relax.op.less_equal(diff, const(0, "int64")))
+                if window[0] >= 0:
+                    allowed.append(relax.op.less_equal(relax.op.negative(diff), const(window[0], "int64")))
+                if window[1] >= 0:
+                    allowed.append(relax.op.less_equal(diff, const(window[1], "int64")))
+                for cond in allowed:
+                    bias = add(bias, where(bb.emit(cond), 0, -np.inf))
+            if nonpad is not None:
+                keys = relax.op.less(const(np.arange(kv_len), "int64"),
+                                     relax.op.reshape(relax.op.astype(nonpad, "int64"), (batch, 1, 1, 1)))
+                bias = add(bias, where(bb.emit(keys), 0, -np.inf))
+
+            if q_heads != kv_heads:       # grouped-query attention: each K/V head serves consecutive Q heads
+                if q_heads % kv_heads or int(v.ty.shape[1]) != kv_heads:
+                    refuse(f"has {q_heads} query heads for {kv_heads} key heads")
+                k = bb.emit(relax.op.repeat(k, q_heads // kv_heads, axis=1))
+                v = bb.emit(relax.op.repeat(v, q_heads // kv_heads, axis=1))
+            scale = const(np.sqrt(attr.get("scale", 1 / np.sqrt(head))))
+            qk = bb.emit(relax.op.matmul(relax.op.multiply(q, scale),
+                                         relax.op.permute_dims(relax.op.multiply(k, scale), [0, 1, 3, 2])))
+            softcap = attr.get("softcap", 0.0)
+            if softcap > 0:
+                qk = bb.emit(relax.op.multiply(relax.op.tanh(relax.op.divide(qk, const(softcap))), const(softcap)))
+            mode = attr.get("qk_matmul_output_mode", 0)
+            # onnx's reference and onnxruntime disagree on these qk_matmul_output forms: before or after softcap,
+            # with or without the mask, masked entries -inf or the lowest finite value
+            if attr["tvm_custom"]["num_outputs"] > 3 and (mode in (1, 2) and bias is not None or softcap > 0 and mode < 2):
+                refuse(f"outputs qk_matmul_output in mode {mode} with {'softcap' if softcap > 0 else 'a mask'}")
+            scores = add(qk, bias) if bias is not None else qk
+            qk_out = scores if mode == 2 else qk
+            precision = attr.get("softmax_precision")
+            if precision is not None:
+                import onnx
+
+                scores = bb.emit(relax.op.astype(scores, str(onnx.helper.tensor_dtype_to_np_dtype(precision))))
+            # The reference's softmax shifts an all -inf row by 0 and divides its zero sum by 1; here by the lowest
+            # finite value and max(sum, 1) (a row with a finite maximum sums to at least 1): the same numbers,
+            # without a `where` read along a broadcast axis, which cpu-default-schedule cannot inline.
+            sdt = dtype(scores)
+            top = bb.emit(relax.op.max(scores, axis=-1, keepdims=True))
+            top = bb.emit(relax.op.maximum(top, const(np.finfo(np.dtype(sdt) if sdt != "bfloat16" else np.float32).min
+                                                      if sdt != "bfloat16" else -3.3895e38, sdt)))
+            e = bb.emit(relax.op.exp(relax.op.subtract(scores, top)))
+            total = bb.emit(relax.op.maximum(relax.op.sum(e, axis=-1, keepdims=True), const(1, sdt)))
+            probs = bb.emit(relax.op.divide(e, total))
+            if bias is not None:          # a row whose mask is all -inf attends nothing: 0, even where scores are NaN
+                attendable = relax.op.astype(relax.op.not_equal(bias, const(-np.inf)), "int32")
+                masked = relax.op.equal(relax.op.max(attendable, axis=-1, keepdims=True), const(0, "int32"))
+                probs = bb.emit(relax.op.where(masked, const(0, sdt), probs))
+            probs = bb.emit(relax.op.astype(probs, dt)) if sdt != dt else probs
+            if mode == 3:
+                qk_out = probs
+            y = bb.emit(relax.op.matmul(probs, v))
+            if rank == 3:
+                y = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(y, [0, 2, 1, 3])), (batch, q_len, -1)))
+            if out_dt != dt:
+                y, present_k, present_v, qk_out = (bb.emit(relax.op.astype(t, out_dt))
+                                                   for t in (y, present_k, present_v, qk_out))
+            return relax.Tuple([y, present_k, present_v, qk_out])
+
+    return {c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
+                                    ConstantOfShape, Attention, ReduceMax)}
 
 
 _CONVERTERS: dict | None = None
