@@ -133,7 +133,7 @@ def test_ppocrv4_det_offloaded_matches_reference(tmp_path):
     options = BuildOptions(dump_ir=tmp_path / "ir", offload=("onednn",))
     result = build(model, tmp_path / "det-onednn", options, input_shapes={"x": (1, 3, 320, 320)},
                    sample_inputs=inputs)
-    assert placed(result) == {("conv2d", "onednn"): 62}
+    assert placed(result) == {("conv2d", "onednn"): 62, ("conv2d_transpose", "onednn"): 2}
     assert_close_to_reference(model, result.bundle_dir, inputs)
     # whole-graph NHWC: no transpose pairs between offloaded operators, only the input's and the output's
     partitioned = next((tmp_path / "ir").glob("*-offload-partition.py")).read_text()
@@ -151,6 +151,31 @@ def test_every_conv_form_and_the_refused_one(tmp_path):
     patterns = {p.detail for p in result.compiled.offload if p.backend}
     assert {"onednn.conv2d_bias_clip", "onednn.conv2d_bias_add_relu", "onednn.matmul_bias_relu"} <= patterns
     assert_close_to_reference(model, result.bundle_dir, inputs)
+
+
+def test_transposed_convolutions_and_the_refused_one(tmp_path):
+    """ConvTranspose as oneDNN's deconvolution (NCHW): strided, padded with output padding, dilated, then a ReLU;
+    a grouped one stays in TVM with its reason. The bias add stays a TVM kernel (NCHW: not per last axis)."""
+    path = tmp_path / "deconv.onnx"
+    inits = [numpy_helper.from_array(_weight(8, 6, 3, 3), "w1"), numpy_helper.from_array(_weight(6), "b1"),
+             numpy_helper.from_array(_weight(6, 4, 2, 2), "w2"), numpy_helper.from_array(_weight(4, 2, 3, 3), "w3")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w1", "b1"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1],
+                              output_padding=[1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("ConvTranspose", ["ar", "w2"], ["b"], strides=[2, 2], dilations=[2, 2]),
+             helper.make_node("ConvTranspose", ["b", "w3"], ["y"], group=2, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "deconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 21, 21])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    inputs = {"x": RNG.standard_normal((1, 8, 5, 5)).astype(np.float32)}
+    result = build(path, tmp_path / "deconv", sample_inputs=inputs)
+    assert placed(result) == {("conv2d_transpose", "onednn"): 2, ("conv2d_transpose", None): 1}, placed(result)
+    refused = [p for p in result.compiled.offload if p.backend is None]
+    assert refused[0].detail == "2 groups (one group only)"
+    assert_close_to_reference(path, result.bundle_dir, inputs)
 
 
 def test_offload_none_makes_no_external_calls(small_cnn, tmp_path):

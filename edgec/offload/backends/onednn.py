@@ -1,5 +1,5 @@
 """oneDNN (Debian's libdnnl 2.6, OpenMP threading) for x86: fp32 conv2d and matmul with bias, ReLU/clip and a
-residual add fused as post-ops.
+residual add fused as post-ops; conv2d_transpose (NCHW) as its deconvolution.
 
 The emitted code keeps activations as TVM holds them (NHWC after offload-layout). Weights arrive as the tensors
 the VM passes from params.bin; on the first call with a given weight tensor they are reordered once into the
@@ -208,6 +208,26 @@ def _conv(fused: Fused) -> str:
     dnnl::convolution_forward::primitive_desc pd(d, Attr(post), Engine());"""
 
 
+def _deconv(fused: Fused) -> str:
+    """conv2d_transpose as oneDNN's deconvolution, NCHW as offload-layout keeps it (so no bias: the pattern's bias is
+    per last axis); its IOHW weights are oneDNN's (output, input) dims stored input-major (tag iohw)."""
+    call = fused.anchor
+    attrs = call.attrs
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    out_h, out_w = (int(p) for p in attrs.output_padding)
+    o = static_shape(call)[1]
+    i, _, kh, kw = static_shape(call.args[1])
+    return f"""
+    memory::desc src({_dims(static_shape(call.args[0]))}, f32, tag::nchw), dst({_dims(static_shape(call))}, f32, tag::nchw);
+    memory::desc user_weights({_dims((o, i, kh, kw))}, f32, tag::iohw);
+    memory::desc any_weights(user_weights.dims(), f32, tag::any);
+    {_post_ops(fused)}
+    dnnl::deconvolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::deconvolution_direct,
+        src, any_weights, dst, {_dims(attrs.strides)}, {_dims(int(d) - 1 for d in attrs.dilation)},
+        {_dims((top, left))}, {_dims((bottom - out_h, right - out_w))});
+    dnnl::deconvolution_forward::primitive_desc pd(d, Attr(post), Engine());"""
+
+
 def _matmul(fused: Fused) -> str:
     call = fused.anchor
     k, n = static_shape(call.args[1])
@@ -222,15 +242,16 @@ def _matmul(fused: Fused) -> str:
     dnnl::matmul::primitive_desc pd(d, Attr(post), Engine());"""
 
 
-_BUILDERS = {"relax.nn.conv2d": _conv, "relax.matmul": _matmul}
+_BUILDERS = {"relax.nn.conv2d": _conv, "relax.nn.conv2d_transpose": _deconv, "relax.matmul": _matmul}
 
 
 def _macs(fused: Fused) -> int:
     """Multiply-adds of the anchor: each output element sums over the weights' other dimensions (conv: I/groups x
-    KH x KW, matmul: K)."""
-    out, weight = static_shape(fused.anchor), static_shape(fused.anchor.args[1])
-    per_output = math.prod(weight[1:]) if fused.anchor.op.name == "relax.nn.conv2d" else weight[0]
-    return math.prod(out) * per_output
+    KH x KW, matmul: K); a transposed convolution spreads each input element over O x KH x KW outputs."""
+    op, weight = fused.anchor.op.name, static_shape(fused.anchor.args[1])
+    if op == "relax.nn.conv2d_transpose":
+        return math.prod(static_shape(fused.anchor.args[0])) * math.prod(weight[1:])
+    return math.prod(static_shape(fused.anchor)) * (math.prod(weight[1:]) if op == "relax.nn.conv2d" else weight[0])
 
 
 def _function(fused: Fused) -> str:
@@ -263,6 +284,19 @@ def _check_conv(call) -> str | None:
     return None
 
 
+def _check_deconv(call) -> str | None:
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW"):
+        return f"layout {attrs.data_layout}/{attrs.kernel_layout}/{attrs.out_layout} (oneDNN is given NCHW/IOHW/NCHW)"
+    if int(attrs.groups) != 1:
+        return f"{attrs.groups} groups (one group only)"
+    if any(int(o) > int(p) for o, p in zip(attrs.output_padding, attrs.padding[2:])):
+        return f"output padding {list(attrs.output_padding)} beyond the end padding {list(attrs.padding[2:])}"
+    if attrs.out_dtype not in (None, "", "float32", "void"):
+        return f"accumulates in {attrs.out_dtype} (float32 only)"
+    return None
+
+
 def _check_matmul(call) -> str | None:
     weight_rank, data_rank = len(static_shape(call.args[1])), len(static_shape(call.args[0]))
     if weight_rank != 2 or data_rank < 2:
@@ -274,12 +308,15 @@ def _check_matmul(call) -> str | None:
 
 def _patterns():
     return [*fused_patterns("onednn", "conv2d", "relax.nn.conv2d", _check_conv),
+            # "deconv": pattern names split at "_"; NCHW, so its bias add stays a TVM kernel
+            *fused_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _check_deconv, with_bias=False),
             *fused_patterns("onednn", "matmul", "relax.matmul", _check_matmul)]
 
 
 BACKEND = Backend(
     name="onednn",
-    description="oneDNN 2.6 (Debian libdnnl): fp32 conv2d and matmul with fused bias, ReLU/clip, residual add",
+    description="oneDNN 2.6 (Debian libdnnl): fp32 conv2d, conv2d_transpose and matmul with fused bias, ReLU/clip, "
+                "residual add",
     patterns=_patterns,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,
