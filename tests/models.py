@@ -21,6 +21,7 @@ from edgec.fsutil import atomic_write
 REAL_MODELS = {
     "ppocrv4_det": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
     "ppocr_cls": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "ppocrv4_rec": ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
     "hand_landmark_lite": ("mediapipe==0.10.21", "mediapipe/modules/hand_landmark/hand_landmark_lite.tflite"),
     "face_detection_short_range": ("mediapipe==0.10.21",
                                    "mediapipe/modules/face_detection/face_detection_short_range.tflite"),

@@ -14,13 +14,16 @@ from .onnx_semantics import from_onnx, refuse_wrong_conversions
 from .pins import dynamic_dims_error
 
 # The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
-# only when one of its inputs derives from a Shape/Size of a pinned tensor and all are constant; weights and
+# only when all its inputs are constant and one derives from a Shape/Size of a pinned tensor or is tiny; weights and
 # everything else (a DequantizeLinear on int8 weights included) reach the Relax pipeline unchanged.
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Identity", "Reshape",
               "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Max", "Min", "Equal", "Where",
               "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten", "Not", "And", "Or",
               "Xor", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sqrt", "Reciprocal", "Pow"}
 
+
+# A constant this small is a shape's element (Paddle exports Cast(fill_constant) into Reshape targets), not a weight.
+_SMALL = 8
 
 _REEXPORT = "check that the file is a complete .onnx export"
 
@@ -219,18 +222,30 @@ def fold_shape_subgraphs(model) -> str:
     Relax's importer needs Reshape/Expand targets as constants. PP-OCR rec/cls compute them through
     Shape → Gather → Concat chains; once the input dims are pinned, these chains are constant.
     """
+    derived: set[str] = set()          # values computed from the shape of a pinned tensor
+    folded = []
+    while True:     # a folded value (a Reshape's target) can make more shapes known to the next inference round
+        found = _fold_round(model, derived)
+        if not found:
+            return f"folded {len(folded)} shape node(s)" + "".join(f"\n  {line}" for line in folded)
+        folded += found
+
+
+def _fold_round(model, derived: set[str]) -> list[str]:
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    # Only tensors whose shape inference found a shape: one without is not a scalar (that lost PP-OCRv4 rec's
+    # Slice(Shape(x)) element).
+    shapes = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+              if vi.type.tensor_type.HasField("shape")}
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})   # weights' shapes are static too
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    derived: set[str] = set()          # values computed from the shape of a pinned tensor
     kept, folded = [], []
     for node in model.graph.node:
         value = None
@@ -243,7 +258,8 @@ def fold_shape_subgraphs(model) -> str:
                 end = next((a.i for a in node.attribute if a.name == "end"), None)
                 value = dims[start:end]
         elif (node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_OPS and len(node.output) == 1
-              and any(i in derived for i in node.input) and all(i == "" or i in consts for i in node.input)):
+              and all(i == "" or i in consts for i in node.input)
+              and any(i in derived or consts[i].size <= _SMALL for i in node.input if i)):
             feeds = {i: consts[i] for i in node.input if i}
             value = ReferenceEvaluator(node, opsets={"": opset} if opset else None).run(None, feeds)[0]
         if value is None:
@@ -257,7 +273,7 @@ def fold_shape_subgraphs(model) -> str:
     if folded:
         del model.graph.node[:]
         model.graph.node.extend(kept)
-    return f"folded {len(folded)} shape node(s)" + "".join(f"\n  {line}" for line in folded)
+    return folded
 
 
 @register_pass("fold-shape-subgraphs", phase="import", frontend="onnx", opt_level=0)
