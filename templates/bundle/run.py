@@ -600,7 +600,7 @@ class Model:
             if self._input_views is not None:
                 self._input_views[i][...] = a
             else:
-                self._input_tensors[i].copyfrom(np.ascontiguousarray(a))
+                self._input_tensors[i].copyfrom(np.require(a, requirements="C"))   # ascontiguousarray makes a 0-d array 1-d
 
     def _call(self):
         try:
