@@ -9,7 +9,7 @@ bias pointer, guarded by a mutex for concurrent runs of several models in one pr
 weights catches a freed tensor's address reused by other weights. Each thread keeps a stream and, per primitive,
 memory objects pointed at each call's tensors. oneDNN runs as many OpenMP threads as TVM's thread pool has
 (runtime.NumThreads), so `--threads` and the descriptor's threads govern both, except that a primitive under
-kParallelMacs multiply-adds runs on the calling thread.
+kParallelWork runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ struct Prepared {
   int threads;   // the OpenMP threads it was created for, and runs on
 };
 
-// Below this many multiply-adds (about 10 us of one core's work) a primitive runs on the calling thread alone:
-// starting and joining OpenMP's team costs about what a second thread saves (16x64 by 64x256, 262 K: 4.2 us on two
-// threads, 3.1 us on one), and while another process holds a core, the team waits for it a whole time slice.
-constexpr double kParallelMacs = 1 << 20;
+// Below this much work (multiply-adds, see _work in onednn.py: about 10 us of one core) a primitive runs on the calling
+// thread alone: starting and joining OpenMP's team costs about what a second thread saves (16x64 by 64x256, 262 K:
+// 4.2 us on two threads, 3.1 us on one), and while another process holds a core, the team waits for it a time slice.
+constexpr double kParallelWork = 1 << 20;
 
 int Threads() {
   static const auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
@@ -74,7 +74,7 @@ uint64_t Fingerprint(const float* w, size_t n) {
 
 using Key = std::tuple<const char*, const void*, const void*>;   // symbol, weights, bias
 
-std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count, double macs,
+std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count, double work,
                                   const std::function<std::pair<dnnl::primitive_desc, memory::desc>()>& make) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<Prepared>> prepared;
@@ -83,7 +83,7 @@ std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count, d
   auto& slot = prepared[key];
   if (slot && slot->fingerprint == fingerprint) return slot;
   // TVM's pool size, one thread budget for both; oneDNN splits the primitive's work for this many threads
-  int threads = macs < kParallelMacs ? 1 : Threads();
+  int threads = work < kParallelWork ? 1 : Threads();
   omp_set_num_threads(threads);
   auto [pd, user_weights] = make();
   auto p = std::make_shared<Prepared>();
@@ -137,9 +137,9 @@ Bound& Bind(const std::shared_ptr<Prepared>& p, bool has_bias) {
 }
 
 int Run(const char* symbol, tvm::ffi::TensorView src, tvm::ffi::TensorView weights, const void* bias,
-        const void* residual, tvm::ffi::TensorView dst, size_t weight_count, size_t dst_bytes, double macs,
+        const void* residual, tvm::ffi::TensorView dst, size_t weight_count, size_t dst_bytes, double work,
         const std::function<std::pair<dnnl::primitive_desc, memory::desc>()>& make) {
-  auto p = Prepare(Key(symbol, weights.data_ptr(), bias), weights.data_ptr(), weight_count, macs, make);
+  auto p = Prepare(Key(symbol, weights.data_ptr(), bias), weights.data_ptr(), weight_count, work, make);
   omp_set_num_threads(p->threads);
   // the sum post-op adds what dst holds
   if (residual && residual != dst.data_ptr()) std::memcpy(dst.data_ptr(), residual, dst_bytes);
@@ -245,13 +245,17 @@ def _matmul(fused: Fused) -> str:
 _BUILDERS = {"relax.nn.conv2d": _conv, "relax.nn.conv2d_transpose": _deconv, "relax.matmul": _matmul}
 
 
-def _macs(fused: Fused) -> int:
-    """Multiply-adds of the anchor: each output element sums over the weights' other dimensions (conv: I/groups x
-    KH x KW, matmul: K); a transposed convolution spreads each input element over O x KH x KW outputs."""
+def _work(fused: Fused) -> int:
+    """The anchor's multiply-adds, a depthwise convolution's 5 times: it does about a fifth as many per ns (7x7x960:
+    423 K in 21 us on one core, 13 us on two; a 16x64 by 64x256 matmul: 262 K in 2.4 us). Each output element sums
+    over the weights' other dimensions (conv: I/groups x KH x KW, matmul: K); a transposed convolution spreads
+    each input element over O x KH x KW outputs."""
     op, weight = fused.anchor.op.name, static_shape(fused.anchor.args[1])
     if op == "relax.nn.conv2d_transpose":
         return math.prod(static_shape(fused.anchor.args[0])) * math.prod(weight[1:])
-    return math.prod(static_shape(fused.anchor)) * (math.prod(weight[1:]) if op == "relax.nn.conv2d" else weight[0])
+    if op == "relax.matmul":
+        return math.prod(static_shape(fused.anchor)) * weight[0]
+    return math.prod(static_shape(fused.anchor)) * math.prod(weight[1:]) * (5 if weight[1] == 1 else 1)
 
 
 def _function(fused: Fused) -> str:
@@ -262,7 +266,7 @@ def _function(fused: Fused) -> str:
 // {fused.composite}
 static int {fused.symbol}_impl({params}) {{
   return Run("{fused.symbol}", a{fused.data}, a{fused.weight}, {_operand(fused, "bias")}, {_operand(fused, "add")}, out,
-             {weight_count}, {dst_bytes}, {_macs(fused)}, [&] {{{_BUILDERS[fused.anchor.op.name](fused)}
+             {weight_count}, {dst_bytes}, {_work(fused)}, [&] {{{_BUILDERS[fused.anchor.op.name](fused)}
     return std::make_pair(dnnl::primitive_desc(pd), user_weights);
   }});
 }}
