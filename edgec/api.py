@@ -86,7 +86,8 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     say("import model")
     with custom_ops(converters):
         model = load_model(model_path, input_shapes,
-                           tuple(s.name for s in steps if s.phase == "import" and s.enabled), options.dump_ir)
+                           tuple(s.name for s in steps if s.phase == "import" and s.enabled), options.dump_ir,
+                           options.const_inputs)
     compiled = compile_model(model, ctx, steps, progress=say)
     over_budget = _memory_over_budget(compiled)
     if over_budget and strict_memory:

@@ -144,6 +144,9 @@ def main(ctx, verbose):
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), help="Bundle directory [default: MODEL-TARGET].")
 @click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True, help="Optimization level 0-3.")
 @click.option("--input-shape", multiple=True, metavar="NAME:DIMS", help="Pin an input's shape, e.g. x:1x3x320x320.")
+@click.option("--const-input", multiple=True, metavar="NAME=FILE.npy",
+              help="Fold an input to this constant at build time (shapes, axes, pads, scales the model takes as "
+                   "inputs); it is no longer an input of the bundle.")
 @click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip an optional pass (see edgec passes).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after each pass to this directory.")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
@@ -159,12 +162,12 @@ def main(ctx, verbose):
               help="Python file of converters for TFLite custom operators (examples/tflite_converters.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.pass_context
-def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dump_ir, archive, force, strict_memory,
+def build(ctx, model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force, strict_memory,
           sample, offload, converter, as_json):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
-    from .frontends import parse_input_shapes
+    from .frontends import parse_const_inputs, parse_input_shapes
 
     if dump_ir is not None and dump_ir.exists():
         if not dump_ir.is_dir():
@@ -175,7 +178,8 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, disable_pass, dum
     from .offload import parse_option
 
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
-                           None if offload is None else parse_option(offload), tuple(converter))
+                           None if offload is None else parse_option(offload), tuple(converter),
+                           parse_const_inputs(const_input))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     # Progress goes to an interactive terminal only, so that a failing build in a script or CI prints
     # exactly one error line.

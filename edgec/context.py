@@ -1,7 +1,7 @@
 """What a build is asked to do (BuildOptions) and what every pipeline stage may read (BuildContext)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .targets import Target
@@ -19,6 +19,8 @@ class BuildOptions:
     offload: tuple[str, ...] | str | None = None
     # the user's converter files for TFLite custom operators (edgec.frontends.custom_ops), run by their choice
     converters: tuple[Path, ...] = ()
+    # graph inputs folded to constants at build time (--const-input), by name; they leave the bundle's signature
+    const_inputs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

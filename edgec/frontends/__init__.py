@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import EdgecError, last_line
-from .base import ImportedModel, ModelInfo, parse_input_shapes, relax_outputs, unsupported_error
+from .base import ImportedModel, ModelInfo, parse_const_inputs, parse_input_shapes, relax_outputs, unsupported_error
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class Frontend:
     inspect: Callable[[Path], ModelInfo]
     # name -> step(model) returning a one-line summary; run in order when enabled (see passes.registry "import")
     steps: dict[str, Callable[[Any], str]]
+    # (model, path, {name: array}) folds those graph inputs to constants after checking they fit; None: refused
+    fold_inputs: Callable[[Any, Path, dict], None] | None = None
 
 
 _FRONTENDS: dict[str, Frontend] = {}
@@ -55,11 +57,14 @@ def model_format(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
-               import_steps: tuple[str, ...] = (), dump_dir: Path | None = None) -> ImportedModel:
+               import_steps: tuple[str, ...] = (), dump_dir: Path | None = None,
+               const_inputs: dict | None = None) -> ImportedModel:
     """Import a model file into Relax.
 
     `input_shapes` pins dynamic input dimensions; `import_steps` names the frontend steps to run (the enabled
-    "import" steps of the plan); `dump_dir` receives each step's summary and the imported module.
+    "import" steps of the plan); `dump_dir` receives each step's summary and the imported module; `const_inputs`
+    (name -> array) are graph inputs folded to constants before anything else, so shape folding and TVM's importer
+    see them as constants (shapes, axes, pads, scales...).
     """
     from ..passes import PassRecord
 
@@ -69,6 +74,11 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
     if missing:
         raise unsupported_error(path, missing, frontend.display_name)
     t0 = time.perf_counter()
+    if const_inputs:
+        if frontend.fold_inputs is None:
+            raise EdgecError(f"--const-input is not supported for {frontend.display_name} models yet",
+                             "drop it, or convert the model to ONNX")
+        frontend.fold_inputs(model, path, const_inputs)
     inputs, output_names = frontend.signature(model, path, input_shapes or {})
     records = []
     for name in import_steps:
@@ -94,7 +104,7 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
     if dump_dir is not None:
         (dump_dir / "00-imported.py").write_text(mod.script(show_meta=False))
     return ImportedModel(path.stem, path, frontend.format, mod, tuple(inputs), outputs, time.perf_counter() - t0,
-                         tuple(records))
+                         tuple(records), dict(const_inputs or {}))
 
 
 def inspect_model(path: str | Path) -> ModelInfo:
@@ -107,4 +117,4 @@ from . import onnx as _onnx  # noqa: E402,F401  (registers .onnx)
 from . import tflite as _tflite  # noqa: E402,F401  (registers .tflite)
 
 __all__ = ["Frontend", "ImportedModel", "ModelInfo", "load_model", "inspect_model", "model_format",
-           "parse_input_shapes", "register_frontend"]
+           "parse_const_inputs", "parse_input_shapes", "register_frontend"]

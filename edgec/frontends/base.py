@@ -23,6 +23,8 @@ class ImportedModel:
     outputs: tuple[TensorSpec, ...]
     import_seconds: float
     import_records: tuple = ()       # PassRecords of the frontend's "import" steps
+    # graph inputs folded to constants (--const-input): not in `inputs`; the reference runtime still takes them
+    constants: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,23 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
                              f"{'x'.join(map(str, shape))}", "pass one --input-shape per input")
         shapes[name] = shape
     return shapes
+
+
+def parse_const_inputs(specs: tuple[str, ...] | list[str]) -> dict:
+    """Parse repeated `--const-input NAME=FILE.npy` options into arrays by name (read as the runners read inputs).
+    Whether each fits the model is the frontend's check."""
+    from ..runtime import bundle_errors
+
+    arrays = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not (sep and name and file):
+            raise EdgecError(f"cannot parse --const-input '{spec}'", "write it as NAME=FILE.npy")
+        if name in arrays:
+            raise EdgecError(f"--const-input gives '{name}' twice", "pass one --const-input per input")
+        with bundle_errors() as runner:
+            arrays[name] = runner.load_npy(file, f"--const-input file {file}")
+    return arrays
 
 
 def unsupported_error(path: Path, missing: dict[str, int], fmt: str) -> EdgecError:

@@ -27,6 +27,8 @@ _SMALL = 8
 
 _REEXPORT = "check that the file is a complete .onnx export"
 
+_PACKED_INT = {22, 21, 25, 26}     # TensorProto INT4, UINT4, INT2, UINT2 (the enum names are newer than some onnx)
+
 
 def _load(path: Path):
     import onnx
@@ -188,16 +190,58 @@ def _unsupported_ops(model) -> dict[str, int]:
                      if n.domain not in ("", "ai.onnx") or n.op_type not in supported)
 
 
+def _input_dtype(value_info, path: Path) -> str:
+    """The numpy dtype of a graph input, or one line saying why edgec cannot take it."""
+    import onnx
+
+    kind = value_info.type.WhichOneof("value")
+    if kind != "tensor_type":
+        what = {"sequence_type": "a Sequence", "optional_type": "an Optional", "map_type": "a Map",
+                "sparse_tensor_type": "a sparse tensor"}.get(kind, "not a tensor")
+        raise EdgecError(f"input '{value_info.name}' of {path.name} is {what}; edgec takes tensor inputs only",
+                         "export the model with plain tensor inputs")
+    elem = value_info.type.tensor_type.elem_type
+    if elem in _PACKED_INT:
+        raise EdgecError(f"input '{value_info.name}' of {path.name} is {onnx.TensorProto.DataType.Name(elem).lower()}, "
+                         "which edgec cannot take as an input (TVM's sub-byte integers give wrong numbers)",
+                         "export the model with int8 or uint8 inputs")
+    return _np_dtype(value_info)
+
+
+def fold_const_inputs(model, path: Path, values: dict) -> None:
+    """Make graph inputs initializers holding `values` (--const-input), after checking each fits the declaration:
+    a name the graph takes, the same dtype, the same rank and static dims."""
+    from onnx import numpy_helper
+
+    inputs = {i.name: i for i in _graph_inputs(model)}
+    for name, value in values.items():
+        if name not in inputs:
+            raise EdgecError(f"--const-input names '{name}', which {path.name} has no input called",
+                             f"its inputs are: {', '.join(inputs) or 'none'}")
+        dims, dtype = _dims(inputs[name]), _input_dtype(inputs[name], path)
+        if str(value.dtype) != dtype:
+            raise EdgecError(f"--const-input '{name}' is {value.dtype}, the model's input is {dtype}",
+                             f"save the array with .astype('{dtype}')")
+        if value.ndim != len(dims) or any(isinstance(d, int) and d != v for d, v in zip(dims, value.shape)):
+            raise EdgecError(f"--const-input '{name}' has shape {list(value.shape)}, which does not fit the model's "
+                             f"input shape {dims}", "keep the rank and the static dims")
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    kept = [i for i in model.graph.input if i.name not in values]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+
+
 def pin_input_shapes(model, input_shapes: dict[str, tuple[int, ...]], path: Path) -> list[TensorSpec]:
-    """Write the pinned dims into the graph inputs; every input must end up fully static."""
+    """Write the pinned dims into the graph inputs; every input must end up fully static (a 0 dim is static)."""
     inputs = _graph_inputs(model)
     check_pins(path, input_shapes, [i.name for i in inputs])
     specs = []
     for inp in inputs:
+        dtype = _input_dtype(inp, path)
         dims = _dims(inp)
         if inp.name in input_shapes:
             pinned = input_shapes[inp.name]
-            if len(pinned) != len(dims) or any(isinstance(d, int) and d > 0 and d != p for d, p in zip(dims, pinned)):
+            if len(pinned) != len(dims) or any(isinstance(d, int) and d != p for d, p in zip(dims, pinned)):
                 raise EdgecError(f"--input-shape {inp.name}:{'x'.join(map(str, pinned))} does not fit the model's "
                                  f"input shape {dims}", "keep the rank and the static dims, pin only dynamic ones")
             dims = list(pinned)
@@ -205,15 +249,14 @@ def pin_input_shapes(model, input_shapes: dict[str, tuple[int, ...]], path: Path
             for dim, value in zip(tensor_shape.dim, pinned):
                 dim.Clear()
                 dim.dim_value = value
-        dynamic = [d for d in dims if not isinstance(d, int) or d <= 0]
-        if dynamic:
+        if not _static(dims):
             raise dynamic_dims_error(inp.name, dims)
-        specs.append(TensorSpec(inp.name, tuple(dims), _np_dtype(inp)))
+        specs.append(TensorSpec(inp.name, tuple(dims), dtype))
     return specs
 
 
 def _static(dims) -> bool:
-    return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+    return dims is not None and all(isinstance(d, int) and d >= 0 for d in dims)
 
 
 def fold_shape_subgraphs(model) -> str:
@@ -338,4 +381,4 @@ def inspect_onnx(path: Path) -> ModelInfo:
 
 
 register_frontend(".onnx", Frontend("onnx", "ONNX", _load, _unsupported_ops, _signature, _convert, inspect_onnx,
-                                     {"fold-shape-subgraphs": fold_shape_subgraphs}))
+                                     {"fold-shape-subgraphs": fold_shape_subgraphs}, fold_const_inputs))

@@ -7,7 +7,7 @@ from ..errors import EdgecError
 
 
 def _dynamic(d) -> bool:
-    return not isinstance(d, int) or d <= 0
+    return not isinstance(d, int) or d < 0      # a zero-size dim is static
 
 
 def suggested_pin(dims, stored=None) -> tuple[str, list[str]]:

@@ -53,7 +53,7 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
         in_paths = []
         for i, spec in enumerate(manifest.inputs):
             in_paths.append(os.path.join(tmp, f"in{i}.npy"))
-            np.save(in_paths[-1], np.ascontiguousarray(inputs[spec.name]))
+            np.save(in_paths[-1], np.require(inputs[spec.name], requirements="C"))   # ascontiguousarray makes 0-d 1-d
         out_dir = os.path.join(tmp, "out")
         command = [*emulator, str(runner), "-d", str(bundle_dir), "-o", out_dir, "-n", str(repeat), "-w", str(warmup),
                    *(["-t", str(threads)] if threads is not None else []), *([] if verify else ["--no-verify"]),
