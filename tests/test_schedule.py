@@ -63,9 +63,11 @@ def norm_model(tmp_path_factory):
 def lowered(model_path, target="host", disabled=()):
     """The module right after the legalize phase (kernels fused, scheduled unless disabled)."""
     ctx = BuildContext(load_target(target), BuildOptions(2, tuple(disabled)))
-    steps = [s for s in plan(ctx, "onnx") if s.phase in ("graph", "params", "library-dispatch", "legalize")]
+    steps = plan(ctx, "onnx")
+    model = load_model(model_path, import_steps=tuple(s.name for s in steps if s.phase == "import"))
     with ctx.tvm_target():
-        return run_pipeline(load_model(model_path).mod, steps, ctx)[0]
+        return run_pipeline(model.mod, [s for s in steps if s.phase in ("graph", "params", "library-dispatch",
+                                                                        "legalize")], ctx)[0]
 
 
 def kernels(mod):
@@ -187,3 +189,19 @@ def test_scheduled_math_is_vector_arithmetic_within_a_few_ulp(op, lo, hi, max_ab
     err = np.abs(y[normal] - ref[normal])
     assert (err / np.spacing(np.abs(ref[normal]).astype(np.float32))).max() <= max_ulp
     assert max_abs is None or err.max() <= max_abs
+
+
+def test_kernel_tvm_fails_to_inline_stays_as_it_was(tmp_path):
+    """ONNX's windowed boolean-mask attention (the suite's expanded form, which onnxruntime runs): TVM 0.27's
+    compute_inline hits an internal check (not a schedule refusal) on a select read along a broadcast axis; that
+    kernel keeps its plain loops and the build verifies."""
+    from onnx.backend.test.loader import load_node_model_tests
+
+    case = next(c for c in load_node_model_tests() if c.name == "test_attention_local_window_rank1_boolean_mask_expanded")
+    path = tmp_path / "attention.onnx"
+    onnx.save(case.model, path)
+    mod = lowered(path)
+    left = [r for r in schedule_summary(mod) if r.startswith("TVM failed inlining")]
+    assert left, schedule_summary(mod)
+    result = api.build(path, "host", tmp_path / "bundle")
+    assert result.manifest.verification["status"] == "verified", result.manifest.verification

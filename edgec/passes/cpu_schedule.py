@@ -180,6 +180,10 @@ def _inline_producers(sch: s_tir.Schedule) -> None:
                     inline(block)
                 except s_tir.ScheduleError:
                     continue
+                except tvm.error.InternalError as e:
+                    # an internal check (TVM 0.27: a select inlined along a broadcast axis) rather than a refusal:
+                    # the schedule may be half-changed, so the kernel is left exactly as it was
+                    raise _Left(f"TVM failed inlining {sch.get(block).name_hint}: {_first_line(e)}") from None
                 changed = True
                 break
             if changed:
