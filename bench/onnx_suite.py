@@ -90,8 +90,8 @@ def _case_info(cases: dict) -> dict[str, tuple[str, int, bool, set[str]]]:
 
 
 # A node's inputs that exports hold as constants (shapes, axes, pads, sizes, thresholds...): the suite's
-# generators make them graph inputs, which TVM's importer needs as constants. They are folded into initializers
-# (what `--const-input` is for), so the case tests the operator, not the input's constness.
+# generators make them graph inputs, which TVM's importer needs as constants. edgec folds them as `--const-input`
+# does, so the case tests the operator, not the input's constness.
 PARAMETER_INPUTS = {"shape", "axes", "pads", "scales", "sizes", "split", "repeats", "starts", "ends", "steps", "k",
                     "axis", "size", "depth", "ratio", "training_mode", "constant_value", "roi",
                     "max_output_boxes_per_class", "iou_threshold", "score_threshold", "block_shape", "image_shape",
@@ -119,25 +119,13 @@ def parameter_inputs(node, opset_import) -> set[str]:
 
 
 def prepared(case, parameters: set[str]):
-    """The case's model and inputs with the parameter inputs moved into initializers."""
-    from onnx import numpy_helper
-
+    """The case's model, its inputs by name, the parameter inputs among them to fold (`--const-input`), and its
+    expected outputs."""
     inputs, outputs = case_data(case)
-    model = type(case.model)()
-    model.CopyFrom(case.model)
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    feeds = [i for i in graph.input if i.name not in initializers]
-    kept = []
-    for vi, value in zip(feeds, inputs):
-        if vi.name in parameters and isinstance(value, np.ndarray):
-            graph.initializer.append(numpy_helper.from_array(value, vi.name))
-        else:
-            kept.append((vi, value))
-    if len(kept) != len(feeds):
-        del graph.input[:]
-        graph.input.extend(vi for vi, _ in kept)
-    return model, [v for _, v in kept], outputs
+    initializers = {t.name for t in case.model.graph.initializer}
+    feeds = dict(zip([i.name for i in case.model.graph.input if i.name not in initializers], inputs))
+    consts = {n: v for n, v in feeds.items() if n in parameters and isinstance(v, np.ndarray)}
+    return case.model, feeds, consts, outputs
 
 
 def case_data(case) -> tuple[list, list]:
@@ -239,7 +227,8 @@ class EdgecHost:
         self.steps = plan(self.ctx, "onnx")
         self.import_steps = tuple(s.name for s in self.steps if s.phase == "import" and s.enabled)
 
-    def run(self, model, inputs: list, workdir: Path, stage) -> list:
+    def run(self, model, inputs: list, workdir: Path, stage, consts: dict | None = None) -> list:
+        """`inputs`: the values of the model's graph inputs not in `consts`, in order; `consts` are folded."""
         import onnx
         import tvm
         from tvm import relax
@@ -250,11 +239,12 @@ class EdgecHost:
 
         path = workdir / "model.onnx"
         onnx.save(model, path)
+        consts = consts or {}
         initializers = {t.name for t in model.graph.initializer}
-        names = [i.name for i in model.graph.input if i.name not in initializers]
+        names = [i.name for i in model.graph.input if i.name not in initializers and i.name not in consts]
         stage("import")
         shapes = {n: tuple(a.shape) for n, a in zip(names, inputs) if isinstance(a, np.ndarray)}
-        imported = load_model(path, shapes, self.import_steps)
+        imported = load_model(path, shapes, self.import_steps, const_inputs=consts)
         stage("compile")
         compiled = compile_model(imported, self.ctx, self.steps)
         executable = compiled.executable
@@ -301,7 +291,7 @@ def _worker(conn) -> None:
         name = conn.recv()
         if name is None:
             return
-        model, inputs, expected = prepared(cases[name], info[name][3])
+        model, feeds, consts, expected = prepared(cases[name], info[name][3])
         with tempfile.TemporaryDirectory(prefix="onnx-suite-") as tmp:
             stage = "import"
 
@@ -311,13 +301,13 @@ def _worker(conn) -> None:
                 conn.send(("stage", s))
 
             try:
-                outputs = edgec.run(model, inputs, Path(tmp), enter)
+                outputs = edgec.run(model, [v for n, v in feeds.items() if n not in consts], Path(tmp), enter, consts)
                 problem = compare_all(outputs, expected)
                 conn.send(("edgec", "wrong", problem) if problem else ("edgec", "pass", ""))
             except Exception as e:  # every failure is a result of the suite, classified by the stage it stopped at
                 conn.send(("edgec", "unsupported" if _refusal(e) else _STAGE_ERROR[stage], _one_line(e)))
         conn.send(("stage", "onnxruntime"))
-        conn.send(("ort",) + _ort(model, inputs, expected))
+        conn.send(("ort",) + _ort(model, list(feeds.values()), expected))
 
 
 class _Pool:

@@ -78,6 +78,9 @@ _REFUSALS = {
     "RoiAlign": [lambda n, c, s: "mode='max'" if _attr(n, "mode", "avg") == "max" else None],
     "Resize": [lambda n, c, s: "antialias=1" if _attr(n, "antialias") else None, _resize_scales],
     "ConvTranspose": [_conv_transpose_crop],
+    # the empty set's min/max is +-inf; TVM's reductions start from the dtype's largest finite value
+    **{op: [lambda n, c, s: "an input with a zero-size dim" if 0 in s.get(n.input[0], ()) else None]
+       for op in ("ReduceMin", "ReduceMax")},
 }
 _HINTS = {
     "ConvTranspose": "export the model with explicit pads instead of output_shape",
