@@ -19,7 +19,9 @@ from edgec.build import BuildOptions
 from edgec.context import BuildContext
 from edgec.errors import EdgecError
 from edgec.examples import mobilenet_v2, resnet_small, transformer_block
-from edgec.passes import plan
+from edgec.frontends import load_model
+from edgec.offload import placement_of
+from edgec.passes import plan, run_pipeline
 from edgec.reference import ReferenceRuntime, Tolerance, compare_outputs
 from edgec.runtime.local import load_bundle
 from edgec.targets import load_target
@@ -245,6 +247,9 @@ def test_transformer_block_matches_reference(tmp_path):
     where = placed(result)
     matmuls = {backend: n for (op, backend), n in where.items() if "matmul" in op}
     assert sum(matmuls.values()) == 8, where       # q, k, v, out, fc1, fc2 projections and the two attention products
+    # 16 tokens: the attention products are too small for a library call to pay
+    assert [(p.detail, p.count) for p in result.compiled.offload if p.backend is None] == [
+        ("a 1x4x16x16 by 1x4x16x16 matmul is too small to pay for a library call (16K multiply-adds < 64K)", 2)]
     print(report.build_text(result))
     # one loaded model, runs in a row: each run's inputs reach the bound input tensors, and the outputs handed back
     # are copies that the next run (reusing the VM's buffers and oneDNN's per-thread memory objects) leaves alone
@@ -265,3 +270,27 @@ def test_resnet_small_fuses_the_residual_adds(tmp_path):
     assert where == {("conv2d", "onednn"): 21, ("matmul", "onednn"): 1}, where
     fused = [p for p in report.build_json(result)["offload"] if p["detail"].endswith("_add_relu")]
     assert sum(p["count"] for p in fused) == 9, report.build_text(result)
+
+
+def test_attention_products_with_enough_tokens_go_to_onednn(tmp_path):
+    """64 tokens: Q.K^T and attn.V (4-D by 4-D, both operands computed at run time) run as oneDNN matmuls."""
+    model = transformer_block(tmp_path / "block.onnx", tokens=64)
+    result = build(model, tmp_path / "block")
+    assert placed(result) == {("matmul", "onednn"): 8}, report.build_text(result)
+    assert sum(p.count for p in result.compiled.offload if p.detail == "onednn.bmm") == 2, report.build_text(result)
+    assert_close_to_reference(model, result.bundle_dir, {"x": RNG.standard_normal((1, 64, 64)).astype(np.float32)})
+
+
+def test_xnnpack_keeps_attention_products_in_tvm(tmp_path):
+    """Placement only (partitioned for rpi4, not run): the projections go to XNNPACK, the attention products stay."""
+    model = transformer_block(tmp_path / "block.onnx", tokens=64)
+    ctx = BuildContext(load_target("rpi4"), BuildOptions(offload=("xnnpack",)), offload=("xnnpack",))
+    steps = plan(ctx, "onnx")
+    steps = steps[:[s.name for s in steps].index("offload-partition") + 1]
+    imported = load_model(model, import_steps=tuple(s.name for s in steps if s.phase == "import" and s.enabled))
+    with ctx.tvm_target():
+        mod, _ = run_pipeline(imported.mod, steps, ctx)
+    refused = [(p.detail, p.count) for p in placement_of(mod) if p.backend is None]
+    assert refused == [("its second operand is computed at run time (Debian's 2022 XNNPACK has no batched matmul; its "
+                        "fully connected operator packs constant weights)", 2)]
+    assert sum(p.count for p in placement_of(mod) if p.backend == "xnnpack") == 6

@@ -19,6 +19,8 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 from .backend import Pattern
 
 ACTIVATIONS = ("relu", "clip")
+# The reason a pattern refuses a second operand computed at run time, unless its backend takes one
+CONSTANT_WEIGHTS_ONLY = "its weights are computed at run time (only constant weights are packed)"
 # Post-op chains after the anchor (and its bias): at most one activation and one residual add, either order.
 _CHAINS = [(), *((a,) for a in ACTIVATIONS), ("add",), *((a, "add") for a in ACTIVATIONS),
            *(("add", a) for a in ACTIVATIONS)]
@@ -38,10 +40,11 @@ def _step(prev, step: str):
 
 
 def fused_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
-                   *, with_bias: bool = True) -> list[Pattern]:
+                   *, with_bias: bool = True, runtime_weights: str | None = CONSTANT_WEIGHTS_ONLY) -> list[Pattern]:
     """Patterns `<backend>.<anchor>[_bias][_<post-op>...]` for `op(data, weight)`, longest chain first.
 
     `check_anchor(call)` gives the reason the backend cannot run this call (attributes, dtypes, shapes), or None.
+    `runtime_weights` is the reason a weight that is not a constant is refused, None where the anchor takes one.
     """
     patterns = []
     biases = (True, False) if with_bias else (False,)
@@ -55,7 +58,7 @@ def fused_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[r
             if operand is not None:
                 annotations[f"operand{i}"] = operand
         patterns.append(Pattern("_".join((f"{backend}.{anchor}", *chain)), root, annotations,
-                                _check(chain, check_anchor), op))
+                                _check(chain, check_anchor, runtime_weights), op))
     return patterns
 
 
@@ -66,7 +69,8 @@ def static_shape(expr: relax.Expr) -> list[int] | None:
     return [int(d) for d in shape]
 
 
-def _check(chain: tuple[str, ...], check_anchor) -> Callable[[relax.transform.PatternCheckContext], str | None]:
+def _check(chain: tuple[str, ...], check_anchor,
+           runtime_weights: str | None) -> Callable[[relax.transform.PatternCheckContext], str | None]:
     def check(ctx: relax.transform.PatternCheckContext) -> str | None:
         # FuseOpsByPattern itself accepts a match whose intermediate value is also used outside it (a conv output
         # feeding a residual add and the next block): the result would be invalid IR (TVM 0.27).
@@ -79,8 +83,8 @@ def _check(chain: tuple[str, ...], check_anchor) -> Callable[[relax.transform.Pa
                 return f"{role} dtype {dtype} (float32 only)"
             if static_shape(expr) is None:
                 return f"{role} has a dynamic shape"
-        if not isinstance(anchor.args[1], tvm.ir.expr.GenericConst):
-            return "its weights are computed at run time (only constant weights are packed)"
+        if runtime_weights and not isinstance(anchor.args[1], tvm.ir.expr.GenericConst):
+            return runtime_weights
         reason = check_anchor(anchor)
         if reason:
             return reason

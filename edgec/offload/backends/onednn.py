@@ -1,19 +1,23 @@
 """oneDNN (Debian's libdnnl 2.6, OpenMP threading) for x86: fp32 conv2d and matmul with bias, ReLU/clip and a
-residual add fused as post-ops; conv2d_transpose (NCHW) as its deconvolution.
+residual add fused as post-ops; conv2d_transpose (NCHW) as its deconvolution; a matmul whose second operand is
+computed at run time (attention's batched products) with the same post-ops, when it has work enough to pay.
 
 The emitted code keeps activations as TVM holds them (NHWC after offload-layout). Weights arrive as the tensors
 the VM passes from params.bin; on the first call with a given weight tensor they are reordered once into the
-layout the primitive chose, and later calls reuse that. One generated function can serve several call sites
-with different weights (FuseOpsByPattern deduplicates equal functions), so state is keyed by symbol, weight and
-bias pointer, guarded by a mutex for concurrent runs of several models in one process. A fingerprint of the
-weights catches a freed tensor's address reused by other weights. Each thread keeps a stream and, per primitive,
-memory objects pointed at each call's tensors. oneDNN runs as many OpenMP threads as TVM's thread pool has
-(runtime.NumThreads), so `--threads` and the descriptor's threads govern both, except that a primitive under
+layout the primitive chose, and later calls reuse that. Operands computed at run time are used as they are, in
+TVM's row-major layout: the primitive is made on the first call and every call passes the tensors. One generated
+function can serve several call sites with different weights (FuseOpsByPattern deduplicates equal functions), so
+state is keyed by symbol, weight and bias pointer, guarded by a mutex for concurrent runs of several models in one
+process. A fingerprint of the weights catches a freed tensor's address reused by other weights. Each thread keeps a
+stream and, per primitive, memory objects pointed at each call's tensors. oneDNN runs as many OpenMP threads as TVM's
+thread pool has (runtime.NumThreads), so `--threads` and the descriptor's threads govern both, except that a primitive under
 kParallelWork runs on the calling thread.
 """
 from __future__ import annotations
 
 import math
+
+from tvm import relax
 
 from ..backend import Backend, Linkage
 from ..fusion import Fused, fused_patterns, read_fused, static_shape
@@ -42,11 +46,12 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// What every call after the first reuses: the primitive and its weights, reordered once.
+// What every call after the first reuses: the primitive and its weights, reordered once (empty where the weights
+// are computed at run time).
 struct Prepared {
   dnnl::primitive primitive;
   memory weights;
-  memory::desc src, bias, dst, scratchpad;
+  memory::desc src, weights_md, bias, dst, scratchpad;
   uint64_t fingerprint;
   int threads;   // the OpenMP threads it was created for, and runs on
 };
@@ -74,11 +79,12 @@ uint64_t Fingerprint(const float* w, size_t n) {
 
 using Key = std::tuple<const char*, const void*, const void*>;   // symbol, weights, bias
 
+// `weights` null: they are computed at run time, not packed (one primitive per symbol)
 std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count, double work,
                                   const std::function<std::pair<dnnl::primitive_desc, memory::desc>()>& make) {
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<Prepared>> prepared;
-  uint64_t fingerprint = Fingerprint(static_cast<const float*>(weights), count);
+  uint64_t fingerprint = weights ? Fingerprint(static_cast<const float*>(weights), count) : 0;
   std::lock_guard<std::mutex> lock(mutex);
   auto& slot = prepared[key];
   if (slot && slot->fingerprint == fingerprint) return slot;
@@ -89,11 +95,14 @@ std::shared_ptr<Prepared> Prepare(const Key& key, void* weights, size_t count, d
   auto p = std::make_shared<Prepared>();
   p->threads = threads;
   p->primitive = dnnl::primitive(pd);
-  p->weights = memory(pd.weights_desc(0), Engine());
-  memory user(user_weights, Engine(), weights);
-  dnnl::stream stream(Engine());
-  dnnl::reorder(user, p->weights).execute(stream, user, p->weights);
-  stream.wait();
+  p->weights_md = pd.weights_desc(0);
+  if (weights) {
+    p->weights = memory(p->weights_md, Engine());
+    memory user(user_weights, Engine(), weights);
+    dnnl::stream stream(Engine());
+    dnnl::reorder(user, p->weights).execute(stream, user, p->weights);
+    stream.wait();
+  }
   p->src = pd.src_desc(0);
   p->bias = pd.weights_desc(1);
   p->dst = pd.dst_desc(0);
@@ -115,7 +124,7 @@ dnnl::primitive_attr Attr(const dnnl::post_ops& post) {
 // map and a stream on every call cost 1 us, as much as a 16x64x64 matmul's work (2.4 us a call, now 1.35 us).
 struct Bound {
   std::weak_ptr<Prepared> owner;   // expired or another object: the primitive was prepared again
-  memory src, dst, bias, scratchpad;
+  memory src, weights, dst, bias, scratchpad;
   std::vector<dnnl_exec_arg_t> args;
 };
 
@@ -125,9 +134,10 @@ Bound& Bind(const std::shared_ptr<Prepared>& p, bool has_bias) {
   if (b.owner.lock() == p) return b;
   b.owner = p;
   b.src = memory(p->src, Engine(), DNNL_MEMORY_NONE);
+  b.weights = p->weights ? p->weights : memory(p->weights_md, Engine(), DNNL_MEMORY_NONE);
   b.dst = memory(p->dst, Engine(), DNNL_MEMORY_NONE);
   b.scratchpad = memory(p->scratchpad, Engine(), DNNL_MEMORY_NONE);
-  b.args = {{DNNL_ARG_SRC, b.src.get()}, {DNNL_ARG_WEIGHTS, p->weights.get()}, {DNNL_ARG_DST, b.dst.get()},
+  b.args = {{DNNL_ARG_SRC, b.src.get()}, {DNNL_ARG_WEIGHTS, b.weights.get()}, {DNNL_ARG_DST, b.dst.get()},
             {DNNL_ARG_SCRATCHPAD, b.scratchpad.get()}};
   if (has_bias) {
     b.bias = memory(p->bias, Engine(), DNNL_MEMORY_NONE);
@@ -136,10 +146,12 @@ Bound& Bind(const std::shared_ptr<Prepared>& p, bool has_bias) {
   return b;
 }
 
-int Run(const char* symbol, tvm::ffi::TensorView src, tvm::ffi::TensorView weights, const void* bias,
+// `packed`: the weights are constants, reordered once; else they are computed at run time and passed as they are.
+int Run(const char* symbol, tvm::ffi::TensorView src, tvm::ffi::TensorView weights, bool packed, const void* bias,
         const void* residual, tvm::ffi::TensorView dst, size_t weight_count, size_t dst_bytes, double work,
         const std::function<std::pair<dnnl::primitive_desc, memory::desc>()>& make) {
-  auto p = Prepare(Key(symbol, weights.data_ptr(), bias), weights.data_ptr(), weight_count, work, make);
+  auto p = packed ? Prepare(Key(symbol, weights.data_ptr(), bias), weights.data_ptr(), weight_count, work, make)
+                  : Prepare(Key(symbol, nullptr, nullptr), nullptr, 0, work, make);
   omp_set_num_threads(p->threads);
   // the sum post-op adds what dst holds
   if (residual && residual != dst.data_ptr()) std::memcpy(dst.data_ptr(), residual, dst_bytes);
@@ -148,6 +160,7 @@ int Run(const char* symbol, tvm::ffi::TensorView src, tvm::ffi::TensorView weigh
   thread_local dnnl::stream stream(Engine());
   Bound& b = Bind(p, bias != nullptr);
   b.src.set_data_handle(src.data_ptr());
+  if (!packed) b.weights.set_data_handle(weights.data_ptr());
   b.dst.set_data_handle(dst.data_ptr());
   b.scratchpad.set_data_handle(scratch.data());
   if (bias) b.bias.set_data_handle(const_cast<void*>(bias));
@@ -242,31 +255,57 @@ def _matmul(fused: Fused) -> str:
     dnnl::matmul::primitive_desc pd(d, Attr(post), Engine());"""
 
 
+def _plain(shape) -> str:
+    """A row-major memory::desc of `shape` (any rank)."""
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    return f"memory::desc({_dims(shape)}, f32, memory::dims{_dims(strides)})"
+
+
+def _bmm(fused: Fused) -> str:
+    """Both operands as TVM holds them; oneDNN wants equal ranks (leading 1s) and broadcasts batch dims of size 1,
+    as relax.matmul does."""
+    call = fused.anchor
+    out = static_shape(call)
+    a, b = ([1] * (len(out) - len(static_shape(x))) + static_shape(x) for x in call.args)
+    bias = _operand(fused, "bias") != "nullptr"
+    return f"""
+    memory::desc src = {_plain(a)}, user_weights = {_plain(b)}, dst = {_plain(out)};
+    {_post_ops(fused)}
+    dnnl::matmul::desc d(src, user_weights, {_plain([1] * (len(out) - 1) + out[-1:]) + ", " if bias else ""}dst);
+    dnnl::matmul::primitive_desc pd(d, Attr(post), Engine());"""
+
+
 _BUILDERS = {"relax.nn.conv2d": _conv, "relax.nn.conv2d_transpose": _deconv, "relax.matmul": _matmul}
 
 
-def _work(fused: Fused) -> int:
+def _work(call: relax.Call) -> int:
     """The anchor's multiply-adds, a depthwise convolution's 5 times: it does about a fifth as many per ns (7x7x960:
     423 K in 21 us on one core, 13 us on two; a 16x64 by 64x256 matmul: 262 K in 2.4 us). Each output element sums
     over the weights' other dimensions (conv: I/groups x KH x KW, matmul: K); a transposed convolution spreads
     each input element over O x KH x KW outputs."""
-    op, weight = fused.anchor.op.name, static_shape(fused.anchor.args[1])
+    op, weight = call.op.name, static_shape(call.args[1])
     if op == "relax.nn.conv2d_transpose":
-        return math.prod(static_shape(fused.anchor.args[0])) * math.prod(weight[1:])
+        return math.prod(static_shape(call.args[0])) * math.prod(weight[1:])
     if op == "relax.matmul":
-        return math.prod(static_shape(fused.anchor)) * weight[0]
-    return math.prod(static_shape(fused.anchor)) * math.prod(weight[1:]) * (5 if weight[1] == 1 else 1)
+        return math.prod(static_shape(call)) * static_shape(call.args[0])[-1]
+    return math.prod(static_shape(call)) * math.prod(weight[1:]) * (5 if weight[1] == 1 else 1)
+
+
+def _anchor_name(fused: Fused) -> str:
+    return fused.composite.split(".", 1)[1].split("_")[0]
 
 
 def _function(fused: Fused) -> str:
     params = ", ".join([f"tvm::ffi::TensorView a{i}" for i in range(fused.num_params)] + ["tvm::ffi::TensorView out"])
     weight_count = math.prod(static_shape(fused.anchor.args[1]))
     dst_bytes = 4 * math.prod(static_shape(fused.anchor))
+    runtime = _anchor_name(fused) == "bmm"
     return f"""
 // {fused.composite}
 static int {fused.symbol}_impl({params}) {{
-  return Run("{fused.symbol}", a{fused.data}, a{fused.weight}, {_operand(fused, "bias")}, {_operand(fused, "add")}, out,
-             {weight_count}, {dst_bytes}, {_work(fused)}, [&] {{{_BUILDERS[fused.anchor.op.name](fused)}
+  return Run("{fused.symbol}", a{fused.data}, a{fused.weight}, {"false" if runtime else "true"},
+             {_operand(fused, "bias")}, {_operand(fused, "add")}, out, {weight_count}, {dst_bytes}, {_work(fused.anchor)},
+             [&] {{{(_bmm if runtime else _BUILDERS[fused.anchor.op.name])(fused)}
     return std::make_pair(dnnl::primitive_desc(pd), user_weights);
   }});
 }}
@@ -310,17 +349,44 @@ def _check_matmul(call) -> str | None:
     return None
 
 
+# Below this many multiply-adds a matmul of operands computed at run time stays in TVM: a library call costs more
+# than TVM's kernel there. Measured with --offload auto (2 threads, the transformer block's attention products,
+# 4 heads): 16K (16 tokens) oneDNN 1.6 us vs TVM 1.2 us; 64K (32 tokens) 2.0 vs 10 us; 256K 3.9 vs 16 us;
+# 4M (128 tokens, dim 256) 20 vs 75 us.
+BMM_MIN_WORK = 1 << 16
+
+
+def _count(n: int) -> str:
+    return f"{n / 2**20:g}M" if n >= 2**20 else f"{n / 2**10:g}K"
+
+
+def _check_bmm(call) -> str | None:
+    a, b = (static_shape(x) for x in call.args)
+    if len(a) < 2 or len(b) < 2:
+        return f"a {len(a)}-D by {len(b)}-D matmul (oneDNN's matmul takes operands of rank 2 or more)"
+    if call.attrs.out_dtype not in (None, "", "float32", "void"):
+        return f"accumulates in {call.attrs.out_dtype} (float32 only)"
+    work = _work(call)
+    if work < BMM_MIN_WORK:
+        return (f"a {'x'.join(map(str, a))} by {'x'.join(map(str, b))} matmul is too small to pay for a library call "
+                f"({_count(work)} multiply-adds < {_count(BMM_MIN_WORK)})")
+    return None
+
+
 def _patterns():
     return [*fused_patterns("onednn", "conv2d", "relax.nn.conv2d", _check_conv),
             # "deconv": pattern names split at "_"; NCHW, so its bias add stays a TVM kernel
             *fused_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _check_deconv, with_bias=False),
-            *fused_patterns("onednn", "matmul", "relax.matmul", _check_matmul)]
+            *fused_patterns("onednn", "matmul", "relax.matmul", _check_matmul),
+            # what "matmul" refused (weights computed at run time, as attention's products, or not 2-D), unpacked;
+            # last, so its reason is the one the summary keeps
+            *fused_patterns("onednn", "bmm", "relax.matmul", _check_bmm, runtime_weights=None)]
 
 
 BACKEND = Backend(
     name="onednn",
-    description="oneDNN 2.6 (Debian libdnnl): fp32 conv2d, conv2d_transpose and matmul with fused bias, ReLU/clip, "
-                "residual add",
+    description="oneDNN 2.6 (Debian libdnnl): fp32 conv2d, conv2d_transpose and matmul (batched, operands computed "
+                "at run time included) with fused bias, ReLU/clip, residual add",
     patterns=_patterns,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,

@@ -259,9 +259,14 @@ def _with_range_check(pattern):
     return dataclasses.replace(pattern, check=check)
 
 
+_RUNTIME_MATMUL = ("its second operand is computed at run time (Debian's 2022 XNNPACK has no batched matmul; its fully "
+                   "connected operator packs constant weights)")
+
+
 def _patterns():
     return [_with_range_check(p) for p in (*fused_patterns("xnnpack", "conv2d", "relax.nn.conv2d", _check_conv),
-                                           *fused_patterns("xnnpack", "matmul", "relax.matmul", _check_matmul))]
+                                           *fused_patterns("xnnpack", "matmul", "relax.matmul", _check_matmul,
+                                                           runtime_weights=_RUNTIME_MATMUL))]
 
 
 BACKEND = Backend(
