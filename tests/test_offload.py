@@ -26,7 +26,7 @@ from edgec.reference import ReferenceRuntime, Tolerance, compare_outputs
 from edgec.runtime.local import load_bundle
 from edgec.targets import load_target
 from models import ATOL, RTOL, inputs_for, real_model
-from verify import assert_close_to_reference
+from verify import assert_close_to_reference, placed
 
 ONEDNN = BuildOptions(offload=("onednn",))
 NONE = BuildOptions(offload=())
@@ -37,14 +37,6 @@ def build(model, out, options=ONEDNN, **kw) -> api.BuildResult:
     result = api.build(model, "host", out, options=options, **kw)
     assert result.manifest.verification["status"] == "verified", result.manifest.verification
     return result
-
-
-def placed(result: api.BuildResult) -> dict[tuple[str, str | None], int]:
-    """(operator, backend or None for TVM) -> calls, from the build summary's JSON."""
-    counts = {}
-    for p in report.build_json(result)["offload"]:
-        counts[(p["operator"], p["backend"])] = counts.get((p["operator"], p["backend"]), 0) + p["count"]
-    return counts
 
 
 def _weight(*shape):

@@ -23,7 +23,7 @@ from edgec.runtime import native
 from edgec.targets import load_target, load_target_file
 from edgec.toolchain import build_runner, deb_sysroot, emulator_command, emulator_env, runtime_dir
 from models import inputs_for, real_model
-from verify import assert_close_to_reference
+from verify import assert_close_to_reference, placed
 
 RNG = np.random.default_rng(7)
 XNNPACK_LIBS = ("lib/libcpuinfo.so.0", "lib/libpthreadpool.so.0", "lib/libXNNPACK.so.0")
@@ -34,14 +34,6 @@ def build(model, target, out, **kw) -> api.BuildResult:
     assert result.manifest.verification["status"] == "verified", result.manifest.verification
     assert result.manifest.shared_libs == XNNPACK_LIBS
     return result
-
-
-def placed(result: api.BuildResult) -> dict[tuple[str, str | None], int]:
-    """(operator, backend or None for TVM) -> calls, from the build summary's JSON."""
-    counts = {}
-    for p in report.build_json(result)["offload"]:
-        counts[(p["operator"], p["backend"])] = counts.get((p["operator"], p["backend"]), 0) + p["count"]
-    return counts
 
 
 @pytest.fixture

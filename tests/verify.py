@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec import api
+from edgec import api, report
 from edgec.reference import Comparison, Tolerance
 from models import ATOL, RTOL
 
@@ -24,3 +24,11 @@ def assert_close_to_reference(model_path: Path, bundle_dir: Path, inputs: dict[s
     assert comparison.ok, f"{bundle_dir.name} ({result.mode}) vs {comparison.against}: {summary}"
     print(f"{bundle_dir.name} ({result.mode}) vs {comparison.against}: {summary}")
     return result, comparison
+
+
+def placed(result: api.BuildResult) -> dict[tuple[str, str | None], int]:
+    """(operator, backend or None for TVM) -> calls, from the build summary's JSON."""
+    counts = {}
+    for p in report.build_json(result)["offload"]:
+        counts[(p["operator"], p["backend"])] = counts.get((p["operator"], p["backend"]), 0) + p["count"]
+    return counts
