@@ -162,8 +162,9 @@ def _graph_inputs(model):
 
 
 def _dims(value_info) -> list:
-    """Static dims as ints, dynamic ones as their symbolic name or '?'."""
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+    """Static dims as ints (0 included: a zero-size dim), dynamic ones as their symbolic name or '?' (a negative
+    dim_value too: Paddle's exporter writes -1 for a dynamic batch)."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or "?")
             for d in value_info.type.tensor_type.shape.dim]
 
 
