@@ -155,9 +155,10 @@ def main(ctx, verbose):
 @click.option("-i", "--input", "sample", multiple=True, metavar="[NAME=]FILE.npy",
               help="Sample input the bundle is verified on and ships [default: seeded random inputs].")
 @click.option("--offload", metavar="none|auto|NAME[,NAME]",
-              help="Kernel libraries that run convolutions and matrix products, in priority order (onednn), or "
-                   "none, or auto: the target's backends, each operator group timed here against TVM's kernel and "
-                   "the faster kept (host only; decisions cached) [default: the target's [offload] backends].")
+              help="Kernel libraries that run convolutions and matrix products, in priority order (onednn on x86, "
+                   "xnnpack on aarch64), or none, or auto: the target's backends, each operator group timed here "
+                   "against TVM's kernel and the faster kept (host only; decisions cached) [default: the target's "
+                   "[offload] backends].")
 @click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
               help="Python file of converters for TFLite custom operators (examples/tflite_converters.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
