@@ -10,9 +10,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from edgec import api, report
 from edgec.build import BuildOptions
@@ -26,7 +25,7 @@ from edgec.reference import ReferenceRuntime, Tolerance, compare_outputs
 from edgec.runtime.local import load_bundle
 from edgec.targets import load_target
 from models import ATOL, RTOL, inputs_for, real_model
-from verify import assert_close_to_reference, placed
+from verify import assert_close_to_reference, placed, save_onnx
 
 ONEDNN = BuildOptions(offload=("onednn",))
 NONE = BuildOptions(offload=())
@@ -67,14 +66,7 @@ def conv_zoo(path: Path) -> Path:
     nodes.append(helper.make_node("Flatten", ["e"], ["f"]))
     inits += [numpy_helper.from_array(_weight(10, 16 * 8 * 8), "g_w"), numpy_helper.from_array(_weight(10), "g_b")]
     nodes += [helper.make_node("Gemm", ["f", "g_w", "g_b"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["y"])]
-    graph = helper.make_graph(nodes, "conv_zoo",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16]),
-                               helper.make_tensor_value_info("wx", TensorProto.FLOAT, [16, 16, 3, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+    return save_onnx(path, "conv_zoo", nodes, {"x": [1, 8, 16, 16], "wx": [16, 16, 3, 3]}, {"y": [1, 10]}, inits)
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +150,7 @@ def test_transposed_convolutions_and_the_refused_one(tmp_path):
              helper.make_node("Relu", ["a"], ["ar"]),
              helper.make_node("ConvTranspose", ["ar", "w2"], ["b"], strides=[2, 2], dilations=[2, 2]),
              helper.make_node("ConvTranspose", ["b", "w3"], ["y"], group=2, pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(nodes, "deconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 21, 21])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, path)
+    save_onnx(path, "deconv", nodes, {"x": [1, 8, 5, 5]}, {"y": [1, 4, 21, 21]}, inits)
     inputs = {"x": RNG.standard_normal((1, 8, 5, 5)).astype(np.float32)}
     result = build(path, tmp_path / "deconv", sample_inputs=inputs)
     assert placed(result) == {("conv2d_transpose", "onednn"): 2, ("conv2d_transpose", None): 1}, placed(result)

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from edgec import api, report
 from edgec.errors import EdgecError
@@ -23,7 +22,7 @@ from edgec.runtime import native
 from edgec.targets import load_target, load_target_file
 from edgec.toolchain import build_runner, deb_sysroot, emulator_command, emulator_env, runtime_dir
 from models import inputs_for, real_model
-from verify import assert_close_to_reference, placed
+from verify import assert_close_to_reference, placed, save_onnx
 
 RNG = np.random.default_rng(7)
 XNNPACK_LIBS = ("lib/libcpuinfo.so.0", "lib/libpthreadpool.so.0", "lib/libXNNPACK.so.0")
@@ -178,15 +177,7 @@ def conv_zoo(path: Path) -> Path:
               helper.make_node("Gemm", ["hf", const("fc_w", _weight(10, 128)), const("fc_b", _weight(10))], ["fc"],
                                transB=1),
               helper.make_node("Relu", ["fc"], ["y"])]
-    graph = helper.make_graph(nodes, "conv_zoo",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16]),
-                               helper.make_tensor_value_info("wx", TensorProto.FLOAT, [16, 16, 3, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, path)
-    return path
+    return save_onnx(path, "conv_zoo", nodes, {"x": [1, 8, 16, 16], "wx": [16, 16, 3, 3]}, {"y": [1, 10]}, inits)
 
 
 def test_every_conv_form_and_what_xnnpack_cannot_take(tmp_path):

@@ -1,9 +1,12 @@
-"""The one way tests check a bundle: run it and compare with the reference runtime on the same inputs."""
+"""Shared test helpers: a bundle checked against the reference runtime on the same inputs (the one way tests check
+bundles), where the offload placed each operator, and small generated ONNX models saved."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper
 
 from edgec import api, report
 from edgec.reference import Comparison, Tolerance
@@ -32,3 +35,15 @@ def placed(result: api.BuildResult) -> dict[tuple[str, str | None], int]:
     for p in report.build_json(result)["offload"]:
         counts[(p["operator"], p["backend"])] = counts.get((p["operator"], p["backend"]), 0) + p["count"]
     return counts
+
+
+def save_onnx(path: Path, name: str, nodes, inputs: dict[str, list[int]], outputs: dict[str, list[int]],
+              inits) -> Path:
+    """A float32 model of these nodes at opset 17 (IR version 8, which onnxruntime loads), checked and saved."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return Path(path)
