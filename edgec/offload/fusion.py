@@ -62,6 +62,18 @@ def fused_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[r
     return patterns
 
 
+def nhwc_conv_check(library: str) -> Callable[[relax.Call], str | None]:
+    """The anchor check of a backend whose conv2d takes NHWC activations and OIHW weights."""
+    def check(call: relax.Call) -> str | None:
+        attrs = call.attrs
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "OIHW", "NHWC"):
+            return (f"layout {attrs.data_layout}/{attrs.kernel_layout}/{attrs.out_layout} "
+                    f"({library} is given NHWC/OIHW/NHWC; offload-layout converts the graph)")
+        return None
+
+    return check
+
+
 def static_shape(expr: relax.Expr) -> list[int] | None:
     shape = getattr(expr.ty, "shape", None)
     if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
@@ -85,6 +97,9 @@ def _check(chain: tuple[str, ...], check_anchor,
                 return f"{role} has a dynamic shape"
         if runtime_weights and not isinstance(anchor.args[1], tvm.ir.expr.GenericConst):
             return runtime_weights
+        out_dtype = getattr(anchor.attrs, "out_dtype", None)
+        if out_dtype not in (None, "", "float32", "void"):
+            return f"accumulates in {out_dtype} (float32 only)"
         reason = check_anchor(anchor)
         if reason:
             return reason
