@@ -36,7 +36,7 @@ from .manifest import Manifest, sha256_file
 from .reference import DEFAULT_TOLERANCE, ReferenceRuntime, compare_outputs
 from .signature import random_inputs
 from .toolchain import cache_dir, host_arch
-from .workers import WorkerProcess, serve
+from .workers import WorkerProcess, serve, thread_cpu_ns
 
 TIMED = "numpy in -> numpy out (input binding, run, output fetch), the same loop for every runtime"
 # A thread counts as used when it was on a CPU for at least this share of the timed wall time: the runtime's
@@ -203,36 +203,6 @@ def machine() -> Machine:
                    os.cpu_count() or 1, round(os.getloadavg()[0], 2))
 
 
-def thread_cpu_ns(pid: int) -> dict[int, int] | None:
-    """Nanoseconds each thread of a process has run (schedstat's first field); None where the kernel has none."""
-    out = {}
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return None
-    for task in tasks:
-        try:
-            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
-        except FileNotFoundError:       # the thread exited between listing and reading
-            continue
-        except OSError:
-            return None
-    return out
-
-
-def _wait_until_idle(pid: int, poll_s: float = 0.01, limit_s: float = 2.0) -> None:
-    """Return once a process uses under 10% of one core over a poll: runtimes' pool threads spin for a while
-    after a run (onnxruntime's do by default), which would slow the other runtime's next block down."""
-    deadline = time.monotonic() + limit_s
-    last = thread_cpu_ns(pid)
-    while last is not None and time.monotonic() < deadline:
-        time.sleep(poll_s)
-        now = thread_cpu_ns(pid)
-        if now is None or sum(now.values()) - sum(last.values()) < 0.1 * poll_s * 1e9:
-            return
-        last = now
-
-
 def _cpu_delta(before: dict[int, int] | None, after: dict[int, int] | None) -> dict[int, float] | None:
     if before is None or after is None:
         return None
@@ -382,7 +352,7 @@ class _Worker(WorkerProcess):
         wall = time.perf_counter() - t0
         cpu = _cpu_delta(before, thread_cpu_ns(self.pid))
         idle = [_cpu_delta(b, thread_cpu_ns(o.pid)) for o, b in zip(others, others_before)]
-        _wait_until_idle(self.pid)
+        self.wait_until_idle()
         return Block(self.spec.kind, self.pid, start, end, times, wall, cpu,
                      None if None in idle else {o.pid: sum(d.values()) for o, d in zip(others, idle)})
 

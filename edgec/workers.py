@@ -27,6 +27,36 @@ class WorkerTimeout(EdgecError):
     """The worker did not answer before the deadline (it was killed)."""
 
 
+def thread_cpu_ns(pid: int) -> dict[int, int] | None:
+    """Nanoseconds each thread of a process has run (schedstat's first field); None where the kernel has none."""
+    out = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except FileNotFoundError:       # the thread exited between listing and reading
+            continue
+        except OSError:
+            return None
+    return out
+
+
+def wait_until_idle(pid: int, poll_s: float = 0.01, limit_s: float = 2.0) -> None:
+    """Return once a process uses under 10% of one core over a poll: runtimes' pool threads spin for a while
+    after a run (onnxruntime's do by default), which would slow the other runtime's next block down."""
+    deadline = time.monotonic() + limit_s
+    last = thread_cpu_ns(pid)
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        now = thread_cpu_ns(pid)
+        if now is None or sum(now.values()) - sum(last.values()) < 0.1 * poll_s * 1e9:
+            return
+        last = now
+
+
 class WorkerProcess:
     """The parent's handle on `python -m MODULE worker`, started with this edgec on its path."""
 
@@ -66,6 +96,10 @@ class WorkerProcess:
             raise EdgecError(message, hint or self.hint)
         assert kind == expected, (kind, expected)
         return payload
+
+    def wait_until_idle(self) -> None:
+        """Return once this worker's threads stop using CPU (see wait_until_idle)."""
+        wait_until_idle(self.pid)
 
     def _died(self) -> NoReturn:
         self.process.kill()

@@ -265,8 +265,6 @@ _MEASURE_HINT = "pass the backends by name (--offload onednn) or --offload none 
 
 def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float], ...]:
     """Per library, each group's time in ms: the median over alternated rounds, one worker process per library."""
-    from ..benchmark import _wait_until_idle
-
     deadline = time.monotonic() + TIME_LIMIT_S
     # As a bundle with an offload library runs: TVM's pool on the target's threads, not spinning while the
     # library's own pool works (see run.py).
@@ -284,7 +282,7 @@ def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float
             for w, results in zip(workers, rounds):
                 w.send(True)
                 results.append(w.receive("answer", deadline))
-                _wait_until_idle(w.pid)           # library and TVM threads spin after a call
+                w.wait_until_idle()               # library and TVM threads spin after a call
             per_round = (time.monotonic() - started) / len(rounds[0])
             if time.monotonic() + per_round > deadline:
                 break
