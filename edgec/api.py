@@ -16,6 +16,7 @@ from .errors import EdgecError
 from .frontends import inspect_model, load_model, model_format
 from .frontends.custom_ops import active as custom_ops, load_converters
 from .passes import plan
+from .progress import current
 from .manifest import Manifest
 from .offload import for_build, resolve
 from .reference import DEFAULT_TOLERANCE, Comparison, Tolerance, compare_outputs
@@ -70,7 +71,7 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
 
     from .toolchain import find_tool
 
-    say = progress or (lambda step: None)
+    say = progress or current()
     check_outputs(out_dir, archive, force)
     descriptor = load_target(target)
     # Fail before minutes of compiling, not at the link step.
@@ -96,11 +97,12 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     inputs = sample_inputs(model, given_sample)
     reference = reference_outputs(model, inputs)
     sample = None if isinstance(reference, str) else Sample(inputs, reference[1], reference[0])
-    say(f"link with {descriptor.toolchain.compiler}, verify and write the bundle")
+    say("write the bundle")
     t0 = time.perf_counter()
     verify_seconds = []
 
     def verify(staged: Path) -> dict:
+        say("verify the staged bundle")
         t_verify = time.perf_counter()
         try:
             return verify_staged(staged, descriptor, inputs, reference)

@@ -14,6 +14,7 @@ from .errors import EdgecError, last_line
 from .frontends import ImportedModel
 from .offload import Placement, build_options, placement_of, used
 from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
+from .progress import Progress, current
 from .targets import Target
 
 __all__ = ["ActivationMemory", "BuildOptions", "CompiledModel", "compile_model", "export_library"]
@@ -107,9 +108,10 @@ class CompiledModel:
         return before, after
 
 
-def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedStep], progress=None) -> CompiledModel:
-    """Run the planned pipeline and generate code under one PassContext; `progress(step)` reports each step."""
-    say = progress or (lambda step: None)
+def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedStep],
+                  progress: Progress | None = None) -> CompiledModel:
+    """Run the planned pipeline and generate code under one PassContext, reporting each step to `progress`."""
+    say = progress or current()
     timer, memory = PassTimer(), _MemoryWatch()
     dump_dir = ctx.options.dump_ir
     t0 = time.perf_counter()
@@ -121,7 +123,8 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
             if step.name in ("offload-partition", "offload-auto"):   # auto revises what partition placed
                 placement.append(placement_of(mod))
 
-        mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=lambda n: say(f"pass {n}"),
+        say("passes", total=sum(1 for s in steps if s.enabled and s.phase != "import"))
+        mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=say.advance,
                                     after_step=after_step)
         t_passes = time.perf_counter() - t0
         attrs = mod.attrs
@@ -154,6 +157,7 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
 def export_library(compiled: CompiledModel, path: Path) -> float:
     """Link the model library with the target's compiler; returns seconds taken."""
     t0 = time.perf_counter()
+    current()(f"link with {compiled.target.toolchain.compiler}")
     link_library(compiled.executable, compiled.target, used(compiled.offload), path)
     seconds = time.perf_counter() - t0
     compiled.seconds["link"] = seconds

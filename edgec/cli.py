@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import click
 
-from . import fsutil
+from . import fsutil, progress
 from .errors import EdgecError, last_line
 from .reference import DEFAULT_TOLERANCE
 
@@ -119,14 +118,14 @@ class _Group(click.Group):
                 EXIT_INTERNAL_ERROR)
 
 
-def _progress(enabled: bool):
-    start = time.perf_counter()
+def _reporting(force: bool):
+    """Progress of the command's long steps on edgec's stderr: live on a terminal; on a pipe only with --progress
+    (or --verbose), so that a failing build in a script or CI prints exactly one error line."""
+    ctx = click.get_current_context()
+    return progress.reporting(ctx.meta.get(_STDERR, sys.stderr), force=force or ctx.find_root().params["verbose"])
 
-    def say(step: str):
-        if enabled:
-            _err(f"[{time.perf_counter() - start:6.1f}s] {step}")
 
-    return say
+_PROGRESS_HELP = "Report each long step on stderr even when it is not a terminal (always on a terminal)."
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -162,9 +161,9 @@ def main(ctx, verbose):
 @click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
               help="Python file of converters for TFLite custom operators (examples/tflite_converters.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
-@click.pass_context
-def build(ctx, model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force, strict_memory,
-          sample, offload, converter, as_json):
+@click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
+def build(model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force,
+          strict_memory, sample, offload, converter, as_json, show_progress):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -182,12 +181,10 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, const_input, disa
                            None if offload is None else parse_option(offload), tuple(converter),
                            parse_const_inputs(const_input))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
-    # Progress goes to an interactive terminal only, so that a failing build in a script or CI prints
-    # exactly one error line.
-    show_progress = ctx.meta[_STDERR].isatty() or ctx.obj["verbose"]
-    result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
-                       archive=archive, force=force, strict_memory=strict_memory, sample_inputs=list(sample) or None,
-                       progress=_progress(show_progress))
+    with _reporting(show_progress) as steps:
+        result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
+                           archive=archive, force=force, strict_memory=strict_memory,
+                           sample_inputs=list(sample) or None, progress=steps)
     for warning in result.warnings:
         _err(f"warning: {warning}")
     click.echo(json.dumps(report.build_json(result), indent=2) if as_json else report.build_text(result))
@@ -210,19 +207,24 @@ def build(ctx, model, target, out_dir, opt_level, input_shape, const_input, disa
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Save each output as NAME.npy here.")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_dir, threads, as_json):
+@click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
+def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_dir, threads, as_json, show_progress):
     """Run a bundle and optionally check it against the reference runtime."""
     import numpy as np
 
     from . import api
     from .manifest import Manifest
     from .reference import Tolerance
+    from .toolchain import host_arch
 
     manifest = Manifest.load(bundle)
     if no_verify:
         _err("warning: --no-verify: the bundle's files are not checked against their sha256 (their list and sizes are)")
-    result = api.run(bundle, api.load_inputs(manifest, list(inputs)), emulate=emulate, threads=threads,
-                     verify=not no_verify)
+    with _reporting(show_progress) as steps:
+        # a foreign bundle runs under qemu: a minute or more for a real model
+        steps("run under qemu" if emulate is not False and manifest.arch != host_arch() else "run")
+        result = api.run(bundle, api.load_inputs(manifest, list(inputs)), emulate=emulate, threads=threads,
+                         verify=not no_verify)
     report = {"mode": result.mode, "outputs": {}}
     for spec in manifest.outputs:
         value = result.outputs[spec.name]
@@ -256,13 +258,16 @@ def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_di
 @click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
               help="Converters for TFLite custom operators, as for build.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(model, input_shape, converter, as_json):
+@click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
+def inspect(model, input_shape, converter, as_json, show_progress):
     """Describe MODEL (operators, parameters, MACs, signature) and import it as a build would, without compiling."""
     from . import report
     from .frontends import parse_input_shapes
     from .inspection import inspect
 
-    result = inspect(model, input_shapes=parse_input_shapes(input_shape), converters=converter)
+    with _reporting(show_progress) as steps:
+        steps("import model")
+        result = inspect(model, input_shapes=parse_input_shapes(input_shape), converters=converter)
     click.echo(json.dumps(report.inspect_json(result), indent=2) if as_json else report.inspect_text(result))
 
 
