@@ -10,7 +10,8 @@ from ..passes import register_pass
 from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
-from .onnx_semantics import from_onnx, refuse_wrong_conversions
+from .onnx_control_flow import lower_control_flow
+from .onnx_semantics import EDGEC_OPS, from_onnx, refuse_wrong_conversions
 from .pins import dynamic_dims_error
 
 # The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
@@ -185,7 +186,7 @@ def _all_nodes(graph):
 def _unsupported_ops(model) -> dict[str, int]:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    supported = _get_convert_map()
+    supported = {*_get_convert_map(), *EDGEC_OPS}
     # Ops of custom domains are unsupported whatever their name.
     return histogram(n.op_type for n in _all_nodes(model.graph)
                      if n.domain not in ("", "ai.onnx") or n.op_type not in supported)
@@ -268,8 +269,9 @@ def fold_shape_subgraphs(model) -> str:
     """
     derived: set[str] = set()          # values computed from the shape of a pinned tensor
     folded = []
-    while True:     # a folded value (a Reshape's target) can make more shapes known to the next inference round
-        found = _fold_round(model, derived)
+    while True:     # a folded value (a Reshape's target) can make more shapes known to the next inference round,
+        # or an If's condition constant: the branch taken brings its nodes into the graph to fold
+        found = _fold_round(model, derived) + lower_control_flow(model)
         if not found:
             return f"folded {len(folded)} shape node(s)" + "".join(f"\n  {line}" for line in folded)
         folded += found
@@ -331,8 +333,9 @@ def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec],
 
 
 def _convert(model, inputs: list[TensorSpec]):
-    # Node forms TVM would convert to wrong numbers are refused first; the importer is TVM's with edgec's
-    # corrected converters (onnx_semantics).
+    # Control flow becomes plain graph where it can (also when fold-shape-subgraphs is off); node forms TVM would
+    # convert to wrong numbers are refused; the importer is TVM's with edgec's corrected converters (onnx_semantics).
+    lower_control_flow(model)
     refuse_wrong_conversions(model)
     return from_onnx(model, {s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs})
 

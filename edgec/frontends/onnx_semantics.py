@@ -9,6 +9,10 @@ import numpy as np
 
 from ..errors import EdgecError
 
+# Operators TVM's importer has no converter for that edgec converts: the recurrent layers (onnx_recurrent), and the
+# control flow made plain graph before conversion (onnx_control_flow; a data-dependent If is TVM's Relax If).
+EDGEC_OPS = ("LSTM", "GRU", "RNN", "If", "Loop", "Scan")
+
 # Element types TVM cannot compute with correctly: float8 casts mishandle subnormals, NaN/inf, saturation and the
 # FNUZ bias, casts to them fail in code generation, and 2/4-bit integers cannot even be passed in or out. E8M0 is
 # read correctly, but made with the wrong rounding: it is refused only where a node produces it.
@@ -401,8 +405,10 @@ def _converters() -> dict:
                                                    for t in (y, present_k, present_v, qk_out))
             return relax.Tuple([y, present_k, present_v, qk_out])
 
-    return {c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
-                                    ConstantOfShape, Attention, ReduceMax)}
+    from .onnx_recurrent import recurrent_converters
+
+    return {**{c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
+                                       ConstantOfShape, Attention, ReduceMax)}, **recurrent_converters()}
 
 
 _CONVERTERS: dict | None = None
@@ -417,6 +423,9 @@ def from_onnx(model, shape_dict: dict, dtype_dict: dict):
         _CONVERTERS = _converters()
 
     class Importer(ONNXGraphImporter):
+        def _check_for_unsupported_ops(self, graph):
+            """Already checked by edgec's frontend, which knows edgec's converters too."""
+
         def _convert_operator(self, op_name, inputs, attrs, opset):
             converter = _CONVERTERS.get(op_name)
             if converter is None:
