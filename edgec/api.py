@@ -9,6 +9,8 @@ import numpy as np
 
 from .benchmark import BenchResult, bench  # edgec.api is the API surface; the benchmark lives there
 from .build import CompiledModel, compile_model
+from .dataset import Dataset, open_dataset   # DATA for eval and calibration
+from .evaluation import Evaluation, evaluate  # edgec eval; build --quantize's table on held-back samples
 from .context import BuildContext, BuildOptions
 from . import fsutil
 from .bundle import Sample, archive_path, check_outputs, write_bundle
@@ -168,4 +170,4 @@ def compare(run_result: RunResult, model_path: str | Path, tolerance: Tolerance 
 
 
 __all__ = ["BuildOptions", "BuildResult", "RunResult", "BenchResult", "build", "run", "compare", "bench",
-           "inspect_model", "load_inputs"]
+           "inspect_model", "load_inputs", "Dataset", "open_dataset", "Evaluation", "evaluate"]

@@ -298,6 +298,24 @@ def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory
     click.echo(json.dumps(report.bench_json(result), indent=2) if as_json else report.bench_text(result))
 
 
+@main.command(name="eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), metavar="DATA",
+              help="Samples: a .npz with one array per input keyed by input name, first axis indexing samples "
+                   "(optional integer 'labels' or 'y'), or a folder of them.")
+@click.option("--reference", "reference_model", required=True, type=click.Path(path_type=Path), metavar="MODEL",
+              help="The .onnx / .tflite model the bundle was built from, run by onnxruntime / LiteRT.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for both [default: the target's].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(bundle, data, reference_model, threads, as_json):
+    """Run a host bundle and the reference runtime on every sample of DATA: top-1, agreement, SQNR, max error,
+    size, latency."""
+    from . import api
+
+    result = api.evaluate(bundle, data, reference_model, threads=threads)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.text())
+
+
 @main.command()
 @click.option("-t", "--target", default="host", show_default=True)
 @click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True)
