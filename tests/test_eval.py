@@ -6,6 +6,7 @@ host by edgec. Its held-out split is the DATA; every reported number is checked 
 """
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -23,9 +24,10 @@ _OUTPUT_KEYS = {"name", "shape", "dtype", "sqnr_db", "exact", "max_abs_error", "
                 "top1_agreement", "top1_bundle", "top1_reference"}
 
 
-def _digits_mlp(path, perturb: float = 0.0):
-    """(model path, held-out images [N,64] float32, their labels, sklearn's accuracy on them); `perturb` adds
-    seeded noise of that scale to the weights, the way quantization would."""
+@functools.cache
+def _trained():
+    """An MLP 64-32-10 trained on sklearn's digits: (weights w1, w2, b1, b2; held-out images [N,64] float32; their
+    labels; sklearn's own accuracy on them)."""
     from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
@@ -38,21 +40,46 @@ def _digits_mlp(path, perturb: float = 0.0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=400, random_state=0).fit(x_train, y_train)
+    return [*mlp.coefs_, *mlp.intercepts_], x_test, y_test.astype(np.int64), mlp.score(x_test, y_test)
+
+
+def _digits_onnx(path, perturb: float = 0.0):
+    """The MLP as ONNX, with its hidden layer as a second output [1,2,16]; `perturb` adds seeded noise of that
+    scale to the weights, the way quantization would."""
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array((a + perturb * rng.standard_normal(a.shape)).astype(np.float32), n)
-             for a, n in zip([*mlp.coefs_, *mlp.intercepts_], ["w1", "w2", "b1", "b2"])]
+             for a, n in zip(_trained()[0], ["w1", "w2", "b1", "b2"])]
     inits.append(numpy_helper.from_array(np.array([1, 2, 16], np.int64), "hidden_shape"))
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"]),
              helper.make_node("Reshape", ["r", "hidden_shape"], ["hidden"])]
-    model = save_onnx(path, "digits_mlp", nodes, {"x": [1, 64]}, {"logits": [1, 10], "hidden": [1, 2, 16]}, inits)
-    return model, x_test, y_test.astype(np.int64), mlp.score(x_test, y_test)
+    return save_onnx(path, "digits_mlp", nodes, {"x": [1, 64]}, {"logits": [1, 10], "hidden": [1, 2, 16]}, inits)
+
+
+def _digits_tflite(path):
+    """The MLP as TFLite: FULLY_CONNECTED (ReLU fused), FULLY_CONNECTED."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from tests.tflite_builder import Graph
+
+    w1, w2, b1, b2 = (a.astype(np.float32) for a in _trained()[0])
+    g = Graph()
+    x, h, y = g.tensor("x", (1, 64)), g.tensor("h", (1, 32)), g.tensor("logits", (1, 10))
+    for src, w, b, dst, act in ((x, w1, b1, h, schema.ActivationFunctionType.RELU),
+                                (h, w2, b2, y, schema.ActivationFunctionType.NONE)):
+        options = schema.FullyConnectedOptionsT()
+        options.fusedActivationFunction = act
+        g.op(schema.BuiltinOperator.FULLY_CONNECTED,
+             [src, g.tensor(f"w{dst}", w.T.shape, data=w.T), g.tensor(f"b{dst}", b.shape, data=b)], [dst],
+             schema.BuiltinOptions.FullyConnectedOptions, options)
+    return g.save(path, [x], [y])
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    model, x, y, sklearn_accuracy = _digits_mlp(d / "digits.onnx")
+    model = _digits_onnx(d / "digits.onnx")
+    _, x, y, sklearn_accuracy = _trained()
     bundle = api.build(model, "host", d / "bundle").bundle_dir
     np.savez(d / "test.npz", x=x, y=y)                        # [N,64] for the input [1,64]
     return {"dir": d, "model": model, "bundle": bundle, "x": x, "y": y, "sklearn": sklearn_accuracy}
@@ -89,7 +116,7 @@ def test_digits_eval_matches_onnxruntime(digits):
 def test_metrics_against_another_model(digits):
     """Against a model with perturbed weights (as a quantized bundle differs from its float model), SQNR, max abs
     error and agreement are the ones computed here from onnxruntime's outputs of both models."""
-    other = _digits_mlp(digits["dir"] / "perturbed.onnx", perturb=0.05)[0]
+    other = _digits_onnx(digits["dir"] / "perturbed.onnx", perturb=0.05)
     result = api.evaluate(digits["bundle"], digits["dir"] / "test.npz", other)
     run = {m: ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]) for m in (digits["model"], other)}
     x = digits["x"]
@@ -105,6 +132,17 @@ def test_metrics_against_another_model(digits):
     assert logits.top1_reference == pytest.approx((ref["logits"].argmax(1) == digits["y"]).mean())
     assert 10 < logits.sqnr_db < 60 and logits.top1_agreement < 1.0, logits
     assert any("not the file the bundle was built from" in n for n in result.notes)
+
+
+def test_tflite_against_litert(digits):
+    model = _digits_tflite(digits["dir"] / "digits.tflite")
+    bundle = api.build(model, "host", digits["dir"] / "tflite").bundle_dir
+    result = api.evaluate(bundle, digits["dir"] / "test.npz", model)
+    (logits,) = result.outputs
+    assert result.reference.startswith("LiteRT ") and result.samples == 450
+    assert abs(logits.top1_reference - digits["sklearn"]) <= 1 / 450
+    assert logits.top1_bundle == logits.top1_reference and logits.top1_agreement == 1.0
+    assert logits.sqnr_db is None or logits.sqnr_db > 60, logits
 
 
 def test_folder_and_forms_give_the_same_numbers(digits):
