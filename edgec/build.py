@@ -13,6 +13,7 @@ from .context import BuildContext, BuildOptions
 from .errors import EdgecError, last_line
 from .frontends import ImportedModel
 from .offload import Placement, build_options, placement_of, used
+from .offload.passes import LOAD_SUFFIX
 from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
 from .progress import Progress, current
 from .targets import Target
@@ -92,6 +93,7 @@ class CompiledModel:
     codegen_passes: dict[str, float]         # seconds per TVM pass inside tvm.compile, from the PassContext's timer
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
     offload: tuple[Placement, ...] | None = None   # where offload-partition put each operator; None: it did not run
+    load: str | None = None                  # the function runners call once with the weights (offload's main_load)
 
     @property
     def param_bytes(self) -> int:
@@ -132,8 +134,10 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
         # detach_params builds a new module without the attributes, which hold the offload codegen's C++
         for key, value in (attrs or {}).items():
             mod = mod.with_attr(key, value)
-        names = [p.name for p in mod["main"].params[len(model.inputs):]]
-        values = detached.get("main", [])
+        # with offload, main_load takes the weights (all of them) at load and gives main its arguments
+        load = next((gv.name_hint for gv in mod.get_global_vars() if gv.name_hint == "main" + LOAD_SUFFIX), None)
+        names = [p.name for p in mod[load].params] if load else [p.name for p in mod["main"].params[len(model.inputs):]]
+        values = detached.get(load or "main", [])
         if len(values) != len(names):
             raise EdgecError(f"internal error: {len(names)} weight parameters but {len(values)} values",
                              "report this with the model and --dump-ir output")
@@ -151,7 +155,7 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
                if s > before_codegen.get(name, 0.0)}
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
     return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
-                         memory.result(), codegen, seconds, placement[-1] if placement else None)
+                         memory.result(), codegen, seconds, placement[-1] if placement else None, load)
 
 
 def export_library(compiled: CompiledModel, path: Path) -> float:

@@ -274,6 +274,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
              if p.is_file() and p.name != MANIFEST_NAME}
     manifest = Manifest(
         model_name=model_name, model_file=model_file, model_sha256=sha256_file(model.path), entry="main",
+        load_function=compiled.load,
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
         passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
         shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload))

@@ -16,7 +16,7 @@ from .signature import TensorSpec
 from .targets import Target
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def sha256_file(path: Path) -> str:
@@ -98,10 +98,12 @@ class Manifest:
     model_file: str                     # the source model's file name
     model_sha256: str
     entry: str                          # the VM function runners call
+    load_function: str | None           # "load": called once at load with the weights; its results follow the inputs in
+                                        # every call of `entry` (None: `entry` takes the weights themselves)
     inputs: tuple[BundleTensor, ...]
     outputs: tuple[BundleTensor, ...]
     library: str                        # the compiled Relax VM executable, relative to the bundle
-    params: str | None                  # tvm param dict keyed by the entry's parameter names; None: no weights
+    params: str | None                  # tvm param dict keyed by the parameter names of `load` (else `entry`)
     target: Target
     versions: dict[str, str]            # {"edgec", "tvm", "tvm_ffi"}
     passes: tuple[str, ...]             # pass names in the order they ran
@@ -124,6 +126,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "model": {"name": self.model_name, "file": self.model_file, "sha256": self.model_sha256},
             "entry": self.entry,
+            "load": self.load_function,
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "library": self.library,
@@ -143,7 +146,7 @@ class Manifest:
         """A manifest that run.py's load_manifest has checked; `origin` names it in errors."""
         return cls(
             model_name=d["model"]["name"], model_file=d["model"]["file"], model_sha256=d["model"]["sha256"],
-            entry=d["entry"], inputs=tuple(BundleTensor.from_json(t) for t in d["inputs"]),
+            entry=d["entry"], load_function=d["load"], inputs=tuple(BundleTensor.from_json(t) for t in d["inputs"]),
             outputs=tuple(BundleTensor.from_json(t) for t in d["outputs"]), library=d["library"],
             params=d["params"], target=Target.from_json(d["target"], origin), versions=d["versions"],
             passes=tuple(d["passes"]), sample=SampleDirs(**d["sample"]) if d["sample"] else None,

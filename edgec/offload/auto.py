@@ -32,7 +32,7 @@ from ..errors import EdgecError
 from ..workers import WorkerProcess, WorkerTimeout, serve
 from .backend import Backend
 from .fusion import read_fused, static_shape
-from .passes import Measured, Placement, placement_of, with_placement
+from .passes import LOAD_SUFFIX, Measured, Placement, placement_of, with_placement
 
 TIME_LIMIT_S = 120.0       # timing both variants (compiling them is not counted): rounds run while they fit
 ROUNDS = 5                 # alternated rounds per variant; each gives one value per group, the median is kept
@@ -231,7 +231,7 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
     with tempfile.TemporaryDirectory(prefix="offload-auto-") as tmp:
         libraries = []
         for library in (True, False):
-            variant = _variant(mod, groups, library)
+            variant = _variant(mod, groups, library, backends)
             # a context of its own: the build's timer counts the build's passes, not these
             with tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.pass_config):
                 lowered = tvm.transform.Sequential([s.make(ctx) for s in steps], name="OffloadAutoLowering")(variant)
@@ -239,22 +239,38 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
             path = Path(tmp) / ("backend.so" if library else "tvm.so")
             link_library(executable, ctx.target, backends if library else (), path)
             libraries.append(path)
-        shapes = [[(static_shape(p), str(p.ty.dtype)) for p in mod[g.symbol].params] for g in groups]
+        by_name = {b.name: b for b in backends}
+        shapes = []
+        for g in groups:
+            params = mod[g.symbol].params
+            order, num_input = _order(mod[g.symbol], by_name[g.backend])
+            shapes.append(([(static_shape(params[k]), str(params[k].ty.dtype)) for k in order], num_input))
         backend_ms, tvm_ms = _time(libraries, shapes, ctx.target.device.threads)
     return {g.key: Timing(b, t) for g, b, t in zip(groups, backend_ms, tvm_ms)}
 
 
-def _variant(mod: tvm.IRModule, groups: list[Group], library: bool) -> tvm.IRModule:
-    """One module with a public function g<i>(params) per group: calling its partitioned function (library) or
-    holding its operators inlined (TVM)."""
+def _order(func: relax.Function, backend: Backend) -> tuple[list[int], int]:
+    """A group's parameters as g<i> takes them, as main does: the operands computed at run time first (the inputs),
+    then those the backend packs at load (the weights); and how many come first."""
+    packed = backend.packed(read_fused(func))
+    runtime = [k for k in range(len(func.params)) if k not in packed]
+    return runtime + list(packed), len(runtime)
+
+
+def _variant(mod: tvm.IRModule, groups: list[Group], library: bool,
+             backends: tuple[Backend, ...]) -> tvm.IRModule:
+    """One module with a public function g<i>(inputs, weights) per group: calling its partitioned function (library;
+    offload-codegen gives it g<i>_load, which packs the weights once) or holding its operators inlined (TVM)."""
+    by_name = {b.name: b for b in backends}
     bb = relax.BlockBuilder()
     for i, g in enumerate(groups):
         func = mod[g.symbol]
         callee = bb.add_func(func if library else _plain(func), g.symbol)
-        params = [relax.Var(p.name, p.ty) for p in func.params]
-        with bb.function(f"g{i}", params):
+        order, num_input = _order(func, by_name[g.backend])
+        params = [relax.Var(func.params[k].name, func.params[k].ty) for k in order]
+        with bb.function(f"g{i}", params, {"num_input": num_input}):
             with bb.dataflow():
-                out = bb.emit_output(relax.Call(callee, params))
+                out = bb.emit_output(relax.Call(callee, [params[order.index(k)] for k in range(len(order))]))
             bb.emit_func_output(out)
     variant = bb.get()
     return variant if library else relax.transform.InlinePrivateFunctions()(variant)
@@ -296,15 +312,20 @@ def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float
 
 
 def _serve(request) -> tuple:
-    """In the worker: load one library, make random inputs for each group and call each once (ready); then per
-    request, each group's lowest of REPEATS timed repeats in ms. The calls are timed back to back in the VM
-    (time_evaluator), as a model's kernels run, without Python between them."""
+    """In the worker: load one library, make random inputs and weights for each group (packed by its load function
+    where it has one) and call each once (ready); then per request, each group's lowest of REPEATS timed repeats in
+    ms. The calls are timed back to back in the VM (time_evaluator), as a model's kernels run, without Python
+    between them."""
     library, shapes = request
     device = tvm.cpu()
     vm = relax.VirtualMachine(tvm.runtime.load_module(library), device)
     rng = np.random.default_rng(0)
-    args = [[tvm.runtime.tensor((rng.standard_normal(s) * 0.1).astype(dtype), device) for s, dtype in group]
-            for group in shapes]
+    args = []
+    for i, (group, num_input) in enumerate(shapes):
+        a = [tvm.runtime.tensor((rng.standard_normal(s) * 0.1).astype(dtype), device) for s, dtype in group]
+        if vm.module.implements_function(f"g{i}{LOAD_SUFFIX}"):   # the library's: packed here, as at a model's load
+            a = a[:num_input] + list(vm[f"g{i}{LOAD_SUFFIX}"](*a[num_input:]))
+        args.append(a)
     timers = [vm.time_evaluator(f"g{i}", device, number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS)
               for i in range(len(args))]
     for i, a in enumerate(args):

@@ -1,12 +1,16 @@
 """What an offload backend is: patterns with checks, a C++ emitter, and what its code needs to link and run."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tvm import relax
 from tvm.relax.dpl import DFPattern
+
+if TYPE_CHECKING:
+    from .fusion import Fused
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Backend:
     patterns: Callable[[], list[Pattern]]          # most specific first: FuseOpsByPattern takes them in order
     layouts: dict[str, list[str]]                  # ConvertLayout's desired layouts, e.g. conv2d: NHWC, OIHW
     emit: Callable[[list[relax.Function]], str]    # one C++ source for the partitioned functions
+    # a partitioned function's parameter indices that its emitted `<symbol>_pack` takes at load (see passes.py)
+    packed: Callable[[Fused], tuple[int, ...]]
     linkage: Linkage
 
     def supports(self, arch: str) -> bool:
@@ -51,22 +57,17 @@ def c_float(value: float) -> str:
     return ("-" if value < 0 else "") + "INFINITY" if math.isinf(value) else f"{value!r}f"
 
 
-# C++ shared by the emitters: what tells a weight tensor freed and replaced at the same address apart from the
-# one packed for that address (state is keyed by the weight pointer), and the size of TVM's thread pool, which
-# every library's threads follow so that --threads governs both.
+def state_type_key(backend: str, prelude: str) -> str:
+    """The tvm-ffi type key of a backend's per-call-site state object. Type keys are process-wide: the digest of the
+    C++ that defines the object keeps libraries from other edgec versions, loaded together, from taking each other's
+    objects for their own."""
+    return f"edgec.{backend}.State.{hashlib.sha256(prelude.encode()).hexdigest()[:16]}"
+
+
+# C++ shared by the emitters: the size of TVM's thread pool, which every library's threads follow so that --threads
+# governs both.
 CPP_HELPERS = r"""
 namespace edgec_offload {
-// A few weights spread over the tensor.
-inline uint64_t Fingerprint(const float* w, size_t n) {
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < 64 && n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, w + i * (n - 1) / 63, sizeof bits);
-    h = (h ^ bits) * 1099511628211ull;
-  }
-  return h ^ n;
-}
-
 inline int NumThreads() {
   static const auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
   return num_threads ? (*num_threads)().cast<int>() : 1;

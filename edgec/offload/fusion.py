@@ -140,6 +140,11 @@ class Fused:
     num_params: int
 
 
+def packed_operands(fused: Fused, *, weight: bool = True) -> tuple[int, ...]:
+    """The parameter indices a backend packs at load: the weight (unless it is computed at run time) and the bias."""
+    return tuple(sorted(([fused.weight] if weight else []) + [op.operand for op in fused.post_ops if op.kind == "bias"]))
+
+
 def read_fused(func: relax.Function) -> Fused:
     """A function FuseOpsByPattern(annotate_codegen=True) made: its body calls one composite function, whose
     bindings are the anchor, then one binding per post-op, each using the previous one's variable."""

@@ -263,7 +263,93 @@ def auto(ctx):
     return auto_pass(ctx, _backends(ctx))
 
 
+LOAD_SUFFIX = "_load"   # main_load: the function runners call once at load (the manifest's "load")
+
+
+@relax.expr_functor.mutator
+class _StateArguments(relax.PyExprMutator):
+    """Calls of a backend's function take a state made at load instead of the operands it packs."""
+
+    def __init__(self, mod, packed: dict[str, tuple[int, ...]], weights):
+        super().__init__(mod)
+        self.packed, self.weights = packed, weights
+        self.states: list[tuple[relax.Var, str, list[relax.Expr]]] = []   # state, symbol, packed operands
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.call_dps_packed") or not isinstance(call.args[0], relax.ExternFunc):
+            return call
+        symbol = str(call.args[0].global_symbol)
+        if symbol not in self.packed:
+            return call
+        indices, operands = self.packed[symbol], list(call.args[1].fields)
+        for k in indices:
+            if not (isinstance(operands[k], tvm.ir.expr.GenericConst) or
+                    any(operands[k].same_as(w) for w in self.weights)):
+                raise ValueError(f"{symbol}: operand {k}, packed at load, is not a weight or a constant")
+        state = relax.Var(f"state{len(self.states)}", relax.ObjectType())
+        self.states.append((state, symbol, [operands[k] for k in indices]))
+        rest = [state] + [o for i, o in enumerate(operands) if i not in indices]
+        return relax.Call(call.op, [call.args[0], relax.Tuple(rest)], call.attrs, call.ty_args)
+
+
+def _split_load(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, packed: dict[str, tuple[int, ...]]) -> tvm.IRModule:
+    """F(inputs, weights) becomes F(inputs, kept weights, states) and F_load(weights) -> (kept weights, states),
+    where each state is `<symbol>_pack(its packed operands)`; the weights' values ("params") go with F_load."""
+    func = mod[gv]
+    num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params)
+    inputs, weights = list(func.params[:num_input]), list(func.params[num_input:])
+    mutator = _StateArguments(mod, packed, weights)
+    body = mutator.visit_expr(func.body)
+    if not mutator.states:
+        return mod
+    used = relax.analysis.free_vars(body)
+    kept = [w for w in weights if any(w.same_as(u) for u in used)]
+    states = [s for s, _, _ in mutator.states]
+    load_params = [relax.Var(w.name, w.ty) for w in weights]
+    renamed = dict(zip(weights, load_params))
+    bb = relax.BlockBuilder()
+    name = gv.name_hint + LOAD_SUFFIX
+    with bb.function(name, load_params, {"num_input": 0}):
+        with bb.dataflow():
+            made = [bb.emit(relax.op.call_pure_packed(relax.ExternFunc(f"{symbol}_pack"),
+                                                      *[renamed.get(a, a) for a in args],
+                                                      ty_args=relax.ObjectType()))
+                    for _, symbol, args in mutator.states]
+            out = bb.emit_output(relax.Tuple([renamed[w] for w in kept] + made))
+        bb.emit_func_output(out)
+    load = bb.get()[name]
+    if "params" in func.attrs:
+        load = load.with_attr("params", func.attrs["params"])
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    mod[gv] = relax.Function(inputs + kept + states, body, func.ret_ty, func.is_pure, func.attrs,
+                             func.span).without_attr("params")
+    mod[name] = load
+    return mod
+
+
+def pack_at_load(backends) -> tvm.transform.Pass:
+    """RunCodegen, then every public function that calls the backends' code gets a load function: the operands the
+    backends pack (constant weights, biases) go to each call site's `<symbol>_pack` there, once per module instance,
+    and the function takes the states it made instead. So packing is never per call, and state belongs to whoever
+    called the load function (the runners: once per loaded model), not to the library."""
+    by_name = {b.name: b for b in backends}
+
+    @tvm.transform.module_pass(opt_level=0, name="OffloadCodegen")
+    def offload_codegen(mod, pctx):
+        packed = {str(f.attrs["global_symbol"]): by_name[str(f.attrs["Codegen"])].packed(read_fused(f))
+                  for _, f in mod.functions_items()
+                  if isinstance(f, relax.Function) and "Codegen" in (f.attrs or {})}
+        mod = relax.transform.RunCodegen()(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and "global_symbol" in (func.attrs or {}):
+                mod = _split_load(mod, gv, packed)
+        return mod
+
+    return offload_codegen
+
+
 @register_pass("offload-codegen", phase="params", after=("lift-params",), required=True, applies=_offloading)
 def codegen(ctx):
-    """Emit the backends' C++ for the partitioned functions (before TVM's legalize phase lowers the rest)."""
-    return relax.transform.RunCodegen()
+    """Emit the backends' C++ for the partitioned functions, and the load function that packs their weights once."""
+    return pack_at_load(_backends(ctx))

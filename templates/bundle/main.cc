@@ -61,7 +61,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;
 constexpr size_t kMaxManifestBytes = 16 << 20;  // far above any real manifest; bounds the parser's input
 constexpr int kMaxJsonDepth = 32;               // the manifest nests 5 deep; bounds the reader's recursion
 constexpr uint32_t kMaxNpyHeader = 1 << 16;     // numpy itself refuses headers over 10000 bytes by default
@@ -681,6 +681,7 @@ struct FileEntry {
 
 struct Manifest {
   std::string entry, library, params;  // params is empty when the manifest's "params" is null
+  std::string load;  // empty when "load" is null: the entry takes the weights themselves
   std::vector<std::string> shared_libs;  // loaded before the library, in this order
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> sample_inputs;  // empty when "sample" is null
@@ -727,6 +728,7 @@ Manifest ParseManifest(const std::string& text) {
   Field model = m["model"];
   model["name"].Str(), model["file"].Str(), model["sha256"].Hex64();
   out.entry = m["entry"].Str();
+  if (!m["load"].IsNull()) out.load = m["load"].Str();
   out.inputs = ReadSpecs(m["inputs"]);
   out.outputs = ReadSpecs(m["outputs"]);
   if (out.outputs.empty()) m["outputs"].Fail("is empty");
@@ -1038,18 +1040,37 @@ int Run(int argc, char** argv) {
                       [&] { return GetFunction(vm, "get_function_arity")(m.entry).cast<int>(); });
   std::vector<ffi::Any> args;
   for (const ffi::Tensor& t : inputs) args.push_back(CopyTo(t, m.device));
+  // The weights, in the order of the parameters of "load" (when the manifest names it; it returns what the entry
+  // takes after the inputs: with offload, each library call site's packed weights and operator) or else of the
+  // entry's parameters after the inputs.
+  std::vector<ffi::Any> weights;
+  const std::string& takes = m.load.empty() ? m.entry : m.load;
+  int first = m.load.empty() ? static_cast<int>(inputs.size()) : 0;
+  int count = m.load.empty() ? arity : Loading("the signature of '" + m.load + "' in " + m.library, [&] {
+    return GetFunction(vm, "get_function_arity")(m.load).cast<int>();
+  });
   if (!m.params.empty()) {
     auto params = Loading("the weights " + m.params, [&] {
       return Global("runtime.LoadParams")(ffi::Bytes(std::move(bundle.params))).cast<ffi::Map<ffi::String, ffi::Tensor>>();
     });
     ffi::Function param_name = GetFunction(vm, "get_function_param_name");
-    // weights follow the data inputs, in the order of the entry function's parameters
-    for (int i = static_cast<int>(inputs.size()); i < arity; ++i) {
-      ffi::String name = param_name(m.entry, i).cast<ffi::String>();
+    for (int i = first; i < count; ++i) {
+      ffi::String name = param_name(takes, i).cast<ffi::String>();
       auto it = params.find(name);
       if (it == params.end()) throw InputError(m.params + " has no weight '" + std::string(name) + "'");
-      args.push_back(CopyTo((*it).second, m.device));
+      weights.push_back(CopyTo((*it).second, m.device));
     }
+  }
+  if (m.load.empty()) {
+    args.insert(args.end(), weights.begin(), weights.end());
+  } else {
+    if (static_cast<int>(weights.size()) != count)
+      throw InputError("'" + m.load + "' takes " + std::to_string(count) + " weights, the bundle gives " +
+                       std::to_string(weights.size()) + " (library and manifest do not match)");
+    std::vector<ffi::AnyView> views(weights.begin(), weights.end());
+    ffi::Any made;
+    GetFunction(vm, m.load).CallPacked(views.data(), static_cast<int>(views.size()), &made);
+    for (const ffi::Any& value : made.cast<ffi::Array<ffi::Any>>()) args.push_back(value);
   }
   if (static_cast<int>(args.size()) != arity)
     throw InputError("'" + m.entry + "' takes " + std::to_string(arity) + " arguments, the bundle gives " +

@@ -26,6 +26,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import numpy as np
 
 BUNDLE_DIR = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DEVICE_KINDS = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
 TENSOR_FILE = re.compile(r"[0-9]+-[A-Za-z0-9._-]*\.npy\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -131,6 +132,7 @@ _SCHEMA = {
     "format_version": int,
     "model": {"name": str, "file": str, "sha256": _sha256},
     "entry": str,
+    "load": (None, str),
     "inputs": [_TENSOR],
     "outputs": [_TENSOR],
     "library": _library_path,
@@ -486,7 +488,9 @@ def compare(outputs, expected, atol, rtol):
 # ------------------------------------------------------------------------------------------ the model
 
 class Model:
-    """The compiled model, checked and loaded once: call run() many times."""
+    """The compiled model, checked and loaded once: call run() many times. A Model owns its offload libraries'
+    state (packed weights, operators), freed with it; its runs take turns (load one Model per thread to run in
+    parallel)."""
 
     def __init__(self, bundle_dir=BUNDLE_DIR, threads=None, verify=True, warn=None):
         self.bundle_dir = Path(bundle_dir)
@@ -525,10 +529,16 @@ class Model:
         # Loaded from a private copy named by its content: the dynamic loader hands back an already loaded
         # library of the same path, so a rebuilt bundle at the same path would otherwise run the old code.
         path = _private_copy(code, hashlib.sha256(code).hexdigest() + ".so")
+        # With offload, `load` takes the weights and returns what the entry takes after the inputs: the weights
+        # TVM's kernels use and, per library call site, its packed weights and operator (the state this Model owns).
+        load = m["load"]
         try:
             self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
             arity = self.vm.module["get_function_arity"](m["entry"])
-            weights = [self.vm.module["get_function_param_name"](m["entry"], i) for i in range(len(self.inputs), arity)]
+            takes = load or m["entry"]
+            first = 0 if load else len(self.inputs)
+            weights = [self.vm.module["get_function_param_name"](takes, i)
+                       for i in range(first, self.vm.module["get_function_arity"](takes))]
         except Exception as e:  # TVM raises its own error types for a library it cannot load
             raise BundleError(f"{shown(library)} cannot be loaded as the bundle's '{shown(m['entry'])}' "
                               f"function: {_last_line(e)}",
@@ -536,7 +546,18 @@ class Model:
         finally:
             os.unlink(path)
         self.weights = self._load_weights(tvm, weights)
+        if load:
+            try:
+                self.weights = list(self.vm[load](*self.weights))
+            except Exception as e:  # a library that cannot make its operators (TVM's or the library's error)
+                raise BundleError(f"the model failed to load in the TVM runtime: {_last_line(e)}",
+                                  exit_code=1) from None
+        if len(self.inputs) + len(self.weights) != arity:
+            raise BundleError(f"'{shown(m['entry'])}' takes {arity} arguments, the bundle gives "
+                              f"{len(self.inputs) + len(self.weights)}", _REBUILD)
         self._bound = None   # made by the first run: see _bind
+        # one call at a time: the VM's planned buffers and the bound input tensors are shared by its calls
+        self._lock = threading.Lock()
 
     def _load_shared_libs(self):
         """Load the libraries the model library needs (shipped in the bundle, in the manifest's order) from
@@ -621,8 +642,9 @@ class Model:
                 for item in value:
                     collect(item)
 
-        self._set_inputs(inputs)
-        collect(self._call())
+        with self._lock:
+            self._set_inputs(inputs)
+            collect(self._call())
         if len(flat) != len(self.outputs):
             raise BundleError(f"the model returned {len(flat)} outputs, {MANIFEST} lists {len(self.outputs)}",
                               _REBUILD, exit_code=1)
@@ -634,14 +656,15 @@ class Model:
 
     def time(self, inputs, repeat=10, warmup=2):
         """Milliseconds per call of the entry function for `repeat` calls after `warmup` calls."""
-        self._set_inputs(inputs)
-        for _ in range(warmup):
-            self._call()
         times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self._call()
-            times.append((time.perf_counter() - t0) * 1e3)
+        with self._lock:
+            self._set_inputs(inputs)
+            for _ in range(warmup):
+                self._call()
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                self._call()
+                times.append((time.perf_counter() - t0) * 1e3)
         return times
 
     def sample(self, which):
