@@ -20,7 +20,7 @@ from .pins import dynamic_dims_error
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Identity", "Reshape",
               "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Max", "Min", "Equal", "Where",
               "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten", "Not", "And", "Or",
-              "Xor", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sqrt", "Reciprocal", "Pow"}
+              "Xor", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sqrt", "Reciprocal", "Pow", "Transpose"}
 
 
 # A constant this small is a shape's element (Paddle exports Cast(fill_constant) into Reshape targets), not a weight.
