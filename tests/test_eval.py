@@ -103,7 +103,8 @@ def test_digits_eval_matches_onnxruntime(digits):
     assert logits.sqnr_db is None or logits.sqnr_db > 60, logits
     assert logits.max_abs_error < 1e-4 and logits.nonfinite_mismatches == 0
     # a hidden layer shaped [1,2,16] is not class scores: no top-1, said so
-    assert (hidden.name, hidden.class_scores, hidden.top1_agreement, hidden.top1_bundle) == ("hidden", False, None, None)
+    assert (hidden.name, hidden.class_scores, hidden.top1_agreement, hidden.top1_bundle) == \
+           ("hidden", False, None, None)
     assert hidden.sqnr_db is None or hidden.sqnr_db > 60
     assert any("'hidden'" in n and "class scores" in n for n in result.notes)
     files = [p for p in digits["bundle"].rglob("*") if p.is_file()]
