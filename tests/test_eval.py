@@ -219,6 +219,7 @@ def test_unlabelled_data(digits):
     ("bad_file", ["not a .npz file"]),
     ("label_count", ["'y'", "[449]", "450 samples"]),
     ("label_range", ["sample 7 has label 10", "10 classes", "0..9"]),
+    ("label_rows", ["sample 0 has 2 label(s)", "'logits' scores 1 row(s)", "one per row"]),
     ("missing", ["does not exist"]),
     ("other_model", ["takes ['a']", "takes ['x']", "built from"]),
 ])
@@ -237,6 +238,8 @@ def test_errors_are_one_line(digits, case, keywords):
         np.savez(data, x=x, y=y[:-1])
     elif case == "label_range":
         np.savez(data, x=x, y=np.where(np.arange(len(y)) == 7, 10, y))
+    elif case == "label_rows":
+        np.savez(data, x=x, y=np.stack([y, y], axis=1))
     elif case == "other_model":
         data = d / "test.npz"
         model = save_onnx(d / "other.onnx", "other", [helper.make_node("Relu", ["a"], ["b"])], {"a": [1, 64]},
