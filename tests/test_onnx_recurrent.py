@@ -225,7 +225,9 @@ def test_silero_vad_streams_its_state_through_the_bundle(tmp_path):
         chunk = audio[None, step * 512:(step + 1) * 512]
         got = api.run(out, {"input": chunk, "state": state}).outputs
         ref_out, ref_state = sess.run(None, {"input": chunk, "state": ref_state, "sr": np.array(16000, np.int64)})
-        np.testing.assert_allclose(got["output"], ref_out, rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
-        np.testing.assert_allclose(got["stateN"], ref_state, rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
+        # onnxruntime itself, with and without its graph optimizations, differs by up to 8.9e-5 on a few state
+        # elements (and 3e-8 on the probability): edgec measured 8.4e-5 and 4e-5 relative
+        np.testing.assert_allclose(got["output"], ref_out, rtol=1e-3, atol=1e-6, err_msg=f"step {step}")
+        np.testing.assert_allclose(got["stateN"], ref_state, rtol=1e-3, atol=2e-4, err_msg=f"step {step}")
         state = got["stateN"]
     assert np.abs(ref_state).max() > 0.01        # the state carried something
