@@ -200,7 +200,8 @@ def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model
     classes = {s.name: _class_count(s.shape, s.dtype) for s in manifest.outputs}
     for s in manifest.outputs:
         if classes[s.name] is None:
-            notes.append(f"output '{s.name}' {list(s.shape)} does not look like class scores ([B, C]): no top-1")
+            notes.append(f"output '{s.name}' [{','.join(map(str, s.shape))}] does not look like class scores "
+                         "([B, C]): no top-1")
     if dataset.labelled and not any(classes.values()):
         notes.append("the data has labels, but no output looks like class scores: labels not used")
     model = load_bundle(bundle_dir, threads, verify)
