@@ -30,6 +30,8 @@ REAL_MODELS = {
     "face_detection_full_range_sparse": ("mediapipe==0.10.21",
                                          "mediapipe/modules/face_detection/face_detection_full_range_sparse.tflite"),
     "iris_landmark": ("mediapipe==0.10.21", "mediapipe/modules/iris_landmark/iris_landmark.tflite"),
+    # full-integer int8, streaming: VAR_HANDLE/READ_VARIABLE/ASSIGN_VARIABLE, SPLIT_V, STRIDED_SLICE
+    "okay_nabu": ("pymicro-wakeword==2.5.0", "pymicro_wakeword/models/okay_nabu.tflite"),
     # streaming VAD: If on sr (16/8 kHz), nested Ifs on shapes, LSTM; state in and stateN out
     "silero_vad": ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx"),
 }

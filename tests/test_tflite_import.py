@@ -166,3 +166,126 @@ def test_full_integer_conv_matches_litert_exactly(tmp_path):
     ours = api.run(built.bundle_dir, sample).outputs["y"]
     reference = ReferenceRuntime(model).run(sample)["y"]
     assert ours.dtype == np.int8 and np.array_equal(ours, reference) and reference.max() > reference.min() + 50
+
+
+def _options(kind: str, **fields):
+    """(BuiltinOptions type, options object) of a builtin operator, e.g. _options("SplitV", numSplits=2)."""
+    options = getattr(schema, f"{kind}OptionsT")()
+    for name, value in fields.items():
+        setattr(options, name, value)
+    return getattr(schema.BuiltinOptions, f"{kind}Options"), options
+
+
+def test_full_integer_data_movement_is_exact(tmp_path):
+    """SPLIT_V, STRIDED_SLICE, SPLIT, SLICE, TRANSPOSE, SQUEEZE and PACK on int8 tensors (TVM refuses them
+    quantized): run on the integers, every output equals LiteRT's."""
+    op, q = schema.BuiltinOperator, ([0.05], [3], 0)
+    g = Graph()
+    x = g.tensor("x", (1, 6, 4, 8), np.int8, quant=q)
+
+    def i32(name, values):
+        return g.tensor(name, (len(values),), np.int32, np.array(values, np.int32))
+
+    def out(name, shape):
+        return g.tensor(name, shape, np.int8, quant=q)
+
+    strided = out("strided", (1, 3, 4, 8))
+    g.op(op.STRIDED_SLICE, [x, i32("b", [0, 1, 0, 0]), i32("e", [1, 6, 4, 8]), i32("s", [1, 2, 1, 1])], [strided],
+         *_options("StridedSlice"))
+    parts = [out("split_v0", (1, 3, 4, 3)), out("split_v1", (1, 3, 4, 5))]
+    g.op(op.SPLIT_V, [strided, i32("sizes", [3, 5]), g.tensor("axis3", (), np.int32, np.array(3, np.int32))], parts,
+         *_options("SplitV", numSplits=2))
+    halves = [out("split0", (1, 3, 4, 8)), out("split1", (1, 3, 4, 8))]
+    g.op(op.SPLIT, [g.tensor("axis1", (), np.int32, np.array(1, np.int32)), x], halves, *_options("Split", numSplits=2))
+    transposed = out("transposed", (1, 8, 6, 4))
+    g.op(op.TRANSPOSE, [x, i32("perm", [0, 3, 1, 2])], [transposed], *_options("Transpose"))
+    sliced = out("sliced", (1, 6, 2, 4))
+    g.op(op.SLICE, [x, i32("begin", [0, 0, 1, 2]), i32("size", [1, 6, 2, 4])], [sliced], *_options("Slice"))
+    squeezed = out("squeezed", (6, 4, 8))
+    g.op(op.SQUEEZE, [x], [squeezed], *_options("Squeeze", squeezeDims=[0]))
+    packed = out("packed", (2, 1, 3, 4, 8))
+    g.op(op.PACK, halves, [packed], *_options("Pack", valuesCount=2, axis=0))
+    outputs = [*parts, transposed, sliced, squeezed, packed]
+    model = g.save(tmp_path / "int8_moves.tflite", [x], outputs)
+    sample = {"x": np.random.default_rng(0).integers(-128, 128, (1, 6, 4, 8)).astype(np.int8)}
+    built = api.build(model, "host", tmp_path / "out", options=NO_OFFLOAD, sample_inputs=sample)
+    assert built.manifest.verification["status"] == "verified"
+    ours, reference = api.run(built.bundle_dir, sample).outputs, ReferenceRuntime(model).run(sample)
+    for name, expected in reference.items():
+        assert ours[name].dtype == np.int8 and np.array_equal(ours[name], expected), name
+
+
+def test_changed_quantization_in_data_movement_is_refused(tmp_path):
+    g = Graph()
+    x = g.tensor("x", (1, 4), np.int8, quant=([0.05], [3], 0))
+    y = g.tensor("y", (4, 1), np.int8, quant=([0.1], [3], 0))
+    g.op(schema.BuiltinOperator.TRANSPOSE, [x, g.tensor("perm", (2,), np.int32, np.array([1, 0], np.int32))], [y],
+         *_options("Transpose"))
+    result = cli("build", g.save(tmp_path / "requant.tflite", [x], [y]), "-o", tmp_path / "out")
+    check_cli_error(result, "quantized TRANSPOSE producing y changes the scale or zero point")
+
+
+def test_full_integer_keyword_spotter_matches_litert_within_one_step(tmp_path):
+    """The layers of micro-wakeword's int8 models (pymicro-wakeword) without their streaming state: a stored int8
+    context concatenated with the input frames, CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, LOGISTIC and a
+    QUANTIZE to uint8, all per-channel int8. Imported as dequantize -> float op -> quantize, each output is
+    within one quantization step of LiteRT's integer kernels."""
+    rng = np.random.default_rng(0)
+    op, act = schema.BuiltinOperator, schema.ActivationFunctionType
+    g = Graph()
+    q_in = ([0.102], [-128], 0)
+    x = g.tensor("audio", (1, 3, 40), np.int8, quant=q_in)
+    frames = g.tensor("frames", (1, 3, 1, 40), np.int8, quant=q_in)
+    g.op(op.RESHAPE, [x, g.tensor("shape4", (4,), np.int32, np.array([1, 3, 1, 40], np.int32))], [frames],
+         *_options("Reshape", newShape=[1, 3, 1, 40]))
+    context = g.tensor("context", (1, 2, 1, 40), np.int8, rng.integers(-128, 0, (1, 2, 1, 40)).astype(np.int8),
+                       quant=q_in)
+    window = g.tensor("window", (1, 5, 1, 40), np.int8, quant=q_in)
+    g.op(op.CONCATENATION, [context, frames], [window], *_options("Concatenation", axis=1))
+
+    def weights(name, shape, axis):
+        scales = (rng.random(shape[axis]) * 0.004 + 0.002).astype(np.float32)
+        data = rng.integers(-127, 128, shape).astype(np.int8)
+        return g.tensor(name, shape, np.int8, data, quant=(scales, [0] * shape[axis], axis)), scales
+
+    def bias(name, in_scale, w_scales):
+        data = rng.integers(-2000, 2000, len(w_scales)).astype(np.int32)
+        return g.tensor(name, (len(w_scales),), np.int32, data, quant=(in_scale * w_scales, [0] * len(w_scales), 0))
+
+    w1, s1 = weights("w1", (16, 3, 1, 40), 0)
+    conv = g.tensor("conv", (1, 3, 1, 16), np.int8, quant=([0.4], [-128], 0))
+    g.op(op.CONV_2D, [window, w1, bias("b1", 0.102, s1)], [conv],
+         *_options("Conv2D", padding=schema.Padding.VALID, strideH=1, strideW=1, fusedActivationFunction=act.RELU))
+    w2, s2 = weights("w2", (1, 3, 1, 16), 3)
+    depthwise = g.tensor("depthwise", (1, 1, 1, 16), np.int8, quant=([0.3], [-128], 0))
+    g.op(op.DEPTHWISE_CONV_2D, [conv, w2, bias("b2", 0.4, s2)], [depthwise],
+         *_options("DepthwiseConv2D", padding=schema.Padding.VALID, strideH=1, strideW=1, depthMultiplier=1,
+                   fusedActivationFunction=act.RELU))
+    flat = g.tensor("flat", (1, 16), np.int8, quant=([0.3], [-128], 0))
+    g.op(op.RESHAPE, [depthwise, g.tensor("shape2", (2,), np.int32, np.array([1, 16], np.int32))], [flat],
+         *_options("Reshape", newShape=[1, 16]))
+    w3 = g.tensor("w3", (2, 16), np.int8, rng.integers(-127, 128, (2, 16)).astype(np.int8), quant=([0.0005], [0], 0))
+    logits = g.tensor("logits", (1, 2), np.int8, quant=([0.08], [0], 0))
+    g.op(op.FULLY_CONNECTED, [flat, w3, bias("b3", 0.3, np.float32([0.0005, 0.0005]))], [logits],
+         *_options("FullyConnected"))
+    probability = g.tensor("probability", (1, 2), np.int8, quant=([1 / 256], [-128], 0))
+    g.op(op.LOGISTIC, [logits], [probability])
+    score = g.tensor("score", (1, 2), np.uint8, quant=([1 / 256], [0], 0))
+    g.op(op.QUANTIZE, [probability], [score])
+    model = g.save(tmp_path / "int8_kws.tflite", [x], [score])
+    built = api.build(model, "host", tmp_path / "out", options=NO_OFFLOAD)
+    assert built.manifest.verification["status"] == "verified"
+    spread = []
+    for seed in range(8):
+        sample = {"audio": np.random.default_rng(seed).integers(-128, 128, (1, 3, 40)).astype(np.int8)}
+        ours, reference = api.run(built.bundle_dir, sample).outputs["score"], ReferenceRuntime(model).run(sample)["score"]
+        assert ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1, (ours, reference)
+        spread.append(reference)
+    assert np.ptp(np.concatenate(spread)) > 50, "the scores vary with the input: the comparison checks something"
+
+
+def test_streaming_model_is_refused_by_name():
+    """micro-wakeword's okay_nabu keeps its audio context in resource variables it rewrites every call."""
+    result = cli("build", real_model("okay_nabu"))
+    check_cli_error(result, "okay_nabu.tflite is a streaming model: ASSIGN_VARIABLE (x6)", "non-streaming")

@@ -111,11 +111,20 @@ def _unsupported_ops(model) -> dict[str, int]:
 
 
 def _load_for_import(path: Path):
-    """_load, refusing custom operators without a converter with the hint that fits them (--converter)."""
+    """_load, refusing custom operators without a converter with the hint that fits them (--converter), and
+    streaming models."""
     model = _load(path)
     missing = _unsupported_ops(model)
     if any(op.endswith(CUSTOM_SUFFIX) for op in missing):
         raise EdgecError(unsupported_error(path, missing, "TFLite").message, CONVERTER_HINT)
+    # A streaming model keeps state between calls in resource variables, which its graph rewrites
+    # (ASSIGN_VARIABLE). TVM only takes variables set once at initialization (CALL_ONCE); without the writes the
+    # model would forget its state and give wrong numbers from its second call on.
+    writes = _op_names(model).count("ASSIGN_VARIABLE")
+    if writes:
+        raise EdgecError(f"{path.name} is a streaming model: ASSIGN_VARIABLE (x{writes}) keeps state between calls "
+                         "in resource variables, which edgec cannot import yet",
+                         "export the model in its non-streaming form (the state as ordinary inputs and outputs)")
     return model
 
 

@@ -39,12 +39,43 @@ def _static_shape(ty) -> tuple | None:
     return tuple(int(d) for d in dims)
 
 
+# Operators that only move int8/uint8 values (split, slice, transpose, reshape-like, stack, a variable's stored
+# value): exact on the integer tensor when the output keeps the input's scale and zero point, which TFLite's
+# converter does. TVM refuses them on quantized tensors; edgec runs TVM's converter on the integers, after
+# checking the parameters.
+_VALUE_PRESERVING = frozenset({"SPLIT", "SPLIT_V", "STRIDED_SLICE", "SLICE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS",
+                               "PACK", "READ_VARIABLE"})
+
+
+def _same_quantization(a, b) -> bool:
+    if a.qnn_params is None or b.qnn_params is None:
+        return a.qnn_params is b.qnn_params
+    return all(np.array_equal(a.qnn_params[k].value.numpy(), b.qnn_params[k].value.numpy())
+               for k in ("scale", "zero_point"))
+
+
 class EdgecOperatorConverter(OperatorConverter):
+    _SUPPORTED_QUANTIZED_OPS = OperatorConverter._SUPPORTED_QUANTIZED_OPS | _VALUE_PRESERVING
+
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
         self.custom = active_converters()
         for name in self.custom:
             self.convert_map[name + CUSTOM_SUFFIX] = self.convert_custom
+        for name in _VALUE_PRESERVING & set(self.convert_map):
+            self.convert_map[name] = self._keeping_quantization(name, self.convert_map[name])
+
+    def _keeping_quantization(self, name, convert):
+        def checked(op):
+            # the values moved (not the axes, shapes or a variable's handle) and the results
+            values = [t for t in self.get_input_tensors(op) if t.qnn_params is not None]
+            tensors = [*values, *self.get_output_tensors(op)]
+            if values and any(not _same_quantization(tensors[0], t) for t in tensors[1:]):
+                out = get_tensor_name(self.subgraph, tensors[-1].tensor_idx)
+                raise EdgecError(f"quantized {name} producing {out} changes the scale or zero point, which edgec "
+                                 "cannot import yet", "quantize the model with the same parameters on both sides")
+            return convert(op)
+        return checked
 
     def get_op_code_str(self, op):
         # TVM raises NotImplementedError for every custom operator; edgec names it so that it can be reported
@@ -107,8 +138,6 @@ class EdgecOperatorConverter(OperatorConverter):
         if not self._has_tensor_buffer_data(axis_tensor):
             raise EdgecError(f"EXPAND_DIMS of {name} takes its axis from a computed tensor",
                              "export the model with a constant axis")
-        if data.qnn_params and not self.has_same_qnn_params(data, self.get_output_tensors(op)[0]):
-            raise EdgecError(f"EXPAND_DIMS of {name} changes the quantization parameters", "check the model")
         axis = np.asarray(self.get_tensor_value(axis_tensor)).reshape(-1)
         rank = len(data.tensor.ShapeAsNumpy()) if data.tensor.ShapeLength() else 0
         if axis.size != 1 or not -1 - rank <= int(axis[0]) <= rank:
