@@ -253,8 +253,11 @@ class EdgecHost:
             executable = tvm.runtime.load_module(str(workdir / "model.so"))
         stage("run")
         vm = relax.VirtualMachine(executable, tvm.cpu())
-        args = [tvm.runtime.tensor(np.asarray(a)) for a in inputs]
-        args += [tvm.runtime.tensor(v) for v in compiled.params.values()]
+        weights = [tvm.runtime.tensor(v) for v in compiled.params.values()]
+        load = getattr(compiled, "load", None)   # offload's main_load packs the weights once, as a bundle's load
+        if load:
+            weights = list(vm[load](*weights))
+        args = [tvm.runtime.tensor(np.asarray(a)) for a in inputs] + weights
         result = _as_numpy(vm["main"](*args))
         return result if len(model.graph.output) != 1 else [result]
 

@@ -231,3 +231,13 @@ def test_silero_vad_streams_its_state_through_the_bundle(tmp_path):
         np.testing.assert_allclose(got["stateN"], ref_state, rtol=1e-3, atol=2e-4, err_msg=f"step {step}")
         state = got["stateN"]
     assert np.abs(ref_state).max() > 0.01        # the state carried something
+
+
+def test_silero_vad_without_const_sr_names_the_if(tmp_path):
+    """sr left an input: the top If is data-dependent and its branches keep shape computations TVM cannot convert
+    (dynamic Pad): refused in one line naming the If, with the --const-input fix."""
+    path = real_model("silero_vad")
+    result = CliRunner().invoke(main, ["build", str(path), "--target", "host", "-o", str(tmp_path / "vad"),
+                                       "--input-shape", "input:1x512", "--input-shape", "state:2x1x128"])
+    assert result.exit_code == 2, result.output
+    assert "If node 'If_0' chooses its branch at run time" in result.output and "--const-input" in result.output

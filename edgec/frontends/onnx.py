@@ -11,7 +11,7 @@ from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
 from .onnx_control_flow import lower_control_flow
-from .onnx_semantics import EDGEC_OPS, from_onnx, refuse_wrong_conversions
+from .onnx_semantics import EDGEC_OPS, all_nodes, from_onnx, refuse_wrong_conversions
 from .pins import dynamic_dims_error
 
 # The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
@@ -175,20 +175,12 @@ def _np_dtype(value_info) -> str:
     return str(onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type))
 
 
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _all_nodes(sub)
-
-
 def _unsupported_ops(model) -> dict[str, int]:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = {*_get_convert_map(), *EDGEC_OPS}
     # Ops of custom domains are unsupported whatever their name.
-    return histogram(n.op_type for n in _all_nodes(model.graph)
+    return histogram(n.op_type for n in all_nodes(model.graph)
                      if n.domain not in ("", "ai.onnx") or n.op_type not in supported)
 
 
@@ -376,11 +368,11 @@ def inspect_onnx(path: Path) -> ModelInfo:
     model = _load(path)
     # weights are initializers, or Constant nodes in some exporters' graphs (Paddle's)
     arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
-    arrays += [numpy_helper.to_array(a.t) for n in _all_nodes(model.graph) if n.op_type == "Constant"
+    arrays += [numpy_helper.to_array(a.t) for n in all_nodes(model.graph) if n.op_type == "Constant"
                for a in n.attribute if a.name == "value"]
     inputs = tuple((i.name, _dims(i), _np_dtype(i)) for i in _graph_inputs(model))
     outputs = tuple((o.name, _dims(o), _np_dtype(o)) for o in model.graph.output)
-    return ModelInfo(path, "onnx", inputs, outputs, histogram(n.op_type for n in _all_nodes(model.graph)),
+    return ModelInfo(path, "onnx", inputs, outputs, histogram(n.op_type for n in all_nodes(model.graph)),
                      sum(a.size for a in arrays), sum(a.nbytes for a in arrays), _macs(model), _unsupported_ops(model))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import EdgecError
+from ..errors import EdgecError, last_line
 
 # Operators TVM's importer has no converter for that edgec converts: the recurrent layers (onnx_recurrent), and the
 # control flow made plain graph before conversion (onnx_control_flow; a data-dependent If is TVM's Relax If).
@@ -414,6 +414,15 @@ def _converters() -> dict:
 _CONVERTERS: dict | None = None
 
 
+def all_nodes(graph):
+    """The graph's nodes and those of its subgraphs, depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from all_nodes(sub)
+
+
 def from_onnx(model, shape_dict: dict, dtype_dict: dict):
     """TVM's from_onnx (weights bound as constants, names kept) with edgec's converters in place of TVM's."""
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
@@ -422,9 +431,25 @@ def from_onnx(model, shape_dict: dict, dtype_dict: dict):
     if _CONVERTERS is None:
         _CONVERTERS = _converters()
 
+    # The Ifs left are data-dependent (onnx_control_flow took the constant ones): TVM makes each a Relax If whose
+    # branches are converted without the shape folding the main graph had, which can fail.
+    branch_of = {attr.g.name: node.name or node.output[0] for node in all_nodes(model.graph) if node.op_type == "If"
+                 for attr in node.attribute if attr.HasField("g")}
+
     class Importer(ONNXGraphImporter):
         def _check_for_unsupported_ops(self, graph):
             """Already checked by edgec's frontend, which knows edgec's converters too."""
+
+        def _convert_subgraph(self, bb, graph):
+            try:
+                return super()._convert_subgraph(bb, graph)
+            except EdgecError:
+                raise
+            except Exception as e:  # TVM's converters raise anything on a branch they cannot convert
+                raise EdgecError(f"If node '{branch_of.get(graph.name, graph.name)}' chooses its branch at run time, "
+                                 f"and TVM cannot convert its {graph.name or 'branch'} ({last_line(e)})",
+                                 "make the condition constant: fix the inputs it depends on with --const-input "
+                                 "NAME=FILE.npy (and pin shapes with --input-shape)") from e
 
         def _convert_operator(self, op_name, inputs, attrs, opset):
             converter = _CONVERTERS.get(op_name)
