@@ -100,7 +100,7 @@ PARAMETER_INPUTS = {"shape", "axes", "pads", "scales", "sizes", "split", "repeat
 
 
 # Names too common to fold everywhere (Attention's K is data): only for these operators.
-OP_PARAMETER_INPUTS = {("TopK", "K"), ("ConstantOfShape", "input")}
+OP_PARAMETER_INPUTS = {("TopK", "K"), ("ConstantOfShape", "input"), ("Loop", "M"), ("Loop", "cond")}
 
 
 def parameter_inputs(node, opset_import) -> set[str]:

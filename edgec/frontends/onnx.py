@@ -299,7 +299,7 @@ def _fold_round(model, derived: set[str]) -> list[str]:
               and all(i == "" or i in consts for i in node.input)
               and any(i in derived or consts[i].size <= _SMALL for i in node.input if i)):
             feeds = {i: consts[i] for i in node.input if i}
-            value = ReferenceEvaluator(node, opsets={"": opset} if opset else None).run(None, feeds)[0]
+            value = ReferenceEvaluator(_one_node_model(node, feeds, opset)).run(None, feeds)[0]
         if value is None:
             kept.append(node)
             continue
@@ -312,6 +312,17 @@ def _fold_round(model, derived: set[str]) -> list[str]:
         del model.graph.node[:]
         model.graph.node.extend(kept)
     return folded
+
+
+def _one_node_model(node, feeds: dict, opset: int | None):
+    """The node as a model of its opset: onnx's ReferenceEvaluator runs a bare node at the newest opset (an
+    opset-11 Unsqueeze's axes attribute then fails)."""
+    from onnx import helper
+
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for n, v in feeds.items()]
+    graph = helper.make_graph([node], "fold", inputs, [helper.make_empty_tensor_value_info(node.output[0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] if opset else None)
 
 
 @register_pass("fold-shape-subgraphs", phase="import", frontend="onnx", opt_level=0)
