@@ -20,13 +20,14 @@ MAX_UNROLL = 1024
 _CONST_HINT = "pin the values it depends on with --const-input NAME=FILE.npy and --input-shape"
 
 
-def lower_control_flow(model) -> list[str]:
+def lower_control_flow(model, refuse: bool = True) -> list[str]:
     """Take constant If branches and unroll Loop/Scan nodes, repeatedly, in the main graph and in the branches of
-    the Ifs that stay; returns one line per node rewritten."""
+    the Ifs that stay; returns one line per node rewritten. A Loop/Scan that cannot be unrolled is refused, or
+    with refuse=False (between shape-folding rounds, which may yet make its trip count constant) left as it is."""
     names = _all_names(model.graph)
     done = []
     for graph in _graphs(model.graph):
-        while found := _rewrite(model, graph, names):
+        while found := _rewrite(model, graph, names, refuse):
             done += found
     return done
 
@@ -73,7 +74,7 @@ def _label(node) -> str:
     return f"{node.op_type} node '{node.name or node.output[0]}'"
 
 
-def _rewrite(model, graph, names) -> list[str]:
+def _rewrite(model, graph, names, refuse: bool) -> list[str]:
     """One pass over `graph`: the first rewritable node is replaced (its copies go where it was)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     consts = {**_constants(model.graph), **_constants(graph)}
@@ -85,10 +86,14 @@ def _rewrite(model, graph, names) -> list[str]:
             body = next(a.g for a in node.attribute if a.name == taken)
             new, inits = _inline(body, {}, dict(zip([o.name for o in body.output], node.output)), names, node.name)
             summary = f"{_label(node)}: condition constant, {taken} taken"
-        elif node.op_type == "Loop":
-            new, inits, summary = _unroll_loop(node, consts, opset, names)
-        elif node.op_type == "Scan":
-            new, inits, summary = _unroll_scan(node, _static_shapes(model), opset, names)
+        elif node.op_type in ("Loop", "Scan"):
+            try:
+                new, inits, summary = (_unroll_loop(node, consts, opset, names) if node.op_type == "Loop"
+                                       else _unroll_scan(node, _static_shapes(model), opset, names))
+            except EdgecError:
+                if refuse:
+                    raise
+                continue
         else:
             continue
         nodes = list(graph.node)
