@@ -88,11 +88,13 @@ def _arithmetic(ufunc, *, float_only=False):
 
 def _dequantize(call, x, scale, zero_point):
     """LegalizeOps' formula: float32(int32(x) - zero point) * scale, per channel along `axis`."""
-    if str(call.attrs.out_dtype) != "float32" or x.dtype.kind not in "iu":
+    axis = int(call.attrs.axis) % max(x.ndim, 1)
+    if str(call.attrs.out_dtype) != "float32" or x.dtype.kind not in "iu" or zero_point.dtype.kind not in "iu" \
+            or any(q.size not in (1, x.shape[axis] if x.ndim else 1) for q in (scale, zero_point)):
         return None
-    axis = int(call.attrs.axis) % x.ndim
     per_channel = [1] * x.ndim
-    per_channel[axis] = -1
+    if x.ndim:
+        per_channel[axis] = -1
 
     def along_axis(q):
         return q.reshape(()) if q.size == 1 else q.reshape(per_channel)
