@@ -136,9 +136,12 @@ def reference(model, feeds, host_bundle) -> dict[str, dict[str, np.ndarray]]:
 
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(host_bundle / "model.so")), tvm.cpu())
     params = tvm.runtime.load_param_dict_from_file(str(host_bundle / "params.bin"))
-    arity = vm.module["get_function_arity"]("main")
-    args = [tvm.runtime.tensor(feeds[s.name]) for s in INPUTS]
-    args += [params[vm.module["get_function_param_name"]("main", i)] for i in range(len(INPUTS), arity)]
+    # the weights go to the manifest's load function (offload: it packs them) when it names one, else to main
+    load = Manifest.load(host_bundle).load_function
+    takes, first = (load, 0) if load else ("main", len(INPUTS))
+    weights = [params[vm.module["get_function_param_name"](takes, i)]
+               for i in range(first, vm.module["get_function_arity"](takes))]
+    args = [tvm.runtime.tensor(feeds[s.name]) for s in INPUTS] + (list(vm[load](*weights)) if load else weights)
     vm_out = dict(zip([s.name for s in OUTPUTS], (t.numpy() for t in vm["main"](*args))))
     return {"ort": ort_out, "vm": vm_out}
 
