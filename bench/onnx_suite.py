@@ -254,9 +254,8 @@ class EdgecHost:
         stage("run")
         vm = relax.VirtualMachine(executable, tvm.cpu())
         weights = [tvm.runtime.tensor(v) for v in compiled.params.values()]
-        load = getattr(compiled, "load", None)   # offload's main_load packs the weights once, as a bundle's load
-        if load:
-            weights = list(vm[load](*weights))
+        if compiled.load:                # offload's main_load packs the weights once, as a bundle's load
+            weights = list(vm[compiled.load](*weights))
         args = [tvm.runtime.tensor(np.asarray(a)) for a in inputs] + weights
         result = _as_numpy(vm["main"](*args))
         return result if len(model.graph.output) != 1 else [result]
