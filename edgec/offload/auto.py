@@ -32,6 +32,7 @@ from ..errors import EdgecError
 from ..workers import WorkerProcess, WorkerTimeout, serve
 from .backend import Backend
 from .fusion import read_fused, static_shape
+from .quantized import is_quantized
 from .passes import LOAD_SUFFIX, Measured, Placement, placement_of, with_placement
 
 TIME_LIMIT_S = 120.0       # timing both variants (compiling them is not counted): rounds run while they fit
@@ -116,6 +117,8 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
     groups = []
     for symbol, count in calls.items():
         func = mod[symbol]
+        if is_quantized(func):   # int8 chains stay offloaded: TVM's alternative is their float QDQ form
+            continue
         backend = by_name[str(func.attrs["Codegen"])]
         fused = read_fused(func)
         shape = "x".join(map(str, static_shape(fused.anchor.args[0]) or ["?"]))
@@ -252,7 +255,7 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
 def _order(func: relax.Function, backend: Backend) -> tuple[list[int], int]:
     """A group's parameters as g<i> takes them, as main does: the operands computed at run time first (the inputs),
     then those the backend packs at load (the weights); and how many come first."""
-    packed = backend.packed(read_fused(func))
+    packed = backend.packed(func)
     runtime = [k for k in range(len(func.params)) if k not in packed]
     return runtime + list(packed), len(runtime)
 

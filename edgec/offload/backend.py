@@ -4,13 +4,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from tvm import relax
 from tvm.relax.dpl import DFPattern
-
-if TYPE_CHECKING:
-    from .fusion import Fused
 
 
 @dataclass(frozen=True)
@@ -45,8 +42,10 @@ class Backend:
     layouts: dict[str, list[str]]                  # ConvertLayout's desired layouts, e.g. conv2d: NHWC, OIHW
     emit: Callable[[list[relax.Function]], str]    # one C++ source for the partitioned functions
     # a partitioned function's parameter indices that its emitted `<symbol>_pack` takes at load (see passes.py)
-    packed: Callable[[Fused], tuple[int, ...]]
+    packed: Callable[[relax.Function], tuple[int, ...]]
     linkage: Linkage
+    # int8 chains in QDQ form (quantized.py), partitioned before constant folding would make their weights float
+    quantized_patterns: Callable[[], list[Pattern]] = lambda: []
 
     def supports(self, arch: str) -> bool:
         return arch in self.linkage.packages

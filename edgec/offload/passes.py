@@ -16,14 +16,17 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from ..context import BuildContext
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
+from .quantized import is_quantized, read_quantized
 
 _PLACEMENT_ATTR = "edgec_offload_placement"
 # TVM's ONNX importer emits Clip as TE kernels named after the topi functions: maximum, minimum1, ...
 _CLIP_HALF = re.compile(r"^(maximum|minimum)\d*$")
 # Ops ConvertLayout would move along to the new layout, which TVM 0.27 cannot lower in it.
 _KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
-# Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair.
-_NO_LAYOUT_RULE = ("relax.clip",)
+# Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair. quantize and
+# dequantize are elementwise when per tensor (their one scale and zero point): moved only then.
+_NO_LAYOUT_RULE = ("relax.clip", "relax.quantize", "relax.dequantize")
+_QDQ = ("relax.quantize", "relax.dequantize")
 
 
 def _offloading(ctx: BuildContext) -> bool:
@@ -86,10 +89,17 @@ def _identity(first, second) -> bool:
     return len(first) == len(second) and all(first[second[i]] == i for i in range(len(first)))
 
 
+def _per_tensor(call: relax.Call) -> bool:
+    return call.op.name not in _QDQ or all(isinstance(a, tvm.ir.expr.GenericConst) and a.value.numpy().size == 1
+                                           for a in call.args[1:])
+
+
 @tvm.transform.module_pass(opt_level=0, name="OffloadDropTransposePairs")
 def _drop_transpose_pairs(mod, pctx):
     """Transposes are moved below the elementwise ops ConvertLayout left in the old layout, until they meet
-    the transpose that undoes them; both are then removed."""
+    the transpose that undoes them; both are then removed. A transpose left below a dequantize goes back above
+    it: on 8-bit values it moves a quarter of the bytes, and a quantized chain sees its dequantize.
+    """
     x = wildcard()
     transposed = is_op("relax.permute_dims")(x)
     elementwise = is_op(_NO_LAYOUT_RULE[0])
@@ -98,17 +108,30 @@ def _drop_transpose_pairs(mod, pctx):
     op = elementwise(transposed, wildcard(), wildcard())
     pair = is_op("relax.permute_dims")(transposed)
 
+    quantized = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
+    above = is_op("relax.permute_dims")(quantized)
+
     def sink(expr, m):
+        if not _per_tensor(m[op]):
+            return expr
         inner = relax.Call(m[op].op, [m[x], *m[op].args[1:]], m[op].attrs)
         return relax.op.permute_dims(inner, m[transposed].attrs.axes)
 
     def cancel(expr, m):
         return m[x] if _identity(m[transposed].attrs.axes, m[pair].attrs.axes) else expr
 
+    def hoist(expr, m):
+        call = m[quantized]
+        if not _per_tensor(call):
+            return expr
+        return relax.Call(call.op, [relax.op.permute_dims(call.args[0], m[above].attrs.axes), *call.args[1:]],
+                          call.attrs)
+
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pair, cancel, rewrite_call(op, sink, func))
+            func = rewrite_call(pair, cancel, rewrite_call(op, sink, func))
+            mod[gv] = rewrite_call(pair, cancel, rewrite_call(above, hoist, func))
     return mod
 
 
@@ -140,12 +163,17 @@ def _constants_second(mod, pctx):
     return mod
 
 
+def _desired_layouts(backends) -> dict[str, list[str]]:
+    desired = dict(_KEEP_LAYOUT)
+    for backend in reversed(backends):   # the first backend's wish wins
+        desired.update(backend.layouts)
+    return desired
+
+
 @register_pass("offload-layout", phase="graph", after=("offload-restore-clip",), applies=_offloading)
 def layout(ctx):
     """Convert the graph to the backends' layout (NHWC), leaving no transpose pairs between offloaded operators."""
-    desired = dict(_KEEP_LAYOUT)
-    for backend in reversed(_backends(ctx)):   # the first backend's wish wins
-        desired.update(backend.layouts)
+    desired = _desired_layouts(_backends(ctx))
     convert = tvm.transform.Sequential([
         _constants_second, relax.transform.ConvertLayout(desired), _drop_transpose_pairs,
         # ConvertLayout transposes constant biases; folding makes them constants the patterns accept
@@ -169,6 +197,59 @@ def _uses(mod: tvm.IRModule, ops: set[str]) -> bool:
             relax.analysis.post_order_visit(func, lambda e: found.append(1) if isinstance(e, relax.Call) and
                                             isinstance(e.op, tvm.ir.Op) and e.op.name in ops else None)
     return bool(found)
+
+
+@tvm.transform.module_pass(opt_level=0, name="OffloadUntieDequantize")
+def _untie_dequantize(mod, pctx):
+    """Each conv2d/matmul gets its own dequantize of its input: one shared with a residual add or another layer
+    would be a value used outside the quantized chain, which then could not be fused."""
+    dq = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
+    anchor = is_op("relax.nn.conv2d")(dq, wildcard()) | is_op("relax.matmul")(dq, wildcard())
+
+    def untie(expr, m):
+        inner = m[dq]
+        return relax.Call(expr.op, [relax.Call(inner.op, inner.args, inner.attrs), *expr.args[1:]], expr.attrs)
+
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and "Codegen" not in (func.attrs or {}):
+            mod[gv] = rewrite_call(anchor, untie, func)
+    return mod
+
+
+def _has_quantized_anchor(mod: tvm.IRModule) -> bool:
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.dequantize" \
+                and isinstance(e.args[0], tvm.ir.expr.GenericConst) and e.args[0].ty.dtype == "int8":
+            found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+@register_pass("offload-quantized", phase="graph", after=("canonicalize",), applies=_offloading)
+def quantized(ctx):
+    """Give int8 chains in QDQ form (dequantize, conv2d/matmul, bias, ReLU/clip, quantize) to the backends' integer
+    kernels, in their layout, before constant folding turns the int8 weights into floats."""
+    backends = [b for b in _backends(ctx) if b.quantized_patterns()]
+    patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, lambda c, p=p: p.check(c) is None)
+                for backend in backends for p in backend.quantized_patterns()]
+    convert = tvm.transform.Sequential([
+        relax.transform.ConvertLayout(_desired_layouts(backends)), _drop_transpose_pairs,
+        relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), _untie_dequantize,
+        relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)],
+        name="OffloadQuantized")
+
+    @tvm.transform.module_pass(opt_level=0, name="OffloadQuantizedIfAny")
+    def quantized_if_any(mod, pctx):
+        # no int8 weights, nothing to do: the graph is left for offload-layout as it is
+        return convert(mod) if patterns and _has_quantized_anchor(mod) else mod
+
+    return quantized_if_any
 
 
 @dataclass(frozen=True)
@@ -231,7 +312,7 @@ def _partition_pass(backends):
             if not isinstance(call, relax.Call):
                 continue
             if isinstance(call.op, tvm.ir.GlobalVar) and "Codegen" in (mod[call.op].attrs or {}):
-                fused = read_fused(mod[call.op])
+                fused = (read_quantized if is_quantized(mod[call.op]) else read_fused)(mod[call.op])
                 counts[(_short(fused.anchor.op.name), str(mod[call.op].attrs["Codegen"]), fused.composite)] += 1
             elif isinstance(call.op, tvm.ir.Op) and call.op.name in anchors:
                 var = binding.var.name
@@ -337,7 +418,7 @@ def pack_at_load(backends) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="OffloadCodegen")
     def offload_codegen(mod, pctx):
-        packed = {str(f.attrs["global_symbol"]): by_name[str(f.attrs["Codegen"])].packed(read_fused(f))
+        packed = {str(f.attrs["global_symbol"]): by_name[str(f.attrs["Codegen"])].packed(f)
                   for _, f in mod.functions_items()
                   if isinstance(f, relax.Function) and "Codegen" in (f.attrs or {})}
         mod = relax.transform.RunCodegen()(mod)

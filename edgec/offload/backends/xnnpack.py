@@ -260,7 +260,7 @@ BACKEND = Backend(
     patterns=_patterns,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,
-    packed=packed_operands,
+    packed=lambda func: packed_operands(read_fused(func)),
     linkage=Linkage(headers=("xnnpack.h", "pthreadpool.h"), libs=("-lXNNPACK", "-lpthreadpool"),
                     packages={"aarch64": "libxnnpack-dev"},
                     ship=("libcpuinfo.so.0", "libpthreadpool.so.0", "libXNNPACK.so.0"),

@@ -1,0 +1,206 @@
+"""Quantized (QDQ) patterns shared by the backends, and the reading of a partitioned one back for an emitter.
+
+Quantized compute reaches the offload passes as QDQ, the form TVM's ONNX frontend gives onnxruntime's QDQ models
+and edgec's own quantization emits: `quantize(act(dequantize(x_q) (*) dequantize(w_q) + dequantize(b_q)))`, with
+int8 weight constants quantized per output channel, an int32 bias at scale sx * sw and per-tensor activations.
+Such a chain is one integer primitive: u8/s8 source with its zero point, s8 weights, s32 bias, output scales
+sx * sw / sy per channel, u8/s8 destination with its zero point. The group holds every constant of the chain
+(scales, zero points, int8 weights, int32 bias), so constant folding cannot turn the weights into floats.
+A pattern's name is "<backend>.q<anchor>[_bias][_relu|_clip]".
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.utils import has_leaking_intermediate_variables
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from .backend import Pattern
+from .fusion import static_shape
+
+QUANTIZED_ACTIVATIONS = ("uint8", "int8")
+
+
+def _dequantize(data):
+    return is_op("relax.dequantize")(data, is_const(), is_const())
+
+
+def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
+                       ) -> list[Pattern]:
+    """`<backend>.q<anchor>[_bias][_relu|_clip]` for quantize(chain(op(dequantize(x), dequantize(w)))), longest first."""
+    patterns = []
+    for bias, act in sorted(itertools.product((True, False), (None, "relu", "clip")),
+                            key=lambda c: -(c[0] + (c[1] is not None))):
+        weight_q = _dequantize(is_const())
+        weight = weight_q | is_op("relax.permute_dims")(weight_q)    # Gemm's transB: (N, K) stored, (K, N) used
+        root = is_op(op)(_dequantize(wildcard()), weight)
+        annotations = {"anchor": root}
+        if bias:
+            bias_q = _dequantize(is_const())
+            shaped = bias_q | is_op("relax.reshape")(bias_q, wildcard())
+            # the ONNX frontend's reshape to [1, C, 1, 1], which the NHWC conversion transposes
+            root = is_op("relax.add")(root, shaped | is_op("relax.permute_dims")(shaped))
+            annotations["bias"] = root
+        if act == "relu":
+            root = is_op("relax.nn.relu")(root)
+        elif act == "clip":
+            root = is_op("relax.clip")(root, wildcard(), wildcard())
+        if act:
+            annotations["act"] = root
+        root = is_op("relax.quantize")(root, is_const(), is_const())
+        annotations["out"] = root
+        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else []))
+        patterns.append(Pattern(name, root, annotations, _check(check_anchor), op))
+    return patterns
+
+
+def _scalar(expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.GenericConst) and expr.value.numpy().size == 1
+
+
+def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str | None]:
+    def check(ctx: relax.transform.PatternCheckContext) -> str | None:
+        if has_leaking_intermediate_variables(ctx):
+            return "a value inside the quantized chain is also used outside it"
+        anchor, out = ctx.annotated_expr["anchor"], ctx.annotated_expr["out"]
+        data, weight = _dq(ctx, anchor.args[0]), _dq(ctx, anchor.args[1])
+        for role, expr in (("input", data.args[0]), ("output", out)):
+            if getattr(expr.ty, "dtype", None) not in QUANTIZED_ACTIVATIONS:
+                return f"quantized {role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
+            if static_shape(expr) is None:
+                return f"{role} has a dynamic shape"
+        if not all(_scalar(e) for e in (*data.args[1:], *out.args[1:])):
+            return "activations quantized per channel (per tensor only)"
+        if weight.args[0].ty.dtype != "int8" or weight.args[2].value.numpy().any():
+            return "weights not symmetric int8 (zero point 0)"
+        out_channels = static_shape(anchor)[-1]
+        if weight.args[1].value.numpy().size not in (1, out_channels) or (
+                weight.args[1].value.numpy().size > 1 and int(weight.attrs.axis) != _output_axis(ctx, anchor)):
+            return "weights not quantized per output channel"
+        if "bias" in ctx.annotated_expr:
+            bias = _bias_dq(ctx)
+            if bias.args[0].ty.dtype != "int32" or bias.args[0].value.numpy().size != out_channels \
+                    or bias.args[2].value.numpy().any():
+                return "bias not int32, one value per output channel, zero point 0"
+        act = ctx.annotated_expr.get("act")
+        if act is not None and act.op.name == "relax.clip" and \
+                not all(isinstance(v, tvm.tirx.FloatImm) for v in act.args[1:]):
+            return "clip bounds are not constants"
+        return check_anchor(anchor)
+
+    return check
+
+
+def _dq(ctx, expr) -> relax.Call:
+    """The dequantize behind an anchor operand (through Gemm's transpose)."""
+    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
+    while isinstance(expr, relax.Var) and expr in bound:
+        expr = bound[expr]
+    if expr.op.name == "relax.permute_dims":
+        return _dq(ctx, expr.args[0])
+    return expr
+
+
+def _bias_dq(ctx) -> relax.Call:
+    expr = ctx.annotated_expr["bias"].args[1]
+    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
+    while True:
+        while isinstance(expr, relax.Var) and expr in bound:
+            expr = bound[expr]
+        if expr.op.name == "relax.dequantize":
+            return expr
+        expr = expr.args[0]
+
+
+def _output_axis(ctx, anchor) -> int:
+    """The axis of the stored weights that indexes output channels: O of OIHW; N of (N, K) or (K, N)."""
+    if anchor.op.name == "relax.nn.conv2d":
+        return 0
+    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
+    weight = anchor.args[1]
+    weight = bound.get(weight, weight)
+    return 0 if weight.op.name == "relax.permute_dims" else 1
+
+
+@dataclass(frozen=True)
+class QFused:
+    """A partitioned quantized chain: parameter indices of each operand the emitter needs."""
+    symbol: str
+    composite: str
+    anchor: relax.Call
+    data: int
+    data_scale: int
+    data_zero_point: int
+    weight: int
+    weight_scale: int
+    weight_transposed: bool      # stored (N, K), used (K, N)
+    bias: int | None
+    activation: str | None       # "relu" or "clip"
+    bounds: tuple[float, float]  # clip, real values
+    out_scale: int
+    out_zero_point: int
+    data_dtype: str
+    out_dtype: str
+    num_params: int
+
+    @property
+    def packed(self) -> tuple[int, ...]:
+        """Everything but the quantized input: constants, packed at load."""
+        return tuple(i for i in range(self.num_params) if i != self.data)
+
+
+def is_quantized(func: relax.Function) -> bool:
+    return ".q" in _composite(func)[1].attrs["Composite"]
+
+
+def _composite(func: relax.Function):
+    found = []
+    relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if isinstance(e, relax.Function) else None)
+    inner = [f for f in found if "Composite" in f.attrs]
+    if len(inner) != 1:
+        raise ValueError(f"{func.attrs['global_symbol']}: expected one composite function, found {len(inner)}")
+    return func, inner[0]
+
+
+def read_quantized(func: relax.Function) -> QFused:
+    func, inner = _composite(func)
+    values = {b.var: b.value for block in inner.body.blocks for b in block.bindings}
+
+    def value(expr):
+        while isinstance(expr, relax.Var) and expr in values:
+            expr = values[expr]
+        return expr
+
+    def param(expr) -> int:
+        expr = value(expr)
+        for i, p in enumerate(inner.params):
+            if p.same_as(expr):
+                return i
+        raise ValueError(f"{inner.attrs['Composite']}: an operand is not a parameter")
+
+    out = value(inner.body.body)
+    anchor = next(v for v in values.values() if isinstance(v.op, tvm.ir.Op) and
+                  v.op.name in ("relax.nn.conv2d", "relax.matmul"))
+    data, weight = value(anchor.args[0]), value(anchor.args[1])
+    transposed = weight.op.name == "relax.permute_dims"
+    weight = value(weight.args[0]) if transposed else weight
+    bias = act = None
+    bounds = (0.0, 0.0)
+    for v in values.values():
+        if v.op.name == "relax.add":
+            b = value(v.args[1])
+            while b.op.name != "relax.dequantize":
+                b = value(b.args[0])
+            bias = param(b.args[0])
+        elif v.op.name in ("relax.nn.relu", "relax.clip"):
+            act = v.op.name.rsplit(".", 1)[-1]
+            if act == "clip":
+                bounds = (float(v.args[1].value), float(v.args[2].value))
+    return QFused(str(func.attrs["global_symbol"]), str(inner.attrs["Composite"]), anchor,
+                  param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
+                  param(weight.args[1]), transposed, bias, act, bounds, param(out.args[1]), param(out.args[2]),
+                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params))

@@ -1,0 +1,126 @@
+"""oneDNN int8 offload of QDQ models (made here with onnxruntime.quantization.quantize_static, per channel): each
+conv2d/matmul chain runs as one integer primitive with its weights kept int8, and every output is within one
+quantization step of onnxruntime running the same QDQ model, with most elements exact."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from edgec import api, report
+from edgec.build import BuildOptions
+from edgec.examples import mobilenet_v2
+from verify import save_onnx
+
+ONEDNN = BuildOptions(offload=("onednn",))
+RNG = np.random.default_rng(5)
+
+
+class _Samples(CalibrationDataReader):
+    def __init__(self, samples: list[dict[str, np.ndarray]]):
+        self._it = iter(samples)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantized(model: Path, samples: list[dict[str, np.ndarray]], activations=QuantType.QUInt8) -> Path:
+    out = model.with_name(model.stem + f"_qdq_{activations.name}.onnx")
+    quantize_static(str(model), str(out), _Samples(samples), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=activations, weight_type=QuantType.QInt8)
+    return out
+
+
+def _output_scale(model: Path, output: str) -> float:
+    """The scale of the DequantizeLinear that makes `output`: one quantization step of it."""
+    import onnx
+
+    graph = onnx.load(str(model)).graph
+    node = next(n for n in graph.node if output in n.output)
+    assert node.op_type == "DequantizeLinear", node.op_type
+    scale = next(i for i in graph.initializer if i.name == node.input[1])
+    return float(numpy_helper.to_array(scale))
+
+
+def check_within_one_step(model: Path, bundle: Path, inputs: dict[str, np.ndarray]) -> float:
+    """Every output within one step of onnxruntime's; returns the fraction of elements off by one step."""
+    ours = api.run(bundle, inputs).outputs
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    theirs = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+    off = total = 0
+    for name, expected in theirs.items():
+        step = _output_scale(model, name)
+        steps = np.abs(ours[name].astype(np.float64) - expected) / step
+        assert steps.max() <= 1.0 + 1e-3, f"{name}: {steps.max():.2f} steps off"
+        off += int((steps > 0.5).sum())
+        total += steps.size
+    print(f"{bundle.name}: {off} of {total} elements one step off ({off / total:.2%})")
+    return off / total
+
+
+def build(model: Path, out: Path, inputs) -> api.BuildResult:
+    return api.build(model, "host", out, options=ONEDNN, sample_inputs=inputs)
+
+
+def int8_placement(result: api.BuildResult) -> dict[str, list[str]]:
+    placed = {}
+    for p in report.build_json(result)["offload"]:
+        placed.setdefault(p["operator"], []).append(f"{p['backend']}:{p['detail']}")
+    return placed
+
+
+def conv_forms(path: Path) -> Path:
+    """Every conv2d form the fp32 path takes (3x3 padded, depthwise strided asymmetric, grouped dilated, 1x1),
+    ReLU6 as Clip, a ReLU, a Gemm with bias."""
+    inits, nodes = [], []
+
+    def conv(x, out, cin, cout, k, group=1, **attrs):
+        w, b = f"{out}_w", f"{out}_b"
+        inits.extend([numpy_helper.from_array((RNG.standard_normal((cout, cin // group, k, k)) * 0.3)
+                                              .astype(np.float32), w),
+                      numpy_helper.from_array((RNG.standard_normal(cout) * 0.1).astype(np.float32), b)])
+        nodes.append(helper.make_node("Conv", [x, w, b], [out], group=group, kernel_shape=[k, k], **attrs))
+        return out
+
+    inits += [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+    a = conv("x", "a", 8, 16, 3, pads=[1, 1, 1, 1])
+    nodes.append(helper.make_node("Clip", [a, "lo", "hi"], ["a6"]))
+    b = conv("a6", "b", 16, 16, 3, group=16, strides=[2, 2], pads=[0, 1, 1, 0])
+    c = conv(b, "c", 16, 16, 3, group=4, dilations=[2, 2], pads=[2, 2, 2, 2])
+    nodes.append(helper.make_node("Relu", [c], ["cr"]))
+    d = conv("cr", "d", 16, 16, 1)
+    nodes.append(helper.make_node("Flatten", [d], ["f"]))
+    inits += [numpy_helper.from_array((RNG.standard_normal((10, 16 * 8 * 8)) * 0.1).astype(np.float32), "g_w"),
+              numpy_helper.from_array((RNG.standard_normal(10) * 0.1).astype(np.float32), "g_b")]
+    nodes.append(helper.make_node("Gemm", ["f", "g_w", "g_b"], ["y"], transB=1))
+    return save_onnx(path, "conv_forms", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 10]}, inits)
+
+
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
+def test_conv_forms_int8_within_one_step(tmp_path, activations):
+    model = conv_forms(tmp_path / "forms.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples, activations)
+    result = build(qdq, tmp_path / "b", samples[0])
+    placed = int8_placement(result)
+    assert placed["conv2d"] and all(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]), placed
+    assert placed["matmul"] == ["onednn:onednn.qmatmul_bias"], placed
+    # the int8 weights are what params.bin holds: far less than the float weights' 4 bytes each
+    weights = sum(np.prod(i.dims) for i in __import__("onnx").load(str(model)).graph.initializer)
+    assert (tmp_path / "b" / "params.bin").stat().st_size < 1.5 * weights
+    for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
+        assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05
+
+
+def test_mobilenet_v2_int8_within_one_step(tmp_path):
+    model = mobilenet_v2(tmp_path / "mnv2.onnx", width=0.35, resolution=96)
+    samples = [{"input": RNG.random((1, 3, 96, 96), dtype=np.float32)} for _ in range(8)]
+    qdq = quantized(model, samples)
+    result = build(qdq, tmp_path / "b", samples[0])
+    placed = int8_placement(result)
+    assert all(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]), placed
+    assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
