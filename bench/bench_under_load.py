@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Latency of a host bundle while other processes hold the cores, beside onnxruntime under the same load.
+
+A default host build runs two thread pools: TVM's, for its own kernels, and OpenMP's, which Debian's oneDNN uses.
+Both spin between parallel regions. On a dedicated device that is what makes back-to-back kernels fast; when
+other processes want the same cores, spinning threads take time slices from the working ones. This measures how
+much, and what the wait-policy settings the two pools read from the environment change:
+
+    OMP_WAIT_POLICY=PASSIVE           OpenMP workers sleep at once instead of spinning (oneDNN's team)
+    TVM_THREAD_POOL_SPIN_COUNT=0      TVM's pool workers sleep at once
+
+For each count of busy neighbours (processes spinning on a core each), every runtime and setting runs in its own
+process, in alternated rounds; each process times `--runs` runs after a warm-up and reports its median and 90th
+percentile. The table gives the median of the rounds' medians and the worst round's 90th percentile.
+
+    python bench/bench_under_load.py                          # mobilenetv2, 0/1/2 neighbours, 3 rounds
+    python bench/bench_under_load.py --model resnet-small --neighbours 0 2 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from edgec import api, benchmark
+from edgec.examples import EXAMPLES
+
+SETTINGS = {
+    "default": {},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "TVM_THREAD_POOL_SPIN_COUNT=0": {"TVM_THREAD_POOL_SPIN_COUNT": "0"},
+}
+
+# One timed process: prints {"median": ms, "p90": ms}. argv: runtime, bundle or model path, threads, runs.
+_WORKER = r"""
+import json, sys, time
+import numpy as np
+runtime, path, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if runtime == "edgec":
+    sys.path.insert(0, path)
+    import run
+    model = run.Model(path, threads=threads)
+    feeds = model.sample("inputs")
+    call = lambda: model.run(feeds)
+else:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.random(i.shape, dtype=np.float32) for i in session.get_inputs()}
+    call = lambda: session.run(None, feeds)
+for _ in range(5):
+    call()
+times = []
+for _ in range(runs):
+    start = time.perf_counter()
+    call()
+    times.append((time.perf_counter() - start) * 1e3)
+times.sort()
+print(json.dumps({"median": times[len(times) // 2], "p90": times[int(len(times) * 0.9)]}))
+"""
+
+
+def timed(runtime: str, path: Path, env: dict, threads: int, runs: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _WORKER, runtime, str(path), str(threads), str(runs)],
+                          env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def under_load(neighbours: int, candidates: list[tuple[str, str, Path, dict]], threads: int, runs: int,
+               rounds: int) -> dict[str, list[dict]]:
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(neighbours)]
+    try:
+        results: dict[str, list[dict]] = {label: [] for label, *_ in candidates}
+        for _ in range(rounds):
+            for label, runtime, path, env in candidates:
+                results[label].append(timed(runtime, path, env, threads, runs))
+        return results
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenetv2", choices=sorted(EXAMPLES), help="an example edgec generates")
+    parser.add_argument("--neighbours", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="edgec-load-") as tmp:
+        model = EXAMPLES[args.model](Path(tmp) / f"{args.model}.onnx")
+        bundle = Path(tmp) / "bundle"
+        api.build(model, "host", bundle)
+        candidates = [(f"edgec, {name}", "edgec", bundle, env) for name, env in SETTINGS.items()]
+        candidates.append(("onnxruntime", "onnxruntime", model, {}))
+        machine = benchmark.machine()
+        print(f"{args.model}, {args.threads} threads, {machine.cpu} ({machine.cores} cores), "
+              f"{args.rounds} alternated rounds of {args.runs} runs; ms: median of round medians (worst round's p90)\n")
+        print("| runtime | " + " | ".join(f"{n} busy neighbour{'s' if n != 1 else ''}" for n in args.neighbours) + " |")
+        print("|---" * (len(args.neighbours) + 1) + "|")
+        table = {n: under_load(n, candidates, args.threads, args.runs, args.rounds) for n in args.neighbours}
+        for label, *_ in candidates:
+            cells = []
+            for n in args.neighbours:
+                rounds = table[n][label]
+                cells.append(f"{statistics.median(r['median'] for r in rounds):.2f} "
+                             f"({max(r['p90'] for r in rounds):.1f})")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
