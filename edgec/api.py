@@ -54,22 +54,24 @@ def _memory_over_budget(compiled: CompiledModel) -> str | None:
 def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_shapes=None,
           options: BuildOptions = BuildOptions(), archive: bool = False, force: bool = False,
           strict_memory: bool = False, sample_inputs: dict[str, np.ndarray] | list[str] | None = None,
-          progress=None) -> BuildResult:
+          state_pairs: dict[str, str] | None = None, progress=None) -> BuildResult:
     """Import, optimize, compile, verify and bundle a model for a target.
 
     One build at a time per out_dir (a second one fails at once); temporary files live in an edgec workspace.
     `strict_memory` refuses a model whose estimated memory exceeds the target's (else it is a warning).
     `sample_inputs` is the sample the bundle is verified on and ships, as arrays by name or as `--input`
-    values (default: seeded random inputs).
+    values (default: seeded random inputs); a streaming model's sample leaves out the state inputs.
+    `state_pairs` ({input: output}; {} for none) names an ONNX model's streaming state; None detects it by name
+    (an output called as an input plus a suffix). TFLite models declare theirs (resource variables).
     """
     with fsutil.output_lock(out_dir), fsutil.workspace():
         return _build(model_path, target, Path(out_dir), input_shapes, options, archive, force, strict_memory,
-                      sample_inputs, progress)
+                      sample_inputs, state_pairs, progress)
 
 
 def _build(model_path, target, out_dir: Path, input_shapes, options, archive, force, strict_memory,
-           given_sample, progress) -> BuildResult:
-    from .verification import reference_outputs, sample_inputs, verify_staged
+           given_sample, state_pairs, progress) -> BuildResult:
+    from .verification import reference_outputs, sample_inputs, stream_steps, verify_staged, with_initial_state
 
     from .toolchain import find_tool
 
@@ -90,15 +92,16 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     with custom_ops(converters):
         model = load_model(model_path, input_shapes,
                            tuple(s.name for s in steps if s.phase == "import" and s.enabled), options.dump_ir,
-                           options.const_inputs)
+                           options.const_inputs, state_pairs)
     compiled = compile_model(model, ctx, steps, progress=say)
     over_budget = _memory_over_budget(compiled)
     if over_budget and strict_memory:
         raise EdgecError(over_budget, "drop --strict-memory to build anyway, or use a smaller model or input shape")
     say("reference run")
     inputs = sample_inputs(model, given_sample)
-    reference = reference_outputs(model, inputs)
-    sample = None if isinstance(reference, str) else Sample(inputs, reference[1], reference[0])
+    reference = reference_outputs(model, stream_steps(model, inputs, given_sample is not None))
+    sample = (None if isinstance(reference, str)
+              else Sample(with_initial_state(model, inputs), reference.outputs[0], reference.name))
     say("write the bundle")
     t0 = time.perf_counter()
     verify_seconds = []
@@ -107,7 +110,7 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
         say("verify the staged bundle")
         t_verify = time.perf_counter()
         try:
-            return verify_staged(staged, descriptor, inputs, reference)
+            return verify_staged(staged, descriptor, reference, stream=bool(model.states))
         finally:
             verify_seconds.append(time.perf_counter() - t_verify)
 
@@ -161,6 +164,99 @@ def run(bundle_dir: str | Path, inputs: dict[str, np.ndarray] | None = None, *, 
     return RunResult(run_bundle(bundle_dir, inputs, runner, threads, verify), inputs, runner)
 
 
+class LoadedModel:
+    """A host bundle loaded once (run.py's Model, every file checked): run() any number of inputs, or stream()
+    a streaming model's chunks with its state kept inside (reset() starts again from the initial state)."""
+
+    def __init__(self, bundle_dir: str | Path, threads: int | None = None, verify: bool = True):
+        from .runtime.local import load_bundle
+
+        manifest = Manifest.load(bundle_dir)
+        if manifest.arch != host_arch():
+            raise EdgecError(f"the bundle is for {manifest.arch} and this machine is {host_arch()}",
+                             "use edgec.api.stream() or api.run(), which run it under emulation, or run it on the board")
+        self.manifest = manifest
+        self._model = load_bundle(bundle_dir, threads, verify)
+
+    @property
+    def state(self) -> dict[str, np.ndarray] | None:
+        """The state the next stream() call takes, by state input name (None before the first)."""
+        return self._model.state
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with bundle_errors():
+            return self._model.run(inputs)
+
+    def stream(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One chunk: the inputs without the state inputs; returns every output (the new state's too)."""
+        with bundle_errors():
+            return self._model.stream(inputs)
+
+    def reset(self) -> None:
+        with bundle_errors():
+            self._model.reset()
+
+
+def load(bundle_dir: str | Path, *, threads: int | None = None, verify: bool = True) -> LoadedModel:
+    """Load a host bundle once for many calls (api.run loads it per call)."""
+    return LoadedModel(bundle_dir, threads, verify)
+
+
+def stream(bundle_dir: str | Path, chunks: list[dict[str, np.ndarray]], *, emulate: bool | None = None,
+           threads: int | None = None, verify: bool = True) -> list[dict[str, np.ndarray]]:
+    """Run a streaming bundle over `chunks` (its inputs without the state inputs, one dict per step) from its
+    initial state, the way its target runs here (in process, or its C++ runner under qemu); each step's outputs."""
+    from .runtime import IN_PROCESS, NATIVE_RUNNER, choose_runner, stream_bundle
+
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = Manifest.load(bundle_dir)
+    if not manifest.states:
+        raise EdgecError("the model keeps no state between calls", "run each input on its own (edgec run -i)")
+    for chunk in chunks:
+        check_inputs(manifest.stream_inputs, chunk)
+    runner = choose_runner(manifest.target)
+    if emulate and runner == IN_PROCESS:
+        runner = NATIVE_RUNNER
+    return stream_bundle(bundle_dir, chunks, runner, threads, verify)
+
+
+def bundle_states(bundle_dir: str | Path) -> tuple:
+    """A streaming bundle's states (frontends.State) with their initial values, from its checked states file."""
+    import tvm
+
+    from .frontends import State
+
+    bundle_dir = Path(bundle_dir)
+    manifest = Manifest.load(bundle_dir)
+    if not manifest.states:
+        return ()
+    with bundle_errors() as runner:
+        data = runner.read_file(bundle_dir, runner.load_manifest(bundle_dir), manifest.initial_states)
+    values = tvm.runtime.load_param_dict(data)
+    return tuple(State(s.name, s.input, s.output, values[s.input].numpy()) for s in manifest.states)
+
+
+def load_chunks(manifest: Manifest, paths: list[str]) -> list[dict[str, np.ndarray]]:
+    """`--chunks` values, [NAME=]FILE.npy per streamed input (as --input reads them), each holding the steps
+    along its first axis, split into one dict per step."""
+    if not manifest.states:
+        raise EdgecError("the model keeps no state between calls", "run each input on its own (edgec run -i)")
+    specs = manifest.stream_inputs
+    with bundle_errors() as runner:
+        arrays = runner.read_inputs([s.to_json() for s in specs], list(paths))
+    steps = set()
+    for s in specs:
+        a = arrays[s.name]
+        if a.shape[1:] != s.shape or a.ndim != len(s.shape) + 1:
+            raise EdgecError(f"--chunks for '{s.name}' has shape {list(a.shape)}; the input is {list(s.shape)}",
+                             f"stack the chunks along a first axis: [STEPS, {', '.join(map(str, s.shape))}]")
+        steps.add(a.shape[0])
+    if len(steps) != 1 or 0 in steps:
+        raise EdgecError(f"--chunks files hold different numbers of steps ({sorted(steps)})",
+                         "give every streamed input the same number of chunks (at least one)")
+    return [{s.name: arrays[s.name][k] for s in specs} for k in range(steps.pop())]
+
+
 def compare(run_result: RunResult, model_path: str | Path, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
     """Compare a run's outputs, by name, with the reference runtime's on the same inputs."""
     from .reference import ReferenceRuntime
@@ -169,5 +265,6 @@ def compare(run_result: RunResult, model_path: str | Path, tolerance: Tolerance 
     return compare_outputs(run_result.outputs, ref.run(run_result.inputs), tolerance, against=ref.name)
 
 
-__all__ = ["BuildOptions", "BuildResult", "RunResult", "BenchResult", "build", "run", "compare", "bench",
+__all__ = ["BuildOptions", "BuildResult", "RunResult", "BenchResult", "LoadedModel", "build", "run", "load", "stream",
+           "compare", "bench",
            "inspect_model", "load_inputs", "Dataset", "open_dataset", "Evaluation", "evaluate"]

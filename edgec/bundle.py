@@ -22,7 +22,8 @@ import numpy as np
 from . import __version__, fsutil
 from .build import CompiledModel, export_library
 from .errors import EdgecError
-from .manifest import MANIFEST_NAME, BundleTensor, FileEntry, Manifest, SampleDirs, not_verified, sha256_file
+from .manifest import (MANIFEST_NAME, BundleTensor, FileEntry, Manifest, SampleDirs, StateRecord, not_verified,
+                       sha256_file)
 from .offload import shipped_libraries, used
 from .offload.auto import manifest_decisions
 from .resources import data_dir
@@ -32,6 +33,7 @@ from .signature import tensor_file
 LIBRARY_NAME = "model.so"
 SHARED_LIB_DIR = "lib"     # libraries model.so needs that a stock board lacks (offload backends'); see its rpath
 PARAMS_NAME = "params.bin"
+STATES_NAME = "states.bin"  # a streaming model's initial state values, keyed by state input name
 # Copied byte for byte into every bundle: they read everything model-specific from manifest.json.
 RUNNERS = ("run.py", "main.cc", "CMakeLists.txt")
 
@@ -93,6 +95,23 @@ def _some(paths: list[str]) -> str:
     return ", ".join(map(shown, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
+def _older_bundle(out_dir: Path) -> dict | None:
+    """The file list of a bundle written by an older edgec (an earlier format version), which runners refuse but
+    edgec may replace: a manifest whose "files" has the current form. None for anything else."""
+    runner = bundle_runner()
+    try:
+        data = json.loads((out_dir / MANIFEST_NAME).read_bytes().decode("utf-8"), object_pairs_hook=runner._unique_keys)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not (isinstance(version, int) and not isinstance(version, bool) and 1 <= version < runner.FORMAT_VERSION):
+        return None
+    files = data.get("files")
+    if runner._problem(files, runner._SCHEMA["files"], "files") or MANIFEST_NAME in files:
+        return None
+    return {"files": files}
+
+
 def _prepare_destination(out_dir: Path, force: bool) -> None:
     """Refuse an -o that edgec may not replace. A new path or an empty directory is fine; an existing bundle
     only when it is intact: its manifest parses and it holds exactly the listed files, each unchanged
@@ -110,8 +129,10 @@ def _prepare_destination(out_dir: Path, force: bool) -> None:
         try:
             manifest = runner.load_manifest(out_dir)
         except runner.BundleError as e:
-            raise EdgecError(f"{where} holds a {MANIFEST_NAME} that is not an edgec bundle's ({e.message})",
-                             "pick another -o or move its files; edgec replaces only its own bundles") from None
+            manifest = _older_bundle(out_dir)
+            if manifest is None:
+                raise EdgecError(f"{where} holds a {MANIFEST_NAME} that is not an edgec bundle's ({e.message})",
+                                 "pick another -o or move its files; edgec replaces only its own bundles") from None
         found = runner.survey(out_dir, manifest)
         foreign = found["unlisted"] + found["links"]
         if foreign:
@@ -244,6 +265,9 @@ def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
         params_name = PARAMS_NAME
         tvm.runtime.save_param_dict_to_file({k: tvm.runtime.tensor(v) for k, v in compiled.params.items()},
                                             str(tmp / PARAMS_NAME))
+    if model.states:
+        tvm.runtime.save_param_dict_to_file({s.input: tvm.runtime.tensor(s.initial) for s in model.states},
+                                            str(tmp / STATES_NAME))
     inputs = tuple(BundleTensor(s.name, s.shape, s.dtype, tensor_file(i, s.name)) for i, s in enumerate(model.inputs))
     outputs = tuple(BundleTensor(s.name, s.shape, s.dtype, tensor_file(i, s.name)) for i, s in enumerate(model.outputs))
     dirs = None
@@ -277,6 +301,8 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         load_function=compiled.load,
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
         passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
-        shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload))
+        shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload),
+        states=tuple(StateRecord(s.name, s.input, s.output) for s in model.states),
+        initial_states=STATES_NAME if model.states else None)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

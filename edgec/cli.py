@@ -146,6 +146,9 @@ def main(ctx, verbose):
 @click.option("--const-input", multiple=True, metavar="NAME=FILE.npy",
               help="Fold an input to this constant at build time (shapes, axes, pads, scales the model takes as "
                    "inputs); it is no longer an input of the bundle.")
+@click.option("--state", multiple=True, metavar="OUT=IN",
+              help="ONNX streaming state: output OUT is fed back into input IN at the next call, e.g. stateN=state "
+                   "(default: an output named as an input plus a suffix; 'none': no state). TFLite: from its variables.")
 @click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip an optional pass (see edgec passes).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after each pass to this directory.")
 @click.option("--archive", is_flag=True, help="Also write BUNDLE.tar.gz.")
@@ -163,11 +166,11 @@ def main(ctx, verbose):
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
 def build(model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force,
-          strict_memory, sample, offload, converter, as_json, show_progress):
+          strict_memory, sample, offload, converter, as_json, show_progress, state):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
-    from .frontends import parse_const_inputs, parse_input_shapes
+    from .frontends import parse_const_inputs, parse_input_shapes, parse_state_pairs
 
     if dump_ir is not None and dump_ir.exists():
         if not dump_ir.is_dir():
@@ -184,7 +187,7 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
     with _reporting(show_progress) as steps:
         result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
                            archive=archive, force=force, strict_memory=strict_memory,
-                           sample_inputs=list(sample) or None, progress=steps)
+                           sample_inputs=list(sample) or None, state_pairs=parse_state_pairs(state), progress=steps)
     for warning in result.warnings:
         _err(f"warning: {warning}")
     click.echo(json.dumps(report.build_json(result), indent=2) if as_json else report.build_text(result))
@@ -194,6 +197,9 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-i", "--input", "inputs", multiple=True, metavar="[NAME=]FILE.npy",
               help="Input array; random inputs (seed 0) when none is given.")
+@click.option("--chunks", multiple=True, metavar="[NAME=]FILE.npy",
+              help="Stream a model that keeps state: the chunks of each input it takes besides its state, stacked "
+                   "along a first axis, run in order from the initial state with the state fed back.")
 @click.option("--emulate/--no-emulate", default=None,
               help="Run through the bundle's C++ runner (under qemu for another architecture). "
                    "Default: in process for host bundles, emulated otherwise.")
@@ -208,7 +214,8 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads [default: the target's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
-def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_dir, threads, as_json, show_progress):
+def run(bundle, inputs, chunks, emulate, compare_model, atol, rtol, no_verify, output_dir, threads, as_json,
+        show_progress):
     """Run a bundle and optionally check it against the reference runtime."""
     import numpy as np
 
@@ -220,6 +227,9 @@ def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_di
     manifest = Manifest.load(bundle)
     if no_verify:
         _err("warning: --no-verify: the bundle's files are not checked against their sha256 (their list and sizes are)")
+    if chunks:
+        return _run_stream(bundle, manifest, chunks, inputs, emulate, compare_model, Tolerance(atol, rtol), no_verify,
+                           output_dir, threads, as_json, show_progress)
     with _reporting(show_progress) as steps:
         # a foreign bundle runs under qemu: a minute or more for a real model
         steps("run under qemu" if emulate is not False and manifest.arch != host_arch() else "run")
@@ -250,6 +260,56 @@ def run(bundle, inputs, emulate, compare_model, atol, rtol, no_verify, output_di
     if not ok:
         raise EdgecError(f"outputs differ from {report['compare']['against']} beyond atol={atol}, rtol={rtol}",
                          "check the model's inputs, or rebuild with -O0 to rule out an optimization")
+
+
+def _run_stream(bundle, manifest, chunks, inputs, emulate, compare_model, tolerance, no_verify, output_dir, threads,
+                as_json, show_progress):
+    """`edgec run --chunks`: every step's outputs (saved in OUTPUT_DIR/STEP/), compared step by step with the
+    reference runtime streaming the same chunks from its own initial state."""
+    import numpy as np
+
+    from . import api
+    from .reference import ReferenceRuntime, compare_outputs
+
+    if inputs:
+        raise EdgecError("--chunks and --input do not go together", "stream with --chunks, or run one input with -i")
+    steps = api.load_chunks(manifest, list(chunks))
+    with _reporting(show_progress) as say:
+        say("stream")
+        outputs = api.stream(bundle, steps, emulate=emulate, threads=threads, verify=not no_verify)
+    report = {"steps": [], "compare": None}
+    for k, step in enumerate(outputs):
+        report["steps"].append({name: {"shape": list(v.shape), "dtype": str(v.dtype), "min": float(v.min()),
+                                       "max": float(v.max())} for name, v in step.items()})
+        if output_dir:
+            (output_dir / str(k)).mkdir(parents=True, exist_ok=True)
+            for spec in manifest.outputs:
+                np.save(output_dir / str(k) / spec.file, step[spec.name])
+    failed = []
+    if compare_model:
+        ref = ReferenceRuntime(compare_model, observe=tuple(s.output for s in manifest.states
+                                                            if compare_model.suffix.lower() == ".tflite"))
+        expected = ref.stream(steps, api.bundle_states(bundle))
+        report["compare"] = {"against": ref.name, "steps": []}
+        for k, (got, want) in enumerate(zip(outputs, expected)):
+            comparison = compare_outputs(got, want, tolerance, against=ref.name)
+            report["compare"]["steps"].append(comparison.to_json())
+            failed += [f"{name} at step {k}" for name, o in comparison.outputs.items() if not o.ok]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"streamed {len(outputs)} chunks through {bundle}")
+        for k, step in enumerate(report["steps"]):
+            for name, o in step.items():
+                click.echo(f"  step {k} {name}: {o['dtype']}{o['shape']} min {o['min']:.6g} max {o['max']:.6g}")
+        if report["compare"]:
+            for k, c in enumerate(report["compare"]["steps"]):
+                worst = max(c["outputs"].values(), key=lambda o: o["max_rel"])
+                click.echo(f"  vs {c['against']}, step {k}: max rel {worst['max_rel']:.3g} ({worst['name']})")
+    if failed:
+        raise EdgecError(f"outputs differ from {report['compare']['against']} beyond atol={tolerance.atol}, "
+                         f"rtol={tolerance.rtol}: {', '.join(failed[:3])}",
+                         "check the chunks, or rebuild with -O0 to rule out an optimization")
 
 
 @main.command()

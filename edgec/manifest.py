@@ -93,6 +93,14 @@ class OffloadDecision:
 
 
 @dataclass(frozen=True)
+class StateRecord:
+    """A streaming model's state: runners feed output `output` back into input `input` (docs/bundle-format.md)."""
+    name: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_name: str
     model_file: str                     # the source model's file name
@@ -112,6 +120,8 @@ class Manifest:
     files: dict[str, FileEntry]         # every file but the manifest, by relative POSIX path
     shared_libs: tuple[str, ...] = ()   # libraries runners load before `library`, in order (offload backends')
     offload_auto: tuple[OffloadDecision, ...] = ()   # --offload auto's measured decisions; runners ignore them
+    states: tuple[StateRecord, ...] = ()  # a streaming model's state pairs
+    initial_states: str | None = None   # tvm param dict of the states' initial values, keyed by state input name
 
     @property
     def arch(self) -> str:
@@ -139,6 +149,8 @@ class Manifest:
             "files": {rel: vars(entry) for rel, entry in sorted(self.files.items())},
             **({"shared_libs": list(self.shared_libs)} if self.shared_libs else {}),
             **({"offload_auto": [vars(d) for d in self.offload_auto]} if self.offload_auto else {}),
+            **({"states": {"initial": self.initial_states, "pairs": [vars(s) for s in self.states]}}
+               if self.states else {}),
         }
 
     @classmethod
@@ -152,7 +164,16 @@ class Manifest:
             passes=tuple(d["passes"]), sample=SampleDirs(**d["sample"]) if d["sample"] else None,
             verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()},
             shared_libs=tuple(d.get("shared_libs", ())),
-            offload_auto=tuple(OffloadDecision.from_json(e, origin) for e in _list(d.get("offload_auto", []), origin)))
+            offload_auto=tuple(OffloadDecision.from_json(e, origin) for e in _list(d.get("offload_auto", []), origin)),
+            states=tuple(StateRecord(**{k: p[k] for k in ("name", "input", "output")})
+                         for p in (d["states"]["pairs"] if d.get("states") else ())),
+            initial_states=d["states"]["initial"] if d.get("states") else None)
+
+    @property
+    def stream_inputs(self) -> tuple[BundleTensor, ...]:
+        """The inputs a caller gives each step of a stream (the state inputs are fed back by the runners)."""
+        fed = {s.input for s in self.states}
+        return tuple(t for t in self.inputs if t.name not in fed)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, check_files: bool = False, verify: bool = True) -> "Manifest":

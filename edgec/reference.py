@@ -22,13 +22,16 @@ class ReferenceUnavailable(EdgecError):
 class ReferenceRuntime:
     """Runs a model in its framework's own runtime on CPU, with inputs and outputs keyed by name."""
 
-    def __init__(self, model_path, threads: int | None = None):
+    def __init__(self, model_path, threads: int | None = None, observe: tuple[str, ...] = ()):
+        """`observe`: TFLite tensors inside the graph to return with the outputs, by name (a streaming model's
+        variable writes, which LiteRT keeps to itself)."""
         self.path = Path(model_path)
+        self.quantized_outputs: frozenset[str] = frozenset()   # outputs holding quantized values (one step: 1)
         suffix = self.path.suffix.lower()
         if suffix == ".onnx":
             self._init_onnx(threads)
         elif suffix == ".tflite":
-            self._init_tflite(threads)
+            self._init_tflite(threads, observe)
         else:
             raise ReferenceUnavailable(f"no reference runtime for '{self.path.name}'", "use a .onnx or .tflite model")
 
@@ -63,7 +66,9 @@ class ReferenceRuntime:
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self._run = lambda feeds: self._sess.run(self.output_names, feeds)
 
-    def _init_tflite(self, threads):
+    def _init_tflite(self, threads, observe):
+        import warnings
+
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
@@ -71,15 +76,19 @@ class ReferenceRuntime:
         self.name = f"LiteRT {version('ai-edge-litert')}"
         source = self._source()
         try:
-            self._interp = Interpreter(**{"model_content" if isinstance(source, bytes) else "model_path": source},
-                                       num_threads=threads)
+            with warnings.catch_warnings():   # preserving tensors is "for debugging": reading them is the point here
+                warnings.simplefilter("ignore")
+                self._interp = Interpreter(**{"model_content" if isinstance(source, bytes) else "model_path": source},
+                                           num_threads=threads, experimental_preserve_all_tensors=bool(observe))
             self._interp.allocate_tensors()
         except Exception as e:  # LiteRT raises ValueError or RuntimeError for a model it refuses
             raise self._refused(e) from e
         # Detail order is the subgraph's input/output order, which is also the order of the parameters and
         # tuple fields of `main` made by tvm.relax.frontend.tflite.from_tflite.
         self._inputs = self._interp.get_input_details()
-        self._outputs = self._interp.get_output_details()
+        tensors = {d["name"]: d for d in self._interp.get_tensor_details()}
+        self._outputs = self._interp.get_output_details() + [tensors[name] for name in observe]
+        self.quantized_outputs = frozenset(d["name"] for d in self._outputs if d["quantization"][0] != 0)
         self.input_names = [d["name"] for d in self._inputs]
         self.output_names = [d["name"] for d in self._outputs]
         self._run = self._run_tflite
@@ -103,6 +112,19 @@ class ReferenceRuntime:
                                        "give a valid input with --input") from e
         return {name: np.asarray(out) for name, out in zip(self.output_names, outputs)}
 
+    def stream(self, steps: list[dict[str, np.ndarray]], states, constants: dict | None = None) -> list[dict]:
+        """Outputs of each step of a stream, from the model's initial state. A state the model file takes as an input
+        (ONNX) is fed its output of the step before (`states`: frontends.State); LiteRT keeps a TFLite model's
+        variables itself across invokes (construct with observe= the state outputs to see them)."""
+        fed = [s for s in states if s.input in self.input_names]
+        values = {s.input: s.initial for s in fed}
+        results = []
+        for step in steps:
+            out = self.run({**step, **values, **(constants or {})})
+            values = {s.input: out[s.output] for s in fed}
+            results.append(out)
+        return results
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -115,6 +137,8 @@ class Tolerance:
 
 
 DEFAULT_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-3)
+# quantized integer outputs: within one quantization step
+QUANTIZED_TOLERANCE = Tolerance(atol=1, rtol=0)
 
 
 @dataclass(frozen=True)

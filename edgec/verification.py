@@ -2,13 +2,16 @@
 
 The staged bundle runs a sample input through the runner its target uses on this machine (see
 `runtime.choose_runner`), and its outputs are compared, by name, with the reference runtime's (onnxruntime,
-LiteRT) under the one tolerance rule. The manifest records the result: "verified" with the reference, the
+LiteRT) under the one tolerance rule; a streaming model runs STREAM_STEPS steps from its initial state on both sides, every
+step compared (LiteRT keeps a TFLite model's variables itself, onnxruntime is fed its own state outputs). The
+manifest records the result: "verified" with the reference, the
 runner and the errors, or "not verified" with the reason (no reference runtime, a model the reference refuses,
 no way to run the target's code here). Outputs beyond the tolerance stop the build: a wrong number is never
 shipped with a shrug.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ import numpy as np
 from .errors import EdgecError
 from .frontends import ImportedModel
 from .manifest import not_verified
-from .reference import DEFAULT_TOLERANCE, ReferenceRuntime, ReferenceUnavailable, Tolerance, compare_outputs
+from .reference import (DEFAULT_TOLERANCE, QUANTIZED_TOLERANCE, ReferenceRuntime, ReferenceUnavailable, Tolerance,
+                        compare_outputs)
 from .signature import check_inputs, random_inputs
 from .targets import Target
 
@@ -26,51 +30,100 @@ class VerificationFailed(EdgecError):
     exit_code = 1
 
 
+# A streaming model is verified over this many steps from its initial state, every step compared.
+STREAM_STEPS = 4
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """What the reference runtime gave on the sample: one step, or each step of a stream from the initial state."""
+    name: str                                  # e.g. "LiteRT 2.3.0"
+    steps: tuple[dict[str, np.ndarray], ...]   # each step's inputs (a stream's: without the state inputs)
+    outputs: tuple[dict[str, np.ndarray], ...] # the reference's outputs of each step
+    quantized: frozenset[str]                  # outputs holding quantized values
+
+
 def sample_inputs(model: ImportedModel, given: dict[str, np.ndarray] | list[str] | None) -> dict[str, np.ndarray]:
     """The user's sample, as arrays or as `--input` values (NAME=FILE.npy, read the way run.py reads them) — for
-    models whose inputs must be valid, e.g. indices — or a seeded random one."""
+    models whose inputs must be valid, e.g. indices — or a seeded random one. A streaming model's sample leaves
+    out its state inputs, which start from their initial values."""
+    specs = model.stream_inputs()
     if given is None:
-        return random_inputs(model.inputs)
+        return random_inputs(specs)
     if not isinstance(given, dict):
         from .runtime import bundle_errors
 
         with bundle_errors() as runner:
-            given = runner.read_inputs([{"name": s.name} for s in model.inputs], list(given))
-    check_inputs(model.inputs, given)
+            given = runner.read_inputs([{"name": s.name} for s in specs], list(given))
+    check_inputs(specs, given)
     return given
 
 
-def reference_outputs(model: ImportedModel, inputs: dict[str, np.ndarray]) -> tuple[str, dict] | str:
-    """(reference name, outputs by name), or the reason the reference runtime cannot give them."""
+def with_initial_state(model: ImportedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stream's first call: its inputs and the initial state (what sample/ ships for run.py --check)."""
+    return {**inputs, **{s.input: s.initial for s in model.states}}
+
+
+def stream_steps(model: ImportedModel, first: dict[str, np.ndarray], given: bool) -> list[dict[str, np.ndarray]]:
+    """A streaming model's sample sequence: `first`, then the user's sample again (it may be the only valid
+    input) or seeded random ones."""
+    if not model.states:
+        return [first]
+    return [first] + [first if given else random_inputs(model.stream_inputs(), seed) for seed in range(1, STREAM_STEPS)]
+
+
+def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> ReferenceRun | str:
+    """The reference runtime's outputs for each step (a stream from its own initial state), or the reason it
+    cannot give them."""
     try:
-        ref = ReferenceRuntime(model.path)
-        return ref.name, ref.run({**inputs, **model.constants})   # the model file still takes the folded inputs
+        ref = ReferenceRuntime(model.path, observe=tuple(s.output for s in model.states if model.format == "tflite"))
+        if model.states:
+            outputs = ref.stream(steps, model.states, model.constants)
+        else:
+            outputs = [ref.run({**steps[0], **model.constants})]   # the model file still takes the folded inputs
+        return ReferenceRun(ref.name, tuple(steps), tuple(outputs), ref.quantized_outputs)
     except ReferenceUnavailable as e:
         return str(e)
 
 
-def verify_staged(bundle_dir: Path, target: Target, inputs: dict[str, np.ndarray], reference: tuple[str, dict] | str,
-                  tolerance: Tolerance = DEFAULT_TOLERANCE) -> dict:
-    """Run the staged bundle on `inputs` and compare with `reference`; returns the manifest's "verification"."""
-    from .runtime import choose_runner, run_bundle
+def tolerance_for(reference: ReferenceRun | str) -> Tolerance:
+    """The one rule's tolerance; outputs that are all quantized values (a full-integer TFLite model's) may differ
+    by one quantization step, as integer kernels and dequantize -> float -> quantize round differently."""
+    if isinstance(reference, ReferenceRun) and set(reference.outputs[0]) <= reference.quantized:
+        return QUANTIZED_TOLERANCE
+    return DEFAULT_TOLERANCE
 
+
+def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | str, stream: bool = False) -> dict:
+    """Run the staged bundle on the reference's inputs (with `stream`, step after step from the initial state) and
+    compare every step with the reference; returns the manifest's "verification"."""
+    from .runtime import choose_runner, run_bundle, stream_bundle
+
+    tolerance = tolerance_for(reference)
     if isinstance(reference, str):
         return not_verified(reference, tolerance)
     try:
         runner = choose_runner(target)
     except EdgecError as e:
         return not_verified(f"cannot run {target.name} code here ({e.message})", tolerance)
-    reference_name, expected = reference
-    outputs = run_bundle(bundle_dir, inputs, runner)
-    comparison = compare_outputs(outputs, expected, tolerance, against=reference_name)
-    if not comparison.ok:
-        worst = max(comparison.outputs.values(), key=lambda o: (not o.ok, o.max_rel))
-        what = worst.problem or f"max abs error {worst.max_abs:.3g} ({worst.max_rel:.3g} of its range)"
-        raise VerificationFailed(
-            f"the compiled model disagrees with {reference_name} on output '{worst.name}': {what}, beyond "
-            f"atol={tolerance.atol:g} + rtol={tolerance.rtol:g} * max|ref|; no bundle was written",
-            "this is a bug in edgec or TVM: rebuild with -O0 or --disable-pass to find the pass, and report it "
-            "with the model")
-    return {"status": "verified", "reason": None, "reference": reference_name, "runner": runner,
-            "tolerance": tolerance.to_json(),
-            "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel} for o in comparison.outputs.values()}}
+    if stream:
+        steps = stream_bundle(bundle_dir, list(reference.steps), runner)
+    else:
+        steps = [run_bundle(bundle_dir, reference.steps[0], runner)]
+    worst = {}
+    for k, (outputs, expected) in enumerate(zip(steps, reference.outputs)):
+        comparison = compare_outputs(outputs, expected, tolerance, against=reference.name)
+        for o in comparison.outputs.values():
+            if not o.ok:
+                what = o.problem or f"max abs error {o.max_abs:.3g} ({o.max_rel:.3g} of its range)"
+                at = f" at step {k + 1} of {len(steps)} from the initial state" if stream else ""
+                raise VerificationFailed(
+                    f"the compiled model disagrees with {reference.name} on output '{o.name}'{at}: {what}, beyond "
+                    f"atol={tolerance.atol:g} + rtol={tolerance.rtol:g} * max|ref|; no bundle was written",
+                    "this is a bug in edgec or TVM: rebuild with -O0 or --disable-pass to find the pass, and report "
+                    "it with the model")
+            if o.name not in worst or o.max_abs > worst[o.name].max_abs:
+                worst[o.name] = o
+    return {"status": "verified", "reason": None, "reference": reference.name,
+            "runner": runner + (f", {len(steps)} steps streamed" if stream else ""), "tolerance": tolerance.to_json(),
+            "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel} for o in worst.values()}}

@@ -203,9 +203,10 @@ def test_scan_reverse_unrolled(edgec_host, tmp_path):
 
 
 def test_silero_vad_streams_its_state_through_the_bundle(tmp_path):
-    """silero-vad 6.2.3 (an If on sr == 16000 around STFT, conv encoder and LSTM decoder), sr folded to 16000 and
-    the 512-sample chunk pinned: five consecutive chunks through the bundle, each call fed the previous call's
-    stateN as its state, every step's outputs compared with onnxruntime doing the same."""
+    """silero-vad 6.2.3 (an If on sr == 16000 around STFT, conv encoder and LSTM decoder), sr folded to 16000, the
+    512-sample chunk pinned and `--state stateN=state`: the build verifies 4 streamed steps; five consecutive chunks
+    through Model.stream (api.load) and through the C++ runner (edgec_run --stream), the state kept by the runner,
+    every step compared with onnxruntime fed its own stateN."""
     import onnxruntime as ort
 
     path = real_model("silero_vad")
@@ -214,22 +215,26 @@ def test_silero_vad_streams_its_state_through_the_bundle(tmp_path):
     out = tmp_path / "vad"
     result = CliRunner().invoke(main, ["build", str(path), "--target", "host", "-o", str(out),
                                        "--input-shape", "input:1x512", "--input-shape", "state:2x1x128",
-                                       "--const-input", f"sr={sr}"])
+                                       "--const-input", f"sr={sr}", "--state", "stateN=state"])
     assert result.exit_code == 0, result.output
+    built = api.load(out)
+    assert [vars(s) for s in built.manifest.states] == [{"name": "state", "input": "state", "output": "stateN"}]
+    assert built.manifest.verification["runner"] == "in-process, 4 steps streamed"
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     t = np.arange(5 * 512) / 16000
     audio = (0.5 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)
              + 0.05 * np.random.default_rng(1).standard_normal(t.size)).astype(np.float32)
-    state = ref_state = np.zeros((2, 1, 128), np.float32)
-    for step in range(5):
-        chunk = audio[None, step * 512:(step + 1) * 512]
-        got = api.run(out, {"input": chunk, "state": state}).outputs
-        ref_out, ref_state = sess.run(None, {"input": chunk, "state": ref_state, "sr": np.array(16000, np.int64)})
+    chunks = [{"input": audio[None, step * 512:(step + 1) * 512]} for step in range(5)]
+    native = api.stream(out, chunks, emulate=True)
+    ref_state = np.zeros((2, 1, 128), np.float32)
+    for step, chunk in enumerate(chunks):
+        got = built.stream(chunk)
+        ref_out, ref_state = sess.run(None, {**chunk, "state": ref_state, "sr": np.array(16000, np.int64)})
         # onnxruntime itself, with and without its graph optimizations, differs by up to 8.9e-5 on a few state
         # elements (and 3e-8 on the probability): edgec measured 8.4e-5 and 4e-5 relative
-        np.testing.assert_allclose(got["output"], ref_out, rtol=1e-3, atol=1e-6, err_msg=f"step {step}")
-        np.testing.assert_allclose(got["stateN"], ref_state, rtol=1e-3, atol=2e-4, err_msg=f"step {step}")
-        state = got["stateN"]
+        for outputs in (got, native[step]):
+            np.testing.assert_allclose(outputs["output"], ref_out, rtol=1e-3, atol=1e-6, err_msg=f"step {step}")
+            np.testing.assert_allclose(outputs["stateN"], ref_state, rtol=1e-3, atol=2e-4, err_msg=f"step {step}")
     assert np.abs(ref_state).max() > 0.01        # the state carried something
 
 

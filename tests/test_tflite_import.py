@@ -283,9 +283,3 @@ def test_full_integer_keyword_spotter_matches_litert_within_one_step(tmp_path):
         assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1, (ours, reference)
         spread.append(reference)
     assert np.ptp(np.concatenate(spread)) > 50, "the scores vary with the input: the comparison checks something"
-
-
-def test_streaming_model_is_refused_by_name():
-    """micro-wakeword's okay_nabu keeps its audio context in resource variables it rewrites every call."""
-    result = cli("build", real_model("okay_nabu"))
-    check_cli_error(result, "okay_nabu.tflite is a streaming model: ASSIGN_VARIABLE (x6)", "non-streaming")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import EdgecError, last_line
-from .base import ImportedModel, ModelInfo, parse_const_inputs, parse_input_shapes, relax_outputs, unsupported_error
+from .base import (ImportedModel, ModelInfo, State, parse_const_inputs, parse_input_shapes, parse_state_pairs,
+                   relax_outputs, resolve_states, unsupported_error)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Frontend:
     steps: dict[str, Callable[[Any], str]]
     # (model, path, {name: array}) folds those graph inputs to constants after checking they fit; None: refused
     fold_inputs: Callable[[Any, Path, dict], None] | None = None
+    # model -> the States it keeps itself (TFLite resource variables), already inputs and outputs of the signature
+    states: Callable[[Any], tuple] | None = None
 
 
 _FRONTENDS: dict[str, Frontend] = {}
@@ -58,13 +61,14 @@ def model_format(path: str | Path) -> str:
 
 def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
                import_steps: tuple[str, ...] = (), dump_dir: Path | None = None,
-               const_inputs: dict | None = None) -> ImportedModel:
+               const_inputs: dict | None = None, state_pairs: dict[str, str] | None = None) -> ImportedModel:
     """Import a model file into Relax.
 
     `input_shapes` pins dynamic input dimensions; `import_steps` names the frontend steps to run (the enabled
     "import" steps of the plan); `dump_dir` receives each step's summary and the imported module; `const_inputs`
     (name -> array) are graph inputs folded to constants before anything else, so shape folding and TVM's importer
-    see them as constants (shapes, axes, pads, scales...).
+    see them as constants (shapes, axes, pads, scales...); `state_pairs` ({input: output}, {} for none, None to
+    detect them) are the streaming state a model does not declare itself (see base.resolve_states).
     """
     from ..passes import PassRecord
 
@@ -101,10 +105,11 @@ def load_model(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
         raise EdgecError(f"TVM's {frontend.display_name} importer failed on {path.name}: {last_line(e)}",
                          "run with --verbose for details") from e
     outputs = relax_outputs(mod, output_names)
+    states = resolve_states(path, inputs, outputs, state_pairs, frontend.states(model) if frontend.states else ())
     if dump_dir is not None:
         (dump_dir / "00-imported.py").write_text(mod.script(show_meta=False))
     return ImportedModel(path.stem, path, frontend.format, mod, tuple(inputs), outputs, time.perf_counter() - t0,
-                         tuple(records), dict(const_inputs or {}))
+                         tuple(records), dict(const_inputs or {}), states)
 
 
 def inspect_model(path: str | Path) -> ModelInfo:
@@ -117,4 +122,4 @@ from . import onnx as _onnx  # noqa: E402,F401  (registers .onnx)
 from . import tflite as _tflite  # noqa: E402,F401  (registers .tflite)
 
 __all__ = ["Frontend", "ImportedModel", "ModelInfo", "load_model", "inspect_model", "model_format",
-           "parse_const_inputs", "parse_input_shapes", "register_frontend"]
+           "parse_const_inputs", "parse_input_shapes", "parse_state_pairs", "register_frontend", "State"]

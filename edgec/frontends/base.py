@@ -12,6 +12,19 @@ from ..errors import EdgecError
 from ..signature import TensorSpec
 
 
+@dataclass(frozen=True, eq=False)
+class State:
+    """What a streaming model carries from one call to the next: its value enters as the input `input` and the
+    call's new value leaves as the output `output` (same shape and dtype), starting from `initial`."""
+    name: str                        # the TFLite variable's shared name; for ONNX, the input's name
+    input: str
+    output: str
+    initial: "np.ndarray"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "input": self.input, "output": self.output}
+
+
 @dataclass(frozen=True)
 class ImportedModel:
     """A model in Relax. Weights are bound as constants; the pass pipeline lifts them out again."""
@@ -25,6 +38,13 @@ class ImportedModel:
     import_records: tuple = ()       # PassRecords of the frontend's "import" steps
     # graph inputs folded to constants (--const-input): not in `inputs`; the reference runtime still takes them
     constants: dict = field(default_factory=dict)
+    # streaming state: input/output pairs fed back between calls (TFLite variables, ONNX --state or detected)
+    states: tuple[State, ...] = ()
+
+    def stream_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs a caller gives each step of a stream (the state inputs are fed back)."""
+        fed = {s.input for s in self.states}
+        return tuple(s for s in self.inputs if s.name not in fed)
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,57 @@ def parse_const_inputs(specs: tuple[str, ...] | list[str]) -> dict:
         with bundle_errors() as runner:
             arrays[name] = runner.load_npy(file, f"--const-input file {file}")
     return arrays
+
+
+def parse_state_pairs(specs: tuple[str, ...] | list[str]) -> dict[str, str] | None:
+    """Parse repeated `--state OUT=IN` options into {input: output}; `--state none` turns detection off ({}),
+    no option leaves it on (None)."""
+    if list(specs) == ["none"]:
+        return {}
+    if not specs:
+        return None
+    pairs = {}
+    for spec in specs:
+        output, sep, name = spec.partition("=")
+        if not (sep and output and name) or spec == "none":
+            raise EdgecError(f"cannot parse --state '{spec}'",
+                             "write it as OUTPUT=INPUT (the output fed back into the input), or --state none alone")
+        if name in pairs or output in pairs.values():
+            raise EdgecError(f"--state names '{name if name in pairs else output}' twice", "pass one --state per pair")
+        pairs[name] = output
+    return pairs
+
+
+def resolve_states(path: Path, inputs, outputs, pairs: dict[str, str] | None, found: tuple = ()) -> tuple:
+    """The model's states: `found` by the frontend (TFLite variables), else the user's `pairs` ({input: output}),
+    else pairs detected by name (an output named as an input plus a suffix, of its shape and dtype, when exactly
+    one output fits and no other input claims it). Initial values: zeros."""
+    import numpy as np
+
+    ins, outs = {s.name: s for s in inputs}, {s.name: s for s in outputs}
+    if found:
+        if pairs:
+            raise EdgecError(f"--state is for ONNX models; {path.name} keeps its state in variables, which edgec "
+                             "pairs by itself", "drop --state")
+        return found
+    if pairs is None:
+        candidates = {i: [o for o in outs if o != i and o.startswith(i) and
+                          (outs[o].shape, outs[o].dtype) == (ins[i].shape, ins[i].dtype)] for i in ins}
+        pairs = {i: fits[0] for i, fits in candidates.items() if len(fits) == 1}
+        claimed = list(pairs.values())
+        pairs = {i: o for i, o in pairs.items() if claimed.count(o) == 1}
+    states = []
+    for name, output in pairs.items():
+        if name not in ins or output not in outs:
+            what, known, side = (f"input '{name}'", ins, "inputs") if name not in ins else (f"output '{output}'", outs,
+                                                                                           "outputs")
+            raise EdgecError(f"--state {output}={name}: {path.name} has no {what}", f"its {side} are: {', '.join(known)}")
+        a, b = ins[name], outs[output]
+        if (a.shape, a.dtype) != (b.shape, b.dtype):
+            raise EdgecError(f"--state {output}={name}: the output is {b.dtype}{list(b.shape)} and the input "
+                             f"{a.dtype}{list(a.shape)}", "pair an output with the input of its shape and dtype")
+        states.append(State(name, name, output, np.zeros(a.shape, a.dtype)))
+    return tuple(states)
 
 
 def unsupported_error(path: Path, missing: dict[str, int], fmt: str) -> EdgecError:

@@ -117,15 +117,155 @@ def _load_for_import(path: Path):
     missing = _unsupported_ops(model)
     if any(op.endswith(CUSTOM_SUFFIX) for op in missing):
         raise EdgecError(unsupported_error(path, missing, "TFLite").message, CONVERTER_HINT)
-    # A streaming model keeps state between calls in resource variables, which its graph rewrites
-    # (ASSIGN_VARIABLE). TVM only takes variables set once at initialization (CALL_ONCE); without the writes the
-    # model would forget its state and give wrong numbers from its second call on.
-    writes = _op_names(model).count("ASSIGN_VARIABLE")
-    if writes:
-        raise EdgecError(f"{path.name} is a streaming model: ASSIGN_VARIABLE (x{writes}) keeps state between calls "
-                         "in resource variables, which edgec cannot import yet",
-                         "export the model in its non-streaming form (the state as ordinary inputs and outputs)")
-    return model
+    return _with_state(path, model)
+
+
+class _StreamingSubGraph:
+    """Subgraph 0 of a streaming model seen with its state as graph inputs and outputs: each variable the graph
+    rewrites (ASSIGN_VARIABLE) enters as the tensor its first READ_VARIABLE produces and leaves as the tensor its
+    ASSIGN_VARIABLE writes, and those two operators are hidden; TVM converts the rest."""
+
+    def __init__(self, subgraph, inputs: list[int], outputs: list[int], hidden: set[int], reads: dict[int, int]):
+        self._sg, self._inputs, self._outputs = subgraph, inputs, outputs
+        self._ops = [i for i in range(subgraph.OperatorsLength()) if i not in hidden]
+        self.reads = reads            # output tensor of a later READ_VARIABLE -> the state input it reads again
+
+    def __getattr__(self, name):
+        return getattr(self._sg, name)
+
+    def OperatorsLength(self):
+        return len(self._ops)
+
+    def Operators(self, i):
+        return self._sg.Operators(self._ops[i])
+
+    def InputsLength(self):
+        return len(self._inputs)
+
+    def Inputs(self, i):
+        return self._inputs[i]
+
+    def InputsAsNumpy(self):
+        return np.array(self._inputs, np.int32)
+
+    def OutputsLength(self):
+        return len(self._outputs)
+
+    def Outputs(self, i):
+        return self._outputs[i]
+
+    def OutputsAsNumpy(self):
+        return np.array(self._outputs, np.int32)
+
+
+def _streaming_model(model, view: _StreamingSubGraph, states: tuple):
+    """The model with `view` as its subgraph 0 (a tflite.Model, as TVM's importer asserts) and its States."""
+    import tflite
+
+    class StreamingModel(tflite.Model):
+        def Subgraphs(self, j):
+            return view if j == 0 else super().Subgraphs(j)
+
+    streaming = StreamingModel()
+    streaming.Init(model._tab.Bytes, model._tab.Pos)
+    streaming.states = states
+    return streaming
+
+
+def _with_state(path: Path, model):
+    """A streaming model keeps state between calls in resource variables its graph rewrites (ASSIGN_VARIABLE),
+    initialized once by a CALL_ONCE subgraph. TVM takes only variables set at initialization; edgec makes each
+    rewritten variable a state (an input and an output, fed back by the runners), with the value the CALL_ONCE
+    subgraph assigns as its initial value (zeros when it assigns none). Anything else is refused."""
+    from tflite.CallOnceOptions import CallOnceOptions
+    from tvm.relax.frontend.tflite.tflite_frontend import _decode_type, get_tensor_name
+
+    from ..frontends.base import State
+
+    def refuse(what):
+        return EdgecError(f"{path.name} is a streaming model whose variable {what}, which edgec cannot import",
+                          "export the model in its non-streaming form (the state as ordinary inputs and outputs)")
+
+    def ops(sg):
+        conv = _converter(model)
+        for i in range(sg.OperatorsLength()):
+            yield i, conv.get_op_code_str(sg.Operators(i)), sg.Operators(i)
+
+    def handles(sg) -> dict[int, str]:
+        """VAR_HANDLE output tensor -> variable key (TVM's: its shared name, else the tensor's name)."""
+        from tvm.relax.frontend.tflite.tflite_frontend import ExprTable
+
+        from .tflite_convert import EdgecOperatorConverter
+
+        conv = EdgecOperatorConverter(model, sg, ExprTable(), None)
+        found = {}
+        for _, name, op in ops(sg):
+            if name == "VAR_HANDLE":
+                out = conv.get_output_tensors(op)[0]
+                found[op.Outputs(0)] = "/".join(filter(None, conv._get_var_handle_resource_key(op, out)))
+        return found
+
+    main = model.Subgraphs(0)
+    keys = handles(main)
+    reads, writes, inits = {}, {}, []
+    for i, name, op in ops(main):
+        if name == "READ_VARIABLE":
+            reads.setdefault(keys.get(op.Inputs(0)), []).append((i, op.Outputs(0)))
+        elif name == "ASSIGN_VARIABLE":
+            writes.setdefault(keys.get(op.Inputs(0)), []).append((i, op.Inputs(1)))
+        elif name == "CALL_ONCE":
+            inits.append((i, model.Subgraphs(_call_once_index(op, CallOnceOptions))))
+    if not writes:
+        return model
+    initial, hidden = {}, set()
+    for at, init in inits:
+        init_keys = handles(init)
+        if set(init_keys.values()) <= set(writes):     # it initializes states only: the runners do that
+            hidden.add(at)
+        for _, name, op in ops(init):
+            if name == "ASSIGN_VARIABLE" and init_keys.get(op.Inputs(0)) in writes:
+                t = init.Tensors(op.Inputs(1))
+                data = model.Buffers(t.Buffer()).DataAsNumpy() if t.Buffer() > 0 else 0
+                if isinstance(data, int) or not data.size:
+                    raise refuse(f"{init_keys[op.Inputs(0)]} is initialized to a computed value")
+                shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+                initial[init_keys[op.Inputs(0)]] = np.frombuffer(data.tobytes(), _decode_type(t.Type())).reshape(shape)
+    states, fed, aliases = [], [], {}
+    for key, assigned in writes.items():
+        if key is None:
+            raise refuse("handle does not come from a VAR_HANDLE of the main graph")
+        read = reads.get(key, [])
+        if len(assigned) != 1 or not read or read[-1][0] > assigned[0][0]:
+            raise refuse(f"{key} is not read, then written once, per call")
+        first = read[0][1]
+        aliases.update({tensor: first for _, tensor in read[1:]})
+        hidden.update((read[0][0], assigned[0][0]))
+        if ((_tensor_spec(main, first)[1:], _quantization(main, first))
+                != (_tensor_spec(main, assigned[0][1])[1:], _quantization(main, assigned[0][1]))):
+            raise refuse(f"{key} is written with another shape, type or quantization than it is read")
+        _, dims, dtype = _tensor_spec(main, first)
+        value = initial.get(key, np.zeros(dims, dtype))
+        if list(value.shape) != dims or str(value.dtype) != dtype:
+            raise refuse(f"{key}'s initial value is {value.dtype}{list(value.shape)}, not {dtype}{dims}")
+        fed.append((first, assigned[0][1]))
+        states.append(State(key, get_tensor_name(main, first), get_tensor_name(main, assigned[0][1]), value))
+    view = _StreamingSubGraph(main, [*main.InputsAsNumpy().tolist(), *(i for i, _ in fed)],
+                              [*main.OutputsAsNumpy().tolist(), *(o for _, o in fed)], hidden, aliases)
+    return _streaming_model(model, view, tuple(states))
+
+
+def _call_once_index(op, options_class) -> int:
+    opts = options_class()
+    table = op.BuiltinOptions()
+    opts.Init(table.Bytes, table.Pos)
+    return int(opts.InitSubgraphIndex())
+
+
+def _quantization(subgraph, index: int) -> tuple:
+    q = subgraph.Tensors(index).Quantization()
+    if q is None or not q.ScaleLength():
+        return ()
+    return tuple(q.ScaleAsNumpy().tolist()), tuple(q.ZeroPointAsNumpy().tolist())
 
 
 def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec], list[str]]:
@@ -201,4 +341,4 @@ def inspect_tflite(path: Path) -> ModelInfo:
 
 
 register_frontend(".tflite", Frontend("tflite", "TFLite", _load_for_import, _unsupported_ops, _signature, _convert, inspect_tflite,
-                                       {}))
+                                       {}, states=lambda model: getattr(model, "states", ())))

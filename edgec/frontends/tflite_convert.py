@@ -110,6 +110,14 @@ class EdgecOperatorConverter(OperatorConverter):
                              "return one Relax tensor per output, with the declared shape and dtype")
         return result
 
+    def convert_read_variable(self, op):
+        # A streaming model's state (frontends.tflite._with_state): its view of the main graph hides the first read
+        # of each state, whose tensor is a graph input; a later read of the state is that input again.
+        first = getattr(self.subgraph, "reads", {}).get(op.Outputs(0))
+        if first is None:
+            return super().convert_read_variable(op)
+        return self.exp_tab.get_expr(get_tensor_name(self.subgraph, first))
+
     def convert_prelu(self, op):
         # TVM broadcasts alpha to the whole activation and stores that as a weight: a per-channel PReLU then
         # costs H*W times its parameters (the bundle was 5-8x the model). TFLite broadcasts alpha against the
@@ -130,6 +138,16 @@ class EdgecOperatorConverter(OperatorConverter):
             dense = self.exp_tab.new_const(value, dtype="float16", source_name=source.tensor.Name())
             return relax.op.astype(dense, "float32")
         return super().convert_dequantize(op)
+
+    def convert_fully_connected(self, op):
+        # Without keep_num_dims TFLite flattens the input to [-1, K], so the output is 2-D; TVM's matmul keeps the
+        # input's leading dims ([1,1,1,64] -> [1,1,1,units] where the model declares [1,units]).
+        out = self.bb.normalize(super().convert_fully_connected(op))
+        declared = _shape(self.get_output_tensors(op)[0])
+        got = _static_shape(out.ty)
+        if got is not None and got != declared and np.prod(got) == np.prod(declared):
+            out = relax.op.reshape(out, declared)
+        return out
 
     def convert_expand_dims(self, op):
         # TVM calls relax.op.expand_dims(x, axis, 1), an arity Relax does not have.

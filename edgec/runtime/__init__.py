@@ -72,3 +72,20 @@ def run_bundle(bundle_dir, inputs: dict, runner: str, threads: int | None = None
     # edgec builds the C++ runner from the bundle's main.cc: check it is the file the manifest lists first.
     Manifest.load(bundle_dir, check_files=True, verify=verify)
     return run_with_runner(bundle_dir, inputs, threads=threads, verify=verify).outputs
+
+
+def stream_bundle(bundle_dir, steps: list[dict], runner: str, threads: int | None = None, verify: bool = True) -> list:
+    """Outputs by name of each step of a stream through `runner`, from the model's initial state, each step's state
+    fed back by the runner (run.py's Model.stream, or edgec_run --stream). `steps` hold the inputs without the
+    state inputs."""
+    if runner == IN_PROCESS:
+        from .local import load_bundle
+
+        model = load_bundle(bundle_dir, threads, verify)
+        with bundle_errors():
+            return [model.stream(step) for step in steps]
+    from ..manifest import Manifest
+    from .native import run_with_runner
+
+    Manifest.load(bundle_dir, check_files=True, verify=verify)
+    return run_with_runner(bundle_dir, steps, threads=threads, verify=verify, stream=True).outputs

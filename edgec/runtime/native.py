@@ -21,7 +21,7 @@ _TIMING = re.compile(r"^edgec_run: load_ms=(\S+) first_ms=(\S+) median_ms=(\S+) 
 
 @dataclass(frozen=True)
 class RunnerResult:
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]]   # a list, one per step, for a stream
     load_ms: float
     first_ms: float
     median_ms: float
@@ -32,14 +32,21 @@ class RunnerResult:
     command: list[str]
 
 
-def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repeat: int = 1, warmup: int = 0,
-                    threads: int | None = None, verify: bool = True) -> RunnerResult:
-    """Build (cached) and run the bundle's edgec_run on `inputs`; `threads` defaults to the manifest's.
+def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray] | list[dict], repeat: int = 1,
+                    warmup: int = 0, threads: int | None = None, verify: bool = True, stream: bool = False) -> RunnerResult:
+    """Build (cached) and run the bundle's edgec_run on `inputs`; `threads` defaults to the manifest's. With
+    `stream`, `inputs` is a list of steps without the state inputs, run in order from the initial state with the
+    state fed back (edgec_run --stream), and the result's outputs are a list with each step's.
 
     edgec_run checks the bundle itself (files, sizes, sha256 unless verify=False) before it loads anything."""
     bundle_dir = Path(bundle_dir).resolve()
     manifest = Manifest.load(bundle_dir)
-    check_inputs(manifest.inputs, inputs)
+    steps = inputs if stream else [inputs]
+    specs = manifest.stream_inputs if stream else manifest.inputs
+    for step in steps:
+        check_inputs(specs, step)
+    if stream and not manifest.states:
+        raise EdgecError("the model keeps no state between calls", "run each input on its own (drop --chunks)")
     target = manifest.target
 
     runner = build_runner(bundle_dir, target)
@@ -51,13 +58,14 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
 
     with tempfile.TemporaryDirectory(prefix="edgec-run-") as tmp:
         in_paths = []
-        for i, spec in enumerate(manifest.inputs):
-            in_paths.append(os.path.join(tmp, f"in{i}.npy"))
-            np.save(in_paths[-1], np.require(inputs[spec.name], requirements="C"))   # ascontiguousarray makes 0-d 1-d
+        for k, step in enumerate(steps):
+            for i, spec in enumerate(specs):
+                in_paths.append(os.path.join(tmp, f"in{k}-{i}.npy"))
+                np.save(in_paths[-1], np.require(step[spec.name], requirements="C"))   # ascontiguousarray makes 0-d 1-d
         out_dir = os.path.join(tmp, "out")
         command = [*emulator, str(runner), "-d", str(bundle_dir), "-o", out_dir, "-n", str(repeat), "-w", str(warmup),
                    *(["-t", str(threads)] if threads is not None else []), *([] if verify else ["--no-verify"]),
-                   *in_paths]
+                   *(["--stream"] if stream else []), *in_paths]
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             last = last_stderr_line(proc.stderr, f"no output, exit code {proc.returncode}")
@@ -66,7 +74,10 @@ def run_with_runner(bundle_dir: str | Path, inputs: dict[str, np.ndarray], repea
         if m is None:
             raise EdgecError(f"the bundle's runner printed no timing line: {proc.stdout.strip()[-200:]!r}",
                              "rebuild the bundle with this edgec")
-        outputs = {s.name: np.load(os.path.join(out_dir, s.file), allow_pickle=False) for s in manifest.outputs}
+        # a stream's step k writes into out/k/
+        dirs = [os.path.join(out_dir, str(k)) for k in range(len(steps))] if stream else [out_dir]
+        outputs = [{s.name: np.load(os.path.join(d, s.file), allow_pickle=False) for s in manifest.outputs}
+                   for d in dirs]
     load_ms, first_ms, median_ms, min_ms = map(float, m.groups()[:4])
-    return RunnerResult(outputs, load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, int(m.group(6)),
+    return RunnerResult(outputs if stream else outputs[0], load_ms, first_ms, median_ms, min_ms, int(m.group(5)) * 1024, int(m.group(6)),
                         bool(emulator), command)

@@ -2,9 +2,13 @@
 // entry function, files, device and threads are read from manifest.json at run time (docs/bundle-format.md).
 //
 // usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [-v] [--no-verify] [IN0.npy ...]
+//        edgec_run --stream [-d BUNDLE_DIR] [-o OUT_DIR] [-t THREADS] [-v] [--no-verify] STEP0_IN0.npy ... STEPK_INn.npy
 //   Inputs are .npy files in the manifest's input order; with none, the bundle's sample inputs are used.
 //   Output i is written as OUT_DIR/<outputs[i].file>. Runs the model once ("first"), WARMUP more times
 //   untimed, then REPEAT timed times, and prints one timing line (with the process's peak resident memory).
+//   --stream (a model with "states"): the files are the inputs other than the state inputs, step after step; the
+//   state starts from the manifest's initial values and each step's state outputs are the next step's state
+//   inputs. Step k's outputs are written to OUT_DIR/k/; the timing line's first and median are over the steps.
 //   THREADS (default: the manifest's target.device.threads, at most this machine's cores; 0 there means TVM's
 //   default) sets TVM_NUM_THREADS.
 //   Before loading anything it checks the bundle as the spec's "What a runner checks" says: manifest fields,
@@ -679,8 +683,15 @@ struct FileEntry {
   uint64_t size;
 };
 
+// A streaming model's state: the output fed back into the input from one step to the next.
+struct StatePair {
+  size_t input, output;  // indices into Manifest::inputs and Manifest::outputs
+};
+
 struct Manifest {
   std::string entry, library, params;  // params is empty when the manifest's "params" is null
+  std::string initial_states;  // empty when the manifest has no "states"
+  std::vector<StatePair> states;
   std::string load;  // empty when "load" is null: the entry takes the weights themselves
   std::vector<std::string> shared_libs;  // loaded before the library, in this order
   std::vector<TensorSpec> inputs, outputs;
@@ -780,9 +791,29 @@ Manifest ParseManifest(const std::string& text) {
   }
   if (auto libs = m.Opt("shared_libs"))
     for (const Field& lib : libs->Items()) out.shared_libs.push_back(lib.RelPath());
+  if (auto states = m.Opt("states")) {
+    out.initial_states = (*states)["initial"].RelPath();
+    std::set<size_t> ins, outs;
+    for (const Field& pair : (*states)["pairs"].Items()) {
+      pair["name"].Str();
+      auto find = [&](const std::vector<TensorSpec>& specs, const Field& name) {
+        std::string n = name.Str();
+        for (size_t i = 0; i < specs.size(); ++i)
+          if (specs[i].name == n) return i;
+        name.Fail("is not a tensor of the model");
+      };
+      StatePair sp{find(out.inputs, pair["input"]), find(out.outputs, pair["output"])};
+      if (out.inputs[sp.input].shape != out.outputs[sp.output].shape ||
+          out.inputs[sp.input].dtype != out.outputs[sp.output].dtype)
+        pair.Fail("pairs tensors of different shapes or dtypes");
+      if (!ins.insert(sp.input).second || !outs.insert(sp.output).second) (*states)["pairs"].Fail("has a tensor twice");
+      out.states.push_back(sp);
+    }
+  }
   std::vector<std::string> needed = {out.library};
   needed.insert(needed.end(), out.shared_libs.begin(), out.shared_libs.end());
   if (!out.params.empty()) needed.push_back(out.params);
+  if (!out.initial_states.empty()) needed.push_back(out.initial_states);
   if (!sample.IsNull()) {
     for (const TensorSpec& s : out.inputs) out.sample_inputs.push_back(sample["inputs"].Str() + "/" + s.file);
     needed.insert(needed.end(), out.sample_inputs.begin(), out.sample_inputs.end());
@@ -798,7 +829,7 @@ Manifest ParseManifest(const std::string& text) {
 
 struct Bundle {
   Manifest manifest;
-  std::string library, params;  // the verified bytes that get loaded
+  std::string library, params, initial_states;  // the verified bytes that get loaded
   std::vector<std::string> shared_libs;  // likewise, in the manifest's order
 };
 
@@ -808,7 +839,7 @@ Bundle LoadBundle(const fs::path& dir, bool verify) {
   uint64_t size;
   Fd manifest = OpenRegular(manifest_path, "bundle manifest", &size);
   if (size > kMaxManifestBytes) throw InputError(manifest_path + " is too large to be a manifest");
-  Bundle b{ParseManifest(ReadRest(manifest, size, manifest_path)), "", "", {}};
+  Bundle b{ParseManifest(ReadRest(manifest, size, manifest_path)), "", "", "", {}};
   b.shared_libs.resize(b.manifest.shared_libs.size());
   const auto& files = b.manifest.files;
 
@@ -833,7 +864,10 @@ Bundle LoadBundle(const fs::path& dir, bool verify) {
   // Hash the bytes that will be loaded, and stream every other file through the hash.
   for (const auto& [rel, entry] : files) {
     std::string path = (dir / rel).string();
-    std::string* keep = rel == b.manifest.library ? &b.library : rel == b.manifest.params ? &b.params : nullptr;
+    std::string* keep = rel == b.manifest.library  ? &b.library
+                        : rel == b.manifest.params ? &b.params
+                        : rel == b.manifest.initial_states ? &b.initial_states
+                                                           : nullptr;
     for (size_t i = 0; i < b.shared_libs.size(); ++i)
       if (rel == b.manifest.shared_libs[i]) keep = &b.shared_libs[i];
     if (keep == nullptr && !verify) continue;
@@ -918,12 +952,16 @@ auto Loading(const std::string& what, F&& step) -> decltype(step()) {
   }
 }
 
-ffi::Tensor CopyTo(const ffi::Tensor& t, DLDevice dev) {
-  if (t.device().device_type == dev.device_type && t.device().device_id == dev.device_id) return t;
+ffi::Tensor NewCopy(const ffi::Tensor& t, DLDevice dev) {
   static ffi::Function alloc = Global("runtime.TVMTensorAllocWithScope"), copy = Global("runtime.TVMTensorCopyFromTo");
   ffi::Tensor out = alloc(ffi::Shape(t.shape()), t.dtype(), dev, nullptr).cast<ffi::Tensor>();
   copy(t, out);
   return out;
+}
+
+ffi::Tensor CopyTo(const ffi::Tensor& t, DLDevice dev) {
+  if (t.device().device_type == dev.device_type && t.device().device_id == dev.device_id) return t;
+  return NewCopy(t, dev);
 }
 
 // The VM returns a Tensor or a (nested) tuple of Tensors; outputs are its leaves in order.
@@ -969,14 +1007,15 @@ long PeakRssKb() {
   return usage.ru_maxrss;
 }
 
-const char kUsage[] = "usage: edgec_run [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] [-v] "
-                      "[--no-verify] [IN0.npy ...]";
+const char kUsage[] = "usage: edgec_run [--stream] [-d BUNDLE_DIR] [-o OUT_DIR] [-n REPEAT] [-w WARMUP] [-t THREADS] "
+                      "[-v] [--no-verify] [IN0.npy ...]";
 
 int Run(int argc, char** argv) {
   std::string bundle_dir = ".", out_dir = ".";
   int repeat = 1, warmup = 0, threads = 0;
-  bool verify = true, verbose = false;
-  const option long_options[] = {{"no-verify", no_argument, nullptr, 'V'}, {nullptr, 0, nullptr, 0}};
+  bool verify = true, verbose = false, stream = false;
+  const option long_options[] = {{"no-verify", no_argument, nullptr, 'V'}, {"stream", no_argument, nullptr, 'S'},
+                                 {nullptr, 0, nullptr, 0}};
   for (int c; (c = getopt_long(argc, argv, "d:o:n:w:t:vh", long_options, nullptr)) != -1;) {
     if (c == 'd') bundle_dir = optarg;
     else if (c == 'o') out_dir = optarg;
@@ -984,6 +1023,7 @@ int Run(int argc, char** argv) {
     else if (c == 'w') warmup = ParseCount(optarg, "-w WARMUP", 0, 1000000);
     else if (c == 't') threads = ParseCount(optarg, "-t THREADS", 1, 1024);
     else if (c == 'V') verify = false;
+    else if (c == 'S') stream = true;
     else if (c == 'v') verbose = true;
     else throw InputError(kUsage);
   }
@@ -1002,16 +1042,28 @@ int Run(int argc, char** argv) {
   Bundle bundle = LoadBundle(bundle_dir, verify);
   const Manifest& m = bundle.manifest;
   std::vector<std::string> in_paths(argv + optind, argv + argc);
-  if (in_paths.empty())
+  if (in_paths.empty() && !stream)
     for (const std::string& rel : m.sample_inputs) in_paths.push_back((fs::path(bundle_dir) / rel).string());
-  if (in_paths.size() != m.inputs.size()) {
+  // the inputs each file gives: all of them, or in a stream those that are not state inputs
+  std::vector<size_t> given;
+  for (size_t i = 0; i < m.inputs.size(); ++i)
+    if (!stream || std::none_of(m.states.begin(), m.states.end(), [&](const StatePair& p) { return p.input == i; }))
+      given.push_back(i);
+  if (stream && m.states.empty()) throw InputError("--stream: the model keeps no state between calls");
+  if (stream && given.empty()) throw InputError("--stream: every input of the model is a state input");
+  if (stream ? in_paths.empty() || in_paths.size() % given.size() != 0 : in_paths.size() != given.size()) {
     std::string names;
-    for (const TensorSpec& s : m.inputs) names += (names.empty() ? "" : ", ") + s.name;
-    throw InputError("expected " + std::to_string(m.inputs.size()) + " input .npy files (" + names + "), got " +
+    for (size_t i : given) names += (names.empty() ? "" : ", ") + m.inputs[i].name;
+    throw InputError("expected " + std::string(stream ? "a multiple of " : "") + std::to_string(given.size()) +
+                     " input .npy files (" + names + (stream ? " per step" : "") + "), got " +
                      std::to_string(in_paths.size()));
   }
-  std::vector<ffi::Tensor> inputs;
-  for (size_t i = 0; i < m.inputs.size(); ++i) inputs.push_back(ReadNpy(in_paths[i], m.inputs[i]));
+  // every file is read and checked before anything is loaded; steps[k][i] is input i of step k (state inputs
+  // are filled in from the initial values and the previous step's outputs)
+  std::vector<std::vector<ffi::Tensor>> steps(stream ? in_paths.size() / given.size() : 1,
+                                              std::vector<ffi::Tensor>(m.inputs.size()));
+  for (size_t k = 0, f = 0; k < steps.size(); ++k)
+    for (size_t i : given) steps[k][i] = ReadNpy(in_paths[f++], m.inputs[i]);
 
   auto t0 = std::chrono::steady_clock::now();
   // TVM sizes its thread pool from TVM_NUM_THREADS when it first starts it; without it, it takes half the cores
@@ -1038,14 +1090,29 @@ int Run(int argc, char** argv) {
   ffi::Function entry = GetFunction(vm, m.entry);
   int arity = Loading("the signature of '" + m.entry + "' in " + m.library,
                       [&] { return GetFunction(vm, "get_function_arity")(m.entry).cast<int>(); });
+  if (stream) {
+    auto initial = Loading("the initial states " + m.initial_states, [&] {
+      return Global("runtime.LoadParams")(ffi::Bytes(std::move(bundle.initial_states))).cast<ffi::Map<ffi::String, ffi::Tensor>>();
+    });
+    for (const StatePair& p : m.states) {
+      const TensorSpec& spec = m.inputs[p.input];
+      auto it = initial.find(ffi::String(spec.name));
+      if (it == initial.end()) throw InputError(m.initial_states + " has no initial value for '" + spec.name + "'");
+      ffi::Tensor t = (*it).second;
+      if (std::vector<int64_t>(t.shape().begin(), t.shape().end()) != spec.shape || DTypeByDL(t.dtype()) != spec.dtype)
+        throw InputError(m.initial_states + " holds '" + spec.name + "' with another shape or dtype than the input's");
+      steps[0][p.input] = t;
+    }
+  }
+  const size_t inputs_size = m.inputs.size();
   std::vector<ffi::Any> args;
-  for (const ffi::Tensor& t : inputs) args.push_back(CopyTo(t, m.device));
+  for (const ffi::Tensor& t : steps[0]) args.push_back(CopyTo(t, m.device));
   // The weights, in the order of the parameters of "load" (when the manifest names it; it returns what the entry
   // takes after the inputs: with offload, each library call site's packed weights and operator) or else of the
   // entry's parameters after the inputs.
   std::vector<ffi::Any> weights;
   const std::string& takes = m.load.empty() ? m.entry : m.load;
-  int first = m.load.empty() ? static_cast<int>(inputs.size()) : 0;
+  int first = m.load.empty() ? static_cast<int>(inputs_size) : 0;
   int count = m.load.empty() ? arity : Loading("the signature of '" + m.load + "' in " + m.library, [&] {
     return GetFunction(vm, "get_function_arity")(m.load).cast<int>();
   });
@@ -1077,41 +1144,66 @@ int Run(int argc, char** argv) {
                      std::to_string(args.size()) + " (library and manifest do not match)");
   double load_ms = MsSince(t0);
 
-  std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Any ret;
-  auto call = [&] { entry.CallPacked(views.data(), static_cast<int>(views.size()), &ret); };
-  t0 = std::chrono::steady_clock::now();
-  call();
-  double first_ms = MsSince(t0);
-  for (int i = 0; i < warmup; ++i) call();
+  auto call = [&] {
+    std::vector<ffi::AnyView> views(args.begin(), args.end());
+    entry.CallPacked(views.data(), static_cast<int>(views.size()), &ret);
+  };
+  // The outputs of the last call, checked against the manifest and written to `dir`.
+  auto write_outputs = [&](const fs::path& dir) {
+    std::vector<ffi::Tensor> outputs;
+    Flatten(ret, &outputs);
+    if (outputs.size() != m.outputs.size())
+      throw InputError("the model returned " + std::to_string(outputs.size()) + " tensors, the manifest lists " +
+                       std::to_string(m.outputs.size()) + " outputs (library and manifest do not match)");
+    fs::create_directories(dir);
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const TensorSpec& spec = m.outputs[i];
+      ffi::Tensor t = CopyTo(outputs[i], DLDevice{kDLCPU, 0});
+      std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
+      const DType* dtype = DTypeByDL(t.dtype());
+      if (shape != spec.shape || dtype != spec.dtype || !t.IsContiguous())
+        throw InputError("output '" + spec.name + "' is " + (dtype ? dtype->name : "an unsupported dtype") +
+                         ShapeStr(shape) + ", the manifest says " + spec.dtype->name + ShapeStr(spec.shape) +
+                         " (library and manifest do not match)");
+      WriteNpy((dir / spec.file).string(), t, spec.dtype);
+    }
+    return outputs;
+  };
+  double first_ms = 0;
   std::vector<double> times;
-  for (int i = 0; i < repeat; ++i) {
+  if (stream) {
+    // one call per step; the state outputs of step k become the state inputs of step k + 1
+    repeat = static_cast<int>(steps.size()), warmup = 0;
+    for (size_t k = 0; k < steps.size(); ++k) {
+      if (k > 0)
+        for (size_t i = 0; i < inputs_size; ++i) args[i] = CopyTo(steps[k][i], m.device);
+      t0 = std::chrono::steady_clock::now();
+      call();
+      times.push_back(MsSince(t0));
+      std::vector<ffi::Tensor> outputs = write_outputs(fs::path(out_dir) / std::to_string(k));
+      if (k + 1 < steps.size())
+        // a copy: the VM may reuse an output's memory in the next call, which reads the state
+        for (const StatePair& p : m.states) steps[k + 1][p.input] = NewCopy(outputs[p.output], m.device);
+    }
+    first_ms = times[0];
+  } else {
     t0 = std::chrono::steady_clock::now();
     call();
-    times.push_back(MsSince(t0));
+    first_ms = MsSince(t0);
+    for (int i = 0; i < warmup; ++i) call();
+    for (int i = 0; i < repeat; ++i) {
+      t0 = std::chrono::steady_clock::now();
+      call();
+      times.push_back(MsSince(t0));
+    }
+    write_outputs(out_dir);
   }
   if (times.empty()) times.push_back(first_ms);
   std::sort(times.begin(), times.end());
   size_t mid = times.size() / 2;
   double median_ms = times.size() % 2 ? times[mid] : (times[mid - 1] + times[mid]) / 2;
 
-  std::vector<ffi::Tensor> outputs;
-  Flatten(ret, &outputs);
-  if (outputs.size() != m.outputs.size())
-    throw InputError("the model returned " + std::to_string(outputs.size()) + " tensors, the manifest lists " +
-                     std::to_string(m.outputs.size()) + " outputs (library and manifest do not match)");
-  fs::create_directories(out_dir);
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const TensorSpec& spec = m.outputs[i];
-    ffi::Tensor t = CopyTo(outputs[i], DLDevice{kDLCPU, 0});
-    std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
-    const DType* dtype = DTypeByDL(t.dtype());
-    if (shape != spec.shape || dtype != spec.dtype || !t.IsContiguous())
-      throw InputError("output '" + spec.name + "' is " + (dtype ? dtype->name : "an unsupported dtype") +
-                       ShapeStr(shape) + ", the manifest says " + spec.dtype->name + ShapeStr(spec.shape) +
-                       " (library and manifest do not match)");
-    WriteNpy((fs::path(out_dir) / spec.file).string(), t, spec.dtype);
-  }
   std::printf("edgec_run: load_ms=%.6g first_ms=%.6g median_ms=%.6g min_ms=%.6g peak_rss_kb=%ld repeat=%d warmup=%d "
               "threads=%d\n", load_ms, first_ms, median_ms, times[0], PeakRssKb(), repeat, warmup,
               Global("runtime.NumThreads")().cast<int>());

@@ -154,6 +154,7 @@ _SCHEMA = {
     },
     "files": _Map(_rel_path, {"sha256": _sha256, "size": _count}),
     "shared_libs?": [_shared_lib_path],
+    "states?": {"initial": _rel_path, "pairs": [{"name": str, "input": str, "output": str}]},
 }
 
 
@@ -249,7 +250,20 @@ def _check_consistent(m):
         fail("the model has no outputs")
     if MANIFEST in m["files"]:
         fail(f"'files' lists {MANIFEST} itself")
-    needed = [m["library"]] + ([m["params"]] if m["params"] else []) + sample_files(m) + m.get("shared_libs", [])
+    states = m.get("states")
+    if states is not None:
+        inputs, outputs = ({t["name"]: t for t in m[side]} for side in ("inputs", "outputs"))
+        for pair in states["pairs"]:
+            i, o = inputs.get(pair["input"]), outputs.get(pair["output"])
+            if i is None or o is None:
+                fail(f"state '{shown(pair['name'])}' names an input or output the model does not have")
+            if (i["shape"], i["dtype"]) != (o["shape"], o["dtype"]):
+                fail(f"state '{shown(pair['name'])}' pairs tensors of different shapes or dtypes")
+        for key in ("input", "output"):
+            if len({p[key] for p in states["pairs"]}) != len(states["pairs"]):
+                fail(f"two states have the same {key}")
+    needed = ([m["library"]] + ([m["params"]] if m["params"] else []) + sample_files(m) + m.get("shared_libs", [])
+              + ([states["initial"]] if states else []))
     for rel in needed:
         if rel not in m["files"]:
             fail(f"'{shown(rel)}' is not listed in 'files'")
@@ -498,6 +512,11 @@ class Model:
         self.manifest = m = load_manifest(self.bundle_dir)
         check_files(self.bundle_dir, m, verify, warn)
         self.inputs, self.outputs = m["inputs"], m["outputs"]
+        # a streaming model's state: input and output pairs, fed back by stream() from their initial values
+        self.states = m["states"]["pairs"] if m.get("states") else []
+        fed = {p["input"] for p in self.states}
+        self.stream_inputs = [s for s in self.inputs if s["name"] not in fed]
+        self.state = None   # the state stream() feeds next, by input name (None until reset() or stream())
         try:
             import tvm
             from tvm.runtime.vm import VirtualMachine
@@ -653,6 +672,40 @@ class Model:
                 raise BundleError(f"output '{shown(spec['name'])}' is {value.dtype}{list(value.shape)}, "
                                   f"{MANIFEST} says {spec['dtype']}{spec['shape']}", _REBUILD, exit_code=1)
         return {spec["name"]: value for spec, value in zip(self.outputs, flat)}
+
+    def reset(self):
+        """Start a new stream: the state goes back to the model's initial values (the manifest's "states")."""
+        if not self.states:
+            raise BundleError("the model keeps no state between calls", "call run() for each input")
+        import tvm
+
+        m = self.manifest
+        rel = m["states"]["initial"]
+        try:
+            values = tvm.runtime.load_param_dict(read_file(self.bundle_dir, m, rel, self.verify))
+        except BundleError:
+            raise
+        except Exception as e:  # TVM's own error for a malformed file
+            raise BundleError(f"{shown(rel)} is not a TVM parameter file: {_last_line(e)}", _REBUILD) from None
+        specs = {s["name"]: s for s in self.inputs}
+        state = {}
+        for pair in self.states:
+            if pair["input"] not in values:
+                raise BundleError(f"{shown(rel)} lacks the initial value of state '{shown(pair['name'])}'", _REBUILD)
+            state[pair["input"]] = values[pair["input"]].numpy()
+        check_inputs([specs[name] for name in state], state)
+        self.state = state
+
+    def stream(self, inputs):
+        """One step of a stream: `inputs` are the model's inputs without its state inputs; the state is the
+        previous step's (from the initial values after reset(), or on the first call). Returns every output, the
+        state's new values too, which the next step takes."""
+        if self.state is None:
+            self.reset()
+        check_inputs(self.stream_inputs, inputs)
+        outputs = self.run({**inputs, **self.state})
+        self.state = {p["input"]: outputs[p["output"]] for p in self.states}
+        return outputs
 
     def time(self, inputs, repeat=10, warmup=2):
         """Milliseconds per call of the entry function for `repeat` calls after `warmup` calls."""
