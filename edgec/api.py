@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from .frontends import inspect_model, load_model, model_format
 from .frontends.custom_ops import active as custom_ops, load_converters
 from .passes import plan
 from .progress import current
+from .quantize.reference import quantized_reference
 from .manifest import Manifest
 from .offload import for_build, resolve
 from .reference import DEFAULT_TOLERANCE, Comparison, Tolerance, compare_outputs
@@ -38,6 +39,7 @@ class BuildResult:
     archive: Path | None
     seconds: dict[str, float]
     warnings: tuple[str, ...] = ()   # for the user, e.g. the estimated memory exceeds the target's
+    evaluation: Evaluation | None = None   # --quantize: the bundle against the float model on held-back samples
 
 
 def _memory_over_budget(compiled: CompiledModel) -> str | None:
@@ -93,13 +95,26 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
         model = load_model(model_path, input_shapes,
                            tuple(s.name for s in steps if s.phase == "import" and s.enabled), options.dump_ir,
                            options.const_inputs, state_pairs)
+    held_back = None
+    if options.quantize is not None:
+        # checked before minutes of compiling; the last samples are kept out of calibration for the table
+        data = open_dataset(options.quantize.calibration, model.inputs)
+        if len(data) < 2:
+            raise EdgecError(f"--calibration {options.quantize.calibration} holds {len(data)} sample",
+                             "give at least 2 (a few hundred representative inputs calibrate well)")
+        calibration, held_back = data.split(options.quantize.held_back(len(data)))
+        ctx = replace(ctx, calibration=calibration)
     compiled = compile_model(model, ctx, steps, progress=say)
     over_budget = _memory_over_budget(compiled)
     if over_budget and strict_memory:
         raise EdgecError(over_budget, "drop --strict-memory to build anyway, or use a smaller model or input shape")
     say("reference run")
     inputs = sample_inputs(model, given_sample)
-    reference = reference_outputs(model, stream_steps(model, inputs, given_sample is not None))
+    if compiled.quantized_graph is not None:   # checked against the quantized graph, not the float model
+        reference = quantized_reference(compiled.quantized_graph, model,
+                                        stream_steps(model, inputs, given_sample is not None))
+    else:
+        reference = reference_outputs(model, stream_steps(model, inputs, given_sample is not None))
     sample = (None if isinstance(reference, str)
               else Sample(with_initial_state(model, inputs), reference.outputs[0], reference.name))
     say("write the bundle")
@@ -120,9 +135,17 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     seconds = dict(compiled.seconds, verify=verify_seconds[0],
                    bundle=time.perf_counter() - t0 - link - verify_seconds[0])
     sizes = [p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file()]
+    warnings, evaluation = [over_budget] if over_budget else [], None
+    if held_back is not None:
+        if manifest.arch == host_arch():
+            say(f"evaluate on {len(held_back)} held-back samples")
+            evaluation = evaluate(bundle_dir, held_back, model_path)
+        else:
+            warnings.append(f"no before/after table: the bundle is for {manifest.arch}; build the same model with "
+                            "--target host --quantize to see it, or use edgec eval")
     return BuildResult(bundle_dir, manifest, compiled, (bundle_dir / manifest.library).stat().st_size,
-                       sum(sizes), archive_path(bundle_dir) if archive else None, seconds,
-                       (over_budget,) if over_budget else ())
+                       sum(sizes), archive_path(bundle_dir) if archive else None, seconds, tuple(warnings),
+                       evaluation)
 
 
 @dataclass(frozen=True)

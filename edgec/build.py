@@ -15,6 +15,7 @@ from .frontends import ImportedModel
 from .offload import Placement, build_options, placement_of, used
 from .offload.passes import LOAD_SUFFIX
 from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
+from .passes.quantize import quantization_of
 from .progress import Progress, current
 from .targets import Target
 
@@ -94,6 +95,8 @@ class CompiledModel:
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
     offload: tuple[Placement, ...] | None = None   # where offload-partition put each operator; None: it did not run
     load: str | None = None                  # the function runners call once with the weights (offload's main_load)
+    quantization: dict | None = None         # what quantize-int8 did (the manifest's record); None: it did not run
+    quantized_graph: tvm.IRModule | None = None   # the module quantize-int8 left: what an int8 build is verified on
 
     @property
     def param_bytes(self) -> int:
@@ -118,12 +121,14 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
     dump_dir = ctx.options.dump_ir
     t0 = time.perf_counter()
     with pass_context(ctx, timer):
-        placement = []
+        placement, quantization = [], []
 
         def after_step(step: PlannedStep, mod: tvm.IRModule) -> None:
             memory(step, mod)
             if step.name in ("offload-partition", "offload-auto"):   # auto revises what partition placed
                 placement.append(placement_of(mod))
+            if step.name == "quantize-int8":
+                quantization.append((quantization_of(mod), mod))
 
         say("passes", total=sum(1 for s in steps if s.enabled and s.phase != "import"))
         mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=say.advance,
@@ -155,7 +160,8 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
                if s > before_codegen.get(name, 0.0)}
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
     return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
-                         memory.result(), codegen, seconds, placement[-1] if placement else None, load)
+                         memory.result(), codegen, seconds, placement[-1] if placement else None, load,
+                         *(quantization[0] if quantization else (None, None)))
 
 
 def export_library(compiled: CompiledModel, path: Path) -> float:

@@ -301,7 +301,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         load_function=compiled.load,
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
         passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
-        shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload),
+        shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload), quantization=compiled.quantization,
         states=tuple(StateRecord(s.name, s.input, s.output) for s in model.states),
         initial_states=STATES_NAME if model.states else None)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")

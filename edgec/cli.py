@@ -163,10 +163,21 @@ def main(ctx, verbose):
                    "[offload] backends].")
 @click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
               help="Python file of converters for TFLite custom operators (examples/tflite_converters.py).")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="Post-training quantization: int8 QDQ (uint8 activations, int8 per-channel weights), calibrated "
+                   "on --calibration; prints the int8 bundle against the float model on held-back samples.")
+@click.option("--calibration", type=click.Path(path_type=Path), metavar="DATA",
+              help="Calibration samples for --quantize: an .npz keyed by input name (first axis: samples) or a "
+                   "folder of them, as for edgec eval; the last fifth (at most 100) is held back for the table.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="How a tensor's range is chosen from the calibration samples.")
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
+              help="For --calibration-method percentile: the share of values kept inside the range.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
 def build(model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force,
-          strict_memory, sample, offload, converter, as_json, show_progress, state):
+          strict_memory, sample, offload, converter, quantize, calibration, calibration_method, percentile, as_json,
+          show_progress, state):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -179,10 +190,15 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
             raise EdgecError(f"--dump-ir {dump_ir} is not empty", "pass --force to write into it anyway, or pick a "
                              "new or empty directory")
     from .offload import parse_option
+    from .quantize import QuantizeOptions
 
+    if (quantize is None) != (calibration is None):
+        raise EdgecError("--quantize and --calibration go together",
+                         "pass both: --quantize int8 --calibration DATA.npz")
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
                            None if offload is None else parse_option(offload), tuple(converter),
-                           parse_const_inputs(const_input))
+                           parse_const_inputs(const_input),
+                           quantize and QuantizeOptions(quantize, calibration, calibration_method, percentile))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     with _reporting(show_progress) as steps:
         result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
@@ -190,7 +206,15 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
                            sample_inputs=list(sample) or None, state_pairs=parse_state_pairs(state), progress=steps)
     for warning in result.warnings:
         _err(f"warning: {warning}")
-    click.echo(json.dumps(report.build_json(result), indent=2) if as_json else report.build_text(result))
+    if as_json:
+        summary = report.build_json(result)
+        if result.evaluation is not None:
+            summary["evaluation"] = result.evaluation.to_json()
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(report.build_text(result))
+        if result.evaluation is not None:
+            click.echo(f"\nint8 against the float model on the held-back samples:\n{result.evaluation.text()}")
 
 
 @main.command()

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .targets import Target
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
+    from .quantize import QuantizeOptions
 
 # --offload auto: the descriptor's backends, each operator group measured against TVM's kernel, the faster kept
 OFFLOAD_AUTO = "auto"
@@ -21,6 +26,8 @@ class BuildOptions:
     converters: tuple[Path, ...] = ()
     # graph inputs folded to constants at build time (--const-input), by name; they leave the bundle's signature
     const_inputs: dict = field(default_factory=dict)
+    # --quantize int8 --calibration DATA (edgec.quantize); None: the model's own precision
+    quantize: QuantizeOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class BuildContext:
     """
     target: Target
     options: BuildOptions
-    calibration: Path | None = None
+    calibration: Dataset | None = None      # --quantize's calibration samples (without the held-back ones)
     tuning_database: Path | None = None
     offload: tuple[str, ...] = ()
 

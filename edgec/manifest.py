@@ -63,6 +63,12 @@ def _list(value, origin: str) -> list:
     return value
 
 
+def _record(value, origin: str) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise EdgecError(f"{origin}: quantization is not an object", "rebuild the bundle")
+    return value
+
+
 def not_verified(reason: str, tolerance: Tolerance = DEFAULT_TOLERANCE) -> dict:
     """The manifest's "verification" entry of a bundle whose outputs were not compared with a reference."""
     return {"status": "not verified", "reason": reason, "reference": None, "runner": None,
@@ -122,6 +128,7 @@ class Manifest:
     offload_auto: tuple[OffloadDecision, ...] = ()   # --offload auto's measured decisions; runners ignore them
     states: tuple[StateRecord, ...] = ()  # a streaming model's state pairs
     initial_states: str | None = None   # tvm param dict of the states' initial values, keyed by state input name
+    quantization: dict | None = None    # --quantize: mode, calibration method, what stayed float; runners ignore it
 
     @property
     def arch(self) -> str:
@@ -149,6 +156,7 @@ class Manifest:
             "files": {rel: vars(entry) for rel, entry in sorted(self.files.items())},
             **({"shared_libs": list(self.shared_libs)} if self.shared_libs else {}),
             **({"offload_auto": [vars(d) for d in self.offload_auto]} if self.offload_auto else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
             **({"states": {"initial": self.initial_states, "pairs": [vars(s) for s in self.states]}}
                if self.states else {}),
         }
@@ -165,6 +173,7 @@ class Manifest:
             verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()},
             shared_libs=tuple(d.get("shared_libs", ())),
             offload_auto=tuple(OffloadDecision.from_json(e, origin) for e in _list(d.get("offload_auto", []), origin)),
+            quantization=_record(d.get("quantization"), origin),
             states=tuple(StateRecord(**{k: p[k] for k in ("name", "input", "output")})
                          for p in (d["states"]["pairs"] if d.get("states") else ())),
             initial_states=d["states"]["initial"] if d.get("states") else None)

@@ -67,6 +67,17 @@ class Progress:
             else:
                 self._line(f"{self._step} {self._counter()}" + (f" {item}" if item else ""))
 
+    def detail(self, item: str) -> None:
+        """Say what the current item is doing now (a pass's own progress, e.g. calibration batches), uncounted."""
+        if not self.enabled or self._step is None:
+            return
+        with self._lock:
+            self._item = item
+            if self.live:
+                self._draw()
+            else:
+                self._line(f"{self._step} {self._counter()} {item}")
+
     def close(self) -> None:
         """End the last step and take the live line off the terminal (also on errors and Ctrl-C)."""
         if self._thread is not None:

@@ -1,0 +1,80 @@
+"""The quantization steps of the pipeline (edgec.quantize): `calibrate`, then `quantize-int8`.
+
+They run in the graph phase right after canonicalize, before offload-quantized, whose patterns take the QDQ form
+they leave to the backends' integer kernels (later constant folding would turn the int8 weights into floats).
+`calibrate` folds constants first (weight transposes), so that both passes see weights as constants. `calibrate` records its ranges in a module attribute, which `quantize-int8` consumes
+and replaces with the record the manifest keeps (QUANTIZATION_ATTR).
+"""
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+
+from ..context import BuildContext
+from ..errors import EdgecError
+from .fold import fold_constants
+from .registry import register_pass
+
+RANGES_ATTR = "edgec_calibration"
+QUANTIZATION_ATTR = "edgec_quantization"
+
+
+def _int8(ctx: BuildContext) -> bool:
+    return ctx.options.quantize is not None and ctx.options.quantize.mode == "int8"
+
+
+def quantization_of(mod: tvm.IRModule) -> dict | None:
+    """The record `quantize-int8` left on a module (None when it did not run)."""
+    text = (mod.attrs or {}).get(QUANTIZATION_ATTR)
+    return None if text is None else json.loads(str(text))
+
+
+def _quantized(mod: tvm.IRModule) -> bool:
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and getattr(
+        e.op, "name", None) in ("relax.quantize", "relax.dequantize") else None)
+    return bool(found)
+
+
+@register_pass("calibrate", phase="graph", after=("canonicalize",), applies=_int8)
+def calibrate(ctx):
+    """Run the float model on the --calibration samples with taps on the tensors int8 will quantize; record ranges."""
+    from ..quantize.calibrate import calibrate as run
+
+    options = ctx.options.quantize
+    fold = fold_constants(ctx)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecCalibrate")
+    def step(mod, _pctx):
+        if _quantized(mod):
+            raise EdgecError("the model is quantized already (it has QuantizeLinear/DequantizeLinear or integer "
+                             "operators)", "build it without --quantize: its own quantization is compiled as it is")
+        mod = fold(mod)
+        ranges = run(mod, ctx.calibration, options.method, options.percentile)
+        return mod.with_attr(RANGES_ATTR, json.dumps({"method": options.method, "samples": len(ctx.calibration),
+                                                      "ranges": ranges}))
+
+    return step
+
+
+@register_pass("quantize-int8", phase="graph", after=("calibrate",), applies=_int8)
+def quantize_int8(ctx):
+    """Rewrite into QDQ form: uint8 activations per tensor, int8 weights per channel, int32 biases."""
+    from ..quantize import qdq
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecQuantizeInt8")
+    def step(mod, _pctx):
+        text = (mod.attrs or {}).get(RANGES_ATTR)
+        if text is None:
+            raise EdgecError("quantize-int8 needs the ranges the calibrate pass records",
+                             "do not disable calibrate while quantizing")
+        calibration = json.loads(str(text))
+        out, record = qdq.rewrite(mod.without_attr(RANGES_ATTR), calibration["ranges"])
+        record = {"mode": "int8", "method": calibration["method"], "calibration_samples": calibration["samples"],
+                  **({"percentile": ctx.options.quantize.percentile} if calibration["method"] == "percentile" else {}),
+                  "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric", **record}
+        return out.with_attr(QUANTIZATION_ATTR, json.dumps(record))
+
+    return step

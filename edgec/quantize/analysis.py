@@ -1,0 +1,130 @@
+"""Which tensors of a float Relax graph int8 quantization puts a quantize → dequantize pair on.
+
+A pair goes where an integer kernel would read int8: the data input of a convolution or a matrix product with
+constant weights, both inputs of an add of two activations (a residual), every input of a concat, the input of a
+pooling. Nothing goes between such a layer and its bias add and ReLU/clip: those are its int32 accumulator and
+epilogue, requantized once at the next boundary, so conv → relu → conv holds one pair, not one around each op.
+The analysis is a pure function of the graph, so `calibrate` and `quantize-int8` agree on the tensors by position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+CONV, MATMUL, ADD, CONCAT = "relax.nn.conv2d", "relax.matmul", "relax.add", "relax.concat"
+POOLS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A conv2d or matmul whose weights become int8, per output channel along `weight_axis`."""
+    op: str
+    weight: tvm.ir.expr.Constant
+    weight_axis: int
+    channel_axis: int              # the output's channel axis, along which a bias adds
+
+
+@dataclass
+class Plan:
+    tensors: list[tuple[str, relax.Var]]            # (key, tensor) for every tensor that gets a pair, in graph order
+    compute: dict[relax.Var, Compute]               # quantized layers by the var they bind
+    bias: dict[relax.Var, relax.Var]                # a bias add's var -> its layer's var
+    float_ops: dict[str, int]                       # ops that stay float although quantizable, with why, counted
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.tensors]
+
+
+def _op(expr) -> str | None:
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def _float_activation(expr) -> bool:
+    """A float32 tensor with a static shape, bound to a var (a constant is no activation)."""
+    ty = getattr(expr, "ty", None)
+    dims = getattr(getattr(ty, "shape", None), "values", None)
+    return (isinstance(expr, relax.Var) and isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32"
+            and dims is not None and all(isinstance(d, tvm.tirx.IntImm) for d in dims))
+
+
+def _float_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.Constant) and str(expr.ty.dtype) == "float32"
+
+
+def _compute(call: relax.Call) -> tuple[Compute | None, str | None]:
+    """The layer a call is, when its weights can be quantized per channel; else (None, why not) for conv/matmul."""
+    op = _op(call)
+    if op not in (CONV, MATMUL):
+        return None, None
+    x, w = call.args[0], call.args[1]
+    if not _float_const(w):
+        return None, f"{op.split('.')[-1]} with non-constant float32 weights"
+    if op == CONV:
+        a = call.attrs
+        return Compute(op, w, str(a.kernel_layout).index("O"), str(a.out_layout or a.data_layout).index("C")), None
+    if w.value.numpy().ndim != 2 or not _float_activation(x):
+        return None, "matmul with weights of rank other than 2"
+    return Compute(op, w, 1, len(x.ty.shape) - 1), None
+
+
+def _bias_fits(bias: tvm.ir.expr.Constant, layer: relax.Var, compute: Compute) -> bool:
+    """A constant adds per output channel: shaped like the output with 1s except along the channel axis, or [C]."""
+    shape = bias.value.numpy().shape
+    out = [int(d) for d in layer.ty.shape]
+    channels = out[compute.channel_axis]
+    if len(shape) == 1:
+        return compute.channel_axis == len(out) - 1 and shape[0] == channels
+    return len(shape) == len(out) and all(s == (channels if i == compute.channel_axis else 1)
+                                          for i, s in enumerate(shape))
+
+
+def plan(func: relax.Function) -> Plan:
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    values = {b.var: b.value for b in bindings if isinstance(b, relax.VarBinding)}
+    uses: dict[relax.Var, int] = {}
+
+    @relax.expr_functor.visitor
+    class Uses(relax.PyExprVisitor):
+        def visit_var_(self, var):
+            uses[var] = uses.get(var, 0) + 1
+
+        def visit_dataflow_var_(self, var):
+            uses[var] = uses.get(var, 0) + 1
+
+    for value in values.values():
+        Uses().visit_expr(value)
+    Uses().visit_expr(func.body.body)
+
+    compute: dict[relax.Var, Compute] = {}
+    float_ops: dict[str, int] = {}
+    for var, value in values.items():
+        layer, why = _compute(value)
+        if layer is not None and _float_activation(value.args[0]):
+            compute[var] = layer
+        elif why:
+            float_ops[why] = float_ops.get(why, 0) + 1
+    bias = {}
+    for var, value in values.items():
+        if _op(value) == ADD:
+            layer, const = value.args
+            if layer in compute and uses.get(layer) == 1 and _float_const(const) \
+                    and _bias_fits(const, layer, compute[layer]):
+                bias[var] = layer
+
+    wanted: set[relax.Var] = set()
+    for var, value in values.items():
+        op = _op(value)
+        if var in compute or op in POOLS:
+            inputs = [value.args[0]]
+        elif op == ADD and var not in bias:
+            inputs = list(value.args) if all(_float_activation(a) for a in value.args) else []
+        elif op == CONCAT and isinstance(value.args[0], relax.Tuple):
+            inputs = list(value.args[0].fields)
+        else:
+            continue
+        wanted.update(x for x in inputs if _float_activation(x))
+    tensors = [(f"input:{p.name}", p) for p in func.params if p in wanted]
+    tensors += [(f"{i}:{b.var.name}", b.var) for i, b in enumerate(bindings) if b.var in wanted]
+    return Plan(tensors, compute, bias, float_ops)

@@ -1,0 +1,140 @@
+"""Calibration: the float model run on the calibration samples with taps on the tensors `analysis.plan` picks,
+and a range [lo, hi] for each from what the samples put through it.
+
+The taps are extra outputs of a copy of main compiled for this machine (calibration runs here whatever the
+target). Samples go through in batches of `BATCH`; min/max come from a first sweep, and `percentile` and
+`entropy` make a second one to fill a histogram of `BINS` bins over that range.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..dataset import Dataset
+from ..errors import EdgecError
+from ..progress import current
+from . import analysis
+
+BATCH = 32
+BINS = 2048
+
+
+def _tap_module(mod: tvm.IRModule, keys: list[str]) -> tvm.IRModule:
+    """main returning (its own result, every tapped tensor), the tensors found again by key in a non-dataflow copy
+    (dataflow vars cannot leave their block)."""
+    flat = relax.transform.ToNonDataflow()(mod)
+    func = flat["main"]
+    found = {k: t for k, t in analysis.plan(func).tensors}
+    if list(found) != keys:
+        raise EdgecError("internal error: calibration taps changed when leaving dataflow form",
+                         "report this with the model and --dump-ir output")
+    body = func.body
+    taps = relax.BlockBuilder().normalize(relax.SeqExpr(body.blocks, relax.Tuple([body.body, *found.values()])))
+    out = tvm.IRModule({gv: f for gv, f in flat.functions_items() if gv.name_hint != "main"})
+    out["main"] = relax.Function(func.params, taps, attrs=func.attrs)
+    return relax.transform.Normalize()(out)
+
+
+class _Runner:
+    def __init__(self, mod: tvm.IRModule, keys: list[str]):
+        # its own PassContext: the build's one (its -O level, instruments and target options) is for the target
+        with tvm.transform.PassContext(opt_level=3):
+            executable = tvm.compile(_tap_module(mod, keys), target=tvm.target.Target("llvm"))
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self.names = [p.name for p in mod["main"].params]
+
+    def taps(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = [tvm.runtime.tensor(inputs[n]) for n in self.names if n in inputs]
+        result = self.vm["main"](*args)
+        return [t.numpy() for t in list(result)[1:]]
+
+
+def _sweep(runner: _Runner, data: Dataset, what: str, visit) -> None:
+    say = current()
+    batches = -(-len(data) // BATCH)
+    for i, batch in enumerate(data.batches(BATCH), start=1):
+        say.detail(f"{what}: batch {i}/{batches} ({len(data)} samples)")
+        for sample in batch:
+            visit(runner.taps(sample.inputs))
+
+
+def _percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float) -> tuple[float, float]:
+    """The values below which (100 - p)% and p% of the samples fall, on the histogram over [lo, hi]."""
+    edges = np.linspace(lo, hi, len(hist) + 1)
+    cdf = np.cumsum(hist) / hist.sum()
+    tail = 1 - percentile / 100
+    low = edges[np.searchsorted(cdf, tail, side="right")] if lo < 0 else lo
+    high = edges[min(np.searchsorted(cdf, 1 - tail, side="left") + 1, len(hist))]
+    return float(low), float(high)
+
+
+def _kl_threshold(hist: np.ndarray, top: float, levels: int) -> float:
+    """The threshold on |x| whose `levels`-level quantization of the histogram loses the least information (the
+    Kullback-Leibler divergence from the clipped distribution to its quantized copy, TensorRT's method)."""
+    hist = hist.astype(np.float64)
+    if hist.sum() == 0:
+        return top
+    best, best_kl = len(hist), np.inf
+    for i in range(levels, len(hist) + 1, max((len(hist) - levels) // 256, 1)):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()                    # what clipping at bin i folds onto the last level
+        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+        nonzero = hist[:i] > 0
+        sums = np.add.reduceat(hist[:i], starts)
+        counts = np.add.reduceat(nonzero.astype(np.float64), starts)
+        level = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
+        q = np.where(nonzero, (sums / np.maximum(counts, 1))[level], 0.0)
+        p, q = p / p.sum(), q / max(q.sum(), 1e-30)
+        support = p > 0
+        kl = float(np.sum(p[support] * np.log(p[support] / np.maximum(q[support], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return top * best / len(hist)
+
+
+def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) -> dict[str, tuple[float, float]]:
+    """{tensor key: (lo, hi)} over `data` for every tensor `analysis.plan` gives a pair, by `method`."""
+    keys = analysis.plan(mod["main"]).keys()
+    if not keys:
+        return {}
+    current().detail("calibration: compile the float model with taps")
+    runner = _Runner(mod, keys)
+    lo = np.full(len(keys), np.inf)
+    hi = np.full(len(keys), -np.inf)
+
+    def minmax(taps):
+        for j, t in enumerate(taps):
+            lo[j], hi[j] = min(lo[j], float(t.min())), max(hi[j], float(t.max()))
+
+    _sweep(runner, data, "calibration min/max", minmax)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        bad = keys[int(np.argmin(np.isfinite(lo) & np.isfinite(hi)))]
+        raise EdgecError(f"calibration: tensor {bad.split(':', 1)[1]!r} takes non-finite values on the calibration "
+                         "samples", "check the calibration data (preprocessing, dtype) or build without --quantize")
+    if method == "minmax":
+        return {k: (float(a), float(b)) for k, a, b in zip(keys, lo, hi)}
+    # percentile: a histogram of x over [lo, hi]; entropy: of |x| over [0, max |x|]
+    top = np.maximum(np.abs(lo), np.abs(hi))
+    span = [(a, b) if method == "percentile" else (0.0, t) for a, b, t in zip(lo, hi, top)]
+    hists = [np.zeros(BINS, np.int64) for _ in keys]
+
+    def histogram(taps):
+        for j, t in enumerate(taps):
+            a, b = span[j]
+            values = t if method == "percentile" else np.abs(t)
+            if b > a:
+                hists[j] += np.histogram(values, BINS, (a, b))[0]
+
+    _sweep(runner, data, f"calibration {method} histograms", histogram)
+    ranges = {}
+    for j, key in enumerate(keys):
+        a, b = span[j]
+        if b <= a:
+            ranges[key] = (float(lo[j]), float(hi[j]))
+        elif method == "percentile":
+            ranges[key] = _percentile_range(hists[j], a, b, percentile)
+        else:
+            threshold = _kl_threshold(hists[j], b, 256 if lo[j] >= 0 else 128)
+            ranges[key] = (float(max(lo[j], -threshold)), float(min(hi[j], threshold)))
+    return ranges

@@ -1,0 +1,109 @@
+"""The int8 rewrite into QDQ form, from the calibrated ranges.
+
+Activations: uint8, per tensor, asymmetric over the calibrated range (widened to hold 0, which padding and ReLU
+produce exactly). Weights: int8, symmetric, per output channel, stored as int8 constants behind a dequantize.
+Biases: int32 with scale s_x * s_w, zero point 0, as onnxruntime's QDQ quantizer stores them. Each quantized
+input gets `dequantize(quantize(x))`; identical pairs on one tensor are then merged, so a tensor read by
+several layers is quantized once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import EdgecError
+from . import analysis
+
+_INT32 = np.iinfo(np.int32)
+
+
+def activation_params(lo: float, hi: float) -> tuple[float, int]:
+    """uint8 (scale, zero point) covering [lo, hi] and 0."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    return float(np.float32(scale)), int(np.clip(np.round(-lo / scale), 0, 255))
+
+
+def weight_params(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights, float32 scale per channel along `axis`), symmetric over [-127, 127]."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    top = np.abs(w).max(axis=reduce)
+    scale = np.where(top > 0, top / 127, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8), scale
+
+
+def _qdq(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
+    s, z = relax.const(scale, "float32"), relax.const(zero_point, "uint8")
+    return relax.op.dequantize(relax.op.quantize(x, s, z, axis=-1, out_dtype="uint8"), s, z, axis=-1)
+
+
+def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]]) -> tuple[tvm.IRModule, dict]:
+    """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why)."""
+    func = mod["main"]
+    plan = analysis.plan(func)
+    if sorted(plan.keys()) != sorted(ranges):
+        raise EdgecError("the graph changed between calibrate and quantize-int8",
+                         "run quantize-int8 right after calibrate (report this with --dump-ir output)")
+    params = {t: activation_params(*ranges[k]) for k, t in plan.tensors}
+    stayed = dict(plan.float_ops)
+    done = {"layers": 0, "biases": 0}
+    layer_scales: dict[relax.Var, np.ndarray] = {}   # a quantized layer's var -> s_x * s_w per channel
+
+    def keep(why: str):
+        stayed[why] = stayed.get(why, 0) + 1
+
+    @relax.expr_functor.mutator
+    class QDQ(relax.PyExprMutator):
+        def visit_var_binding_(self, binding):
+            self.binding = binding.var
+            super().visit_var_binding_(binding)
+
+        def visit_call_(self, call):
+            new = super().visit_call_(call)
+            var, args = self.binding, list(new.args)
+            if var in plan.compute:
+                layer = plan.compute[var]
+                x = call.args[0]
+                wq, sw = weight_params(layer.weight.value.numpy(), layer.weight_axis)
+                sx, zx = params[x]
+                args[0] = _qdq(args[0], sx, zx)
+                args[1] = relax.op.dequantize(relax.const(wq), relax.const(sw), relax.const(np.zeros_like(sw, np.int8)),
+                                              axis=layer.weight_axis)
+                layer_scales[var] = (np.float64(sx) * sw.astype(np.float64)).astype(np.float32)
+                done["layers"] += 1
+                return relax.Call(new.op, args, new.attrs)
+            if var in plan.bias:
+                return self._bias(new, plan.bias[var])
+            if isinstance(args[0], relax.Tuple):       # concat
+                fields = [_qdq(n, *params[o]) if o in params else n for o, n in zip(call.args[0].fields, args[0].fields)]
+                return relax.Call(new.op, [relax.Tuple(fields), *args[1:]], new.attrs)
+            if any(a in params for a in call.args) and analysis._op(call) in (analysis.ADD, *analysis.POOLS):
+                args = [_qdq(n, *params[o]) if o in params else n for o, n in zip(call.args, args)]
+                return relax.Call(new.op, args, new.attrs)
+            return new
+
+        def _bias(self, new: relax.Call, layer: relax.Var) -> relax.Call:
+            compute = plan.compute[layer]
+            scale = layer_scales[layer]
+            bias = new.args[1].value.numpy()
+            q = np.round(bias.astype(np.float64) / scale.reshape(bias.shape).astype(np.float64))
+            if (np.abs(q) > _INT32.max).any():
+                keep("bias beyond int32 at scale s_x * s_w")
+                return new
+            axis = compute.channel_axis if bias.ndim > 1 else 0
+            dq = relax.op.dequantize(relax.const(q.astype(np.int32)), relax.const(scale),
+                                     relax.const(np.zeros(scale.shape, np.int32)), axis=axis)
+            done["biases"] += 1
+            return relax.Call(new.op, [new.args[0], dq], new.attrs)
+
+    mutator = QDQ(mod)
+    out = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    out["main"] = mutator.visit_expr(func)
+    # the pairs put on one tensor for each of its readers are identical: one quantize, one dequantize per tensor
+    out = relax.transform.EliminateCommonSubexpr()(out)
+    record = {"layers": done["layers"], "biases": done["biases"], "tensors": len(plan.tensors),
+              "float": [{"what": why, "count": n} for why, n in sorted(stayed.items())]}
+    return out, record
