@@ -190,3 +190,13 @@ def test_force_replaces_a_format_2_bundle(tmp_path):
     check_cli_error(cli("build", model, "-o", out, "--offload", "none", "--force"), "files edgec did not write",
                     "notes.txt")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cross_target_stream_verified_under_qemu(tmp_path):
+    """An rpi4 build streams its 4 verification steps through edgec_run --stream under qemu (Cortex-A72)."""
+    built = api.build(leaky_state_model(tmp_path / "leaky.onnx"), "rpi4", tmp_path / "rpi4", options=NO_OFFLOAD)
+    assert built.manifest.verification["status"] == "verified"
+    assert built.manifest.verification["runner"] == "qemu, 4 steps streamed"
+    chunks = [np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32) for i in range(3)]
+    for outputs, (y, h) in zip(api.stream(built.bundle_dir, [{"x": c} for c in chunks]), expected_stream(chunks)):
+        np.testing.assert_allclose(outputs["h_next"], h, rtol=1e-6, atol=1e-6)
