@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -361,6 +362,43 @@ def test_runner_refuses_broken_bundles(bundle_copy, runner, tmp_path, case):
     break_it, message = BROKEN_BUNDLES[case]
     break_it(bundle_copy)
     assert_refused(run_runner(runner, bundle_copy, tmp_path / "out"), message)
+
+
+def _states(*pairs, initial="params.bin"):
+    """A manifest "states" entry over the tiny model's tensors (its params file stands in for the initial values)."""
+    return lambda bundle: edit_manifest(bundle, lambda m: m.update(states={
+        "initial": initial, "pairs": [{"name": f"s{i}", "input": a, "output": b} for i, (a, b) in enumerate(pairs)]}))
+
+
+BROKEN_STATES = {
+    "unknown_input": (_states(("nope", "features")), ("states.pairs[0].input", "not a tensor of the model"),
+                      "names an input or output the model does not have"),
+    "shapes_differ": (_states(("x", "features")), ("different shapes or dtypes",), "different shapes or dtypes"),
+    "initial_not_listed": (_states(initial="states.bin"), ("'states.bin' is not listed",), "'states.bin' is not listed"),
+    "initial_outside": (_states(initial="../states.bin"), ("'states.initial' is not a relative",),
+                        "'states.initial' is not a relative"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_STATES)
+def test_runners_refuse_inconsistent_states(bundle_copy, runner, tmp_path, case):
+    """A manifest's "states" is checked by both runners before anything is loaded: every pair names an input and
+    an output of one shape and dtype, the initial values' file is a listed bundle file."""
+    break_it, cpp_words, py_words = BROKEN_STATES[case]
+    break_it(bundle_copy)
+    proc = run_runner(runner, bundle_copy, tmp_path / "out", "--stream")
+    assert_refused(proc, "")
+    assert all(w in proc.stderr for w in cpp_words), proc.stderr
+    with pytest.raises(EdgecError, match=re.escape(py_words)):
+        Manifest.load(bundle_copy)
+
+
+def test_runners_stream_only_a_stateful_model(host_bundle, runner, tmp_path):
+    assert_refused(run_runner(runner, host_bundle, tmp_path / "out", "--stream"), "the model keeps no state")
+    from edgec import api
+
+    with pytest.raises(EdgecError, match="keeps no state"):
+        api.load(host_bundle).stream({"x": np.zeros((1, 3, 8, 8), np.float32)})
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
