@@ -293,6 +293,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         "versions": versions, "params": params_name, "param_mb": f"{compiled.param_bytes / 1e6:.2f}",
         "inputs": [t.to_json() for t in inputs], "outputs": [t.to_json() for t in outputs],
         "sample": dirs is not None, "reference": sample.reference if sample else None, "verification": verification,
+        "states": [s.to_json() for s in model.states],
     })
     files = {p.relative_to(tmp).as_posix(): FileEntry.of(p) for p in sorted(tmp.rglob("*"))
              if p.is_file() and p.name != MANIFEST_NAME}

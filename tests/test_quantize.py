@@ -117,3 +117,12 @@ def test_bad_calibration_is_one_line(digits, case, keywords):
     result = cli(*args)
     check_error(result.stderr, result.exit_code, *keywords, exception=result.exception)
     assert not (d / f"bad-{case}").exists()
+
+
+def test_passes_says_why_quantize_steps_skip():
+    """Without --quantize, `edgec passes` names what the quantization steps need, not a target mismatch."""
+    result = cli("passes")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[2]: line for line in result.output.splitlines() if line.strip()[:1].isdigit()}
+    for name in ("calibrate", "quantize-int8"):
+        assert " skip " in lines[name] and "needs --quantize int8" in lines[name]

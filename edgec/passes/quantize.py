@@ -38,7 +38,8 @@ def _quantized(mod: tvm.IRModule) -> bool:
     return bool(found)
 
 
-@register_pass("calibrate", phase="graph", after=("canonicalize",), applies=_int8)
+@register_pass("calibrate", phase="graph", after=("canonicalize",), applies=_int8,
+               skip_reason="needs --quantize int8")
 def calibrate(ctx):
     """Run the float model on the --calibration samples with taps on the tensors int8 will quantize; record ranges."""
     from ..quantize.calibrate import calibrate as run
@@ -59,7 +60,8 @@ def calibrate(ctx):
     return step
 
 
-@register_pass("quantize-int8", phase="graph", after=("calibrate",), applies=_int8)
+@register_pass("quantize-int8", phase="graph", after=("calibrate",), applies=_int8,
+               skip_reason="needs --quantize int8")
 def quantize_int8(ctx):
     """Rewrite into QDQ form: uint8 activations per tensor, int8 weights per channel, int32 biases."""
     from ..quantize import qdq

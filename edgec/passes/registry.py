@@ -37,6 +37,7 @@ class PassSpec:
     applies: Callable[[BuildContext], bool]
     tvm_name: str | None = None    # the TVM pass this name stands for inside TVM's phases
     frontend: str | None = None    # "import" steps: the model format whose frontend runs it
+    skip_reason: str = "not for this target"    # what `edgec passes` says when `applies` is false
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,17 @@ def schedule(name: str, *, phase: str, after: tuple[str, ...] = ()) -> None:
 
 def register_pass(name: str, *, phase: str, after: tuple[str, ...] = (), opt_level: int = 1,
                   required: bool = False, applies: Callable[[BuildContext], bool] | None = None,
-                  tvm_name: str | None = None, frontend: str | None = None):
+                  tvm_name: str | None = None, frontend: str | None = None,
+                  skip_reason: str = "not for this target"):
     """Decorator for a factory `(BuildContext) -> tvm.transform.Pass`; its docstring is the description.
 
     `tvm_name` makes the same name stand for that TVM pass where TVM's own phases run it; `frontend` marks an
-    "import" step that the named model format's frontend runs itself.
+    "import" step that the named model format's frontend runs itself; `skip_reason` says why a step whose
+    `applies` is false does not run (default: the target does not want it).
     """
     def wrap(make):
         _add_spec(PassSpec(name, (make.__doc__ or "").strip().splitlines()[0], 0 if required else opt_level,
-                           required, make, applies or (lambda ctx: True), tvm_name, frontend))
+                           required, make, applies or (lambda ctx: True), tvm_name, frontend, skip_reason))
         schedule(name, phase=phase, after=after)
         return make
 
@@ -200,5 +203,5 @@ def _decide(spec: PassSpec, ctx: BuildContext, disabled: set[str]) -> tuple[bool
     if spec.opt_level > ctx.opt_level:
         return False, f"needs -O{spec.opt_level}"
     if not spec.applies(ctx):
-        return False, "not for this target"
+        return False, spec.skip_reason
     return True, ""
