@@ -180,14 +180,15 @@ def _with_state(path: Path, model):
     from tflite.CallOnceOptions import CallOnceOptions
     from tvm.relax.frontend.tflite.tflite_frontend import _decode_type, get_tensor_name
 
-    from ..frontends.base import State
+    from .base import State
 
     def refuse(what):
         return EdgecError(f"{path.name} is a streaming model whose variable {what}, which edgec cannot import",
                           "export the model in its non-streaming form (the state as ordinary inputs and outputs)")
 
+    conv = _converter(model)    # names operators (of any subgraph)
+
     def ops(sg):
-        conv = _converter(model)
         for i in range(sg.OperatorsLength()):
             yield i, conv.get_op_code_str(sg.Operators(i)), sg.Operators(i)
 
@@ -197,12 +198,12 @@ def _with_state(path: Path, model):
 
         from .tflite_convert import EdgecOperatorConverter
 
-        conv = EdgecOperatorConverter(model, sg, ExprTable(), None)
+        reader = EdgecOperatorConverter(model, sg, ExprTable(), None)
         found = {}
         for _, name, op in ops(sg):
             if name == "VAR_HANDLE":
-                out = conv.get_output_tensors(op)[0]
-                found[op.Outputs(0)] = "/".join(filter(None, conv._get_var_handle_resource_key(op, out)))
+                out = reader.get_output_tensors(op)[0]
+                found[op.Outputs(0)] = "/".join(filter(None, reader._get_var_handle_resource_key(op, out)))
         return found
 
     main = model.Subgraphs(0)
@@ -225,8 +226,8 @@ def _with_state(path: Path, model):
         for _, name, op in ops(init):
             if name == "ASSIGN_VARIABLE" and init_keys.get(op.Inputs(0)) in writes:
                 t = init.Tensors(op.Inputs(1))
-                data = model.Buffers(t.Buffer()).DataAsNumpy() if t.Buffer() > 0 else 0
-                if isinstance(data, int) or not data.size:
+                data = model.Buffers(t.Buffer()).DataAsNumpy()     # 0 for a buffer without data
+                if not isinstance(data, np.ndarray) or not data.size:
                     raise refuse(f"{init_keys[op.Inputs(0)]} is initialized to a computed value")
                 shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
                 initial[init_keys[op.Inputs(0)]] = np.frombuffer(data.tobytes(), _decode_type(t.Type())).reshape(shape)
