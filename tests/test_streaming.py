@@ -200,3 +200,22 @@ def test_cross_target_stream_verified_under_qemu(tmp_path):
     chunks = [np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32) for i in range(3)]
     for outputs, (y, h) in zip(api.stream(built.bundle_dir, [{"x": c} for c in chunks]), expected_stream(chunks)):
         np.testing.assert_allclose(outputs["h_next"], h, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stream_that_forgets_its_state_stops_the_build(tmp_path, monkeypatch):
+    """Verification compares every step: a runner that fed the initial state again at every step (here run.py's
+    Model.stream made to forget) agrees with onnxruntime on the first step only, and nothing is published."""
+    from edgec.runtime import bundle_runner
+    from edgec.verification import VerificationFailed
+
+    model_class = bundle_runner().Model
+    forgetful = model_class.stream
+
+    def stream(self, inputs):
+        self.state = None
+        return forgetful(self, inputs)
+
+    monkeypatch.setattr(model_class, "stream", stream)
+    with pytest.raises(VerificationFailed, match="on output 'y' at step 2 of 4 from the initial state"):
+        api.build(leaky_state_model(tmp_path / "leaky.onnx"), "host", tmp_path / "b", options=NO_OFFLOAD)
+    assert not (tmp_path / "b").exists()
