@@ -71,7 +71,9 @@ def _percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float)
 
 def _kl_threshold(hist: np.ndarray, top: float, levels: int) -> float:
     """The threshold on |x| whose `levels`-level quantization of the histogram loses the least information (the
-    Kullback-Leibler divergence from the clipped distribution to its quantized copy, TensorRT's method)."""
+    Kullback-Leibler divergence from the clipped distribution to its quantized copy, TensorRT's method, as
+    onnxruntime's EntropyCalibrater computes it: a level's count spread over the bins nonzero in the clipped
+    distribution, the clipped tail's bin included)."""
     hist = hist.astype(np.float64)
     if hist.sum() == 0:
         return top
@@ -80,7 +82,7 @@ def _kl_threshold(hist: np.ndarray, top: float, levels: int) -> float:
         p = hist[:i].copy()
         p[-1] += hist[i:].sum()                    # what clipping at bin i folds onto the last level
         starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
-        nonzero = hist[:i] > 0
+        nonzero = p > 0
         sums = np.add.reduceat(hist[:i], starts)
         counts = np.add.reduceat(nonzero.astype(np.float64), starts)
         level = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
@@ -122,7 +124,9 @@ def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) 
     def histogram(taps):
         for j, t in enumerate(taps):
             a, b = span[j]
-            values = t if method == "percentile" else np.abs(t)
+            # entropy leaves exact zeros out: every range holds 0 exactly (the zero point), and ReLU's spike of
+            # zeros in the first bin would otherwise dominate the KL and pull the threshold down to a few bins
+            values = t if method == "percentile" else np.abs(t[t != 0])
             if b > a:
                 hists[j] += np.histogram(values, BINS, (a, b))[0]
 
