@@ -11,6 +11,7 @@ from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
 from .onnx_control_flow import lower_control_flow
+from .onnx_quant import converts as converts_quantized
 from .onnx_semantics import EDGEC_OPS, all_nodes, from_onnx, refuse_wrong_conversions
 from .pins import dynamic_dims_error
 
@@ -180,8 +181,8 @@ def _unsupported_ops(model) -> dict[str, int]:
 
     supported = {*_get_convert_map(), *EDGEC_OPS}
     # Ops of custom domains are unsupported whatever their name.
-    return histogram(n.op_type for n in all_nodes(model.graph)
-                     if n.domain not in ("", "ai.onnx") or n.op_type not in supported)
+    return histogram(n.op_type for n in all_nodes(model.graph) if not converts_quantized(n)
+                     and (n.domain not in ("", "ai.onnx") or n.op_type not in supported))
 
 
 def _input_dtype(value_info, path: Path) -> str:

@@ -405,10 +405,12 @@ def _converters() -> dict:
                                                    for t in (y, present_k, present_v, qk_out))
             return relax.Tuple([y, present_k, present_v, qk_out])
 
+    from .onnx_quant import quant_converters
     from .onnx_recurrent import recurrent_converters
 
     return {**{c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
-                                       ConstantOfShape, Attention, ReduceMax)}, **recurrent_converters()}
+                                       ConstantOfShape, Attention, ReduceMax)}, **recurrent_converters(),
+            **quant_converters()}
 
 
 _CONVERTERS: dict | None = None

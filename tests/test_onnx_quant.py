@@ -1,0 +1,170 @@
+"""ONNX QOperator models (issue 9, item 4): models made here with onnxruntime.quantization — quantize_static in
+QuantFormat.QOperator (per tensor and per channel, uint8 and int8 activations) on a small CNN and an MLP, and
+quantize_dynamic on an MLP, a transformer-like block and the CNN — imported in QDQ form (edgec/frontends/onnx_quant),
+built for the host with the default offload, and compared with onnxruntime running the same model: static models
+within one quantization step of the output (the fraction of elements one step off and the largest difference in
+steps printed), dynamic ones (int32 compute, float scales) within the float tolerance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                      quantize_static)
+
+from edgec import api, report
+from tests.test_cli_errors import check_error, cli
+from verify import assert_close_to_reference, save_onnx
+
+RNG = np.random.default_rng(9)
+
+
+def _init(name: str, *shape: int, scale: float = 0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def small_cnn(path: Path) -> Path:
+    """Conv + ReLU, a depthwise conv, a residual Add, a strided 1x1 conv, Mul, MaxPool, Concat, GlobalAveragePool,
+    Flatten, Gemm: the ops onnxruntime's QOperator quantizer turns into QLinearConv, QLinearAdd, QLinearMul,
+    QLinearConcat, QLinearGlobalAveragePool and QGemm, with MaxPool and Flatten left on 8-bit tensors."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Add", ["r1", "r2"], ["a"]),
+             helper.make_node("Conv", ["a", "w3", "b3"], ["c3"], strides=[2, 2]),
+             helper.make_node("Mul", ["c3", "c3"], ["m"]),
+             helper.make_node("MaxPool", ["a"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Concat", ["m", "mp"], ["cat"], axis=1),
+             helper.make_node("GlobalAveragePool", ["cat"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1)]
+    inits = [_init("w1", 8, 3, 3, 3), _init("b1", 8, scale=0.1), _init("w2", 8, 1, 3, 3), _init("b2", 8, scale=0.1),
+             _init("w3", 8, 8, 1, 1), _init("b3", 8, scale=0.1), _init("wf", 10, 16), _init("bf", 10, scale=0.1)]
+    return save_onnx(path, "cnn", nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 10]}, inits)
+
+
+def mlp(path: Path) -> Path:
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("Gemm", ["r1", "w2", "b2"], ["y"])]
+    inits = [_init("w1", 32, 64), _init("b1", 64, scale=0.1), _init("w2", 64, 10), _init("b2", 10, scale=0.1)]
+    return save_onnx(path, "mlp", nodes, {"x": [4, 32]}, {"y": [4, 10]}, inits)
+
+
+def block(path: Path) -> Path:
+    """Single-head self-attention with a residual, then a ReLU feed-forward layer."""
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]), helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"]), helper.make_node("Add", ["o", "x"], ["res"]),
+             helper.make_node("MatMul", ["res", "w1"], ["f1"]), helper.make_node("Add", ["f1", "b1"], ["f1b"]),
+             helper.make_node("Relu", ["f1b"], ["f1r"]), helper.make_node("MatMul", ["f1r", "w2"], ["y"])]
+    inits = [_init("wq", 16, 16), _init("wk", 16, 16), _init("wv", 16, 16), _init("w1", 16, 32), _init("b1", 32),
+             _init("w2", 32, 16)]
+    return save_onnx(path, "block", nodes, {"x": [1, 8, 16]}, {"y": [1, 8, 16]}, inits)
+
+
+MODELS = {"cnn": (small_cnn, (1, 3, 16, 16)), "mlp": (mlp, (4, 32)), "block": (block, (1, 8, 16))}
+
+
+class _Samples(CalibrationDataReader):
+    def __init__(self, shape):
+        self._it = iter({"x": RNG.standard_normal(shape).astype(np.float32)} for _ in range(16))
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _output_step(model: Path, output: str) -> float:
+    """The scale of the DequantizeLinear that makes `output`: one quantization step of it."""
+    graph = onnx.load(str(model)).graph
+    node = next(n for n in graph.node if output in n.output)
+    assert node.op_type == "DequantizeLinear", node.op_type
+    return float(numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1])))
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8], ids=["u8", "s8"])
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_static_qoperator_within_one_step(tmp_path, name, activations, per_channel):
+    make, shape = MODELS[name]
+    model = make(tmp_path / f"{name}.onnx")
+    quantized = tmp_path / f"{name}_qop.onnx"
+    quantize_static(str(model), str(quantized), _Samples(shape), quant_format=QuantFormat.QOperator,
+                    activation_type=activations, weight_type=QuantType.QInt8, per_channel=per_channel)
+    expected = {"cnn": {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
+                        "QGemm"},
+                "mlp": {"QLinearMatMul", "QLinearAdd", "QGemm"}}[name]
+    assert expected <= _ops(quantized), _ops(quantized)
+    samples = [{"x": RNG.standard_normal(shape).astype(np.float32) * s} for s in (1.0, 1.0, 2.5)]
+    result = api.build(quantized, "host", tmp_path / "b", sample_inputs=samples[0])
+    session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    off = total = 0
+    worst = 0.0
+    for sample in samples:
+        ours = api.run(result.bundle_dir, sample).outputs["y"]
+        theirs = session.run(None, sample)[0]
+        steps = np.abs(ours.astype(np.float64) - theirs) / _output_step(quantized, "y")
+        worst = max(worst, float(steps.max()))
+        off += int((steps > 0.5).sum())
+        total += steps.size
+    placed = sorted({f"{p['operator']}:{p['detail']}" for p in report.build_json(result)["offload"]})
+    print(f"{quantized.name} {activations.name} per_channel={per_channel}: {off} of {total} elements one step off "
+          f"({off / total:.2%}), at most {worst:.2f} steps; offload {placed}")
+    assert worst <= 1.0 + 1e-3
+    assert off / total < 0.05
+    # the QDQ form is what the int8 offload takes: QGemm/QLinearMatMul and (some) QLinearConv as integer primitives
+    assert "matmul:onednn.qmatmul_bias" in placed and (name != "cnn" or "conv2d:onednn.qconv2d_bias" in placed)
+
+
+@pytest.mark.parametrize("name", ["mlp", "block", "cnn"])
+def test_dynamic_quantization_matches(tmp_path, name):
+    make, shape = MODELS[name]
+    model = make(tmp_path / f"{name}.onnx")
+    quantized = tmp_path / f"{name}_dyn.onnx"
+    quantize_dynamic(str(model), str(quantized), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    assert {"DynamicQuantizeLinear", "MatMulInteger" if name != "cnn" else "ConvInteger"} <= _ops(quantized)
+    samples = [{"x": RNG.standard_normal(shape).astype(np.float32) * s} for s in (1.0, 3.0)]
+    result = api.build(quantized, "host", tmp_path / "b", sample_inputs=samples[0])
+    for sample in samples:
+        assert_close_to_reference(quantized, result.bundle_dir, sample)
+
+
+def _qoperator_model(path: Path, node, inputs: dict, output_shape: list[int]) -> Path:
+    """A model of one com.microsoft QOperator node on uint8 tensors, the constants per-tensor scale 0.05 and zero
+    point 128."""
+    inits = [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    inits += [numpy_helper.from_array(v, k) for k, v in inputs.items() if k != "x"]
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [4, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, output_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("case, keywords", [
+    ("qgemm_alpha", ["QGemm node 'gemm'", "alpha=0.5", "does not convert"]),
+    ("unconverted_op", ["QLinearSigmoid"]),
+])
+def test_unconverted_qoperator_forms_are_one_line(tmp_path, case, keywords):
+    if case == "qgemm_alpha":
+        node = helper.make_node("QGemm", ["x", "s", "z", "w", "ws", "wz", "", "s", "z"], ["y"], name="gemm",
+                                domain="com.microsoft", alpha=0.5, transB=1)
+        weights = {"w": RNG.integers(-127, 127, (6, 8), dtype=np.int8), "ws": np.float32(0.01), "wz": np.int8(0)}
+        model = _qoperator_model(tmp_path / "q.onnx", node, weights, [4, 6])
+    else:
+        node = helper.make_node("QLinearSigmoid", ["x", "s", "z", "s", "z"], ["y"], domain="com.microsoft")
+        model = _qoperator_model(tmp_path / "q.onnx", node, {}, [4, 8])
+    result = cli("build", model, "-o", tmp_path / "b")
+    check_error(result.stderr, result.exit_code, *keywords, exception=result.exception)
+    assert not (tmp_path / "b").exists()
