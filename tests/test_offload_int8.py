@@ -124,3 +124,35 @@ def test_mobilenet_v2_int8_within_one_step(tmp_path):
     placed = int8_placement(result)
     assert all(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]), placed
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
+
+
+def residual_blocks(path: Path) -> Path:
+    """Two residual blocks, the skip added first and second (QDQ keeps the sums 8-bit), the second block's input
+    a ReLU's output: conv 3x3 + ReLU, conv 1x1, Add(x, conv); conv 1x1 + ReLU, conv 3x3, Add(conv, skip)."""
+    inits, nodes = [], []
+
+    def conv(x, out, cin, cout, k):
+        w, b = f"{out}_w", f"{out}_b"
+        inits.extend([numpy_helper.from_array((RNG.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32), w),
+                      numpy_helper.from_array((RNG.standard_normal(cout) * 0.1).astype(np.float32), b)])
+        nodes.append(helper.make_node("Conv", [x, w, b], [out], kernel_shape=[k, k], pads=[k // 2] * 4))
+        return out
+
+    nodes.append(helper.make_node("Relu", [conv("x", "a", 8, 16, 3)], ["ar"]))
+    nodes.append(helper.make_node("Add", ["x", conv("ar", "b", 16, 8, 1)], ["s1"]))
+    nodes.append(helper.make_node("Relu", [conv("s1", "c", 8, 8, 1)], ["cr"]))
+    nodes.append(helper.make_node("Add", [conv("cr", "d", 8, 8, 3), "s1"], ["y"]))
+    return save_onnx(path, "residual_blocks", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 8, 16, 16]}, inits)
+
+
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
+def test_residual_add_joins_the_int8_primitive(tmp_path, activations):
+    model = residual_blocks(tmp_path / "res.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples, activations)
+    result = build(qdq, tmp_path / "b", samples[0])
+    # the quantizer drops a ReLU its quantize's range clips anyway; both adds join the conv before them
+    placed = {(p["detail"], p["count"]) for p in report.build_json(result)["offload"] if p["operator"] == "conv2d"}
+    assert placed == {("onednn.qconv2d_bias", 2), ("onednn.qconv2d_bias_add", 2)}, placed
+    for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
+        assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05

@@ -99,6 +99,11 @@ def _drop_transpose_pairs(mod, pctx):
     """Transposes are moved below the elementwise ops ConvertLayout left in the old layout, until they meet
     the transpose that undoes them; both are then removed. A transpose left below a dequantize goes back above
     it: on 8-bit values it moves a quarter of the bytes, and a quantized chain sees its dequantize.
+    An add moves them too, as QDQ's residual add(dequantize(a), dequantize(b)) needs (ConvertLayout keeps it in
+    the layout of its operands, and it cannot see through dequantize): transposed alike on both sides, the
+    transpose goes below it; on one side, with a per-tensor dequantize of the same shape on the other, the other
+    takes the inverse transpose, only for a transpose back to channels first (what ConvertLayout puts after an
+    NHWC operator), so the inverse one, which the rule then meets, stays.
     """
     x = wildcard()
     transposed = is_op("relax.permute_dims")(x)
@@ -111,11 +116,38 @@ def _drop_transpose_pairs(mod, pctx):
     quantized = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
     above = is_op("relax.permute_dims")(quantized)
 
+    left, right = wildcard(), wildcard()
+    t_left, t_right = is_op("relax.permute_dims")(left), is_op("relax.permute_dims")(right)
+    dequantized = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    add_both = is_op("relax.add")(t_left, t_right)
+    add_first = is_op("relax.add")(t_left, dequantized)
+    add_one = add_first | is_op("relax.add")(dequantized, t_left)
+
     def sink(expr, m):
+        if expr.op.name == "relax.add":
+            return sink_add(expr, m)
         if not _per_tensor(m[op]):
             return expr
         inner = relax.Call(m[op].op, [m[x], *m[op].args[1:]], m[op].attrs)
         return relax.op.permute_dims(inner, m[transposed].attrs.axes)
+
+    def sink_add(expr, m):
+        transposed = m[t_left]
+        axes = [int(a) for a in transposed.attrs.axes]
+        if any(static_shape(e) != static_shape(expr) for e in (transposed, m.get(t_right), m.get(dequantized))
+               if e is not None) or static_shape(expr) is None:
+            return expr     # broadcasting: the operands' layouts are not the output's
+        if t_right in m:
+            if [int(a) for a in m[t_right].attrs.axes] != axes:
+                return expr
+            operands = [m[left], m[right]]
+        else:
+            other = m[dequantized]
+            if not _per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)]:
+                return expr
+            moved = relax.op.permute_dims(other, [axes.index(i) for i in range(len(axes))])
+            operands = [m[left], moved] if add_first in m else [moved, m[left]]
+        return relax.op.permute_dims(relax.Call(expr.op, operands, expr.attrs), axes)
 
     def cancel(expr, m):
         return m[x] if _identity(m[transposed].attrs.axes, m[pair].attrs.axes) else expr
@@ -130,7 +162,7 @@ def _drop_transpose_pairs(mod, pctx):
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
-            func = rewrite_call(pair, cancel, rewrite_call(op, sink, func))
+            func = rewrite_call(pair, cancel, rewrite_call(op | add_both | add_one, sink, func))
             mod[gv] = rewrite_call(pair, cancel, rewrite_call(above, hoist, func))
     return mod
 
@@ -199,22 +231,44 @@ def _uses(mod: tvm.IRModule, ops: set[str]) -> bool:
     return bool(found)
 
 
+@relax.expr_functor.mutator
+class _Untie(relax.PyExprMutator):
+    """Each use of a dequantized tensor by a conv2d/matmul (its data) or an add gets a dequantize of its own."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.dequantized: dict[relax.Var, relax.Call] = {}
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            name = value.op.name
+            if name == "relax.dequantize":
+                self.dequantized[binding.var] = value
+            uses = {"relax.nn.conv2d": (0,), "relax.matmul": (0,), "relax.add": (0, 1)}.get(name, ())
+            args = list(value.args)
+            for i in uses:
+                if isinstance(args[i], relax.Var) and args[i] in self.dequantized:
+                    dq = self.dequantized[args[i]]
+                    args[i] = self.builder_.emit(relax.Call(dq.op, [self.visit_expr(a) for a in dq.args], dq.attrs))
+            if uses:
+                value = relax.Call(value.op, [self.visit_expr(a) for a in args], value.attrs, value.ty_args)
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
+                return
+        super().visit_var_binding_(binding)
+
+
 @tvm.transform.module_pass(opt_level=0, name="OffloadUntieDequantize")
 def _untie_dequantize(mod, pctx):
-    """Each conv2d/matmul gets its own dequantize of its input: one shared with a residual add or another layer
-    would be a value used outside the quantized chain, which then could not be fused."""
-    dq = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
-    anchor = is_op("relax.nn.conv2d")(dq, wildcard()) | is_op("relax.matmul")(dq, wildcard())
-
-    def untie(expr, m):
-        inner = m[dq]
-        return relax.Call(expr.op, [relax.Call(inner.op, inner.args, inner.attrs), *expr.args[1:]], expr.attrs)
-
+    """Each conv2d/matmul and add gets its own dequantize of its inputs: one shared with a residual add or another
+    layer would be a value used outside the quantized chain, which then could not be fused. (rewrite_call cannot
+    do this: it binds a new call equal to a bound one to the same variable.)"""
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function) and "Codegen" not in (func.attrs or {}):
-            mod[gv] = rewrite_call(anchor, untie, func)
-    return mod
+            mutator = _Untie(mod)
+            mod[gv] = mutator.visit_expr(func)
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def _has_quantized_anchor(mod: tvm.IRModule) -> bool:
