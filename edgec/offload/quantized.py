@@ -35,10 +35,12 @@ def _dequantize(data):
 def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
                        ) -> list[Pattern]:
     """`<backend>.q<anchor>[_bias][_relu|_clip][_add]` for quantize(chain(op(dequantize(x), dequantize(w)))), then
-    a residual add, longest first."""
+    a residual add, longest first. The add's two operand orders are two patterns: where both addends are chains
+    (MobileNetV2's repeated blocks), the one whose output is also used elsewhere cannot take the add, and the
+    matcher, given the orders as alternatives of one pattern, would not try the other once the check refused."""
     patterns = []
-    for bias, act, residual in sorted(itertools.product((True, False), (None, "relu", "clip"), (True, False)),
-                                      key=lambda c: -(c[0] + (c[1] is not None) + c[2])):
+    for bias, act, residual in sorted(itertools.product((True, False), (None, "relu", "clip"), (None, 0, 1)),
+                                      key=lambda c: -(c[0] + (c[1] is not None) + (c[2] is not None))):
         weight_q = _dequantize(is_const())
         weight = weight_q | is_op("relax.permute_dims")(weight_q)    # Gemm's transB: (N, K) stored, (K, N) used
         root = is_op(op)(_dequantize(wildcard()), weight)
@@ -57,13 +59,13 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
             annotations["act"] = root
         root = is_op("relax.quantize")(root, is_const(), is_const())
         annotations["out"] = root
-        if residual:
-            chain, other = is_op("relax.dequantize")(root, is_const(), is_const()), _dequantize(wildcard())
-            root = is_op("relax.quantize")(is_op("relax.add")(chain, other) | is_op("relax.add")(other, chain),
-                                           is_const(), is_const())
+        if residual is not None:   # the chain's position in the add
+            addends = [_dequantize(wildcard())]
+            addends.insert(residual, is_op("relax.dequantize")(root, is_const(), is_const()))
+            root = is_op("relax.quantize")(is_op("relax.add")(*addends), is_const(), is_const())
             annotations["sum"] = root
         name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else [])
-                        + (["add"] if residual else []))
+                        + (["add"] if residual is not None else []))
         patterns.append(Pattern(name, root, annotations, _check(check_anchor), op))
     return patterns
 
