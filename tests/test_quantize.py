@@ -2,7 +2,8 @@
 
 The classifier is tests/test_eval.py's MLP trained on sklearn's digits; its held-out images are the calibration
 DATA, whose last fifth the build holds back for the before/after table. The CNN is edgec's example MobileNetV2
-(0.35 x 96, random weights) on the digits images upsampled to 96 x 96 and normalized as ImageNet inputs. Builds use
+(0.35 x 96, random weights) on the digits images upsampled to 96 x 96 and normalized as ImageNet inputs; the real
+model is PP-OCRv4 det on synthetic text images, each beside onnxruntime's own static quantization. Builds use
 --offload none: oneDNN's int8 kernels (offload-quantized) disagree with the QDQ graph beyond the verification
 tolerance on these models, a finding left to the offload work (see the closing note of this change).
 """
@@ -38,6 +39,26 @@ def _build(model, data, out, method, ir=None):
     return api.build(model, "host", out, options=options)
 
 
+def _onnxruntime_sqnr(model, out, name, cal, test):
+    """onnxruntime's own static QDQ quantization (uint8 activations, int8 weights per channel, MinMax) on the same
+    calibration samples: its output SQNR against fp32 on the held-back ones."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter({name: s[None]} for s in cal)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    fp32, ort_q = (ort.InferenceSession(str(p)) for p in (model, out))
+    ref = np.stack([fp32.run(None, {name: s[None]})[0] for s in test])
+    got = np.stack([ort_q.run(None, {name: s[None]})[0] for s in test])
+    return 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_digits_int8_top1_within_one_point(digits, method):
     d = digits["dir"]
@@ -63,7 +84,6 @@ def test_digits_int8_top1_within_one_point(digits, method):
 def test_cnn_sqnr_against_onnxruntime_quantization(tmp_path):
     """The example CNN: edgec's int8 output SQNR against fp32, for each method, beside onnxruntime's own static
     QDQ quantization (per channel, MinMax) on the same calibration and held-back samples."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from sklearn.datasets import load_digits
 
     from edgec.examples import mobilenet_v2
@@ -75,19 +95,7 @@ def test_cnn_sqnr_against_onnxruntime_quantization(tmp_path):
     held = QuantizeOptions("int8", tmp_path / "imgs.npz").held_back(len(x))
     cal, test = x[:-held], x[-held:]
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.samples = iter({"input": s[None]} for s in cal)
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantize_static(str(model), str(tmp_path / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    fp32, ort_q = (ort.InferenceSession(str(p)) for p in (model, tmp_path / "ort.onnx"))
-    ref = np.stack([fp32.run(None, {"input": s[None]})[0] for s in test])
-    out = np.stack([ort_q.run(None, {"input": s[None]})[0] for s in test])
-    ort_sqnr = 10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum())
+    ort_sqnr = _onnxruntime_sqnr(model, tmp_path / "ort.onnx", "input", cal, test)
     sqnr = {}
     for method in METHODS:
         result = _build(model, tmp_path / "imgs.npz", tmp_path / method, method)
@@ -96,6 +104,64 @@ def test_cnn_sqnr_against_onnxruntime_quantization(tmp_path):
           + ", ".join(f"{m} {v:.1f} dB" for m, v in sqnr.items()))
     assert sqnr["minmax"] >= ort_sqnr - 1.0
     assert max(sqnr.values()) >= ort_sqnr - 1.0
+    # entropy: 2.8 dB while ReLU's exact zeros were in its histogram (they pulled ReLU6 thresholds to ~1.5); 11.2 now,
+    # below the others on these blocky upsampled digits, whose spiky histograms KL's bin merging penalizes
+    assert sqnr["entropy"] >= 10.0
+
+
+def _text_images(n: int) -> np.ndarray:
+    """PP-OCR det inputs: tests/models.text_image's rows of glyphs, each with other glyphs, shifted, at another
+    contrast and with sensor-like noise."""
+    from models import text_image
+
+    images = []
+    for i in range(n):
+        rng = np.random.default_rng(100 + i)
+        x = np.roll(text_image(seed=i), tuple(int(d) for d in rng.integers(-30, 30, 2)), axis=(2, 3))
+        images.append(x * rng.uniform(0.7, 1.1) + rng.normal(0, rng.uniform(0.02, 0.2), x.shape))
+    return np.concatenate(images).astype(np.float32)
+
+
+def test_ppocrv4_det_sqnr_against_onnxruntime_quantization(tmp_path):
+    """PP-OCRv4 det (a trained model) on realistic text images: the output SQNR against fp32 of edgec's int8 graph
+    per method — calibrate and quantize-int8's own functions, the QDQ graph run on TVM as the build's reference
+    does — beside onnxruntime's static QDQ quantization on the same data.
+
+    Measured through the passes' functions, not `build`: the build refuses the bundle, which disagrees with the QDQ
+    graph by up to 0.6 on the probability map. Not an error in the bundle: the same QDQ graph compiled by TVM for
+    generic x86 and for this CPU (FMA contraction) differs by as much, since a value on a rounding boundary moves
+    a whole step and the head's steps are large. Neither edgec nor onnxruntime reaches 30 dB: quantizing only the
+    10 conv inputs after the PPLCNetV3 stem costs 9.4 dB on its own, the neck and head together 30 dB — a model
+    for keeping its first layers float (mixed precision by error budget). The bar is onnxruntime's."""
+    from models import real_model
+    from tvm import relax as rx
+
+    from edgec.dataset import open_dataset
+    from edgec.frontends import load_model
+    from edgec.quantize import calibrate, qdq
+    from edgec.quantize.reference import quantized_reference
+
+    path = real_model("ppocrv4_det")
+    x = _text_images(25)
+    np.savez(tmp_path / "text.npz", x=x)
+    held = QuantizeOptions("int8", tmp_path / "text.npz").held_back(len(x))
+    ort_sqnr = _onnxruntime_sqnr(path, tmp_path / "ort.onnx", "x", x[:-held], x[-held:])
+    model = load_model(path, {"x": (1, 3, 320, 320)})
+    mod = rx.transform.FoldConstant()(rx.transform.DecomposeOpsForInference()(model.mod))
+    cal, _ = open_dataset(tmp_path / "text.npz", model.inputs).split(held)
+    fp32 = ort.InferenceSession(str(path))
+    ref = np.stack([fp32.run(None, {"x": s[None]})[0] for s in x[-held:]])
+    sqnr = {}
+    for method in METHODS:
+        quantized, record = qdq.rewrite(mod, calibrate.calibrate(mod, cal, method, 99.99))
+        assert record["layers"] > 50 and record["biases"] > 0
+        run = quantized_reference(quantized, model, [{"x": s[None]} for s in x[-held:]])
+        out = np.stack([o["sigmoid_0.tmp_0"] for o in run.outputs])
+        sqnr[method] = 10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum())
+    print(f"PP-OCRv4 det int8 SQNR vs fp32 ({len(x) - held} calibration, {held} held-back text images): "
+          f"onnxruntime QDQ {ort_sqnr:.1f} dB, edgec " + ", ".join(f"{m} {v:.1f} dB" for m, v in sqnr.items()))
+    assert min(sqnr.values()) >= ort_sqnr
+    assert sqnr["percentile"] >= ort_sqnr + 6.0
 
 
 @pytest.mark.parametrize("case, keywords", [
@@ -126,3 +192,14 @@ def test_passes_says_why_quantize_steps_skip():
     lines = {line.split()[2]: line for line in result.output.splitlines() if line.strip()[:1].isdigit()}
     for name in ("calibrate", "quantize-int8"):
         assert " skip " in lines[name] and "needs --quantize int8" in lines[name]
+
+
+def test_quantize_steps_run_at_every_opt_level(tmp_path):
+    """--quantize at -O0 quantizes: the steps are not -O1 optimizations an -O0 build may skip (it came out float)."""
+    from edgec.context import BuildContext
+    from edgec.passes.registry import plan
+    from edgec.targets import load_target
+
+    options = BuildOptions(opt_level=0, offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
+    steps = {s.name: s for s in plan(BuildContext(load_target("host"), options))}
+    assert steps["calibrate"].enabled and steps["quantize-int8"].enabled

@@ -3,7 +3,8 @@
 They run in the graph phase right after canonicalize, before offload-quantized, whose patterns take the QDQ form
 they leave to the backends' integer kernels (later constant folding would turn the int8 weights into floats).
 `calibrate` folds constants first (weight transposes), so that both passes see weights as constants. `calibrate` records its ranges in a module attribute, which `quantize-int8` consumes
-and replaces with the record the manifest keeps (QUANTIZATION_ATTR).
+and replaces with the record the manifest keeps (QUANTIZATION_ATTR). Both run at every -O level: `--quantize`
+asks for them, and an -O0 build must not come out float.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _quantized(mod: tvm.IRModule) -> bool:
     return bool(found)
 
 
-@register_pass("calibrate", phase="graph", after=("canonicalize",), applies=_int8,
+@register_pass("calibrate", phase="graph", after=("canonicalize",), applies=_int8, opt_level=0,
                skip_reason="needs --quantize int8")
 def calibrate(ctx):
     """Run the float model on the --calibration samples with taps on the tensors int8 will quantize; record ranges."""
@@ -60,7 +61,7 @@ def calibrate(ctx):
     return step
 
 
-@register_pass("quantize-int8", phase="graph", after=("calibrate",), applies=_int8,
+@register_pass("quantize-int8", phase="graph", after=("calibrate",), applies=_int8, opt_level=0,
                skip_reason="needs --quantize int8")
 def quantize_int8(ctx):
     """Rewrite into QDQ form: uint8 activations per tensor, int8 weights per channel, int32 biases."""
