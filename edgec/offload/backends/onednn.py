@@ -137,10 +137,12 @@ int32_t ZeroPoint(const tvm::ffi::TensorView& t) {
 // QDQ's residual add, quantize(dequantize(c) + dequantize(r)), in float32 as TVM's legalized (de)quantize computes
 // it, so the sum is the one TVM would give, to the bit: (q - zp) * scale each, their sum divided by the output scale,
 // rounded half to even, plus the zero point, saturated. Adding and subtracting 1.5 * 2^23 rounds as nearbyint does
-// for |v| < 2^22 (v is first clamped to +-512, which saturates alike), and vectorizes on baseline x86-64 (no
-// SSE4.1 roundps); baseline x86-64 has no FMA either, so nothing is contracted. c is read from dst, the sum written
-// over it (both 8-bit).
+// for |v| < 2^22 (v is first clamped to +-512, which saturates alike) with no SSE4.1 roundps, which the baseline
+// x86-64 this is compiled for lacks; nor has it FMA, so nothing is contracted. The clamps are value selects and
+// trapping math (FP exceptions, never values) is off here so that GCC vectorizes the loop. c is read from dst and
+// the sum written over it (both 8-bit).
 template <typename C, typename R, typename Y>
+__attribute__((optimize("tree-vectorize", "no-trapping-math")))
 void AddResidual(const tvm::ffi::ObjectRef& state, void* dst, const void* residual, int64_t n) {
   const State* s = state.as<State>();
   const C* c = static_cast<const C*>(dst);
@@ -151,9 +153,12 @@ void AddResidual(const tvm::ffi::ObjectRef& state, void* dst, const void* residu
   const float zy = float(s->sum_zero_points[2]), lo = std::numeric_limits<Y>::min(), hi = std::numeric_limits<Y>::max();
   for (int64_t i = 0; i < n; ++i) {
     float v = (float(int32_t(c[i]) - zc) * sc + float(int32_t(r[i]) - zr) * sr) / sy;
-    v = std::min(std::max(v, -512.f), 512.f);
+    v = v < -512.f ? -512.f : v;
+    v = v > 512.f ? 512.f : v;
     v = (v + 12582912.f) - 12582912.f + zy;
-    y[i] = Y(std::min(std::max(v, lo), hi));
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    y[i] = Y(int32_t(v));
   }
 }
 
