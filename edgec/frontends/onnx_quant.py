@@ -73,7 +73,7 @@ def quant_converters() -> dict:
                 scale = relax.op.reshape(scale, ())
                 zero_point = None if zero_point is None else relax.op.reshape(zero_point, ())
         if zero_point is None:
-            zero_point = relax.const(0, str(x.ty.dtype))
+            zero_point = relax.const(np.zeros(() if per_tensor(scale) else int(scale.ty.shape[0]), str(x.ty.dtype)))
         return relax.op.dequantize(x, scale, zero_point, axis=axis % max(len(x.ty.shape), 1), out_dtype="float32")
 
     def quantize(y, scale, zero_point):
@@ -84,20 +84,19 @@ def quant_converters() -> dict:
             scale, zero_point = relax.op.reshape(scale, ()), relax.op.reshape(zero_point, ())
         return relax.op.quantize(y, scale, zero_point, axis=per_tensor_axis(y), out_dtype=dtype)
 
-    def bias_scale(sx, sw):
-        """s_x * s_w, a constant where both are (onnxruntime stores them so), per channel for per-channel weights."""
-        a, b = numpy_of(sx), numpy_of(sw)
-        if a is not None and b is not None:
-            return relax.const((a.astype(np.float32).reshape(()) if a.size == 1 else a) * b.astype(np.float32))
-        return relax.op.multiply(relax.op.reshape(sx, ()) if per_tensor(sx) else sx, sw)
-
-    def bias(op, attr, b, sx, sw, axis):
-        """An int32 bias at scale s_x * s_w, zero point 0."""
+    def bias(bb, op, attr, b, sx, sw, axis):
+        """An int32 bias at scale s_x * s_w (per channel for per-channel weights), zero point 0: a constant scale
+        where both are, as onnxruntime stores them."""
         if str(b.ty.dtype) != "int32":
             refuse(op, attr, f"has a {b.ty.dtype} bias (int32 expected)")
-        scale = bias_scale(sx, sw)
-        return dequantize(op, attr, b, scale, relax.const(np.zeros((), np.int32)) if per_tensor(scale)
-                          else relax.const(np.zeros(int(scale.ty.shape[0]), np.int32)), axis)
+        if not per_tensor(sx):
+            refuse(op, attr, "has a per-channel input scale")
+        a, w = numpy_of(sx), numpy_of(sw)
+        if a is not None and w is not None:
+            scale = relax.const(a.astype(np.float32).reshape(()) * w.astype(np.float32))
+        else:
+            scale = bb.normalize(relax.op.multiply(relax.op.reshape(sx, ()), sw))
+        return dequantize(op, attr, b, scale, None, axis)
 
     class QLinearConv(tvm_onnx.OnnxOpConverter):
         @classmethod
@@ -106,7 +105,7 @@ def quant_converters() -> dict:
             x, sx, zx, w, sw, zw, sy, zy, b = (inputs[i] for i in range(9))
             xf = bb.normalize(dequantize("QLinearConv", attr, x, sx, zx, 1))
             wf = bb.normalize(dequantize("QLinearConv", attr, w, sw, zw, 0))
-            bf = None if b is None else bb.normalize(bias("QLinearConv", attr, b, sx, sw, 0))
+            bf = None if b is None else bb.normalize(bias(bb, "QLinearConv", attr, b, sx, sw, 0))
             y = bb.normalize(tvm_onnx.Conv._impl_v11(bb, [xf, wf, bf], dict(attr), params))
             return quantize(y, sy, zy)
 
@@ -129,7 +128,9 @@ def quant_converters() -> dict:
             if attr.get("alpha", 1.0) != 1.0:
                 refuse("QGemm", attr, f"has alpha={attr['alpha']}")
             a, sa, za, b, sb, zb, c, sy, zy = (inputs[i] for i in range(9))
-            af = dequantize("QGemm", attr, a, sa, za, 0 if attr.get("transA", 0) else 1)
+            if not per_tensor(sa):
+                refuse("QGemm", attr, "has a per-row a_scale")
+            af = dequantize("QGemm", attr, a, sa, za, 0)
             trans_b = attr.get("transB", 0)
             bf = dequantize("QGemm", attr, b, sb, zb, 0 if trans_b else 1)
             if attr.get("transA", 0):
@@ -138,7 +139,7 @@ def quant_converters() -> dict:
                 bf = relax.op.permute_dims(bf, [1, 0])
             y = bb.normalize(relax.op.matmul(af, bf))
             if c is not None:
-                y = bb.normalize(relax.op.add(y, bias("QGemm", attr, c, sa, sb, -1)))
+                y = bb.normalize(relax.op.add(y, bias(bb, "QGemm", attr, c, sa, sb, -1)))
             return y if sy is None else quantize(y, sy, zy)
 
     def elementwise(op: str, compute):
