@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models import real_model
 from tflite_builder import Graph, schema
-from test_cli_errors import _save, check_cli_error, cli, unsupported_onnx
+from test_cli_errors import _save, check_cli_error, cli
 
 
 def inspect_json(*args) -> dict:
@@ -65,8 +65,13 @@ def test_inspect_counts_constant_node_weights_and_integer_macs(tmp_path):
     info = inspect_json(_save(graph, tmp_path / "consts.onnx"))
     assert info["param_count"] == w.size + 16 * 5 and info["param_bytes"] == w.nbytes + 16 * 5
     assert info["macs"] == 4 * 8 * 8 * 27 + 2 * 5 * 16
-    # ConvInteger, which TVM does not import: 2 convs of 1x1x2x2 outputs, 9 MACs each
-    assert inspect_json(unsupported_onnx(tmp_path / "unsup.onnx"))["macs"] == 2 * 4 * 9
+    # ConvInteger: 2 convs of 1x1x2x2 outputs, 9 MACs each
+    graph = helper.make_graph(
+        [helper.make_node("ConvInteger", ["x", "w"], ["y1"]), helper.make_node("ConvInteger", ["x", "w"], ["y2"])],
+        "convinteger", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info(y, TensorProto.INT32, [1, 1, 2, 2]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(np.ones((1, 1, 3, 3), np.uint8), "w")])
+    assert inspect_json(_save(graph, tmp_path / "convinteger.onnx"))["macs"] == 2 * 4 * 9
 
 
 # ------------------------------------------------------------------------------------------ hints that fit
