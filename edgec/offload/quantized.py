@@ -6,10 +6,7 @@ int8 weight constants quantized per output channel, an int32 bias at scale sx * 
 Such a chain is one integer primitive: u8/s8 source with its zero point, s8 weights, s32 bias, output scales
 sx * sw / sy per channel, u8/s8 destination with its zero point. The group holds every constant of the chain
 (scales, zero points, int8 weights, int32 bias), so constant folding cannot turn the weights into floats.
-A residual add after the chain, `quantize(dequantize(chain) + dequantize(r_q))` with r_q any 8-bit tensor of the
-output's shape (QDQ's form of a skip connection), joins the group: it stays 8-bit in and out, so no float tensor
-of the sum is ever written.
-A pattern's name is "<backend>.q<anchor>[_bias][_relu|_clip][_add]".
+A pattern's name is "<backend>.q<anchor>[_bias][_relu|_clip]".
 """
 from __future__ import annotations
 
@@ -34,13 +31,10 @@ def _dequantize(data):
 
 def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
                        ) -> list[Pattern]:
-    """`<backend>.q<anchor>[_bias][_relu|_clip][_add]` for quantize(chain(op(dequantize(x), dequantize(w)))), then
-    a residual add, longest first. The add's two operand orders are two patterns: where both addends are chains
-    (MobileNetV2's repeated blocks), the one whose output is also used elsewhere cannot take the add, and the
-    matcher, given the orders as alternatives of one pattern, would not try the other once the check refused."""
+    """`<backend>.q<anchor>[_bias][_relu|_clip]` for quantize(chain(op(dequantize(x), dequantize(w)))), longest first."""
     patterns = []
-    for bias, act, residual in sorted(itertools.product((True, False), (None, "relu", "clip"), (None, 0, 1)),
-                                      key=lambda c: -(c[0] + (c[1] is not None) + (c[2] is not None))):
+    for bias, act in sorted(itertools.product((True, False), (None, "relu", "clip")),
+                            key=lambda c: -(c[0] + (c[1] is not None))):
         weight_q = _dequantize(is_const())
         weight = weight_q | is_op("relax.permute_dims")(weight_q)    # Gemm's transB: (N, K) stored, (K, N) used
         root = is_op(op)(_dequantize(wildcard()), weight)
@@ -59,13 +53,7 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
             annotations["act"] = root
         root = is_op("relax.quantize")(root, is_const(), is_const())
         annotations["out"] = root
-        if residual is not None:   # the chain's position in the add
-            addends = [_dequantize(wildcard())]
-            addends.insert(residual, is_op("relax.dequantize")(root, is_const(), is_const()))
-            root = is_op("relax.quantize")(is_op("relax.add")(*addends), is_const(), is_const())
-            annotations["sum"] = root
-        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else [])
-                        + (["add"] if residual is not None else []))
+        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else []))
         patterns.append(Pattern(name, root, annotations, _check(check_anchor), op))
     return patterns
 
@@ -102,32 +90,9 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
         if act is not None and act.op.name == "relax.clip" and \
                 not all(isinstance(v, tvm.tirx.FloatImm) for v in act.args[1:]):
             return "clip bounds are not constants"
-        if "sum" in ctx.annotated_expr:
-            reason = _check_residual(ctx, out)
-            if reason:
-                return reason
         return check_anchor(anchor)
 
     return check
-
-
-def _check_residual(ctx, out) -> str | None:
-    total = ctx.annotated_expr["sum"]
-    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
-    add = bound.get(total.args[0], total.args[0])
-    dequantized = [bound.get(a, a) for a in add.args]
-    if not all(_scalar(e) for d in dequantized for e in d.args[1:]) or not all(_scalar(e) for e in total.args[1:]):
-        return "residual add quantized per channel (per tensor only)"
-    chain = ctx.value_to_bound_var.get(out, out)
-    others = [d.args[0] for d in dequantized if not d.args[0].same_as(chain)]
-    if len(others) != 1:
-        return "the residual add adds the chain's output to itself"
-    for role, expr in (("residual", others[0]), ("sum", total)):
-        if getattr(expr.ty, "dtype", None) not in QUANTIZED_ACTIVATIONS:
-            return f"quantized {role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
-        if static_shape(expr) != static_shape(out):
-            return f"{role} of shape {static_shape(expr)}, not the chain's {static_shape(out)} (no broadcasting)"
-    return None
 
 
 def _dq(ctx, expr) -> relax.Call:
@@ -162,20 +127,6 @@ def _output_axis(ctx, anchor) -> int:
 
 
 @dataclass(frozen=True)
-class QResidual:
-    """The residual add after a chain: parameter indices of its operands' (de)quantization."""
-    data: int                    # the other 8-bit addend
-    data_scale: int
-    data_zero_point: int
-    chain_scale: int             # the dequantize of the chain's output
-    chain_zero_point: int
-    out_scale: int               # the quantize of the sum
-    out_zero_point: int
-    data_dtype: str
-    out_dtype: str
-
-
-@dataclass(frozen=True)
 class QFused:
     """A partitioned quantized chain: parameter indices of each operand the emitter needs."""
     symbol: str
@@ -195,13 +146,11 @@ class QFused:
     data_dtype: str
     out_dtype: str
     num_params: int
-    residual: QResidual | None   # a residual add after the chain's quantize
 
     @property
     def packed(self) -> tuple[int, ...]:
-        """Everything but the quantized inputs: constants, packed at load."""
-        computed = (self.data,) + ((self.residual.data,) if self.residual else ())
-        return tuple(i for i in range(self.num_params) if i not in computed)
+        """Everything but the quantized input: constants, packed at load."""
+        return tuple(i for i in range(self.num_params) if i != self.data)
 
 
 def is_quantized(func: relax.Function) -> bool:
@@ -233,15 +182,7 @@ def read_quantized(func: relax.Function) -> QFused:
                 return i
         raise ValueError(f"{inner.attrs['Composite']}: an operand is not a parameter")
 
-    out, residual_add, residual = value(inner.body.body), None, None
-    if str(inner.attrs["Composite"]).endswith("_add"):     # the residual add's quantize; the chain's is below it
-        residual_add, total = value(out.args[0]), out
-        chain, other = sorted((value(a) for a in residual_add.args),
-                              key=lambda d: not isinstance(value(d.args[0]), relax.Call))
-        out = value(chain.args[0])
-        residual = QResidual(param(other.args[0]), param(other.args[1]), param(other.args[2]), param(chain.args[1]),
-                             param(chain.args[2]), param(total.args[1]), param(total.args[2]),
-                             str(other.args[0].ty.dtype), str(total.ty.dtype))
+    out = value(inner.body.body)
     anchor = next(v for v in values.values() if isinstance(v.op, tvm.ir.Op) and
                   v.op.name in ("relax.nn.conv2d", "relax.matmul"))
     data, weight = value(anchor.args[0]), value(anchor.args[1])
@@ -250,7 +191,7 @@ def read_quantized(func: relax.Function) -> QFused:
     bias = act = None
     bounds = (0.0, 0.0)
     for v in values.values():
-        if v.op.name == "relax.add" and not (residual_add is not None and v.same_as(residual_add)):
+        if v.op.name == "relax.add":
             b = value(v.args[1])
             while b.op.name != "relax.dequantize":
                 b = value(b.args[0])
@@ -262,4 +203,4 @@ def read_quantized(func: relax.Function) -> QFused:
     return QFused(str(func.attrs["global_symbol"]), str(inner.attrs["Composite"]), anchor,
                   param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
                   param(weight.args[1]), transposed, bias, act, bounds, param(out.args[1]), param(out.args[2]),
-                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params), residual)
+                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params))
