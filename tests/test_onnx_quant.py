@@ -18,7 +18,6 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 
 from edgec import api, report
 from edgec.context import BuildOptions
-from edgec.errors import EdgecError
 from tests.test_cli_errors import check_error, cli
 from verify import assert_close_to_reference, save_onnx
 
@@ -123,10 +122,6 @@ def _within_one_step(quantized: Path, bundle: Path, shape) -> str:
     return f"{off} of {total} elements one step off ({off / total:.2%}), at most {worst:.2f} steps"
 
 
-# The oneDNN residual-add pattern (offload/quantized.py, 16b42f8) emits C++ that does not compile when the residual
-# is the chain's own input (the CNN's Add(r1, relu(conv(r1)))): the tensor becomes two parameters of one name.
-_RESIDUAL_OF_OWN_INPUT = pytest.mark.xfail(raises=EdgecError, strict=True, reason="oneDNN int8 residual-add "
-                                           "group whose residual is its own input fails to link (offload bug)")
 _STATIC = [pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"]),
            pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8], ids=["u8", "s8"])]
 
@@ -138,7 +133,7 @@ def _parametrized(test):
 
 
 @_parametrized
-@pytest.mark.parametrize("name", [pytest.param("cnn", marks=_RESIDUAL_OF_OWN_INPUT), "mlp"])
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
 def test_static_qoperator_within_one_step(tmp_path, name, activations, per_channel):
     """With the default offload: the QDQ form is what the int8 offload takes, the MLP's products and the CNN's
     convolutions as integer primitives (which of the rest it takes is the offload's choice)."""
