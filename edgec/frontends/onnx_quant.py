@@ -61,9 +61,12 @@ def quant_converters() -> dict:
     def per_tensor(scale) -> bool:
         return len(scale.ty.shape) == 0 or int(np.prod([int(d) for d in scale.ty.shape])) == 1
 
-    def dequantize(op, attr, x, scale, zero_point, axis: int):
-        """x in float; a scale (and zero point) of more than one element runs along `axis` of x."""
+    def dequantize(op, attr, x, scale, zero_point, axis: int | None):
+        """x in float; a scale (and zero point) of more than one element runs along `axis` of x (None: the operator
+        takes a per-tensor scale only)."""
         if not per_tensor(scale):
+            if axis is None:
+                refuse(op, attr, "has a per-channel scale")
             if len(scale.ty.shape) != 1 or int(scale.ty.shape[0]) != int(x.ty.shape[axis]):
                 refuse(op, attr, f"has a scale of shape {[int(d) for d in scale.ty.shape]} for an input of shape "
                                  f"{[int(d) for d in x.ty.shape]}")
@@ -148,7 +151,7 @@ def quant_converters() -> dict:
             def _impl_v1(cls, bb, inputs, attr, params):
                 check_attrs(op, attr, ())
                 a, sa, za, b, sb, zb, sy, zy = (inputs[i] for i in range(8))
-                y = compute(dequantize(op, attr, a, sa, za, -1), dequantize(op, attr, b, sb, zb, -1))
+                y = compute(dequantize(op, attr, a, sa, za, None), dequantize(op, attr, b, sb, zb, None))
                 return quantize(bb.normalize(y), sy, zy)
 
         Converter.__name__ = op
@@ -161,7 +164,7 @@ def quant_converters() -> dict:
             x, sx, zx, sy, zy = (inputs[i] for i in range(5))
             rank = len(x.ty.shape)
             axes = list(range(1, rank - 1)) if attr.get("channels_last", 0) else list(range(2, rank))
-            xf = dequantize("QLinearGlobalAveragePool", attr, x, sx, zx, -1)
+            xf = dequantize("QLinearGlobalAveragePool", attr, x, sx, zx, None)
             return quantize(bb.normalize(relax.op.mean(xf, axes, keepdims=True)), sy, zy)
 
     class QLinearConcat(tvm_onnx.OnnxOpConverter):
@@ -171,7 +174,7 @@ def quant_converters() -> dict:
             sy, zy, rest = inputs[0], inputs[1], list(inputs[2:])
             if len(rest) % 3 or not rest:
                 refuse("QLinearConcat", attr, f"has {len(inputs)} inputs (y_scale, y_zero_point, then triples)")
-            parts = [dequantize("QLinearConcat", attr, *rest[i:i + 3], -1) for i in range(0, len(rest), 3)]
+            parts = [dequantize("QLinearConcat", attr, *rest[i:i + 3], None) for i in range(0, len(rest), 3)]
             return quantize(bb.normalize(relax.op.concat(parts, axis=attr["axis"])), sy, zy)
 
     class ConvInteger(tvm_onnx.OnnxOpConverter):
