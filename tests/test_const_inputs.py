@@ -15,8 +15,8 @@ from onnx import TensorProto as T, helper, numpy_helper
 
 from edgec import api
 from edgec.context import BuildOptions
-from tests.test_cli_errors import check_error, cli
-from tests.verify import assert_close_to_reference
+from test_cli_errors import check_error, cli
+from verify import assert_close_to_reference
 
 
 def _save(path, nodes, inputs, outputs, opset=17):

@@ -17,8 +17,8 @@ from onnx import helper, numpy_helper
 
 from edgec import api
 from edgec.context import BuildOptions
-from tests.test_cli_errors import check_error, cli
-from tests.verify import save_onnx
+from test_cli_errors import check_error, cli
+from verify import save_onnx
 
 _OUTPUT_KEYS = {"name", "shape", "dtype", "sqnr_db", "exact", "max_abs_error", "nonfinite_mismatches", "class_scores",
                 "top1_agreement", "top1_bundle", "top1_reference"}

@@ -18,7 +18,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 
 from edgec import api, report
 from edgec.context import BuildOptions
-from tests.test_cli_errors import check_error, cli
+from test_cli_errors import check_error, cli
 from verify import assert_close_to_reference, save_onnx
 
 RNG = np.random.default_rng(9)

@@ -20,8 +20,8 @@ from tvm import relax
 from edgec import api
 from edgec.context import BuildOptions
 from edgec.quantize import METHODS, QuantizeOptions
-from tests.test_cli_errors import check_error, cli
-from tests.test_eval import _digits_onnx, _trained
+from test_cli_errors import check_error, cli
+from test_eval import _digits_onnx, _trained
 
 NO_OFFLOAD = ()
 
