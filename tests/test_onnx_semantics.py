@@ -198,6 +198,78 @@ def _expand(runtime: bool):
                   initializers=[_const("w", np.zeros((3, 4), np.float32)), _const("zero", np.zeros(2, np.int64))])
 
 
+# ------------------------------------------------------------------------------- onnx_ops: operators TVM lacks
+def _loss(op: str, reduction: str, weighted: bool, log_prob: bool = False):
+    """Class scores (2, 4, 3) against targets (2, 3) in which 9 (outside [0, 4)) is the ignore_index."""
+    out = [helper.make_tensor_value_info("loss", F32, [2, 3] if reduction == "none" else [])]
+    out += [helper.make_tensor_value_info("log_prob", F32, [2, 4, 3])] if log_prob else []
+    node = helper.make_node(op, ["x", "t", "w"] if weighted else ["x", "t"], [o.name for o in out],
+                            reduction=reduction, ignore_index=9)
+    return _model([node], [helper.make_tensor_value_info("x", F32, [2, 4, 3]),
+                           helper.make_tensor_value_info("t", TensorProto.INT64, [2, 3])], out, opset=13,
+                  initializers=[_const("w", np.array([0.5, 1, 2, 0.25], np.float32))] if weighted else [])
+
+
+@pytest.mark.parametrize("op", ["NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_losses_with_weights_and_ignore_index(edgec_host, tmp_path, op, reduction):
+    x = np.random.default_rng(2).standard_normal((2, 4, 3)).astype(np.float32)
+    t = np.array([[0, 9, 3], [2, 1, 9]], np.int64)
+    for weighted in (False, True):
+        model = _loss(op, reduction, weighted, log_prob=op == "SoftmaxCrossEntropyLoss")
+        _assert_matches_reference(edgec_host, model, [x, t], tmp_path)
+
+
+def test_cumprod_exclusive_reverse(edgec_host, tmp_path):
+    x = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    model = _model([helper.make_node("CumProd", ["x", "axis"], ["y"], exclusive=1, reverse=1)],
+                   [helper.make_tensor_value_info("x", F32, [2, 3])], [helper.make_tensor_value_info("y", F32, [2, 3])],
+                   opset=26, initializers=[_const("axis", np.int64(-1))])
+    model.ir_version = 13
+    outputs = edgec_host.run(model, [x], tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, [np.array([[6, 3, 1], [30, 6, 1]], np.float32)]) is None
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_lp_normalization_of_negative_and_zero_rows(edgec_host, tmp_path, p):
+    x = np.array([[3, -4, 0], [0, 0, 0]], np.float32)
+    model = _model([helper.make_node("LpNormalization", ["x"], ["y"], p=p, axis=1)],
+                   [helper.make_tensor_value_info("x", F32, [2, 3])], [helper.make_tensor_value_info("y", F32, [2, 3])])
+    outputs = edgec_host.run(model, [x], tmp_path, lambda stage: None)
+    # the spec's L1 norm sums |x| (onnx's reference sums x); a zero norm gives 0
+    norm = np.linalg.norm(x, ord=p, axis=1, keepdims=True)
+    expected = x / np.where(norm == 0, 1, norm)
+    assert onnx_suite.compare_all(outputs, [expected]) is None
+
+
+def test_constant_scalar_and_list_forms(edgec_host, tmp_path):
+    x = np.arange(3, dtype=np.float32)
+    model = _model([helper.make_node("Constant", [], ["a"], value_floats=[0.5, 2, -1]),
+                    helper.make_node("Constant", [], ["b"], value_float=3.0),
+                    helper.make_node("Constant", [], ["n"], value_ints=[3]),
+                    helper.make_node("Mul", ["x", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["y"]),
+                    helper.make_node("Reshape", ["y", "n"], ["z"])],
+                   [helper.make_tensor_value_info("x", F32, [3])], [helper.make_tensor_value_info("z", F32, [3])])
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def test_center_crop_pad_odd_crop_and_pad(edgec_host, tmp_path):
+    x = np.arange(35, dtype=np.float32).reshape(5, 7)
+    model = _model([helper.make_node("CenterCropPad", ["x", "s"], ["y"])],
+                   [helper.make_tensor_value_info("x", F32, [5, 7])], [helper.make_tensor_value_info("y", F32, [8, 4])],
+                   opset=18, initializers=[_const("s", np.array([8, 4], np.int64))])
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def test_swish(edgec_host, tmp_path):
+    x = np.linspace(-4, 4, 9, dtype=np.float32)
+    model = _model([helper.make_node("Swish", ["x"], ["y"], alpha=0.5)],
+                   [helper.make_tensor_value_info("x", F32, [9])], [helper.make_tensor_value_info("y", F32, [9])],
+                   opset=24)
+    model.ir_version = 11
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)
