@@ -270,6 +270,41 @@ def test_swish(edgec_host, tmp_path):
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
 
 
+@pytest.mark.parametrize("interleaved", [0, 1])
+def test_rotary_embedding_partial_with_positions(edgec_host, tmp_path, interleaved):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 4 * 8)).astype(np.float32)     # (B, S, heads * head), 4 heads of 8
+    angles = rng.standard_normal((10, 2)).astype(np.float32)       # rotary_embedding_dim 4 of 8
+    pos = np.array([[0, 5, 9], [1, 2, 3]], np.int64)
+    model = _model([helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], num_heads=4,
+                                     rotary_embedding_dim=4, interleaved=interleaved)],
+                   [helper.make_tensor_value_info("x", F32, [2, 3, 32]),
+                    helper.make_tensor_value_info("pos", TensorProto.INT64, [2, 3])],
+                   [helper.make_tensor_value_info("y", F32, [2, 3, 32])], opset=23,
+                   initializers=[_const("cos", np.cos(angles)), _const("sin", np.sin(angles))])
+    model.ir_version = 11
+    _assert_matches_reference(edgec_host, model, [x, pos], tmp_path)
+
+
+def test_rms_normalization_over_every_axis_with_a_broadcast_scale(edgec_host, tmp_path):
+    x = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float32)
+    model = _model([helper.make_node("RMSNormalization", ["x", "s"], ["y"], axis=0, epsilon=1e-3)],
+                   [helper.make_tensor_value_info("x", F32, [3, 4])], [helper.make_tensor_value_info("y", F32, [3, 4])],
+                   opset=23, initializers=[_const("s", np.array([0.5, 1, 2, -1], np.float32))])
+    model.ir_version = 11
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+@pytest.mark.parametrize("base, exponent", [(np.float32, np.int64), (np.int32, np.float32), (np.int64, np.int64)])
+def test_pow_of_mixed_and_integer_types(edgec_host, tmp_path, base, exponent):
+    x, y = np.array([2, -3, 5, 0], base), np.array([3, 2, 0, 4], exponent)
+    types = [helper.np_dtype_to_tensor_dtype(np.dtype(t)) for t in (base, exponent)]
+    model = _model([helper.make_node("Pow", ["x", "y"], ["z"])],
+                   [helper.make_tensor_value_info("x", types[0], [4]), helper.make_tensor_value_info("y", types[1], [4])],
+                   [helper.make_tensor_value_info("z", types[0], [4])], opset=15)
+    _assert_matches_reference(edgec_host, model, [x, y], tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)

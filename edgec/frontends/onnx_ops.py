@@ -10,7 +10,7 @@ from ..errors import EdgecError
 
 # Operators TVM's importer has no converter for at all (onnx.py's unsupported-operator check reads this).
 NEW_OPS = ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "CumProd", "LpNormalization", "Swish",
-           "CenterCropPad")
+           "CenterCropPad", "RotaryEmbedding")
 
 
 def op_converters() -> dict:
@@ -163,5 +163,79 @@ def op_converters() -> dict:
                 y = relax.op.nn.pad(y, [p for axis in range(len(dims)) for p in (pads[axis], pads[len(dims) + axis])])
             return y
 
+    class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
+        """ONNX's RotaryEmbedding (opset 23): the first rotary_embedding_dim channels of each head rotated by the
+        (position-gathered) cos/sin caches, as halves or interleaved pairs; the rest passed through."""
+
+        @classmethod
+        def _impl_v23(cls, bb, inputs, attr, params):
+            x, cos, sin = inputs[:3]
+            position = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+            dims = shape(x)
+            if len(dims) == 4:        # (B, H, S, D) -> (B, S, H, D)
+                x = bb.emit(relax.op.permute_dims(x, [0, 2, 1, 3]))
+            else:                     # (B, S, H*D) -> (B, S, H, D)
+                heads = attr.get("num_heads", 0)
+                if not heads:
+                    refuse("RotaryEmbedding", attr, "has a 3-D input without num_heads")
+                x = bb.emit(relax.op.reshape(x, (dims[0], dims[1], heads, dims[2] // heads)))
+            b, seq, heads, head = shape(x)
+            rotary = attr.get("rotary_embedding_dim", 0) or head
+            if position is not None:  # caches (max_position, rotary/2) read at each (B, S) position
+                cos, sin = (bb.emit(relax.op.take(c, position, axis=0)) for c in (cos, sin))
+            cos, sin = (bb.emit(relax.op.expand_dims(c, 2)) for c in (cos, sin))
+            rotated = bb.emit(relax.op.strided_slice(x, [3], [0], [rotary]))
+            if attr.get("interleaved", 0):   # pairs (x[2i], x[2i+1])
+                pairs = bb.emit(relax.op.reshape(rotated, (b, seq, heads, rotary // 2, 2)))
+                x1, x2 = (bb.emit(relax.op.squeeze(relax.op.strided_slice(pairs, [4], [i], [i + 1]), [4]))
+                          for i in (0, 1))
+            else:                            # halves
+                x1, x2 = (bb.emit(relax.op.strided_slice(rotated, [3], [i * rotary // 2], [(i + 1) * rotary // 2]))
+                          for i in (0, 1))
+            real = bb.emit(relax.op.subtract(relax.op.multiply(cos, x1), relax.op.multiply(sin, x2)))
+            imag = bb.emit(relax.op.add(relax.op.multiply(sin, x1), relax.op.multiply(cos, x2)))
+            if attr.get("interleaved", 0):
+                out = relax.op.reshape(relax.op.stack([real, imag], axis=4), (b, seq, heads, rotary))
+            else:
+                out = relax.op.concat([real, imag], axis=3)
+            if rotary < head:
+                out = relax.op.concat([bb.emit(out), relax.op.strided_slice(x, [3], [rotary], [head])], axis=3)
+            out = bb.emit(out)
+            if len(dims) == 4:
+                return relax.op.permute_dims(out, [0, 2, 1, 3])
+            return relax.op.reshape(out, dims)
+
+    class RMSNormalization(tvm_onnx.OnnxOpConverter):
+        """x / sqrt(mean(x^2 over axis..) + epsilon) * Scale, Scale broadcast to the normalized shape, in float32
+        for stash_type=1 (TVM's rms_norm takes only a Scale of that exact shape, and fails to compile over every
+        axis)."""
+
+        @classmethod
+        def _impl_v23(cls, bb, inputs, attr, params):
+            x, scale = inputs[:2]
+            out_dt = dtype(x)
+            compute = "float32" if attr.get("stash_type", 1) == 1 else out_dt
+            x, scale = (t if dtype(t) == compute else bb.emit(relax.op.astype(t, compute)) for t in (x, scale))
+            axes = list(range(attr.get("axis", -1) % len(shape(x)), len(shape(x))))
+            mean = bb.emit(relax.op.mean(relax.op.multiply(x, x), axes, keepdims=True))
+            inv = bb.emit(relax.op.rsqrt(relax.op.add(mean, relax.const(attr.get("epsilon", 1e-5), compute))))
+            y = bb.emit(relax.op.multiply(relax.op.multiply(x, inv), scale))
+            return y if compute == out_dt else relax.op.astype(y, out_dt)
+
+    class Pow(tvm_onnx.Pow):
+        """An exponent of another type than the base (TVM's power takes one type, and floats only): computed in
+        the base's float type, or for an integer base in float64 and truncated back, as numpy's int power gives
+        while the result fits 2^53 (integer overflow, beyond, ONNX leaves undefined)."""
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            x, y = inputs
+            if dtype(x) == dtype(y) and dtype(x).startswith(("float", "bfloat")):
+                return super()._impl_v7(bb, inputs, attr, params)
+            compute = dtype(x) if dtype(x).startswith(("float", "bfloat")) else "float64"
+            x_, y_ = (t if dtype(t) == compute else bb.emit(relax.op.astype(t, compute)) for t in (x, y))
+            out = bb.emit(relax.op.power(x_, y_))
+            return out if compute == dtype(x) else relax.op.astype(out, dtype(x))
+
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
-                                    LpNormalization, Swish, CenterCropPad)}
+                                    LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow)}
