@@ -348,6 +348,19 @@ def _cast(to: int):
                   [helper.make_tensor_value_info("y", to, [4])], opset=19)
 
 
+def _bitcast(to: int):
+    model = _model([helper.make_node("BitCast", ["x"], ["y"], to=to)], [helper.make_tensor_value_info("x", F32, [4])],
+                   [helper.make_tensor_value_info("y", to, [4] if to != TensorProto.INT16 else [4, 2])], opset=26)
+    model.ir_version = 13
+    return model
+
+
+def test_bitcast_float_bits_as_int(edgec_host, tmp_path):
+    x = np.array([1.0, -0.0, np.inf, 3.5e-42], np.float32)
+    outputs = edgec_host.run(_bitcast(TensorProto.INT32), [x], tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, [x.view(np.int32)]) is None
+
+
 # (refused model, the words the error names, the same operator without the refused form: it builds)
 REFUSALS = {
     "batchnorm-training": (lambda: _batchnorm(1), "training_mode=1", lambda: _batchnorm(0)),
@@ -362,6 +375,8 @@ REFUSALS = {
                              lambda: _attention((1, 2, 3, 4), (1, 2, 3, 4), softcap=2.0, qk_matmul_output_mode=3)),
     "expand-runtime-shape": (lambda: _expand(runtime=True), "takes its shape from the input data",
                              lambda: _expand(runtime=False)),
+    "bitcast-other-width": (lambda: _bitcast(TensorProto.INT16), "casts float32 to int16",
+                            lambda: _bitcast(TensorProto.INT32)),
 }
 
 

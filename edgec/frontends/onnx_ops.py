@@ -10,7 +10,7 @@ from ..errors import EdgecError
 
 # Operators TVM's importer has no converter for at all (onnx.py's unsupported-operator check reads this).
 NEW_OPS = ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "CumProd", "LpNormalization", "Swish",
-           "CenterCropPad", "RotaryEmbedding")
+           "CenterCropPad", "RotaryEmbedding", "BitCast")
 
 
 def op_converters() -> dict:
@@ -237,5 +237,21 @@ def op_converters() -> dict:
             out = bb.emit(relax.op.power(x_, y_))
             return out if compute == dtype(x) else relax.op.astype(out, dtype(x))
 
-    return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
+    class BitCast(tvm_onnx.OnnxOpConverter):
+        """The same bits read as another type of the same width (the shape stays); other widths and bool, whose
+        bit layout TVM does not pin down, are refused."""
+
+        @classmethod
+        def _impl_v26(cls, bb, inputs, attr, params):
+            import onnx
+            import tvm
+            from tvm import topi
+
+            x = inputs[0]
+            src, to = dtype(x), str(onnx.helper.tensor_dtype_to_np_dtype(attr["to"]))
+            if src != to and ("bool" in (src, to) or tvm.DataType(src).bits != tvm.DataType(to).bits):
+                refuse("BitCast", attr, f"casts {src} to {to} (edgec reinterprets types of one width, not bool)")
+            return bb.emit_te(topi.reinterpret, x, to)
+
+    return {c.__name__: c for c in (BitCast, Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow)}
