@@ -19,8 +19,8 @@ import numpy as np
 from .errors import EdgecError
 from .frontends import ImportedModel
 from .manifest import not_verified
-from .reference import (DEFAULT_TOLERANCE, QUANTIZED_TOLERANCE, ReferenceRuntime, ReferenceUnavailable, Tolerance,
-                        compare_outputs)
+from .reference import (DEFAULT_TOLERANCE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, ReferenceRuntime,
+                        ReferenceUnavailable, Tolerance, compare_outputs, compare_quantized, qdq_float_twin)
 from .signature import check_inputs, random_inputs
 from .targets import Target
 
@@ -41,6 +41,8 @@ class ReferenceRun:
     steps: tuple[dict[str, np.ndarray], ...]   # each step's inputs (a stream's: without the state inputs)
     outputs: tuple[dict[str, np.ndarray], ...] # the reference's outputs of each step
     quantized: frozenset[str]                  # outputs holding quantized values
+    # a quantized graph's reference: the float model's outputs of each step, which make the quantized rule apply
+    floats: tuple[dict[str, np.ndarray], ...] | None = None
 
 
 def sample_inputs(model: ImportedModel, given: dict[str, np.ndarray] | list[str] | None) -> dict[str, np.ndarray]:
@@ -72,31 +74,47 @@ def stream_steps(model: ImportedModel, first: dict[str, np.ndarray], given: bool
     return [first] + [first if given else random_inputs(model.stream_inputs(), seed) for seed in range(1, STREAM_STEPS)]
 
 
+def _run(ref: ReferenceRuntime, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> tuple[dict, ...]:
+    if model.states:
+        return tuple(ref.stream(steps, model.states, model.constants))
+    return (ref.run({**steps[0], **model.constants}),)   # the model file still takes the folded inputs
+
+
 def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> ReferenceRun | str:
     """The reference runtime's outputs for each step (a stream from its own initial state), or the reason it
-    cannot give them."""
+    cannot give them. An ONNX QDQ model runs as its QDQ math says (onnxruntime without graph optimizations), and
+    its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against."""
     try:
-        ref = ReferenceRuntime(model.path, observe=tuple(s.output for s in model.states if model.format == "tflite"))
-        if model.states:
-            outputs = ref.stream(steps, model.states, model.constants)
-        else:
-            outputs = [ref.run({**steps[0], **model.constants})]   # the model file still takes the folded inputs
-        return ReferenceRun(ref.name, tuple(steps), tuple(outputs), ref.quantized_outputs)
+        twin = qdq_float_twin(model.path) if model.format == "onnx" else None
+        ref = ReferenceRuntime(model.path, observe=tuple(s.output for s in model.states if model.format == "tflite"),
+                               exact=twin is not None)
+        floats = None if twin is None else _run(ReferenceRuntime(model.path, content=twin), model, steps)
+        return ReferenceRun(ref.name, tuple(steps), _run(ref, model, steps), ref.quantized_outputs, floats)
     except ReferenceUnavailable as e:
         return str(e)
 
 
 def tolerance_for(reference: ReferenceRun | str) -> Tolerance:
     """The one rule's tolerance; outputs that are all quantized values (a full-integer TFLite model's) may differ
-    by one quantization step, as integer kernels and dequantize -> float -> quantize round differently."""
+    by one quantization step, as integer kernels and dequantize -> float -> quantize round differently. It is
+    also what run.py --check applies to the sample."""
     if isinstance(reference, ReferenceRun) and set(reference.outputs[0]) <= reference.quantized:
         return QUANTIZED_TOLERANCE
     return DEFAULT_TOLERANCE
 
 
+def _failed(reference: ReferenceRun, name: str, what: str, k: int, steps: int, stream: bool) -> VerificationFailed:
+    at = f" at step {k + 1} of {steps} from the initial state" if stream else ""
+    return VerificationFailed(
+        f"the compiled model disagrees with {reference.name} on output '{name}'{at}: {what}; no bundle was written",
+        "this is a bug in edgec or TVM: rebuild with -O0 or --disable-pass to find the pass, and report it with the "
+        "model")
+
+
 def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | str, stream: bool = False) -> dict:
     """Run the staged bundle on the reference's inputs (with `stream`, step after step from the initial state) and
-    compare every step with the reference; returns the manifest's "verification"."""
+    compare every step with the reference; returns the manifest's "verification". A quantized graph's reference
+    (one with the float model's outputs) is compared by reference.QuantizedRule instead of the tolerance."""
     from .runtime import choose_runner, run_bundle, stream_bundle
 
     tolerance = tolerance_for(reference)
@@ -110,20 +128,53 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
         steps = stream_bundle(bundle_dir, list(reference.steps), runner)
     else:
         steps = [run_bundle(bundle_dir, reference.steps[0], runner)]
+    ran = runner + (f", {len(steps)} steps streamed" if stream else "")
+    if reference.floats is not None:
+        return _verify_quantized(bundle_dir, reference, steps, ran, stream)
     worst = {}
     for k, (outputs, expected) in enumerate(zip(steps, reference.outputs)):
         comparison = compare_outputs(outputs, expected, tolerance, against=reference.name)
         for o in comparison.outputs.values():
             if not o.ok:
                 what = o.problem or f"max abs error {o.max_abs:.3g} ({o.max_rel:.3g} of its range)"
-                at = f" at step {k + 1} of {len(steps)} from the initial state" if stream else ""
-                raise VerificationFailed(
-                    f"the compiled model disagrees with {reference.name} on output '{o.name}'{at}: {what}, beyond "
-                    f"atol={tolerance.atol:g} + rtol={tolerance.rtol:g} * max|ref|; no bundle was written",
-                    "this is a bug in edgec or TVM: rebuild with -O0 or --disable-pass to find the pass, and report "
-                    "it with the model")
+                raise _failed(reference, o.name, f"{what}, beyond atol={tolerance.atol:g} + rtol={tolerance.rtol:g} "
+                              "* max|ref|", k, len(steps), stream)
             if o.name not in worst or o.max_abs > worst[o.name].max_abs:
                 worst[o.name] = o
-    return {"status": "verified", "reason": None, "reference": reference.name,
-            "runner": runner + (f", {len(steps)} steps streamed" if stream else ""), "tolerance": tolerance.to_json(),
+    return {"status": "verified", "reason": None, "reference": reference.name, "runner": ran,
+            "tolerance": tolerance.to_json(),
             "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel} for o in worst.values()}}
+
+
+def _json_db(value: float) -> float | None:
+    return round(value, 2) if np.isfinite(value) else None   # None: no error at all (JSON has no infinity)
+
+
+def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dict], runner: str, stream: bool) -> dict:
+    """The quantized rule over all steps. Where it passes, sample/expected becomes the bundle's own outputs: a
+    correct int8 bundle may differ from the reference by flipped roundings far beyond the float tolerance, and
+    run.py --check (which applies that tolerance) is then a check that the deployed bundle reproduces what was
+    verified here."""
+    from .manifest import Manifest
+
+    rule = QUANTIZED_RULE
+    report = compare_quantized(steps, list(reference.outputs), list(reference.floats), rule)
+    extra = [n for n in steps[0] if n not in reference.outputs[0]]
+    if extra:
+        raise _failed(reference, extra[0], "not an output of the reference", 0, len(steps), stream)
+    for name, r in report.items():
+        if not r["ok"]:
+            what = r["problem"] or (
+                f"error {r['margin_db']:.1f} dB below the quantized graph's own rounding error (rule: at least {rule.margin_db:g} dB), "
+                f"{r['fraction_off']:.2%} of the elements off by more than that error's rms (rule: at most "
+                f"{rule.max_fraction:.0%}), max abs error {r['max_abs']:.3g}")
+            raise _failed(reference, name, what, 0, len(steps), stream)
+    manifest = Manifest.load(bundle_dir)
+    if manifest.sample is not None:
+        for spec in manifest.outputs:
+            np.save(bundle_dir / manifest.sample.expected / spec.file, steps[0][spec.name])
+    return {"status": "verified", "reason": None, "reference": reference.name, "runner": runner,
+            "tolerance": DEFAULT_TOLERANCE.to_json(), "rule": rule.to_json(),
+            "outputs": {name: {**{k: v for k, v in r.items() if k not in ("ok", "problem")},
+                               **{k: _json_db(r[k]) for k in ("sqnr_db", "quantization_sqnr_db", "margin_db")}}
+                        for name, r in report.items()}}

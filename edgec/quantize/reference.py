@@ -3,7 +3,10 @@
 onnxruntime on the float model gives the float answer, which an int8 bundle is not meant to reproduce: its
 distance from it is measured on the held-back calibration samples (the before/after table). The build checks
 that the bundle computes the quantized graph it was given, against that graph (the module `quantize-int8` left)
-compiled here by TVM without offload, with each quantize → dequantize run in float as the QDQ form says.
+compiled here by TVM without offload, with each quantize → dequantize run in float as the QDQ form says, under
+the quantized rule (reference.QuantizedRule), which measures the bundle's distance from that graph against the
+graph's own rounding error on the same sample: its distance from the same graph with each dequantize(quantize(x))
+a clip of x to the pair's range (`unrounded`), compiled alike.
 """
 from __future__ import annotations
 
@@ -16,17 +19,50 @@ from ..frontends import ImportedModel
 NAME = "edgec's int8 QDQ graph on TVM (llvm, no offload)"
 
 
-def quantized_reference(qdq: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]):
-    """A ReferenceRun (edgec.verification) of the QDQ module on the sample steps."""
-    from ..verification import ReferenceRun
+def unrounded(qdq: tvm.IRModule) -> tvm.IRModule:
+    """The QDQ module with each per-tensor dequantize(quantize(x, s, z), s, z) replaced by clip(x, (qmin - z) * s,
+    (qmax - z) * s): the same computation saturating as the pair does, without rounding. A pair with per-channel or
+    non-constant parameters is kept (its rounding then counts as part of the model, a stricter rule)."""
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+    data, scale, zero = wildcard(), is_const(), is_const()
+    quantize = is_op("relax.quantize")(data, scale, zero)
+    pattern = is_op("relax.dequantize")(quantize, is_const(), is_const())
+
+    def clip(call, matches):
+        consts = [matches[scale], matches[zero], *call.args[1:]]
+        if not all(isinstance(c, tvm.ir.expr.Constant) for c in consts):
+            return call
+        s, z, deq_s, deq_z = (c.value.numpy() for c in consts)
+        q = matches[quantize]
+        if s.size != 1 or z.size != 1 or not (np.array_equal(s, deq_s) and np.array_equal(z, deq_z)):
+            return call
+        info = np.iinfo(str(q.attrs.out_dtype))
+        lo, hi = ((float(v) - float(z.item())) * float(s.item()) for v in (info.min, info.max))
+        return relax.op.clip(matches[data], lo, hi)
+
+    mod = tvm.IRModule(dict(qdq.functions))
+    mod["main"] = rewrite_call(pattern, clip, qdq["main"])
+    return mod
+
+
+def _run(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(qdq, target=tvm.target.Target("llvm"))
+        executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    names = [p.name for p in qdq["main"].params]
+    names = [p.name for p in mod["main"].params]
     outputs = []
     for step in steps:
         result = vm["main"](*[tvm.runtime.tensor(step[n]) for n in names])
         values = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
         outputs.append({spec.name: v.numpy() for spec, v in zip(model.outputs, values)})
-    return ReferenceRun(NAME, tuple(steps), tuple(outputs), frozenset())
+    return outputs
+
+
+def quantized_reference(qdq: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]):
+    """A ReferenceRun (edgec.verification) of the QDQ module on the sample steps, with its unrounded twin's
+    outputs, which make the quantized rule apply."""
+    from ..verification import ReferenceRun
+
+    return ReferenceRun(NAME, tuple(steps), tuple(_run(qdq, model, steps)), frozenset(),
+                        tuple(_run(unrounded(qdq), model, steps)))
