@@ -348,6 +348,17 @@ def _cast(to: int):
                   [helper.make_tensor_value_info("y", to, [4])], opset=19)
 
 
+@pytest.mark.parametrize("policy, out", [("stretch", [3, 4]), ("not_larger", [1, 4])])
+def test_resize_axes_reversed_and_kept_aspect_ratio(edgec_host, tmp_path, policy, out):
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 2, 8)
+    model = _model([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest", axes=[3, 2],
+                                     keep_aspect_ratio_policy=policy)],
+                   [helper.make_tensor_value_info("x", F32, [1, 1, 2, 8])],
+                   [helper.make_tensor_value_info("y", F32, [1, 1, *out])], opset=18,
+                   initializers=[_const("sizes", np.array([4, 3], np.int64))])
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
 def _bitcast(to: int):
     model = _model([helper.make_node("BitCast", ["x"], ["y"], to=to)], [helper.make_tensor_value_info("x", F32, [4])],
                    [helper.make_tensor_value_info("y", to, [4] if to != TensorProto.INT16 else [4, 2])], opset=26)

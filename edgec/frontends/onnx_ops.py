@@ -253,5 +253,49 @@ def op_converters() -> dict:
                 refuse("BitCast", attr, f"casts {src} to {to} (edgec reinterprets types of one width, not bool)")
             return bb.emit_te(topi.reinterpret, x, to)
 
-    return {c.__name__: c for c in (BitCast, Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
+    class Resize(tvm_onnx.Resize):
+        """`axes` and `keep_aspect_ratio_policy` (TVM's converter ignores both), as onnx's reference reads them:
+        roi, scales and sizes spread to every axis, the kept aspect ratio's sizes rounded half up. Its scale must
+        then be exactly size / input size (TVM maps coordinates with that), and only spatial axes (from 2 on) may
+        change, as TVM resizes no others."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dims = shape(x)
+            rank = len(dims)
+            axes = [a % rank for a in attr.get("axes", range(rank))]
+            policy = text(attr.get("keep_aspect_ratio_policy", b"stretch"))
+            roi, scales, sizes = (inputs[i] if len(inputs) > i else None for i in (1, 2, 3))
+            roi, scales, sizes = (None if t is None else constant("Resize", attr, t, what).astype(np.float64)
+                                  for t, what in ((roi, "roi"), (scales, "scales"), (sizes, "sizes")))
+            roi, scales, sizes = (None if t is None or t.size == 0 else t for t in (roi, scales, sizes))
+            if roi is not None:
+                full = np.array([0.0] * rank + [1.0] * rank)
+                full[axes], full[[rank + a for a in axes]] = roi[:len(axes)], roi[len(axes):]
+                roi = full
+            if scales is not None:
+                full = np.ones(rank)
+                full[axes] = scales
+                scales = full
+            if sizes is not None:
+                full = np.array(dims, np.float64)
+                if policy != "stretch":
+                    ratios = sizes / full[axes]
+                    scale = ratios.min() if policy == "not_larger" else ratios.max()
+                    sizes = np.floor(scale * full[axes] + 0.5)
+                    if not np.all(sizes / full[axes] == scale):
+                        refuse("Resize", attr, f"keeps the aspect ratio at scale {scale}, which gives a fractional "
+                                               f"output size for input shape {dims}")
+                full[axes] = sizes
+                sizes = full
+            resized = sizes if sizes is not None else scales * dims if scales is not None else np.array(dims)
+            if rank < 3 or np.any(np.floor(resized[:2]) != dims[:2]):
+                refuse("Resize", attr, f"resizes axis 0 or 1 of a {rank}-D input (TVM resizes axes 2 on)")
+            attr = {k: v for k, v in attr.items() if k not in ("axes", "keep_aspect_ratio_policy")}
+            inputs = [x, *(None if t is None else relax.const(t.astype(dt), dt)
+                           for t, dt in ((roi, "float32"), (scales, "float32"), (sizes, "int64")))]
+            return super()._impl_v18(bb, inputs, attr, params)
+
+    return {c.__name__: c for c in (BitCast, Resize, Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow)}
