@@ -300,7 +300,7 @@ def test_pow_of_mixed_and_integer_types(edgec_host, tmp_path, base, exponent):
     x, y = np.array([2, -3, 5, 0], base), np.array([3, 2, 0, 4], exponent)
     types = [helper.np_dtype_to_tensor_dtype(np.dtype(t)) for t in (base, exponent)]
     model = _model([helper.make_node("Pow", ["x", "y"], ["z"])],
-                   [helper.make_tensor_value_info("x", types[0], [4]), helper.make_tensor_value_info("y", types[1], [4])],
+                   [helper.make_tensor_value_info(n, t, [4]) for n, t in zip("xy", types)],
                    [helper.make_tensor_value_info("z", types[0], [4])], opset=15)
     _assert_matches_reference(edgec_host, model, [x, y], tmp_path)
 
@@ -357,6 +357,40 @@ def test_resize_axes_reversed_and_kept_aspect_ratio(edgec_host, tmp_path, policy
                    [helper.make_tensor_value_info("y", F32, [1, 1, *out])], opset=18,
                    initializers=[_const("sizes", np.array([4, 3], np.int64))])
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def test_col2im_strided_dilated_padded(edgec_host, tmp_path):
+    """Against a direct scatter-add: 2 channels, a 2x2 block dilated by 2, strides 2x1, pads 1, image 5x4."""
+    image, block, strides, dil, pads = (5, 4), (2, 2), (2, 1), (2, 2), (1, 1, 1, 1)
+    nb = [(image[d] + pads[d] + pads[d + 2] - dil[d] * (block[d] - 1) - 1) // strides[d] + 1 for d in (0, 1)]
+    x = np.random.default_rng(5).standard_normal((1, 2 * 4, nb[0] * nb[1])).astype(np.float32)
+    expected = np.zeros((1, 2, image[0] + 2, image[1] + 2), np.float32)
+    cols = x.reshape(1, 2, 2, 2, *nb)
+    for kh, kw, i, j in np.ndindex(2, 2, *nb):
+        expected[:, :, i * strides[0] + kh * dil[0], j * strides[1] + kw * dil[1]] += cols[:, :, kh, kw, i, j]
+    model = _model([helper.make_node("Col2Im", ["x", "image", "block"], ["y"], strides=strides, dilations=dil,
+                                     pads=pads)],
+                   [helper.make_tensor_value_info("x", F32, list(x.shape))],
+                   [helper.make_tensor_value_info("y", F32, [1, 2, *image])], opset=18,
+                   initializers=[_const("image", np.array(image, np.int64)),
+                                 _const("block", np.array(block, np.int64))])
+    outputs = edgec_host.run(model, [x], tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, [expected[:, :, 1:-1, 1:-1]]) is None
+
+
+@pytest.mark.parametrize("op", ["Sinh", "Cosh"])
+def test_sinh_cosh_small_and_large(edgec_host, tmp_path, op):
+    x = np.array([1e-6, -3e-4, 0.5, -2, 20, 0], np.float32)
+    model = _model([helper.make_node(op, ["x"], ["y"])], [helper.make_tensor_value_info("x", F32, [6])],
+                   [helper.make_tensor_value_info("y", F32, [6])], opset=13)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def test_eyelike_of_another_dtype(edgec_host, tmp_path):
+    model = _model([helper.make_node("EyeLike", ["x"], ["y"], k=1, dtype=TensorProto.DOUBLE)],
+                   [helper.make_tensor_value_info("x", TensorProto.INT32, [3, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3, 4])], opset=13)
+    _assert_matches_reference(edgec_host, model, [np.zeros((3, 4), np.int32)], tmp_path)
 
 
 def _bitcast(to: int):

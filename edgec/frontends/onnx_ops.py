@@ -10,7 +10,7 @@ from ..errors import EdgecError
 
 # Operators TVM's importer has no converter for at all (onnx.py's unsupported-operator check reads this).
 NEW_OPS = ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "CumProd", "LpNormalization", "Swish",
-           "CenterCropPad", "RotaryEmbedding", "BitCast")
+           "CenterCropPad", "RotaryEmbedding", "BitCast", "Col2Im")
 
 
 def op_converters() -> dict:
@@ -297,5 +297,75 @@ def op_converters() -> dict:
                            for t, dt in ((roi, "float32"), (scales, "float32"), (sizes, "int64")))]
             return super()._impl_v18(bb, inputs, attr, params)
 
-    return {c.__name__: c for c in (BitCast, Resize, Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
-                                    LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow)}
+    class Col2Im(tvm_onnx.OnnxOpConverter):
+        """Col2Im as a sum over the kernel's positions: each position's column of blocks, spread by the strides,
+        is added into the padded image at its dilated offset; the pads are cropped at the end."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            image = [int(v) for v in constant("Col2Im", attr, inputs[1], "image_shape")]
+            block = [int(v) for v in constant("Col2Im", attr, inputs[2], "block_shape")]
+            n = len(image)
+            dil, strides = attr.get("dilations", [1] * n), attr.get("strides", [1] * n)
+            pads = attr.get("pads", [0] * 2 * n)
+            batch, rows, length = shape(x)
+            kernel = int(np.prod(block))
+            padded = [image[d] + pads[d] + pads[n + d] for d in range(n)]
+            blocks = [(padded[d] - dil[d] * (block[d] - 1) - 1) // strides[d] + 1 for d in range(n)]
+            if rows % kernel or length != int(np.prod(blocks)):
+                refuse("Col2Im", attr, f"has an input of shape {[batch, rows, length]} that does not fit "
+                                       f"image_shape {image} and block_shape {block}")
+            cols = bb.emit(relax.op.reshape(x, (batch, rows // kernel, kernel, *blocks)))
+            total = None
+            for k, pos in enumerate(np.ndindex(*block)):
+                term = relax.op.squeeze(relax.op.strided_slice(cols, [2], [k], [k + 1]), [2])
+                # (N, C, b0, 1, b1, 1, ...) padded to (N, C, b0, s0, b1, s1, ...): block i at i * stride
+                spread = relax.op.reshape(term, (batch, rows // kernel, *[v for b in blocks for v in (b, 1)]))
+                spread = relax.op.nn.pad(spread, [0, 0, 0, 0, *[p for s in strides for p in (0, 0, 0, s - 1)]])
+                spread = relax.op.reshape(spread, (batch, rows // kernel, *[b * s for b, s in zip(blocks, strides)]))
+                offsets = [pos[d] * dil[d] for d in range(n)]
+                after = [max(0, padded[d] - offsets[d] - blocks[d] * strides[d]) for d in range(n)]
+                placed = relax.op.nn.pad(spread, [0, 0, 0, 0, *[p for d in range(n) for p in (offsets[d], after[d])]])
+                placed = relax.op.strided_slice(placed, list(range(2, n + 2)), [0] * n, padded)
+                total = bb.emit(placed if total is None else relax.op.add(total, placed))
+            return relax.op.strided_slice(total, list(range(2, n + 2)), pads[:n],
+                                          [pads[d] + image[d] for d in range(n)])
+
+    class Sinh(tvm_onnx.Sinh):
+        """(e^x - e^-x) / 2, in float64 against the cancellation near 0 (TVM's sinh intrinsic does not compile for
+        the host)."""
+
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            wide = bb.emit(relax.op.astype(x, "float64")) if dtype(x) != "float64" else x
+            y = relax.op.multiply(relax.op.subtract(relax.op.exp(wide), relax.op.exp(relax.op.negative(wide))),
+                                  relax.const(0.5, "float64"))
+            return relax.op.astype(bb.emit(y), dtype(x)) if dtype(x) != "float64" else y
+
+    class Cosh(tvm_onnx.Cosh):
+        """(e^x + e^-x) / 2 (TVM's cosh intrinsic does not compile for the host)."""
+
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            return relax.op.multiply(relax.op.add(relax.op.exp(x), relax.op.exp(relax.op.negative(x))),
+                                     relax.const(0.5, dtype(x)))
+
+    class EyeLike(tvm_onnx.EyeLike):
+        """The `dtype` attribute sets the output's type (TVM's converter refuses one other than the input's, and
+        eye_like's legalization ignores it: eye of the static shape)."""
+
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            import onnx
+
+            to = attr.get("dtype")
+            out = dtype(inputs[0]) if to is None else str(onnx.helper.tensor_dtype_to_np_dtype(to))
+            rows, cols = shape(inputs[0])
+            return relax.op.eye(rows, cols, attr.get("k", 0), out)
+
+    return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
+                                    LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike)}
