@@ -188,13 +188,16 @@ def qdq_float_twin(path: Path) -> bytes | None:
     Clip to the range the pair can represent, [(qmin - zero point) * scale, (qmax - zero point) * scale] (the
     saturation stays: quantizers drop a ReLU/Clip that the range already applies). Its distance from the QDQ model
     is the activations' rounding error alone, the error a rounding flip is part of. None when the model has no
-    such pair with constant per-tensor parameters (a float model, QOperator form)."""
+    such pair with constant per-tensor parameters (a float model, QOperator form) or with weights in external
+    files."""
     import onnx
     from onnx import helper, numpy_helper
 
     with open(path, "rb") as f:    # any file name, as _source
-        model = onnx.load(f)
+        model = onnx.load(f, load_external_data=False)
     graph = model.graph
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
+        return None     # the twin is run from bytes, where external weights cannot be found
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     quantizers = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
     pairs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantizers]

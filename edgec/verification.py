@@ -165,8 +165,9 @@ def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dic
     for name, r in report.items():
         if not r["ok"]:
             what = r["problem"] or (
-                f"error {r['margin_db']:.1f} dB below the quantized graph's own rounding error (rule: at least {rule.margin_db:g} dB), "
-                f"{r['fraction_off']:.2%} of the elements off by more than that error's rms (rule: at most "
+                f"its error {r['margin_db']:.1f} dB below the quantized graph's own rounding error (rule: at "
+                f"least {rule.margin_db:g} dB), {r['fraction_off']:.2%} of the elements off by more than that "
+                f"error's rms (rule: at most "
                 f"{rule.max_fraction:.0%}), max abs error {r['max_abs']:.3g}")
             raise _failed(reference, name, what, 0, len(steps), stream)
     manifest = Manifest.load(bundle_dir)

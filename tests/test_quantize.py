@@ -127,10 +127,8 @@ def test_ppocrv4_det_sqnr_against_onnxruntime_quantization(tmp_path, monkeypatch
     per method — calibrate and quantize-int8's own functions, the QDQ graph run on TVM as the build's reference
     does — beside onnxruntime's static QDQ quantization on the same data.
 
-    Measured through the passes' functions, not `build`: the build refuses the bundle, which disagrees with the QDQ
-    graph by up to 0.6 on the probability map. Not an error in the bundle: the same QDQ graph compiled by TVM for
-    generic x86 and for this CPU (FMA contraction) differs by as much, since a value on a rounding boundary moves
-    a whole step and the head's steps are large. Neither edgec nor onnxruntime reaches 30 dB: quantizing only the
+    Measured through the passes' functions, three methods without three builds (the build itself, verified by the
+    quantized rule: tests/test_verify_quantized.py). Neither edgec nor onnxruntime reaches 30 dB: quantizing only the
     10 conv inputs after the PPLCNetV3 stem costs 9.4 dB on its own, the neck and head together 30 dB — a model
     for keeping its first layers float (mixed precision by error budget). The bar is onnxruntime's."""
     from models import real_model

@@ -1,0 +1,185 @@
+"""Build verification of quantized bundles (reference.QuantizedRule): correct int8 bundles whose rounding flips put
+them steps away from their quantized reference are accepted, where the float rule (atol 1e-5) refuses them, and
+bundles computing a wrongly quantized graph are refused.
+
+The model is edgec's example MobileNetV2 at full size, quantized by onnxruntime's quantize_static (QDQ, per
+channel, u8 activations, s8 weights). A wrong bundle is the same build of the QDQ file with one quantization
+parameter or weight changed, verified against the original file's reference: the faults are placed where the
+rule sees them on this untrained network (docs/architecture.md, "Verifying quantized bundles", has the sweep
+over positions and the ones it cannot see)."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import onnx
+import tvm
+import pytest
+from onnx import numpy_helper
+
+from edgec import api
+from edgec.context import BuildOptions
+from edgec.examples import mobilenet_v2
+from edgec.reference import DEFAULT_TOLERANCE, QUANTIZED_RULE, compare_outputs
+from edgec.signature import random_inputs
+from edgec.targets import load_target
+from edgec.verification import VerificationFailed, reference_outputs, verify_staged
+from edgec.frontends import load_model
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    d = tmp_path_factory.mktemp("verify_quantized")
+    rng = np.random.default_rng(1)
+    data = iter([{"input": rng.random((1, 3, 224, 224), dtype=np.float32)} for _ in range(8)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(data, None)
+
+    with contextlib.chdir(d):   # onnxruntime's quantization writes a temporary file into the working directory
+        quant_pre_process(str(mobilenet_v2(d / "mbv2.onnx")), str(d / "pre.onnx"), skip_symbolic_shape=True)
+        quantize_static(str(d / "pre.onnx"), str(d / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return d
+
+
+def test_mobilenetv2_qdq_builds_verified_by_the_quantized_rule(qdq):
+    result = api.build(qdq / "qdq.onnx", "host", qdq / "bundle")    # default offload: oneDNN's int8 primitives
+    verification = json.loads((result.bundle_dir / "manifest.json").read_text())["verification"]
+    logits = verification["outputs"]["logits"]
+    print("MobileNetV2 QDQ:", logits)
+    assert verification["status"] == "verified" and verification["rule"] == QUANTIZED_RULE.to_json()
+    assert "graph optimizations off" in verification["reference"]
+    assert logits["margin_db"] >= QUANTIZED_RULE.margin_db and logits["fraction_off"] <= QUANTIZED_RULE.max_fraction
+    # steps away from the reference: the float rule refuses this correct bundle
+    model = load_model(qdq / "qdq.onnx")
+    sample = {"input": np.load(result.bundle_dir / "sample" / "inputs" / "0-input.npy")}
+    reference = reference_outputs(model, [sample])
+    got = api.run(result.bundle_dir, sample).outputs
+    assert logits["max_abs"] > 0.05
+    assert not compare_outputs(got, reference.outputs[0], DEFAULT_TOLERANCE).ok
+    # sample/expected is the verified bundle's own output: run.py --check reproduces it under its tolerance
+    expected = {"logits": np.load(result.bundle_dir / "sample" / "expected" / "0-logits.npy")}
+    assert compare_outputs(got, expected, result.manifest.tolerance).ok
+
+
+def _mutated(src, dst, kind: str):
+    """The QDQ file with one fault: the first activation's DequantizeLinear reads a zero point off by 3 (its
+    QuantizeLinear keeps the right one), the first conv's channel 0 weight scale x1.5, two output channels of the
+    27th weight swapped, the first conv's bias dropped (zeros), the last QuantizeLinear (the classifier's
+    requantization) at 1.25x its scale."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    const = {n: numpy_helper.to_array(i) for n, i in inits.items()}
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    weights = [n for n in dq if n.input[0] in const and const[n.input[0]].dtype == np.int8]
+    biases = [n for n in dq if n.input[0] in const and const[n.input[0]].dtype == np.int32]
+    activations = [n for n in dq if n.input[0] not in const]
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+
+    def replace(node, index, value):
+        name = f"fault_{kind}"
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        node.input[index] = name
+
+    if kind == "zero_point":
+        node = activations[0]
+        replace(node, 2, (const[node.input[2]].astype(np.int32) + 3).clip(0, 255).astype(np.uint8))
+    elif kind == "channel_scale":
+        scale = const[weights[0].input[1]].copy()
+        scale[0] *= 1.5
+        replace(weights[0], 1, scale)
+    elif kind == "swapped_weight":
+        w = const[weights[26].input[0]].copy()
+        w[[0, 1]] = w[[1, 0]]
+        replace(weights[26], 0, w)
+    elif kind == "missing_bias":
+        replace(biases[0], 0, np.zeros_like(const[biases[0].input[0]]))
+    elif kind == "requantization":
+        replace(quantizers[-1], 1, const[quantizers[-1].input[1]] * np.float32(1.25))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["zero_point", "channel_scale", "swapped_weight", "missing_bias", "requantization"])
+def test_wrong_quantized_bundle_is_refused(qdq, kind):
+    """A correct build of the faulty file (offload none: TVM's own kernels) checked against the original file's
+    reference: refused, with what was measured."""
+    bad = _mutated(qdq / "qdq.onnx", qdq / f"{kind}.onnx", kind)
+    result = api.build(bad, "host", qdq / kind, options=BuildOptions(offload=()))
+    sample = random_inputs(result.manifest.inputs)
+    reference = reference_outputs(load_model(qdq / "qdq.onnx"), [sample])
+    with pytest.raises(VerificationFailed, match="rounding error") as e:
+        verify_staged(result.bundle_dir, load_target("host"), reference)
+    print(kind, e.value.message)
+
+
+@pytest.fixture(scope="module")
+def ppocr(tmp_path_factory):
+    """PP-OCRv4 det `--quantize int8 --calibration` (tests/test_quantize.py's synthetic text images), default
+    offload, verified on models.inputs_for's text image."""
+    from edgec.quantize import QuantizeOptions
+    from models import inputs_for, real_model
+    from test_quantize import _text_images
+
+    d = tmp_path_factory.mktemp("ppocr_int8")
+    np.savez(d / "text.npz", x=_text_images(25))
+    options = BuildOptions(quantize=QuantizeOptions("int8", d / "text.npz", "percentile"))
+    sample = inputs_for("ppocrv4_det")
+    result = api.build(real_model("ppocrv4_det"), "host", d / "int8", input_shapes={"x": (1, 3, 320, 320)},
+                       options=options, sample_inputs=sample)
+    return result, sample
+
+
+def test_ppocrv4_det_int8_build_is_verified(ppocr):
+    """Its bundle is up to ~0.5 from the QDQ reference on the probability map (rounding flips in the head), which
+    the float rule refuses, and inside the quantized rule."""
+    result, _ = ppocr
+    verification = result.manifest.verification
+    out = verification["outputs"]["sigmoid_0.tmp_0"]
+    print("PP-OCRv4 det int8:", out)
+    assert verification["status"] == "verified" and verification["rule"] == QUANTIZED_RULE.to_json()
+    assert out["margin_db"] >= QUANTIZED_RULE.margin_db and out["fraction_off"] <= QUANTIZED_RULE.max_fraction
+    assert out["max_abs"] > DEFAULT_TOLERANCE.atol + DEFAULT_TOLERANCE.rtol    # the float rule would refuse it
+    assert result.manifest.quantization["layers"] > 50
+
+
+@pytest.mark.xfail(strict=True, reason="the rule's 0 dB margin, which the untrained MobileNetV2's flips need, is "
+                   "too lenient for PP-OCRv4 det, whose rounding error is large (10.5 dB SQNR): this fault measures "
+                   "5.0 dB, 1.2% (docs/architecture.md)")
+def test_ppocrv4_det_wrong_requantization_is_refused(ppocr):
+    """A wrong requantization of the first quantized conv (its weight scales x1.5), computed exactly (TVM on the
+    faulty QDQ graph, as the reference is), against the build's reference."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call
+
+    from edgec.quantize.reference import quantized_reference
+    from edgec.reference import compare_quantized
+
+    result, sample = ppocr
+    weight, scale = is_const(), is_const()
+    faults = []
+
+    def wrong_scale(call, matches):
+        if faults or str(matches[weight].ty.dtype) != "int8":
+            return call
+        faults.append(call)
+        return relax.op.dequantize(call.args[0], relax.const(matches[scale].value.numpy() * np.float32(1.5)),
+                                   call.args[2], call.attrs.axis, call.attrs.out_dtype)
+
+    good = result.compiled.quantized_graph
+    bad = tvm.IRModule(dict(good.functions))
+    bad["main"] = rewrite_call(is_op("relax.dequantize")(weight, scale, is_const()), wrong_scale, good["main"])
+    assert len(faults) == 1
+    model = result.compiled.model
+    reference = quantized_reference(good, model, [sample])
+    wrong = quantized_reference(bad, model, [sample]).outputs
+    report = compare_quantized(list(wrong), list(reference.outputs), list(reference.floats))["sigmoid_0.tmp_0"]
+    print("PP-OCRv4 det, first weight's scales x1.5:", report)
+    assert not report["ok"]
