@@ -37,16 +37,7 @@ from onnx import numpy_helper
 
 import edgec
 from edgec import api, benchmark
-from edgec.build import compile_model
-from edgec.bundle import write_bundle
-from edgec.context import BuildContext, BuildOptions
 from edgec.errors import EdgecError
-from edgec.frontends import load_model, model_format
-from edgec.offload import for_build, resolve as resolve_offload
-from edgec.passes import plan
-from edgec.targets import load_target
-from edgec.verification import not_verified
-from edgec.reference import DEFAULT_TOLERANCE
 
 from bench_models import Model, resolve
 
@@ -90,22 +81,6 @@ def _shape(value_info) -> tuple[int, ...]:
     return tuple(d.dim_value for d in value_info.type.tensor_type.shape.dim)
 
 
-def build_int8(qdq: Path, out: Path, model: Model, inputs: dict[str, np.ndarray]) -> Path:
-    """The QDQ model built for host like edgec build, except its verification: an absolute 1e-5 refuses an int8
-    model a few steps from onnxruntime (see steps()), and a quantization-aware tolerance is not in edgec yet.
-    The manifest says not verified, and why; this script compares in steps instead."""
-    descriptor = load_target("host")
-    offload = for_build(descriptor, None)
-    resolve_offload(offload, descriptor.arch, fetch=True)
-    ctx = BuildContext(descriptor, BuildOptions(), offload=offload)
-    steps = plan(ctx, model_format(qdq))
-    imported = load_model(qdq, model.input_shapes, tuple(s.name for s in steps if s.phase == "import" and s.enabled))
-    compiled = compile_model(imported, ctx, steps)
-    reason = "int8: compared with onnxruntime in quantization steps by bench/bench_int8.py"
-    write_bundle(compiled, out, None, force=True, verify=lambda staged: not_verified(reason, DEFAULT_TOLERANCE))
-    return out
-
-
 def steps(qdq: Path, ours: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Per onnxruntime graph optimization level: (fraction of elements within one step, max steps) of edgec's
     int8 outputs against onnxruntime's on the same QDQ model (an output not made by a DequantizeLinear: in units
@@ -147,7 +122,9 @@ def measure(model: Model, workdir: Path, args, say) -> tuple[list[Row], dict, st
     fp32 = api.build(model.path, "host", workdir / f"{model.path.stem}-fp32", input_shapes=model.input_shapes,
                      sample_inputs=inputs).bundle_dir
     say(f"{model.label}: build edgec int8")
-    int8 = build_int8(qdq, workdir / f"{model.path.stem}-int8", model, inputs)
+    # verified like any build: against onnxruntime running the QDQ model's exact math (the quantized rule)
+    int8 = api.build(qdq, "host", workdir / f"{model.path.stem}-int8", input_shapes=model.input_shapes,
+                     sample_inputs=inputs).bundle_dir
     closeness = steps(qdq, api.run(int8, inputs).outputs, inputs)
     say(f"{model.label}: time 4 runtimes, {args.blocks} alternated blocks of {args.runs} runs")
     specs = [benchmark.WorkerSpec("edgec", fp32, args.threads), benchmark.WorkerSpec("edgec", int8, args.threads),

@@ -66,6 +66,8 @@ def test_mobilenetv2_qdq_builds_verified_by_the_quantized_rule(qdq):
     # sample/expected is the verified bundle's own output: run.py --check reproduces it under its tolerance
     expected = {"logits": np.load(result.bundle_dir / "sample" / "expected" / "0-logits.npy")}
     assert compare_outputs(got, expected, result.manifest.tolerance).ok
+    readme = (result.bundle_dir / "README.md").read_text()     # says which rule verified it, and what --check checks
+    assert "passed the quantized rule" in readme and "reproduces them" in readme and "agreed within atol" not in readme
 
 
 def _mutated(src, dst, kind: str):
