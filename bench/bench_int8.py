@@ -24,7 +24,6 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -39,7 +38,7 @@ import edgec
 from edgec import api, benchmark
 from edgec.errors import EdgecError
 
-from bench_models import Model, resolve
+from bench_models import Model, progress_printer, resolve, timing_options
 
 
 def qdq_model(model: Model, workdir: Path, samples: int) -> Path:
@@ -176,15 +175,10 @@ def main(argv=None) -> int:
     p.add_argument("models", nargs="*", metavar="MODEL", default=["mobilenetv2", "ppocrv4_det"],
                    help="mobilenetv2, ppocrv4_det or PATH[:NAME:DIMS] (default: the first two)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs per block (default 10)")
-    p.add_argument("--blocks", type=int, default=6, help="timed blocks per runtime (default 6)")
-    p.add_argument("--warmup", type=int, default=5, help="runs in each runtime's warm-up block (default 5)")
+    timing_options(p)
     p.add_argument("--calibration", type=int, default=8, help="calibration inputs for quantize_static (default 8)")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    say = progress_printer()
 
     machine = benchmark.machine()           # before this run adds to the load average
     results = []

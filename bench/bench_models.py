@@ -235,6 +235,23 @@ def header(machine: benchmark.Machine, load_after: float, rows: list[ModelFigure
     ])
 
 
+def timing_options(p: argparse.ArgumentParser) -> None:
+    """The alternated-blocks options every timing script here takes (edgec.benchmark.run_blocks)."""
+    p.add_argument("--runs", type=int, default=10, help="timed runs per block (default 10)")
+    p.add_argument("--blocks", type=int, default=6, help="timed blocks per runtime (default 6)")
+    p.add_argument("--warmup", type=int, default=5, help="runs in each runtime's warm-up block (default 5)")
+
+
+def progress_printer():
+    """say(msg): msg on stderr after the seconds since this call, so stdout keeps only the tables."""
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def main(argv=None) -> int:
     doc = __doc__.splitlines()
     p = argparse.ArgumentParser(description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -248,16 +265,11 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="reference,iree", type=lambda s: s.split(","), metavar="LIST",
                    help=f"peers to time against edgec, comma-separated, of {', '.join(benchmark.PEERS)} "
                    "(default reference,iree)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs per block (default 10)")
-    p.add_argument("--blocks", type=int, default=6, help="timed blocks per runtime (default 6)")
-    p.add_argument("--warmup", type=int, default=5, help="runs in each runtime's warm-up block (default 5)")
+    timing_options(p)
     p.add_argument("--no-rpi4", action="store_true", help="skip the rpi4 build and its check under qemu")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write every figure as JSON here")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    say = progress_printer()
 
     machine = benchmark.machine()           # before this run adds to the load average
     rows = []
