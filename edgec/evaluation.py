@@ -20,6 +20,7 @@ import numpy as np
 
 from .dataset import Dataset, open_dataset
 from .errors import EdgecError
+from .reference import decibels
 
 _BLOCK = 32   # samples per alternation block: outputs of one block are held for the comparison
 
@@ -134,7 +135,8 @@ class _Accumulator:
 
     def result(self, shape, dtype, labelled: bool) -> OutputMetrics:
         # no number when exact (infinite), when only non-finite elements differ, or when the reference is all 0
-        sqnr = 10 * math.log10(self.signal / self.noise) if self.signal > 0 and self.noise > 0 else None
+        sqnr = float(decibels(self.signal, self.noise))
+        sqnr = sqnr if math.isfinite(sqnr) else None
         rate = (lambda n: n / self.rows) if self.classes else (lambda n: None)
         return OutputMetrics(self.name, tuple(shape), dtype, sqnr, self.exact, self.max_abs, self.nonfinite,
                              self.classes is not None, rate(self.agree),

@@ -244,7 +244,7 @@ class QuantizedRule:
 QUANTIZED_RULE = QuantizedRule()
 
 
-def _db(signal: float, noise: float) -> float:
+def decibels(signal: float, noise: float) -> float:
     """10 log10(signal / noise); +inf for no noise (JSON-safe callers round it to None)."""
     if noise == 0:
         return float("inf")
@@ -275,8 +275,8 @@ def compare_quantized(outputs: list[dict[str, np.ndarray]], reference: list[dict
         rms = np.sqrt(quantization / ref.size)
         diff = np.abs(out - ref)
         scale = float(np.abs(ref).max()) if ref.size else 0.0
-        r = {"sqnr_db": _db((ref ** 2).sum(), error), "quantization_sqnr_db": _db((flt ** 2).sum(), quantization),
-             "margin_db": _db(quantization, error), "fraction_off": float((diff > rms).mean()),
+        r = {"sqnr_db": decibels((ref ** 2).sum(), error), "quantization_sqnr_db": decibels((flt ** 2).sum(), quantization),
+             "margin_db": decibels(quantization, error), "fraction_off": float((diff > rms).mean()),
              "max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale if scale > 0 else 0.0,
              "max_quantization_rms": float(diff.max() / rms) if rms > 0 else None, "problem": None}
         if not (np.isfinite(out).all() and np.isfinite(ref).all() and np.isfinite(flt).all()):

@@ -12,7 +12,7 @@ from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
 from .onnx_control_flow import lower_control_flow
 from .onnx_quant import converts as converts_quantized
-from .onnx_semantics import EDGEC_OPS, all_nodes, from_onnx, refuse_wrong_conversions
+from .onnx_semantics import EDGEC_OPS, all_nodes, from_onnx, graph_constants, refuse_wrong_conversions
 from .pins import dynamic_dims_error
 
 # The operators of shape arithmetic: what a Shape → Gather → Concat → Reshape chain is made of. A node is folded
@@ -281,9 +281,7 @@ def _fold_round(model, derived: set[str]) -> list[str]:
     shapes = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
               if vi.type.tensor_type.HasField("shape")}
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})   # weights' shapes are static too
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
+    consts = graph_constants(model.graph)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     kept, folded = [], []
     for node in model.graph.node:

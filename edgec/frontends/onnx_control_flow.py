@@ -14,6 +14,7 @@ import itertools
 import numpy as np
 
 from ..errors import EdgecError
+from .onnx_semantics import all_nodes, graph_constants
 
 # Iterations one Loop or Scan may be unrolled to: beyond that the graph (and the build) grows out of proportion.
 MAX_UNROLL = 1024
@@ -24,6 +25,8 @@ def lower_control_flow(model, refuse: bool = True) -> list[str]:
     """Take constant If branches and unroll Loop/Scan nodes, repeatedly, in the main graph and in the branches of
     the Ifs that stay; returns one line per node rewritten. A Loop/Scan that cannot be unrolled is refused, or
     with refuse=False (between shape-folding rounds, which may yet make its trip count constant) left as it is."""
+    if not any(n.op_type in ("If", "Loop", "Scan") for n in all_nodes(model.graph)):
+        return []   # runs on every shape-folding round: spare the weight copies and name walk of a plain graph
     names = _all_names(model.graph)
     done = []
     for graph in _graphs(model.graph):
@@ -61,15 +64,6 @@ def _all_names(graph) -> set[str]:
     return names
 
 
-def _constants(graph) -> dict:
-    from onnx import numpy_helper
-
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    return consts
-
-
 def _label(node) -> str:
     return f"{node.op_type} node '{node.name or node.output[0]}'"
 
@@ -77,7 +71,7 @@ def _label(node) -> str:
 def _rewrite(model, graph, names, refuse: bool) -> list[str]:
     """One pass over `graph`: the first rewritable node is replaced (its copies go where it was)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    consts = {**_constants(model.graph), **_constants(graph)}
+    consts = {**graph_constants(model.graph), **graph_constants(graph)}
     for index, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -192,7 +186,7 @@ def _unroll_loop(node, consts, opset, names):
     # The condition must stay true: no initial condition or a constant true one, and a body that passes its
     # condition input through unchanged (or outputs a constant true).
     cond_in, cond_out = body.input[1].name, body.output[0].name
-    body_consts = _constants(body)
+    body_consts = graph_constants(body)
     passes = cond_out == cond_in or any(n.op_type == "Identity" and n.output[0] == cond_out and n.input[0] == cond_in
                                         for n in body.node)
     stays = passes or (cond_out in body_consts and bool(np.asarray(body_consts[cond_out]).all()))

@@ -428,6 +428,16 @@ def all_nodes(graph):
                 yield from all_nodes(sub)
 
 
+def graph_constants(graph) -> dict:
+    """Name -> value of the graph's initializers and Constant nodes (the `value` form)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    return consts
+
+
 def from_onnx(model, shape_dict: dict, dtype_dict: dict):
     """TVM's from_onnx (weights bound as constants, names kept) with edgec's converters in place of TVM's."""
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
