@@ -291,15 +291,18 @@ def _anchor_name(fused: Fused) -> str:
     return fused.composite.split(".", 1)[1].split("_")[0]
 
 
+def _fused_packed(fused: Fused) -> tuple[int, ...]:
+    """The operands a call site's _pack takes: the passes strip these from its calls, the emitter's signatures
+    leave them out, so both read them here."""
+    return packed_operands(fused, weight=_anchor_name(fused) != "bmm")   # bmm's second operand is computed at run time
+
+
 def _packed(func: relax.Function) -> tuple[int, ...]:
-    if is_quantized(func):
-        return read_quantized(func).packed
-    fused = read_fused(func)
-    return packed_operands(fused, weight=_anchor_name(fused) != "bmm")
+    return read_quantized(func).packed if is_quantized(func) else _fused_packed(read_fused(func))
 
 
 def _function(fused: Fused) -> str:
-    packed = packed_operands(fused, weight=_anchor_name(fused) != "bmm")
+    packed = _fused_packed(fused)
     pack_params = ", ".join(f"tvm::ffi::TensorView a{i}" for i in packed)
     params = ", ".join(["tvm::ffi::ObjectRef state"] + [f"tvm::ffi::TensorView a{i}" for i in range(fused.num_params)
                                                         if i not in packed] + ["tvm::ffi::TensorView out"])
