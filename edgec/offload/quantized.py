@@ -67,7 +67,8 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
         if has_leaking_intermediate_variables(ctx):
             return "a value inside the quantized chain is also used outside it"
         anchor, out = ctx.annotated_expr["anchor"], ctx.annotated_expr["out"]
-        data, weight = _dq(ctx, anchor.args[0]), _dq(ctx, anchor.args[1])
+        bound = {v: e for e, v in ctx.value_to_bound_var.items()}   # variable -> the expression it names
+        data, weight = _dq(bound, anchor.args[0]), _dq(bound, anchor.args[1])
         for role, expr in (("input", data.args[0]), ("output", out)):
             if getattr(expr.ty, "dtype", None) not in QUANTIZED_ACTIVATIONS:
                 return f"quantized {role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
@@ -79,10 +80,10 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
             return "weights not symmetric int8 (zero point 0)"
         out_channels = static_shape(anchor)[-1]
         if weight.args[1].value.numpy().size not in (1, out_channels) or (
-                weight.args[1].value.numpy().size > 1 and int(weight.attrs.axis) != _output_axis(ctx, anchor)):
+                weight.args[1].value.numpy().size > 1 and int(weight.attrs.axis) != _output_axis(bound, anchor)):
             return "weights not quantized per output channel"
         if "bias" in ctx.annotated_expr:
-            bias = _bias_dq(ctx)
+            bias = _bias_dq(bound, ctx.annotated_expr["bias"])
             if bias.args[0].ty.dtype != "int32" or bias.args[0].value.numpy().size != out_channels \
                     or bias.args[2].value.numpy().any():
                 return "bias not int32, one value per output channel, zero point 0"
@@ -95,32 +96,32 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
     return check
 
 
-def _dq(ctx, expr) -> relax.Call:
-    """The dequantize behind an anchor operand (through Gemm's transpose)."""
-    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
+def _resolve(bound: dict, expr):
+    """The expression a variable of the matched chain is bound to, through any chain of variables."""
     while isinstance(expr, relax.Var) and expr in bound:
         expr = bound[expr]
-    if expr.op.name == "relax.permute_dims":
-        return _dq(ctx, expr.args[0])
     return expr
 
 
-def _bias_dq(ctx) -> relax.Call:
-    expr = ctx.annotated_expr["bias"].args[1]
-    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
-    while True:
-        while isinstance(expr, relax.Var) and expr in bound:
-            expr = bound[expr]
-        if expr.op.name == "relax.dequantize":
-            return expr
-        expr = expr.args[0]
+def _dq(bound: dict, expr) -> relax.Call:
+    """The dequantize behind an anchor operand (through Gemm's transpose)."""
+    expr = _resolve(bound, expr)
+    if expr.op.name == "relax.permute_dims":
+        return _dq(bound, expr.args[0])
+    return expr
 
 
-def _output_axis(ctx, anchor) -> int:
+def _bias_dq(bound: dict, bias: relax.Call) -> relax.Call:
+    expr = _resolve(bound, bias.args[1])
+    while expr.op.name != "relax.dequantize":
+        expr = _resolve(bound, expr.args[0])
+    return expr
+
+
+def _output_axis(bound: dict, anchor) -> int:
     """The axis of the stored weights that indexes output channels: O of OIHW; N of (N, K) or (K, N)."""
     if anchor.op.name == "relax.nn.conv2d":
         return 0
-    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
     weight = anchor.args[1]
     weight = bound.get(weight, weight)
     return 0 if weight.op.name == "relax.permute_dims" else 1
