@@ -36,12 +36,17 @@ def _tap_module(mod: tvm.IRModule, keys: list[str]) -> tvm.IRModule:
     return relax.transform.Normalize()(out)
 
 
+def on_host(mod: tvm.IRModule) -> relax.VirtualMachine:
+    """`mod` compiled for this machine to run here (calibration taps, the quantized reference), in its own
+    PassContext: the build's one (its -O level, instruments and target options) is for the target."""
+    with tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    return relax.VirtualMachine(executable, tvm.cpu())
+
+
 class _Runner:
     def __init__(self, mod: tvm.IRModule, keys: list[str]):
-        # its own PassContext: the build's one (its -O level, instruments and target options) is for the target
-        with tvm.transform.PassContext(opt_level=3):
-            executable = tvm.compile(_tap_module(mod, keys), target=tvm.target.Target("llvm"))
-        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self.vm = on_host(_tap_module(mod, keys))
         self.names = [p.name for p in mod["main"].params]
 
     def taps(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from ..frontends import ImportedModel
+from .calibrate import on_host
 
 NAME = "edgec's int8 QDQ graph on TVM (llvm, no offload)"
 
@@ -47,9 +48,7 @@ def unrounded(qdq: tvm.IRModule) -> tvm.IRModule:
 
 
 def _run(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = on_host(mod)
     names = [p.name for p in mod["main"].params]
     outputs = []
     for step in steps:
