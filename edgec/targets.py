@@ -47,6 +47,8 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "device.threads": ((int, str), True, "the number of worker threads, or \"auto\""),
     "device.memory_mb": ((int, str), True, "the memory budget in MiB, or \"auto\""),
     "device.runtime_libs": ((list,), False, "shared libraries a bundle needs on the board, e.g. [\"libtvm_runtime.so\"]"),
+    "device.fp16": ((bool,), False, "true when the device computes in fp16 natively (Armv8.2-A FP16 CPUs, GPUs): "
+                    "--quantize fp16 builds only for such targets (default false)"),
     "emulator": ((dict,), False, "an [emulator] table"),
     "emulator.command": ((str,), True, "the user-mode emulator command, e.g. \"qemu-aarch64-static\""),
     "emulator.sysroot": ((str,), True, "the target's library root, an absolute path, e.g. \"/usr/aarch64-linux-gnu\""),
@@ -88,6 +90,7 @@ class Device:
     threads: int
     memory_mb: int
     runtime_libs: tuple[str, ...]
+    fp16: bool = False               # fp16 arithmetic in hardware: --quantize fp16 is offered
 
     @property
     def memory_bytes(self) -> int:
@@ -127,7 +130,8 @@ class Target:
                      **({"pass_config": self.pass_config} if self.pass_config else {})},
              "toolchain": vars(self.toolchain).copy(),
              "device": {"kind": self.device.kind, "threads": self.device.threads, "memory_mb": self.device.memory_mb,
-                        "runtime_libs": list(self.device.runtime_libs)}}
+                        "runtime_libs": list(self.device.runtime_libs),
+                        **({"fp16": True} if self.device.fp16 else {})}}
         if self.emulator:
             d["emulator"] = {k: v for k, v in vars(self.emulator).items() if v is not None}
         if self.offload:
@@ -171,7 +175,7 @@ def _validate(data: dict, origin: str) -> None:
                 fail(field_path, "is missing", f"add it: {what}")
             continue
         value = table[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             fail(field_path, f"has the wrong type ({type(value).__name__})", f"it must be {what}")
         if isinstance(value, str) and int in types and value != "auto":
             fail(field_path, f"is '{value}'", f"it must be {what}")
@@ -255,7 +259,7 @@ def _from_table(data: dict, origin: str) -> Target:
     return Target(data["name"], data["description"], origin, arch, _resolve_detect(tvm_table["target"]),
                   tvm_table.get("host"), dict(tvm_table.get("pass_config", {})), Toolchain(**chain),
                   Device(device.get("kind", "cpu"), threads, memory_mb,
-                         tuple(device.get("runtime_libs", DEFAULT_RUNTIME_LIBS))),
+                         tuple(device.get("runtime_libs", DEFAULT_RUNTIME_LIBS)), device.get("fp16", False)),
                   emulator, data.get("rpc", {}).get("key"), dict(data.get("tuning", {})),
                   tuple(data.get("offload", {}).get("backends", ())))
 
