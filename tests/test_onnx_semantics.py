@@ -305,6 +305,67 @@ def test_pow_of_mixed_and_integer_types(edgec_host, tmp_path, base, exponent):
     _assert_matches_reference(edgec_host, model, [x, y], tmp_path)
 
 
+
+def test_shape_folded_through_split_and_constant_attribute_forms(edgec_host, tmp_path):
+    """Functions' expanded bodies (AffineGrid, CenterCropPad) compute shapes with value_ints constants, a Split
+    of a shape and a scalar Unsqueeze axis: all folded at import, so the Expand target is static."""
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    model = _model([helper.make_node("Constant", [], ["ax"], value_ints=[1, 2]),
+                    helper.make_node("Constant", [], ["two"], value_ints=[2]),
+                    helper.make_node("Constant", [], ["last"], value_int=-1),
+                    helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "ax"], ["hw"]),
+                    helper.make_node("Split", ["hw"], ["h", "w"], axis=0, num_outputs=2),
+                    helper.make_node("Concat", ["two", "w", "h"], ["target"], axis=0),
+                    helper.make_node("Reshape", ["x", "target"], ["r"]),
+                    helper.make_node("Unsqueeze", ["r", "last"], ["u"]),
+                    helper.make_node("Concat", ["two", "w", "h", "two"], ["wide"], axis=0),
+                    helper.make_node("Expand", ["u", "wide"], ["y"])],
+                   [helper.make_tensor_value_info("x", F32, [2, 3, 4])],
+                   [helper.make_tensor_value_info("y", F32, [2, 4, 3, 2])], opset=18)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+def _zero_size(op: str):
+    """A node whose results hold no elements (TVM's split takes no part of size 0, cpu-default-schedule's
+    primitives divide by a zero extent)."""
+    i64 = TensorProto.INT64
+    if op == "Split":
+        return _model([helper.make_node("Split", ["x", "n"], ["a", "b"], axis=1)],
+                      [helper.make_tensor_value_info("x", F32, [3, 0])],
+                      [helper.make_tensor_value_info(n, F32, [3, 0]) for n in "ab"], opset=13,
+                      initializers=[_const("n", np.array([0, 0], np.int64))])
+    if op == "Trilu":
+        return _model([helper.make_node("Trilu", ["x"], ["y"], upper=0)], [helper.make_tensor_value_info("x", i64, [2, 0, 3])],
+                      [helper.make_tensor_value_info("y", i64, [2, 0, 3])], opset=14)
+    return _model([helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+                  [helper.make_tensor_value_info("x", F32, [2, 0, 4])], [helper.make_tensor_value_info("y", F32, [2, 0, 1])],
+                  opset=13, initializers=[_const("axes", np.array([2], np.int64))])
+
+
+@pytest.mark.parametrize("op", ["Split", "Trilu", "ReduceSum"])
+def test_zero_size_results(edgec_host, tmp_path, op):
+    model = _zero_size(op)
+    x = np.zeros([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim],
+                 helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type))
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("dtype, shape", [(TensorProto.BOOL, [3, 2]), (F32, [2, 0, 3]), (TensorProto.INT32, [2, 0, 3]),
+                                          (F32, [2, 3])])
+def test_reduce_min_max_of_bool_empty_and_infinite(edgec_host, tmp_path, op, dtype, shape):
+    """Bool inputs, the empty set's identity (+-inf, the integer range's end), and a min of only +inf values."""
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    x = np.array([[True, False], [False, False], [True, True]]) if dtype == TensorProto.BOOL else \
+        np.array([[np.inf, np.inf, np.inf], [-np.inf, -np.inf, -np.inf]], np.float32) if 0 not in shape else \
+        np.zeros(shape, np_type)
+    out = [shape[0], 1, *shape[2:]]
+    model = _model([helper.make_node(op, ["x", "axes"], ["y"], keepdims=1)], [helper.make_tensor_value_info("x", dtype, shape)],
+                   [helper.make_tensor_value_info("y", dtype, out)], opset=18,
+                   initializers=[_const("axes", np.array([1], np.int64))])
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)

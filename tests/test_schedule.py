@@ -205,3 +205,28 @@ def test_kernel_tvm_fails_to_inline_stays_as_it_was(tmp_path):
     assert left, schedule_summary(mod)
     result = api.build(path, "host", tmp_path / "bundle")
     assert result.manifest.verification["status"] == "verified", result.manifest.verification
+
+
+def test_slice_of_a_padded_tensor_compiles_and_keeps_its_values():
+    """A crop of a padded tensor (CenterCropPad's expanded body): reverse-inlined into the pad, TVM 0.27 guards it
+    with a predicate over an undefined loop variable and code generation fails; it stays a second loop nest."""
+    a = te.placeholder((6, 4), name="a")
+    pad = te.compute((6, 6), lambda i, j: tvm.tirx.if_then_else(tvm.tirx.all(j >= 1, j < 5), a[i, j - 1], 0.0),
+                     name="pad")
+    crop = te.compute((3, 6), lambda i, j: pad[i + 2, j], name="crop")
+    func = te.create_prim_func([a, crop])
+    target = load_target("host").tvm()
+    scheduled = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
+    assert schedule_summary(scheduled) == {"scheduled": 1}
+    x = RNG.standard_normal((6, 4)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((3, 6), np.float32))
+    tvm.compile(scheduled, target)["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), np.pad(x, ((0, 0), (1, 1)))[2:5])
+
+
+def test_zero_size_kernel_is_left_as_it_was():
+    a = te.placeholder((3, 0), name="a")
+    b = te.compute((3, 0), lambda i, j: a[i, j] * 2.0, name="b")
+    func = te.create_prim_func([a, b])
+    mod = CpuDefaultSchedule(load_target("host").tvm())(tvm.IRModule({"main": func}))
+    assert schedule_summary(mod) == {"a zero-size loop (nothing to compute)": 1}

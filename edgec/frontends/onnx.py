@@ -11,6 +11,7 @@ from ..signature import TensorSpec
 from . import Frontend, register_frontend
 from .base import ModelInfo, check_pins, histogram
 from .onnx_control_flow import lower_control_flow
+from .onnx_ml import converts as converts_ml
 from .onnx_quant import converts as converts_quantized
 from .onnx_semantics import EDGEC_OPS, all_nodes, from_onnx, graph_constants, refuse_wrong_conversions
 from .pins import dynamic_dims_error
@@ -21,7 +22,8 @@ from .pins import dynamic_dims_error
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Identity", "Reshape",
               "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Max", "Min", "Equal", "Where",
               "ReduceProd", "ReduceSum", "Range", "ConstantOfShape", "Expand", "Tile", "Flatten", "Not", "And", "Or",
-              "Xor", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sqrt", "Reciprocal", "Pow", "Transpose"}
+              "Xor", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sqrt", "Reciprocal", "Pow", "Transpose",
+              "Split"}
 
 
 # A constant this small is a shape's element (Paddle exports Cast(fill_constant) into Reshape targets), not a weight.
@@ -180,8 +182,8 @@ def _unsupported_ops(model) -> dict[str, int]:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = {*_get_convert_map(), *EDGEC_OPS}
-    # Ops of custom domains are unsupported whatever their name.
-    return histogram(n.op_type for n in all_nodes(model.graph) if not converts_quantized(n)
+    # Ops of custom domains are unsupported whatever their name (but onnx_quant's and onnx_ml's).
+    return histogram(n.op_type for n in all_nodes(model.graph) if not converts_quantized(n) and not converts_ml(n)
                      and (n.domain not in ("", "ai.onnx") or n.op_type not in supported))
 
 
@@ -200,6 +202,10 @@ def _input_dtype(value_info, path: Path) -> str:
         raise EdgecError(f"input '{value_info.name}' of {path.name} is {onnx.TensorProto.DataType.Name(elem).lower()}, "
                          "which edgec cannot take as an input (TVM's sub-byte integers give wrong numbers)",
                          "export the model with int8 or uint8 inputs")
+    if elem == onnx.TensorProto.STRING:
+        raise EdgecError(f"input '{value_info.name}' of {path.name} is a string tensor; edgec compiles numeric "
+                         "tensors only", "encode the strings to integers (token ids) before the model and export it "
+                         "with those as input")
     return _np_dtype(value_info)
 
 
@@ -285,28 +291,29 @@ def _fold_round(model, derived: set[str]) -> list[str]:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     kept, folded = [], []
     for node in model.graph.node:
-        value = None
+        values = None
         if node.domain in ("", "ai.onnx") and node.op_type in ("Shape", "Size") and _static(shapes.get(node.input[0])):
             dims = np.array(shapes[node.input[0]], dtype=np.int64)
             if node.op_type == "Size":
-                value = np.array(dims.prod(), dtype=np.int64)
+                values = [np.array(dims.prod(), dtype=np.int64)]
             else:
                 start = next((a.i for a in node.attribute if a.name == "start"), 0)
                 end = next((a.i for a in node.attribute if a.name == "end"), None)
-                value = dims[start:end]
-        elif (node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_OPS and len(node.output) == 1
+                values = [dims[start:end]]
+        elif (node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_OPS and "" not in node.output
               and all(i == "" or i in consts for i in node.input)
               and any(i in derived or consts[i].size <= _SMALL for i in node.input if i)):
             feeds = {i: consts[i] for i in node.input if i}
-            value = ReferenceEvaluator(_one_node_model(node, feeds, opset)).run(None, feeds)[0]
-        if value is None:
+            values = ReferenceEvaluator(_one_node_model(node, feeds, opset)).run(None, feeds)
+        if values is None:
             kept.append(node)
             continue
-        value = np.asarray(value)
-        consts[node.output[0]] = value
-        derived.add(node.output[0])
-        model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        folded.append(f"{node.op_type} {node.name or node.output[0]} = {value.tolist()}")
+        for name, value in zip(node.output, values):
+            value = np.asarray(value)
+            consts[name] = value
+            derived.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(value, name))
+            folded.append(f"{node.op_type} {node.name or name} = {value.tolist()}")
     if folded:
         del model.graph.node[:]
         model.graph.node.extend(kept)
@@ -320,7 +327,7 @@ def _one_node_model(node, feeds: dict, opset: int | None):
 
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
               for n, v in feeds.items()]
-    graph = helper.make_graph([node], "fold", inputs, [helper.make_empty_tensor_value_info(node.output[0])])
+    graph = helper.make_graph([node], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in node.output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] if opset else None)
 
 

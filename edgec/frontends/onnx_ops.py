@@ -12,6 +12,9 @@ from ..errors import EdgecError
 NEW_OPS = ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "CumProd", "LpNormalization", "Swish",
            "CenterCropPad", "RotaryEmbedding", "BitCast", "Col2Im")
 
+# Constant's scalar and list attribute forms -> their element type (`value` holds a whole tensor).
+CONSTANT_FORMS = {"value_float": "float32", "value_floats": "float32", "value_int": "int64", "value_ints": "int64"}
+
 
 def op_converters() -> dict:
     """op_type -> converter class, for onnx_semantics.from_onnx."""
@@ -47,11 +50,10 @@ def op_converters() -> dict:
         def _impl_v13(cls, bb, inputs, attr, params):
             if "value" in attr:
                 return super()._impl_v13(bb, inputs, attr, params)
-            forms = {"value_float": "float32", "value_floats": "float32", "value_int": "int64", "value_ints": "int64"}
-            found = next((k for k in forms if k in attr), None)
+            found = next((k for k in CONSTANT_FORMS if k in attr), None)
             if found is None:
                 refuse("Constant", attr, f"holds its value as {next(k for k in attr if k != 'tvm_custom')}")
-            return relax.const(np.asarray(attr[found], forms[found]), forms[found])
+            return relax.const(np.asarray(attr[found], CONSTANT_FORMS[found]), CONSTANT_FORMS[found])
 
     def nll(bb, log_prob, target, weight, attr):
         """NegativeLogLikelihoodLoss on log-probabilities (N, C, d...) and targets (N, d...): the loss of each
@@ -353,6 +355,35 @@ def op_converters() -> dict:
             return relax.op.multiply(relax.op.add(relax.op.exp(x), relax.op.exp(relax.op.negative(x))),
                                      relax.const(0.5, dtype(x)))
 
+    class Unsqueeze(tvm_onnx.Unsqueeze):
+        """A scalar axes input, as onnx's reference and onnxruntime take it (AffineGrid's expanded body has one;
+        TVM's converter iterates it)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            import tvm
+
+            axes = inputs[1]
+            if isinstance(axes, tvm.ir.GenericConst) and axes.value.numpy().ndim == 0:
+                inputs = [inputs[0], relax.const(axes.value.numpy().reshape(1), dtype(axes))]
+            return super()._impl_v13(bb, inputs, attr, params)
+
+    class Split(tvm_onnx.Split):
+        """Parts of size 0 as empty slices (TVM's split takes strictly increasing indices; FoldConstant fails on
+        repeated ones)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            import tvm
+
+            sizes = inputs[1] if len(inputs) > 1 else None
+            if not isinstance(sizes, tvm.ir.GenericConst) or sizes.value.numpy().all():
+                return super()._impl_v13(bb, inputs, attr, params)
+            x, axis = inputs[0], attr.get("axis", 0) % len(shape(inputs[0]))
+            ends = np.cumsum(sizes.value.numpy()).tolist()
+            return relax.Tuple([bb.emit(relax.op.strided_slice(x, [axis], [end - size], [end]))
+                                for end, size in zip(ends, sizes.value.numpy().tolist())])
+
     class EyeLike(tvm_onnx.EyeLike):
         """The `dtype` attribute sets the output's type (TVM's converter refuses one other than the input's, and
         eye_like's legalization ignores it: eye of the static shape)."""
@@ -368,4 +399,4 @@ def op_converters() -> dict:
 
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
-                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike)}
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split)}

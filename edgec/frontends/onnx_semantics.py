@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import EdgecError, last_line
 from .onnx_detection import NEW_OPS as DETECTION_OPS
-from .onnx_ops import NEW_OPS
+from .onnx_ops import CONSTANT_FORMS, NEW_OPS
 
 # Operators TVM's importer has no converter for that edgec converts: the recurrent layers (onnx_recurrent), the
 # control flow made plain graph before conversion (onnx_control_flow; a data-dependent If is TVM's Relax If), and
@@ -85,9 +85,6 @@ _REFUSALS = {
     "RoiAlign": [lambda n, c, s: "mode='max'" if _attr(n, "mode", "avg") == "max" else None],
     "Resize": [lambda n, c, s: "antialias=1" if _attr(n, "antialias") else None, _resize_scales],
     "ConvTranspose": [_conv_transpose_crop],
-    # the empty set's min/max is +-inf; TVM's reductions start from the dtype's largest finite value
-    **{op: [lambda n, c, s: "an input with a zero-size dim" if 0 in s.get(n.input[0], ()) else None]
-       for op in ("ReduceMin", "ReduceMax")},
 }
 _HINTS = {
     "ConvTranspose": "export the model with explicit pads instead of output_shape",
@@ -115,9 +112,7 @@ def refuse_wrong_conversions(model) -> None:
               if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
               and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
     shapes.update({t.name: list(t.dims) for t in graph.initializer})
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    consts = graph_constants(graph)
     for node in graph.node:
         label = f"{node.op_type} node '{node.name or node.output[0]}'"
         found = [bad[elem[t]] for t in node.input if elem.get(t) in bad]
@@ -255,27 +250,53 @@ def _converters() -> dict:
             static_shape("ConstantOfShape", attr, inputs[0])
             return super()._impl_v9(bb, inputs, attr, params)
 
-    class ReduceMax(tvm_onnx.ReduceMax):
-        """Float max of only -inf values is -inf (TVM starts its max at the lowest finite value and returns that)."""
+    def extreme(base, sign: int):
+        """ReduceMax (sign 1) / ReduceMin (-1) as the spec defines them where TVM's do not: the empty set's result
+        is the identity (-inf/+inf, the dtype's lowest/highest integer, False/True: TVM has none), bool inputs
+        reduced as uint8 (TVM's reductions have no bool start value), and a float max of only -inf values is -inf
+        (a min of +inf, +inf; TVM starts from the largest finite value and returns that)."""
 
-        @classmethod
-        def _fix(cls, impl, bb, inputs, attr, params):
-            x = inputs[0]
-            result = bb.emit(impl(bb, inputs, attr, params))
-            if not dtype(x).startswith(("float", "bfloat")):
-                return result
-            finite = bb.emit(relax.op.astype(relax.op.not_equal(x, relax.const(-np.inf, dtype(x))), "int32"))
-            any_finite = bb.emit(impl(bb, [finite, *inputs[1:]], attr, params))
-            return relax.op.where(relax.op.equal(any_finite, relax.const(0, "int32")),
-                                  relax.const(-np.inf, dtype(x)), result)
+        class Extreme(base):
+            @classmethod
+            def _fix(cls, impl, bb, inputs, attr, params):
+                x = inputs[0]
+                dt = dtype(x)
+                result = bb.normalize(impl(bb, [bb.emit(relax.op.astype(x, "uint8")) if dt == "bool" else x,
+                                                *inputs[1:]], attr, params))
+                out = [int(d) for d in result.ty.shape]
+                if 0 in [int(d) for d in x.ty.shape] and 0 not in out:
+                    if dt == "bool":
+                        identity = sign < 0
+                    elif dt.startswith(("float", "bfloat")):
+                        identity = -sign * np.inf
+                    else:
+                        info = np.iinfo(np.dtype(dt))
+                        identity = info.min if sign > 0 else info.max
+                    return relax.const(np.full(out, identity, dt), dt)
+                if dt == "bool":
+                    return relax.op.astype(result, "bool")
+                result = bb.emit(result)
+                if not dt.startswith(("float", "bfloat")):
+                    return result
+                # sign where a value is not the infinity, else 0: the reduction of that is 0 only if none is
+                infinite = relax.const(-sign * np.inf, dt)
+                finite = bb.emit(relax.op.multiply(relax.op.astype(relax.op.not_equal(x, infinite), "int32"),
+                                                   relax.const(sign, "int32")))
+                any_finite = bb.emit(impl(bb, [finite, *inputs[1:]], attr, params))
+                return relax.op.where(relax.op.equal(any_finite, relax.const(0, "int32")), infinite, result)
 
-        @classmethod
-        def _impl_v11(cls, bb, inputs, attr, params):
-            return cls._fix(super()._impl_v11, bb, inputs, attr, params)
+            @classmethod
+            def _impl_v11(cls, bb, inputs, attr, params):
+                return cls._fix(super()._impl_v11, bb, inputs, attr, params)
 
-        @classmethod
-        def _impl_v18(cls, bb, inputs, attr, params):
-            return cls._fix(super()._impl_v18, bb, inputs, attr, params)
+            @classmethod
+            def _impl_v18(cls, bb, inputs, attr, params):
+                return cls._fix(super()._impl_v18, bb, inputs, attr, params)
+
+        Extreme.__name__ = base.__name__
+        return Extreme
+
+    ReduceMax, ReduceMin = extreme(tvm_onnx.ReduceMax, 1), extreme(tvm_onnx.ReduceMin, -1)
 
     class Attention(tvm_onnx.OnnxOpConverter):
         """ONNX's own Attention (opset 23 on; TVM converts every Attention as the com.microsoft one), step for step
@@ -414,7 +435,7 @@ def _converters() -> dict:
     from .onnx_recurrent import recurrent_converters
 
     return {**{c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
-                                       ConstantOfShape, Attention, ReduceMax)}, **recurrent_converters(),
+                                       ConstantOfShape, Attention, ReduceMax, ReduceMin)}, **recurrent_converters(),
             **quant_converters(), **op_converters(), **detection_converters()}
 
 
@@ -431,12 +452,18 @@ def all_nodes(graph):
 
 
 def graph_constants(graph) -> dict:
-    """Name -> value of the graph's initializers and Constant nodes (the `value` form)."""
+    """Name -> value of the graph's initializers and Constant nodes (the `value` form, and the scalar and list
+    forms that functions' expanded bodies use)."""
+    import onnx
     from onnx import numpy_helper
 
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
+    for node in graph.node:
+        for a in node.attribute if node.op_type == "Constant" else ():
+            if a.name == "value":
+                consts[node.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in CONSTANT_FORMS:
+                consts[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(a), CONSTANT_FORMS[a.name])
     return consts
 
 

@@ -14,6 +14,7 @@ attributes (`edgec.cpu_schedule`), which `--dump-ir` shows and `schedule_summary
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import tvm
@@ -73,6 +74,8 @@ class CpuDefaultSchedule:
         return mod
 
     def _schedule(self, sch: s_tir.Schedule) -> None:
+        if _has_empty_loop(sch):
+            raise _Left("a zero-size loop (nothing to compute)")
         _inline_producers(sch)
         blocks = _blocks(sch)
         if not blocks:
@@ -176,6 +179,8 @@ def _inline_producers(sch: s_tir.Schedule) -> None:
             if _has_if_then_else(sch.get(block)):
                 continue
             for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                if inline == sch.reverse_compute_inline and not _reads_all_of_producers(sch, block):
+                    continue
                 try:
                     inline(block)
                 except s_tir.ScheduleError:
@@ -188,6 +193,24 @@ def _inline_producers(sch: s_tir.Schedule) -> None:
                 break
             if changed:
                 break
+
+
+def _has_empty_loop(sch: s_tir.Schedule) -> bool:
+    """A loop of extent 0 (a zero-size tensor): the schedule primitives divide by its extent."""
+    return any(isinstance(sch.get(loop).extent, tirx.IntImm) and sch.get(loop).extent.value == 0
+               for block in sch.get_child_blocks(sch.get_sblock("root")) for loop in sch.get_loops(block))
+
+
+def _reads_all_of_producers(sch: s_tir.Schedule, block) -> bool:
+    """The block iterates over at least as many points as each producer writes. Reverse-inlined, a consumer that
+    reads only a part (a slice of a padded tensor) becomes a predicate, and TVM 0.27 writes that predicate over an
+    undefined loop variable: code generation then fails."""
+    extents = [v.dom.extent for v in sch.get(block).iter_vars]
+    written = [w.source for p in sch.get_producers(block) for w in sch.get(p).writes]
+    if not all(isinstance(d, tirx.IntImm) for d in [*extents, *(d for b in written for d in b.shape)]):
+        return False
+    points = math.prod(e.value for e in extents)
+    return all(points >= math.prod(d.value for d in b.shape) for b in written)
 
 
 def _blocks(sch: s_tir.Schedule):

@@ -4,6 +4,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
+from ..offload.fusion import static_shape
 from .registry import register_pass
 
 
@@ -54,16 +55,16 @@ def fold_batchnorm(ctx):
     return _fold_batchnorm
 
 
-def _static(ty) -> tuple[tuple[int, ...], str] | None:
-    """(shape, dtype) of a tensor type with a static shape and a dtype numpy has; else None."""
-    dims = getattr(getattr(ty, "shape", None), "values", None)
-    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+def _static(expr) -> tuple[tuple[int, ...], str] | None:
+    """(shape, dtype) of a tensor with a static shape and a dtype numpy has; else None."""
+    shape = static_shape(expr)
+    if shape is None:
         return None
     try:
-        np.dtype(str(ty.dtype))
+        np.dtype(str(expr.ty.dtype))
     except TypeError:           # bfloat16, float8, int4: numpy has no such dtype
         return None
-    return tuple(int(d) for d in dims), str(ty.dtype)
+    return tuple(shape), str(expr.ty.dtype)
 
 
 def _astype(call, x):
@@ -108,9 +109,9 @@ def _dequantize(call, x, scale, zero_point):
 _NUMPY_FOLD = {
     "relax.permute_dims": lambda call, x: x.transpose(None if call.attrs.axes is None
                                                        else [int(a) for a in call.attrs.axes]),
-    "relax.reshape": lambda call, x, shape: x.reshape(_static(call.ty)[0]),
-    "relax.expand_dims": lambda call, x: x.reshape(_static(call.ty)[0]),
-    "relax.squeeze": lambda call, x: x.reshape(_static(call.ty)[0]),
+    "relax.reshape": lambda call, x, shape: x.reshape(_static(call)[0]),
+    "relax.expand_dims": lambda call, x: x.reshape(_static(call)[0]),
+    "relax.squeeze": lambda call, x: x.reshape(_static(call)[0]),
     "relax.astype": _astype,
     "relax.add": _arithmetic(np.add),
     "relax.subtract": _arithmetic(np.subtract),
@@ -138,7 +139,7 @@ class _NumpyFolder(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         evaluate = _NUMPY_FOLD.get(getattr(call.op, "name", None))
-        expected = _static(call.ty)
+        expected = _static(call)
         if evaluate is None or expected is None:
             return call
         args = [self._value(a) for a in call.args]
