@@ -19,6 +19,7 @@ from .frontends import inspect_model, load_model, model_format
 from .frontends.custom_ops import active as custom_ops, load_converters
 from .passes import plan
 from .progress import current
+from .passes.precision import check_target, precision_reference
 from .quantize.reference import quantized_reference
 from .manifest import Manifest
 from .offload import for_build, resolve
@@ -80,6 +81,8 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     say = progress or current()
     check_outputs(out_dir, archive, force)
     descriptor = load_target(target)
+    if options.quantize is not None:
+        check_target(options.quantize.mode, descriptor)
     # Fail before minutes of compiling, not at the link step.
     find_tool(descriptor.toolchain.compiler, descriptor.toolchain.apt_package)
     offload = for_build(descriptor, options.offload)
@@ -96,7 +99,7 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
                            tuple(s.name for s in steps if s.phase == "import" and s.enabled), options.dump_ir,
                            options.const_inputs, state_pairs)
     held_back = None
-    if options.quantize is not None:
+    if options.quantize is not None and options.quantize.calibration is not None:
         # checked before minutes of compiling; the last samples are kept out of calibration for the table
         data = open_dataset(options.quantize.calibration, model.inputs)
         if len(data) < 2:
@@ -111,8 +114,8 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     say("reference run")
     inputs = sample_inputs(model, given_sample)
     if compiled.quantized_graph is not None:   # checked against the quantized graph, not the float model
-        reference = quantized_reference(compiled.quantized_graph, model,
-                                        stream_steps(model, inputs, given_sample is not None))
+        reference = (quantized_reference if compiled.quantization["mode"] == "int8" else precision_reference)(
+            compiled.quantized_graph, model, stream_steps(model, inputs, given_sample is not None))
     else:
         reference = reference_outputs(model, stream_steps(model, inputs, given_sample is not None))
     sample = (None if isinstance(reference, str)

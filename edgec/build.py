@@ -21,6 +21,8 @@ from .targets import Target
 
 __all__ = ["ActivationMemory", "BuildOptions", "CompiledModel", "compile_model", "export_library"]
 
+# the steps that leave the graph a quantized build is verified on (its reference), with their record
+QUANTIZING_STEPS = ("quantize-int8", "to-fp16", "round-weights-int8")
 _ALLOC_TENSOR = "relax.builtin.alloc_tensor"     # one buffer per tensor (before planning, and for outputs)
 _ALLOC_STORAGE = "relax.memory.alloc_storage"    # a planned buffer that several tensors share in turn
 
@@ -95,8 +97,8 @@ class CompiledModel:
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
     offload: tuple[Placement, ...] | None = None   # where offload-partition put each operator; None: it did not run
     load: str | None = None                  # the function runners call once with the weights (offload's main_load)
-    quantization: dict | None = None         # what quantize-int8 did (the manifest's record); None: it did not run
-    quantized_graph: tvm.IRModule | None = None   # the module quantize-int8 left: what an int8 build is verified on
+    quantization: dict | None = None         # what --quantize did (the manifest's record); None: it did not run
+    quantized_graph: tvm.IRModule | None = None   # the module a QUANTIZING_STEPS step left: what the build is verified on
 
     @property
     def param_bytes(self) -> int:
@@ -127,8 +129,10 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
             memory(step, mod)
             if step.name in ("offload-partition", "offload-auto"):   # auto revises what partition placed
                 placement.append(placement_of(mod))
-            if step.name == "quantize-int8":
+            if step.name in QUANTIZING_STEPS:
                 quantization.append((quantization_of(mod), mod))
+            elif quantization and step.name == "store-weights-int8":   # it adds the bytes it stored
+                quantization[0] = (quantization_of(mod), quantization[0][1])
 
         say("passes", total=sum(1 for s in steps if s.enabled and s.phase != "import"))
         mod, records = run_pipeline(model.mod, steps, ctx, dump_dir=dump_dir, on_step=say.advance,

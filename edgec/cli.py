@@ -163,9 +163,11 @@ def main(ctx, verbose):
                    "[offload] backends].")
 @click.option("--converter", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
               help="Python file of converters for TFLite custom operators (examples/tflite_converters.py).")
-@click.option("--quantize", type=click.Choice(["int8"]),
-              help="Post-training quantization: int8 QDQ (uint8 activations, int8 per-channel weights), calibrated "
-                   "on --calibration; prints the int8 bundle against the float model on held-back samples.")
+@click.option("--quantize", type=click.Choice(["int8", "fp16", "int8-weights"]),
+              help="int8: post-training quantization to int8 QDQ (uint8 activations, int8 per-channel weights), "
+                   "calibrated on --calibration; prints the int8 bundle against the float model on held-back "
+                   "samples. fp16: compute in fp16 (targets with device.fp16, e.g. rpi5). int8-weights: weights "
+                   "stored as int8 per channel, dequantized at load, compute float32 (any target; no calibration).")
 @click.option("--calibration", type=click.Path(path_type=Path), metavar="DATA",
               help="Calibration samples for --quantize: an .npz keyed by input name (first axis: samples) or a "
                    "folder of them, as for edgec eval; the last fifth (at most 100) is held back for the table.")
@@ -190,11 +192,11 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
             raise EdgecError(f"--dump-ir {dump_ir} is not empty", "pass --force to write into it anyway, or pick a "
                              "new or empty directory")
     from .offload import parse_option
-    from .quantize import QuantizeOptions
+    from .quantize import CALIBRATED, QuantizeOptions
 
-    if (quantize is None) != (calibration is None):
-        raise EdgecError("--quantize and --calibration go together",
-                         "pass both: --quantize int8 --calibration DATA.npz")
+    if (quantize in CALIBRATED) != (calibration is not None):
+        raise EdgecError("--quantize int8 and --calibration go together",
+                         "pass both: --quantize int8 --calibration DATA.npz (fp16 and int8-weights take none)")
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
                            None if offload is None else parse_option(offload), tuple(converter),
                            parse_const_inputs(const_input),

@@ -236,12 +236,19 @@ class QuantizedRule:
     small at the output as the flips are."""
     margin_db: float = 0.0
     max_fraction: float = 0.05
+    name: str = "quantized"
 
     def to_json(self) -> dict:
-        return {"name": "quantized", "margin_db": self.margin_db, "max_fraction": self.max_fraction}
+        return {"name": self.name, "margin_db": self.margin_db, "max_fraction": self.max_fraction}
 
 
 QUANTIZED_RULE = QuantizedRule()
+# fp16 builds (edgec/passes/precision.py): `floats` is the reference runtime's float32 answer, the reference the fp16
+# graph on TVM. Energy only: a bundle within the fp16 graph's own rounding error of it is within twice that error of
+# float32 in rms (triangle inequality), its SQNR at most 6.02 dB below the graph's. No element count: fp16's last
+# rounding moves an output by one ulp where two correct compilations' fp32 sums straddle a boundary (4.4% of an
+# untrained MobileNetV2's logits), while a fault must stay below fp16 rounding's energy (~50 dB under the signal).
+PRECISION_RULE = QuantizedRule(max_fraction=1.0, name="precision")
 
 
 def decibels(signal: float, noise: float) -> float:

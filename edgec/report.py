@@ -37,6 +37,7 @@ def build_json(result: BuildResult) -> dict:
         # which operators each offload backend took (and as which fused pattern), which stayed in TVM and why
         "offload": None if c.offload is None else [asdict(p) for p in c.offload],
         "shared_libs": list(result.manifest.shared_libs),
+        "quantization": c.quantization,    # --quantize: the manifest's record; None without
     }
 
 
@@ -73,6 +74,9 @@ def build_text(result: BuildResult) -> str:
         + (f"; archive: {d['archive']}" if d["archive"] else ""),
         "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items()),
     ]
+    if c.quantization:
+        lines.append("  quantization: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.quantization.items()
+                                                   if not isinstance(v, (dict, list))))
     if c.offload is not None:
         lines.append("  offload (operator calls -> where they run):" if c.offload else
                      "  offload: no operator matched a backend's patterns")

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import EdgecError
 from .frontends import ImportedModel
 from .manifest import not_verified
-from .reference import (DEFAULT_TOLERANCE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, ReferenceRuntime,
+from .reference import (DEFAULT_TOLERANCE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, QuantizedRule, ReferenceRuntime,
                         ReferenceUnavailable, Tolerance, compare_outputs, compare_quantized, qdq_float_twin)
 from .signature import check_inputs, random_inputs
 from .targets import Target
@@ -43,6 +43,7 @@ class ReferenceRun:
     quantized: frozenset[str]                  # outputs holding quantized values
     # a quantized graph's reference: the float model's outputs of each step, which make the quantized rule apply
     floats: tuple[dict[str, np.ndarray], ...] | None = None
+    rule: QuantizedRule = QUANTIZED_RULE        # with floats: how the bundle is compared (PRECISION_RULE: fp16...)
 
 
 def sample_inputs(model: ImportedModel, given: dict[str, np.ndarray] | list[str] | None) -> dict[str, np.ndarray]:
@@ -157,7 +158,7 @@ def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dic
     verified here."""
     from .manifest import Manifest
 
-    rule = QUANTIZED_RULE
+    rule = reference.rule
     report = compare_quantized(steps, list(reference.outputs), list(reference.floats), rule)
     extra = [n for n in steps[0] if n not in reference.outputs[0]]
     if extra:

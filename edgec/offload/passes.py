@@ -45,7 +45,7 @@ class _ClipRestorer(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        half = _clip_half(call)
+        half = clip_half(call)
         if half is None:
             return call
         x, lo, hi = half
@@ -56,7 +56,7 @@ class _ClipRestorer(relax.PyExprMutator):
         return relax.op.clip(x, lo, hi)
 
 
-def _clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
+def clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
     if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], tvm.ir.GlobalVar):
         return None
     which = _CLIP_HALF.match(call.args[0].name_hint)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MODES = ("int8",)
+MODES = ("int8", "fp16", "int8-weights")   # fp16 and int8-weights: edgec/passes/precision.py, no calibration
+CALIBRATED = ("int8",)
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_METHOD = "minmax"
 DEFAULT_PERCENTILE = 99.99
@@ -19,8 +20,8 @@ DEFAULT_PERCENTILE = 99.99
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    mode: str                        # "int8"
-    calibration: Path                # DATA (edgec.dataset): calibration samples, the last ones held back
+    mode: str                        # a MODES entry
+    calibration: Path | None         # DATA (edgec.dataset) for CALIBRATED modes: samples, the last ones held back
     method: str = DEFAULT_METHOD
     percentile: float = DEFAULT_PERCENTILE
 

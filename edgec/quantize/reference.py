@@ -47,7 +47,8 @@ def unrounded(qdq: tvm.IRModule) -> tvm.IRModule:
     return mod
 
 
-def _run(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def run_graph(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The outputs of `mod` (a graph-phase module, weights bound) compiled here, for each step, by name."""
     vm = on_host(mod)
     names = [p.name for p in mod["main"].params]
     outputs = []
@@ -63,5 +64,5 @@ def quantized_reference(qdq: tvm.IRModule, model: ImportedModel, steps: list[dic
     outputs, which make the quantized rule apply."""
     from ..verification import ReferenceRun
 
-    return ReferenceRun(NAME, tuple(steps), tuple(_run(qdq, model, steps)), frozenset(),
-                        tuple(_run(unrounded(qdq), model, steps)))
+    return ReferenceRun(NAME, tuple(steps), tuple(run_graph(qdq, model, steps)), frozenset(),
+                        tuple(run_graph(unrounded(qdq), model, steps)))

@@ -1,0 +1,260 @@
+"""Reduced precision without calibration: `--quantize fp16` and `--quantize int8-weights`.
+
+fp16 (`to-fp16`, graph phase): TVM's ToMixedPrecision. Activations and weights are fp16 and elementwise ops
+compute in fp16; conv2d and matmul multiply fp16 operands and accumulate in fp32 (out_dtype float32), each result
+rounded once to fp16; what ToMixedPrecision keeps float32 (softmax, reductions) computes on widened fp16 values. The bundle's inputs and outputs stay float32 (what the user's code and the reference
+runtime exchange; one cast each, negligible against the graph). The offload backends take float32 only, so fp16
+kernels are TVM's. Only for targets whose descriptor has `device.fp16 = true`.
+
+int8-weights: `round-weights-int8` (graph phase) rounds each conv/matmul weight to int8 per output channel,
+symmetric (scale = max|w| / 127), leaving float32 constants that are exactly q * scale; compute stays float32.
+`store-weights-int8` (params phase, after the offload backends' load function exists) stores every weight
+parameter that is exactly some int8 q times a per-slice float32 scale as (q, scale) in params.bin, and the load
+function (`main_load`, called once per loaded model) computes q * scale: the same float32 values, bit for bit (one
+IEEE multiply), so the weights are dequantized once at load, never per call, and the backends pack them from there.
+
+Both are verified through the graph they left, run here (precision_reference).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..context import BuildContext
+from ..errors import EdgecError
+from .fold import fold_constants
+from .quantize import QUANTIZATION_ATTR, quantization_of
+from .registry import register_pass
+
+INT8_MAX = 127
+# weights this small stay in the code (lift-params' bound) and are not worth a scale each
+_MIN_ELEMENTS = 16
+
+
+def _mode(ctx: BuildContext) -> str | None:
+    return ctx.options.quantize.mode if ctx.options.quantize is not None else None
+
+
+def check_target(mode: str, target) -> None:
+    """--quantize fp16 for a target without fp16 arithmetic is refused (it would run slower than float32, emulated
+    through conversions, for no gain but the size)."""
+    if mode != "fp16" or target.device.fp16:
+        return
+    from ..targets import all_targets
+
+    having = sorted(t.name for t in all_targets() if t.device.fp16)
+    raise EdgecError(f"--quantize fp16 needs a target that computes in fp16, and {target.name}'s descriptor does not "
+                     "set device.fp16 = true",
+                     f"build for one that does ({', '.join(having) or 'none is installed'}), or use --quantize "
+                     "int8-weights for a smaller bundle on any target")
+
+
+@relax.expr_functor.mutator
+class _ClipsAsOps(relax.PyExprMutator):
+    """The halves of a Clip that TVM's ONNX importer leaves as call_tir(maximum | minimum, (x, bound)) become
+    R.maximum / R.minimum, which ToMixedPrecision computes in fp16 (it fails on a call_tir given an fp16 tensor)."""
+
+    def visit_call_(self, call):
+        from ..offload.passes import clip_half
+
+        call = super().visit_call_(call)
+        half = clip_half(call)
+        if half is None:
+            return call
+        x, _, hi = half
+        bound = call.args[1].fields[1]
+        return relax.op.maximum(x, bound) if hi == float("inf") else relax.op.minimum(x, bound)
+
+
+@register_pass("to-fp16", phase="graph", after=("canonicalize",), applies=lambda ctx: _mode(ctx) == "fp16",
+               opt_level=0, skip_reason="needs --quantize fp16")
+def to_fp16(ctx):
+    """Compute in fp16: fp16 weights and activations, conv/matmul accumulating in fp32; inputs/outputs stay fp32."""
+    @tvm.transform.module_pass(opt_level=0, name="EdgecToFP16")
+    def step(mod, _pctx):
+        clips = _ClipsAsOps(mod)
+        clips.builder_.update_func(mod.get_global_var("main"), clips.visit_expr(mod["main"]))
+        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(clips.builder_.get())
+        record = {"mode": "fp16", "compute": "fp16 (elementwise ops, activations, weights)",
+                  "accumulation": "float32 in conv/matmul, each result rounded to fp16",
+                  "inputs_outputs": "float32", "kernels": "TVM's (the offload backends take float32 only)"}
+        return mod.with_attr(QUANTIZATION_ATTR, json.dumps(record))
+
+    return step
+
+
+def _weight_axis(call: relax.Call) -> int | None:
+    """The output-channel axis of a conv/matmul call's constant weight (its second argument), else None."""
+    op = getattr(call.op, "name", "")
+    if len(call.args) < 2 or not isinstance(call.args[1], tvm.ir.expr.Constant):
+        return None
+    if op.startswith("relax.nn.conv") and "transpose" not in op:
+        return str(call.attrs.kernel_layout).index("O")
+    if op == "relax.matmul" and call.args[1].value.ndim >= 2:
+        return call.args[1].value.ndim - 1       # x @ w: w's last axis indexes the outputs
+    return None
+
+
+def round_int8(weight: np.ndarray, axis: int) -> np.ndarray:
+    """`weight` rounded to symmetric int8 per slice along `axis`: float32(q) * scale, scale = max|slice| / 127."""
+    moved = np.moveaxis(weight.astype(np.float32), axis, 0)
+    peak = np.abs(moved).reshape(len(moved), -1).max(axis=1)
+    scale = np.where(peak > 0, peak / np.float32(INT8_MAX), np.float32(1)).astype(np.float32)
+    scale = scale.reshape((-1,) + (1,) * (moved.ndim - 1))
+    q = np.clip(np.rint(moved / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.moveaxis(q.astype(np.float32) * scale, 0, axis)
+
+
+@register_pass("round-weights-int8", phase="graph", after=("canonicalize",),
+               applies=lambda ctx: _mode(ctx) == "int8-weights", opt_level=0, skip_reason="needs --quantize int8-weights")
+def round_weights_int8(ctx):
+    """Round conv/matmul weights to int8 per output channel (symmetric); compute stays float32."""
+    fold = fold_constants(ctx)
+
+    @relax.expr_functor.mutator
+    class Rounder(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.rounded: list[tuple[tvm.runtime.Tensor, relax.Expr]] = []   # a weight, its rounded constant
+            self.elements = 0
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            axis = _weight_axis(call)
+            if axis is None or call.args[1].value.dtype != "float32" or call.args[1].value.numpy().size < _MIN_ELEMENTS:
+                return call
+            weight = call.args[1].value
+            rounded = next((r for w, r in self.rounded if w.same_as(weight)), None)   # a weight used twice
+            if rounded is None:
+                rounded = relax.const(round_int8(weight.numpy(), axis))
+                self.rounded.append((weight, rounded))
+                self.elements += weight.numpy().size
+            return relax.Call(call.op, [call.args[0], rounded, *call.args[2:]], call.attrs, call.ty_args)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecRoundWeightsInt8")
+    def step(mod, _pctx):
+        mod = fold(mod)   # weights behind transposes and casts become constants the calls take
+        rounder = Rounder(mod)
+        rounder.builder_.update_func(mod.get_global_var("main"), rounder.visit_expr(mod["main"]))
+        record = {"mode": "int8-weights", "weights": "int8 per output channel, symmetric (scale = max|w| / 127), "
+                  "dequantized once at load", "compute": "float32", "rounded_tensors": len(rounder.rounded),
+                  "rounded_elements": rounder.elements}
+        return rounder.builder_.get().with_attr(QUANTIZATION_ATTR, json.dumps(record))
+
+    return step
+
+
+def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(q int8, scale float32 shaped to broadcast) with float32(q) * scale == weight exactly, the scale per slice
+    along one axis; None when no axis gives that (a weight round-weights-int8 did not round)."""
+    if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < _MIN_ELEMENTS:
+        return None
+    for axis in reversed(range(weight.ndim)):
+        moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+        peak = np.abs(moved).max(axis=1)
+        # the scale round_int8 chose: peak = float32(127 * scale), so peak / 127 is it or a neighbour
+        first = np.where(peak > 0, peak / np.float32(INT8_MAX), np.float32(1)).astype(np.float32)
+        scale = np.full_like(first, np.nan)
+        q = np.zeros(moved.shape, np.int8)
+        for candidate in (first, np.nextafter(first, np.float32(np.inf)), np.nextafter(first, np.float32(0))):
+            rounded = np.clip(np.rint(moved / candidate[:, None]), -INT8_MAX, INT8_MAX)
+            exact = np.isnan(scale) & (rounded.astype(np.float32) * candidate[:, None] == moved).all(axis=1)
+            scale[exact], q[exact] = candidate[exact], rounded[exact]
+        if not np.isnan(scale).any():
+            shape = [1] * weight.ndim
+            shape[axis] = weight.shape[axis]
+            q = np.moveaxis(q.reshape(np.moveaxis(weight, axis, 0).shape), 0, axis)
+            return np.ascontiguousarray(q), scale.reshape(shape)
+    return None
+
+
+def _identity_load(mod: tvm.IRModule, name: str) -> tvm.IRModule:
+    """main(inputs, weights) with no load function gets `name`(weights) -> weights, which takes main's "params"."""
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    params = [relax.Var(p.name, p.ty) for p in func.params[num_input:]]
+    bb = relax.BlockBuilder()
+    with bb.function(name, params, {"num_input": 0}):
+        bb.emit_func_output(relax.Tuple(params))
+    mod = mod.clone()
+    mod[name] = bb.get()[name].with_attr("params", func.attrs["params"])
+    mod["main"] = func.without_attr("params")
+    return mod
+
+
+def _store_int8(load: relax.Function) -> tuple[relax.Function, int, int]:
+    """The load function taking (q, scale) for each weight int8_encoding encodes, computing q * scale first thing;
+    with the bytes stored before and after."""
+    values = list(load.attrs["params"])
+    normalize = relax.BlockBuilder().normalize
+    params, stored, bindings, before, after = [], [], [], 0, 0
+    for var, value in zip(load.params, values):
+        array = value.numpy()
+        encoding = int8_encoding(array)
+        if encoding is None:
+            params.append(var)
+            stored.append(value)
+            continue
+        q, scale = encoding
+        q_var = relax.Var(f"{var.name}_int8", relax.TensorType(q.shape, "int8"))
+        scale_var = relax.Var(f"{var.name}_scale", relax.TensorType(scale.shape, "float32"))
+        params += [q_var, scale_var]
+        stored += [tvm.runtime.tensor(q), tvm.runtime.tensor(scale)]
+        widened = relax.Var(f"{var.name}_float", relax.TensorType(q.shape, "float32"))
+        bindings += [relax.VarBinding(widened, normalize(relax.op.astype(q_var, "float32"))),
+                     relax.VarBinding(var, normalize(relax.op.multiply(widened, scale_var)))]
+        before, after = before + array.nbytes, after + q.nbytes + scale.nbytes
+    body = relax.SeqExpr([relax.BindingBlock(bindings), *load.body.blocks], load.body.body) if bindings else load.body
+    func = relax.Function(params, body, load.ret_ty, load.is_pure, load.attrs, load.span)
+    return func.with_attr("params", stored), before, after
+
+
+@register_pass("store-weights-int8", phase="params", after=("lift-params", "offload-codegen"), required=True,
+               applies=lambda ctx: _mode(ctx) == "int8-weights", skip_reason="needs --quantize int8-weights")
+def store_weights_int8(ctx):
+    """Store the rounded weights as int8 with their scales in params.bin; the load function dequantizes them once."""
+    from ..offload.passes import LOAD_SUFFIX
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecStoreWeightsInt8")
+    def step(mod, _pctx):
+        name = "main" + LOAD_SUFFIX
+        if "params" not in mod["main"].attrs and name not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod     # no weights were lifted
+        if name not in [gv.name_hint for gv in mod.get_global_vars()]:
+            mod = _identity_load(mod, name)
+        load, before, after = _store_int8(mod[name])
+        mod = mod.clone()
+        mod[name] = load
+        mod = relax.transform.Normalize()(mod)   # the prepended bindings' block and the body get their types
+        record = {**(quantization_of(mod) or {}), "stored_bytes_float32": before, "stored_bytes_int8": after}
+        return mod.with_attr(QUANTIZATION_ATTR, json.dumps(record))
+
+    return step
+
+
+def precision_reference(graph: tvm.IRModule, model, steps: list[dict[str, np.ndarray]]):
+    """A ReferenceRun (edgec.verification) for an fp16 or int8-weights build, from the graph the precision pass left,
+    run here by TVM without offload; the reason it cannot be checked when the reference runtime cannot run the model.
+
+    int8-weights computes in float32 on weights that are exactly the graph's: the bundle must give that graph's
+    outputs within the float tolerance, so that it differs from the reference runtime's float32 answer by the
+    weights' rounding (the graph's own distance from it) and float rounding alone. fp16: two correct compilations
+    round differently, so the reference runtime's outputs are the `floats` of reference.PRECISION_RULE."""
+    from ..quantize.reference import run_graph
+    from ..reference import PRECISION_RULE
+    from ..verification import reference_outputs
+
+    reference = reference_outputs(model, steps)
+    if isinstance(reference, str):
+        return reference
+    mode = quantization_of(graph)["mode"]
+    name = f"edgec's {mode} graph on TVM (llvm, no offload)"
+    outputs = tuple(run_graph(graph, model, steps))
+    if mode == "int8-weights":
+        return replace(reference, name=name, outputs=outputs)
+    return replace(reference, name=f"{name}, measured against {reference.name}", outputs=outputs,
+                   floats=reference.outputs, rule=PRECISION_RULE)
