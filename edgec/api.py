@@ -143,12 +143,21 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
         if manifest.arch == host_arch():
             say(f"evaluate on {len(held_back)} held-back samples")
             evaluation = evaluate(bundle_dir, held_back, model_path)
+            warnings += _budget_missed(options.quantize, evaluation)
         else:
             warnings.append(f"no before/after table: the bundle is for {manifest.arch}; build the same model with "
                             "--target host --quantize to see it, or use edgec eval")
     return BuildResult(bundle_dir, manifest, compiled, (bundle_dir / manifest.library).stat().st_size,
                        sum(sizes), archive_path(bundle_dir) if archive else None, seconds, tuple(warnings),
                        evaluation)
+
+
+def _budget_missed(options, evaluation: Evaluation) -> list[str]:
+    """The error budget is met on the calibration samples it was searched on; say where the held-back ones miss it."""
+    budget = options.min_sqnr_db
+    return [f"output '{o.name}': {o.sqnr_db:.1f} dB SQNR on the held-back samples, below the error budget of "
+            f"{budget:g} dB met on the calibration samples (give more representative calibration data)"
+            for o in evaluation.outputs if budget is not None and o.sqnr_db is not None and o.sqnr_db < budget]
 
 
 @dataclass(frozen=True)

@@ -175,11 +175,20 @@ def main(ctx, verbose):
               show_default=True, help="How a tensor's range is chosen from the calibration samples.")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
               help="For --calibration-method percentile: the share of values kept inside the range.")
+@click.option("--min-sqnr", metavar="DB",
+              help="Error budget for --quantize int8, e.g. 30 or 30dB: the worst layers stay float until every "
+                   "output's SQNR against the float model on the calibration samples is at least DB.")
+@click.option("--max-error", metavar="PCT",
+              help="Error budget for --quantize int8 as a relative RMS error of the outputs on the calibration "
+                   "samples, e.g. 1% (the same as --min-sqnr 40).")
+@click.option("--keep-float", multiple=True, metavar="PATTERN",
+              help="Leave the --quantize int8 layers whose names match this glob float (conv2d_0, 'add_*'; names: "
+                   "op and position in graph order, as the build summary reports them). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
 def build(model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force,
-          strict_memory, sample, offload, converter, quantize, calibration, calibration_method, percentile, as_json,
-          show_progress, state):
+          strict_memory, sample, offload, converter, quantize, calibration, calibration_method, percentile, min_sqnr,
+          max_error, keep_float, as_json, show_progress, state):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -192,15 +201,17 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
             raise EdgecError(f"--dump-ir {dump_ir} is not empty", "pass --force to write into it anyway, or pick a "
                              "new or empty directory")
     from .offload import parse_option
-    from .quantize import CALIBRATED, QuantizeOptions
+    from .quantize import CALIBRATED, QuantizeOptions, error_budget
 
     if (quantize in CALIBRATED) != (calibration is not None):
         raise EdgecError("--quantize int8 and --calibration go together",
                          "pass both: --quantize int8 --calibration DATA.npz (fp16 and int8-weights take none)")
+    budget = error_budget(min_sqnr, max_error, keep_float, quantize)
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
                            None if offload is None else parse_option(offload), tuple(converter),
                            parse_const_inputs(const_input),
-                           quantize and QuantizeOptions(quantize, calibration, calibration_method, percentile))
+                           quantize and QuantizeOptions(quantize, calibration, calibration_method, percentile,
+                                                        **budget))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     with _reporting(show_progress) as steps:
         result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,

@@ -56,6 +56,27 @@ def _verification(v: dict) -> str:
             f"rtol {v['tolerance']['rtol']:g})")
 
 
+def _mixed_precision(q: dict) -> list[str]:
+    """The error budget's outcome and each layer left float with its cost (edgec.quantize.budget's record)."""
+    def db(x):
+        return "inf" if x is None else f"{x:.1f} dB"
+
+    lines = []
+    if "budget" in q:
+        s = q["sqnr_db"]
+        lines.append(f"  error budget: SQNR >= {q['budget']['min_sqnr_db']:.4g} dB on {q['budget']['measured_on']}: "
+                     f"int8 {db(s['int8'])}" + (f", with --keep-float {db(s['keep_float'])}" if "keep_float" in s
+                                                else "") + f", mixed {db(s['mixed'])}")
+    if "float_layers" in q:
+        lines.append(f"  float layers: {len(q['float_layers'])} of {q['quantizable_layers']} (latency "
+                     f"{q['latency_cost']})")
+        for r in q["float_layers"]:
+            alone = "-" if r["sqnr_alone_db"] is None else db(r["sqnr_alone_db"])
+            lines.append(f"    {r['layer']:<14} {r['why']:<13} SQNR with it alone in int8 {alone:>8}, "
+                         f"{100 * r['mac_share']:.1f}% of MACs, +{r['bytes_added'] / 1e3:.1f} KB")
+    return lines
+
+
 def build_text(result: BuildResult) -> str:
     d = build_json(result)
     c = result.compiled
@@ -77,6 +98,7 @@ def build_text(result: BuildResult) -> str:
     if c.quantization:
         lines.append("  quantization: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.quantization.items()
                                                    if not isinstance(v, (dict, list))))
+        lines += _mixed_precision(c.quantization.get("mixed_precision", {}))
     if c.offload is not None:
         lines.append("  offload (operator calls -> where they run):" if c.offload else
                      "  offload: no operator matched a backend's patterns")

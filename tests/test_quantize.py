@@ -167,7 +167,7 @@ def test_ppocrv4_det_sqnr_against_onnxruntime_quantization(tmp_path, monkeypatch
     ("wrong_key", ["'images'", "neither an input"]),
     ("wrong_shape", ["input 'x'", "[5,8,8]", "[N,64]"]),
     ("one_sample", ["holds 1 sample", "at least 2"]),
-    ("without_calibration", ["--quantize and --calibration"]),
+    ("without_calibration", ["--quantize int8 and --calibration"]),
 ])
 def test_bad_calibration_is_one_line(digits, case, keywords):
     d = digits["dir"]
@@ -202,3 +202,106 @@ def test_quantize_steps_run_at_every_opt_level(tmp_path):
     options = BuildOptions(opt_level=0, offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
     steps = {s.name: s for s in plan(BuildContext(load_target("host"), options))}
     assert steps["calibrate"].enabled and steps["quantize-int8"].enabled
+
+
+def _outlier_mlp(path):
+    """Four dense layers (MatMul, Add, Relu) whose third layer reads a tensor with one huge channel that its weights
+    then nearly cancel: per-tensor uint8 on that input leaves the other channels a handful of levels, so that layer
+    alone ruins int8 — and it is neither the first nor the last."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    widths = [16, 32, 32, 32, 10]
+    weights = [rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32) for a, b in zip(widths, widths[1:])]
+    weights[1][:, 0] *= 300                  # hidden channel 0 of layer 2's output: ~300x the others
+    weights[2][0, :] /= 300                  # which layer 3 scales back
+    nodes, inits, x = [], [], "x"
+    for i, w in enumerate(weights):
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.full(w.shape[1], 0.1, np.float32),
+                                                                                f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"],
+                                                                                       [f"a{i}"])]
+        x = f"a{i}"
+        if i < len(weights) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    graph = helper.make_graph(nodes, "outlier_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def outlier(tmp_path_factory):
+    d = tmp_path_factory.mktemp("budget")
+    np.savez(d / "cal.npz", x=np.random.default_rng(1).uniform(-1, 1, (60, 16)).astype(np.float32))
+    return {"dir": d, "model": _outlier_mlp(d / "mlp.onnx"), "data": d / "cal.npz"}
+
+
+def _budget_build(outlier, name, **budget):
+    options = BuildOptions(offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", outlier["data"], **budget))
+    result = api.build(outlier["model"], "host", outlier["dir"] / name, options=options)
+    record = json.loads((result.bundle_dir / "manifest.json").read_text())["quantization"]
+    assert record == result.compiled.quantization
+    return result, {**record, **record["mixed_precision"]}
+
+
+BUDGET_DB = 35.0
+
+
+def test_error_budget_keeps_the_sensitive_layer_float(outlier):
+    """Plain int8 misses the budget; the search keeps one layer float (the outlier's reader) and meets it, where
+    the naive rule — first and last layer float, two layers — still misses it (measured in the same build)."""
+    result, record = _budget_build(outlier, "budget", min_sqnr_db=BUDGET_DB)
+    print(json.dumps({k: record[k] for k in ("sqnr_db", "float_layers")}))
+    assert record["sqnr_db"]["int8"] < BUDGET_DB <= record["sqnr_db"]["mixed"]
+    assert [r["layer"] for r in record["float_layers"]] == ["matmul_2"]
+    row = record["float_layers"][0]
+    assert row["why"] == "budget" and row["sqnr_alone_db"] < BUDGET_DB and row["bytes_added"] == 3 * 32 * 32 - 4 * 32
+    assert row["macs"] == 32 * 32 and 0 < row["mac_share"] < 1
+    assert record["layers"] == 3 and record["quantizable_layers"] == 4
+    # the held-back samples (the bundle itself: it computes the searched graph) are far better than plain int8, but
+    # 12 of them miss the budget met on 32 calibration samples (30 dB here), which the build says
+    held = result.evaluation.outputs[0].sqnr_db
+    assert held > record["sqnr_db"]["int8"] + 10
+    assert (held < BUDGET_DB) == any("below the error budget" in w for w in result.warnings)
+
+    naive, record = _budget_build(outlier, "first-last", min_sqnr_db=BUDGET_DB, keep_float=("matmul_0", "matmul_3"))
+    assert record["sqnr_db"]["keep_float"] < BUDGET_DB <= record["sqnr_db"]["mixed"]
+    assert [(r["layer"], r["why"]) for r in record["float_layers"]] == [
+        ("matmul_0", "--keep-float"), ("matmul_2", "budget"), ("matmul_3", "--keep-float")]
+    assert record["layers"] == 1
+
+
+def test_keep_float_alone_leaves_the_matching_layers_float(outlier):
+    result, record = _budget_build(outlier, "keep", keep_float=("matmul_[12]",))
+    assert [r["layer"] for r in record["float_layers"]] == ["matmul_1", "matmul_2"]
+    assert "budget" not in record and record["layers"] == 2
+    # float weights behind no dequantize: two int8 weight constants left in the QDQ graph
+    stored = []
+    relax.analysis.post_order_visit(result.compiled.quantized_graph["main"], lambda e: stored.append(
+        str(e.args[0].ty.dtype)) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.dequantize"
+        and isinstance(e.args[0], tvm.ir.expr.Constant) else None)
+    assert stored.count("int8") == 2
+
+
+@pytest.mark.parametrize("flags, keywords", [
+    (["--min-sqnr", "30", "--max-error", "1%"], ["--min-sqnr and --max-error"]),
+    (["--min-sqnr", "lots"], ["--min-sqnr 'lots'", "dB"]),
+    (["--max-error", "150%"], ["--max-error '150%'", "between 0 and 100"]),
+    (["--keep-float", "conv*"], ["--keep-float 'conv*'", "matches no", "matmul_0"]),
+    (["--keep-float", "*"], ["every quantizable layer"]),
+    (["--min-sqnr", "200dB"], ["200 dB", "not reachable", "int8 gives"]),
+])
+def test_error_budget_refusals_are_one_line(outlier, flags, keywords):
+    out = outlier["dir"] / "refused"
+    result = cli("build", outlier["model"], "-o", out, "--offload", "none", "--quantize", "int8", "--calibration",
+                 outlier["data"], *flags)
+    check_error(result.stderr, result.exit_code, *keywords, exception=result.exception)
+    assert not out.exists()
+
+
+def test_error_budget_needs_int8(outlier):
+    result = cli("build", outlier["model"], "-o", outlier["dir"] / "x", "--min-sqnr", "30")
+    check_error(result.stderr, result.exit_code, "--min-sqnr is for --quantize int8", exception=result.exception)

@@ -4,7 +4,9 @@ They run in the graph phase right after canonicalize, before offload-quantized, 
 they leave to the backends' integer kernels (later constant folding would turn the int8 weights into floats).
 `calibrate` folds constants first (weight transposes), so that both passes see weights as constants. `calibrate` records its ranges in a module attribute, which `quantize-int8` consumes
 and replaces with the record the manifest keeps (QUANTIZATION_ATTR). Both run at every -O level: `--quantize`
-asks for them, and an -O0 build must not come out float.
+asks for them, and an -O0 build must not come out float. Both are plain functions of the module, not TVM module
+passes: they refuse bad input (calibration data, an unreachable error budget) with an EdgecError, which a TVM
+pass would turn into its own RuntimeError.
 """
 from __future__ import annotations
 
@@ -48,8 +50,7 @@ def calibrate(ctx):
     options = ctx.options.quantize
     fold = fold_constants(ctx)
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecCalibrate")
-    def step(mod, _pctx):
+    def step(mod):
         if _quantized(mod):
             raise EdgecError("the model is quantized already (it has QuantizeLinear/DequantizeLinear or integer "
                              "operators)", "build it without --quantize: its own quantization is compiled as it is")
@@ -67,17 +68,23 @@ def quantize_int8(ctx):
     """Rewrite into QDQ form: uint8 activations per tensor, int8 weights per channel, int32 biases."""
     from ..quantize import qdq
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecQuantizeInt8")
-    def step(mod, _pctx):
+    def step(mod):
         text = (mod.attrs or {}).get(RANGES_ATTR)
         if text is None:
             raise EdgecError("quantize-int8 needs the ranges the calibrate pass records",
                              "do not disable calibrate while quantizing")
         calibration = json.loads(str(text))
-        out, record = qdq.rewrite(mod.without_attr(RANGES_ATTR), calibration["ranges"])
+        mod, options = mod.without_attr(RANGES_ATTR), ctx.options.quantize
+        floats, mixed = set(), {}
+        if options.mixed:
+            from ..quantize.budget import choose_floats
+
+            floats, chosen = choose_floats(mod, calibration["ranges"], ctx.calibration, options)
+            mixed = {"mixed_precision": chosen}
+        out, record = qdq.rewrite(mod, calibration["ranges"], frozenset(floats))
         record = {"mode": "int8", "method": calibration["method"], "calibration_samples": calibration["samples"],
-                  **({"percentile": ctx.options.quantize.percentile} if calibration["method"] == "percentile" else {}),
-                  "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric", **record}
+                  **({"percentile": options.percentile} if calibration["method"] == "percentile" else {}),
+                  "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric", **record, **mixed}
         return out.with_attr(QUANTIZATION_ATTR, json.dumps(record))
 
     return step

@@ -8,8 +8,12 @@ turn into integer kernels. `analysis` decides which tensors those are, the same 
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import EdgecError
 
 MODES = ("int8", "fp16", "int8-weights")   # fp16 and int8-weights: edgec/passes/precision.py, no calibration
 CALIBRATED = ("int8",)
@@ -24,7 +28,40 @@ class QuantizeOptions:
     calibration: Path | None         # DATA (edgec.dataset) for CALIBRATED modes: samples, the last ones held back
     method: str = DEFAULT_METHOD
     percentile: float = DEFAULT_PERCENTILE
+    min_sqnr_db: float | None = None     # error budget (edgec.quantize.budget): output SQNR against float, dB
+    max_error: float | None = None       # the budget as given by --max-error: relative RMS error, a fraction
+    keep_float: tuple[str, ...] = ()     # globs on layer names left float whatever the budget
+
+    @property
+    def mixed(self) -> bool:
+        return self.min_sqnr_db is not None or bool(self.keep_float)
 
     def held_back(self, samples: int) -> int:
         """Samples kept out of calibration for the before/after table: a fifth, at most 100."""
         return min(max(samples // 5, 1), 100)
+
+
+def error_budget(min_sqnr: str | None, max_error: str | None, keep_float: tuple[str, ...], mode: str | None) -> dict:
+    """QuantizeOptions' budget fields from --min-sqnr DB / --max-error PCT / --keep-float as typed; one line refusing
+    a malformed value, both budgets at once, or either without --quantize int8."""
+    given = [flag for flag, v in (("--min-sqnr", min_sqnr), ("--max-error", max_error),
+                                  ("--keep-float", keep_float)) if v]
+    if given and mode not in CALIBRATED:
+        raise EdgecError(f"{given[0]} is for --quantize int8", f"add --quantize int8 --calibration DATA, or drop "
+                                                               f"{given[0]}")
+    if min_sqnr and max_error:
+        raise EdgecError("--min-sqnr and --max-error both set the error budget", "give one of them")
+    out: dict = {"keep_float": tuple(keep_float)}
+    if min_sqnr:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(db)?\s*", min_sqnr, re.IGNORECASE)
+        if match is None or float(match[1]) <= 0:
+            raise EdgecError(f"--min-sqnr {min_sqnr!r} is not a positive number of dB", "e.g. --min-sqnr 30 or 30dB")
+        out["min_sqnr_db"] = float(match[1])
+    if max_error:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%?\s*", max_error)
+        if match is None or not 0 < float(match[1]) < 100:
+            raise EdgecError(f"--max-error {max_error!r} is not a percentage between 0 and 100",
+                             "e.g. --max-error 1% (relative RMS error of the outputs)")
+        out["max_error"] = float(match[1]) / 100
+        out["min_sqnr_db"] = -20 * math.log10(out["max_error"])
+    return out

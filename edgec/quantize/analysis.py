@@ -32,6 +32,7 @@ class Plan:
     compute: dict[relax.Var, Compute]               # quantized layers by the var they bind
     bias: dict[relax.Var, relax.Var]                # a bias add's var -> its layer's var
     float_ops: dict[str, int]                       # ops that stay float although quantizable, with why, counted
+    layers: dict[relax.Var, str]                    # every binding that reads a pair -> its layer name (conv2d_3)
 
     def keys(self) -> list[str]:
         return [k for k, _ in self.tensors]
@@ -114,6 +115,8 @@ def plan(func: relax.Function) -> Plan:
                 bias[var] = layer
 
     wanted: set[relax.Var] = set()
+    layers: dict[relax.Var, str] = {}
+    counts: dict[str, int] = {}
     for var, value in values.items():
         op = _op(value)
         if var in compute or op in POOLS:
@@ -124,7 +127,14 @@ def plan(func: relax.Function) -> Plan:
             inputs = list(value.args[0].fields)
         else:
             continue
-        wanted.update(x for x in inputs if _float_activation(x))
+        inputs = [x for x in inputs if _float_activation(x)]
+        if inputs:
+            # named by op and position among that op's layers in graph order: the same names for every build of
+            # a model, which --keep-float globs and the budget search reports
+            kind = op.split(".")[-1]
+            layers[var] = f"{kind}_{counts.get(kind, 0)}"
+            counts[kind] = counts.get(kind, 0) + 1
+        wanted.update(inputs)
     tensors = [(f"input:{p.name}", p) for p in func.params if p in wanted]
     tensors += [(f"{i}:{b.var.name}", b.var) for i, b in enumerate(bindings) if b.var in wanted]
-    return Plan(tensors, compute, bias, float_ops)
+    return Plan(tensors, compute, bias, float_ops, layers)

@@ -40,8 +40,18 @@ def _qdq(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
     return relax.op.dequantize(relax.op.quantize(x, s, z, axis=-1, out_dtype="uint8"), s, z, axis=-1)
 
 
-def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]]) -> tuple[tvm.IRModule, dict]:
-    """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why)."""
+SWITCH = "edgec_int8_switch"   # the switchable module's extra parameter: one float32 per layer, 1 = int8
+
+
+def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: frozenset[str] = frozenset(),
+            switchable: bool = False) -> tuple[tvm.IRModule, dict]:
+    """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why).
+
+    `floats`: layers (analysis.Plan.layers names) left float: their inputs, weights and bias as the float model
+    has them. `switchable`: instead, main takes one more parameter, SWITCH, a float32 vector with one entry per
+    layer (in Plan.layers order), and each layer computes plain + s * (quantized - plain) on what it quantizes:
+    one compiled module that runs any mix of int8 and float layers (the error-budget search, edgec.quantize.budget).
+    """
     func = mod["main"]
     plan = analysis.plan(func)
     if sorted(plan.keys()) != sorted(ranges):
@@ -51,9 +61,20 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]]) -> tuple[
     stayed = dict(plan.float_ops)
     done = {"layers": 0, "biases": 0}
     layer_scales: dict[relax.Var, np.ndarray] = {}   # a quantized layer's var -> s_x * s_w per channel
+    switch = relax.Var(SWITCH, relax.TensorType([len(plan.layers)], "float32")) if switchable else None
+    position = {var: i for i, var in enumerate(plan.layers)}
 
     def keep(why: str):
         stayed[why] = stayed.get(why, 0) + 1
+
+    def choose(layer: relax.Var, plain: relax.Expr, quantized: relax.Expr) -> relax.Expr:
+        if switch is None:
+            return plain if plan.layers[layer] in floats else quantized
+        on = relax.op.take(switch, relax.const(position[layer], "int64"), axis=0)
+        return relax.op.add(plain, relax.op.multiply(on, relax.op.subtract(quantized, plain)))
+
+    def pairs(layer: relax.Var, originals, news) -> list[relax.Expr]:
+        return [choose(layer, n, _qdq(n, *params[o])) if o in params else n for o, n in zip(originals, news)]
 
     @relax.expr_functor.mutator
     class QDQ(relax.PyExprMutator):
@@ -69,21 +90,22 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]]) -> tuple[
                 x = call.args[0]
                 wq, sw = weight_params(layer.weight.value.numpy(), layer.weight_axis)
                 sx, zx = params[x]
-                args[0] = _qdq(args[0], sx, zx)
-                args[1] = relax.op.dequantize(relax.const(wq), relax.const(sw), relax.const(np.zeros_like(sw, np.int8)),
-                                              axis=layer.weight_axis)
+                args[0] = choose(var, args[0], _qdq(args[0], sx, zx))
+                args[1] = choose(var, args[1], relax.op.dequantize(
+                    relax.const(wq), relax.const(sw), relax.const(np.zeros_like(sw, np.int8)), axis=layer.weight_axis))
+                if switch is None and plan.layers[var] in floats:
+                    return new
                 layer_scales[var] = (np.float64(sx) * sw.astype(np.float64)).astype(np.float32)
                 done["layers"] += 1
                 return relax.Call(new.op, args, new.attrs)
             if var in plan.bias:
-                return self._bias(new, plan.bias[var])
+                return self._bias(new, plan.bias[var]) if plan.bias[var] in layer_scales else new
+            if var not in plan.layers:
+                return new
             if isinstance(args[0], relax.Tuple):       # concat
-                fields = [_qdq(n, *params[o]) if o in params else n for o, n in zip(call.args[0].fields, args[0].fields)]
+                fields = pairs(var, call.args[0].fields, args[0].fields)
                 return relax.Call(new.op, [relax.Tuple(fields), *args[1:]], new.attrs)
-            if any(a in params for a in call.args) and analysis._op(call) in (analysis.ADD, *analysis.POOLS):
-                args = [_qdq(n, *params[o]) if o in params else n for o, n in zip(call.args, args)]
-                return relax.Call(new.op, args, new.attrs)
-            return new
+            return relax.Call(new.op, pairs(var, call.args, args), new.attrs)
 
         def _bias(self, new: relax.Call, layer: relax.Var) -> relax.Call:
             compute = plan.compute[layer]
@@ -97,11 +119,16 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]]) -> tuple[
             dq = relax.op.dequantize(relax.const(q.astype(np.int32)), relax.const(scale),
                                      relax.const(np.zeros(scale.shape, np.int32)), axis=axis)
             done["biases"] += 1
-            return relax.Call(new.op, [new.args[0], dq], new.attrs)
+            return relax.Call(new.op, [new.args[0], choose(layer, new.args[1], dq)], new.attrs)
 
     mutator = QDQ(mod)
     out = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
-    out["main"] = mutator.visit_expr(func)
+    body = mutator.visit_expr(func)
+    if switch is not None:
+        body = relax.Function([*func.params, switch], body.body, attrs=func.attrs)
+        if "num_input" in (func.attrs or {}):   # SWITCH is an input, not a weight
+            body = body.with_attr("num_input", int(func.attrs["num_input"]) + 1)
+    out["main"] = body
     # the pairs put on one tensor for each of its readers are identical: one quantize, one dequantize per tensor
     out = relax.transform.EliminateCommonSubexpr()(out)
     record = {"layers": done["layers"], "biases": done["biases"], "tensors": len(plan.tensors),

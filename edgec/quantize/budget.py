@@ -1,0 +1,184 @@
+"""Mixed precision by error budget (`--min-sqnr DB`, `--max-error PCT`) and by hand (`--keep-float PATTERN`).
+
+Which layers (analysis.Plan.layers: conv2d_0, add_3, ...) stay float so that the int8 graph's outputs stay within
+the budget of the float model's on the calibration samples. The search compiles one module, the QDQ graph with a
+switch per layer (qdq.rewrite(switchable=True)), and runs it on up to SEARCH_SAMPLES calibration samples for each
+mix it tries: no recompiling per candidate.
+
+1. Alone: each layer's harm, the output SQNR with that layer alone in int8 and every other float (quantization
+   noise from layers adds up, near enough, so this ranks them without the cross terms of a mix).
+2. Bisect: the longest run of the least harmful layers that, all in int8 together, still meets the budget.
+3. Greedy: each other layer, least harmful first, goes to int8 when the mix measured with it still meets the budget
+   (so interactions count); one whose noise alone exceeds what is left of the budget is not tried.
+Plain int8 that meets the budget ends the search at once. What stays float is what did not fit: the worst layers.
+
+SQNR is 10 log10(sum ref^2 / sum (q - ref)^2) per output over the samples; the budget holds when every output
+meets it. --max-error P% is a relative RMS error, sqrt(sum (q - ref)^2 / sum ref^2) <= P/100, i.e. an SQNR of
+-20 log10(P/100) dB (1% is 40 dB).
+"""
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatchcase
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..dataset import Dataset
+from ..errors import EdgecError
+from ..progress import current
+from ..reference import decibels
+from . import QuantizeOptions, analysis, qdq
+from .calibrate import on_host
+
+SEARCH_SAMPLES = 32
+LATENCY_BASIS = "estimated from multiply-accumulates (the layer's share of the conv/matmul MACs), not measured"
+
+
+class _Switched:
+    """The switchable QDQ module compiled here, its float outputs on the search samples held."""
+
+    def __init__(self, mod: tvm.IRModule, ranges: dict, data: Dataset, layers: list[str]):
+        current().detail("error budget: compile the switchable int8 graph")
+        self.vm = on_host(qdq.rewrite(mod, ranges, switchable=True)[0])
+        self.layers = layers
+        names = [p.name for p in mod["main"].params]
+        samples = next(iter(data.batches(SEARCH_SAMPLES)))
+        self.inputs = [[tvm.runtime.tensor(s.inputs[n]) for n in names] for s in samples]
+        self.reference = self._outputs(set(self.layers), len(self.inputs))
+
+    def _outputs(self, floats: set[str], count: int) -> list[list[np.ndarray]]:
+        switch = tvm.runtime.tensor(np.array([0.0 if n in floats else 1.0 for n in self.layers], np.float32))
+        outputs = []
+        for args in self.inputs[:count]:
+            result = self.vm["main"](*args, switch)
+            values = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
+            outputs.append([v.numpy().astype(np.float64) for v in values])
+        return outputs
+
+    def sqnr(self, floats: set[str], count: int = SEARCH_SAMPLES) -> float:
+        """The worst output's SQNR (dB) against the float model with `floats` float and the other layers int8."""
+        got = self._outputs(floats, count)
+        worst = math.inf
+        for k in range(len(got[0])):
+            signal = sum(float(np.dot(r[k].ravel(), r[k].ravel())) for r in self.reference[:count])
+            noise = sum(float(np.sum((g[k] - r[k]) ** 2)) for g, r in zip(got, self.reference))
+            worst = min(worst, decibels(signal, noise))
+        return worst
+
+
+def _cost(plan: analysis.Plan, var: relax.Var) -> tuple[int, int]:
+    """(multiply-accumulates, bytes its weights grow by in float32 instead of int8 plus a scale per channel)."""
+    layer = plan.compute.get(var)
+    if layer is None:
+        return 0, 0
+    w = layer.weight.value.numpy()
+    out = int(np.prod([int(d) for d in var.ty.shape]))
+    channels = w.shape[layer.weight_axis]
+    return out * (w.size // channels), 3 * w.size - 4 * channels
+
+
+def _layers_matching(names: list[str], patterns: tuple[str, ...]) -> set[str]:
+    chosen = set()
+    for pattern in patterns:
+        hit = {n for n in names if fnmatchcase(n, pattern)}
+        if not hit:
+            raise EdgecError(f"--keep-float {pattern!r} matches no quantizable layer (there are {len(names)}: "
+                             f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''})",
+                             "give a glob on the layer names: op and position in graph order, e.g. conv2d_0, "
+                             "'matmul_*'")
+        chosen |= hit
+    return chosen
+
+
+def _fmt(db: float) -> str:
+    return "inf" if math.isinf(db) else f"{db:.1f}"
+
+
+def _noise(db: float) -> float:
+    """Output noise energy relative to the signal's at an SQNR of `db`."""
+    return 10 ** (-db / 10)
+
+
+def choose_floats(mod: tvm.IRModule, ranges: dict, data: Dataset, options: QuantizeOptions) -> tuple[set[str], dict]:
+    """(the layers to leave float, the record of why and at what cost) for --keep-float and the budget."""
+    plan = analysis.plan(mod["main"])
+    names = list(plan.layers.values())
+    var_of = {n: v for v, n in plan.layers.items()}
+    forced = _layers_matching(names, options.keep_float)
+    if forced and len(forced) == len(names):
+        raise EdgecError("--keep-float matches every quantizable layer: nothing would be int8",
+                         "build without --quantize, or narrow the patterns")
+    floats, record = set(forced), {}
+    alone: dict[str, float | None] = {n: None for n in names}
+    if options.min_sqnr_db is not None:
+        floats, alone, record = _search(mod, ranges, data, options, names, forced)
+    total_macs = sum(_cost(plan, v)[0] for v in plan.compute) or 1
+    rows = []
+    for name in sorted(floats, key=names.index):
+        macs, grown = _cost(plan, var_of[name])
+        rows.append({"layer": name, "why": "--keep-float" if name in forced else "budget",
+                     "sqnr_alone_db": alone[name], "macs": macs, "mac_share": macs / total_macs,
+                     "bytes_added": grown})
+    record = {**record, "float_layers": rows, "latency_cost": LATENCY_BASIS, "quantizable_layers": len(names)}
+    return floats, _finite(record)
+
+
+def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], forced: set[str]):
+    """The budget search: (float layers, each layer's SQNR alone in int8, the record's budget part)."""
+    budget, say = options.min_sqnr_db, current()
+    switched = _Switched(mod, ranges, data, names)
+    everything = set(names)
+    plain = switched.sqnr(set())
+    start = switched.sqnr(forced) if forced else plain
+    alone: dict[str, float | None] = {n: None for n in names}
+    int8 = everything - forced
+    best = start
+    if start < budget:
+        candidates = sorted(int8, key=names.index)
+        for i, name in enumerate(candidates, start=1):
+            say.detail(f"error budget: layer {i}/{len(candidates)} ({name}) alone in int8")
+            alone[name] = switched.sqnr(everything - {name})
+        order = sorted(candidates, key=lambda n: -alone[n])      # least harmful first
+        # the longest run of the least harmful layers that meets the budget, by bisection
+        low, high, best = 0, len(order), math.inf
+        while low < high:
+            mid = (low + high + 1) // 2
+            say.detail(f"error budget: the {mid} least harmful layers in int8 (target {budget:g} dB)")
+            db = switched.sqnr(everything - set(order[:mid]))
+            if db >= budget:
+                low, best = mid, db
+            else:
+                high = mid - 1
+        int8 = set(order[:low])
+        # then each other layer, least harmful first, where its noise alone fits in what is left of the budget
+        for name in order[low + 1:]:
+            if _noise(alone[name]) > _noise(budget) - _noise(best):
+                continue
+            say.detail(f"error budget: {_fmt(best)} dB with {len(int8)} int8 layers, trying {name}")
+            db = switched.sqnr(everything - int8 - {name})
+            if db >= budget:
+                int8.add(name)
+                best = db
+        if not int8:
+            raise EdgecError(f"the error budget of {budget:g} dB SQNR is not reachable with any layer in int8: int8 "
+                             f"gives {_fmt(plain)} dB on {len(switched.inputs)} calibration samples, the least harmful "
+                             f"layer alone in int8 {_fmt(max(alone[n] for n in order))} dB",
+                             "relax --min-sqnr / --max-error, try another --calibration-method, or build float")
+    record = {"budget": {"min_sqnr_db": budget, **({"max_error": options.max_error} if options.max_error else {}),
+                         "measured_on": f"{len(switched.inputs)} calibration samples: the QDQ graph on TVM against "
+                                        "the float model"},
+              "sqnr_db": {"int8": plain, **({"keep_float": start} if forced else {}), "mixed": best}}
+    return everything - int8, alone, record
+
+
+def _finite(value):
+    """JSON has no infinity: an SQNR of a search step that matched float exactly is written as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
