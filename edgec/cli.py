@@ -324,8 +324,7 @@ def _run_stream(bundle, manifest, chunks, inputs, emulate, compare_model, tolera
                 np.save(output_dir / str(k) / spec.file, step[spec.name])
     failed = []
     if compare_model:
-        ref = ReferenceRuntime(compare_model, observe=tuple(s.output for s in manifest.states
-                                                            if compare_model.suffix.lower() == ".tflite"))
+        ref = ReferenceRuntime(compare_model, states=manifest.states)
         expected = ref.stream(steps, api.bundle_states(bundle))
         report["compare"] = {"against": ref.name, "steps": []}
         for k, (got, want) in enumerate(zip(outputs, expected)):

@@ -48,7 +48,8 @@ class Sample:
 class _Part:
     """One file's samples [start, stop)."""
     file: Path
-    inputs: tuple[tuple[str, str, str], ...]    # (input name, key in the file, layout: stacked | batch | single)
+    inputs: tuple[tuple[str, str], ...]         # (input name, its layout: stacked | batch | single); a .npz's key
+                                                # is the input's name
     label_key: str | None
     headers: tuple[tuple[str, tuple[int, ...], str], ...]   # (key, shape, dtype) as checked at open
     start: int
@@ -116,9 +117,6 @@ def _part(path: Path, specs: tuple[TensorSpec, ...]) -> _Part:
             raise EdgecError(f"{name} holds one array and the model takes {len(specs)} inputs "
                              f"({_shown(', '.join(input_names))})", "use .npz files keyed by input name")
         headers = {specs[0].name: headers[""]}
-        keys = {specs[0].name: specs[0].name}
-    else:
-        keys = {n: n for n in input_names}
     label_keys = [k for k in headers if k in LABEL_KEYS and k not in input_names]
     unknown = [k for k in headers if k not in input_names and k not in label_keys]
     if unknown:
@@ -138,7 +136,7 @@ def _part(path: Path, specs: tuple[TensorSpec, ...]) -> _Part:
             raise EdgecError(f"input '{_shown(spec.name)}' in {name} is {dtype}; the model's input is {spec.dtype}",
                              f"convert it with array.astype('{spec.dtype}') before saving")
         layout, counts[spec.name] = _layout(spec, shape, name)
-        layouts.append((spec.name, keys[spec.name], layout))
+        layouts.append((spec.name, layout))
     if len(set(counts.values())) > 1:
         raise EdgecError(f"the inputs in {name} hold different numbers of samples "
                          f"({_shown(', '.join(f'{k}: {n}' for k, n in counts.items()))})",
@@ -176,7 +174,7 @@ class Dataset:
             arrays = _load(part)
             for i in range(part.start, part.stop):
                 # a C-ordered copy: out of a memory-mapped file, and 0-d stays 0-d (ascontiguousarray makes it 1-d)
-                inputs = {name: np.array(_pick(arrays[name], layout, i), order="C") for name, _, layout in part.inputs}
+                inputs = {name: np.array(_pick(arrays[name], layout, i), order="C") for name, layout in part.inputs}
                 label = np.asarray(arrays[part.label_key][i]) if part.label_key else None
                 yield Sample(index, inputs, label)
                 index += 1
@@ -220,9 +218,7 @@ def _pick(array: np.ndarray, layout: str, i: int) -> np.ndarray:
 def _load(part: _Part) -> dict[str, np.ndarray]:
     """The part's arrays by input name (and label key), checked against the headers read at open."""
     name = _shown(str(part.file))
-    keys = {key: n for n, key, _ in part.inputs}
-    if part.label_key:
-        keys[part.label_key] = part.label_key
+    keys = [n for n, _ in part.inputs] + ([part.label_key] if part.label_key else [])
     try:
         if part.file.suffix.lower() == ".npy":
             arrays = {part.inputs[0][0]: np.load(part.file, mmap_mode="r", allow_pickle=False)}
@@ -230,10 +226,10 @@ def _load(part: _Part) -> dict[str, np.ndarray]:
         else:
             with zipfile.ZipFile(part.file) as zf:
                 arrays = {}
-                for key, n in keys.items():
+                for key in keys:
                     with zf.open(key + ".npy") as f:
-                        arrays[n] = np.lib.format.read_array(f, allow_pickle=False)
-            expected = {keys[k]: (shape, dtype) for k, shape, dtype in part.headers if k in keys}
+                        arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+            expected = {k: (shape, dtype) for k, shape, dtype in part.headers if k in keys}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise EdgecError(f"cannot read {name} ({_shown(str(e))})", "was it changed while edgec read it?") from None
     for n, (shape, dtype) in expected.items():

@@ -22,10 +22,10 @@ class ReferenceUnavailable(EdgecError):
 class ReferenceRuntime:
     """Runs a model in its framework's own runtime on CPU, with inputs and outputs keyed by name."""
 
-    def __init__(self, model_path, threads: int | None = None, observe: tuple[str, ...] = (),
+    def __init__(self, model_path, threads: int | None = None, states: tuple = (),
                  content: bytes | None = None, exact: bool = False):
-        """`observe`: TFLite tensors inside the graph to return with the outputs, by name (a streaming model's
-        variable writes, which LiteRT keeps to itself). `content`: an ONNX model to run instead of the file's
+        """`states`: a streaming model's states (frontends.State, or a manifest's): a TFLite model's variable writes,
+        which LiteRT keeps to itself, are returned with the outputs, by the state's output name. `content`: an ONNX model to run instead of the file's
         (qdq_float_twin's). `exact`: onnxruntime without graph optimizations, so a QDQ model runs as its
         float (de)quantize math says rather than through fused QLinear kernels that round their own way."""
         self.path = Path(model_path)
@@ -35,7 +35,7 @@ class ReferenceRuntime:
         if suffix == ".onnx":
             self._init_onnx(threads)
         elif suffix == ".tflite":
-            self._init_tflite(threads, observe)
+            self._init_tflite(threads, tuple(s.output for s in states))
         else:
             raise ReferenceUnavailable(f"no reference runtime for '{self.path.name}'", "use a .onnx or .tflite model")
 
@@ -123,7 +123,7 @@ class ReferenceRuntime:
     def stream(self, steps: list[dict[str, np.ndarray]], states, constants: dict | None = None) -> list[dict]:
         """Outputs of each step of a stream, from the model's initial state. A state the model file takes as an input
         (ONNX) is fed its output of the step before (`states`: frontends.State); LiteRT keeps a TFLite model's
-        variables itself across invokes (construct with observe= the state outputs to see them)."""
+        variables itself across invokes (construct with states= to see them)."""
         fed = [s for s in states if s.input in self.input_names]
         values = {s.input: s.initial for s in fed}
         results = []

@@ -87,8 +87,7 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against."""
     try:
         twin = qdq_float_twin(model.path) if model.format == "onnx" else None
-        ref = ReferenceRuntime(model.path, observe=tuple(s.output for s in model.states if model.format == "tflite"),
-                               exact=twin is not None)
+        ref = ReferenceRuntime(model.path, states=model.states, exact=twin is not None)
         floats = None if twin is None else _run(ReferenceRuntime(model.path, content=twin), model, steps)
         return ReferenceRun(ref.name, tuple(steps), _run(ref, model, steps), ref.quantized_outputs, floats)
     except ReferenceUnavailable as e:

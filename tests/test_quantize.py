@@ -305,3 +305,18 @@ def test_error_budget_refusals_are_one_line(outlier, flags, keywords):
 def test_error_budget_needs_int8(outlier):
     result = cli("build", outlier["model"], "-o", outlier["dir"] / "x", "--min-sqnr", "30")
     check_error(result.stderr, result.exit_code, "--min-sqnr is for --quantize int8", exception=result.exception)
+
+
+def test_streaming_model_quantizes(tmp_path):
+    """A streaming model's quantized reference starts from the initial state and feeds its state outputs back (it
+    looked every parameter of main up in the sample steps, which leave the state out: a KeyError)."""
+    from test_streaming import leaky_state_model
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=rng.uniform(-1, 1, (40, 4)).astype(np.float32),
+             h=rng.uniform(-1, 1, (40, 4)).astype(np.float32))
+    options = BuildOptions(offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
+    result = api.build(leaky_state_model(tmp_path / "leaky.onnx"), "host", tmp_path / "b", options=options)
+    assert result.manifest.verification["status"] == "verified"
+    assert result.manifest.verification["runner"].endswith("steps streamed")
+    assert result.compiled.quantization["tensors"] == 2    # both inputs of the add x + 0.5 h

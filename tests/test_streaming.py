@@ -67,7 +67,7 @@ def test_okay_nabu_streams_within_one_step_of_litert(okay_nabu):
     quantization step of LiteRT invoking the original model on the same chunks (its variables kept inside)."""
     chunks = wakeword_features(12)
     states = api.bundle_states(okay_nabu.bundle_dir)
-    litert = ReferenceRuntime(real_model("okay_nabu"), observe=tuple(s.output for s in states))
+    litert = ReferenceRuntime(real_model("okay_nabu"), states=states)
     model = api.load(okay_nabu.bundle_dir)
     worst, moved = 0, 0
     for step, chunk in enumerate(chunks):

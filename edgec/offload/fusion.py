@@ -145,13 +145,18 @@ def packed_operands(fused: Fused, *, weight: bool = True) -> tuple[int, ...]:
     return tuple(sorted(([fused.weight] if weight else []) + [op.operand for op in fused.post_ops if op.kind == "bias"]))
 
 
-def read_fused(func: relax.Function) -> Fused:
-    """A function FuseOpsByPattern(annotate_codegen=True) made: its body calls one composite function, whose
-    bindings are the anchor, then one binding per post-op, each using the previous one's variable."""
+def composite_function(func: relax.Function) -> relax.Function:
+    """The one composite function a FuseOpsByPattern(annotate_codegen=True) function calls."""
     inner = [f for f in _local_functions(func) if "Composite" in f.attrs]
     if len(inner) != 1:
         raise ValueError(f"{func.attrs['global_symbol']}: expected one composite function, found {len(inner)}")
-    inner = inner[0]
+    return inner[0]
+
+
+def read_fused(func: relax.Function) -> Fused:
+    """A function FuseOpsByPattern(annotate_codegen=True) made: its body calls one composite function, whose
+    bindings are the anchor, then one binding per post-op, each using the previous one's variable."""
+    inner = composite_function(func)
     composite = str(inner.attrs["Composite"])
     # the emitter's parameter indices are the composite's: the wrapper must pass its own parameters in order
     calls = [b.value for block in func.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]

@@ -20,7 +20,7 @@ from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from .backend import Pattern
-from .fusion import static_shape
+from .fusion import composite_function, static_shape
 
 QUANTIZED_ACTIVATIONS = ("uint8", "int8")
 
@@ -155,20 +155,11 @@ class QFused:
 
 
 def is_quantized(func: relax.Function) -> bool:
-    return ".q" in _composite(func)[1].attrs["Composite"]
-
-
-def _composite(func: relax.Function):
-    found = []
-    relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if isinstance(e, relax.Function) else None)
-    inner = [f for f in found if "Composite" in f.attrs]
-    if len(inner) != 1:
-        raise ValueError(f"{func.attrs['global_symbol']}: expected one composite function, found {len(inner)}")
-    return func, inner[0]
+    return ".q" in composite_function(func).attrs["Composite"]
 
 
 def read_quantized(func: relax.Function) -> QFused:
-    func, inner = _composite(func)
+    inner = composite_function(func)
     values = {b.var: b.value for block in inner.body.blocks for b in block.bindings}
 
     def value(expr):

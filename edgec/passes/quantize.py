@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 
 import tvm
-from tvm import relax
 
 from ..context import BuildContext
 from ..errors import EdgecError
+from ..offload.passes import _uses
 from .fold import fold_constants
 from .registry import register_pass
 
@@ -34,13 +34,6 @@ def quantization_of(mod: tvm.IRModule) -> dict | None:
     return None if text is None else json.loads(str(text))
 
 
-def _quantized(mod: tvm.IRModule) -> bool:
-    found = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and getattr(
-        e.op, "name", None) in ("relax.quantize", "relax.dequantize") else None)
-    return bool(found)
-
-
 @register_pass("calibrate", phase="graph", after=("canonicalize",), applies=_int8, opt_level=0,
                skip_reason="needs --quantize int8")
 def calibrate(ctx):
@@ -51,7 +44,7 @@ def calibrate(ctx):
     fold = fold_constants(ctx)
 
     def step(mod):
-        if _quantized(mod):
+        if _uses(mod, {"relax.quantize", "relax.dequantize"}):
             raise EdgecError("the model is quantized already (it has QuantizeLinear/DequantizeLinear or integer "
                              "operators)", "build it without --quantize: its own quantization is compiled as it is")
         mod = fold(mod)

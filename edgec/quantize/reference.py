@@ -48,14 +48,20 @@ def unrounded(qdq: tvm.IRModule) -> tvm.IRModule:
 
 
 def run_graph(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The outputs of `mod` (a graph-phase module, weights bound) compiled here, for each step, by name."""
+    """The outputs of `mod` (a graph-phase module, weights bound) compiled here, for each step, by name. A streaming
+    model's steps leave out its state inputs (verification.stream_steps): they start from the initial state and
+    take each step's state outputs, as ReferenceRuntime.stream feeds the reference runtime."""
     vm = on_host(mod)
     names = [p.name for p in mod["main"].params]
+    fed = [s for s in model.states if s.input in names]
+    state = {s.input: s.initial for s in fed}
     outputs = []
     for step in steps:
-        result = vm["main"](*[tvm.runtime.tensor(step[n]) for n in names])
+        feeds = {**step, **state}
+        result = vm["main"](*[tvm.runtime.tensor(feeds[n]) for n in names])
         values = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
         outputs.append({spec.name: v.numpy() for spec, v in zip(model.outputs, values)})
+        state = {s.input: outputs[-1][s.output] for s in fed}
     return outputs
 
 
