@@ -51,9 +51,13 @@ def _verification(v: dict) -> str:
     if v["status"] != "verified":
         return f"  NOT VERIFIED: {v['reason']}"
     worst = max(v["outputs"].values(), key=lambda o: o["max_rel"])
-    return (f"  verified against {v['reference']} ({v['runner']}): max abs error {worst['max_abs']:.3g}, "
-            f"{worst['max_rel']:.3g} of the output range (tolerance atol {v['tolerance']['atol']:g}, "
-            f"rtol {v['tolerance']['rtol']:g})")
+    head = (f"  verified against {v['reference']} ({v['runner']}): max abs error {worst['max_abs']:.3g}, "
+            f"{worst['max_rel']:.3g} of the output range")
+    if "rule" in v:     # a quantized or reduced-precision build: its error against the graph's own rounding error
+        worst = min(v["outputs"].values(), key=lambda o: o["margin_db"] if o["margin_db"] is not None else float("inf"))
+        margin = "no error" if worst["margin_db"] is None else f"{worst['margin_db']:.1f} dB"
+        return f"{head}; {v['rule']['name']} rule: {margin} below the graph's own rounding error"
+    return f"{head} (tolerance atol {v['tolerance']['atol']:g}, rtol {v['tolerance']['rtol']:g})"
 
 
 def _mixed_precision(q: dict) -> list[str]:

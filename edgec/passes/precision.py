@@ -33,6 +33,8 @@ from .registry import register_pass
 INT8_MAX = 127
 # weights this small stay in the code (lift-params' bound) and are not worth a scale each
 _MIN_ELEMENTS = 16
+# a scale per fewer elements saves nothing, and one element is any float32 times some scale (a bias is not int8)
+_MIN_SLICE = 8
 
 
 def _mode(ctx: BuildContext) -> str | None:
@@ -154,6 +156,8 @@ def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < _MIN_ELEMENTS:
         return None
     for axis in reversed(range(weight.ndim)):
+        if weight.size // weight.shape[axis] < _MIN_SLICE:
+            continue
         moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
         peak = np.abs(moved).max(axis=1)
         # the scale round_int8 chose: peak = float32(127 * scale), so peak / 127 is it or a neighbour

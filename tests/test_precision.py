@@ -1,0 +1,129 @@
+"""Reduced precision without calibration (issue 9, item 5): `--quantize fp16` for targets with fp16 arithmetic
+(rpi5, under qemu's cortex-a76), refused elsewhere; `--quantize int8-weights` on any target: int8 weights with
+their scales in params.bin, dequantized once by the load function, float32 compute. The CNN is edgec's example
+MobileNetV2 at 0.35 x 96 (random weights)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import numpy_helper
+
+from edgec import api
+from edgec.context import BuildOptions
+from edgec.examples import mobilenet_v2
+from edgec.passes.precision import int8_encoding, round_int8
+from edgec.quantize import QuantizeOptions
+from edgec.reference import PRECISION_RULE, decibels
+from test_cli_errors import check_error, cli
+from test_offload_arm import qemu_cpus  # noqa: F401  (fixture)
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    return mobilenet_v2(tmp_path_factory.mktemp("models") / "cnn.onnx", width=0.35, resolution=96)
+
+
+def _options(mode: str) -> BuildOptions:
+    return BuildOptions(quantize=QuantizeOptions(mode, None))
+
+
+def _float32_weight_bytes(model) -> int:
+    return sum(numpy_helper.to_array(i).nbytes for i in onnx.load(str(model)).graph.initializer)
+
+
+def _params(bundle) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in tvm.runtime.load_param_dict_from_file(str(bundle / "params.bin")).items()}
+
+
+def test_int8_encoding_is_exact_for_rounded_weights_only():
+    weight = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    for axis in range(weight.ndim):
+        rounded = round_int8(weight, axis)
+        assert np.abs(rounded - weight).max() <= np.abs(weight).max() / 254 * (1 + 1e-6)
+        q, scale = int8_encoding(rounded)
+        assert q.dtype == np.int8 and np.abs(q).max() == 127
+        assert np.array_equal(q.astype(np.float32) * scale, rounded)   # the load function's multiply, bit for bit
+    assert int8_encoding(weight) is None                               # a float weight stays float
+    assert int8_encoding(round_int8(weight, 0)[:1, :1, :1, :1]) is None   # too small to be lifted
+    assert int8_encoding(weight[0, 0, 0]) is None and int8_encoding(weight.reshape(-1)) is None   # no slices
+
+
+def test_fp16_refused_on_a_target_without_it(cnn, tmp_path):
+    result = cli("build", cnn, "--quantize", "fp16", "-o", tmp_path / "b")
+    check_error(result.stderr, result.exit_code, "--quantize fp16", "host", "device.fp16", "rpi5",
+                exception=result.exception)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args, keywords", [
+    (("--quantize", "fp16", "--target", "rpi5", "--calibration", "cal.npz"), ("--calibration", "fp16")),
+    (("--quantize", "int8-weights", "--calibration", "cal.npz"), ("--calibration", "int8-weights")),
+    (("--quantize", "int8"), ("--calibration",)),
+])
+def test_calibration_only_with_int8(cnn, tmp_path, args, keywords):
+    result = cli("build", cnn, *args, "-o", tmp_path / "b")
+    check_error(result.stderr, result.exit_code, *keywords, exception=result.exception)
+
+
+def _rounded_onnx(model, path):
+    """The ONNX model with its Conv and Gemm weights rounded by round_int8 along their output channel: what an
+    int8-weights bundle computes (rounding commutes with the BN folding edgec does first, a per-channel scale)."""
+    m = onnx.load(str(model))
+    inits = {i.name: i for i in m.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if node.op_type == "Conv" or trans_b else 1
+            init = inits[node.input[1]]
+            init.CopyFrom(numpy_helper.from_array(round_int8(numpy_helper.to_array(init), axis), init.name))
+    onnx.save(m, str(path))
+    return path
+
+
+def test_int8_weights_host_matches_the_rounded_model(cnn, tmp_path):
+    result = api.build(cnn, "host", tmp_path / "w8", options=_options("int8-weights"))
+    manifest, bundle = result.manifest, result.bundle_dir
+    assert manifest.verification["status"] == "verified", manifest.verification
+    record = manifest.quantization
+    assert record["mode"] == "int8-weights" and record["compute"] == "float32"
+    assert record["rounded_tensors"] == 53                      # 52 convolutions and the classifier
+    params = _params(bundle)
+    assert sum(v.dtype == np.int8 for v in params.values()) == record["rounded_tensors"]
+    assert manifest.load_function == "main_load"                # dequantized there, once per loaded model
+    fp32 = _float32_weight_bytes(cnn)
+    assert (bundle / "params.bin").stat().st_size <= 0.3 * fp32, ((bundle / "params.bin").stat().st_size, fp32)
+    x = RNG.standard_normal((1, 3, 96, 96)).astype(np.float32)
+    out = api.run(bundle, {"input": x}).outputs["logits"]
+    rounded = ort.InferenceSession(str(_rounded_onnx(cnn, tmp_path / "rounded.onnx"))).run(None, {"input": x})[0]
+    exact = ort.InferenceSession(str(cnn)).run(None, {"input": x})[0]
+    # the bundle computes the rounded model in float32: its distance from it is float rounding, far below the weight
+    # rounding's own effect (its distance from the float32 model)
+    assert np.abs(out - rounded).max() <= 1e-4 * np.abs(rounded).max()
+    assert decibels((exact ** 2).sum(), ((out - exact) ** 2).sum()) < decibels((rounded ** 2).sum(), ((out - rounded) ** 2).sum()) - 40
+
+
+def test_fp16_rpi5_under_cortex_a76(cnn, tmp_path, qemu_cpus):  # noqa: F811
+    result = api.build(cnn, "rpi5", tmp_path / "fp16", options=_options("fp16"))
+    manifest, bundle = result.manifest, result.bundle_dir
+    verification = manifest.verification
+    assert verification["status"] == "verified" and verification["runner"] == "qemu", verification
+    assert verification["rule"] == PRECISION_RULE.to_json()
+    assert set(qemu_cpus) == {"cortex-a76"}
+    assert manifest.quantization["mode"] == "fp16" and manifest.inputs[0].dtype == "float32"
+    params = _params(bundle)
+    assert {str(v.dtype) for v in params.values() if v.size >= 16} == {"float16"}
+    assert (bundle / "params.bin").stat().st_size <= 0.52 * _float32_weight_bytes(cnn)
+    # every convolution stays in TVM (XNNPACK takes float32 only), and the summary says why
+    assert all(p.backend is None and "float16" in p.detail for p in result.compiled.offload)
+    logits = verification["outputs"]["logits"]
+    x = RNG.standard_normal((1, 3, 96, 96)).astype(np.float32)
+    out = api.run(bundle, {"input": x}).outputs["logits"]
+    ref = ort.InferenceSession(str(cnn)).run(None, {"input": x})[0]
+    # the rule's consequence on another input: within twice fp16's rounding error of float32 in rms (6.02 dB), the
+    # rounding error as measured at build time, with 3 dB for a new input
+    assert decibels((ref ** 2).sum(), ((out - ref) ** 2).sum()) >= logits["quantization_sqnr_db"] - 6.02 - 3
