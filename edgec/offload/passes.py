@@ -285,7 +285,8 @@ def _has_quantized_anchor(mod: tvm.IRModule) -> bool:
     return bool(found)
 
 
-@register_pass("offload-quantized", phase="graph", after=("canonicalize",), applies=_offloading)
+# after quantize-int8 by name, whose QDQ form it takes: import order, which sets registration order, must not decide
+@register_pass("offload-quantized", phase="graph", after=("canonicalize", "quantize-int8"), applies=_offloading)
 def quantized(ctx):
     """Give int8 chains in QDQ form (dequantize, conv2d/matmul, bias, ReLU/clip, quantize) to the backends' integer
     kernels, in their layout, before constant folding turns the int8 weights into floats."""
@@ -293,7 +294,8 @@ def quantized(ctx):
     patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, lambda c, p=p: p.check(c) is None)
                 for backend in backends for p in backend.quantized_patterns()]
     convert = tvm.transform.Sequential([
-        relax.transform.ConvertLayout(_desired_layouts(backends)), _drop_transpose_pairs,
+        # ONNX's Clip (ReLU6) arrives as call_tir halves, which no chain's pattern would see
+        _restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), _drop_transpose_pairs,
         relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), _untie_dequantize,
         relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)],
         name="OffloadQuantized")
