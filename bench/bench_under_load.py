@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Latency of a host bundle while other processes hold the cores, beside onnxruntime under the same load.
 
-A default host build runs two thread pools: TVM's, for its own kernels, and OpenMP's, which Debian's oneDNN uses.
-Both spin between parallel regions. On a dedicated device that is what makes back-to-back kernels fast; when
-other processes want the same cores, spinning threads take time slices from the working ones. This measures how
-much, and what the wait-policy settings the two pools read from the environment change:
+A default host build offloads convolutions and matrix products to oneDNN, whose OpenMP team also runs the parallel
+loops of TVM's kernels left in the model (one pool per process; TVM's own pool never gets work). OpenMP's workers
+spin a while after each parallel region before they sleep: on a dedicated device that is what makes back-to-back
+kernels fast; when other processes want the same cores, spinning threads take time slices from the working ones.
+This measures how much, and what the wait-policy settings OpenMP reads from the environment change:
 
-    OMP_WAIT_POLICY=PASSIVE           OpenMP workers sleep at once instead of spinning (oneDNN's team)
-    TVM_THREAD_POOL_SPIN_COUNT=0      TVM's pool workers sleep at once
+    OMP_WAIT_POLICY=PASSIVE           OpenMP workers sleep at once instead of spinning
+    GOMP_SPINCOUNT=N                  libgomp's workers spin N rounds before they sleep (default 300000)
 
 For each count of busy neighbours (processes spinning on a core each), every runtime and setting runs in its own
 process, in alternated rounds; each process times `--runs` runs after a warm-up and reports its median and 90th
 percentile. The table gives the median of the rounds' medians and the worst round's 90th percentile.
+`--baseline BUNDLE` adds a bundle of the same model built by another edgec (before a change) as a row.
 
     python bench/bench_under_load.py                          # mobilenetv2, 0/1/2 neighbours, 3 rounds
     python bench/bench_under_load.py --model resnet-small --neighbours 0 2 --rounds 5
@@ -33,7 +35,7 @@ from edgec.examples import EXAMPLES
 SETTINGS = {
     "default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "TVM_THREAD_POOL_SPIN_COUNT=0": {"TVM_THREAD_POOL_SPIN_COUNT": "0"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
 }
 
 # One timed process: prints {"median": ms, "p90": ms}. argv: runtime, bundle or model path, threads, runs.
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="a bundle of the same model from another edgec build, timed too")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="edgec-load-") as tmp:
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
         bundle = Path(tmp) / "bundle"
         api.build(model, "host", bundle)
         candidates = [(f"edgec, {name}", "edgec", bundle, env) for name, env in SETTINGS.items()]
+        if args.baseline:
+            candidates.append(("edgec baseline bundle", "edgec", args.baseline.resolve(), {}))
         candidates.append(("onnxruntime", "onnxruntime", model, {}))
         machine = benchmark.machine()
         print(f"{args.model}, {args.threads} threads, {machine.cpu} ({machine.cores} cores), "

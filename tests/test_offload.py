@@ -4,6 +4,9 @@ library and run from anywhere, --offload none offloads nothing, and models with 
 library state."""
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -235,6 +238,50 @@ def test_one_library_two_weight_sets_concurrently(tmp_path):
     for t in threads:
         t.join()
     assert len(runs) == 30 and not failures
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                ("saddr", ctypes.c_void_p)]
+
+
+def _parallel_launch_owner(bundle: Path) -> tuple[str, str]:
+    """(the file whose code the loaded model library's TVM kernels start their parallel loops with, that library's
+    file): run.py loads a private copy named by its digest, found in this process's mappings."""
+    model = load_bundle(bundle, threads=2)
+    assert compare_outputs(model.run(model.sample("inputs")), model.sample("expected"), Tolerance(ATOL, RTOL)).ok
+    digest = hashlib.sha256((bundle / "model.so").read_bytes()).hexdigest()
+    with open("/proc/self/maps") as f:
+        path = next(line.split()[5] for line in f if line.rstrip().split("/")[-1].startswith(f"{digest}.so"))
+    library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    launch = ctypes.c_void_p.in_dll(library, "__TVMBackendParallelLaunch").value
+    info = _DlInfo()
+    assert ctypes.CDLL(None).dladdr(ctypes.c_void_p(launch), ctypes.byref(info))
+    return info.fname.decode(), path
+
+
+def test_tvm_kernels_run_on_the_onednn_team(tmp_path):
+    """One thread pool per process: once the load function ran, the parallel loops of the TVM kernels left in an
+    offloaded model (the sigmoid, the layout transpose) start on oneDNN's OpenMP team, through the launch function
+    linked into the model library, not on TVM's pool, which an --offload none build keeps. A team smaller than
+    asked (OMP_THREAD_LIMIT=1, as in a nested region) splits each loop for the threads it has: still correct."""
+    inits = [numpy_helper.from_array(_weight(32, 16, 3, 3), "w"), numpy_helper.from_array(_weight(32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["y"])]
+    model = save_onnx(tmp_path / "conv_sigmoid.onnx", "conv_sigmoid", nodes, {"x": [1, 16, 64, 64]},
+                      {"y": [1, 32, 64, 64]}, inits)
+    offloaded, plain = build(model, tmp_path / "onednn"), build(model, tmp_path / "plain", options=NONE)
+    assert placed(offloaded) == {("conv2d", "onednn"): 1}
+    for result in (offloaded, plain):   # both have parallel TVM kernels
+        symbols = subprocess.run(["nm", "-D", result.bundle_dir / "model.so"], capture_output=True, text=True).stdout
+        assert " V __TVMBackendParallelLaunch" in symbols
+    owner, library = _parallel_launch_owner(offloaded.bundle_dir)
+    assert owner == library
+    owner, library = _parallel_launch_owner(plain.bundle_dir)
+    assert owner != library and "libtvm_runtime" in owner
+    check = subprocess.run([sys.executable, "run.py", "--check", "--threads", "2"], cwd=offloaded.bundle_dir,
+                           env={**os.environ, "OMP_THREAD_LIMIT": "1"}, capture_output=True, text=True)
+    assert check.returncode == 0 and "check: ok" in check.stdout, check.stdout + check.stderr
 
 
 def _rss_mb() -> float:

@@ -223,3 +223,62 @@ def test_packages_it_cannot_fetch_are_one_line_with_the_fix(tmp_path, monkeypatc
     assert len(lines) == 1 and lines[0].startswith("error: could not download the arm64 packages libxnnpack0 "), lines
     assert "run: sudo sh cross/setup-aarch64.sh" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# Preloaded into the C++ runner under qemu (-v: it keeps stderr): counts the pthreadpool_parallelize_1d calls that come from outside
+# XNNPACK's own library, i.e. from the launch function linked into model.so that runs TVM's parallel loops.
+_LAUNCH_COUNTER = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+typedef void (*Task)(void*, size_t);
+typedef void (*Parallelize)(void*, Task, void*, size_t, unsigned);
+static long outside_xnnpack;
+static void report(void) { fprintf(stderr, "launches from outside XNNPACK: %ld\n", outside_xnnpack); }
+extern "C" void pthreadpool_parallelize_1d(void* pool, Task task, void* context, size_t range, unsigned flags) {
+  static Parallelize real;
+  static void* xnnpack;
+  Dl_info caller, library;
+  if (!real) {
+    real = (Parallelize)dlsym(RTLD_NEXT, "pthreadpool_parallelize_1d");
+    dladdr(dlsym(RTLD_DEFAULT, "xnn_run_operator"), &library);
+    xnnpack = library.dli_fbase;
+    atexit(report);
+  }
+  if (dladdr(__builtin_return_address(0), &caller) && caller.dli_fbase != xnnpack) ++outside_xnnpack;
+  real(pool, task, context, range, flags);
+}
+"""
+
+
+def test_tvm_kernels_run_on_the_xnnpack_pool(tmp_path):
+    """One thread pool per process on the board too: the parallel loops of the TVM kernels left in an XNNPACK
+    build (the sigmoid, the layout transpose) run as tasks on XNNPACK's pthreadpool, started from the model
+    library, and the outputs match under qemu with 2 threads and with 1 (no pool: the calling thread runs them)."""
+    inits = [numpy_helper.from_array(_weight(32, 16, 3, 3), "w"), numpy_helper.from_array(_weight(32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["y"])]
+    model = save_onnx(tmp_path / "conv_sigmoid.onnx", "conv_sigmoid", nodes, {"x": [1, 16, 64, 64]},
+                      {"y": [1, 32, 64, 64]}, inits)
+    result = build(model, "rpi4", tmp_path / "b")
+    assert placed(result) == {("conv2d", "xnnpack"): 1}
+    bundle, target = result.bundle_dir, result.manifest.target
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", bundle / "model.so"], capture_output=True, text=True,
+                             check=True).stdout
+    assert " V __TVMBackendParallelLaunch" in symbols and " U pthreadpool_parallelize_1d" in symbols
+    counter = tmp_path / "count_launches.so"
+    source = tmp_path / "count_launches.cc"
+    source.write_text(_LAUNCH_COUNTER)
+    subprocess.run([target.toolchain.compiler, "-shared", "-fPIC", "-O1", "-o", counter, source, "-ldl"], check=True)
+    env = {"PATH": os.environ["PATH"], "LD_LIBRARY_PATH": str(runtime_dir(target.arch) / "lib"),
+           "LD_PRELOAD": str(counter), **emulator_env(target)}
+    expected = np.load(bundle / "sample" / "expected" / result.manifest.outputs[0].file)
+    for threads in ("2", "1"):
+        out = tmp_path / f"out{threads}"
+        command = [*emulator_command(target), str(build_runner(bundle, target)), "-v", "-d", str(bundle), "-t", threads,
+                   "-o", str(out), *[str(bundle / "sample" / "inputs" / t.file) for t in result.manifest.inputs]]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        launches = int(proc.stderr.split("launches from outside XNNPACK: ")[1].split()[0])
+        assert launches > 0, proc.stderr
+        assert np.abs(np.load(out / result.manifest.outputs[0].file) - expected).max() < 2e-5

@@ -64,12 +64,36 @@ def state_type_key(backend: str, prelude: str) -> str:
 
 
 # C++ shared by the emitters: the size of TVM's thread pool, which every library's threads follow so that --threads
-# governs both.
+# governs both, and the switch that runs TVM's kernels on the library's pool.
 CPP_HELPERS = r"""
+#include <tvm/runtime/c_backend_api.h>
+// TVM's kernels start their parallel loops through these pointers, globals of model.so that TVM's loader points at
+// its own pool whenever it loads the library. Weak: a model without parallel kernels (or barriers) has none.
+extern "C" {
+extern int (*__TVMBackendParallelLaunch)(FTVMParallelLambda, void*, int) __attribute__((weak));
+extern int (*__TVMBackendParallelBarrier)(int, TVMParallelGroupEnv*) __attribute__((weak));
+// where the linker put this library's first and past its last byte (hidden: never another library's)
+extern const char __ehdr_start[] __attribute__((visibility("hidden")));
+extern const char _end[] __attribute__((visibility("hidden")));
+}
+
 namespace edgec_offload {
 inline int NumThreads() {
   static const auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
   return num_threads ? (*num_threads)().cast<int>() : 1;
+}
+
+// Runs the parallel loops of TVM's kernels in this model.so through `launch`, on the library's pool: one pool per
+// process, as two pools spinning against each other in turn cost 10-100x once other processes want the cores.
+// Called by every _pack, so by the model's load function, after TVM's loader has set the pointers (a reload of the
+// library resets them: its load function then sets them again). A model whose kernels use TVM's barrier keeps
+// TVM's pool: a kernel running while the library is reloaded could pair one pool's launch with the other's barrier.
+// So does one whose pointer the dynamic linker resolved to another library's (loaded RTLD_GLOBAL before it), whose
+// kernels would otherwise call into this library after it is unloaded.
+inline void RunTvmKernelsOn(int (*launch)(FTVMParallelLambda, void*, int)) {
+  const char* pointer = reinterpret_cast<const char*>(&__TVMBackendParallelLaunch);
+  if (pointer != nullptr && pointer >= __ehdr_start && pointer < _end && &__TVMBackendParallelBarrier == nullptr)
+    __atomic_store_n(&__TVMBackendParallelLaunch, launch, __ATOMIC_RELEASE);
 }
 }  // namespace edgec_offload
 """
