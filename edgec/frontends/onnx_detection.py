@@ -153,7 +153,7 @@ def detection_converters() -> dict:
             iou_threshold = float(scalar(3, "iou_threshold", 0.0))
             score_threshold = scalar(4, "score_threshold", None)
             if keep == 0 or batches * classes == 0:
-                return relax.const(np.zeros((0, 3), np.int64))
+                return relax.const(np.zeros((0, 3), np.int64), "int64")
             kernel = _nms_kernel(batches, classes, n_boxes, keep, bool(center_point_box), iou_threshold,
                                  None if score_threshold is None else float(score_threshold), dtype)
             capacity = batches * classes * keep
@@ -191,7 +191,7 @@ def detection_converters() -> dict:
                        "export the model with consistent DeformConv attributes")
 
             def const(values):
-                return relax.const(np.asarray(values, dt))
+                return relax.const(np.asarray(values, dt), dt)
 
             # where each tap of each output point samples, before the offsets: (taps, points)
             rows = (np.arange(kh) * dh)[:, None, None, None] + (np.arange(oh) * sh - top)[None, None, :, None]

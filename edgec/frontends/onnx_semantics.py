@@ -9,12 +9,13 @@ import numpy as np
 
 from ..errors import EdgecError, last_line
 from .onnx_detection import NEW_OPS as DETECTION_OPS
+from .onnx_ml import NEW_OPS as ML_OPS
 from .onnx_ops import CONSTANT_FORMS, NEW_OPS
 
 # Operators TVM's importer has no converter for that edgec converts: the recurrent layers (onnx_recurrent), the
 # control flow made plain graph before conversion (onnx_control_flow; a data-dependent If is TVM's Relax If), and
-# onnx_ops' and onnx_detection's operators.
-EDGEC_OPS = ("LSTM", "GRU", "RNN", "If", "Loop", "Scan", *NEW_OPS, *DETECTION_OPS)
+# onnx_ops', onnx_detection's and onnx_ml's operators (onnx_ml's ai.onnx.ml ones: onnx_ml.converts).
+EDGEC_OPS = ("LSTM", "GRU", "RNN", "If", "Loop", "Scan", *NEW_OPS, *DETECTION_OPS, *ML_OPS)
 
 # Element types TVM cannot compute with correctly: float8 casts mishandle subnormals, NaN/inf, saturation and the
 # FNUZ bias, casts to them fail in code generation, and 2/4-bit integers cannot even be passed in or out. E8M0 is
@@ -430,13 +431,15 @@ def _converters() -> dict:
             return relax.Tuple([y, present_k, present_v, qk_out])
 
     from .onnx_detection import detection_converters
+    from .onnx_ml import ml_converters
     from .onnx_ops import op_converters
     from .onnx_quant import quant_converters
     from .onnx_recurrent import recurrent_converters
 
     return {**{c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
                                        ConstantOfShape, Attention, ReduceMax, ReduceMin)}, **recurrent_converters(),
-            **quant_converters(), **op_converters(), **detection_converters()}
+            **quant_converters(), **op_converters(), **detection_converters(),
+            **ml_converters()}
 
 
 _CONVERTERS: dict | None = None
