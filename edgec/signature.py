@@ -9,8 +9,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """A dimension of None (an output's only) is known at run time: the manifest writes it as null."""
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     dtype: str
 
     def to_json(self) -> dict:
@@ -18,7 +19,7 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+        return cls(d["name"], tuple(None if x is None else int(x) for x in d["shape"]), d["dtype"])
 
     def random(self, rng: np.random.Generator) -> np.ndarray:
         """A deterministic test input: uniform [0, 1) floats, small non-negative integers."""

@@ -174,16 +174,22 @@ def check_pins(path: Path, input_shapes: dict, known: list[str]) -> None:
 
 
 def relax_outputs(mod: tvm.IRModule, names: list[str]) -> tuple[TensorSpec, ...]:
-    """Output signature: the model's output names with shapes and dtypes from the imported main's return type."""
-    from tvm import relax
+    """Output signature: the model's output names with shapes and dtypes from the imported main's return type; a
+    dimension computed at run time (NonMaxSuppression's box count) is None."""
+    from tvm import relax, tirx
 
     ret = mod["main"].ret_ty
     leaves = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     if len(leaves) != len(names):
         raise EdgecError(f"internal error: the imported module returns {len(leaves)} values for "
                          f"{len(names)} model outputs", "report this with the model")
-    return tuple(TensorSpec(name, tuple(int(d) for d in leaf.shape.values) if leaf.shape is not None else (),
-                            str(leaf.dtype)) for name, leaf in zip(names, leaves))
+    for name, leaf in zip(names, leaves):
+        if leaf.shape is None and leaf.ndim < 0:
+            raise EdgecError(f"output '{name}' has a rank known only at run time, which a bundle cannot describe",
+                             "export the model with outputs of a fixed rank")
+    return tuple(TensorSpec(name, tuple(int(d) if isinstance(d, tirx.IntImm) else None for d in leaf.shape.values)
+                            if leaf.shape is not None else (None,) * leaf.ndim, str(leaf.dtype))
+                 for name, leaf in zip(names, leaves))
 
 
 def histogram(names) -> dict[str, int]:

@@ -237,10 +237,22 @@ const DType* DTypeByDL(DLDataType t) {
   return nullptr;
 }
 
+// An output dimension the manifest gives as null: known only at run time (the boxes NonMaxSuppression keeps).
+constexpr int64_t kRunTimeDim = -1;
+
 std::string ShapeStr(const std::vector<int64_t>& shape) {
   std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + (shape[i] == kRunTimeDim ? std::string("?") : std::to_string(shape[i]));
   return s + "]";
+}
+
+// Whether a tensor's shape is the manifest's, a run-time dimension matching any size.
+bool Fits(const std::vector<int64_t>& shape, const std::vector<int64_t>& dims) {
+  if (shape.size() != dims.size()) return false;
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (dims[i] != kRunTimeDim && dims[i] != shape[i]) return false;
+  return true;
 }
 
 struct TensorSpec {
@@ -702,7 +714,8 @@ struct Manifest {
   std::map<std::string, FileEntry> files;
 };
 
-std::vector<TensorSpec> ReadSpecs(const Field& list) {
+// Inputs have every dimension fixed; outputs (`run_time_dims`) may have null ones.
+std::vector<TensorSpec> ReadSpecs(const Field& list, bool run_time_dims) {
   std::vector<TensorSpec> specs;
   std::set<std::string> names, files;
   for (const Field& t : list.Items()) {
@@ -716,8 +729,9 @@ std::vector<TensorSpec> ReadSpecs(const Field& list) {
     if (s.dtype == nullptr) t["dtype"].Fail("is '" + dtype + "', not a dtype this runner supports");
     uint64_t n = static_cast<uint64_t>(s.dtype->bytes);
     for (const Field& d : t["shape"].Items()) {
-      s.shape.push_back(d.Count());
+      s.shape.push_back(run_time_dims && d.IsNull() ? kRunTimeDim : d.Count());
       if (s.shape.size() > kMaxDims) t["shape"].Fail("has more than " + std::to_string(kMaxDims) + " dimensions");
+      if (s.shape.back() == kRunTimeDim) continue;  // nbytes is read for inputs only
       if (__builtin_mul_overflow(n, static_cast<uint64_t>(s.shape.back()), &n) || n > SIZE_MAX / 2)
         t["shape"].Fail("describes a tensor too large to hold");
     }
@@ -740,8 +754,8 @@ Manifest ParseManifest(const std::string& text) {
   model["name"].Str(), model["file"].Str(), model["sha256"].Hex64();
   out.entry = m["entry"].Str();
   if (!m["load"].IsNull()) out.load = m["load"].Str();
-  out.inputs = ReadSpecs(m["inputs"]);
-  out.outputs = ReadSpecs(m["outputs"]);
+  out.inputs = ReadSpecs(m["inputs"], false);
+  out.outputs = ReadSpecs(m["outputs"], true);
   if (out.outputs.empty()) m["outputs"].Fail("is empty");
   out.library = m["library"].RelPath();
   if (out.library.size() < 4 || out.library.compare(out.library.size() - 3, 3, ".so") != 0)
@@ -1161,7 +1175,7 @@ int Run(int argc, char** argv) {
       ffi::Tensor t = CopyTo(outputs[i], DLDevice{kDLCPU, 0});
       std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
       const DType* dtype = DTypeByDL(t.dtype());
-      if (shape != spec.shape || dtype != spec.dtype || !t.IsContiguous())
+      if (!Fits(shape, spec.shape) || dtype != spec.dtype || !t.IsContiguous())
         throw InputError("output '" + spec.name + "' is " + (dtype ? dtype->name : "an unsupported dtype") +
                          ShapeStr(shape) + ", the manifest says " + spec.dtype->name + ShapeStr(spec.shape) +
                          " (library and manifest do not match)");

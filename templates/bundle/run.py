@@ -128,13 +128,15 @@ class _Map:
 
 
 _TENSOR = {"name": str, "shape": [_count], "dtype": str, "file": _tensor_file}
+# An output dimension may be null: known only at run time (the number of boxes NonMaxSuppression keeps).
+_OUTPUT = {**_TENSOR, "shape": [(None, _count)]}
 _SCHEMA = {
     "format_version": int,
     "model": {"name": str, "file": str, "sha256": _sha256},
     "entry": str,
     "load": (None, str),
     "inputs": [_TENSOR],
-    "outputs": [_TENSOR],
+    "outputs": [_OUTPUT],
     "library": _library_path,
     "params": (None, _rel_path),
     "target": {
@@ -429,6 +431,11 @@ def check_inputs(specs, inputs):
                               f"convert it with array.astype('{s['dtype']}')")
 
 
+def fits(shape, dims) -> bool:
+    """Whether an array's shape is the manifest's, a null dim (set at run time) matching any size."""
+    return len(shape) == len(dims) and all(d is None or d == n for n, d in zip(shape, dims))
+
+
 @functools.lru_cache(maxsize=64)
 def dtype_name(dtype):
     """str(dtype), which numpy computes in Python (microseconds: as long as a small model's run)."""
@@ -668,7 +675,7 @@ class Model:
             raise BundleError(f"the model returned {len(flat)} outputs, {MANIFEST} lists {len(self.outputs)}",
                               _REBUILD, exit_code=1)
         for spec, value in zip(self.outputs, flat):
-            if list(value.shape) != spec["shape"] or dtype_name(value.dtype) != spec["dtype"]:
+            if not fits(value.shape, spec["shape"]) or dtype_name(value.dtype) != spec["dtype"]:
                 raise BundleError(f"output '{shown(spec['name'])}' is {value.dtype}{list(value.shape)}, "
                                   f"{MANIFEST} says {spec['dtype']}{spec['shape']}", _REBUILD, exit_code=1)
         return {spec["name"]: value for spec, value in zip(self.outputs, flat)}
