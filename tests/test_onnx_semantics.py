@@ -366,6 +366,34 @@ def test_reduce_min_max_of_bool_empty_and_infinite(edgec_host, tmp_path, op, dty
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
 
 
+
+@pytest.mark.parametrize("mode", ["linear", "circular"])
+def test_tensor_scatter_per_batch_write_index(edgec_host, tmp_path, mode):
+    """Each batch's update written from its own index (wrapping round the cache in circular mode)."""
+    rng = np.random.default_rng(6)
+    cache, update = (rng.standard_normal(s).astype(np.float32) for s in ((3, 2, 5, 4), (3, 2, 2, 4)))
+    index = np.array([0, 3, 4 if mode == "circular" else 2], np.int64)
+    model = _model([helper.make_node("TensorScatter", ["c", "u", "i"], ["y"], mode=mode)],
+                   [helper.make_tensor_value_info("c", F32, [3, 2, 5, 4]),
+                    helper.make_tensor_value_info("u", F32, [3, 2, 2, 4]),
+                    helper.make_tensor_value_info("i", TensorProto.INT64, [3])],
+                   [helper.make_tensor_value_info("y", F32, [3, 2, 5, 4])], opset=24)
+    _assert_matches_reference(edgec_host, model, [cache, update, index], tmp_path)
+
+
+def test_det_with_pivoting_singular_and_batched(edgec_host, tmp_path):
+    """5x5 matrices: random ones, one needing row swaps (a zero leading element), and a singular one."""
+    x = np.random.default_rng(7).standard_normal((3, 5, 5)).astype(np.float32)
+    x[1, 0, 0] = 0
+    x[2, 4] = x[2, 1] + x[2, 3]
+    model = _model([helper.make_node("Det", ["x"], ["y"])], [helper.make_tensor_value_info("x", F32, [3, 5, 5])],
+                   [helper.make_tensor_value_info("y", F32, [3])], opset=22)
+    outputs = edgec_host.run(model, [x], tmp_path, lambda stage: None)
+    expected = np.linalg.det(x.astype(np.float64)).astype(np.float32)
+    np.testing.assert_allclose(outputs[0][:2], expected[:2], rtol=1e-5)
+    assert abs(outputs[0][2]) < 1e-5 * np.abs(x[2]).max() ** 5
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)
@@ -396,9 +424,9 @@ def _roialign(mode: str):
                                 _const("idx", np.array([0], np.int64))])
 
 
-def _resize(scale: float, antialias: int = 0):
+def _resize(scale: float, antialias: int = 0, mode: str = "linear", **attrs):
     size = int(4 * scale)
-    return _model([helper.make_node("Resize", ["x", "", "s"], ["y"], mode="linear", antialias=antialias)],
+    return _model([helper.make_node("Resize", ["x", "", "s"], ["y"], mode=mode, antialias=antialias, **attrs)],
                   [helper.make_tensor_value_info("x", F32, [1, 1, 4, 4])],
                   [helper.make_tensor_value_info("y", F32, [1, 1, size, size])], opset=18,
                   initializers=[_const("s", np.array([1, 1, scale, scale], np.float32))])
@@ -418,6 +446,38 @@ def test_resize_axes_reversed_and_kept_aspect_ratio(edgec_host, tmp_path, policy
                    [helper.make_tensor_value_info("y", F32, [1, 1, *out])], opset=18,
                    initializers=[_const("sizes", np.array([4, 3], np.int64))])
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+@pytest.mark.parametrize("scale, mode, attrs", [
+    (0.6, "linear", {}), (0.8, "cubic", {"coordinate_transformation_mode": "align_corners"}),
+    (0.8, "cubic", {"exclude_outside": 1, "cubic_coeff_a": -0.5}), (0.6, "nearest", {}),
+    (2.3, "linear", {"coordinate_transformation_mode": "half_pixel_symmetric"}),
+    (0.6, "linear", {"antialias": 1}), (0.6, "cubic", {"antialias": 1}),
+    (0.6, "linear", {"coordinate_transformation_mode": "pytorch_half_pixel"})])
+def test_resize_with_fractional_output_size_and_antialias(edgec_host, tmp_path, scale, mode, attrs):
+    """Coordinates mapped with the scale, as ONNX does (TVM maps them with the rounded output size); against
+    onnx's reference, since onnxruntime maps align_corners with the rounded size too."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(3).standard_normal((1, 1, 4, 4)).astype(np.float32)
+    model = _resize(scale, mode=mode, **attrs)
+    outputs = edgec_host.run(model, [x], tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, ReferenceEvaluator(model).run(None, {"x": x})) is None
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_of_the_channel_axis_and_upsample(edgec_host, tmp_path, mode):
+    x = np.random.default_rng(4).standard_normal((1, 2, 3, 2)).astype(np.float32)
+    resize = _model([helper.make_node("Resize", ["x", "", "s"], ["y"], mode=mode)],
+                    [helper.make_tensor_value_info("x", F32, [1, 2, 3, 2])],
+                    [helper.make_tensor_value_info("y", F32, [1, 3, 3, 4])], opset=18,
+                    initializers=[_const("s", np.array([1, 1.5, 1, 2], np.float32))])
+    _assert_matches_reference(edgec_host, resize, [x], tmp_path)
+    upsample = _model([helper.make_node("Upsample", ["x", "s"], ["y"], mode="nearest")],
+                      [helper.make_tensor_value_info("x", F32, [1, 2, 3, 2])],
+                      [helper.make_tensor_value_info("y", F32, [1, 4, 3, 6])], opset=9,
+                      initializers=[_const("s", np.array([1, 2, 1, 3], np.float32))])
+    _assert_matches_reference(edgec_host, upsample, [x], tmp_path)
 
 
 def test_col2im_strided_dilated_padded(edgec_host, tmp_path):
@@ -472,8 +532,8 @@ REFUSALS = {
     "batchnorm-training": (lambda: _batchnorm(1), "training_mode=1", lambda: _batchnorm(0)),
     "dropout-training": (lambda: _dropout(True), "training_mode", lambda: _dropout(False)),
     "roialign-max": (lambda: _roialign("max"), "mode='max'", lambda: _roialign("avg")),
-    "resize-antialias": (lambda: _resize(0.5, antialias=1), "antialias=1", lambda: _resize(0.5)),
-    "resize-fractional-scale": (lambda: _resize(0.6), "fractional output size", lambda: _resize(2.0)),
+    "resize-nearest-antialias": (lambda: _resize(0.6, antialias=1, mode="nearest"), "antialias=1 with mode='nearest'",
+                                 lambda: _resize(0.6, mode="nearest")),
     "cast-float8": (lambda: _cast(TensorProto.FLOAT8E4M3FN), "FLOAT8E4M3FN", lambda: _cast(TensorProto.FLOAT16)),
     "convtranspose-crop": (lambda: _conv_transpose([8, 6]), "output_shape [8, 6]", lambda: _conv_transpose([10, 8])),
     "cast-int4": (lambda: _cast(TensorProto.INT4), "INT4", lambda: _cast(TensorProto.INT8)),

@@ -10,10 +10,89 @@ from ..errors import EdgecError
 
 # Operators TVM's importer has no converter for at all (onnx.py's unsupported-operator check reads this).
 NEW_OPS = ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "CumProd", "LpNormalization", "Swish",
-           "CenterCropPad", "RotaryEmbedding", "BitCast", "Col2Im")
+           "CenterCropPad", "RotaryEmbedding", "BitCast", "Col2Im", "TensorScatter", "Det")
 
 # Constant's scalar and list attribute forms -> their element type (`value` holds a whole tensor).
 CONSTANT_FORMS = {"value_float": "float32", "value_floats": "float32", "value_int": "int64", "value_ints": "int64"}
+
+
+def _resize_source(mode: str, in_w: int, out_w: int, scale: float, roi) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize's source coordinate of each output index along one axis, per coordinate_transformation_mode (ONNX
+    maps with the scale, and the unrounded length scale * in_w), and for tf_crop_and_resize which fall outside."""
+    y = np.arange(out_w, dtype=np.float64)
+    length = scale * in_w
+    if mode == "align_corners":
+        return (np.zeros(out_w) if length == 1 else y * (in_w - 1) / (length - 1)), None
+    if mode == "asymmetric":
+        return y / scale, None
+    if mode == "tf_crop_and_resize":
+        span = (roi[1] - roi[0]) * (in_w - 1)
+        x = (np.full(out_w, span / 2) if length == 1 else y * span / (length - 1)) + roi[0] * (in_w - 1)
+        return x, (x < 0) | (x > in_w - 1)
+    if mode == "pytorch_half_pixel":
+        return (np.full(out_w, -0.5) if length == 1 else (y + 0.5) / scale - 0.5), None
+    if mode == "half_pixel":
+        return (y + 0.5) / scale - 0.5, None
+    if mode == "half_pixel_symmetric":
+        return in_w / 2 * (1 - out_w / length) + (y + 0.5) / scale - 0.5, None
+    raise ValueError(mode)
+
+
+def _resize_coefficients(mode: str, ratio: float, scale: float, attr: dict) -> np.ndarray:
+    """The interpolation kernel's weights at `ratio` in (0, 1] past the left neighbour; antialias widens a
+    downsampling kernel by 1 / scale."""
+    a = attr.get("cubic_coeff_a", -0.75)
+    if mode == "nearest":
+        rounding = attr.get("nearest_mode", "round_prefer_floor")
+        if ratio == 1:
+            return np.array([0.0, 1.0])
+        right = {"round_prefer_floor": ratio > 0.5, "round_prefer_ceil": ratio >= 0.5, "floor": False,
+                 "ceil": True}[rounding]
+        return np.array([0.0, 1.0]) if right else np.array([1.0, 0.0])
+    if not attr.get("antialias", 0):
+        if mode == "linear":
+            return np.array([1 - ratio, ratio])
+        return np.array([((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a if i in (0, 3)
+                         else ((a + 2) * t - (a + 3)) * t * t + 1
+                         for i, t in enumerate((ratio, ratio, 1 - ratio, 1 - ratio))])
+    scale = min(scale, 1.0)
+    if mode == "linear":
+        start = int(np.floor(-1 / scale) + 1)
+        args = np.abs((np.arange(start, 2 - start) - ratio) * scale)
+        weights = np.clip(1 - args, 0, 1)
+    else:
+        start = int(np.floor(-2 / scale) + 1)
+        args = np.abs((np.arange(start, 2 - start) - ratio) * scale)
+        weights = np.where(args <= 1, (a + 2) * args ** 3 - (a + 3) * args ** 2 + 1,
+                           np.where(args < 2, a * args ** 3 - 5 * a * args ** 2 + 8 * a * args - 4 * a, 0.0))
+    return weights / weights.sum()
+
+
+def resize_matrix(mode: str, in_w: int, out_w: int, scale: float, roi, attr: dict):
+    """(W, outside): output = W @ input along one axis, as onnx's reference resizes it (the n neighbours nearest
+    the source coordinate, ties to the smaller index, edges repeated; exclude_outside drops and renormalizes
+    those beyond the edge), and the tf_crop_and_resize outputs that take extrapolation_value (or None)."""
+    x, outside = _resize_source(attr.get("coordinate_transformation_mode", "half_pixel"), in_w, out_w, scale, roi)
+    left = np.floor(x)
+    ratio = np.where(x == left, 1.0, x - left)
+    coeffs = np.array([_resize_coefficients(mode, r, scale, attr) for r in ratio])
+    n = coeffs.shape[1]
+    pad = int(np.ceil(n / 2))
+    padded = x + pad
+    frac = padded - np.floor(padded)
+    if n % 2 == 0:
+        offset = np.where(frac == 0, -(n // 2), -(n // 2) + 1)
+    else:
+        offset = np.where(frac <= 0.5, -((n - 1) // 2), -((n - 1) // 2) + 1)
+    neighbours = (np.floor(padded).astype(np.int64) + offset)[:, None] + np.arange(n)[None, :] - pad
+    if attr.get("exclude_outside", 0):
+        coeffs = np.where((neighbours < 0) | (neighbours >= in_w), 0.0, coeffs)
+        total = coeffs.sum(axis=1, keepdims=True)
+        coeffs = coeffs / np.where(total == 0, 1.0, total)
+    weights = np.zeros((out_w, in_w))
+    np.add.at(weights, (np.repeat(np.arange(out_w), n), np.clip(neighbours, 0, in_w - 1).reshape(-1)),
+              coeffs.reshape(-1))
+    return weights, outside
 
 
 def op_converters() -> dict:
@@ -255,11 +334,43 @@ def op_converters() -> dict:
                 refuse("BitCast", attr, f"casts {src} to {to} (edgec reinterprets types of one width, not bool)")
             return bb.emit_te(topi.reinterpret, x, to)
 
+    def resize(bb, x, out: list[int], scales: list[float], roi, attr: dict, op: str):
+        """Resize axis by axis with the ONNX coordinate mapping (resize_matrix): nearest as a gather (exact for
+        every type), linear and cubic as a product with the weights (float32 inside for float16)."""
+        mode = text(attr.get("mode", b"nearest"))
+        spec = {k: text(v) for k, v in attr.items() if k != "tvm_custom"}
+        dt = dtype(x)
+        if mode == "nearest" and spec.get("antialias", 0):
+            refuse(op, attr, "has antialias=1 with mode='nearest' (the spec defines antialias for linear and cubic)")
+        if mode != "nearest" and not dt.startswith(("float", "bfloat")):
+            refuse(op, attr, f"interpolates {dt} values in mode={mode!r}")
+        compute = "float32" if dt in ("float16", "bfloat16") else dt
+        y = x if compute == dt or mode == "nearest" else bb.emit(relax.op.astype(x, compute))
+        rank = len(out)
+        for axis in range(rank):
+            in_w = shape(y)[axis]
+            axis_roi = None if roi is None else (roi[axis], roi[rank + axis])
+            if np.isclose(scales[axis], 1.0) and out[axis] == in_w and (axis_roi is None or np.allclose(axis_roi, (0, 1))):
+                continue      # onnx's reference leaves such an axis as it is
+            weights, outside = resize_matrix(mode, in_w, out[axis], scales[axis], axis_roi, spec)
+            if mode == "nearest":
+                y = bb.emit(relax.op.take(y, relax.const(weights.argmax(axis=1).astype(np.int64)), axis=axis))
+            else:
+                order = [a for a in range(rank) if a != axis] + [axis]
+                moved = relax.op.permute_dims(y, order) if axis != rank - 1 else y
+                moved = bb.emit(relax.op.matmul(moved, relax.const(weights.T.astype(compute), compute)))
+                y = bb.emit(relax.op.permute_dims(moved, np.argsort(order).tolist()) if axis != rank - 1 else moved)
+            if outside is not None and outside.any():
+                mask = outside.reshape([-1 if a == axis else 1 for a in range(rank)])
+                y = bb.emit(relax.op.where(relax.const(mask), relax.const(attr.get("extrapolation_value", 0.0), compute
+                                                                         if mode != "nearest" else dt), y))
+        return y if dtype(y) == dt else relax.op.astype(y, dt)
+
     class Resize(tvm_onnx.Resize):
         """`axes` and `keep_aspect_ratio_policy` (TVM's converter ignores both), as onnx's reference reads them:
-        roi, scales and sizes spread to every axis, the kept aspect ratio's sizes rounded half up. Its scale must
-        then be exactly size / input size (TVM maps coordinates with that), and only spatial axes (from 2 on) may
-        change, as TVM resizes no others."""
+        roi, scales and sizes spread to every axis, the kept aspect ratio's sizes rounded half up. Where TVM would
+        map coordinates differently from ONNX (a scale whose output size is fractional: TVM maps with the rounded
+        size), antialias, or a resized axis 0 or 1 (TVM resizes axes 2 on), edgec's own resize computes it."""
 
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
@@ -276,28 +387,42 @@ def op_converters() -> dict:
                 full = np.array([0.0] * rank + [1.0] * rank)
                 full[axes], full[[rank + a for a in axes]] = roi[:len(axes)], roi[len(axes):]
                 roi = full
+            factors = np.ones(rank)
             if scales is not None:
-                full = np.ones(rank)
-                full[axes] = scales
-                scales = full
-            if sizes is not None:
-                full = np.array(dims, np.float64)
-                if policy != "stretch":
-                    ratios = sizes / full[axes]
-                    scale = ratios.min() if policy == "not_larger" else ratios.max()
-                    sizes = np.floor(scale * full[axes] + 0.5)
-                    if not np.all(sizes / full[axes] == scale):
-                        refuse("Resize", attr, f"keeps the aspect ratio at scale {scale}, which gives a fractional "
-                                               f"output size for input shape {dims}")
-                full[axes] = sizes
-                sizes = full
-            resized = sizes if sizes is not None else scales * dims if scales is not None else np.array(dims)
-            if rank < 3 or np.any(np.floor(resized[:2]) != dims[:2]):
-                refuse("Resize", attr, f"resizes axis 0 or 1 of a {rank}-D input (TVM resizes axes 2 on)")
+                factors[axes] = scales
+                out = np.floor(factors * dims)
+            else:
+                out = np.array(dims, np.float64)
+                if sizes is not None:
+                    out[axes] = sizes
+                factors = out / dims
+                if sizes is not None and policy != "stretch":
+                    kept = factors[axes].min() if policy == "not_larger" else factors[axes].max()
+                    factors[axes] = kept
+                    out[axes] = np.floor(kept * np.asarray(dims, np.float64)[axes] + 0.5)
+            own = attr.get("antialias", 0) or np.any(factors * dims != out) or np.any(out[:2] != dims[:2]) or rank < 3
+            if own:
+                return resize(bb, x, out.astype(int).tolist(), factors.tolist(), roi, attr, "Resize")
             attr = {k: v for k, v in attr.items() if k not in ("axes", "keep_aspect_ratio_policy")}
             inputs = [x, *(None if t is None else relax.const(t.astype(dt), dt)
-                           for t, dt in ((roi, "float32"), (scales, "float32"), (sizes, "int64")))]
+                           for t, dt in ((roi, "float32"), (None, "float32"), (out, "int64")))]
             return super()._impl_v18(bb, inputs, attr, params)
+
+    class Upsample(tvm_onnx.Upsample):
+        """Upsample (opset 7-9) is Resize with the asymmetric mapping and nearest rounding down, in any axis; scales
+        from the input (opset 9: TVM's converter reads only the attribute) or the attribute."""
+
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            scales = attr.get("scales")
+            if scales is None:
+                scales = constant("Upsample", attr, inputs[1], "scales").astype(np.float64)
+            out = np.floor(np.asarray(scales, np.float64) * shape(x)).astype(int).tolist()
+            attr = {**attr, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+            return resize(bb, x, out, list(scales), None, attr, "Upsample")
+
+        _impl_v7 = _impl_v9
 
     class Col2Im(tvm_onnx.OnnxOpConverter):
         """Col2Im as a sum over the kernel's positions: each position's column of blocks, spread by the strides,
@@ -384,6 +509,76 @@ def op_converters() -> dict:
             return relax.Tuple([bb.emit(relax.op.strided_slice(x, [axis], [end - size], [end]))
                                 for end, size in zip(ends, sizes.value.numpy().tolist())])
 
+    class TensorScatter(tvm_onnx.OnnxOpConverter):
+        """The cache with the update written along `axis` from each batch's write index (modulo the cache length
+        in circular mode): each cache position reads the update position that lands on it, or keeps its value."""
+
+        @classmethod
+        def _impl_v24(cls, bb, inputs, attr, params):
+            cache, update = inputs[:2]
+            dims, rank = shape(cache), len(shape(cache))
+            axis = attr.get("axis", -2) % rank
+            if axis == 0:
+                refuse("TensorScatter", attr, "scatters along axis 0 (the batch axis)")
+            length, written = dims[axis], shape(update)[axis]
+            offset = relax.const(np.arange(length)[None, :], "int64")           # (1, max_sequence_length)
+            if len(inputs) > 2 and inputs[2] is not None:
+                starts = bb.emit(relax.op.reshape(relax.op.astype(inputs[2], "int64"), (dims[0], 1)))
+                offset = bb.emit(relax.op.subtract(offset, starts))               # (batch, max_sequence_length)
+            if text(attr.get("mode", b"linear")) == "circular":
+                offset = bb.emit(relax.op.floor_mod(offset, relax.const(length, "int64")))
+            keep = bb.emit(relax.op.logical_or(relax.op.less(offset, relax.const(0, "int64")),
+                                               relax.op.greater_equal(offset, relax.const(written, "int64"))))
+            index = bb.emit(relax.op.clip(offset, 0, written - 1))
+            # (batch, 1.., max_sequence_length, 1..) broadcast to the cache's shape
+            placed = [int(index.ty.shape[0])] + [1] * (axis - 1) + [length] + [1] * (rank - axis - 1)
+            index, keep = (bb.emit(relax.op.broadcast_to(relax.op.reshape(t, placed), dims)) for t in (index, keep))
+            gathered = bb.emit(relax.op.gather_elements(update, index, axis))
+            return relax.op.where(keep, cache, gathered)
+
+    class Det(tvm_onnx.OnnxOpConverter):
+        """The determinant by Gaussian elimination with partial pivoting (as LAPACK's LU that numpy uses), unrolled
+        over the matrix size, in float64: the product of the pivots, negated per row swap."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dims = shape(x)
+            size = dims[-1]
+            if len(dims) < 2 or dims[-2] != size or size > 16:
+                refuse("Det", attr, f"takes a {dims} input (edgec computes square matrices up to 16x16)")
+            out_dt = dtype(x)
+            a = bb.emit(relax.op.astype(x, "float64")) if out_dt != "float64" else x
+            batch = dims[:-2]
+            rows = relax.const(np.arange(size), "int64")
+            det = relax.const(np.ones(batch), "float64")
+            for k in range(size):
+                column = bb.emit(relax.op.abs(relax.op.strided_slice(a, [len(dims) - 2, len(dims) - 1], [k, k],
+                                                                    [size, k + 1])))
+                pivot_row = bb.emit(relax.op.add(relax.op.argmax(column, axis=-2), relax.const(k, "int64")))  # (*, 1)
+                # swap rows k and pivot_row: row r reads row pivot_row if r == k, row k if r == pivot_row
+                order = bb.emit(relax.op.where(relax.op.equal(rows, relax.const(k, "int64")), pivot_row,
+                                               relax.op.where(relax.op.equal(rows, pivot_row),
+                                                              relax.const(k, "int64"), rows)))     # (*, size)
+                order = bb.emit(relax.op.broadcast_to(relax.op.expand_dims(order, -1), dims))
+                a = bb.emit(relax.op.gather_elements(a, order, axis=len(dims) - 2))
+                swapped = relax.op.not_equal(relax.op.squeeze(pivot_row, [-1]), relax.const(k, "int64"))
+                pivot = bb.emit(relax.op.squeeze(relax.op.strided_slice(
+                    a, [len(dims) - 2, len(dims) - 1], [k, k], [k + 1, k + 1]), [-2, -1]))
+                sign = relax.op.where(swapped, relax.const(-1.0, "float64"), relax.const(1.0, "float64"))
+                det = bb.emit(relax.op.multiply(det, relax.op.multiply(pivot, sign)))
+                if k == size - 1:
+                    break
+                # rows below k lose their multiple of row k (a zero pivot, a singular matrix, divides by 1)
+                safe = relax.op.where(relax.op.equal(pivot, relax.const(0.0, "float64")),
+                                      relax.const(1.0, "float64"), pivot)
+                below = relax.const((np.arange(size) > k).astype(np.float64)[:, None], "float64")   # (size, 1)
+                col_k = relax.op.strided_slice(a, [len(dims) - 1], [k], [k + 1])                    # (*, size, 1)
+                factor = relax.op.multiply(relax.op.divide(col_k, relax.op.expand_dims(safe, [-1, -2])), below)
+                row_k = relax.op.strided_slice(a, [len(dims) - 2], [k], [k + 1])                    # (*, 1, size)
+                a = bb.emit(relax.op.subtract(a, relax.op.multiply(bb.emit(factor), row_k)))
+            return relax.op.astype(det, out_dt) if out_dt != "float64" else det
+
     class EyeLike(tvm_onnx.EyeLike):
         """The `dtype` attribute sets the output's type (TVM's converter refuses one other than the input's, and
         eye_like's legalization ignores it: eye of the static shape)."""
@@ -399,4 +594,4 @@ def op_converters() -> dict:
 
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
-                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split)}
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det)}

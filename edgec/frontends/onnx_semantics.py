@@ -33,21 +33,6 @@ def _attr(node, name, default=None):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _resize_scales(node, consts, shapes) -> str | None:
-    """Resize with scales whose output size is fractional: ONNX maps coordinates with the scale (or the unrounded
-    size, for align_corners), TVM with the rounded output size."""
-    if len(node.input) < 3 or not node.input[2]:
-        return None
-    scales, shape = consts.get(node.input[2]), shapes.get(node.input[0])
-    if scales is None or scales.size == 0 or shape is None:
-        return None
-    axes = _attr(node, "axes") or range(len(shape))
-    sizes = [shape[a] * s for a, s in zip(axes, scales.tolist())]
-    if all(isinstance(s, float) and s.is_integer() for s in sizes):
-        return None
-    return f"scales {scales.tolist()} give a fractional output size for input shape {list(shape)}"
-
-
 def _conv_transpose_padding(x_shape, w_shape, attrs: dict) -> list[int]:
     """The ONNX spec's total padding per spatial axis for ConvTranspose's output_shape: the size the strides make
     minus output_shape."""
@@ -84,7 +69,6 @@ _REFUSALS = {
     "BatchNormalization": [lambda n, c, s: "training_mode=1 (batch statistics)" if _attr(n, "training_mode") else None],
     "Dropout": [_dropout_training],
     "RoiAlign": [lambda n, c, s: "mode='max'" if _attr(n, "mode", "avg") == "max" else None],
-    "Resize": [lambda n, c, s: "antialias=1" if _attr(n, "antialias") else None, _resize_scales],
     "ConvTranspose": [_conv_transpose_crop],
 }
 _HINTS = {
