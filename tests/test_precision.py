@@ -127,3 +127,13 @@ def test_fp16_rpi5_under_cortex_a76(cnn, tmp_path, qemu_cpus):  # noqa: F811
     # the rule's consequence on another input: within twice fp16's rounding error of float32 in rms (6.02 dB), the
     # rounding error as measured at build time, with 3 dB for a new input
     assert decibels((ref ** 2).sum(), ((out - ref) ** 2).sum()) >= logits["quantization_sqnr_db"] - 6.02 - 3
+
+
+def test_int8_weights_rpi4_under_cortex_a72(cnn, tmp_path, qemu_cpus):  # noqa: F811
+    result = api.build(cnn, "rpi4", tmp_path / "w8", options=_options("int8-weights"))
+    verification = result.manifest.verification
+    assert verification["status"] == "verified" and verification["runner"] == "qemu", verification
+    assert set(qemu_cpus) == {"cortex-a72"}
+    # XNNPACK packs its weights at load from the values main_load dequantized there
+    assert all(p.backend == "xnnpack" for p in result.compiled.offload if p.operator == "conv2d")
+    assert sum(v.dtype == np.int8 for v in _params(result.bundle_dir).values()) == 53
