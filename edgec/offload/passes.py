@@ -40,8 +40,15 @@ def _backends(ctx: BuildContext):
 
 
 @relax.expr_functor.mutator
-class _ClipRestorer(relax.PyExprMutator):
-    """call_tir(maximum, (x, lo)) and call_tir(minimum, (., hi)) become one R.clip(x, lo, hi)."""
+class ClipHalves(relax.PyExprMutator):
+    """The call_tir(maximum, (x, lo)) and call_tir(minimum, (., hi)) halves of an ONNX Clip as Relax ops: one
+    R.clip(x, lo, hi) per Clip (what the offload patterns fuse), or with `as_clip=False` R.maximum / R.minimum with
+    the tensor bound (what ToMixedPrecision computes in fp16: it fails on a call_tir given an fp16 tensor, and on
+    R.clip's scalar bounds)."""
+
+    def __init__(self, mod, as_clip: bool = True):
+        super().__init__(mod)
+        self.as_clip = as_clip
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -49,6 +56,9 @@ class _ClipRestorer(relax.PyExprMutator):
         if half is None:
             return call
         x, lo, hi = half
+        if not self.as_clip:
+            bound = call.args[1].fields[1]
+            return relax.op.maximum(x, bound) if hi == math.inf else relax.op.minimum(x, bound)
         if isinstance(x, relax.Var):
             producer = self.lookup_binding(x)
             if isinstance(producer, relax.Call) and producer.op == tvm.ir.Op.get("relax.clip"):
@@ -70,7 +80,7 @@ def clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
 
 @tvm.transform.module_pass(opt_level=0, name="OffloadRestoreClip")
 def _restore_clip(mod, pctx):
-    restorer = _ClipRestorer(mod)
+    restorer = ClipHalves(mod)
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             restorer.builder_.update_func(gv, restorer.visit_expr(func))

@@ -55,30 +55,15 @@ def check_target(mode: str, target) -> None:
                      "int8-weights for a smaller bundle on any target")
 
 
-@relax.expr_functor.mutator
-class _ClipsAsOps(relax.PyExprMutator):
-    """The halves of a Clip that TVM's ONNX importer leaves as call_tir(maximum | minimum, (x, bound)) become
-    R.maximum / R.minimum, which ToMixedPrecision computes in fp16 (it fails on a call_tir given an fp16 tensor)."""
-
-    def visit_call_(self, call):
-        from ..offload.passes import clip_half
-
-        call = super().visit_call_(call)
-        half = clip_half(call)
-        if half is None:
-            return call
-        x, _, hi = half
-        bound = call.args[1].fields[1]
-        return relax.op.maximum(x, bound) if hi == float("inf") else relax.op.minimum(x, bound)
-
-
 @register_pass("to-fp16", phase="graph", after=("canonicalize",), applies=lambda ctx: _mode(ctx) == "fp16",
                opt_level=0, skip_reason="needs --quantize fp16")
 def to_fp16(ctx):
     """Compute in fp16: fp16 weights and activations, conv/matmul accumulating in fp32; inputs/outputs stay fp32."""
     @tvm.transform.module_pass(opt_level=0, name="EdgecToFP16")
     def step(mod, _pctx):
-        clips = _ClipsAsOps(mod)
+        from ..offload.passes import ClipHalves
+
+        clips = ClipHalves(mod, as_clip=False)
         clips.builder_.update_func(mod.get_global_var("main"), clips.visit_expr(mod["main"]))
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(clips.builder_.get())
         record = {"mode": "fp16", "compute": "fp16 (elementwise ops, activations, weights)",
