@@ -5,8 +5,9 @@ the budget of the float model's on the calibration samples. The search compiles 
 switch per layer (qdq.rewrite(switchable=True)), and runs it on up to SEARCH_SAMPLES calibration samples for each
 mix it tries: no recompiling per candidate.
 
-1. Alone: each layer's harm, the output SQNR with that layer alone in int8 and every other float (quantization
-   noise from layers adds up, near enough, so this ranks them without the cross terms of a mix).
+1. Alone: each layer's harm, the output SQNR with that layer alone in int8 and every other float, on the first
+   ALONE_SAMPLES samples (quantization noise from layers adds up, near enough, so this ranks them without the
+   cross terms of a mix).
 2. Bisect: the longest run of the least harmful layers that, all in int8 together, still meets the budget.
 3. Greedy: each other layer, least harmful first, goes to int8 when the mix measured with it still meets the budget
    (so interactions count); one whose noise alone exceeds what is left of the budget is not tried.
@@ -33,6 +34,7 @@ from . import QuantizeOptions, analysis, qdq
 from .calibrate import on_host
 
 SEARCH_SAMPLES = 32
+ALONE_SAMPLES = 8     # of those, what each layer's harm alone is measured on (it only ranks them)
 LATENCY_BASIS = "estimated from multiply-accumulates (the layer's share of the conv/matmul MACs), not measured"
 
 
@@ -139,7 +141,7 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
         candidates = sorted(int8, key=names.index)
         for i, name in enumerate(candidates, start=1):
             say.detail(f"error budget: layer {i}/{len(candidates)} ({name}) alone in int8")
-            alone[name] = switched.sqnr(everything - {name})
+            alone[name] = switched.sqnr(everything - {name}, ALONE_SAMPLES)
         order = sorted(candidates, key=lambda n: -alone[n])      # least harmful first
         # the longest run of the least harmful layers that meets the budget, by bisection
         low, high, best = 0, len(order), math.inf
@@ -167,7 +169,8 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
                              f"layer alone in int8 {_fmt(max(alone[n] for n in order))} dB",
                              "relax --min-sqnr / --max-error, try another --calibration-method, or build float")
     record = {"budget": {"min_sqnr_db": budget, **({"max_error": options.max_error} if options.max_error else {}),
-                         "measured_on": f"{len(switched.inputs)} calibration samples: the QDQ graph on TVM against "
+                         "measured_on": f"{len(switched.inputs)} calibration samples (each layer alone: "
+                                        f"{min(ALONE_SAMPLES, len(switched.inputs))}), the QDQ graph on TVM against "
                                         "the float model"},
               "sqnr_db": {"int8": plain, **({"keep_float": start} if forced else {}), "mixed": best}}
     return everything - int8, alone, record
