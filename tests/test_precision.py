@@ -114,6 +114,8 @@ def test_fp16_rpi5_under_cortex_a76(cnn, tmp_path, qemu_cpus):  # noqa: F811
     assert verification["status"] == "verified" and verification["runner"] == "qemu", verification
     assert verification["rule"] == PRECISION_RULE.to_json()
     assert set(qemu_cpus) == {"cortex-a76"}
+    assert "passed the precision rule (its error at least 0.0 dB below the graph's own rounding error; see" in \
+        " ".join((bundle / "README.md").read_text().split())
     assert manifest.quantization["mode"] == "fp16" and manifest.inputs[0].dtype == "float32"
     params = _params(bundle)
     assert {str(v.dtype) for v in params.values() if v.size >= 16} == {"float16"}
