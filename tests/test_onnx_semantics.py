@@ -181,6 +181,34 @@ def test_attention_float16(edgec_host, tmp_path):
     _assert_matches_reference(edgec_host, model, [q, k, v], tmp_path)
 
 
+@pytest.mark.parametrize("mode, attrs", [(2, {"is_causal": 1}), (1, {"softcap": 2.0}), (2, {"softcap": 2.0})])
+def test_attention_qk_matmul_output_with_mask_and_softcap(edgec_host, tmp_path, mode, attrs):
+    """Mode 1: the product after softcap; mode 2: with the mask added, -inf where masked (against onnx's reference:
+    onnxruntime writes the lowest finite value there)."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)))
+    mask = rng.standard_normal((3, 5)).astype(np.float32)
+    model = _attention((1, 2, 3, 4), (1, 2, 5, 4), mask=(F32, [3, 5]), qk_matmul_output_mode=mode, **attrs)
+    feeds = dict(zip("q k v mask".split(), (q, k, v, mask)))
+    outputs = edgec_host.run(model, list(feeds.values()), tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, ReferenceEvaluator(model).run(None, feeds)) is None
+
+
+def test_attention_bfloat16(edgec_host, tmp_path):
+    """bfloat16 computed in float32 (TVM's bfloat16 vector kernels fail in code generation); onnx's reference
+    computes it in float32 too, rounding the result once."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.random((1, 2, 4, 8)).astype(ml_dtypes.bfloat16) for _ in range(3))
+    model = _attention((1, 2, 4, 8), (1, 2, 4, 8), fp=TensorProto.BFLOAT16, is_causal=1)
+    outputs = edgec_host.run(model, [q, k, v], tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, ReferenceEvaluator(model).run(None, {"q": q, "k": k, "v": v})) is None
+
+
 def test_expand_to_a_shape_computed_from_weights(edgec_host, tmp_path):
     """Expand to Shape(weight) + 0: the shape is computed in the graph, and folded at import."""
     x = np.arange(3, dtype=np.float32).reshape(3, 1)

@@ -230,3 +230,14 @@ def test_zero_size_kernel_is_left_as_it_was():
     func = te.create_prim_func([a, b])
     mod = CpuDefaultSchedule(load_target("host").tvm())(tvm.IRModule({"main": func}))
     assert schedule_summary(mod) == {"a zero-size loop (nothing to compute)": 1}
+
+
+def test_bfloat16_stores_stay_scalar_and_compile():
+    """TVM 0.27 stores bfloat16 as uint16 and fails in code generation on a vector of them: no vector loop."""
+    a = te.placeholder((64, 64), name="a")
+    b = te.compute((64, 64), lambda i, j: (a[i, j] * 2.0).astype("bfloat16"), name="b")
+    func = te.create_prim_func([a, b])
+    target = load_target("host").tvm()
+    scheduled = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
+    assert schedule_summary(scheduled) == {"scheduled": 1} and "T.vectorized" not in scheduled["main"].script()
+    tvm.compile(scheduled, target)

@@ -295,7 +295,8 @@ def _converters() -> dict:
             mask, past_key, past_value, nonpad = (inputs[i] if len(inputs) > i else None for i in range(3, 7))
             dt, name = dtype(q), attr["tvm_custom"]["name"] or "Attention"
             out_dt = dt
-            if dt == "float16":   # TVM's float16 matmul and exp round each step; float32 inside, rounded once
+            if dt in ("float16", "bfloat16"):   # TVM's float16 matmul and exp round each step (and its bfloat16
+                # kernels fail in code generation): float32 inside, rounded once
                 q, k, v = (bb.emit(relax.op.astype(t, "float32")) for t in (q, k, v))
                 past_key, past_value = (t if t is None else bb.emit(relax.op.astype(t, "float32"))
                                         for t in (past_key, past_value))
@@ -378,10 +379,11 @@ def _converters() -> dict:
             if softcap > 0:
                 qk = bb.emit(relax.op.multiply(relax.op.tanh(relax.op.divide(qk, const(softcap))), const(softcap)))
             mode = attr.get("qk_matmul_output_mode", 0)
-            # onnx's reference and onnxruntime disagree on these qk_matmul_output forms: before or after softcap,
-            # with or without the mask, masked entries -inf or the lowest finite value
-            if attr["tvm_custom"]["num_outputs"] > 3 and (mode in (1, 2) and bias is not None or softcap > 0 and mode < 2):
-                refuse(f"outputs qk_matmul_output in mode {mode} with {'softcap' if softcap > 0 else 'a mask'}")
+            # qk_matmul_output as the spec defines it: 1 after softcap, 2 with the mask added as well (-inf where
+            # masked, as onnx's reference; onnxruntime writes the lowest finite value there), 3 the probabilities.
+            # Mode 0 with softcap is refused: the spec says the raw product, onnx's reference returns it capped.
+            if attr["tvm_custom"]["num_outputs"] > 3 and softcap > 0 and mode == 0:
+                refuse("outputs qk_matmul_output in mode 0 with softcap")
             scores = add(qk, bias) if bias is not None else qk
             qk_out = scores if mode == 2 else qk
             precision = attr.get("softmax_precision")

@@ -134,7 +134,7 @@ class CpuDefaultSchedule:
 
     def _vectorize_innermost(self, sch, block_rv) -> None:
         loop = sch.get_loops(block_rv)[-1]
-        if _extent(sch, loop) > 1:
+        if _extent(sch, loop) > 1 and not _bfloat16(sch.get(block_rv)):
             sch.vectorize(self._split_vector(sch, loop, block_rv)[-1])
 
 
@@ -158,10 +158,15 @@ def _vectorizable(sch: s_tir.Schedule, block) -> bool:
     convolution every other element: their vector lanes would be gathered one load at a time)."""
     stmt = sch.get(block.block_rv)
     inner = [it.var for it in block.iters if it.kind == "S"][-1]
-    if len(stmt.writes) != 1 or not stmt.writes[0].region[-1].min.same_as(inner):
+    if len(stmt.writes) != 1 or not stmt.writes[0].region[-1].min.same_as(inner) or _bfloat16(stmt):
         return False
     return not block.is_reduction() or any(_unit_stride(read.region[-1].min, inner) for read in stmt.reads
                                            if read.source.shape)
+
+
+def _bfloat16(stmt) -> bool:
+    """The block stores bfloat16: TVM 0.27's code generation fails on a vector of them (it stores them as uint16)."""
+    return any(str(w.source.dtype) == "bfloat16" for w in stmt.writes)
 
 
 def _unit_stride(index, var) -> bool:
