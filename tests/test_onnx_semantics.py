@@ -422,6 +422,19 @@ def test_det_with_pivoting_singular_and_batched(edgec_host, tmp_path):
     assert abs(outputs[0][2]) < 1e-5 * np.abs(x[2]).max() ** 5
 
 
+
+@pytest.mark.parametrize("storage_order", [0, 1])
+def test_max_pool_indices_padded_strided_dilated(edgec_host, tmp_path, storage_order):
+    """Indices: the flat input index of each window's first maximum (ties included), per storage_order."""
+    x = np.random.default_rng(10).integers(0, 4, (2, 3, 6, 7)).astype(np.float32)
+    model = _model([helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[3, 2], strides=[2, 1],
+                                     dilations=[1, 2], pads=[1, 0, 1, 1], storage_order=storage_order)],
+                   [helper.make_tensor_value_info("x", F32, [2, 3, 6, 7])],
+                   [helper.make_tensor_value_info("y", F32, [2, 3, 3, 6]),
+                    helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3, 3, 6])], opset=12)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)

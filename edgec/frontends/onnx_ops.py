@@ -579,6 +579,53 @@ def op_converters() -> dict:
                 a = bb.emit(relax.op.subtract(a, relax.op.multiply(bb.emit(factor), row_k)))
             return relax.op.astype(det, out_dt) if out_dt != "float64" else det
 
+    class MaxPool(tvm_onnx.MaxPool):
+        """The Indices output (TVM's converter gives only Y): each window's first maximum in row-major order of
+        the kernel, as onnx's reference scans it, as a flat index into the input (per storage_order); explicit
+        pads only."""
+
+        @classmethod
+        def _impl_v8(cls, bb, inputs, attr, params):
+            if attr["tvm_custom"]["num_outputs"] < 2:
+                return super()._impl_v1(bb, inputs, attr, params)
+            x = inputs[0]
+            dims = shape(x)
+            n = len(dims) - 2
+            if text(attr.get("auto_pad", b"NOTSET")) != "NOTSET" or attr.get("ceil_mode", 0):
+                refuse("MaxPool", attr, "outputs Indices with auto_pad or ceil_mode")
+            kernel = list(attr["kernel_shape"])
+            strides, dil = attr.get("strides", [1] * n), attr.get("dilations", [1] * n)
+            pads = attr.get("pads", [0] * 2 * n)
+            out = [(dims[2 + d] + pads[d] + pads[n + d] - dil[d] * (kernel[d] - 1) - 1) // strides[d] + 1
+                   for d in range(n)]
+            dt = dtype(x)
+            lowest = -np.inf if dt.startswith(("float", "bfloat")) else np.iinfo(np.dtype(dt)).min
+            padded = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, *[p for d in range(n) for p in (pads[d], pads[n + d])]],
+                                             pad_value=float(lowest)))
+            windows = [relax.op.strided_slice(padded, list(range(2, n + 2)), [pos[d] * dil[d] for d in range(n)],
+                                              [pos[d] * dil[d] + (out[d] - 1) * strides[d] + 1 for d in range(n)],
+                                              strides)
+                       for pos in np.ndindex(*kernel)]
+            stacked = bb.emit(relax.op.stack(windows, axis=0))                  # (kernel positions, N, C, out...)
+            y = bb.emit(relax.op.max(stacked, axis=0))
+            which = bb.emit(relax.op.argmax(stacked, axis=0))                  # the first maximum
+            # input coordinate along each spatial axis: out index * stride - pad + kernel index * dilation
+            flat, step = None, 1
+            axes = list(range(n)) if attr.get("storage_order", 0) else list(range(n))[::-1]
+            for d in axes:      # row-major: the last axis steps by 1; column-major (storage_order 1): the first
+                k_index = relax.op.floor_mod(relax.op.floor_divide(which, relax.const(int(np.prod(kernel[d + 1:])),
+                                                                                      "int64")),
+                                             relax.const(kernel[d], "int64"))
+                start = np.arange(out[d]) * strides[d] - pads[d]
+                start = start.reshape([-1 if a == d else 1 for a in range(n)])
+                coord = relax.op.add(relax.const(start, "int64"),
+                                     relax.op.multiply(k_index, relax.const(dil[d], "int64")))
+                term = relax.op.multiply(coord, relax.const(step, "int64"))
+                flat = bb.emit(term if flat is None else relax.op.add(flat, term))
+                step *= dims[2 + d]
+            channel = np.arange(dims[0] * dims[1]).reshape(dims[0], dims[1], *[1] * n) * int(np.prod(dims[2:]))
+            return relax.Tuple([y, bb.emit(relax.op.add(flat, relax.const(channel, "int64")))])
+
     class EyeLike(tvm_onnx.EyeLike):
         """The `dtype` attribute sets the output's type (TVM's converter refuses one other than the input's, and
         eye_like's legalization ignores it: eye of the static shape)."""
@@ -594,4 +641,4 @@ def op_converters() -> dict:
 
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
-                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det)}
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool)}
