@@ -5,8 +5,6 @@ XNNPACK computes int32 sums requantized in float32 (sx * sw[c] / sy, rounded to 
 layers give the quantized reference's every rounding; what is left is the float32 classifier's summation order."""
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 from onnxruntime.quantization import QuantType
@@ -16,25 +14,11 @@ from edgec.build import BuildOptions
 from edgec.examples import mobilenet_v2
 from edgec.quantize import QuantizeOptions
 from edgec.reference import decibels
-from edgec.runtime import native
+from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
 from test_offload_int8 import check_within_one_step, conv_forms, int8_placement, quantized
 from verify import placed
 
 RNG = np.random.default_rng(11)
-
-
-@pytest.fixture
-def qemu_cpus(monkeypatch):
-    """The QEMU_CPU of every runner edgec starts (native.py's subprocess calls)."""
-    seen = []
-    run = subprocess.run
-
-    def recording(command, *args, env=None, **kw):
-        seen.append((env or {}).get("QEMU_CPU"))
-        return run(command, *args, env=env, **kw)
-
-    monkeypatch.setattr(native.subprocess, "run", recording)
-    return seen
 
 
 def test_cnn_int8_rpi4_gives_the_quantized_reference_and_the_host_result(tmp_path, qemu_cpus):
