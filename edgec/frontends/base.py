@@ -178,7 +178,9 @@ def relax_outputs(mod: tvm.IRModule, names: list[str]) -> tuple[TensorSpec, ...]
     dimension computed at run time (NonMaxSuppression's box count) is None."""
     from tvm import relax, tirx
 
-    ret = mod["main"].ret_ty
+    main = mod["main"]
+    # the returned value's own type: main's return type drops a shape that has a variable defined in the body
+    ret = main.body.body.ty if isinstance(main.body, relax.SeqExpr) else main.ret_ty
     leaves = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     if len(leaves) != len(names):
         raise EdgecError(f"internal error: the imported module returns {len(leaves)} values for "

@@ -43,7 +43,8 @@ def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_
     threshold = score_threshold if below else 0.0
 
     @T.prim_func(private=True)
-    def non_max_suppression(box: T.Buffer((batches, boxes, 4), dtype), score: T.Buffer((batches, classes, boxes), dtype),
+    def non_max_suppression(box: T.Buffer((batches, boxes, 4), dtype),
+                            score: T.Buffer((batches, classes, boxes), dtype),
                             selected: T.Buffer((capacity, 3), "int64"), count: T.Buffer((1,), "int64")):
         T.func_attr({"tir.noalias": True})
         # ymin, xmin, ymax, xmax of each box of the batch
@@ -184,8 +185,13 @@ def detection_converters() -> dict:
             groups, offset_groups = attr.get("group", 1), attr.get("offset_group", 1)
             sh, sw = attr.get("strides", (1, 1))
             dh, dw = attr.get("dilations", (1, 1))
-            top, left = list(attr.get("pads", (0, 0, 0, 0)))[:2]
+            top, left, bottom, right = attr.get("pads", (0, 0, 0, 0))
             taps, points = kh * kw, oh * ow
+            expected = [(h + top + bottom - (kh - 1) * dh - 1) // sh + 1,
+                        (wd + left + right - (kw - 1) * dw - 1) // sw + 1]
+            if [oh, ow] != expected:
+                refuse("DeformConv", attr, f"has offsets for a {oh}x{ow} output where its attributes give "
+                       f"{expected[0]}x{expected[1]}", "export the model with offsets of the output's size")
             if list(attr.get("kernel_shape", (kh, kw))) != [kh, kw] or c % offset_groups or c != c_per_group * groups:
                 refuse("DeformConv", attr, "has a kernel_shape, group or offset_group that does not fit its weights",
                        "export the model with consistent DeformConv attributes")

@@ -102,8 +102,7 @@ def ml_converters() -> dict:
             return relax.op.reshape(picked, (*(lead or [1]), count))
 
     class LabelEncoder(tvm_onnx.OnnxOpConverter):
-        """The value of the key each element equals (the last pair of a repeated key, as the reference's dict),
-        the default where none."""
+        """The value of the key each element equals, the default where none."""
 
         @classmethod
         def _impl_v2(cls, bb, inputs, attr, params):
@@ -126,6 +125,8 @@ def ml_converters() -> dict:
                 keys = keys.astype(np.float32)
             if np.issubdtype(keys.dtype, np.floating) and np.isnan(keys).any():
                 refuse("LabelEncoder", attr, "has a NaN key", "export the model without NaN keys")
+            if len(np.unique(keys)) != keys.size:   # onnxruntime keeps the first value, the reference the last
+                refuse("LabelEncoder", attr, "lists a key twice", "list each key once")
             table = dict(zip(keys.reshape(-1).tolist(), values.reshape(-1).tolist()))
             keys = relax.const(np.asarray(list(table), keys.dtype).astype(dtype(x)), dtype(x))
             values = np.asarray(list(table.values()), values.dtype)
@@ -204,14 +205,17 @@ def ml_converters() -> dict:
                 y = bb.emit(relax.op.matmul(relax.op.astype(reached, dt), relax.const(leaf_values, dt)))
                 n_trees = len(attr["tree_roots"])
                 return relax.op.divide(y, relax.const(n_trees, dt)) if aggregate == 0 else y
-            # MIN / MAX: over the reached leaves of each target, starting from the type's largest / smallest value
+            # MIN / MAX over the reached leaves of each target; 0 for a target no reached leaf writes, as onnxruntime
+            # gives (onnx's reference gives the type's largest / smallest value there)
             limit = np.finfo(dt).max if aggregate == 2 else np.finfo(dt).min
             aims = np.zeros((len(paths), n_targets), bool)
             for p, (_, _, leaf) in enumerate(paths):
                 aims[p, targets[leaf]] = True
             counted = relax.op.logical_and(relax.op.expand_dims(reached, -1), relax.const(aims))
             candidates = relax.op.where(counted, relax.const(leaf_values, dt), relax.const(limit, dt))
-            return (relax.op.min if aggregate == 2 else relax.op.max)(candidates, axis=1)
+            extreme = bb.emit((relax.op.min if aggregate == 2 else relax.op.max)(candidates, axis=1))
+            written = relax.op.max(relax.op.astype(counted, "int32"), axis=1)
+            return relax.op.where(relax.op.astype(written, "bool"), extreme, relax.const(0, dt))
 
     class TfIdfVectorizer(tvm_onnx.OnnxOpConverter):
         """Counts of the pool's n-grams in each row: an n-gram of n >= 2 is counted at every skip distance 1 to
@@ -241,6 +245,9 @@ def ml_converters() -> dict:
             first_id = 0
             for size, start in enumerate(starts, 1):
                 end = starts[size] if size < len(starts) else len(pool)
+                if (end - start) % size:
+                    refuse("TfIdfVectorizer", attr, f"has {end - start} pool items for {size}-grams",
+                           "give ngram_counts that split the pool into whole n-grams")
                 grams = pool[start:end].reshape(-1, size)
                 if lo <= size <= hi and len(grams):
                     if len(np.unique(grams, axis=0)) != len(grams):
