@@ -45,9 +45,11 @@ def test_int8_encoding_is_exact_for_rounded_weights_only():
     for axis in range(weight.ndim):
         rounded = round_int8(weight, axis)
         assert np.abs(rounded - weight).max() <= np.abs(weight).max() / 254 * (1 + 1e-6)
-        q, scale = int8_encoding(rounded)
-        assert q.dtype == np.int8 and np.abs(q).max() == 127
-        assert np.array_equal(q.astype(np.float32) * scale, rounded)   # the load function's multiply, bit for bit
+        q, scale, found = int8_encoding(rounded)
+        assert q.dtype == np.int8 and np.abs(q).max() == 127 and found == axis
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        assert np.array_equal(q.astype(np.float32) * scale.reshape(shape), rounded)   # the load function's multiply
     assert int8_encoding(weight) is None                               # a float weight stays float
     assert int8_encoding(round_int8(weight, 0)[:1, :1, :1, :1]) is None   # too small to be lifted
     assert int8_encoding(weight[0, 0, 0]) is None and int8_encoding(weight.reshape(-1)) is None   # no slices

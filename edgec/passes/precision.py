@@ -17,6 +17,7 @@ Both are verified through the graph they left, run here (precision_reference).
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 
@@ -135,9 +136,9 @@ def round_weights_int8(ctx):
     return step
 
 
-def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(q int8, scale float32 shaped to broadcast) with float32(q) * scale == weight exactly, the scale per slice
-    along one axis; None when no axis gives that (a weight round-weights-int8 did not round)."""
+def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(q int8, scale float32, axis) with float32(q) * scale[index along axis] == weight exactly; None when no axis
+    gives that (a weight round-weights-int8 did not round)."""
     if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < _MIN_ELEMENTS:
         return None
     for axis in reversed(range(weight.ndim)):
@@ -154,10 +155,8 @@ def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
             exact = np.isnan(scale) & (rounded.astype(np.float32) * candidate[:, None] == moved).all(axis=1)
             scale[exact], q[exact] = candidate[exact], rounded[exact]
         if not np.isnan(scale).any():
-            shape = [1] * weight.ndim
-            shape[axis] = weight.shape[axis]
             q = np.moveaxis(q.reshape(np.moveaxis(weight, axis, 0).shape), 0, axis)
-            return np.ascontiguousarray(q), scale.reshape(shape)
+            return np.ascontiguousarray(q), scale, axis
     return None
 
 
@@ -175,11 +174,22 @@ def _identity_load(mod: tvm.IRModule, name: str) -> tvm.IRModule:
     return mod
 
 
-def _store_int8(load: relax.Function) -> tuple[relax.Function, int, int]:
-    """The load function taking (q, scale) for each weight int8_encoding encodes, computing q * scale first thing;
-    with the bytes stored before and after."""
+def _dequantize_kernel(rank: int, axis: int) -> tvm.tirx.PrimFunc:
+    """w = float32(q) * scale[index along `axis`] for a weight of any shape of this rank: one kernel serves every
+    weight of one (rank, channel axis), instead of one per shape."""
+    from tvm import te
+
+    shape = [te.var(f"d{k}", "int64") for k in range(rank)]
+    q = te.placeholder(shape, "int8", name="q")
+    scale = te.placeholder((shape[axis],), "float32", name="scale")
+    w = te.compute(shape, lambda *i: q[i].astype("float32") * scale[i[axis]], name="w")
+    return te.create_prim_func([q, scale, w]).without_attr("global_symbol")   # private, as legalized kernels
+
+
+def _store_int8(load: relax.Function, kernel, normalize) -> tuple[relax.Function, int, int]:
+    """The load function taking (q, scale) for each weight int8_encoding encodes, computing q * scale first thing
+    (`kernel(rank, axis)`: the dequantize kernel's GlobalVar); with the bytes stored before and after."""
     values = list(load.attrs["params"])
-    normalize = relax.BlockBuilder().normalize
     params, stored, bindings, before, after = [], [], [], 0, 0
     for var, value in zip(load.params, values):
         array = value.numpy()
@@ -188,14 +198,13 @@ def _store_int8(load: relax.Function) -> tuple[relax.Function, int, int]:
             params.append(var)
             stored.append(value)
             continue
-        q, scale = encoding
+        q, scale, axis = encoding
         q_var = relax.Var(f"{var.name}_int8", relax.TensorType(q.shape, "int8"))
         scale_var = relax.Var(f"{var.name}_scale", relax.TensorType(scale.shape, "float32"))
         params += [q_var, scale_var]
         stored += [tvm.runtime.tensor(q), tvm.runtime.tensor(scale)]
-        widened = relax.Var(f"{var.name}_float", relax.TensorType(q.shape, "float32"))
-        bindings += [relax.VarBinding(widened, normalize(relax.op.astype(q_var, "float32"))),
-                     relax.VarBinding(var, normalize(relax.op.multiply(widened, scale_var)))]
+        bindings.append(relax.VarBinding(var, normalize(relax.call_tir(
+            kernel(q.ndim, axis), (q_var, scale_var), relax.TensorType(q.shape, "float32")))))
         before, after = before + array.nbytes, after + q.nbytes + scale.nbytes
     body = relax.SeqExpr([relax.BindingBlock(bindings), *load.body.blocks], load.body.body) if bindings else load.body
     func = relax.Function(params, body, load.ret_ty, load.is_pure, load.attrs, load.span)
@@ -215,10 +224,15 @@ def store_weights_int8(ctx):
             return mod     # no weights were lifted
         if name not in [gv.name_hint for gv in mod.get_global_vars()]:
             mod = _identity_load(mod, name)
-        load, before, after = _store_int8(mod[name])
-        mod = mod.clone()
-        mod[name] = load
-        mod = relax.transform.Normalize()(mod)   # the prepended bindings' block and the body get their types
+        builder = relax.BlockBuilder(mod)
+
+        @functools.cache
+        def kernel(rank: int, axis: int) -> tvm.ir.GlobalVar:
+            return builder.add_func(_dequantize_kernel(rank, axis), f"dequantize_int8_{rank}d_{axis}")
+
+        load, before, after = _store_int8(mod[name], kernel, builder.normalize)
+        builder.update_func(mod.get_global_var(name), load)
+        mod = relax.transform.Normalize()(builder.get())   # the prepended bindings' block and the body get types
         record = {**(quantization_of(mod) or {}), "stored_bytes_float32": before, "stored_bytes_int8": after}
         return mod.with_attr(QUANTIZATION_ATTR, json.dumps(record))
 
