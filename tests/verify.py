@@ -49,21 +49,22 @@ def save_onnx(path: Path, name: str, nodes, inputs: dict[str, list[int]], output
     return Path(path)
 
 
-def assert_refused_in_one_line(refused: Path, words: str, accepted: Path, tmp_path: Path) -> None:
+def assert_refused_in_one_line(refused: onnx.ModelProto, words: str, accepted: onnx.ModelProto, tmp_path: Path):
     """`edgec build` of `refused` exits 2 with one `error:` line holding `words`, no traceback; the same operator
     without the refused form (`accepted`) builds: the refusal is no wider than the form it is for."""
     from click.testing import CliRunner
 
     from edgec.cli import main
 
-    def build(model: Path):
-        return CliRunner().invoke(main, ["build", str(model), "-t", "host", "--offload", "none", "-o",
-                                         str(tmp_path / f"{model.stem}-bundle")])
+    def build(model: onnx.ModelProto, name: str):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        return CliRunner().invoke(main, ["build", str(tmp_path / f"{name}.onnx"), "-t", "host", "--offload", "none",
+                                         "-o", str(tmp_path / f"{name}-bundle")])
 
-    result = build(refused)
+    result = build(refused, "refused")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert "Traceback" not in result.stderr
-    built = build(accepted)
+    built = build(accepted, "accepted")
     assert built.exit_code == 0, built.stderr
