@@ -141,3 +141,15 @@ def test_int8_weights_rpi4_under_cortex_a72(cnn, tmp_path, qemu_cpus):  # noqa: 
     # XNNPACK packs its weights at load from the values main_load dequantized there
     assert all(p.backend == "xnnpack" for p in result.compiled.offload if p.operator == "conv2d")
     assert sum(v.dtype == np.int8 for v in _params(result.bundle_dir).values()) == 53
+
+
+def test_fp16_field_is_a_boolean(tmp_path):
+    from edgec.errors import EdgecError
+    from edgec.targets import load_target, load_target_file
+
+    text = open(load_target("rpi5").origin).read()
+    assert load_target("rpi5").device.fp16 and not load_target("rpi4").device.fp16
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("fp16 = true", 'fp16 = "yes"'))
+    with pytest.raises(EdgecError, match="field 'device.fp16' has the wrong type"):
+        load_target_file(bad)
