@@ -320,3 +320,27 @@ def test_streaming_model_quantizes(tmp_path):
     assert result.manifest.verification["status"] == "verified"
     assert result.manifest.verification["runner"].endswith("steps streamed")
     assert result.compiled.quantization["tensors"] == 2    # both inputs of the add x + 0.5 h
+
+
+def test_switchable_graph_is_the_float_and_the_int8_graph(outlier):
+    """The budget search's one module: switches all 0 compute the float model, all 1 the QDQ graph, and a mix the
+    graph with those layers left float (qdq.rewrite(floats=...)), to float32 rounding."""
+    from tvm import relax as rx
+
+    from edgec.dataset import open_dataset
+    from edgec.frontends import load_model
+    from edgec.quantize import analysis, calibrate, qdq
+    from edgec.quantize.calibrate import on_host
+
+    model = load_model(outlier["model"], None)
+    mod = rx.transform.FoldConstant()(rx.transform.DecomposeOpsForInference()(model.mod))
+    ranges = calibrate.calibrate(mod, open_dataset(outlier["data"], model.inputs), "minmax", 99.99)
+    names = list(analysis.plan(mod["main"]).layers.values())
+    switched = on_host(qdq.rewrite(mod, ranges, switchable=True)[0])
+    x = tvm.runtime.tensor(np.random.default_rng(5).uniform(-1, 1, (1, 16)).astype(np.float32))
+    for floats in (set(names), set(), {"matmul_2"}, {"matmul_0", "matmul_3"}):
+        switch = tvm.runtime.tensor(np.array([0.0 if n in floats else 1.0 for n in names], np.float32))
+        got = switched["main"](x, switch).numpy()
+        want = (on_host(mod) if floats == set(names) else
+                on_host(qdq.rewrite(mod, ranges, frozenset(floats))[0]))["main"](x).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
