@@ -53,6 +53,7 @@ def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_
         kept = T.alloc_buffer((keep,), "int32")
         n_kept = T.alloc_buffer((1,), "int32")
         best = T.alloc_buffer((1,), "int32")
+        exhausted = T.alloc_buffer((1,), "int32")
         suppressed = T.alloc_buffer((1,), "int32")
         count[0] = T.int64(0)
         for b in range(batches):
@@ -74,15 +75,19 @@ def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_
                     else:
                         out_of_play[i] = 0
                 n_kept[0] = 0
+                exhausted[0] = 0
                 for _step in range(boxes):
                     best[0] = -1
-                    for i in range(boxes):
-                        if out_of_play[i] == 0:
-                            if best[0] < 0:
-                                best[0] = i
-                            elif score[b, c, i] > score[b, c, best[0]]:
-                                best[0] = i
-                    if best[0] >= 0 and n_kept[0] < keep:
+                    if exhausted[0] == 0 and n_kept[0] < keep:   # no scan once the class is done
+                        for i in range(boxes):
+                            if out_of_play[i] == 0:
+                                if best[0] < 0:
+                                    best[0] = i
+                                elif score[b, c, i] > score[b, c, best[0]]:
+                                    best[0] = i
+                        if best[0] < 0:
+                            exhausted[0] = 1
+                    if best[0] >= 0:
                         out_of_play[best[0]] = 1
                         suppressed[0] = 0
                         for j in range(keep):
