@@ -52,6 +52,22 @@ def test_non_max_suppression(edgec_host, tmp_path, center_point_box, score_thres
     _assert_matches_reference(edgec_host, model, [boxes, scores], tmp_path)
 
 
+def test_non_max_suppression_rows_feed_later_operators(edgec_host, tmp_path):
+    """As a detector's tail: the kept box indices gather the boxes, so later operators take the run-time count."""
+    nms = _nms(1, 2, 30, 0, 6, 0.4, 0.3)
+    nodes = [*nms.graph.node, helper.make_node("Gather", ["selected", "two"], ["index"], axis=1),
+             helper.make_node("Squeeze", ["boxes", "zero"], ["all_boxes"]),
+             helper.make_node("Gather", ["all_boxes", "index"], ["kept"], axis=0),
+             helper.make_node("Relu", ["kept"], ["y"])]
+    extra = [numpy_helper.from_array(np.array(2, np.int64), "two"), numpy_helper.from_array(np.array([0], np.int64),
+                                                                                           "zero")]
+    model = _model(nodes, list(nms.graph.input), [helper.make_tensor_value_info("y", F32, ["n", 4])], opset=13,
+                   initializers=[*nms.graph.initializer, *extra])
+    rng = np.random.default_rng(5)
+    _assert_matches_reference(edgec_host, model, [_boxes(rng, 1, 30, 0), rng.random((1, 2, 30), dtype=np.float32)],
+                              tmp_path)
+
+
 def test_non_max_suppression_bundle_runs_with_a_run_time_row_count(tmp_path):
     """The manifest gives the row count as null; run.py and edgec_run return the rows the inputs select."""
     import json
