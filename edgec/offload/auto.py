@@ -285,9 +285,9 @@ _MEASURE_HINT = "pass the backends by name (--offload onednn) or --offload none 
 def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float], ...]:
     """Per library, each group's time in ms: the median over alternated rounds, one worker process per library."""
     deadline = time.monotonic() + TIME_LIMIT_S
-    # As a bundle with an offload library runs: TVM's pool on the target's threads, not spinning while the
-    # library's own pool works (see run.py).
-    env = {"TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": "0"}
+    # As run.py runs a bundle with an offload library: the target's threads, TVM's idle pool asleep, OpenMP's
+    # workers spinning 1000 rounds before they sleep.
+    env = {"TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "1000"}
     workers = []
     try:
         for path in libraries:

@@ -539,10 +539,17 @@ class Model:
             raise BundleError(f"this machine has no {kind} device, which the bundle was built for",
                               f"run it on {shown(target['name'])}")
         if m.get("shared_libs"):
-            # The offload libraries run their own (OpenMP) pool: TVM's workers must sleep, not spin, while it
-            # works. Measured on 2 cores: with TVM's spinning, 5-8 ms per MobileNetV2 run instead of 3 ms; with
-            # OMP_WAIT_POLICY=passive instead, oneDNN's team sleeps between primitives: 5-7 ms.
+            # The model's load function moves TVM's parallel loops onto the offload library's pool: one pool per
+            # process. TVM's pool is still made, idle (it only works for a model whose kernels use a barrier):
+            # its workers sleep at once. libgomp's (oneDNN's team) spin about 10 us, not 3 ms, before they sleep:
+            # gaps between kernels stay covered, and a thread waiting for a team member that lost its core to
+            # another process soon gives its own up. MobileNetV2 on 2 cores (bench/README.md): 4.4-4.7 ms alone,
+            # as with libgomp's default spin, and 8-10 / 12-15 ms beside 1 / 2 busy processes, where that default
+            # took 440 ms beside one (onnxruntime: 5.1-5.3, 9-9.5 / 10-16 ms). The environment's values win;
+            # GOMP_SPINCOUNT is left alone under OMP_WAIT_POLICY, which it would override.
             os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+            if "OMP_WAIT_POLICY" not in os.environ:
+                os.environ.setdefault("GOMP_SPINCOUNT", "1000")
         config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
         if config is not None:
             count = int(threads or target["device"]["threads"])
