@@ -14,6 +14,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..context import BuildContext
+from ..passes.ir import calls_any
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
 from .quantized import is_quantized, read_quantized
@@ -227,18 +228,9 @@ def layout(ctx):
     def layout_if_needed(mod, pctx):
         # ConvertLayout re-checks every binding, and refuses some the importer made (add of int64 and int32
         # indices): a graph without the backends' operators is left alone
-        return convert(mod) if _uses(mod, wanted) else mod
+        return convert(mod) if calls_any(mod, wanted) else mod
 
     return layout_if_needed
-
-
-def _uses(mod: tvm.IRModule, ops: set[str]) -> bool:
-    found = []
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, lambda e: found.append(1) if isinstance(e, relax.Call) and
-                                            isinstance(e.op, tvm.ir.Op) and e.op.name in ops else None)
-    return bool(found)
 
 
 @relax.expr_functor.mutator

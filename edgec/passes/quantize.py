@@ -16,8 +16,8 @@ import tvm
 
 from ..context import BuildContext
 from ..errors import EdgecError
-from ..offload.passes import _uses
 from .fold import fold_constants
+from .ir import calls_any
 from .registry import register_pass
 
 RANGES_ATTR = "edgec_calibration"
@@ -44,7 +44,7 @@ def calibrate(ctx):
     fold = fold_constants(ctx)
 
     def step(mod):
-        if _uses(mod, {"relax.quantize", "relax.dequantize"}):
+        if calls_any(mod, {"relax.quantize", "relax.dequantize"}):
             raise EdgecError("the model is quantized already (it has QuantizeLinear/DequantizeLinear or integer "
                              "operators)", "build it without --quantize: its own quantization is compiled as it is")
         mod = fold(mod)

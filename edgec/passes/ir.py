@@ -1,0 +1,16 @@
+"""Questions passes ask of a Relax module. Here, below both edgec.passes and edgec.offload, so that either can ask
+without importing the other."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+
+def calls_any(mod: tvm.IRModule, ops: set[str]) -> bool:
+    """Whether a Relax function of `mod` calls one of the operators named `ops` (e.g. "relax.dequantize")."""
+    found = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(1) if isinstance(e, relax.Call) and
+                                            isinstance(e.op, tvm.ir.Op) and e.op.name in ops else None)
+    return bool(found)
