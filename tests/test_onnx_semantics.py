@@ -435,6 +435,20 @@ def test_max_pool_indices_padded_strided_dilated(edgec_host, tmp_path, storage_o
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
 
 
+
+def test_float16_matmul_sums_in_float32_and_softmax_rounds_per_step(edgec_host, tmp_path):
+    """A 512-long float16 dot product: summed in float16, as TVM's kernel does, its rounding errors add up to
+    more than the tolerance; the Softmax of the result then rounds as its function body does."""
+    rng = np.random.default_rng(11)
+    a, b = rng.random((4, 512)).astype(np.float16), (rng.random((512, 6)) / 64).astype(np.float16)
+    model = _model([helper.make_node("MatMul", ["a", "b"], ["m"]), helper.make_node("Softmax", ["m"], ["y"])],
+                   [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [4, 512]),
+                    helper.make_tensor_value_info("b", TensorProto.FLOAT16, [512, 6])],
+                   [helper.make_tensor_value_info("m", TensorProto.FLOAT16, [4, 6]),
+                    helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 6])], opset=13)
+    _assert_matches_reference(edgec_host, model, [a, b], tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _const(name, value):
     return numpy_helper.from_array(np.asarray(value), name)
@@ -519,6 +533,17 @@ def test_resize_of_the_channel_axis_and_upsample(edgec_host, tmp_path, mode):
                       [helper.make_tensor_value_info("y", F32, [1, 4, 3, 6])], opset=9,
                       initializers=[_const("s", np.array([1, 2, 1, 3], np.float32))])
     _assert_matches_reference(edgec_host, upsample, [x], tmp_path)
+
+
+@pytest.mark.parametrize("mode, scales", [("nearest", [1, 1, 2, 3]), ("linear", [1, 1, 1.5, 0.5])])
+def test_resize_opset10(edgec_host, tmp_path, mode, scales):
+    """Resize-10 takes (X, scales) and maps as Upsample did (TVM read its scales as roi)."""
+    x = np.random.default_rng(12).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    out = [int(d * s) for d, s in zip(x.shape, scales)]
+    model = _model([helper.make_node("Resize", ["x", "s"], ["y"], mode=mode)],
+                   [helper.make_tensor_value_info("x", F32, [1, 2, 4, 4])], [helper.make_tensor_value_info("y", F32, out)],
+                   opset=10, initializers=[_const("s", np.array(scales, np.float32))])
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
 
 
 def test_col2im_strided_dilated_padded(edgec_host, tmp_path):

@@ -408,19 +408,32 @@ def op_converters() -> dict:
                            for t, dt in ((roi, "float32"), (None, "float32"), (out, "int64")))]
             return super()._impl_v18(bb, inputs, attr, params)
 
+        _impl_v11 = _impl_v18     # opset 11 added roi and sizes: the inputs are those of opset 18
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            return upsample(bb, inputs[0], constant("Resize", attr, inputs[1], "scales"), attr, "Resize")
+
+    def upsample(bb, x, scales, attr: dict, op: str):
+        """Upsample (opset 7-9) and Resize-10, which renamed it, as onnxruntime computes them (ONNX does not say how
+        they map coordinates): the asymmetric mapping, nearest rounding down, in any axis; nearest downsampling,
+        which onnxruntime rounds up instead, is refused."""
+        scales = np.asarray(scales, np.float64).reshape(-1)
+        if text(attr.get("mode", b"nearest")) == "nearest" and np.any(scales < 1):
+            refuse(op, attr, f"downsamples (scales {scales.tolist()}) in mode='nearest' at opset 10 or older")
+        out = np.floor(scales * shape(x)).astype(int).tolist()
+        attr = {**attr, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+        return resize(bb, x, out, scales.tolist(), None, attr, op)
+
     class Upsample(tvm_onnx.Upsample):
-        """Upsample (opset 7-9) is Resize with the asymmetric mapping and nearest rounding down, in any axis; scales
-        from the input (opset 9: TVM's converter reads only the attribute) or the attribute."""
+        """Scales from the input (opset 9: TVM's converter reads only the attribute) or the attribute (opset 7)."""
 
         @classmethod
         def _impl_v9(cls, bb, inputs, attr, params):
-            x = inputs[0]
             scales = attr.get("scales")
             if scales is None:
-                scales = constant("Upsample", attr, inputs[1], "scales").astype(np.float64)
-            out = np.floor(np.asarray(scales, np.float64) * shape(x)).astype(int).tolist()
-            attr = {**attr, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
-            return resize(bb, x, out, list(scales), None, attr, "Upsample")
+                scales = constant("Upsample", attr, inputs[1], "scales")
+            return upsample(bb, inputs[0], scales, attr, "Upsample")
 
         _impl_v7 = _impl_v9
 
@@ -626,6 +639,37 @@ def op_converters() -> dict:
             channel = np.arange(dims[0] * dims[1]).reshape(dims[0], dims[1], *[1] * n) * int(np.prod(dims[2:]))
             return relax.Tuple([y, bb.emit(relax.op.add(flat, relax.const(channel, "int64")))])
 
+    class MatMul(tvm_onnx.MatMul):
+        """float16 products summed in float32 and rounded once, as onnxruntime and onnx's reference (numpy) compute
+        them (TVM's float16 matmul rounds every partial sum)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            a, b = inputs
+            if dtype(a) != "float16" or dtype(b) != "float16":
+                return super()._impl_v13(bb, inputs, attr, params)
+            return relax.op.astype(bb.emit(relax.op.matmul(a, b, out_dtype="float32")), "float16")
+
+    class Softmax(tvm_onnx.Softmax):
+        """float16 as Softmax's function body computes it (onnx's reference too): max, shift, exp, sum and divide,
+        each result rounded to float16 (TVM's float16 softmax differs by a few float16 steps)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            if dtype(x) != "float16":
+                return super()._impl_v13(bb, inputs, attr, params)
+            axis = attr.get("axis", -1)
+
+            def rounded(expr):      # a float16 step, carried in float32
+                return bb.emit(relax.op.astype(relax.op.astype(expr, "float16"), "float32"))
+
+            wide = bb.emit(relax.op.astype(x, "float32"))
+            shifted = rounded(relax.op.subtract(wide, relax.op.max(wide, axis, keepdims=True)))
+            e = rounded(relax.op.exp(shifted))
+            total = rounded(relax.op.sum(e, axis, keepdims=True))
+            return relax.op.astype(relax.op.divide(e, total), "float16")
+
     class EyeLike(tvm_onnx.EyeLike):
         """The `dtype` attribute sets the output's type (TVM's converter refuses one other than the input's, and
         eye_like's legalization ignores it: eye of the static shape)."""
@@ -641,4 +685,4 @@ def op_converters() -> dict:
 
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
-                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool)}
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool, MatMul, Softmax)}
