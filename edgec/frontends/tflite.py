@@ -291,13 +291,13 @@ def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec],
 def _convert(model, inputs: list[TensorSpec]):
     from tvm.relax.frontend.tflite import from_tflite
 
-    from .tflite_convert import EdgecOperatorConverter
+    from .tflite_convert import EdgecOperatorConverter, integer_form
 
     mod = from_tflite(model, shape_dict={s.name: s.shape for s in inputs}, dtype_dict={s.name: s.dtype for s in inputs},
                       op_converter=EdgecOperatorConverter)
     # The importer also attaches its weights as a function attribute; they are bound as constants already.
     mod["main"] = mod["main"].without_attr("params")
-    return mod
+    return integer_form(mod)
 
 
 def _macs(model) -> int:

@@ -162,3 +162,108 @@ class EdgecOperatorConverter(OperatorConverter):
             raise EdgecError(f"EXPAND_DIMS of {name} has axis {axis.tolist()} for a rank-{rank} input",
                              "check the model")
         return relax.op.expand_dims(self.get_tensor_expr(data), int(axis[0]))
+
+
+# ------------------------------------------------------------------------------------------ full-integer models
+
+# TVM imports a full-integer model as QDQ, but not in the form of edgec.offload.quantized's patterns (those of
+# ONNX's QDQ models and of edgec's own quantization), so its int8 layers ran as float ops between dequantize and
+# quantize. `integer_form` rewrites the four differences, each exactly, so that conv2d (depthwise included) and
+# fully-connected chains reach the backends' int8 primitives:
+# - conv2d kernels HWIO / HWOI (depthwise: a reshape after the dequantize) become OIHW, quantized along axis 0;
+# - a fully-connected weight's transpose is folded into the int8 constant;
+# - the fused activation, clip(quantize(y), lo, hi) on the integers, becomes quantize(clip(y, (lo - zp) * s,
+#   (hi - zp) * s)): quantize is monotonic and maps those bounds to lo and hi exactly;
+# - zero points take the 8-bit type of their tensor (the backends read them as u8 / s8).
+# Rounding then differs from LiteRT in the integer kernels only: LiteRT's reference requantization multiplies the
+# int32 accumulator by a 31-bit fixed-point multiplier (round half up, then a rounding shift, half away from zero),
+# oneDNN and XNNPACK scale it in fp32 (round half to even). Both are within 2^-22 relative of the exact result, so
+# an output differs by one quantization step at most, and only where the exact value lies at (or within ~1e-5 of)
+# a half step.
+
+def _constant(expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
+
+
+@relax.expr_functor.mutator
+class _IntegerForm(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        name = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        if name == "relax.dequantize":
+            return self._narrow_zero_point(self._fold_weight_transpose(call), call.args[0].ty.dtype)
+        if name == "relax.quantize":
+            return self._narrow_zero_point(call, call.attrs.out_dtype)
+        if name == "relax.clip":
+            return self._clip_before_quantize(call)
+        if name == "relax.nn.conv2d" and call.attrs.kernel_layout != "OIHW":
+            return self._oihw_kernel(call)
+        return call
+
+    def _producer(self, expr, op: str) -> relax.Call | None:
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        return value if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get(op) else None
+
+    @staticmethod
+    def _narrow_zero_point(call, dtype) -> relax.Call:
+        dtype, zero_point = str(dtype), _constant(call.args[2])
+        if dtype not in ("int8", "uint8") or zero_point is None or zero_point.dtype == dtype:
+            return call
+        info = np.iinfo(dtype)
+        if zero_point.min() < info.min or zero_point.max() > info.max:
+            return call
+        args = [*call.args[:2], relax.const(zero_point.astype(dtype), dtype)]
+        return relax.Call(call.op, args, call.attrs)
+
+    def _fold_weight_transpose(self, call) -> relax.Call:
+        transpose = self._producer(call.args[0], "relax.permute_dims")
+        weights = None if transpose is None else _constant(transpose.args[0])
+        if weights is None:
+            return call
+        axes = None if transpose.attrs.axes is None else [int(a) for a in transpose.attrs.axes]
+        folded = relax.const(np.ascontiguousarray(np.transpose(weights, axes)), str(weights.dtype))
+        return relax.Call(call.op, [folded, *call.args[1:]], call.attrs)
+
+    def _clip_before_quantize(self, clip) -> relax.Call:
+        quantize = self._producer(clip.args[0], "relax.quantize")
+        scale, zero_point = (None, None) if quantize is None else map(_constant, quantize.args[1:])
+        if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+            return clip
+        s, zp = float(scale.reshape(())), int(zero_point.reshape(()))
+        lo, hi = ((float(b.value) - zp) * s for b in clip.args[1:])
+        return relax.Call(quantize.op, [relax.op.clip(quantize.args[0], lo, hi), *quantize.args[1:]], quantize.attrs)
+
+    def _oihw_kernel(self, conv) -> relax.Call:
+        """conv2d with its int8 kernel stored OIHW, per output channel (or per tensor); else unchanged."""
+        kernel = conv.args[1]
+        reshape = self._producer(kernel, "relax.reshape")
+        dequantize = self._producer(reshape.args[0] if reshape is not None else kernel, "relax.dequantize")
+        weights, scale, zero_point = (None,) * 3 if dequantize is None else map(_constant, dequantize.args)
+        shape = _static_shape(kernel.ty)
+        if weights is None or weights.dtype != np.int8 or scale is None or zero_point is None or zero_point.any() \
+                or shape is None:
+            return conv
+        axis = int(dequantize.attrs.axis) % weights.ndim
+        # each weight's scale, moved with it into OIHW: it must then depend on O alone
+        along = [-1 if i == axis else 1 for i in range(weights.ndim)] if scale.size > 1 else [1] * weights.ndim
+        order = [str(conv.attrs.kernel_layout).index(c) for c in "OIHW"]
+        scales = np.transpose(np.broadcast_to(scale.reshape(along), weights.shape).reshape(shape), order)
+        per_output = scales[:, :1, :1, :1]
+        if not np.array_equal(scales, np.broadcast_to(per_output, scales.shape)):
+            return conv
+        scale = per_output.reshape(-1) if scale.size > 1 else scale
+        oihw = np.ascontiguousarray(np.transpose(weights.reshape(shape), order))
+        dequantized = self.builder_.emit(relax.op.dequantize(
+            relax.const(oihw, "int8"), relax.const(scale, str(scale.dtype)),
+            relax.const(np.zeros(scale.shape, np.int8), "int8"), axis=0, out_dtype=str(dequantize.attrs.out_dtype)))
+        a = conv.attrs
+        return relax.op.nn.conv2d(conv.args[0], dequantized, a.strides, a.padding, a.dilation, int(a.groups),
+                                  a.data_layout, "OIHW", a.out_layout, a.out_dtype)
+
+
+def integer_form(mod: tvm.IRModule) -> tvm.IRModule:
+    """A full-integer model's QDQ graph in the form the backends' int8 patterns take (see above)."""
+    mutator = _IntegerForm(mod)
+    mod = mod.clone()
+    mod["main"] = mutator.visit_expr(mod["main"])
+    return relax.transform.DeadCodeElimination(["main"])(mod)
