@@ -379,6 +379,15 @@ def test_zero_size_results(edgec_host, tmp_path, op):
 
 
 @pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+def test_reduce_min_max_of_bool_over_every_axis(edgec_host, tmp_path, op):
+    x = np.array([[True, False], [True, True]])
+    model = _model([helper.make_node(op, ["x"], ["y"], keepdims=0)],
+                   [helper.make_tensor_value_info("x", TensorProto.BOOL, [2, 2])],
+                   [helper.make_tensor_value_info("y", TensorProto.BOOL, [])], opset=18)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
 @pytest.mark.parametrize("dtype, shape", [(TensorProto.BOOL, [3, 2]), (F32, [2, 0, 3]), (TensorProto.INT32, [2, 0, 3]),
                                           (F32, [2, 3])])
 def test_reduce_min_max_of_bool_empty_and_infinite(edgec_host, tmp_path, op, dtype, shape):
@@ -434,6 +443,17 @@ def test_max_pool_indices_padded_strided_dilated(edgec_host, tmp_path, storage_o
                     helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3, 3, 6])], opset=12)
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
 
+
+
+def test_float16_conv_sums_in_float32(edgec_host, tmp_path):
+    """A 3x3 convolution over 64 float16 channels (576 products per output), without a bias."""
+    rng = np.random.default_rng(13)
+    x, w = rng.random((1, 64, 6, 6)).astype(np.float16), (rng.random((4, 64, 3, 3)) / 32).astype(np.float16)
+    model = _model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 64, 6, 6]),
+                    helper.make_tensor_value_info("w", TensorProto.FLOAT16, [4, 64, 3, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 6, 6])], opset=13)
+    _assert_matches_reference(edgec_host, model, [x, w], tmp_path)
 
 
 def test_float16_matmul_sums_in_float32_and_softmax_rounds_per_step(edgec_host, tmp_path):

@@ -639,16 +639,23 @@ def op_converters() -> dict:
             channel = np.arange(dims[0] * dims[1]).reshape(dims[0], dims[1], *[1] * n) * int(np.prod(dims[2:]))
             return relax.Tuple([y, bb.emit(relax.op.add(flat, relax.const(channel, "int64")))])
 
-    class MatMul(tvm_onnx.MatMul):
-        """float16 products summed in float32 and rounded once, as onnxruntime and onnx's reference (numpy) compute
-        them (TVM's float16 matmul rounds every partial sum)."""
+    def summed_in_float32(impl, bb, inputs, attr, params):
+        """A float16 MatMul or Conv as onnxruntime and onnx's reference (numpy) compute it: products summed in
+        float32, the result rounded once (TVM's float16 kernels round every partial sum)."""
+        if any(t is not None and dtype(t) != "float16" for t in inputs):
+            return impl(bb, inputs, attr, params)
+        wide = tvm_onnx.onnx_input(None if t is None else bb.emit(relax.op.astype(t, "float32")) for t in inputs)
+        return relax.op.astype(bb.emit(impl(bb, wide, attr, params)), "float16")
 
+    class MatMul(tvm_onnx.MatMul):
         @classmethod
         def _impl_v13(cls, bb, inputs, attr, params):
-            a, b = inputs
-            if dtype(a) != "float16" or dtype(b) != "float16":
-                return super()._impl_v13(bb, inputs, attr, params)
-            return relax.op.astype(bb.emit(relax.op.matmul(a, b, out_dtype="float32")), "float16")
+            return summed_in_float32(super()._impl_v13, bb, inputs, attr, params)
+
+    class Conv(tvm_onnx.Conv):
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            return summed_in_float32(super()._impl_v11, bb, inputs, attr, params)
 
     class Softmax(tvm_onnx.Softmax):
         """float16 as Softmax's function body computes it (onnx's reference too): max, shift, exp, sum and divide,
@@ -685,4 +692,4 @@ def op_converters() -> dict:
 
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
-                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool, MatMul, Softmax)}
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool, MatMul, Conv, Softmax)}

@@ -246,8 +246,8 @@ def _converters() -> dict:
             def _fix(cls, impl, bb, inputs, attr, params):
                 x = inputs[0]
                 dt = dtype(x)
-                result = bb.normalize(impl(bb, [bb.emit(relax.op.astype(x, "uint8")) if dt == "bool" else x,
-                                                *inputs[1:]], attr, params))
+                reduced = bb.emit(relax.op.astype(x, "uint8")) if dt == "bool" else x
+                result = bb.normalize(impl(bb, tvm_onnx.onnx_input([reduced, *inputs[1:]]), attr, params))
                 out = [int(d) for d in result.ty.shape]
                 if 0 in [int(d) for d in x.ty.shape] and 0 not in out:
                     if dt == "bool":
@@ -267,7 +267,7 @@ def _converters() -> dict:
                 infinite = relax.const(-sign * np.inf, dt)
                 finite = bb.emit(relax.op.multiply(relax.op.astype(relax.op.not_equal(x, infinite), "int32"),
                                                    relax.const(sign, "int32")))
-                any_finite = bb.emit(impl(bb, [finite, *inputs[1:]], attr, params))
+                any_finite = bb.emit(impl(bb, tvm_onnx.onnx_input([finite, *inputs[1:]]), attr, params))
                 return relax.op.where(relax.op.equal(any_finite, relax.const(0, "int32")), infinite, result)
 
             @classmethod
