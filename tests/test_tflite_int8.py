@@ -1,0 +1,128 @@
+"""Full-integer TFLite models compile to integer compute: their int8 CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
+run as oneDNN's int8 primitives (edgec.frontends.tflite_convert.integer_form brings them into the QDQ form of the
+offload patterns), each output within one quantization step of LiteRT's integer kernels (LiteRT requantizes with
+a fixed-point multiplier, oneDNN in fp32: they can differ by one step where the exact value lies at a half step)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgec import api, report
+from edgec.build import BuildOptions
+from edgec.reference import ReferenceRuntime
+from models import real_model
+from test_streaming import AUDIO, wakeword_features
+from tflite_builder import Graph, schema
+
+ONEDNN = BuildOptions(offload=("onednn",))
+
+
+def _options(kind: str, **fields):
+    options = getattr(schema, f"{kind}OptionsT")()
+    for name, value in fields.items():
+        setattr(options, name, value)
+    return getattr(schema.BuiltinOptions, f"{kind}Options"), options
+
+
+class _Int8Layers:
+    """A full-integer graph under construction: per-channel int8 weights, int32 biases at scale sx * sw, and each
+    output's scale set from the spread its accumulator takes, so that the outputs use their 8-bit range: about 40
+    steps rms around a zero point near 0, or (ReLU) over the range above a zero point of -128."""
+
+    def __init__(self):
+        self.g, self.rng = Graph(), np.random.default_rng(3)
+
+    def activation(self, name, shape, scale, zero_point, dtype=np.int8):
+        return self.g.tensor(name, shape, dtype, quant=([scale], [zero_point], 0)), scale
+
+    def layer(self, kind, x, out_shape, weight_shape, axis, reach, act=0, input_rms=40, **fields):
+        """`kind` (Conv2D, DepthwiseConv2D, FullyConnected) of x = (tensor, scale), whose values spread `input_rms`
+        steps around the zero point, each output summing `reach` products: its output (tensor, scale)."""
+        (tensor, sx), g, channels = x, self.g, weight_shape[axis]
+        sw = (self.rng.random(channels) * 0.01 + 0.005).astype(np.float32)
+        w = g.tensor(f"{kind}{len(g.sg.tensors)}_w", weight_shape, np.int8,
+                     self.rng.integers(-127, 128, weight_shape).astype(np.int8), quant=(sw, [0] * channels, axis))
+        b = g.tensor(f"{kind}{len(g.sg.tensors)}_b", (channels,), np.int32,
+                     self.rng.integers(-3000, 3000, channels).astype(np.int32), quant=(sx * sw, [0] * channels, 0))
+        relu = act in (schema.ActivationFunctionType.RELU, schema.ActivationFunctionType.RELU6)
+        sy = float(np.sqrt(reach) * input_rms * 73 * sx * sw.mean() / (80 if relu else 40))
+        if act == schema.ActivationFunctionType.RELU6:
+            sy = min(sy, 6 / 255)
+        y = self.activation(f"{kind}{len(g.sg.tensors)}", out_shape, sy, -128 if relu else int(self.rng.integers(-9, 9)))
+        op = {"Conv2D": "CONV_2D", "DepthwiseConv2D": "DEPTHWISE_CONV_2D", "FullyConnected": "FULLY_CONNECTED"}[kind]
+        g.op(getattr(schema.BuiltinOperator, op), [tensor, w, b], [y[0]],
+             *_options(kind, fusedActivationFunction=act, **fields))
+        return y
+
+
+def small_int8_cnn(path):
+    """conv 3x3 + RELU6, depthwise 3x3 stride 2 + RELU, depthwise x2 multiplier, conv 1x1, a residual ADD, a
+    FULLY_CONNECTED + RELU on the flattened map and a QUANTIZE to uint8: the layers of a full-integer CNN."""
+    n, act, op = _Int8Layers(), schema.ActivationFunctionType, schema.BuiltinOperator
+    same = dict(padding=schema.Padding.SAME, strideH=1, strideW=1)
+    x = n.activation("image", (1, 12, 12, 8), 0.003, -4)
+    a = n.layer("Conv2D", x, (1, 12, 12, 16), (16, 3, 3, 8), 0, 9 * 8, act.RELU6, input_rms=74, **same)
+    b = n.layer("DepthwiseConv2D", a, (1, 6, 6, 16), (1, 3, 3, 16), 3, 9, act.RELU, input_rms=57,
+                padding=schema.Padding.SAME, strideH=2, strideW=2, depthMultiplier=1)
+    c = n.layer("DepthwiseConv2D", b, (1, 6, 6, 32), (1, 3, 3, 32), 3, 9, input_rms=57, depthMultiplier=2, **same)
+    d = n.layer("Conv2D", c, (1, 6, 6, 16), (16, 1, 1, 32), 0, 32, **same)
+    s = n.activation("sum", (1, 6, 6, 16), float(np.hypot(57 * b[1], 40 * d[1]) / 40), 3)
+    n.g.op(op.ADD, [b[0], d[0]], [s[0]], *_options("Add"))
+    flat = n.g.tensor("flat", (1, 576), np.int8, quant=([s[1]], [3], 0))
+    n.g.op(op.RESHAPE, [s[0], n.g.tensor("shape", (2,), np.int32, np.array([1, 576], np.int32))], [flat],
+           *_options("Reshape", newShape=[1, 576]))
+    logits = n.layer("FullyConnected", (flat, s[1]), (1, 10), (10, 576), 0, 576, act.RELU)
+    score = n.activation("score", (1, 10), logits[1], 0, np.uint8)
+    n.g.op(op.QUANTIZE, [logits[0]], [score[0]])
+    # the inner layers are outputs too, so that each is compared
+    return n.g.save(path, [x[0]], [a[0], c[0], s[0], score[0]])
+
+
+def within_one_step(ours: dict, reference: dict) -> tuple[int, int]:
+    """Asserts every output within one step of LiteRT's; (elements one step off, elements)."""
+    off = total = 0
+    for name, expected in reference.items():
+        assert ours[name].dtype == expected.dtype and ours[name].shape == expected.shape, name
+        steps = np.abs(ours[name].astype(int) - expected.astype(int))
+        assert steps.max() <= 1, f"{name}: {steps.max()} quantization steps off"
+        off, total = off + int(steps.sum()), total + steps.size
+    return off, total
+
+
+def placement(built) -> dict[tuple[str, str, str], int]:
+    """(operator, backend, pattern) -> calls, from the build summary."""
+    return {(p["operator"], p["backend"], p["detail"]): p["count"] for p in report.build_json(built)["offload"]}
+
+
+def test_small_int8_cnn_runs_on_onednn_int8_within_one_step(tmp_path):
+    model = small_int8_cnn(tmp_path / "int8_cnn.tflite")
+    rng = np.random.default_rng(0)
+    samples = [{"image": rng.integers(-128, 128, (1, 12, 12, 8)).astype(np.int8)} for _ in range(6)]
+    built = api.build(model, "host", tmp_path / "b", options=ONEDNN, sample_inputs=samples[0])
+    assert built.manifest.verification["status"] == "verified"
+    assert placement(built) == {("conv2d", "onednn", "onednn.qconv2d_bias"): 2,
+                                ("conv2d", "onednn", "onednn.qconv2d_bias_clip"): 2,
+                                ("matmul", "onednn", "onednn.qmatmul_bias_clip"): 1}, placement(built)
+    litert, off, total, scores = ReferenceRuntime(model), 0, 0, []
+    for sample in samples:
+        reference = litert.run(sample)
+        o, t = within_one_step(api.run(built.bundle_dir, sample).outputs, reference)
+        off, total, scores = off + o, total + t, [*scores, reference["score"]]
+    print(f"{off} of {total} outputs one step off LiteRT")
+    assert np.ptp(np.concatenate(scores)) > 50, "the scores vary with the input: the comparison checks something"
+
+
+def test_okay_nabu_int8_layers_on_onednn_stream_within_one_step(tmp_path):
+    """micro-wakeword's okay_nabu (pymicro-wakeword 2.5.0, full-integer, streaming): all 14 convolutions and the
+    dense layer are oneDNN int8 primitives; 12 streamed steps, every output within one step of LiteRT."""
+    built = api.build(real_model("okay_nabu"), "host", tmp_path / "b", options=ONEDNN)
+    assert placement(built) == {("conv2d", "onednn", "onednn.qconv2d_bias"): 8,
+                                ("conv2d", "onednn", "onednn.qconv2d_bias_clip"): 6,
+                                ("matmul", "onednn", "onednn.qmatmul_bias"): 1}, placement(built)
+    states = api.bundle_states(built.bundle_dir)
+    litert, model = ReferenceRuntime(real_model("okay_nabu"), states=states), api.load(built.bundle_dir)
+    off = total = 0
+    for chunk in wakeword_features(12):
+        o, t = within_one_step(model.stream({AUDIO: chunk}), litert.run({AUDIO: chunk}))
+        off, total = off + o, total + t
+    print(f"{off} of {total} outputs one step off LiteRT")
