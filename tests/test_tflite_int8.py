@@ -1,7 +1,8 @@
 """Full-integer TFLite models compile to integer compute: their int8 CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
-run as oneDNN's int8 primitives (edgec.frontends.tflite_convert.integer_form brings them into the QDQ form of the
-offload patterns), each output within one quantization step of LiteRT's integer kernels (LiteRT requantizes with
-a fixed-point multiplier, oneDNN in fp32: they can differ by one step where the exact value lies at a half step)."""
+run as oneDNN's int8 primitives on the host and XNNPACK's QC8 operators on the Pi targets
+(edgec.frontends.tflite_convert.integer_form brings them into the QDQ form of the offload patterns), each output
+within one quantization step of LiteRT's integer kernels (LiteRT requantizes with a fixed-point multiplier, the
+backends in fp32: they can differ by one step where the exact value lies at a half step)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,17 +12,12 @@ from edgec import api, report
 from edgec.build import BuildOptions
 from edgec.reference import ReferenceRuntime
 from models import real_model
+from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
 from test_streaming import AUDIO, wakeword_features
+from test_tflite_import import _options
 from tflite_builder import Graph, schema
 
 ONEDNN = BuildOptions(offload=("onednn",))
-
-
-def _options(kind: str, **fields):
-    options = getattr(schema, f"{kind}OptionsT")()
-    for name, value in fields.items():
-        setattr(options, name, value)
-    return getattr(schema.BuiltinOptions, f"{kind}Options"), options
 
 
 class _Int8Layers:
@@ -94,22 +90,26 @@ def placement(built) -> dict[tuple[str, str, str], int]:
     return {(p["operator"], p["backend"], p["detail"]): p["count"] for p in report.build_json(built)["offload"]}
 
 
-def test_small_int8_cnn_runs_on_onednn_int8_within_one_step(tmp_path):
+@pytest.mark.parametrize("target, backend", [("host", "onednn"), ("rpi4", "xnnpack")])
+def test_small_int8_cnn_runs_on_int8_primitives_within_one_step(tmp_path, qemu_cpus, target, backend):
+    """On the host oneDNN's int8 primitives; for rpi4 XNNPACK's QC8 operators, run under qemu (Cortex-A72)."""
     model = small_int8_cnn(tmp_path / "int8_cnn.tflite")
     rng = np.random.default_rng(0)
     samples = [{"image": rng.integers(-128, 128, (1, 12, 12, 8)).astype(np.int8)} for _ in range(6)]
-    built = api.build(model, "host", tmp_path / "b", options=ONEDNN, sample_inputs=samples[0])
+    built = api.build(model, target, tmp_path / "b", options=BuildOptions(offload=(backend,)),
+                      sample_inputs=samples[0])
     assert built.manifest.verification["status"] == "verified"
-    assert placement(built) == {("conv2d", "onednn", "onednn.qconv2d_bias"): 2,
-                                ("conv2d", "onednn", "onednn.qconv2d_bias_clip"): 2,
-                                ("matmul", "onednn", "onednn.qmatmul_bias_clip"): 1}, placement(built)
+    assert placement(built) == {("conv2d", backend, f"{backend}.qconv2d_bias"): 2,
+                                ("conv2d", backend, f"{backend}.qconv2d_bias_clip"): 2,
+                                ("matmul", backend, f"{backend}.qmatmul_bias_clip"): 1}, placement(built)
     litert, off, total, scores = ReferenceRuntime(model), 0, 0, []
     for sample in samples:
         reference = litert.run(sample)
         o, t = within_one_step(api.run(built.bundle_dir, sample).outputs, reference)
         off, total, scores = off + o, total + t, [*scores, reference["score"]]
-    print(f"{off} of {total} outputs one step off LiteRT")
+    print(f"{target}: {off} of {total} outputs one step off LiteRT")
     assert np.ptp(np.concatenate(scores)) > 50, "the scores vary with the input: the comparison checks something"
+    assert (target == "rpi4") == ("cortex-a72" in qemu_cpus)
 
 
 def test_okay_nabu_int8_layers_on_onednn_stream_within_one_step(tmp_path):
