@@ -4,6 +4,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
+from ..offload.fusion import static_shape
 from .registry import register_pass
 
 
@@ -56,8 +57,6 @@ def fold_batchnorm(ctx):
 
 def _static(expr) -> tuple[tuple[int, ...], str] | None:
     """(shape, dtype) of a tensor with a static shape and a dtype numpy has; else None."""
-    from ..offload.fusion import static_shape   # here: edgec.offload imports the passes package
-
     shape = static_shape(expr)
     if shape is None:
         return None
