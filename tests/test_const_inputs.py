@@ -96,15 +96,17 @@ def test_zero_size_dim_is_not_dynamic(tmp_path):
 
 @pytest.mark.parametrize("emulate", [False, True], ids=["in-process", "cpp-runner"])
 def test_scalar_input_end_to_end(tmp_path, emulate):
-    model = _save(tmp_path / "scalar.onnx", [helper.make_node("Mul", ["x", "s"], ["y"])],
+    model = _save(tmp_path / "scalar.onnx", [helper.make_node("Mul", ["x", "s"], ["y"]),
+                                             helper.make_node("ReduceSum", ["y"], ["total"], keepdims=0)],
                   [helper.make_tensor_value_info("x", T.FLOAT, [2, 3]), helper.make_tensor_value_info("s", T.FLOAT, [])],
-                  [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])])
+                  [helper.make_tensor_value_info("y", T.FLOAT, [2, 3]), helper.make_tensor_value_info("total", T.FLOAT, [])])
     result = _build(model, tmp_path)
     assert result.manifest.verification["status"] == "verified"
     assert result.manifest.inputs[1].shape == ()
     inputs = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(-1.5, dtype=np.float32)}
     run, _ = assert_close_to_reference(model, result.bundle_dir, inputs, emulate=emulate)
     np.testing.assert_array_equal(run.outputs["y"], inputs["x"] * -1.5)
+    assert run.outputs["total"].shape == () and run.outputs["total"] == -22.5   # a 0-d output compared, too
 
 
 @pytest.mark.parametrize("emulate", [False, True], ids=["in-process", "cpp-runner"])

@@ -493,7 +493,8 @@ def compare(outputs, expected, atol, rtol):
         if problem:
             report[name] = {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False, "problem": problem}
             continue
-        o, r = out.astype(np.float64), ref.astype(np.float64)
+        # flat: arithmetic on 0-d arrays gives numpy scalars, which cannot be assigned into below
+        o, r = out.astype(np.float64).reshape(-1), ref.astype(np.float64).reshape(-1)
         with np.errstate(invalid="ignore"):
             diff = np.abs(o - r)
         diff[(o == r) | (np.isnan(o) & np.isnan(r))] = 0.0
