@@ -61,6 +61,16 @@ def test_binarizer(edgec_host, tmp_path):
     _assert_matches_reference(edgec_host, model, [x], tmp_path)
 
 
+@pytest.mark.parametrize("threshold", [-0.5, 2.5, -1e30, 1e30, 9.3e18, float("nan")])
+def test_binarizer_integer_with_fractional_threshold(edgec_host, tmp_path, threshold):
+    """x > threshold on integers with a float threshold (onnx's reference; onnxruntime has no integer Binarizer):
+    0 > -0.5 holds; the threshold cast to the integer type would make it 0 > 0."""
+    model = _model(helper.make_node("Binarizer", ["x"], ["y"], domain=ML, threshold=threshold),
+                   {"x": (I64, [6])}, {"y": (I64, [6])})
+    x = np.array([-2, -1, 0, 1, 2, 3], np.int64)
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
 @pytest.mark.parametrize("x_shape", [[5], [2, 3, 5]])
 def test_array_feature_extractor(edgec_host, tmp_path, x_shape):
     model = _model(helper.make_node("ArrayFeatureExtractor", ["x", "i"], ["y"], domain=ML),

@@ -72,11 +72,22 @@ def ml_converters() -> dict:
         return [int(d) for d in expr.ty.shape]
 
     class Binarizer(tvm_onnx.OnnxOpConverter):
+        """1 where x > threshold, else 0. The float threshold is not cast to an integer x's type (-0.5 would become
+        0, and 0 > -0.5 false): integer x compares with floor(threshold), clamped to the type's range."""
+
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             x = inputs[0]
-            above = relax.op.greater(x, relax.const(attr.get("threshold", 0.0), dtype(x)))
-            return relax.op.astype(above, dtype(x))
+            threshold = float(attr.get("threshold", 0.0))
+            if "int" in dtype(x):
+                info = np.iinfo(np.dtype(dtype(x)))
+                if np.isnan(threshold):
+                    return relax.op.zeros_like(x)
+                below = np.floor(threshold) < info.min     # every value is above
+                bound = info.min if below else info.max if np.floor(threshold) >= info.max else int(threshold // 1)
+                compare = relax.op.greater_equal if below else relax.op.greater
+                return relax.op.astype(compare(x, relax.const(bound, dtype(x))), dtype(x))
+            return relax.op.astype(relax.op.greater(x, relax.const(threshold, dtype(x))), dtype(x))
 
     class ArrayFeatureExtractor(tvm_onnx.OnnxOpConverter):
         """X[..., indices] with the indices flattened; a 1-D X gives one row (onnxruntime's and the reference's
