@@ -126,3 +126,54 @@ def test_okay_nabu_int8_layers_on_onednn_stream_within_one_step(tmp_path):
         o, t = within_one_step(model.stream({AUDIO: chunk}), litert.run({AUDIO: chunk}))
         off, total = off + o, total + t
     print(f"{off} of {total} outputs one step off LiteRT")
+
+
+def test_other_int8_forms_within_one_step(tmp_path):
+    """A depthwise conv over one input channel (multiplier 4: TVM's HWIO kernel), a conv with per-tensor weights,
+    a FULLY_CONNECTED without bias keeping a 3-D input's dims: each an int8 primitive; a legacy uint8 conv
+    (asymmetric weights, which the integer kernels do not take) stays a float conv, and right."""
+    rng, op, act = np.random.default_rng(1), schema.BuiltinOperator, schema.ActivationFunctionType
+    same = dict(padding=schema.Padding.SAME, strideH=1, strideW=1)
+
+    def weights(name, shape, scales, axis=0, dtype=np.int8, zero_point=0):
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min + (dtype == np.int8), info.max + 1, shape).astype(dtype)
+        return g.tensor(name, shape, dtype, data, quant=(scales, [zero_point] * len(scales), axis))
+
+    def bias(name, scales, channels):
+        return g.tensor(name, (channels,), np.int32, rng.integers(-300, 300, channels).astype(np.int32),
+                        quant=(scales, [0] * len(scales), 0))
+
+    g = Graph()
+    x = g.tensor("x", (1, 8, 8, 1), np.int8, quant=([0.05], [0], 0))
+    sw = np.float32([0.01, 0.02, 0.015, 0.012])
+    y = g.tensor("y", (1, 8, 8, 4), np.int8, quant=([0.1], [-3], 0))
+    g.op(op.DEPTHWISE_CONV_2D, [x, weights("w1", (1, 3, 3, 4), sw, 3), bias("b1", 0.05 * sw, 4)], [y],
+         *_options("DepthwiseConv2D", depthMultiplier=4, fusedActivationFunction=act.RELU, **same))
+    z = g.tensor("z", (1, 6, 6, 6), np.int8, quant=([0.2], [5], 0))
+    g.op(op.CONV_2D, [y, weights("w2", (6, 3, 3, 4), [0.01]), bias("b2", [0.001], 6)], [z],
+         *_options("Conv2D", padding=schema.Padding.VALID, strideH=1, strideW=1))
+    v = g.tensor("v", (1, 5, 16), np.int8, quant=([0.05], [2], 0))
+    u = g.tensor("u", (1, 5, 8), np.int8, quant=([0.05], [0], 0))
+    g.op(op.FULLY_CONNECTED, [v, weights("w3", (8, 16), np.full(8, 0.01, np.float32)), -1], [u],
+         *_options("FullyConnected", keepNumDims=True))
+    mixed = g.save(tmp_path / "forms.tflite", [x, v], [z, u])
+
+    g = Graph()
+    x8 = g.tensor("x", (1, 6, 6, 3), np.uint8, quant=([0.05], [128], 0))
+    y8 = g.tensor("y", (1, 6, 6, 4), np.uint8, quant=([0.05], [128], 0))
+    g.op(op.CONV_2D, [x8, weights("w", (4, 3, 3, 3), [0.01], dtype=np.uint8, zero_point=120), bias("b", [0.0005], 4)],
+         [y8], *_options("Conv2D", fusedActivationFunction=act.RELU6, **same))
+    legacy = g.save(tmp_path / "uint8.tflite", [x8], [y8])
+
+    for model, placed in [(mixed, {("conv2d", "onednn", "onednn.qconv2d_bias_clip"): 1,
+                                   ("conv2d", "onednn", "onednn.qconv2d_bias"): 1,
+                                   ("matmul", "onednn", "onednn.qmatmul"): 1}),
+                          (legacy, {("conv2d", "onednn", "onednn.conv2d_bias_clip"): 1})]:
+        built = api.build(model, "host", tmp_path / model.stem, options=ONEDNN)
+        assert built.manifest.verification["status"] == "verified" and placement(built) == placed, placement(built)
+        sample = {t.name: rng.integers(np.iinfo(t.dtype).min, np.iinfo(t.dtype).max + 1, t.shape).astype(t.dtype)
+                  for t in built.manifest.inputs}
+        reference = ReferenceRuntime(model).run(sample)
+        within_one_step(api.run(built.bundle_dir, sample).outputs, reference)
+        assert all(np.ptp(r.astype(int)) > 20 for r in reference.values()), reference
