@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from edgec import api
 from edgec.context import BuildOptions
@@ -19,6 +19,7 @@ from edgec.quantize import QuantizeOptions
 from edgec.reference import PRECISION_RULE, decibels
 from test_cli_errors import check_error, cli
 from test_offload_arm import qemu_cpus  # noqa: F401  (fixture)
+from verify import save_onnx
 
 RNG = np.random.default_rng(3)
 
@@ -153,3 +154,21 @@ def test_fp16_field_is_a_boolean(tmp_path):
     bad.write_text(text.replace("fp16 = true", 'fp16 = "yes"'))
     with pytest.raises(EdgecError, match="field 'device.fp16' has the wrong type"):
         load_target_file(bad)
+
+
+def _shared_weight_convs(path):
+    """Two convolutions sharing one weight: y = conv(conv(x, W), W)."""
+    return save_onnx(path, "shared", [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+                                      helper.make_node("Conv", ["c", "W"], ["y"], pads=[1, 1, 1, 1])],
+                     {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]},
+                     [numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32), "W")])
+
+
+@pytest.mark.parametrize("opt_level", [0, 1])
+def test_fp16_weights_stored_once_in_fp16_at_every_opt_level(tmp_path, opt_level):
+    """The weights' casts are folded by to-fp16 itself: at -O0 (no fold-constants) they stayed float32 in params.bin,
+    cast on every call; a weight two convolutions share is one fp16 tensor (-O0 and -O1 stored it twice)."""
+    options = BuildOptions(opt_level=opt_level, quantize=QuantizeOptions("fp16", None))
+    result = api.build(_shared_weight_convs(tmp_path / "shared.onnx"), "rpi5", tmp_path / "b", options=options)
+    assert result.manifest.verification["status"] == "verified", result.manifest.verification
+    assert [(v.dtype, v.shape) for v in _params(result.bundle_dir).values()] == [(np.float16, (8, 8, 3, 3))]

@@ -60,13 +60,19 @@ def check_target(mode: str, target) -> None:
                opt_level=0, skip_reason="needs --quantize fp16")
 def to_fp16(ctx):
     """Compute in fp16: fp16 weights and activations, conv/matmul accumulating in fp32; inputs/outputs stay fp32."""
+    # the weights' casts to fp16 folded here, not left to fold-constants (-O1): at -O0 they stayed float32 in
+    # params.bin and were cast on every call. One cast per use of a weight: merged first, or a weight two operators
+    # share would be stored twice.
+    fold, merge = fold_constants(ctx), relax.transform.EliminateCommonSubexpr()
+
     @tvm.transform.module_pass(opt_level=0, name="EdgecToFP16")
     def step(mod, _pctx):
         from ..offload.passes import ClipHalves
 
         clips = ClipHalves(mod, as_clip=False)
         clips.builder_.update_func(mod.get_global_var("main"), clips.visit_expr(mod["main"]))
-        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(clips.builder_.get())
+        # called, not sequenced: a Sequential skips passes above the build's opt level (CSE is -O1)
+        mod = fold(merge(relax.transform.ToMixedPrecision(out_dtype="float32")(clips.builder_.get())))
         record = {"mode": "fp16", "compute": "fp16 (elementwise ops, activations, weights)",
                   "accumulation": "float32 in conv/matmul, each result rounded to fp16",
                   "inputs_outputs": "float32", "kernels": "TVM's (the offload backends take float32 only)"}
