@@ -7,26 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import EdgecError
+from .onnx_ops import build_time_value, refuse, shape
 
 # Operators converted here that TVM's importer has no converter for (NonMaxSuppression it has, but replaced).
 NEW_OPS = ("DeformConv",)
-
-
-def refuse(op: str, attr: dict, why: str, fix: str):
-    name = attr["tvm_custom"]["name"]
-    raise EdgecError(f"{op} node{f' {name!r}' if name else ''} {why}, which edgec does not convert", fix)
-
-
-def build_time_value(op: str, attr: dict, expr, what: str, fix: str) -> np.ndarray | None:
-    """The value of an input edgec needs at build time; None for an absent optional input."""
-    import tvm
-
-    if expr is None:
-        return None
-    if not isinstance(expr, tvm.ir.GenericConst):
-        refuse(op, attr, f"takes its {what} from the input data at run time", fix)
-    return expr.value.numpy()
 
 
 def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_box: bool, iou_threshold: float,
@@ -122,12 +106,6 @@ def detection_converters() -> dict:
     from tvm import relax, tirx
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-    def shape(expr) -> list[int]:
-        return [int(d) for d in expr.ty.shape]
-
-    def optional(inputs, i: int):
-        return inputs[i] if len(inputs) > i else None
-
     class NonMaxSuppression(tvm_onnx.OnnxOpConverter):
         """selected_indices [num_selected, 3], num_selected known at run time only: the kernel writes the rows into
         a buffer of the most there can be and their count, and the result is that buffer's first `count` rows."""
@@ -137,7 +115,7 @@ def detection_converters() -> dict:
             fix = "fix max_output_boxes_per_class, iou_threshold and score_threshold with --const-input NAME=FILE.npy"
 
             def scalar(i: int, what: str, default):
-                value = build_time_value("NonMaxSuppression", attr, optional(inputs, i), what, fix)
+                value = build_time_value("NonMaxSuppression", attr, inputs[i], what, fix)
                 if value is None or value.size == 0:
                     return default
                 if value.size != 1:
@@ -180,7 +158,7 @@ def detection_converters() -> dict:
         @classmethod
         def _impl_v19(cls, bb, inputs, attr, params):
             x, w, offset = inputs[0], inputs[1], inputs[2]
-            bias, mask = optional(inputs, 3), optional(inputs, 4)
+            bias, mask = inputs[3], inputs[4]   # TVM's onnx_input: None where absent
             dt = str(x.ty.dtype)
             if len(shape(x)) != 4:
                 refuse("DeformConv", attr, f"is {len(shape(x)) - 2}-D", "edgec converts 2-D DeformConv only")

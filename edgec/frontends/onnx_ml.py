@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_detection import build_time_value, refuse
+from .onnx_ops import build_time_value, dtype, refuse, shape
 
 # Default-domain operators converted here (onnx_semantics.EDGEC_OPS).
 NEW_OPS = ("TfIdfVectorizer",)
@@ -64,12 +64,6 @@ def ml_converters() -> dict:
     """op_type -> converter class, for onnx_semantics.from_onnx."""
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
-
-    def dtype(expr) -> str:
-        return str(expr.ty.dtype)
-
-    def shape(expr) -> list[int]:
-        return [int(d) for d in expr.ty.shape]
 
     class Binarizer(tvm_onnx.OnnxOpConverter):
         """1 where x > threshold, else 0. The float threshold is not cast to an integer x's type (-0.5 would become

@@ -16,6 +16,33 @@ NEW_OPS = ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss", "CumProd", "L
 CONSTANT_FORMS = {"value_float": "float32", "value_floats": "float32", "value_int": "int64", "value_ints": "int64"}
 
 
+def dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def shape(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def refuse(op: str, attr: dict, why: str, fix: str | None = None):
+    """Refuse a node in one line: `why` names the form, `fix` what to do (by default, export without it)."""
+    name = attr["tvm_custom"]["name"]
+    raise EdgecError(f"{op} node{f' {name!r}' if name else ''} {why}, which edgec does not convert",
+                     fix or f"export the model without this form of {op}")
+
+
+def build_time_value(op: str, attr: dict, expr, what: str, fix: str | None = None) -> np.ndarray | None:
+    """The value of an input edgec needs at build time (axes, shapes, thresholds); None for an absent optional
+    input."""
+    import tvm
+
+    if expr is None:
+        return None
+    if not isinstance(expr, tvm.ir.GenericConst):
+        refuse(op, attr, f"takes its {what} from the input data at run time", fix)
+    return expr.value.numpy()
+
+
 def _resize_source(mode: str, in_w: int, out_w: int, scale: float, roi) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize's source coordinate of each output index along one axis, per coordinate_transformation_mode (ONNX
     maps with the scale, and the unrounded length scale * in_w), and for tf_crop_and_resize which fall outside."""
@@ -100,25 +127,6 @@ def op_converters() -> dict:
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-    def dtype(expr) -> str:
-        return str(expr.ty.dtype)
-
-    def shape(expr) -> list[int]:
-        return [int(d) for d in expr.ty.shape]
-
-    def refuse(op: str, attr: dict, why: str):
-        name = attr["tvm_custom"]["name"]
-        raise EdgecError(f"{op} node{f' {name!r}' if name else ''} {why}, which edgec does not convert",
-                         f"export the model without this form of {op}")
-
-    def constant(op: str, attr: dict, expr, what: str) -> np.ndarray:
-        """The value of an input edgec needs at build time (axes, shapes)."""
-        import tvm
-
-        if not isinstance(expr, tvm.ir.GenericConst):
-            refuse(op, attr, f"takes its {what} from the input data at run time")
-        return expr.value.numpy()
-
     def text(value) -> str:
         return value.decode() if isinstance(value, bytes) else value
 
@@ -185,7 +193,7 @@ def op_converters() -> dict:
         @classmethod
         def _impl_v26(cls, bb, inputs, attr, params):
             x = inputs[0]
-            axis = constant("CumProd", attr, inputs[1], "axis").reshape(-1)
+            axis = build_time_value("CumProd", attr, inputs[1], "axis").reshape(-1)
             if axis.size != 1:
                 refuse("CumProd", attr, f"has an axis input of {axis.size} elements")
             axis = int(axis[0]) % len(shape(x))
@@ -227,7 +235,7 @@ def op_converters() -> dict:
         def _impl_v18(cls, bb, inputs, attr, params):
             x = inputs[0]
             dims = shape(x)
-            target = [int(s) for s in constant("CenterCropPad", attr, inputs[1], "shape").reshape(-1)]
+            target = [int(s) for s in build_time_value("CenterCropPad", attr, inputs[1], "shape").reshape(-1)]
             axes = [a % len(dims) for a in attr.get("axes", range(len(dims)))]
             if len(axes) != len(target):
                 refuse("CenterCropPad", attr, f"has {len(target)} sizes for {len(axes)} axes")
@@ -380,7 +388,7 @@ def op_converters() -> dict:
             axes = [a % rank for a in attr.get("axes", range(rank))]
             policy = text(attr.get("keep_aspect_ratio_policy", b"stretch"))
             roi, scales, sizes = (inputs[i] if len(inputs) > i else None for i in (1, 2, 3))
-            roi, scales, sizes = (None if t is None else constant("Resize", attr, t, what).astype(np.float64)
+            roi, scales, sizes = (None if t is None else build_time_value("Resize", attr, t, what).astype(np.float64)
                                   for t, what in ((roi, "roi"), (scales, "scales"), (sizes, "sizes")))
             roi, scales, sizes = (None if t is None or t.size == 0 else t for t in (roi, scales, sizes))
             if roi is not None:
@@ -412,7 +420,7 @@ def op_converters() -> dict:
 
         @classmethod
         def _impl_v10(cls, bb, inputs, attr, params):
-            return upsample(bb, inputs[0], constant("Resize", attr, inputs[1], "scales"), attr, "Resize")
+            return upsample(bb, inputs[0], build_time_value("Resize", attr, inputs[1], "scales"), attr, "Resize")
 
     def upsample(bb, x, scales, attr: dict, op: str):
         """Upsample (opset 7-9) and Resize-10, which renamed it, as onnxruntime computes them (ONNX does not say how
@@ -432,7 +440,7 @@ def op_converters() -> dict:
         def _impl_v9(cls, bb, inputs, attr, params):
             scales = attr.get("scales")
             if scales is None:
-                scales = constant("Upsample", attr, inputs[1], "scales")
+                scales = build_time_value("Upsample", attr, inputs[1], "scales")
             return upsample(bb, inputs[0], scales, attr, "Upsample")
 
         _impl_v7 = _impl_v9
@@ -444,8 +452,8 @@ def op_converters() -> dict:
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
             x = inputs[0]
-            image = [int(v) for v in constant("Col2Im", attr, inputs[1], "image_shape")]
-            block = [int(v) for v in constant("Col2Im", attr, inputs[2], "block_shape")]
+            image = [int(v) for v in build_time_value("Col2Im", attr, inputs[1], "image_shape")]
+            block = [int(v) for v in build_time_value("Col2Im", attr, inputs[2], "block_shape")]
             n = len(image)
             dil, strides = attr.get("dilations", [1] * n), attr.get("strides", [1] * n)
             pads = attr.get("pads", [0] * 2 * n)

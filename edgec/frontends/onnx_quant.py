@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import EdgecError
+from . import onnx_ops
 
 # op_type -> the domain onnxruntime emits it in; what edgec converts here (the Q/DQ ops, DynamicQuantizeLinear and
 # MatMulInteger are TVM's own converters).
@@ -42,10 +42,8 @@ def quant_converters() -> dict:
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
     def refuse(op: str, attr: dict, why: str):
-        name = attr["tvm_custom"]["name"]
-        raise EdgecError(f"{op} node{f' {name!r}' if name else ''} {why}, which edgec does not convert",
-                         "quantize the model with onnxruntime.quantization's defaults, or export it in QDQ form "
-                         "(QuantFormat.QDQ)")
+        onnx_ops.refuse(op, attr, why, "quantize the model with onnxruntime.quantization's defaults, or export it "
+                        "in QDQ form (QuantFormat.QDQ)")
 
     def check_attrs(op: str, attr: dict, known: tuple[str, ...]):
         unknown = sorted(k for k in attr if k not in known and k != "tvm_custom")

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import EdgecError, last_line
 from .onnx_detection import NEW_OPS as DETECTION_OPS
 from .onnx_ml import NEW_OPS as ML_OPS
-from .onnx_ops import CONSTANT_FORMS, NEW_OPS
+from .onnx_ops import CONSTANT_FORMS, NEW_OPS, dtype
 
 # Operators TVM's importer has no converter for that edgec converts: the recurrent layers (onnx_recurrent), the
 # control flow made plain graph before conversion (onnx_control_flow; a data-dependent If is TVM's Relax If), and
@@ -124,9 +124,6 @@ def _converters() -> dict:
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
-
-    def dtype(expr) -> str:
-        return str(expr.ty.dtype)
 
     class IsInf(tvm_onnx.IsInf):
         """detect_positive / detect_negative (TVM's converter ignores them)."""
