@@ -56,7 +56,10 @@ def _verification(v: dict) -> str:
     if "rule" in v:     # a quantized or reduced-precision build: its error against the graph's own rounding error
         worst = min(v["outputs"].values(), key=lambda o: o["margin_db"] if o["margin_db"] is not None else float("inf"))
         margin = "no error" if worst["margin_db"] is None else f"{worst['margin_db']:.1f} dB"
-        return f"{head}; {v['rule']['name']} rule: {margin} below the graph's own rounding error"
+        # how far the graph itself is from the float model: the rule bounds the bundle by it, never checks it
+        own = [o["quantization_sqnr_db"] for o in v["outputs"].values() if o["quantization_sqnr_db"] is not None]
+        sqnr = f" (SQNR {min(own):.1f} dB)" if own else ""
+        return f"{head}; {v['rule']['name']} rule: {margin} below the graph's own rounding error{sqnr}"
     return f"{head} (tolerance atol {v['tolerance']['atol']:g}, rtol {v['tolerance']['rtol']:g})"
 
 

@@ -172,3 +172,21 @@ def test_fp16_weights_stored_once_in_fp16_at_every_opt_level(tmp_path, opt_level
     result = api.build(_shared_weight_convs(tmp_path / "shared.onnx"), "rpi5", tmp_path / "b", options=options)
     assert result.manifest.verification["status"] == "verified", result.manifest.verification
     assert [(v.dtype, v.shape) for v in _params(result.bundle_dir).values()] == [(np.float16, (8, 8, 3, 3))]
+
+
+def test_fp16_summary_and_readme_give_the_graphs_own_error(tmp_path):
+    """The precision rule bounds the bundle by the fp16 graph's distance from float32 and never checks that distance:
+    (conv(x) + 2048) - 2048 loses all but a few bits in fp16, the bundle computes exactly that graph and is verified,
+    so the summary and the bundle README must say how far the graph is (they said "max abs error 0" only)."""
+    from edgec.report import build_text
+
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "big"], ["a"]), helper.make_node("Sub", ["a", "big"], ["y"])]
+    model = save_onnx(tmp_path / "cancel.onnx", "cancel", nodes, {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]},
+                      [numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32), "W"),
+                       numpy_helper.from_array(np.float32(2048), "big")])
+    result = api.build(model, "rpi5", tmp_path / "b", options=_options("fp16"))
+    own = result.manifest.verification["outputs"]["y"]["quantization_sqnr_db"]
+    assert result.manifest.verification["status"] == "verified" and own < 25, result.manifest.verification
+    assert f"below the graph's own rounding error (SQNR {own:.1f} dB)" in build_text(result)
+    assert f"the graph's own rounding error: SQNR {own:.1f} dB" in (result.bundle_dir / "README.md").read_text()
