@@ -555,6 +555,16 @@ def test_resize_of_the_channel_axis_and_upsample(edgec_host, tmp_path, mode):
     _assert_matches_reference(edgec_host, upsample, [x], tmp_path)
 
 
+def test_resize_of_rank_6(edgec_host, tmp_path):
+    """A rank TVM's converter does not resize (it takes 3 to 5): edgec's own resize, integer scales included."""
+    x = np.random.default_rng(13).standard_normal((1, 1, 2, 2, 2, 3)).astype(np.float32)
+    model = _model([helper.make_node("Resize", ["x", "", "s"], ["y"], mode="linear")],
+                   [helper.make_tensor_value_info("x", F32, list(x.shape))],
+                   [helper.make_tensor_value_info("y", F32, [1, 1, 4, 2, 4, 6])], opset=18,
+                   initializers=[_const("s", np.array([1, 1, 2, 1, 2, 2], np.float32))])
+    _assert_matches_reference(edgec_host, model, [x], tmp_path)
+
+
 @pytest.mark.parametrize("mode, scales", [("nearest", [1, 1, 2, 3]), ("linear", [1, 1, 1.5, 0.5])])
 def test_resize_opset10(edgec_host, tmp_path, mode, scales):
     """Resize-10 takes (X, scales) and maps as Upsample did (TVM read its scales as roi)."""

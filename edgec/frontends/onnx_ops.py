@@ -378,7 +378,8 @@ def op_converters() -> dict:
         """`axes` and `keep_aspect_ratio_policy` (TVM's converter ignores both), as onnx's reference reads them:
         roi, scales and sizes spread to every axis, the kept aspect ratio's sizes rounded half up. Where TVM would
         map coordinates differently from ONNX (a scale whose output size is fractional: TVM maps with the rounded
-        size), antialias, or a resized axis 0 or 1 (TVM resizes axes 2 on), edgec's own resize computes it."""
+        size), antialias, a resized axis 0 or 1 (TVM resizes axes 2 on) or a rank other than 3 to 5 (TVM's), edgec's
+        own resize computes it."""
 
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
@@ -408,7 +409,8 @@ def op_converters() -> dict:
                     kept = factors[axes].min() if policy == "not_larger" else factors[axes].max()
                     factors[axes] = kept
                     out[axes] = np.floor(kept * np.asarray(dims, np.float64)[axes] + 0.5)
-            own = attr.get("antialias", 0) or np.any(factors * dims != out) or np.any(out[:2] != dims[:2]) or rank < 3
+            own = (attr.get("antialias", 0) or np.any(factors * dims != out) or np.any(out[:2] != dims[:2])
+                   or rank not in (3, 4, 5))
             if own:
                 return resize(bb, x, out.astype(int).tolist(), factors.tolist(), roi, attr, "Resize")
             attr = {k: v for k, v in attr.items() if k not in ("axes", "keep_aspect_ratio_policy")}
