@@ -4,6 +4,8 @@ their scales in params.bin, dequantized once by the load function, float32 compu
 MobileNetV2 at 0.35 x 96 (random weights)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -190,3 +192,17 @@ def test_fp16_summary_and_readme_give_the_graphs_own_error(tmp_path):
     assert result.manifest.verification["status"] == "verified" and own < 25, result.manifest.verification
     assert f"below the graph's own rounding error (SQNR {own:.1f} dB)" in build_text(result)
     assert f"the graph's own rounding error: SQNR {own:.1f} dB" in (result.bundle_dir / "README.md").read_text()
+
+
+def test_int8_encoding_keeps_the_sign_of_zero():
+    """A -0.0 is no int8 times a scale (q = 0 gives +0.0 back): a parameter holding one stays float32 (it was encoded,
+    and a division by it changed the sign of its infinity)."""
+    weight = round_int8(RNG.standard_normal((8, 4, 3, 3)).astype(np.float32), 0)
+    weight[0, 0, 0, 0] = -0.0
+    assert int8_encoding(weight) is None
+    weight[0, 0, 0, 0] = 0.0
+    assert int8_encoding(weight) is not None
+    weight[0, 0, 0, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no cast of inf or nan to int8 on the way
+        assert int8_encoding(weight) is None

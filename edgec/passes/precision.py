@@ -145,7 +145,7 @@ def round_weights_int8(ctx):
 def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(q int8, scale float32, axis) with float32(q) * scale[index along axis] == weight exactly; None when no axis
     gives that (a weight round-weights-int8 did not round)."""
-    if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < _MIN_ELEMENTS:
+    if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < _MIN_ELEMENTS or not np.isfinite(weight).all():
         return None
     for axis in reversed(range(weight.ndim)):
         if weight.size // weight.shape[axis] < _MIN_SLICE:
@@ -157,8 +157,11 @@ def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | No
         scale = np.full_like(first, np.nan)
         q = np.zeros(moved.shape, np.int8)
         for candidate in (first, np.nextafter(first, np.float32(np.inf)), np.nextafter(first, np.float32(0))):
-            rounded = np.clip(np.rint(moved / candidate[:, None]), -INT8_MAX, INT8_MAX)
-            exact = np.isnan(scale) & (rounded.astype(np.float32) * candidate[:, None] == moved).all(axis=1)
+            rounded = np.clip(np.rint(moved / candidate[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+            # what the load function computes, compared as bits: == takes -0.0 for the +0.0 that q = 0 gives back
+            # (1 / w would change sign)
+            back = rounded.astype(np.float32) * candidate[:, None]
+            exact = np.isnan(scale) & (back.view(np.uint32) == moved.view(np.uint32)).all(axis=1)
             scale[exact], q[exact] = candidate[exact], rounded[exact]
         if not np.isnan(scale).any():
             q = np.moveaxis(q.reshape(np.moveaxis(weight, axis, 0).shape), 0, axis)
