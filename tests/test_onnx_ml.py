@@ -25,14 +25,14 @@ def _model(node, inputs: dict, outputs: dict):
     return model
 
 
-def _tree_ensemble(aggregate_function: int, dtype=F32, post_transform: int = 0):
+def _tree_ensemble(aggregate_function: int, dtype=F32, post_transform: int = 0, feature_ids=(0, 1, 2, 0)):
     """Two trees over three features: tree 0 tests x0 < 0.5, then x1 in {1, 3, 7} (NaN goes true); tree 1 tests
     x2 == 2, then x0 >= -1. Leaves write targets 0 and 1."""
     np_dt = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     node = helper.make_node(
         "TreeEnsemble", ["x"], ["y"], domain=ML, n_targets=2, aggregate_function=aggregate_function,
         post_transform=post_transform, tree_roots=[0, 2],
-        nodes_featureids=[0, 1, 2, 0], nodes_modes=numpy_helper.from_array(np.array([1, 6, 4, 2], np.uint8)),
+        nodes_featureids=list(feature_ids), nodes_modes=numpy_helper.from_array(np.array([1, 6, 4, 2], np.uint8)),
         nodes_splits=numpy_helper.from_array(np.array([0.5, np.nan, 2, -1], np_dt)),
         membership_values=numpy_helper.from_array(np.array([1, 3, 7, np.nan], np_dt)),
         nodes_missing_value_tracks_true=[0, 1, 0, 0],
@@ -128,6 +128,8 @@ REFUSALS = {
         lambda: _label_encoder(I64, I64, keys_int64s=[1, 2], values_int64s=[1, 2])),
     "tree-ensemble-post-transform": (lambda: _tree_ensemble(1, post_transform=2), "post_transform=2",
                                      lambda: _tree_ensemble(1)),
+    "tree-ensemble-feature-out-of-range": (lambda: _tree_ensemble(1, feature_ids=[0, 1, 3, 0]),
+                                           "names a feature outside [0, 3)", lambda: _tree_ensemble(1)),
 }
 
 

@@ -160,7 +160,16 @@ def ml_converters() -> dict:
             n_targets = int(attr["n_targets"])
             weights = array(attr["leaf_weights"]).astype(dt).reshape(-1)
             targets = np.asarray(attr["leaf_targetids"]).reshape(-1)
-            batch = shape(x)[0]
+            if len(shape(x)) != 2:
+                refuse("TreeEnsemble", attr, f"takes a {len(shape(x))}-D input", "give it [N, F] features")
+            batch, n_features = shape(x)
+            # out of range, the feature gather and the target scatter would read or write past their tensors
+            used = np.asarray(attr["nodes_featureids"], np.int64).reshape(-1)
+            if used.size and (used.min() < 0 or used.max() >= n_features) or (targets < 0).any() \
+                    or (targets >= n_targets).any():
+                refuse("TreeEnsemble", attr, f"names a feature outside [0, {n_features}) or a target outside "
+                       f"[0, {n_targets})", "export the model with feature and target ids within the input's and "
+                       "n_targets")
 
             reached = None
             if tests:
