@@ -206,3 +206,17 @@ def test_int8_encoding_keeps_the_sign_of_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")      # no cast of inf or nan to int8 on the way
         assert int8_encoding(weight) is None
+
+
+def test_fp16_refuses_a_kernel_it_cannot_convert_in_one_line(tmp_path):
+    """A reflect Pad is a call_tir the importer writes itself, on which ToMixedPrecision fails: refused in one line
+    naming it (it was TVM's check failure, and a hint to skip to-fp16)."""
+    weight = numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32), "W")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Pad", ["c", "pads"], ["p"], mode="reflect"),
+             helper.make_node("Conv", ["p", "W"], ["y"])]
+    model = save_onnx(tmp_path / "pad.onnx", "pad", nodes, {"x": [1, 8, 6, 6]}, {"y": [1, 8, 4, 4]}, [weight, pads])
+    result = cli("build", model, "--target", "rpi5", "--quantize", "fp16", "-o", tmp_path / "b")
+    check_error(result.stderr, result.exit_code, "--quantize fp16 cannot convert", "mirror_pad", "int8-weights",
+                exception=result.exception)
+    assert "to-fp16" not in result.stderr

@@ -65,20 +65,37 @@ def to_fp16(ctx):
     # share would be stored twice.
     fold, merge = fold_constants(ctx), relax.transform.EliminateCommonSubexpr()
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecToFP16")
-    def step(mod, _pctx):
+    def step(mod):     # a plain function: an EdgecError raised in a tvm module_pass comes back as TVM's error
         from ..offload.passes import ClipHalves
 
         clips = ClipHalves(mod, as_clip=False)
         clips.builder_.update_func(mod.get_global_var("main"), clips.visit_expr(mod["main"]))
+        mod = clips.builder_.get()
+        try:
+            mixed = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        except Exception as e:  # TVM's check failure on a call_tir; with none, the pass manager's report stands
+            kernels = _call_tir_kernels(mod["main"])
+            if not kernels:
+                raise
+            raise EdgecError(f"--quantize fp16 cannot convert this model: TVM's ToMixedPrecision fails on the kernels "
+                             f"its importer wrote directly ({', '.join(kernels)})",
+                             "build it in float32, or with --quantize int8-weights for a smaller bundle") from e
         # called, not sequenced: a Sequential skips passes above the build's opt level (CSE is -O1)
-        mod = fold(merge(relax.transform.ToMixedPrecision(out_dtype="float32")(clips.builder_.get())))
+        mod = fold(merge(mixed))
         record = {"mode": "fp16", "compute": "fp16 (elementwise ops, activations, weights)",
                   "accumulation": "float32 in conv/matmul, each result rounded to fp16",
                   "inputs_outputs": "float32", "kernels": "TVM's (the offload backends take float32 only)"}
         return mod.with_attr(QUANTIZATION_ATTR, json.dumps(record))
 
     return step
+
+
+def _call_tir_kernels(func: relax.Function) -> list[str]:
+    """The names of the kernels `func` calls through call_tir, sorted, once each."""
+    names = set()
+    relax.analysis.post_order_visit(func, lambda e: names.add(e.args[0].name_hint) if isinstance(e, relax.Call) and
+                                    e.op == tvm.ir.Op.get("relax.call_tir") else None)
+    return sorted(names)
 
 
 def _weight_axis(call: relax.Call) -> int | None:
