@@ -104,7 +104,16 @@ def test_deform_conv(edgec_host, tmp_path, with_mask_and_bias):
     _assert_matches_reference(edgec_host, model, inputs, tmp_path)
 
 
+def _nms_scoring(n: int):
+    """NonMaxSuppression of 4 boxes with scores for n boxes."""
+    model = _nms(1, 1, 4, 0, 2, 0.5, None)
+    model.graph.input[1].type.tensor_type.shape.dim[2].dim_value = n
+    return model
+
+
 REFUSALS = {
+    "nms-scores-for-other-boxes": (lambda: _nms_scoring(5), "takes boxes [1, 4, 4] and scores [1, 1, 5]",
+                                   lambda: _nms_scoring(4)),
     "nms-runtime-maximum": (lambda: _nms(1, 1, 4, 0, 2, 0.5, None, runtime_max=True),
                             "takes its max_output_boxes_per_class from the input data at run time",
                             lambda: _nms(1, 1, 4, 0, 2, 0.5, None)),

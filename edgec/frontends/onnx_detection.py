@@ -131,6 +131,10 @@ def detection_converters() -> dict:
             if center_point_box not in (0, 1):
                 refuse("NonMaxSuppression", attr, f"has center_point_box={center_point_box}",
                        "center_point_box is 0 or 1 (the spec allows no other)")
+            if len(shape(boxes)) != 3 or len(shape(scores)) != 3 or shape(boxes)[2] != 4 \
+                    or [shape(scores)[0], shape(scores)[2]] != shape(boxes)[:2]:
+                refuse("NonMaxSuppression", attr, f"takes boxes {shape(boxes)} and scores {shape(scores)}",
+                       "give boxes [batches, boxes, 4] and scores [batches, classes, boxes]")
             batches, n_boxes, _ = shape(boxes)
             _, classes, _ = shape(scores)
             keep = min(max(int(scalar(2, "max_output_boxes_per_class", 0)), 0), n_boxes)
@@ -175,7 +179,8 @@ def detection_converters() -> dict:
             if [oh, ow] != expected:
                 refuse("DeformConv", attr, f"has offsets for a {oh}x{ow} output where its attributes give "
                        f"{expected[0]}x{expected[1]}", "export the model with offsets of the output's size")
-            if list(attr.get("kernel_shape", (kh, kw))) != [kh, kw] or c % offset_groups or c != c_per_group * groups:
+            if list(attr.get("kernel_shape", (kh, kw))) != [kh, kw] or c % offset_groups or c != c_per_group * groups \
+                    or oc % groups:
                 refuse("DeformConv", attr, "has a kernel_shape, group or offset_group that does not fit its weights",
                        "export the model with consistent DeformConv attributes")
 
