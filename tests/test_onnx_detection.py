@@ -52,6 +52,14 @@ def test_non_max_suppression(edgec_host, tmp_path, center_point_box, score_thres
     _assert_matches_reference(edgec_host, model, [boxes, scores], tmp_path)
 
 
+def test_non_max_suppression_nan_scores_are_not_above_the_threshold(edgec_host, tmp_path):
+    """A NaN score is not above score_threshold: never a candidate (onnxruntime and onnx's reference)."""
+    rng = np.random.default_rng(7)
+    boxes = _boxes(rng, 1, 6, 0)
+    scores = np.array([[[0.9, np.nan, 0.5, np.nan, 0.7, 0.2]]], np.float32)
+    _assert_matches_reference(edgec_host, _nms(1, 1, 6, 0, 6, 0.99, 0.1), [boxes, scores], tmp_path)
+
+
 def test_non_max_suppression_rows_feed_later_operators(edgec_host, tmp_path):
     """As a detector's tail: the kept box indices gather the boxes, so later operators take the run-time count."""
     nms = _nms(1, 2, 30, 0, 6, 0.4, 0.3)

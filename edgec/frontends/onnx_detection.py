@@ -22,7 +22,8 @@ def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_
     from tvm.script import tirx as T
 
     capacity = batches * classes * keep
-    # A box starts out of the candidates when its score is not above score_threshold (the spec's "strictly above").
+    # A box starts out of the candidates when its score is not above score_threshold (the spec's "strictly above";
+    # a NaN score is not above it either, so the test is the negated `>`, not `<=`).
     below = score_threshold is not None
     threshold = score_threshold if below else 0.0
 
@@ -55,7 +56,7 @@ def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_
             for c in range(classes):
                 for i in range(boxes):
                     if below:
-                        out_of_play[i] = T.Cast("int32", score[b, c, i] <= T.Cast(dtype, threshold))
+                        out_of_play[i] = T.if_then_else(score[b, c, i] > T.Cast(dtype, threshold), 0, 1)
                     else:
                         out_of_play[i] = 0
                 n_kept[0] = 0
