@@ -90,6 +90,14 @@ def test_label_encoder_int_to_float(edgec_host, tmp_path):
     _assert_matches_reference(edgec_host, model, [np.array([3, -1, 7, 0, 8, 3, -2], np.int64)], tmp_path)
 
 
+@pytest.mark.parametrize("defaults", [{}, {"default_int64": 5}])
+def test_label_encoder_tensor_without_default_tensor(edgec_host, tmp_path, defaults):
+    """Integer values_tensor without default_tensor: default_int64, -1 unless set (the spec; onnxruntime)."""
+    model = _label_encoder(I64, I64, keys_tensor=numpy_helper.from_array(np.array([1, 2], np.int64)),
+                           values_tensor=numpy_helper.from_array(np.array([10, 20], np.int64)), **defaults)
+    _assert_matches_reference(edgec_host, model, [np.array([1, 2, 3, 0, 2, 1, 9], np.int64)], tmp_path)
+
+
 def test_label_encoder_tensor_float_to_int(edgec_host, tmp_path):
     model = _label_encoder(F32, I64,
                            keys_tensor=numpy_helper.from_array(np.array([0.5, -2, 1e6], np.float32)),

@@ -120,12 +120,17 @@ def ml_converters() -> dict:
             if keys is None or values is None or keys.size != values.size:
                 refuse("LabelEncoder", attr, "has no numeric keys and values of one length",
                        "give LabelEncoder keys and values of one length")
-            if "values_tensor" in attr:
-                default = array(attr.get("default_tensor", np.zeros(1, values.dtype))).reshape(-1)[0]
-            elif "values_int64s" in attr:
-                values, default = values.astype(np.int64), attr.get("default_int64", -1)
+            if "values_int64s" in attr:
+                values = values.astype(np.int64)
+            elif "values_floats" in attr:
+                values = values.astype(np.float32)
+            # without default_tensor, values_tensor's default is default_int64 / default_float too (onnxruntime)
+            if "default_tensor" in attr:
+                default = array(attr["default_tensor"]).reshape(-1)[0]
+            elif np.issubdtype(values.dtype, np.integer):
+                default = attr.get("default_int64", -1)
             else:
-                values, default = values.astype(np.float32), attr.get("default_float", -0.0)
+                default = attr.get("default_float", -0.0)
             if "keys_floats" in attr:
                 keys = keys.astype(np.float32)
             if np.issubdtype(keys.dtype, np.floating) and np.isnan(keys).any():
