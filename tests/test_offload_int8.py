@@ -100,6 +100,34 @@ def conv_forms(path: Path) -> Path:
     return save_onnx(path, "conv_forms", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 10]}, inits)
 
 
+def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float) -> Path:
+    """One hand-made QDQ 3x3 conv over [1, 4, 6, 6] (s8 activations, zero points 0 and 3) with these scales: the
+    input's, the weights' and the bias's per output channel (4), the output's."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(np.asarray(v, dtype), name) for name, v, dtype in [
+        ("sx", sx, np.float32), ("zx", 0, np.int8), ("sw", sw, np.float32), ("zw", [0] * 4, np.int8),
+        ("sb", sb, np.float32), ("zb", [0] * 4, np.int32), ("sy", sy, np.float32), ("zy", 3, np.int8),
+        ("w", rng.integers(-127, 128, (4, 4, 3, 3)), np.int8), ("b", rng.integers(-500, 500, 4), np.int32)]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    return save_onnx(path, "qconv", nodes, {"x": [1, 4, 6, 6]}, {"y": [1, 4, 6, 6]}, inits)
+
+
+def test_bias_at_another_scale_is_not_an_int8_bias(tmp_path):
+    """The integer kernels add the int32 bias at scale sx * sw: a chain whose bias has another scale runs as a float
+    conv (it ran as an int8 primitive with the bias off by that factor: 58% of the outputs wrong)."""
+    sx, sw = np.float32(0.02), np.full(4, 0.01, np.float32)
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, 8 * sx * sw, 0.01)
+    result = build(model, tmp_path / "b", {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)})
+    assert result.manifest.verification["status"] == "verified"
+    assert int8_placement(result) == {"conv2d": ["onednn:onednn.conv2d_bias"]}
+
+
 @pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
 def test_conv_forms_int8_within_one_step(tmp_path, activations):
     model = conv_forms(tmp_path / "forms.onnx")

@@ -15,7 +15,7 @@ from edgec.examples import mobilenet_v2
 from edgec.quantize import QuantizeOptions
 from edgec.reference import decibels
 from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
-from test_offload_int8 import check_within_one_step, conv_forms, int8_placement, quantized
+from test_offload_int8 import check_within_one_step, conv_forms, int8_placement, qdq_conv, quantized
 from verify import placed
 
 RNG = np.random.default_rng(11)
@@ -61,3 +61,15 @@ def test_conv_forms_int8_rpi4_within_one_step(tmp_path, activations):
     assert all(p.startswith("xnnpack:xnnpack.qconv2d") for p in patterns["conv2d"]), patterns
     assert patterns["matmul"] == ["xnnpack:xnnpack.qmatmul_bias"], patterns
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
+
+
+def test_requantization_scale_xnnpack_refuses_runs_float(tmp_path):
+    """XNNPACK's QC8 convolution refuses a channel whose requantization scale (sx * sw / sy) is 256 or more: such a
+    chain is refused at build time (it made the build fail at load: operator creation failed), runs as XNNPACK's
+    float convolution on the dequantized weights, and the bundle verifies."""
+    sx, sw = np.float32(0.02), np.array([1.0, 0.01, 0.01, 0.01], np.float32)
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, np.float32(sx * sw[0] / 300))
+    result = api.build(model, "rpi4", tmp_path / "b",
+                       sample_inputs={"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)})
+    assert result.manifest.verification["status"] == "verified"
+    assert int8_placement(result) == {"conv2d": ["xnnpack:xnnpack.conv2d_bias"]}   # float, on dequantized weights

@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.backend.utils import has_leaking_intermediate_variables
@@ -87,6 +88,11 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
             if bias.args[0].ty.dtype != "int32" or bias.args[0].value.numpy().size != out_channels \
                     or bias.args[2].value.numpy().any():
                 return "bias not int32, one value per output channel, zero point 0"
+            # the integer kernels add the int32 bias to the sums, which are at scale sx * sw: another scale (a
+            # hand-made QDQ graph can have one) would be a wrong bias; a few float32 roundings apart is the same
+            product = data.args[1].value.numpy().astype(np.float64) * weight.args[1].value.numpy().reshape(-1)
+            if not np.allclose(bias.args[1].value.numpy().reshape(-1), product, rtol=1e-6, atol=0):
+                return "bias scale is not input scale x weight scale"
         act = ctx.annotated_expr.get("act")
         if act is not None and act.op.name == "relax.clip" and \
                 not all(isinstance(v, tvm.tirx.FloatImm) for v in act.args[1:]):
@@ -94,6 +100,14 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
         return check_anchor(anchor)
 
     return check
+
+
+def chain_scales(ctx: relax.transform.PatternCheckContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A matched chain's input scale, weight scales (one or one per output channel) and output scale, float32."""
+    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
+    anchor = ctx.annotated_expr["anchor"]
+    return tuple(e.args[1].value.numpy().astype(np.float32).reshape(-1) for e in (
+        _dq(bound, anchor.args[0]), _dq(bound, anchor.args[1]), ctx.annotated_expr["out"]))
 
 
 def _resolve(bound: dict, expr):
