@@ -220,3 +220,18 @@ def test_fp16_refuses_a_kernel_it_cannot_convert_in_one_line(tmp_path):
     check_error(result.stderr, result.exit_code, "--quantize fp16 cannot convert", "mirror_pad", "int8-weights",
                 exception=result.exception)
     assert "to-fp16" not in result.stderr
+
+
+def test_int8_weights_refuses_a_quantized_model(tmp_path):
+    """A QDQ model keeps its own int8 (it was folded to float32, rounded again per channel off its grid, and its int8
+    conv ran as a float one)."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["Wq", "sw"], ["W"]),
+             helper.make_node("Conv", ["xd", "W"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(RNG.integers(-127, 128, (8, 8, 3, 3)).astype(np.int8), "Wq"),
+             numpy_helper.from_array(np.float32(0.013), "sw"), numpy_helper.from_array(np.float32(0.02), "sx"),
+             numpy_helper.from_array(np.uint8(128), "zx")]
+    model = save_onnx(tmp_path / "qdq.onnx", "qdq", nodes, {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]}, inits)
+    result = cli("build", model, "--quantize", "int8-weights", "-o", tmp_path / "b")
+    check_error(result.stderr, result.exit_code, "quantized already", "without --quantize", exception=result.exception)

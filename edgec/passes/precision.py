@@ -28,7 +28,7 @@ from tvm import relax
 from ..context import BuildContext
 from ..errors import EdgecError
 from .fold import fold_constants
-from .quantize import QUANTIZATION_ATTR, quantization_of
+from .quantize import QUANTIZATION_ATTR, quantization_of, refuse_quantized
 from .registry import register_pass
 
 INT8_MAX = 127
@@ -146,8 +146,8 @@ def round_weights_int8(ctx):
                 self.elements += weight.numpy().size
             return relax.Call(call.op, [call.args[0], rounded, *call.args[2:]], call.attrs, call.ty_args)
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecRoundWeightsInt8")
-    def step(mod, _pctx):
+    def step(mod):     # a plain function, as to-fp16's
+        refuse_quantized(mod)
         mod = fold(mod)   # weights behind transposes and casts become constants the calls take
         rounder = Rounder(mod)
         rounder.builder_.update_func(mod.get_global_var("main"), rounder.visit_expr(mod["main"]))

@@ -28,6 +28,15 @@ def _int8(ctx: BuildContext) -> bool:
     return ctx.options.quantize is not None and ctx.options.quantize.mode == "int8"
 
 
+def refuse_quantized(mod: tvm.IRModule) -> None:
+    """--quantize int8 or int8-weights on a model quantized already is refused: its own quantization compiles as it
+    is, where they would fold its int8 weights to floats and round them again (int8-weights: per channel, off the
+    model's own grid, and its int8 layers leave the integer kernels)."""
+    if calls_any(mod, {"relax.quantize", "relax.dequantize"}):
+        raise EdgecError("the model is quantized already (it has QuantizeLinear/DequantizeLinear or integer "
+                         "operators)", "build it without --quantize: its own quantization is compiled as it is")
+
+
 def quantization_of(mod: tvm.IRModule) -> dict | None:
     """The record `quantize-int8` left on a module (None when it did not run)."""
     text = (mod.attrs or {}).get(QUANTIZATION_ATTR)
@@ -44,9 +53,7 @@ def calibrate(ctx):
     fold = fold_constants(ctx)
 
     def step(mod):
-        if calls_any(mod, {"relax.quantize", "relax.dequantize"}):
-            raise EdgecError("the model is quantized already (it has QuantizeLinear/DequantizeLinear or integer "
-                             "operators)", "build it without --quantize: its own quantization is compiled as it is")
+        refuse_quantized(mod)
         mod = fold(mod)
         ranges = run(mod, ctx.calibration, options.method, options.percentile)
         return mod.with_attr(RANGES_ATTR, json.dumps({"method": options.method, "samples": len(ctx.calibration),
