@@ -168,6 +168,35 @@ def test_full_integer_conv_matches_litert_exactly(tmp_path):
     assert ours.dtype == np.int8 and np.array_equal(ours, reference) and reference.max() > reference.min() + 50
 
 
+
+@pytest.mark.parametrize("lo, hi, dtype, rewritten", [(-3.0, 117.0, "int8", True), (0.0, 200.0, "uint8", True),
+                                                      (60.0, 10.0, "int8", True), (2.7, 50.2, "int8", False)])
+def test_integer_form_moves_a_clip_before_the_quantize_only_where_exact(lo, hi, dtype, rewritten):
+    """integer_form's clip(quantize(y), lo, hi) -> quantize(clip(y, (lo - zp) s, (hi - zp) s)): the same integers
+    for whole bounds (an asymmetric range, uint8, an empty clip); a fractional bound (the integer clip truncates
+    it, the quantize would round it) is left as it is."""
+    import tvm
+    from tvm import relax
+
+    from edgec.frontends.tflite_convert import integer_form
+    from edgec.quantize.calibrate import on_host
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([64], "float32"))
+    s, zp = relax.const(0.05, "float32"), relax.const(-3, "int32")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.quantize(x, s, zp, axis=-1, out_dtype=dtype))
+            clipped = bb.emit(relax.op.clip(q, lo, hi))
+            out = bb.emit_output(relax.op.dequantize(clipped, s, zp, axis=-1))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    new = integer_form(mod)
+    ops = [b.value.op.name for block in new["main"].body.blocks for b in block.bindings]
+    assert (ops.index("relax.clip") < ops.index("relax.quantize")) == rewritten
+    values = tvm.runtime.tensor(np.linspace(-8, 8, 64).astype(np.float32))
+    np.testing.assert_array_equal(on_host(new)["main"](values).numpy(), on_host(mod)["main"](values).numpy())
+
 def _options(kind: str, **fields):
     """(BuiltinOptions type, options object) of a builtin operator, e.g. _options("SplitV", numSplits=2)."""
     options = getattr(schema, f"{kind}OptionsT")()

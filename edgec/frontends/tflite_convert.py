@@ -230,8 +230,12 @@ class _IntegerForm(relax.PyExprMutator):
         scale, zero_point = (None, None) if quantize is None else map(_constant, quantize.args[1:])
         if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
             return clip
+        bounds = [float(b.value) for b in clip.args[1:]]
+        # the integer clip casts a fractional bound toward 0, the quantize rounds it: only whole bounds map exactly
+        if not all(b.is_integer() for b in bounds):
+            return clip
         s, zp = float(scale.reshape(())), int(zero_point.reshape(()))
-        lo, hi = ((float(b.value) - zp) * s for b in clip.args[1:])
+        lo, hi = ((b - zp) * s for b in bounds)
         return relax.Call(quantize.op, [relax.op.clip(quantize.args[0], lo, hi), *quantize.args[1:]], quantize.attrs)
 
     def _oihw_kernel(self, conv) -> relax.Call:
