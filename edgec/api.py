@@ -154,10 +154,19 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
 
 def _budget_missed(options, evaluation: Evaluation) -> list[str]:
     """The error budget is met on the calibration samples it was searched on; say where the held-back ones miss it."""
-    budget = options.min_sqnr_db
-    return [f"output '{o.name}': {o.sqnr_db:.1f} dB SQNR on the held-back samples, below the error budget of "
-            f"{budget:g} dB met on the calibration samples (give more representative calibration data)"
-            for o in evaluation.outputs if budget is not None and o.sqnr_db is not None and o.sqnr_db < budget]
+    budget, missed = options.min_sqnr_db, []
+    for o in [] if budget is None else evaluation.outputs:
+        if o.nonfinite_mismatches:      # the SQNR counts finite elements only
+            got = f"{o.nonfinite_mismatches} NaN/infinite elements differing"
+        elif o.sqnr_db is not None and o.sqnr_db < budget:
+            got = f"{o.sqnr_db:.1f} dB SQNR"
+        elif o.sqnr_db is None and o.max_abs_error > 0:     # an error on an all-0 reference: -inf dB
+            got = f"an error of up to {o.max_abs_error:.3g} where the float model gives 0"
+        else:
+            continue
+        missed.append(f"output '{o.name}': {got} on the held-back samples, below the error budget of {budget:g} dB "
+                      "met on the calibration samples (give more representative calibration data)")
+    return missed
 
 
 @dataclass(frozen=True)

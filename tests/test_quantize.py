@@ -344,3 +344,22 @@ def test_switchable_graph_is_the_float_and_the_int8_graph(outlier):
         want = (on_host(mod) if floats == set(names) else
                 on_host(qdq.rewrite(mod, ranges, frozenset(floats))[0]))["main"](x).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_held_back_budget_miss_without_an_sqnr_is_warned():
+    """The held-back table has no SQNR for an all-0 reference output with an error (-inf dB) nor for NaN/infinite
+    mismatches (counted apart): both miss the budget and are warned about, as a low SQNR is; exact is not."""
+    from edgec.api import _budget_missed
+    from edgec.evaluation import OutputMetrics
+
+    def output(name, sqnr, max_abs, nonfinite=0):
+        return OutputMetrics(name, (4,), "float32", sqnr, max_abs == 0 and not nonfinite, max_abs, nonfinite, False,
+                             None, None, None)
+
+    evaluation = type("Evaluation", (), {"outputs": [output("low", 20.0, 0.5), output("fine", 50.0, 0.01),
+                                                     output("exact", None, 0.0), output("zero", None, 0.2),
+                                                     output("nan", 45.0, 0.01, nonfinite=3)]})
+    warned = _budget_missed(QuantizeOptions("int8", None, min_sqnr_db=30.0), evaluation)
+    assert [w.split("'")[1] for w in warned] == ["low", "zero", "nan"]
+    assert "20.0 dB" in warned[0] and "up to 0.2 where the float model gives 0" in warned[1] and "3 NaN" in warned[2]
+    assert _budget_missed(QuantizeOptions("int8", None), evaluation) == []
