@@ -363,3 +363,15 @@ def test_held_back_budget_miss_without_an_sqnr_is_warned():
     assert [w.split("'")[1] for w in warned] == ["low", "zero", "nan"]
     assert "20.0 dB" in warned[0] and "up to 0.2 where the float model gives 0" in warned[1] and "3 NaN" in warned[2]
     assert _budget_missed(QuantizeOptions("int8", None), evaluation) == []
+
+
+def test_budget_sqnr_counts_a_nan_as_missing_the_budget():
+    """A NaN or infinity on one side only misses any budget; the finite elements give the SQNR as the held-back
+    table does (a NaN noise was never below the running worst: the mix met every budget)."""
+    from edgec.quantize import budget
+
+    switched = budget._Switched.__new__(budget._Switched)
+    switched.reference = [[np.array([1.0, np.inf, 2.0])], [np.array([3.0, np.inf, -1.0])]]
+    for got, want in (([1.1, np.nan, 2.0], -np.inf), ([1.0, np.inf, 2.1], 10 * np.log10(15 / 0.01))):
+        switched._outputs = lambda floats, count: [[np.array(got)], [np.array([3.0, np.inf, -1.0])]]
+        assert switched.sqnr(set(), 2) == pytest.approx(want)

@@ -28,6 +28,7 @@ from tvm import relax
 
 from ..dataset import Dataset
 from ..errors import EdgecError
+from ..evaluation import _Accumulator
 from ..progress import current
 from ..reference import decibels
 from . import QuantizeOptions, analysis, qdq
@@ -64,9 +65,12 @@ class _Switched:
         got = self._outputs(floats, count)
         worst = math.inf
         for k in range(len(got[0])):
-            signal = sum(float(np.dot(r[k].ravel(), r[k].ravel())) for r in self.reference[:count])
-            noise = sum(float(np.sum((g[k] - r[k]) ** 2)) for g, r in zip(got, self.reference))
-            worst = min(worst, decibels(signal, noise))
+            # the held-back table's sums: over elements finite on both sides, a NaN/infinity that differs misses
+            # any budget (a NaN noise compared as never below the worst and passed)
+            sums = _Accumulator("", None)
+            for g, r in zip(got, self.reference):
+                sums.add(g[k], r[k], None)
+            worst = min(worst, -math.inf if sums.nonfinite else decibels(sums.signal, sums.noise))
         return worst
 
 
