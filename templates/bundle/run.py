@@ -547,7 +547,9 @@ class Model:
             # another process soon gives its own up. MobileNetV2 on 2 cores (bench/README.md): 4.4-4.7 ms alone,
             # as with libgomp's default spin, and 8-10 / 12-15 ms beside 1 / 2 busy processes, where that default
             # took 440 ms beside one (onnxruntime: 5.1-5.3, 9-9.5 / 10-16 ms). The environment's values win;
-            # GOMP_SPINCOUNT is left alone under OMP_WAIT_POLICY, which it would override.
+            # GOMP_SPINCOUNT is left alone under OMP_WAIT_POLICY, which it would override. libgomp reads both once,
+            # when it is loaded: a process that already has it (an earlier bundle, the application's own OpenMP)
+            # keeps the spin it started with.
             os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
             if "OMP_WAIT_POLICY" not in os.environ:
                 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
