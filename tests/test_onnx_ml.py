@@ -136,6 +136,13 @@ REFUSALS = {
         lambda: _label_encoder(I64, I64, keys_int64s=[1, 2], values_int64s=[1, 2])),
     "tree-ensemble-post-transform": (lambda: _tree_ensemble(1, post_transform=2), "post_transform=2",
                                      lambda: _tree_ensemble(1)),
+    "tfidf-too-few-ngram-indexes": (
+        lambda: _model(helper.make_node("TfIdfVectorizer", ["x"], ["y"], mode="TF", ngram_counts=[0, 2],
+                                        ngram_indexes=[0, 1], pool_int64s=[2, 3, 2, 3, 3, 5], min_gram_length=1,
+                                        max_gram_length=2, max_skip_count=0), {"x": (I64, [9])}, {"y": (F32, [2])}),
+        "has 2 ngram_indexes for 4 pool n-grams",
+        lambda: _model(_tfidf("TF", min_gram_length=1, max_gram_length=2, max_skip_count=0), {"x": (I64, [9])},
+                       {"y": (F32, [9])})),
     "tree-ensemble-feature-out-of-range": (lambda: _tree_ensemble(1, feature_ids=[0, 1, 3, 0]),
                                            "names a feature outside [0, 3)", lambda: _tree_ensemble(1)),
 }

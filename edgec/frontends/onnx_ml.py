@@ -287,12 +287,16 @@ def ml_converters() -> dict:
                     if count is not None:
                         columns.append((count, indexes[first_id:first_id + len(grams)]))
                 first_id += len(grams)
+            weights = np.asarray(attr.get("weights", []), np.float32)
+            if first_id != len(indexes) or indexes.min() < 0 or 0 < weights.size < width:
+                refuse("TfIdfVectorizer", attr, f"has {len(indexes)} ngram_indexes for {first_id} pool n-grams, a "
+                       f"negative index or {weights.size} weights for {width} columns",
+                       "give one non-negative ngram_index per pool n-gram and a weight per output column")
             counts = relax.const(np.zeros((shape(rows)[0], width), np.float32))
             for count, where in columns:
                 scatter = np.zeros((len(where), width), np.float32)
                 scatter[np.arange(len(where)), where] = 1
                 counts = bb.emit(relax.op.add(counts, relax.op.matmul(count, relax.const(scatter))))
-            weights = np.asarray(attr.get("weights", []), np.float32)
             if mode == "IDF":
                 counts = bb.emit(relax.op.astype(relax.op.greater(counts, relax.const(0.0)), "float32"))
             if mode != "TF" and weights.size:
