@@ -323,8 +323,9 @@ def test_streaming_model_quantizes(tmp_path):
 
 
 def test_switchable_graph_is_the_float_and_the_int8_graph(outlier):
-    """The budget search's one module: switches all 0 compute the float model, all 1 the QDQ graph, and a mix the
-    graph with those layers left float (qdq.rewrite(floats=...)), to float32 rounding."""
+    """The budget search's one module: switches all off compute the float model, all on the QDQ graph, and a mix the
+    graph with those layers left float (qdq.rewrite(floats=...)), each exactly (a select per layer; plain +
+    s * (quantized - plain) was a rounding away)."""
     from tvm import relax as rx
 
     from edgec.dataset import open_dataset
@@ -337,13 +338,15 @@ def test_switchable_graph_is_the_float_and_the_int8_graph(outlier):
     ranges = calibrate.calibrate(mod, open_dataset(outlier["data"], model.inputs), "minmax", 99.99)
     names = list(analysis.plan(mod["main"]).layers.values())
     switched = on_host(qdq.rewrite(mod, ranges, switchable=True)[0])
-    x = tvm.runtime.tensor(np.random.default_rng(5).uniform(-1, 1, (1, 16)).astype(np.float32))
-    for floats in (set(names), set(), {"matmul_2"}, {"matmul_0", "matmul_3"}):
-        switch = tvm.runtime.tensor(np.array([0.0 if n in floats else 1.0 for n in names], np.float32))
-        got = switched["main"](x, switch).numpy()
-        want = (on_host(mod) if floats == set(names) else
-                on_host(qdq.rewrite(mod, ranges, frozenset(floats))[0]))["main"](x).numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    x = np.random.default_rng(5).uniform(-1, 1, (1, 16)).astype(np.float32)
+    # in range; far out of it (float values large next to the clipped int8 ones); an infinite input
+    for sample in (x, x * 1e7, np.where(np.arange(16) == 3, np.inf, x).astype(np.float32)):
+        for floats in (set(names), set(), {"matmul_2"}, {"matmul_0", "matmul_3"}):
+            switch = tvm.runtime.tensor(np.array([n not in floats for n in names]))
+            got = switched["main"](tvm.runtime.tensor(sample), switch).numpy()
+            want = (on_host(mod) if floats == set(names) else
+                    on_host(qdq.rewrite(mod, ranges, frozenset(floats))[0]))["main"](tvm.runtime.tensor(sample)).numpy()
+            np.testing.assert_array_equal(got, want)
 
 
 def test_held_back_budget_miss_without_an_sqnr_is_warned():

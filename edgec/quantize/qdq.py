@@ -40,7 +40,7 @@ def _qdq(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
     return relax.op.dequantize(relax.op.quantize(x, s, z, axis=-1, out_dtype="uint8"), s, z, axis=-1)
 
 
-SWITCH = "edgec_int8_switch"   # the switchable module's extra parameter: one float32 per layer, 1 = int8
+SWITCH = "edgec_int8_switch"   # the switchable module's extra parameter: one bool per layer, true = int8
 
 
 def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: frozenset[str] = frozenset(),
@@ -48,9 +48,9 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
     """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why).
 
     `floats`: layers (analysis.Plan.layers names) left float: their inputs, weights and bias as the float model
-    has them. `switchable`: instead, main takes one more parameter, SWITCH, a float32 vector with one entry per
-    layer (in Plan.layers order), and each layer computes plain + s * (quantized - plain) on what it quantizes:
-    one compiled module that runs any mix of int8 and float layers (the error-budget search, edgec.quantize.budget).
+    has them. `switchable`: instead, main takes one more parameter, SWITCH, a bool vector with one entry per
+    layer (in Plan.layers order), and each layer selects quantized or plain by it on what it quantizes: one
+    compiled module that runs any mix of int8 and float layers (the error-budget search, edgec.quantize.budget).
     """
     func = mod["main"]
     plan = analysis.plan(func)
@@ -61,7 +61,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
     stayed = dict(plan.float_ops)
     done = {"layers": 0, "biases": 0}
     layer_scales: dict[relax.Var, np.ndarray] = {}   # a quantized layer's var -> s_x * s_w per channel
-    switch = relax.Var(SWITCH, relax.TensorType([len(plan.layers)], "float32")) if switchable else None
+    switch = relax.Var(SWITCH, relax.TensorType([len(plan.layers)], "bool")) if switchable else None
     position = {var: i for i, var in enumerate(plan.layers)}
 
     def keep(why: str):
@@ -70,8 +70,9 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
     def choose(layer: relax.Var, plain: relax.Expr, quantized: relax.Expr) -> relax.Expr:
         if switch is None:
             return plain if plan.layers[layer] in floats else quantized
-        on = relax.op.take(switch, relax.const(position[layer], "int64"), axis=0)
-        return relax.op.add(plain, relax.op.multiply(on, relax.op.subtract(quantized, plain)))
+        # a select, not plain + s * (quantized - plain): that is the QDQ value only to a rounding, and NaN where
+        # plain is infinite
+        return relax.op.where(relax.op.take(switch, relax.const(position[layer], "int64"), axis=0), quantized, plain)
 
     def pairs(layer: relax.Var, originals, news) -> list[relax.Expr]:
         return [choose(layer, n, _qdq(n, *params[o])) if o in params else n for o, n in zip(originals, news)]
