@@ -342,7 +342,7 @@ def test_switchable_graph_is_the_float_and_the_int8_graph(outlier):
     # in range; far out of it (float values large next to the clipped int8 ones); an infinite input
     for sample in (x, x * 1e7, np.where(np.arange(16) == 3, np.inf, x).astype(np.float32)):
         for floats in (set(names), set(), {"matmul_2"}, {"matmul_0", "matmul_3"}):
-            switch = tvm.runtime.tensor(np.array([n not in floats for n in names]))
+            switch = tvm.runtime.tensor(np.array([n not in floats for n in names], bool))
             got = switched["main"](tvm.runtime.tensor(sample), switch).numpy()
             want = (on_host(mod) if floats == set(names) else
                     on_host(qdq.rewrite(mod, ranges, frozenset(floats))[0]))["main"](tvm.runtime.tensor(sample)).numpy()
@@ -378,3 +378,23 @@ def test_budget_sqnr_counts_a_nan_as_missing_the_budget():
     for got, want in (([1.1, np.nan, 2.0], -np.inf), ([1.0, np.inf, 2.1], 10 * np.log10(15 / 0.01))):
         switched._outputs = lambda floats, count: [[np.array(got)], [np.array([3.0, np.inf, -1.0])]]
         assert switched.sqnr(set(), 2) == pytest.approx(want)
+
+
+def test_error_budget_on_a_model_without_quantizable_layers(tmp_path):
+    """No layer to quantize: the search runs its module with an empty switch vector and the build is the float
+    model (an empty switch list was a float64 array: the module refused it)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "relu.onnx")
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).uniform(-1, 1, (20, 1, 16)).astype(np.float32))
+    options = BuildOptions(offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", tmp_path / "cal.npz", min_sqnr_db=30))
+    result = api.build(tmp_path / "relu.onnx", "host", tmp_path / "b", options=options)
+    mixed = result.compiled.quantization["mixed_precision"]
+    assert mixed["quantizable_layers"] == 0 and mixed["float_layers"] == [] and mixed["sqnr_db"]["mixed"] is None
+    assert result.evaluation.outputs[0].exact

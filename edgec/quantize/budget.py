@@ -52,7 +52,7 @@ class _Switched:
         self.reference = self._outputs(set(self.layers), len(self.inputs))
 
     def _outputs(self, floats: set[str], count: int) -> list[list[np.ndarray]]:
-        switch = tvm.runtime.tensor(np.array([n not in floats for n in self.layers]))
+        switch = tvm.runtime.tensor(np.array([n not in floats for n in self.layers], bool))
         outputs = []
         for args in self.inputs[:count]:
             result = self.vm["main"](*args, switch)
