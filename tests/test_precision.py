@@ -235,3 +235,15 @@ def test_int8_weights_refuses_a_quantized_model(tmp_path):
     model = save_onnx(tmp_path / "qdq.onnx", "qdq", nodes, {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]}, inits)
     result = cli("build", model, "--quantize", "int8-weights", "-o", tmp_path / "b")
     check_error(result.stderr, result.exit_code, "quantized already", "without --quantize", exception=result.exception)
+
+
+def test_fp16_overflow_is_the_models_not_a_bug(tmp_path):
+    """A convolution whose outputs pass 65504 is inf in fp16: refused in one line, exit 2, as the model's range (the
+    verification called it "a bug in edgec or TVM", exit 1)."""
+    weights = np.clip(RNG.standard_normal((8, 8, 3, 3)) * 10000, -60000, 60000)   # themselves within fp16's range
+    weight = numpy_helper.from_array(weights.astype(np.float32), "W")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Mul", ["c", "k"], ["y"])]
+    model = save_onnx(tmp_path / "big.onnx", "big", nodes, {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]},
+                      [weight, numpy_helper.from_array(np.float32(1e-4), "k")])
+    result = cli("build", model, "--target", "rpi5", "--quantize", "fp16", "-o", tmp_path / "b")
+    check_error(result.stderr, result.exit_code, "fp16's range", "'y'", "int8-weights", exception=result.exception)

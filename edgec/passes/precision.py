@@ -285,5 +285,11 @@ def precision_reference(graph: tvm.IRModule, model, steps: list[dict[str, np.nda
     outputs = tuple(run_graph(graph, model, steps))
     if mode == "int8-weights":
         return replace(reference, name=name, outputs=outputs)
+    for got, want in zip(outputs, reference.outputs):
+        lost = next((n for n in want if not np.isfinite(got[n]).all() and np.isfinite(want[n]).all()), None)
+        if lost is not None:    # the model, not the compilation: the verification would call it edgec's bug
+            raise EdgecError(f"--quantize fp16: the model's values leave fp16's range (output '{lost}' is not finite "
+                             f"in fp16, finite in float32; fp16 ends at 65504)",
+                             "build it in float32, or with --quantize int8-weights for a smaller bundle")
     return replace(reference, name=f"{name}, measured against {reference.name}", outputs=outputs,
                    floats=reference.outputs, rule=PRECISION_RULE)
