@@ -170,7 +170,8 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
         if not int8:
             raise EdgecError(f"the error budget of {budget:g} dB SQNR is not reachable with any layer in int8: int8 "
                              f"gives {_fmt(plain)} dB on {len(switched.inputs)} calibration samples, the least harmful "
-                             f"layer alone in int8 {_fmt(max(alone[n] for n in order))} dB",
+                             f"layer alone in int8 {_fmt(max(alone[n] for n in order))} dB (on "
+                             f"{min(ALONE_SAMPLES, len(switched.inputs))})",
                              "relax --min-sqnr / --max-error, try another --calibration-method, or build float")
     record = {"budget": {"min_sqnr_db": budget, **({"max_error": options.max_error} if options.max_error else {}),
                          "measured_on": f"{len(switched.inputs)} calibration samples (each layer alone: "
