@@ -21,6 +21,7 @@ from edgec.cli import main
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import onnx_suite  # noqa: E402
+from verify import assert_refused_in_one_line  # noqa: E402
 
 F32 = TensorProto.FLOAT
 
@@ -553,6 +554,21 @@ def test_resize_of_the_channel_axis_and_upsample(edgec_host, tmp_path, mode):
                       [helper.make_tensor_value_info("y", F32, [1, 4, 3, 6])], opset=9,
                       initializers=[_const("s", np.array([1, 2, 1, 3], np.float32))])
     _assert_matches_reference(edgec_host, upsample, [x], tmp_path)
+
+
+@pytest.mark.parametrize("op, attrs", [("Upsample", {"mode": "bilinear"}), ("Resize", {"mode": "bilinear"}),
+                                       ("Resize", {"coordinate_transformation_mode": "half_pixels"})])
+def test_resize_with_a_mode_the_spec_does_not_define_is_refused(tmp_path, op, attrs):
+    """Upsample's own resize took any mode other than nearest and linear as cubic (onnxruntime refuses it)."""
+    def model(**node_attrs):
+        inputs = ["x", "s"] if op == "Upsample" else ["x", "", "s"]
+        return _model([helper.make_node(op, inputs, ["y"], **node_attrs)],
+                      [helper.make_tensor_value_info("x", F32, [1, 1, 2, 2])],
+                      [helper.make_tensor_value_info("y", F32, [1, 1, 3, 3])], opset=9 if op == "Upsample" else 18,
+                      initializers=[_const("s", np.array([1, 1, 1.5, 1.5], np.float32))])
+
+    name, value = next(iter(attrs.items()))
+    assert_refused_in_one_line(model(**attrs), f"has {name}='{value}'", model(mode="linear"), tmp_path)
 
 
 def test_resize_of_rank_6(edgec_host, tmp_path):

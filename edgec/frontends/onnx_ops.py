@@ -43,6 +43,26 @@ def build_time_value(op: str, attr: dict, expr, what: str, fix: str | None = Non
     return expr.value.numpy()
 
 
+# Resize's and Upsample's string attributes -> their default and every value the spec allows (tf_half_pixel_for_nn:
+# opset 11-12); any other would otherwise be interpolated as some other mode.
+RESIZE_CHOICES = {
+    "mode": ("nearest", ("nearest", "linear", "cubic")),
+    "coordinate_transformation_mode": ("half_pixel", ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel",
+                                                      "align_corners", "asymmetric", "tf_crop_and_resize",
+                                                      "tf_half_pixel_for_nn")),
+    "nearest_mode": ("round_prefer_floor", ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")),
+    "keep_aspect_ratio_policy": ("stretch", ("stretch", "not_larger", "not_smaller")),
+}
+
+
+def check_resize_choices(op: str, attr: dict) -> None:
+    for name, (default, allowed) in RESIZE_CHOICES.items():
+        value = attr.get(name, default)
+        value = value.decode() if isinstance(value, bytes) else value
+        if value not in allowed:
+            refuse(op, attr, f"has {name}={value!r}", f"set {name} to one of {', '.join(allowed)}")
+
+
 def _resize_source(mode: str, in_w: int, out_w: int, scale: float, roi) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize's source coordinate of each output index along one axis, per coordinate_transformation_mode (ONNX
     maps with the scale, and the unrounded length scale * in_w), and for tf_crop_and_resize which fall outside."""
@@ -60,6 +80,8 @@ def _resize_source(mode: str, in_w: int, out_w: int, scale: float, roi) -> tuple
         return (np.full(out_w, -0.5) if length == 1 else (y + 0.5) / scale - 0.5), None
     if mode == "half_pixel":
         return (y + 0.5) / scale - 0.5, None
+    if mode == "tf_half_pixel_for_nn":
+        return (y + 0.5) / scale, None
     if mode == "half_pixel_symmetric":
         return in_w / 2 * (1 - out_w / length) + (y + 0.5) / scale - 0.5, None
     raise ValueError(mode)
@@ -345,6 +367,7 @@ def op_converters() -> dict:
     def resize(bb, x, out: list[int], scales: list[float], roi, attr: dict, op: str):
         """Resize axis by axis with the ONNX coordinate mapping (resize_matrix): nearest as a gather (exact for
         every type), linear and cubic as a product with the weights (float32 inside for float16)."""
+        check_resize_choices(op, attr)
         mode = text(attr.get("mode", b"nearest"))
         spec = {k: text(v) for k, v in attr.items() if k != "tvm_custom"}
         dt = dtype(x)
@@ -383,6 +406,7 @@ def op_converters() -> dict:
 
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
+            check_resize_choices("Resize", attr)
             x = inputs[0]
             dims = shape(x)
             rank = len(dims)
