@@ -173,7 +173,7 @@ class EdgecOperatorConverter(OperatorConverter):
 # - conv2d kernels HWIO / HWOI (depthwise: a reshape after the dequantize) become OIHW, quantized along axis 0;
 # - a fully-connected weight's transpose is folded into the int8 constant;
 # - the fused activation, clip(quantize(y), lo, hi) on the integers, becomes quantize(clip(y, (lo - zp) * s,
-#   (hi - zp) * s)): quantize is monotonic and maps those bounds to lo and hi exactly;
+#   (hi - zp) * s)): quantize is monotonic and maps those (whole) bounds to lo and hi exactly;
 # - zero points take the 8-bit type of their tensor (the backends read them as u8 / s8).
 # Rounding then differs from LiteRT in the integer kernels only: LiteRT's builtin kernels multiply the int32
 # accumulator by a 31-bit fixed-point multiplier (round half up, then a rounding shift, half away from zero);
