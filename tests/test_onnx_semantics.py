@@ -419,6 +419,17 @@ def test_tensor_scatter_per_batch_write_index(edgec_host, tmp_path, mode):
     _assert_matches_reference(edgec_host, model, [cache, update, index], tmp_path)
 
 
+def test_tensor_scatter_with_an_undefined_mode_is_refused(tmp_path):
+    """A mode other than linear and circular was written as linear (onnxruntime refuses it)."""
+    def model(mode):
+        return _model([helper.make_node("TensorScatter", ["c", "u"], ["y"], mode=mode)],
+                      [helper.make_tensor_value_info("c", F32, [1, 4, 2]),
+                       helper.make_tensor_value_info("u", F32, [1, 2, 2])],
+                      [helper.make_tensor_value_info("y", F32, [1, 4, 2])], opset=24)
+
+    assert_refused_in_one_line(model("ring"), "has mode='ring'", model("circular"), tmp_path)
+
+
 def test_det_with_pivoting_singular_and_batched(edgec_host, tmp_path):
     """5x5 matrices: random ones, one needing row swaps (a zero leading element), and a singular one."""
     x = np.random.default_rng(7).standard_normal((3, 5, 5)).astype(np.float32)

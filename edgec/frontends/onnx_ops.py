@@ -572,7 +572,10 @@ def op_converters() -> dict:
             if len(inputs) > 2 and inputs[2] is not None:
                 starts = bb.emit(relax.op.reshape(relax.op.astype(inputs[2], "int64"), (dims[0], 1)))
                 offset = bb.emit(relax.op.subtract(offset, starts))               # (batch, max_sequence_length)
-            if text(attr.get("mode", b"linear")) == "circular":
+            mode = text(attr.get("mode", b"linear"))
+            if mode not in ("linear", "circular"):
+                refuse("TensorScatter", attr, f"has mode={mode!r}", "set mode to linear or circular")
+            if mode == "circular":
                 offset = bb.emit(relax.op.floor_mod(offset, relax.const(length, "int64")))
             keep = bb.emit(relax.op.logical_or(relax.op.less(offset, relax.const(0, "int64")),
                                                relax.op.greater_equal(offset, relax.const(written, "int64"))))
