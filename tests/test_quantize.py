@@ -307,16 +307,21 @@ def test_error_budget_needs_int8(outlier):
     check_error(result.stderr, result.exit_code, "--min-sqnr is for --quantize int8", exception=result.exception)
 
 
-def test_streaming_model_quantizes(tmp_path):
+@pytest.mark.parametrize("budget", [{}, {"min_sqnr_db": 40.0}])
+def test_streaming_model_quantizes(tmp_path, budget):
     """A streaming model's quantized reference starts from the initial state and feeds its state outputs back (it
-    looked every parameter of main up in the sample steps, which leave the state out: a KeyError)."""
+    looked every parameter of main up in the sample steps, which leave the state out: a KeyError). With a budget the
+    search runs each calibration step with its recorded state, as calibration does."""
     from test_streaming import leaky_state_model
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "cal.npz", x=rng.uniform(-1, 1, (40, 4)).astype(np.float32),
              h=rng.uniform(-1, 1, (40, 4)).astype(np.float32))
-    options = BuildOptions(offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
+    options = BuildOptions(offload=NO_OFFLOAD, quantize=QuantizeOptions("int8", tmp_path / "cal.npz", **budget))
     result = api.build(leaky_state_model(tmp_path / "leaky.onnx"), "host", tmp_path / "b", options=options)
+    if budget:
+        mixed = result.compiled.quantization["mixed_precision"]
+        assert mixed["sqnr_db"]["mixed"] >= 40 and mixed["float_layers"] == []
     assert result.manifest.verification["status"] == "verified"
     assert result.manifest.verification["runner"].endswith("steps streamed")
     assert result.compiled.quantization["tensors"] == 2    # both inputs of the add x + 0.5 h
