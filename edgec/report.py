@@ -65,8 +65,8 @@ def _verification(v: dict) -> str:
 
 def _mixed_precision(q: dict) -> list[str]:
     """The error budget's outcome and each layer left float with its cost (edgec.quantize.budget's record)."""
-    def db(x):
-        return "inf" if x is None else f"{x:.1f} dB"
+    def db(x):   # None: no error (inf); "-inf": no signal, or a NaN/infinity that differs
+        return "inf" if x is None else f"{x} dB" if isinstance(x, str) else f"{x:.1f} dB"
 
     lines = []
     if "budget" in q:

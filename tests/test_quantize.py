@@ -403,3 +403,16 @@ def test_error_budget_on_a_model_without_quantizable_layers(tmp_path):
     mixed = result.compiled.quantization["mixed_precision"]
     assert mixed["quantizable_layers"] == 0 and mixed["float_layers"] == [] and mixed["sqnr_db"]["mixed"] is None
     assert result.evaluation.outputs[0].exact
+
+
+def test_budget_record_and_summary_keep_minus_infinity_apart_from_exact():
+    """JSON has no infinity: an exact SQNR is written None and printed inf, one with noise and no signal "-inf" and
+    printed so (both were None: an int8 graph with nothing but noise read 'int8 inf')."""
+    from edgec.quantize.budget import _finite
+    from edgec.report import _mixed_precision
+
+    record = _finite({"budget": {"min_sqnr_db": 30.0, "measured_on": "32 calibration samples"},
+                      "sqnr_db": {"int8": -np.inf, "keep_float": np.inf, "mixed": 31.0}})
+    assert record["sqnr_db"] == {"int8": "-inf", "keep_float": None, "mixed": 31.0}
+    assert json.loads(json.dumps(record)) == record
+    assert "int8 -inf dB, with --keep-float inf, mixed 31.0 dB" in _mixed_precision(record)[0]

@@ -98,10 +98,6 @@ def _layers_matching(names: list[str], patterns: tuple[str, ...]) -> set[str]:
     return chosen
 
 
-def _fmt(db: float) -> str:
-    return "inf" if math.isinf(db) else f"{db:.1f}"
-
-
 def _noise(db: float) -> float:
     """Output noise energy relative to the signal's at an SQNR of `db`."""
     return 10 ** (-db / 10)
@@ -162,15 +158,15 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
         for name in order[low + 1:]:
             if _noise(alone[name]) > _noise(budget) - _noise(best):
                 continue
-            say.detail(f"error budget: {_fmt(best)} dB with {len(int8)} int8 layers, trying {name}")
+            say.detail(f"error budget: {best:.1f} dB with {len(int8)} int8 layers, trying {name}")
             db = switched.sqnr(everything - int8 - {name})
             if db >= budget:
                 int8.add(name)
                 best = db
         if not int8:
             raise EdgecError(f"the error budget of {budget:g} dB SQNR is not reachable with any layer in int8: int8 "
-                             f"gives {_fmt(plain)} dB on {len(switched.inputs)} calibration samples, the least harmful "
-                             f"layer alone in int8 {_fmt(max(alone[n] for n in order))} dB (on "
+                             f"gives {plain:.1f} dB on {len(switched.inputs)} calibration samples, the least harmful "
+                             f"layer alone in int8 {max(alone[n] for n in order):.1f} dB (on "
                              f"{min(ALONE_SAMPLES, len(switched.inputs))})",
                              "relax --min-sqnr / --max-error, try another --calibration-method, or build float")
     record = {"budget": {"min_sqnr_db": budget, **({"max_error": options.max_error} if options.max_error else {}),
@@ -182,9 +178,10 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
 
 
 def _finite(value):
-    """JSON has no infinity: an SQNR of a search step that matched float exactly is written as None."""
+    """JSON has no infinity: an SQNR of a search step that matched float exactly is written as None, one with all
+    noise and no signal (or a NaN/infinity that differs) as "-inf"."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return None if value > 0 else "-inf"
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
