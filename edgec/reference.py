@@ -237,9 +237,16 @@ class QuantizedRule:
     margin_db: float = 0.0
     max_fraction: float = 0.05
     name: str = "quantized"
+    # the energy margin again per channel (the last axis) of an output with at least `channel_size` elements in each
+    # channel: a fault in one channel (its weight scale, bias, weights) is 1/C of the output's energy and elements,
+    # below both bounds above, while flips spread over all channels. None: not checked.
+    channel_margin_db: float | None = None
+    channel_size: int = 1024
 
     def to_json(self) -> dict:
-        return {"name": self.name, "margin_db": self.margin_db, "max_fraction": self.max_fraction}
+        per_channel = ({} if self.channel_margin_db is None else
+                       {"channel_margin_db": self.channel_margin_db, "channel_size": self.channel_size})
+        return {"name": self.name, "margin_db": self.margin_db, "max_fraction": self.max_fraction, **per_channel}
 
 
 QUANTIZED_RULE = QuantizedRule()
@@ -249,6 +256,10 @@ QUANTIZED_RULE = QuantizedRule()
 # rounding moves an output by one ulp where two correct compilations' fp32 sums straddle a boundary (4.4% of an
 # untrained MobileNetV2's logits), while a fault must stay below fp16 rounding's energy (~50 dB under the signal).
 PRECISION_RULE = QuantizedRule(max_fraction=1.0, name="precision")
+
+# full-integer models (a pre-quantized TFLite model) whose bundle is more than one step off the reference runtime:
+# `floats` are the model's unrounded twin (unrounded_integers) on TVM. See docs/architecture.md for the margin.
+INTEGER_RULE = QuantizedRule(margin_db=6.0, name="integer", channel_margin_db=3.0)
 
 
 def decibels(signal: float, noise: float) -> float:
@@ -288,6 +299,49 @@ def compare_quantized(outputs: list[dict[str, np.ndarray]], reference: list[dict
              "max_quantization_rms": float(diff.max() / rms) if rms > 0 else None, "problem": None}
         if not (np.isfinite(out).all() and np.isfinite(ref).all() and np.isfinite(flt).all()):
             r["problem"] = "values that are not finite"     # no energy to compare: refused
-        r["ok"] = r["problem"] is None and r["margin_db"] >= rule.margin_db and r["fraction_off"] <= rule.max_fraction
+        ok = r["margin_db"] >= rule.margin_db and r["fraction_off"] <= rule.max_fraction
+        channels = np.shape(reference[0][name])[-1] if np.ndim(reference[0][name]) else 1
+        if rule.channel_margin_db is not None and ref.size >= rule.channel_size * channels:
+            per_channel = [decibels(q, e) for q, e in zip(((ref - flt) ** 2).reshape(-1, channels).sum(0),
+                                                        ((out - ref) ** 2).reshape(-1, channels).sum(0))]
+            r["worst_channel_margin_db"] = min(per_channel)
+            ok = ok and r["worst_channel_margin_db"] >= rule.channel_margin_db
+        r["ok"] = r["problem"] is None and ok
         report[name] = r
     return report
+
+
+def unrounded_integers(mod):
+    """A pre-quantized model's Relax graph (a full-integer TFLite model's, as imported) computed without rounding:
+    each per-tensor quantize(x, s, z) becomes clip(x / s + z, qmin, qmax) in float32 and each dequantize of such a
+    value (y - z) * s, so every integer tensor — the outputs included — holds the value it rounds, in its own units.
+    Saturation stays, as in qdq_float_twin; a quantize with per-channel or non-constant parameters is kept (its
+    rounding then counts as part of the model: a stricter rule). Its distance from the reference runtime's integer
+    outputs is the model's own rounding error, which QuantizedRule measures a bundle against."""
+    import tvm
+    from tvm import relax
+
+    def constant(expr):
+        return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+    @relax.expr_functor.mutator
+    class Unround(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            name = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+            if name not in ("relax.quantize", "relax.dequantize"):
+                return call
+            data, scale, zero = call.args[0], constant(call.args[1]), constant(call.args[2])
+            if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+                return call
+            s, z = float(scale.item()), float(zero.item())
+            if name == "relax.dequantize":     # of an unrounded value: float; of an int8 weight or input: unchanged
+                return call if str(data.ty.dtype) != "float32" else (
+                    relax.op.multiply(relax.op.subtract(data, relax.const(z, "float32")), relax.const(s, "float32")))
+            info = np.iinfo(str(call.attrs.out_dtype))
+            shifted = relax.op.add(relax.op.divide(data, relax.const(s, "float32")), relax.const(z, "float32"))
+            return relax.op.clip(shifted, float(info.min), float(info.max))
+
+    out = tvm.IRModule(dict(mod.functions))
+    out["main"] = Unround(mod).visit_expr(mod["main"])
+    return relax.transform.DeadCodeElimination(["main"])(out)

@@ -11,16 +11,18 @@ shipped with a shrug.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .errors import EdgecError
 from .frontends import ImportedModel
 from .manifest import not_verified
-from .reference import (DEFAULT_TOLERANCE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, QuantizedRule, ReferenceRuntime,
-                        ReferenceUnavailable, Tolerance, compare_outputs, compare_quantized, qdq_float_twin)
+from .reference import (DEFAULT_TOLERANCE, INTEGER_RULE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, QuantizedRule,
+                        ReferenceRuntime, ReferenceUnavailable, Tolerance, compare_outputs, compare_quantized,
+                        qdq_float_twin, unrounded_integers)
 from .signature import check_inputs, random_inputs
 from .targets import Target
 
@@ -44,6 +46,9 @@ class ReferenceRun:
     # a quantized graph's reference: the float model's outputs of each step, which make the quantized rule apply
     floats: tuple[dict[str, np.ndarray], ...] | None = None
     rule: QuantizedRule = QUANTIZED_RULE        # with floats: how the bundle is compared (PRECISION_RULE: fp16...)
+    # a full-integer model's: its unrounded twin's outputs (reference.unrounded_integers), computed only for a bundle
+    # more than one step off, which is then judged by INTEGER_RULE
+    unrounded: Callable[[], tuple[dict[str, np.ndarray], ...]] | None = None
 
 
 def sample_inputs(model: ImportedModel, given: dict[str, np.ndarray] | list[str] | None) -> dict[str, np.ndarray]:
@@ -84,14 +89,22 @@ def _run(ref: ReferenceRuntime, model: ImportedModel, steps: list[dict[str, np.n
 def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> ReferenceRun | str:
     """The reference runtime's outputs for each step (a stream from its own initial state), or the reason it
     cannot give them. An ONNX QDQ model runs as its QDQ math says (onnxruntime without graph optimizations), and
-    its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against."""
+    its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against. A
+    full-integer TFLite model (outputs all quantized, no state) carries its unrounded twin, run on TVM when needed."""
     try:
         twin = qdq_float_twin(model.path) if model.format == "onnx" else None
         ref = ReferenceRuntime(model.path, states=model.states, exact=twin is not None)
         floats = None if twin is None else _run(ReferenceRuntime(model.path, content=twin), model, steps)
-        return ReferenceRun(ref.name, tuple(steps), _run(ref, model, steps), ref.quantized_outputs, floats)
+        outputs = _run(ref, model, steps)
     except ReferenceUnavailable as e:
         return str(e)
+    unrounded = None
+    if model.format == "tflite" and not model.states and set(outputs[0]) <= ref.quantized_outputs:
+        def unrounded():
+            from .quantize.reference import run_graph
+
+            return tuple(run_graph(unrounded_integers(model.mod), model, steps))
+    return ReferenceRun(ref.name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded)
 
 
 def tolerance_for(reference: ReferenceRun | str) -> Tolerance:
@@ -134,6 +147,10 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
     worst = {}
     for k, (outputs, expected) in enumerate(zip(steps, reference.outputs)):
         comparison = compare_outputs(outputs, expected, tolerance, against=reference.name)
+        if not comparison.ok and reference.unrounded is not None:
+            # one step holds per layer, not through depth: the rounding's own error decides
+            integer = replace(reference, floats=reference.unrounded(), rule=INTEGER_RULE)
+            return _verify_quantized(bundle_dir, integer, steps, ran, stream)
         for o in comparison.outputs.values():
             if not o.ok:
                 what = o.problem or f"max abs error {o.max_abs:.3g} ({o.max_rel:.3g} of its range)"
@@ -168,14 +185,17 @@ def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dic
                 f"its error {r['margin_db']:.1f} dB below the quantized graph's own rounding error (rule: at "
                 f"least {rule.margin_db:g} dB), {r['fraction_off']:.2%} of the elements off by more than that "
                 f"error's rms (rule: at most "
-                f"{rule.max_fraction:.0%}), max abs error {r['max_abs']:.3g}")
+                f"{rule.max_fraction:.0%}), max abs error {r['max_abs']:.3g}"
+                + (f", its worst channel {r['worst_channel_margin_db']:.1f} dB below (rule: at least "
+                   f"{rule.channel_margin_db:g} dB)" if "worst_channel_margin_db" in r else ""))
             raise _failed(reference, name, what, 0, len(steps), stream)
     manifest = Manifest.load(bundle_dir)
     if manifest.sample is not None:
         for spec in manifest.outputs:
             np.save(bundle_dir / manifest.sample.expected / spec.file, steps[0][spec.name])
     return {"status": "verified", "reason": None, "reference": reference.name, "runner": runner,
-            "tolerance": DEFAULT_TOLERANCE.to_json(), "rule": rule.to_json(),
+            "tolerance": tolerance_for(reference).to_json(), "rule": rule.to_json(),
             "outputs": {name: {**{k: v for k, v in r.items() if k not in ("ok", "problem")},
-                               **{k: _json_db(r[k]) for k in ("sqnr_db", "quantization_sqnr_db", "margin_db")}}
+                               **{k: _json_db(r[k]) for k in ("sqnr_db", "quantization_sqnr_db", "margin_db",
+                                                              "worst_channel_margin_db") if k in r}}
                         for name, r in report.items()}}

@@ -5,12 +5,17 @@ within one quantization step of LiteRT's integer kernels (LiteRT requantizes wit
 backends in fp32: they can differ by one step where the exact value lies at a half step)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from edgec import api, report
 from edgec.build import BuildOptions
-from edgec.reference import ReferenceRuntime
+from edgec.reference import INTEGER_RULE, ReferenceRuntime
+from edgec.targets import load_target
+from edgec.verification import VerificationFailed, reference_outputs, verify_staged
+from edgec.frontends import load_model
 from models import real_model
 from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
 from test_streaming import AUDIO, wakeword_features
@@ -72,6 +77,18 @@ def small_int8_cnn(path):
     n.g.op(op.QUANTIZE, [logits[0]], [score[0]])
     # the inner layers are outputs too, so that each is compared
     return n.g.save(path, [x[0]], [a[0], c[0], s[0], score[0]])
+
+
+def deep_int8_cnn(path, layers=7):
+    """`layers` 3x3 convs with ReLU at 64x64, 64 channels (the first from 8): deep enough that LiteRT's own two kernel
+    sets end 4 steps apart, as one step per layer compounds."""
+    n, same = _Int8Layers(), dict(padding=schema.Padding.SAME, strideH=1, strideW=1)
+    x = y = n.activation("image", (1, 64, 64, 8), 0.003, -4)
+    for k in range(layers):
+        channels = n.g.sg.tensors[y[0]].shape[-1]
+        y = n.layer("Conv2D", y, (1, 64, 64, 64), (64, 3, 3, channels), 0, 9 * channels,
+                    schema.ActivationFunctionType.RELU, input_rms=74 if k == 0 else 57, **same)
+    return n.g.save(path, [x[0]], [y[0]])
 
 
 def within_one_step(ours: dict, reference: dict) -> tuple[int, int]:
@@ -177,3 +194,49 @@ def test_other_int8_forms_within_one_step(tmp_path):
         reference = ReferenceRuntime(model).run(sample)
         within_one_step(api.run(built.bundle_dir, sample).outputs, reference)
         assert all(np.ptp(r.astype(int)) > 20 for r in reference.values()), reference
+
+
+def test_deep_int8_cnn_is_verified_by_the_integer_rule(tmp_path):
+    """7 layers: TVM's own kernels (offload none) end steps off LiteRT, as LiteRT's two kernel sets end 5 apart, which
+    the one-step rule refuses; the integer rule measures the bundle against the model's own rounding and accepts it,
+    and the summary names the rule and the margin."""
+    built = api.build(deep_int8_cnn(tmp_path / "deep.tflite"), "host", tmp_path / "b", options=BuildOptions(offload=()))
+    verification = built.manifest.verification
+    out = verification["outputs"]["Conv2D21"]
+    print("7-layer int8 CNN, TVM:", out)
+    assert verification["status"] == "verified" and verification["rule"] == INTEGER_RULE.to_json()
+    assert out["max_abs"] > 1 and verification["tolerance"] == {"atol": 1, "rtol": 0}
+    assert out["margin_db"] >= INTEGER_RULE.margin_db and out["worst_channel_margin_db"] >= INTEGER_RULE.channel_margin_db
+    assert f"integer rule: {out['margin_db']:.1f} dB below the graph's own rounding error" in report.build_text(built)
+
+
+def _faulty(src, dst, layer: int, channel_only: bool):
+    """`src` with the weight scales of conv `layer` x1.25 (a wrong requantization), or its channel 0's alone x1.5;
+    its bias's scales alike (LiteRT takes a bias at input scale x weight scale whatever its own says, TVM's importer
+    at its own: they compute the same only where the model agrees)."""
+    import flatbuffers
+
+    model = schema.ModelT.InitFromPackedBuf(src.read_bytes(), 0)
+    tensors, op = model.subgraphs[0].tensors, model.subgraphs[0].operators[layer]
+    for quantization in (tensors[op.inputs[1]].quantization, tensors[op.inputs[2]].quantization):
+        quantization.scale = [s * (1.5 if k == 0 else 1) if channel_only else s * 1.25
+                              for k, s in enumerate(quantization.scale)]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    dst.write_bytes(bytes(builder.Output()))
+    return dst
+
+
+@pytest.mark.parametrize("layer, channel_only", [(3, False), (6, True)])
+def test_wrong_deep_int8_bundle_is_refused(tmp_path, layer, channel_only):
+    """A correct build of the faulty file checked against the original's reference: refused. The last layer's one
+    channel is 1/64 of the output (measured 9.0 dB, 1.2% off: inside the whole-output bounds), seen per channel."""
+    good = deep_int8_cnn(tmp_path / "deep.tflite")
+    bad = _faulty(good, tmp_path / "bad.tflite", layer, channel_only)
+    built = api.build(bad, "host", tmp_path / "b", options=BuildOptions(offload=()))
+    sample = {"image": np.load(built.bundle_dir / "sample" / "inputs" / "0-image.npy")}
+    with pytest.raises(VerificationFailed, match="rounding error") as e:
+        verify_staged(built.bundle_dir, load_target("host"), reference_outputs(load_model(good), [sample]))
+    print(e.value.message)
+    whole_output = float(re.search(r"its error (\S+) dB below", e.value.message).group(1))
+    assert (whole_output >= INTEGER_RULE.margin_db) == channel_only   # the one channel passes the whole-output bound
