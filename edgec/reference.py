@@ -321,8 +321,7 @@ def unrounded_integers(mod):
     import tvm
     from tvm import relax
 
-    def constant(expr):
-        return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+    from .frontends.tflite_convert import _constant as constant
 
     @relax.expr_functor.mutator
     class Unround(relax.PyExprMutator):
