@@ -66,8 +66,8 @@ def ml_converters() -> dict:
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
     class Binarizer(tvm_onnx.OnnxOpConverter):
-        """1 where x > threshold, else 0. The float threshold is not cast to an integer x's type (-0.5 would become
-        0, and 0 > -0.5 false): integer x compares with floor(threshold), clamped to the type's range."""
+        """1 where x > threshold, else 0. Integer x compares with floor(threshold), clamped to the type's range: the
+        float threshold cast to x's type would turn 0 > -0.5 into 0 > 0."""
 
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
@@ -77,8 +77,9 @@ def ml_converters() -> dict:
                 info = np.iinfo(np.dtype(dtype(x)))
                 if np.isnan(threshold):
                     return relax.op.zeros_like(x)
-                below = np.floor(threshold) < info.min     # every value is above
-                bound = info.min if below else info.max if np.floor(threshold) >= info.max else int(threshold // 1)
+                floor = np.floor(threshold)
+                below = floor < info.min     # every value is above
+                bound = info.min if below else info.max if floor >= info.max else int(floor)
                 compare = relax.op.greater_equal if below else relax.op.greater
                 return relax.op.astype(compare(x, relax.const(bound, dtype(x))), dtype(x))
             return relax.op.astype(relax.op.greater(x, relax.const(threshold, dtype(x))), dtype(x))
