@@ -31,6 +31,7 @@ class ReferenceRuntime:
         self.path = Path(model_path)
         self._content, self._exact = content, exact
         self.quantized_outputs: frozenset[str] = frozenset()   # outputs holding quantized values (one step: 1)
+        self.zero_points: dict[str, int] = {}                  # each one's zero point: its value 0
         suffix = self.path.suffix.lower()
         if suffix == ".onnx":
             self._init_onnx(threads)
@@ -96,7 +97,8 @@ class ReferenceRuntime:
         self._inputs = self._interp.get_input_details()
         tensors = {d["name"]: d for d in self._interp.get_tensor_details()}
         self._outputs = self._interp.get_output_details() + [tensors[name] for name in observe]
-        self.quantized_outputs = frozenset(d["name"] for d in self._outputs if d["quantization"][0] != 0)
+        self.zero_points = {d["name"]: int(d["quantization"][1]) for d in self._outputs if d["quantization"][0] != 0}
+        self.quantized_outputs = frozenset(self.zero_points)
         self.input_names = [d["name"] for d in self._inputs]
         self.output_names = [d["name"] for d in self._outputs]
         self._run = self._run_tflite
@@ -270,22 +272,24 @@ def decibels(signal: float, noise: float) -> float:
 
 
 def compare_quantized(outputs: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
-                      floats: list[dict[str, np.ndarray]], rule: QuantizedRule = QUANTIZED_RULE) -> dict[str, dict]:
+                      floats: list[dict[str, np.ndarray]], rule: QuantizedRule = QUANTIZED_RULE,
+                      zero_points: dict[str, int] | None = None) -> dict[str, dict]:
     """The quantized rule over every step's outputs, by name: for each reference output, what was measured —
     "sqnr_db" (bundle vs reference), "quantization_sqnr_db" (reference vs float model), "margin_db" (the
     bundle's error energy below the quantization's), "fraction_off" (elements off by more than the quantization's
     rms error), "max_abs", "max_rel", "max_quantization_rms" (the worst element in units of that rms error) —
     with "ok" and "problem" (a missing output, a size mismatch, values that are not finite). Where the reference
-    equals the float model (no quantization error) only an identical output passes."""
+    equals the float model (no quantization error) only an identical output passes. `zero_points`: integer
+    outputs' (by name), subtracted first so that the SQNRs measure values, not their codes."""
     report = {}
     for name in reference[0]:
         missing = next((k for k, o in enumerate(outputs) if name not in o), None)
         if missing is not None:
             report[name] = {"ok": False, "problem": "missing from the outputs"}
             continue
-        out = np.concatenate([np.asarray(o[name], np.float64).ravel() for o in outputs])
-        ref = np.concatenate([np.asarray(r[name], np.float64).ravel() for r in reference])
-        flt = np.concatenate([np.asarray(f[name], np.float64).ravel() for f in floats])
+        zero = (zero_points or {}).get(name, 0)
+        out, ref, flt = (np.concatenate([np.asarray(o[name], np.float64).ravel() for o in side]) - zero
+                         for side in (outputs, reference, floats))
         if out.shape != ref.shape or flt.shape != ref.shape:
             report[name] = {"ok": False, "problem": f"{out.size} values, the reference has {ref.size}"}
             continue

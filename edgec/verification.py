@@ -49,6 +49,7 @@ class ReferenceRun:
     # a full-integer model's: its unrounded twin's outputs (reference.unrounded_integers), computed only for a bundle
     # more than one step off, which is then judged by INTEGER_RULE
     unrounded: Callable[[], tuple[dict[str, np.ndarray], ...]] | None = None
+    zero_points: dict[str, int] | None = None     # the integer outputs' (ReferenceRuntime.zero_points)
 
 
 def sample_inputs(model: ImportedModel, given: dict[str, np.ndarray] | list[str] | None) -> dict[str, np.ndarray]:
@@ -104,7 +105,8 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
             from .quantize.reference import run_graph
 
             return tuple(run_graph(unrounded_integers(model.mod), model, steps))
-    return ReferenceRun(ref.name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded)
+    return ReferenceRun(ref.name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded,
+                        zero_points=ref.zero_points)
 
 
 def tolerance_for(reference: ReferenceRun | str) -> Tolerance:
@@ -175,7 +177,7 @@ def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dic
     from .manifest import Manifest
 
     rule = reference.rule
-    report = compare_quantized(steps, list(reference.outputs), list(reference.floats), rule)
+    report = compare_quantized(steps, list(reference.outputs), list(reference.floats), rule, reference.zero_points)
     extra = [n for n in steps[0] if n not in reference.outputs[0]]
     if extra:
         raise _failed(reference, extra[0], "not an output of the reference", 0, len(steps), stream)
