@@ -145,8 +145,10 @@ class _Accumulator:
 
 
 def _class_count(shape: tuple[int, ...], dtype: str) -> int | None:
-    """C when an output is shaped like class scores, [B, C] with C >= 2 and floating point, else None."""
-    if len(shape) == 2 and shape[1] >= 2 and np.issubdtype(np.dtype(dtype), np.floating):
+    """C when an output is shaped like class scores, [B, C] with C >= 2 and floating point, else None (also for a
+    dimension known only at run time: None in the manifest)."""
+    if (len(shape) == 2 and None not in shape and shape[1] >= 2
+            and np.issubdtype(np.dtype(dtype), np.floating)):
         return shape[1]
     return None
 

@@ -253,3 +253,12 @@ def test_cross_target_bundle_refused(digits):
     result = cli("eval", bundle, "--data", digits["dir"] / "test.npz", "--reference", digits["model"])
     check_error(result.stderr, result.exit_code, "rpi4 (aarch64)", "this machine (x86_64)", "--target host",
                 exception=result.exception)
+
+
+def test_class_scores_need_known_dimensions():
+    from edgec.evaluation import _class_count
+
+    assert _class_count((1, 10), "float32") == 10
+    # a dimension known only at run time (NonMaxSuppression's box count) is not a class count, nor a row count
+    assert _class_count((None, 3), "float32") is None and _class_count((4, None), "float32") is None
+    assert _class_count((1, 10), "int64") is None
