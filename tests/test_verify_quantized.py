@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from edgec import api
 from edgec.context import BuildOptions
 from edgec.examples import mobilenet_v2
-from edgec.reference import DEFAULT_TOLERANCE, QUANTIZED_RULE, compare_outputs
+from edgec.reference import DEFAULT_TOLERANCE, INTEGER_RULE, QUANTIZED_RULE, compare_outputs, compare_quantized
 from edgec.signature import random_inputs
 from edgec.targets import load_target
 from edgec.verification import VerificationFailed, reference_outputs, verify_staged
@@ -185,3 +185,16 @@ def test_ppocrv4_det_wrong_requantization_is_refused(ppocr):
     report = compare_quantized(list(wrong), list(reference.outputs), list(reference.floats))["sigmoid_0.tmp_0"]
     print("PP-OCRv4 det, first weight's scales x1.5:", report)
     assert not report["ok"]
+
+
+def test_integer_rule_passes_an_output_within_one_step():
+    """A full-integer model's 10 scores with one flipped rounding: the energy and element bounds refuse it (10% of the
+    elements, 10 dB above the rounding's energy), the rule's one step accepts it; two steps do not pass."""
+    ref = {"scores": np.arange(-5, 5, dtype=np.int8)}
+    twin = [{"scores": ref["scores"] + np.float32(0.1)}]
+    flipped = ref["scores"].copy()
+    flipped[3] += 1
+    report = compare_quantized([{"scores": flipped}], [ref], twin, INTEGER_RULE)["scores"]
+    assert report["ok"] and report["fraction_off"] > INTEGER_RULE.max_fraction and report["margin_db"] < 0
+    flipped[3] += 1
+    assert not compare_quantized([{"scores": flipped}], [ref], twin, INTEGER_RULE)["scores"]["ok"]
