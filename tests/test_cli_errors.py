@@ -129,21 +129,21 @@ def relu_tflite(path: Path, shape=(1, 4)) -> Path:
 
 
 def unsupported_onnx(path: Path) -> Path:
-    """Two operators neither the TVM Relax ONNX frontend nor edgec converts: Celu twice, Det once."""
+    """Two operators neither the TVM Relax ONNX frontend nor edgec converts: Celu twice, Bernoulli once."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     from edgec.frontends.onnx_semantics import EDGEC_OPS
 
-    assert not {"Celu", "Det"} & {*_get_convert_map(), *EDGEC_OPS}, "TVM or edgec now imports these ops; pick others"
+    assert not {"Celu", "Bernoulli"} & {*_get_convert_map(), *EDGEC_OPS}, "TVM or edgec now imports these ops; pick others"
     graph = helper.make_graph(
         [helper.make_node("Celu", ["x"], ["y1"]), helper.make_node("Celu", ["x"], ["y2"]),
-         helper.make_node("Det", ["m"], ["d"])],
+         helper.make_node("Bernoulli", ["m"], ["d"])],
         "unsupported",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4]),
          helper.make_tensor_value_info("m", TensorProto.FLOAT, [3, 3])],
         [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [1, 1, 4, 4]),
          helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 1, 4, 4]),
-         helper.make_tensor_value_info("d", TensorProto.FLOAT, [])])
+         helper.make_tensor_value_info("d", TensorProto.FLOAT, [3, 3])])
     return _save(graph, path)
 
 
@@ -302,8 +302,8 @@ def test_unsupported_model_suffix(tmp_path):
 def test_unsupported_operators_listed_with_counts(tmp_path):
     model = unsupported_onnx(tmp_path / "unsup.onnx")
     result = cli("build", model, "-o", tmp_path / "out")
-    line = check_cli_error(result, "unsup.onnx", "Celu (x2)", "Det (x1)", "edgec inspect")
-    assert line.index("Celu") < line.index("Det"), "the most frequent op comes first"
+    line = check_cli_error(result, "unsup.onnx", "Celu (x2)", "Bernoulli (x1)", "edgec inspect")
+    assert line.index("Celu") < line.index("Bernoulli"), "the most frequent op comes first"
     assert not (tmp_path / "out").exists()
 
 
@@ -312,7 +312,7 @@ def test_inspect_lists_unsupported_operators(tmp_path):
     result = cli("inspect", model)
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert "cannot import: Celu (x2), Det (x1)" in result.stdout
+    assert "cannot import: Celu (x2), Bernoulli (x1)" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------- 5: targets
