@@ -63,8 +63,8 @@ def check_within_one_step(model: Path, bundle: Path, inputs: dict[str, np.ndarra
     return off / total
 
 
-def build(model: Path, out: Path, inputs) -> api.BuildResult:
-    return api.build(model, "host", out, options=ONEDNN, sample_inputs=inputs)
+def build(model: Path, out: Path, inputs, options: BuildOptions = ONEDNN) -> api.BuildResult:
+    return api.build(model, "host", out, options=options, sample_inputs=inputs)
 
 
 def int8_placement(result: api.BuildResult) -> dict[str, list[str]]:
@@ -196,3 +196,13 @@ def test_residual_blocks_int8_exact(tmp_path, activations):
     assert placed == {("onednn.qconv2d_bias", 4)}, placed
     for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
         assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05
+
+
+def test_int8_partitions_at_o3(tmp_path):
+    """-O3's fast-math runs after offload-quantized has made its partitions: calls of functions in main."""
+    model = residual_blocks(tmp_path / "res.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples)
+    result = build(qdq, tmp_path / "b", samples[0], BuildOptions(offload=("onednn",), opt_level=3))
+    assert result.manifest.verification["status"] == "verified"
+    assert sum(p["count"] for p in report.build_json(result)["offload"] if p["operator"] == "conv2d") == 4

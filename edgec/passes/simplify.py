@@ -1,5 +1,6 @@
 """Simplification over the Relax graph: inference rewrites, binding cleanup, CSE, DCE, fast math."""
-from tvm import relax
+import tvm
+from tvm import relax, topi
 
 from .registry import register_pass
 
@@ -28,7 +29,35 @@ def dead_code_elimination(ctx):
     return relax.transform.DeadCodeElimination(["main"])
 
 
+# op -> its fast approximation (TVM's FastMathTransform's table, whose mutator fails on calls of functions: the
+# offload partitions made before it in a quantized build)
+_FAST_MATH = {
+    "relax.nn.softmax": lambda bb, call: bb.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis),
+    "relax.exp": lambda bb, call: bb.call_te(topi.fast_exp, call.args[0]),
+    "relax.erf": lambda bb, call: bb.call_te(topi.fast_erf, call.args[0]),
+    "relax.tanh": lambda bb, call: bb.call_te(topi.fast_tanh, call.args[0]),
+}
+
+
+@relax.expr_functor.mutator
+class _FastMath(relax.PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        if isinstance(call.op, tvm.ir.Op) and call.op.name in _FAST_MATH:
+            return _FAST_MATH[call.op.name](self.builder_, call)
+        return super().visit_call_(call)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FastMath")
+def _fast_math(mod, pctx):
+    mutator = _FastMath(mod)
+    for gv, func in mod.functions_items():
+        # a backend's partition is the library's to compute, not TVM's
+        if isinstance(func, relax.Function) and not (func.attrs and "Codegen" in func.attrs):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @register_pass("fast-math", phase="graph", after=("dead-code-elimination",), opt_level=3)
 def fast_math(ctx):
     """Replace exp, erf, tanh and softmax with fast approximations (about 1e-6 relative error)."""
-    return relax.transform.FastMathTransform()
+    return _fast_math
