@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..context import BuildContext
-from ..passes.ir import calls_any
+from ..passes.ir import calls_any, mutate_functions
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
 from .quantized import is_quantized, read_quantized
@@ -81,11 +81,7 @@ def clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
 
 @tvm.transform.module_pass(opt_level=0, name="OffloadRestoreClip")
 def _restore_clip(mod, pctx):
-    restorer = ClipHalves(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            restorer.builder_.update_func(gv, restorer.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(restorer.builder_.get())
+    return relax.transform.DeadCodeElimination()(mutate_functions(mod, ClipHalves(mod)))
 
 
 @register_pass("offload-restore-clip", phase="graph", after=("dead-code-elimination",), applies=_offloading)

@@ -14,3 +14,12 @@ def calls_any(mod: tvm.IRModule, ops: set[str]) -> bool:
             relax.analysis.post_order_visit(func, lambda e: found.append(1) if isinstance(e, relax.Call) and
                                             isinstance(e.op, tvm.ir.Op) and e.op.name in ops else None)
     return bool(found)
+
+
+def mutate_functions(mod: tvm.IRModule, mutator, skip_partitions: bool = False) -> tvm.IRModule:
+    """`mod` with each Relax function rewritten by `mutator` (a relax.PyExprMutator made on `mod`); with
+    `skip_partitions`, a backend's partitions (Codegen functions), which the library computes, are left as they are."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and not (skip_partitions and func.attrs and "Codegen" in func.attrs):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

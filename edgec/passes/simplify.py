@@ -2,6 +2,7 @@
 import tvm
 from tvm import relax, topi
 
+from .ir import mutate_functions
 from .registry import register_pass
 
 
@@ -49,12 +50,7 @@ class _FastMath(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="FastMath")
 def _fast_math(mod, pctx):
-    mutator = _FastMath(mod)
-    for gv, func in mod.functions_items():
-        # a backend's partition is the library's to compute, not TVM's
-        if isinstance(func, relax.Function) and not (func.attrs and "Codegen" in func.attrs):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    return mutate_functions(mod, _FastMath(mod), skip_partitions=True)
 
 
 @register_pass("fast-math", phase="graph", after=("dead-code-elimination",), opt_level=3)
