@@ -6,7 +6,7 @@ from tvm import relax
 from .registry import register_pass
 
 # Constants smaller than this stay in the code: clip bounds, epsilons, small shape tables.
-_MIN_LIFTED_ELEMENTS = 16
+MIN_LIFTED_ELEMENTS = 16
 
 
 @relax.expr_functor.mutator
@@ -17,7 +17,7 @@ class _ConstantLifter(relax.PyExprMutator):
 
     def visit_generic_const_(self, const):
         value = const.value
-        if int(np.prod(value.shape)) < _MIN_LIFTED_ELEMENTS:
+        if int(np.prod(value.shape)) < MIN_LIFTED_ELEMENTS:
             return const
         for var, seen in self.lifted:   # a weight used twice becomes one parameter
             if seen.same_as(value):

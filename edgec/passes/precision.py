@@ -28,12 +28,11 @@ from tvm import relax
 from ..context import BuildContext
 from ..errors import EdgecError
 from .fold import fold_constants
+from .params import MIN_LIFTED_ELEMENTS
 from .quantize import QUANTIZATION_ATTR, quantization_of, refuse_quantized
 from .registry import register_pass
 
 INT8_MAX = 127
-# weights this small stay in the code (lift-params' bound) and are not worth a scale each
-_MIN_ELEMENTS = 16
 # a scale per fewer elements saves nothing, and one element is any float32 times some scale (a bias is not int8)
 _MIN_SLICE = 8
 
@@ -136,7 +135,9 @@ def round_weights_int8(ctx):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             axis = _weight_axis(call)
-            if axis is None or call.args[1].value.dtype != "float32" or call.args[1].value.numpy().size < _MIN_ELEMENTS:
+            # a weight lift-params leaves in the code is not worth a scale
+            if (axis is None or call.args[1].value.dtype != "float32"
+                    or call.args[1].value.numpy().size < MIN_LIFTED_ELEMENTS):
                 return call
             weight = call.args[1].value
             rounded = next((r for w, r in self.rounded if w.same_as(weight)), None)   # a weight used twice
@@ -162,7 +163,7 @@ def round_weights_int8(ctx):
 def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(q int8, scale float32, axis) with float32(q) * scale[index along axis] == weight exactly; None when no axis
     gives that (a weight round-weights-int8 did not round)."""
-    if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < _MIN_ELEMENTS or not np.isfinite(weight).all():
+    if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < MIN_LIFTED_ELEMENTS or not np.isfinite(weight).all():
         return None
     for axis in reversed(range(weight.ndim)):
         if weight.size // weight.shape[axis] < _MIN_SLICE:
