@@ -15,6 +15,7 @@ import click
 
 from . import fsutil, progress
 from .errors import EdgecError, last_line
+from .quantize import FP16_MIN_SQNR_DB
 from .reference import DEFAULT_TOLERANCE
 
 EXIT_USER_ERROR = 2
@@ -177,10 +178,12 @@ def main(ctx, verbose):
               help="For --calibration-method percentile: the share of values kept inside the range.")
 @click.option("--min-sqnr", metavar="DB",
               help="Error budget for --quantize int8, e.g. 30 or 30dB: the worst layers stay float until every "
-                   "output's SQNR against the float model on the calibration samples is at least DB.")
+                   "output's SQNR against the float model on the calibration samples is at least DB. For "
+                   "--quantize fp16: the fp16 graph's output SQNR against float32 on the sample input below which "
+                   f"the build is refused [default: {FP16_MIN_SQNR_DB:g}].")
 @click.option("--max-error", metavar="PCT",
-              help="Error budget for --quantize int8 as a relative RMS error of the outputs on the calibration "
-                   "samples, e.g. 1% (the same as --min-sqnr 40).")
+              help="Error budget for --quantize int8 (or fp16's floor) as a relative RMS error of the outputs, "
+                   "e.g. 1% (the same as --min-sqnr 40).")
 @click.option("--keep-float", multiple=True, metavar="PATTERN",
               help="Leave the --quantize int8 layers whose names match this glob float (conv2d_0, 'add_*'; names: "
                    "op and position in graph order, as the build summary reports them). Repeatable.")

@@ -17,7 +17,7 @@ from edgec import api
 from edgec.context import BuildOptions
 from edgec.examples import mobilenet_v2
 from edgec.passes.precision import int8_encoding, round_int8
-from edgec.quantize import QuantizeOptions
+from edgec.quantize import FP16_MIN_SQNR_DB, QuantizeOptions
 from edgec.reference import PRECISION_RULE, decibels
 from test_cli_errors import check_error, cli
 from test_offload_arm import qemu_cpus  # noqa: F401  (fixture)
@@ -176,22 +176,49 @@ def test_fp16_weights_stored_once_in_fp16_at_every_opt_level(tmp_path, opt_level
     assert [(v.dtype, v.shape) for v in _params(result.bundle_dir).values()] == [(np.float16, (8, 8, 3, 3))]
 
 
-def test_fp16_summary_and_readme_give_the_graphs_own_error(tmp_path):
-    """The precision rule bounds the bundle by the fp16 graph's distance from float32 and never checks that distance:
-    (conv(x) + 2048) - 2048 loses all but a few bits in fp16, the bundle computes exactly that graph and is verified,
-    so the summary and the bundle README must say how far the graph is (they said "max abs error 0" only)."""
-    from edgec.report import build_text
-
+def _cancelling(path, offset: float):
+    """(conv(x) + offset) - offset: at offset 2048 fp16 keeps only a few bits of the convolution (its outputs are a
+    few units), at offset 1 all of them."""
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Add", ["c", "big"], ["a"]), helper.make_node("Sub", ["a", "big"], ["y"])]
-    model = save_onnx(tmp_path / "cancel.onnx", "cancel", nodes, {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]},
-                      [numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32), "W"),
-                       numpy_helper.from_array(np.float32(2048), "big")])
-    result = api.build(model, "rpi5", tmp_path / "b", options=_options("fp16"))
+    return save_onnx(path, "cancel", nodes, {"x": [1, 8, 4, 4]}, {"y": [1, 8, 4, 4]},
+                     [numpy_helper.from_array(np.random.default_rng(5).standard_normal((8, 8, 3, 3)).astype(np.float32),
+                                              "W"), numpy_helper.from_array(np.float32(offset), "big")])
+
+
+def test_fp16_summary_and_readme_give_the_graphs_own_error(tmp_path):
+    """The precision rule bounds the bundle by the fp16 graph's distance from float32 and never checks that distance:
+    (conv(x) + 2048) - 2048 loses all but a few bits in fp16, the bundle computes exactly that graph and is verified
+    when --min-sqnr accepts it, so the summary and the bundle README must say how far the graph is (they said "max abs
+    error 0" only)."""
+    from edgec.report import build_text
+
+    result = api.build(_cancelling(tmp_path / "cancel.onnx", 2048), "rpi5", tmp_path / "b",
+                       options=BuildOptions(quantize=QuantizeOptions("fp16", None, min_sqnr_db=10.0)))
     own = result.manifest.verification["outputs"]["y"]["quantization_sqnr_db"]
     assert result.manifest.verification["status"] == "verified" and own < 25, result.manifest.verification
+    assert result.manifest.quantization["min_sqnr_db"] == 10.0
     assert f"below the graph's own rounding error (SQNR {own:.1f} dB)" in build_text(result)
     assert f"the graph's own rounding error: SQNR {own:.1f} dB" in (result.bundle_dir / "README.md").read_text()
+
+
+def test_fp16_refuses_a_graph_far_from_float32(tmp_path):
+    """A graph that loses precision in fp16 is refused below the floor (FP16_MIN_SQNR_DB unless --min-sqnr), in one
+    line with the SQNR measured, the floor and the ways out (it built and was verified: the precision rule bounds the
+    bundle by the graph and never judged the graph); the same graph where fp16 keeps the convolution's bits builds."""
+    lossy = _cancelling(tmp_path / "lossy.onnx", 2048)
+    result = cli("build", lossy, "--target", "rpi5", "--quantize", "fp16", "-o", tmp_path / "refused")
+    check_error(result.stderr, result.exit_code, "output 'y' of the fp16 graph is", "dB SQNR against float32",
+                f"below the floor of {FP16_MIN_SQNR_DB:g} dB", "--input", "--min-sqnr", exception=result.exception)
+    assert not (tmp_path / "refused").exists()
+    measured = float(result.stderr.split("fp16 graph is ")[1].split(" dB")[0])
+    assert 0 < measured < 25
+    result = cli("build", lossy, "--target", "rpi5", "--quantize", "fp16", "--max-error", "0.5%", "-o", tmp_path / "x")
+    check_error(result.stderr, result.exit_code, "below the floor of 46.0206 dB", exception=result.exception)
+    fine = api.build(_cancelling(tmp_path / "fine.onnx", 1), "rpi5", tmp_path / "fine", options=_options("fp16"))
+    assert fine.manifest.verification["status"] == "verified", fine.manifest.verification
+    assert fine.manifest.verification["outputs"]["y"]["quantization_sqnr_db"] >= FP16_MIN_SQNR_DB
+    assert fine.manifest.quantization["min_sqnr_db"] == FP16_MIN_SQNR_DB
 
 
 def test_int8_encoding_keeps_the_sign_of_zero():

@@ -304,7 +304,7 @@ def test_error_budget_refusals_are_one_line(outlier, flags, keywords):
 
 def test_error_budget_needs_int8(outlier):
     result = cli("build", outlier["model"], "-o", outlier["dir"] / "x", "--min-sqnr", "30")
-    check_error(result.stderr, result.exit_code, "--min-sqnr is for --quantize int8", exception=result.exception)
+    check_error(result.stderr, result.exit_code, "--min-sqnr is for --quantize int8 or fp16", exception=result.exception)
 
 
 @pytest.mark.parametrize("budget", [{}, {"min_sqnr_db": 40.0}])

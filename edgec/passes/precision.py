@@ -27,6 +27,8 @@ from tvm import relax
 
 from ..context import BuildContext
 from ..errors import EdgecError
+from ..quantize import FP16_MIN_SQNR_DB
+from ..reference import PRECISION_RULE, decibels
 from .fold import fold_constants
 from .params import MIN_LIFTED_ELEMENTS
 from .quantize import QUANTIZATION_ATTR, quantization_of, refuse_quantized
@@ -81,9 +83,11 @@ def to_fp16(ctx):
                              "build it in float32, or with --quantize int8-weights for a smaller bundle") from e
         # called, not sequenced: a Sequential skips passes above the build's opt level (CSE is -O1)
         mod = fold(merge(mixed))
+        floor = ctx.options.quantize.min_sqnr_db
         record = {"mode": "fp16", "compute": "fp16 (elementwise ops, activations, weights)",
                   "accumulation": "float32 in conv/matmul, each result rounded to fp16",
-                  "inputs_outputs": "float32", "kernels": "TVM's (the offload backends take float32 only)"}
+                  "inputs_outputs": "float32", "kernels": "TVM's (the offload backends take float32 only)",
+                  "min_sqnr_db": FP16_MIN_SQNR_DB if floor is None else floor}
         return mod.with_attr(QUANTIZATION_ATTR, json.dumps(record))
 
     return step
@@ -275,13 +279,13 @@ def precision_reference(graph: tvm.IRModule, model, steps: list[dict[str, np.nda
     weights' rounding (the graph's own distance from it) and float rounding alone. fp16: two correct compilations
     round differently, so the reference runtime's outputs are the `floats` of reference.PRECISION_RULE."""
     from ..quantize.reference import run_graph
-    from ..reference import PRECISION_RULE
     from ..verification import reference_outputs
 
     reference = reference_outputs(model, steps)
     if isinstance(reference, str):
         return reference
-    mode = quantization_of(graph)["mode"]
+    record = quantization_of(graph)
+    mode = record["mode"]
     name = f"edgec's {mode} graph on TVM (llvm, no offload)"
     outputs = tuple(run_graph(graph, model, steps))
     if mode == "int8-weights":
@@ -292,5 +296,23 @@ def precision_reference(graph: tvm.IRModule, model, steps: list[dict[str, np.nda
             raise EdgecError(f"--quantize fp16: the model's values leave fp16's range (output '{lost}' is not finite "
                              f"in fp16, finite in float32; fp16 ends at 65504)",
                              "build it in float32, or with --quantize int8-weights for a smaller bundle")
+    for output in reference.outputs[0]:
+        _check_floor(output, [o[output] for o in outputs], [o[output] for o in reference.outputs],
+                     record["min_sqnr_db"])
     return replace(reference, name=f"{name}, measured against {reference.name}", outputs=outputs,
                    floats=reference.outputs, rule=PRECISION_RULE)
+
+
+def _check_floor(name: str, fp16: list[np.ndarray], float32: list[np.ndarray], floor: float) -> None:
+    """Refuse an fp16 graph whose output `name` (every step's, elements finite on both sides) is below `floor` dB of
+    SQNR against float32: the precision rule verifies a bundle against that graph and would pass it as it is."""
+    got, want = (np.concatenate([np.asarray(a, np.float64).ravel() for a in side]) for side in (fp16, float32))
+    finite = np.isfinite(got) & np.isfinite(want)
+    sqnr = decibels((want[finite] ** 2).sum(), ((got[finite] - want[finite]) ** 2).sum())
+    if sqnr >= floor:
+        return
+    accept = f", or accept it with --min-sqnr {np.floor(sqnr * 10) / 10:g}" if sqnr >= 0.1 else ""
+    raise EdgecError(f"--quantize fp16: output '{name}' of the fp16 graph is {sqnr:.1f} dB SQNR against float32 on "
+                     f"the sample input, below the floor of {floor:g} dB (the model loses precision in fp16)",
+                     f"build it in float32 (or --quantize int8-weights for a smaller bundle), check it on a "
+                     f"representative input with --input NAME=FILE.npy{accept}")
