@@ -101,7 +101,7 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     held_back = None
     if options.quantize is not None and options.quantize.calibration is not None:
         # checked before minutes of compiling; the last samples are kept out of calibration for the table
-        data = open_dataset(options.quantize.calibration, model.inputs)
+        data = open_dataset(options.quantize.calibration, model.inputs, options.quantize.preprocess)
         if len(data) < 2:
             raise EdgecError(f"--calibration {options.quantize.calibration} holds {len(data)} sample",
                              "give at least 2 (a few hundred representative inputs calibrate well)")

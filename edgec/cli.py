@@ -127,6 +127,18 @@ def _reporting(force: bool):
 
 
 _PROGRESS_HELP = "Report each long step on stderr even when it is not a terminal (always on a terminal)."
+_PREPROCESS_HELP = ("For DATA that is a folder of images: how an image becomes the model's input, KEY=VALUE pairs "
+                    "separated by commas: resize=N (shorter side, then a center crop to the input's size) or HxW, "
+                    "crop=N or HxW (center), scale=S (default 1/255), mean=M[,M,M], std=S[,S,S] (x = (pixel * scale - "
+                    "mean) / std; a float input needs one of these three), channels=RGB|BGR, layout=NCHW|NHWC "
+                    "(default: from the input's shape). uint8 inputs take the pixels, int8 inputs pixel - 128. "
+                    "E.g. resize=256,crop=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225")
+
+
+def _preprocess(text: str | None):
+    from .images import parse_preprocess
+
+    return None if text is None else parse_preprocess(text)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,7 +183,9 @@ def main(ctx, verbose):
                    "stored as int8 per channel, dequantized at load, compute float32 (any target; no calibration).")
 @click.option("--calibration", type=click.Path(path_type=Path), metavar="DATA",
               help="Calibration samples for --quantize: an .npz keyed by input name (first axis: samples) or a "
-                   "folder of them, as for edgec eval; the last fifth (at most 100) is held back for the table.")
+                   "folder of them, or a folder of images (--preprocess), as for edgec eval; the last fifth (at most "
+                   "100) is held back for the table.")
+@click.option("--preprocess", metavar="SPEC", help=_PREPROCESS_HELP)
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="How a tensor's range is chosen from the calibration samples.")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
@@ -191,7 +205,7 @@ def main(ctx, verbose):
 @click.option("--progress", "show_progress", is_flag=True, help=_PROGRESS_HELP)
 def build(model, target, out_dir, opt_level, input_shape, const_input, disable_pass, dump_ir, archive, force,
           strict_memory, sample, offload, converter, quantize, calibration, calibration_method, percentile, min_sqnr,
-          max_error, keep_float, as_json, show_progress, state):
+          max_error, keep_float, as_json, show_progress, state, preprocess):
     """Compile MODEL for a target and write a deployable bundle."""
     from . import api, report
     from .build import BuildOptions
@@ -209,12 +223,15 @@ def build(model, target, out_dir, opt_level, input_shape, const_input, disable_p
     if (quantize in CALIBRATED) != (calibration is not None):
         raise EdgecError("--quantize int8 and --calibration go together",
                          "pass both: --quantize int8 --calibration DATA.npz (fp16 and int8-weights take none)")
+    if preprocess is not None and calibration is None:
+        raise EdgecError("--preprocess is for --calibration DATA, a folder of images",
+                         "add --quantize int8 --calibration IMAGES, or drop --preprocess")
     budget = error_budget(min_sqnr, max_error, keep_float, quantize)
     options = BuildOptions(opt_level, tuple(disable_pass), dump_ir,
                            None if offload is None else parse_option(offload), tuple(converter),
                            parse_const_inputs(const_input),
                            quantize and QuantizeOptions(quantize, calibration, calibration_method, percentile,
-                                                        **budget))
+                                                        preprocess=_preprocess(preprocess), **budget))
     out_dir = out_dir or Path(f"{model.stem}-{Path(target).stem}")
     with _reporting(show_progress) as steps:
         result = api.build(model, target, out_dir, input_shapes=parse_input_shapes(input_shape), options=options,
@@ -401,17 +418,19 @@ def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), metavar="DATA",
               help="Samples: a .npz with one array per input keyed by input name, first axis indexing samples "
-                   "(optional integer 'labels' or 'y'), or a folder of them.")
+                   "(optional integer 'labels' or 'y'), or a folder of them, or a folder of images (--preprocess; "
+                   "labels: class folders, their sorted names are the classes 0, 1, ...).")
+@click.option("--preprocess", metavar="SPEC", help=_PREPROCESS_HELP)
 @click.option("--reference", "reference_model", required=True, type=click.Path(path_type=Path), metavar="MODEL",
               help="The .onnx / .tflite model the bundle was built from, run by onnxruntime / LiteRT.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for both [default: the target's].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(bundle, data, reference_model, threads, as_json):
+def eval_(bundle, data, reference_model, threads, as_json, preprocess):
     """Run a host bundle and the reference runtime on every sample of DATA: top-1, agreement, SQNR, max error,
     size, latency."""
     from . import api
 
-    result = api.evaluate(bundle, data, reference_model, threads=threads)
+    result = api.evaluate(bundle, data, reference_model, threads=threads, preprocess=_preprocess(preprocess))
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.text())
 
 

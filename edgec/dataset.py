@@ -8,19 +8,27 @@ too (an input [1,64] takes [N,64] or [N,1,64]); an array of exactly S is one sam
 
 Every file is checked from its array headers when the set is opened (nothing loaded), so a wrong key, shape or
 dtype is refused before anything runs; samples are then read one file at a time (`.npy` files memory-mapped).
-Preprocessing (images, normalization) is not done here: arrays go to the model as they are.
+Arrays go to the model as they are.
+
+DATA may also be a folder of images for a model with one image input, with a declared preprocessing
+(edgec/images.py): unlabelled images, or class folders (torchvision's ImageFolder: the sorted folder names are
+the labels 0, 1, ...). Each image is one part of the set: its header is checked at open, its pixels decoded when
+its sample is read.
 """
 from __future__ import annotations
 
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from .errors import EdgecError
 from .signature import TensorSpec
+
+if TYPE_CHECKING:
+    from .images import ImageInput, Preprocess
 
 LABEL_KEYS = ("labels", "y")
 _SUFFIXES = (".npz", ".npy")
@@ -54,6 +62,7 @@ class _Part:
     headers: tuple[tuple[str, tuple[int, ...], str], ...]   # (key, shape, dtype) as checked at open
     start: int
     stop: int
+    image: tuple["ImageInput", int | None] | None = None   # an image file: how it becomes the input, its label
 
 
 def _read_header(f, where: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -158,8 +167,10 @@ def _part(path: Path, specs: tuple[TensorSpec, ...]) -> _Part:
 class Dataset:
     """Samples for a model's signature, read lazily, one file at a time."""
 
-    def __init__(self, source: Path, specs: tuple[TensorSpec, ...], parts: tuple[_Part, ...]):
+    def __init__(self, source: Path, specs: tuple[TensorSpec, ...], parts: tuple[_Part, ...],
+                 description: str | None = None):
         self.source, self.specs, self._parts = source, specs, parts
+        self.description = description   # how an image folder becomes inputs and labels; None for arrays
 
     def __len__(self) -> int:
         return sum(p.stop - p.start for p in self._parts)
@@ -205,7 +216,7 @@ class Dataset:
             if lo < hi:
                 parts.append(replace(p, start=p.start + lo, stop=p.start + hi))
             offset += n
-        return Dataset(self.source, self.specs, tuple(parts))
+        return Dataset(self.source, self.specs, tuple(parts), self.description)
 
 
 def _pick(array: np.ndarray, layout: str, i: int) -> np.ndarray:
@@ -218,6 +229,12 @@ def _pick(array: np.ndarray, layout: str, i: int) -> np.ndarray:
 def _load(part: _Part) -> dict[str, np.ndarray]:
     """The part's arrays by input name (and label key), checked against the headers read at open."""
     name = _shown(str(part.file))
+    if part.image is not None:
+        from .images import read
+
+        reader, label = part.image
+        arrays = {part.inputs[0][0]: read(part.file, reader, name)}
+        return arrays if label is None else {**arrays, part.label_key: np.array([label])}
     keys = [n for n, _ in part.inputs] + ([part.label_key] if part.label_key else [])
     try:
         if part.file.suffix.lower() == ".npy":
@@ -238,25 +255,78 @@ def _load(part: _Part) -> dict[str, np.ndarray]:
     return arrays
 
 
-def open_dataset(path: str | Path, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> Dataset:
+def _images_in(folder: Path, shown: str) -> list[Path]:
+    from .images import SUFFIXES
+
+    files = sorted(folder.iterdir())
+    other = [f for f in files if f.suffix.lower() not in SUFFIXES or not f.is_file()]
+    if other:
+        raise EdgecError(f"{shown} holds '{_shown(other[0].name)}', which is not an image file "
+                         f"({', '.join(SUFFIXES)})", "keep only the images in it")
+    if not files:
+        raise EdgecError(f"{shown} holds no images", "put the images in it, or remove it")
+    return files
+
+
+def _image_dataset(folder: Path, entries: list[Path], specs: tuple[TensorSpec, ...],
+                   preprocess: "Preprocess | str | None") -> Dataset:
+    """A folder of images, or of class folders of images (labels: the sorted folder names), as samples of the
+    model's one input; every image's header is checked now."""
+    from . import images
+
+    name = _shown(str(folder))
+    declared = images.parse_preprocess(preprocess) if isinstance(preprocess, str) else preprocess
+    reader = images.resolve(declared, specs)
+    classes = [e for e in entries if e.is_dir()]
+    if classes and len(classes) != len(entries):
+        stray = next(e for e in entries if not e.is_dir())
+        raise EdgecError(f"image folder {name} holds class folders and the file '{_shown(stray.name)}'",
+                         "put every image in a class folder (labels: the sorted folder names), or use none")
+    files = ([(f, label) for label, c in enumerate(classes) for f in _images_in(c, f"class folder '{_shown(c.name)}'")]
+             if classes else [(f, None) for f in _images_in(folder, f"image folder {name}")])
+    # the label's key in a part's arrays: not the input's name
+    label_key = next(k for k in LABEL_KEYS if k != specs[0].name) if classes else None
+    parts = []
+    for f, label in files:
+        images.check_header(f, reader, _shown(str(f.relative_to(folder))))
+        parts.append(_Part(f, ((specs[0].name, "single"),), label_key, (), 0, 1, (reader, label)))
+    labels = (f"labels from {len(classes)} class folders, sorted: 0 = '{_shown(classes[0].name)}'"
+              + (f" ... {len(classes) - 1} = '{_shown(classes[-1].name)}'" if len(classes) > 1 else "")
+              if classes else "no labels (no class folders)")
+    return Dataset(folder, specs, tuple(parts), f"images read as {reader.describe()}; {labels}")
+
+
+def open_dataset(path: str | Path, specs: tuple[TensorSpec, ...] | list[TensorSpec],
+                 preprocess: "Preprocess | str | None" = None) -> Dataset:
     """The samples in DATA (a .npz, a .npy, or a folder of them, sorted by name) for a model taking `specs`.
-    Every file's keys, shapes and dtypes are checked now; EdgecError names the first mismatch and its fix."""
+    Every file's keys, shapes and dtypes are checked now; EdgecError names the first mismatch and its fix.
+    A folder of images (or of class folders of images) takes `preprocess` (edgec.images: a Preprocess, or the
+    text of --preprocess), completed from the model's input."""
+    from .images import SUFFIXES as IMAGE_SUFFIXES
+
     path, specs = Path(path), tuple(specs)
     name = _shown(str(path))
     if path.is_dir():
         files = sorted(path.iterdir())
+        if any(f.is_dir() or f.suffix.lower() in IMAGE_SUFFIXES for f in files):
+            return _image_dataset(path, files, specs, preprocess)
         other = [f for f in files if f.suffix.lower() not in _SUFFIXES or not f.is_file()]
         if other:
-            raise EdgecError(f"data folder {name} holds '{_shown(other[0].name)}', which is not a .npz or .npy file",
-                             "keep only the sample files in it")
+            raise EdgecError(f"data folder {name} holds '{_shown(other[0].name)}', which is not a .npz, .npy or "
+                             "image file", "keep only the sample files in it")
         if not files:
-            raise EdgecError(f"data folder {name} is empty", "put .npz files keyed by input name in it")
+            raise EdgecError(f"data folder {name} is empty",
+                             "put .npz files keyed by input name, or images, in it")
     elif path.is_file():
         if path.suffix.lower() not in _SUFFIXES:
-            raise EdgecError(f"data file {name} is not a .npz or .npy file", _SAVE_HINT)
+            raise EdgecError(f"data file {name} is not a .npz or .npy file",
+                             f"{_SAVE_HINT}, or pass a folder of images")
         files = [path]
     else:
         raise EdgecError(f"data {name} does not exist", "pass a .npz file or a folder of them")
+    if preprocess is not None:
+        raise EdgecError(f"--preprocess is for a folder of images and {name} holds arrays",
+                         "drop --preprocess: arrays go to the model as they are")
     parts = tuple(_part(f, specs) for f in files)
     labelled = [p.label_key is not None for p in parts]
     if any(labelled) and not all(labelled):

@@ -175,9 +175,10 @@ def _refuse_other_machine(manifest, bundle_dir: Path):
 
 
 def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model: str | Path, *,
-             threads: int | None = None, verify: bool = True) -> Evaluation:
+             threads: int | None = None, verify: bool = True, preprocess=None) -> Evaluation:
     """Run the bundle and the reference runtime on every sample of `data` (a DATA path, or a Dataset such as a
-    held-back part of a calibration set) and measure how far apart they are."""
+    held-back part of a calibration set) and measure how far apart they are. `preprocess`: for a DATA path that
+    is an image folder (open_dataset)."""
     from .manifest import MANIFEST_NAME, Manifest, sha256_file
     from .reference import ReferenceRuntime
     from .runtime import bundle_errors
@@ -186,7 +187,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model
     bundle_dir, reference_model = Path(bundle_dir), Path(reference_model)
     manifest = Manifest.load(bundle_dir)
     _refuse_other_machine(manifest, bundle_dir)
-    dataset = data if isinstance(data, Dataset) else open_dataset(data, manifest.inputs)
+    dataset = data if isinstance(data, Dataset) else open_dataset(data, manifest.inputs, preprocess)
     if not reference_model.is_file():
         raise EdgecError(f"reference model {reference_model} does not exist",
                          "pass the .onnx or .tflite file the bundle was built from")
@@ -198,7 +199,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model
                          f"the bundle takes {bundle_inputs} and gives {bundle_outputs}",
                          "pass the model the bundle was built from (a bundle built with --const-input cannot be "
                          "compared this way)")
-    notes = []
+    notes = [dataset.description] if dataset.description else []
     if sha256_file(reference_model) != manifest.model_sha256:
         notes.append(f"{reference_model.name} is not the file the bundle was built from (another sha256)")
     classes = {s.name: _class_count(s.shape, s.dtype) for s in manifest.outputs}

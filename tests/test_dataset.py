@@ -171,7 +171,7 @@ def test_folder_refusals(tmp_path):
     with pytest.raises(EdgecError, match="'b.npz' has none"):
         open_dataset(tmp_path / "mixed", X)
     (tmp_path / "mixed" / "notes.txt").write_text("hi")
-    with pytest.raises(EdgecError, match="'notes.txt', which is not a .npz or .npy"):
+    with pytest.raises(EdgecError, match="'notes.txt', which is not a .npz, .npy or image file"):
         open_dataset(tmp_path / "mixed", X)
     (tmp_path / "d.csv").write_text("1,2")
     with pytest.raises(EdgecError, match="not a .npz or .npy file"):

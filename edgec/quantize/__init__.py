@@ -12,8 +12,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import EdgecError
+
+if TYPE_CHECKING:
+    from ..images import Preprocess
 
 MODES = ("int8", "fp16", "int8-weights")   # fp16 and int8-weights: edgec/passes/precision.py, no calibration
 CALIBRATED = ("int8",)
@@ -38,6 +42,7 @@ class QuantizeOptions:
     #                                      fp16: the fp16 graph's floor (None: FP16_MIN_SQNR_DB)
     max_error: float | None = None       # the budget as given by --max-error: relative RMS error, a fraction
     keep_float: tuple[str, ...] = ()     # globs on layer names left float whatever the budget
+    preprocess: "Preprocess | None" = None   # --preprocess: how a calibration folder's images become inputs
 
     @property
     def mixed(self) -> bool:
