@@ -6,7 +6,8 @@ that the bundle computes the quantized graph it was given, against that graph (t
 compiled here by TVM without offload, with each quantize → dequantize run in float as the QDQ form says, under
 the quantized rule (reference.QuantizedRule), which measures the bundle's distance from that graph against the
 graph's own rounding error on the same sample: its distance from the same graph with each dequantize(quantize(x))
-a clip of x to the pair's range (`unrounded`), compiled alike.
+a clip of x to the pair's range (`unrounded`), compiled alike; where a bundle is beyond the rule's element bound,
+also against the graph with its requantization nudged (`nudged`), compiled alike.
 """
 from __future__ import annotations
 
@@ -47,6 +48,26 @@ def unrounded(qdq: tvm.IRModule) -> tvm.IRModule:
     return mod
 
 
+def nudged(qdq: tvm.IRModule, factor: float) -> tvm.IRModule:
+    """The QDQ module with every quantize of a computed tensor x made quantize(x * factor): another correct float32
+    requantization (reference.qdq_nudged, QuantizedRule.nudges)."""
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    data = wildcard()
+    pattern = is_op("relax.quantize")(data, is_const(), is_const())
+
+    def nudge(call, matches):
+        if isinstance(matches[data], tvm.ir.expr.Constant):
+            return call
+        x = matches[data]
+        return relax.op.quantize(relax.op.multiply(x, relax.const(factor, str(x.ty.dtype))), *call.args[1:],
+                                 call.attrs.axis, call.attrs.out_dtype)
+
+    mod = tvm.IRModule(dict(qdq.functions))
+    mod["main"] = rewrite_call(pattern, nudge, qdq["main"])
+    return mod
+
+
 def run_graph(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The outputs of `mod` (a graph-phase module, weights bound) compiled here, for each step, by name. A streaming
     model's steps leave out its state inputs (verification.stream_steps): they start from the initial state and
@@ -71,4 +92,5 @@ def quantized_reference(qdq: tvm.IRModule, model: ImportedModel, steps: list[dic
     from ..verification import ReferenceRun
 
     return ReferenceRun(NAME, tuple(steps), tuple(run_graph(qdq, model, steps)), frozenset(),
-                        tuple(run_graph(unrounded(qdq), model, steps)))
+                        tuple(run_graph(unrounded(qdq), model, steps)),
+                        nudged=lambda factor: tuple(run_graph(nudged(qdq, factor), model, steps)))
