@@ -210,3 +210,59 @@ def test_int8_partitions_at_o3(tmp_path):
     result = build(qdq, tmp_path / "b", samples[0], BuildOptions(offload=("onednn",), opt_level=3))
     assert result.manifest.verification["status"] == "verified"
     assert sum(p["count"] for p in report.build_json(result)["offload"] if p["operator"] == "conv2d") == 4
+
+
+def lcnet_blocks(path: Path) -> Path:
+    """PP-LCNet's layers between its convolutions, as PP-OCRv4 det has them: hardswish written out (Add 3, Clip 0..6,
+    Mul, Div 6), a learnable scale and bias (Mul, Add of scalars), an SE block (ReduceMean, conv, ReLU, conv,
+    hardsigmoid as Mul, Add, Clip 0..1, Mul by the block's input), a nearest Resize x2 concatenated with another
+    conv's output, Sigmoid."""
+    inits, nodes = [], []
+
+    def scalar(name, value):
+        inits.append(numpy_helper.from_array(np.float32(value), name))
+        return name
+
+    def conv(x, out, cin, cout, k, stride=1):
+        w, b = f"{out}_w", f"{out}_b"
+        inits.extend([numpy_helper.from_array((RNG.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32), w),
+                      numpy_helper.from_array((RNG.standard_normal(cout) * 0.1).astype(np.float32), b)])
+        nodes.append(helper.make_node("Conv", [x, w, b], [out], kernel_shape=[k, k], pads=[k // 2] * 4,
+                                      strides=[stride, stride]))
+        return out
+
+    def node(op, inputs, out, **attrs):
+        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    a = conv("x", "a", 8, 16, 3)
+    h = node("Div", [node("Mul", [a, node("Clip", [node("Add", [a, scalar("three", 3)], "a3"), scalar("zero", 0),
+                                                   scalar("six", 6)], "a6")], "am"), "six"], "hs")
+    lab = node("Add", [node("Mul", [h, scalar("scale", 1.1)], "ls"), scalar("bias", -0.05)], "lab")
+    pooled = node("ReduceMean", [lab], "pool", axes=[2, 3], keepdims=1)
+    se = conv(node("Relu", [conv(pooled, "se1", 16, 4, 1)], "se1r"), "se2", 4, 16, 1)
+    gate = node("Clip", [node("Add", [node("Mul", [se, scalar("sixth", 1 / 6)], "g1"), scalar("half", 0.5)], "g2"),
+                         "zero", scalar("one", 1)], "gate")
+    excited = node("Mul", [lab, gate], "excited")
+    low = conv(excited, "low", 16, 8, 3, stride=2)
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up"))
+    up = node("Resize", [low, "", "up"], "upx", mode="nearest")
+    joined = node("Concat", [up, conv(excited, "side", 16, 8, 1)], "joined", axis=1)
+    node("Sigmoid", [conv(joined, "head", 16, 1, 3)], "y")
+    return save_onnx(path, "lcnet_blocks", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 1, 16, 16]}, inits)
+
+
+def test_lcnet_blocks_int8_whole_graph_nhwc(tmp_path):
+    """Between QDQ's int8 convs (NHWC in oneDNN), the float dequantize -> op -> quantize regions (hardswish, scalar
+    scale and bias, SE block, resize, concat, sigmoid) move to NHWC too: the transposes around them cancel, only
+    the input's and the output's are left, and the bundle passes the quantized rule."""
+    model = lcnet_blocks(tmp_path / "lcnet.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples)
+    result = build(qdq, tmp_path / "b", samples[0], BuildOptions(offload=("onednn",), dump_ir=tmp_path / "ir"))
+    assert result.manifest.verification["status"] == "verified"
+    assert int8_placement(result) == {"conv2d": ["onednn:onednn.qconv2d_bias"]}
+    partitioned = next((tmp_path / "ir").glob("*-offload-partition.py")).read_text()
+    main = partitioned[partitioned.index("def main("):]
+    assert main.count("R.permute_dims(") == 2, main
+    assert "layout=\"NHWC\"" in main and "R.mean(" in main

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from ..context import BuildContext
 from ..passes.ir import calls_any, mutate_functions
@@ -28,6 +28,11 @@ _KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 # dequantize are elementwise when per tensor (their one scale and zero point): moved only then.
 _NO_LAYOUT_RULE = ("relax.clip", "relax.quantize", "relax.dequantize")
 _QDQ = ("relax.quantize", "relax.dequantize")
+# Elementwise ops a transpose moves through (ConvertLayout has rules for them, but not where a dequantize, which it
+# keeps in the old layout, feeds them).
+_UNARY = ("relax.sigmoid", "relax.nn.relu")
+_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+_MAX_CONCAT = 8     # operands of a concat a transpose moves through (the patterns match each count)
 
 
 def _offloading(ctx: BuildContext) -> bool:
@@ -101,16 +106,32 @@ def _per_tensor(call: relax.Call) -> bool:
                                            for a in call.args[1:])
 
 
+def _inverse(axes) -> list[int]:
+    return [axes.index(i) for i in range(len(axes))]
+
+
+def _sunk_constant(const, axes: list[int]):
+    """The constant c' with op(permute(x), c) == permute(op(x, c')): a scalar as it is, one of the output's rank
+    transposed back; None for another rank (it would broadcast against other axes)."""
+    value = const.value.numpy()
+    if value.size == 1:
+        return const
+    return relax.const(value.transpose(_inverse(axes))) if value.ndim == len(axes) else None
+
+
 @tvm.transform.module_pass(opt_level=0, name="OffloadDropTransposePairs")
 def _drop_transpose_pairs(mod, pctx):
-    """Transposes are moved below the elementwise ops ConvertLayout left in the old layout, until they meet
-    the transpose that undoes them; both are then removed. A transpose left below a dequantize goes back above
-    it: on 8-bit values it moves a quarter of the bytes, and a quantized chain sees its dequantize.
-    An add moves them too, as QDQ's residual add(dequantize(a), dequantize(b)) needs (ConvertLayout keeps it in
-    the layout of its operands, and it cannot see through dequantize): transposed alike on both sides, the
-    transpose goes below it; on one side, with a per-tensor dequantize of the same shape on the other, the other
-    takes the inverse transpose, only for a transpose back to channels first (what ConvertLayout puts after an
-    NHWC operator), so the inverse one, which the rule then meets, stays.
+    """Transposes are moved below the ops ConvertLayout left in the old layout, until they meet the transpose that
+    undoes them; both are then removed. ConvertLayout cannot see through quantize/dequantize, so between two NHWC
+    operators of a QDQ graph everything (hardswish, SE blocks, resize, concat) stays NCHW: moved here are per-tensor
+    quantize/dequantize and clip, unary elementwise ops, binary ones with a constant (a scalar, or one of the
+    output's rank, transposed back) or both operands transposed alike, mean with keepdims (its axes mapped),
+    resize2d from NCHW to NHWC and a concat of operands transposed alike (its axis mapped).
+    A transpose left below a dequantize goes back above it: on 8-bit values it moves a quarter of the bytes, and a
+    quantized chain sees its dequantize. A binary op with a transpose on one side only and a per-tensor dequantize
+    of the same shape on the other (QDQ's residual add: ConvertLayout keeps it in the layout of its operands)
+    gives the other side the inverse transpose, only for a transpose back to channels first (what ConvertLayout
+    puts after an NHWC operator), so the inverse one, which the rule then meets, stays.
     """
     x = wildcard()
     transposed = is_op("relax.permute_dims")(x)
@@ -118,6 +139,9 @@ def _drop_transpose_pairs(mod, pctx):
     for name in _NO_LAYOUT_RULE[1:]:
         elementwise |= is_op(name)
     op = elementwise(transposed, wildcard(), wildcard())
+    unary = is_op(_UNARY[0])
+    for name in _UNARY[1:]:
+        unary |= is_op(name)
     pair = is_op("relax.permute_dims")(transposed)
 
     quantized = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
@@ -126,35 +150,77 @@ def _drop_transpose_pairs(mod, pctx):
     left, right = wildcard(), wildcard()
     t_left, t_right = is_op("relax.permute_dims")(left), is_op("relax.permute_dims")(right)
     dequantized = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
-    add_both = is_op("relax.add")(t_left, t_right)
-    add_first = is_op("relax.add")(t_left, dequantized)
-    add_one = add_first | is_op("relax.add")(dequantized, t_left)
+    constant = is_const()
+    binary = is_op(_BINARY[0])
+    for name in _BINARY[1:]:
+        binary |= is_op(name)
+    both = binary(t_left, t_right)
+    first = binary(t_left, dequantized) | binary(t_left, constant)
+    one = first | binary(dequantized, t_left) | binary(constant, t_left)
+    reduced = is_op("relax.mean")(transposed)
+    resized = is_op("relax.image.resize2d")(transposed, wildcard())
+    parts = [is_op("relax.permute_dims")(wildcard()) for _ in range(_MAX_CONCAT)]
+    concat = is_op("relax.concat")(is_tuple(parts[:2]))
+    for n in range(3, _MAX_CONCAT + 1):
+        concat |= is_op("relax.concat")(is_tuple(parts[:n]))
 
     def sink(expr, m):
-        if expr.op.name == "relax.add":
-            return sink_add(expr, m)
-        if not _per_tensor(m[op]):
+        if expr.op.name in _BINARY:
+            return sink_binary(expr, m)
+        if expr.op.name == "relax.concat":
+            return sink_concat(expr, m)
+        axes = [int(a) for a in m[transposed].attrs.axes]
+        if expr.op.name == "relax.mean":
+            if not expr.attrs.keepdims or expr.attrs.axis is None:
+                return expr
+            inner = relax.op.mean(m[x], sorted(axes[int(a) % len(axes)] for a in expr.attrs.axis), keepdims=True)
+        elif expr.op.name == "relax.image.resize2d":
+            a = expr.attrs
+            if a.layout != "NCHW" or axes != [0, 3, 1, 2]:
+                return expr
+            inner = relax.op.image.resize2d(
+                m[x], expr.args[1], [float(r) for r in a.roi], "NHWC", a.method, a.coordinate_transformation_mode,
+                a.rounding_method, float(a.cubic_alpha), int(a.cubic_exclude), float(a.extrapolation_value),
+                a.out_dtype if str(a.out_dtype) else None)
+        elif expr.op.name in _UNARY or _per_tensor(m[op]):
+            inner = relax.Call(expr.op, [m[x], *expr.args[1:]], expr.attrs)
+        else:
             return expr
-        inner = relax.Call(m[op].op, [m[x], *m[op].args[1:]], m[op].attrs)
-        return relax.op.permute_dims(inner, m[transposed].attrs.axes)
+        return relax.op.permute_dims(inner, axes)
 
-    def sink_add(expr, m):
+    def sink_binary(expr, m):
         transposed = m[t_left]
         axes = [int(a) for a in transposed.attrs.axes]
-        if any(static_shape(e) != static_shape(expr) for e in (transposed, m.get(t_right), m.get(dequantized))
-               if e is not None) or static_shape(expr) is None:
-            return expr     # broadcasting: the operands' layouts are not the output's
+        shape = static_shape(expr)
+        if shape is None:
+            return expr
         if t_right in m:
+            # equal ranks broadcast axis by axis, so the same transpose on both sides commutes with the op
             if [int(a) for a in m[t_right].attrs.axes] != axes:
                 return expr
             operands = [m[left], m[right]]
+        elif constant in m:
+            moved = _sunk_constant(m[constant], axes)
+            if moved is None:
+                return expr
+            operands = [m[left], moved] if first in m else [moved, m[left]]
         else:
             other = m[dequantized]
+            if any(static_shape(e) != shape for e in (transposed, other)):
+                return expr     # broadcasting: the operands' layouts are not the output's
             if not _per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)]:
                 return expr
-            moved = relax.op.permute_dims(other, [axes.index(i) for i in range(len(axes))])
-            operands = [m[left], moved] if add_first in m else [moved, m[left]]
+            moved = relax.op.permute_dims(other, _inverse(axes))
+            operands = [m[left], moved] if first in m else [moved, m[left]]
         return relax.op.permute_dims(relax.Call(expr.op, operands, expr.attrs), axes)
+
+    def sink_concat(expr, m):
+        calls = [m[p] for p in parts[:len(expr.args[0].fields)]]
+        axes = [int(a) for a in calls[0].attrs.axes]
+        if any([int(a) for a in c.attrs.axes] != axes for c in calls):
+            return expr
+        inner = relax.op.concat([c.args[0] for c in calls], axes[int(expr.attrs.axis) % len(axes)])
+        return relax.op.permute_dims(inner, axes)
 
     def cancel(expr, m):
         return m[x] if _identity(m[transposed].attrs.axes, m[pair].attrs.axes) else expr
@@ -169,7 +235,8 @@ def _drop_transpose_pairs(mod, pctx):
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
-            func = rewrite_call(pair, cancel, rewrite_call(op | add_both | add_one, sink, func))
+            func = rewrite_call(pair, cancel, rewrite_call(op | unary(transposed) | both | one | reduced | resized
+                                                           | concat, sink, func))
             mod[gv] = rewrite_call(pair, cancel, rewrite_call(above, hoist, func))
     return mod
 
