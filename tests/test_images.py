@@ -276,6 +276,7 @@ def test_int8_calibration_on_an_image_folder(colors):
     summary = json.loads(result.stdout)
     record = json.loads((out / "manifest.json").read_text())["quantization"]
     assert record["calibration_samples"] == 10          # 12 images, the last 2 held back
+    assert record["calibration_data"].startswith("images read as resize=16 (shorter side), crop=16x16 (center), RGB")
     evaluation = summary["evaluation"]
     assert evaluation["samples"] == 2 and evaluation["labelled"] is True
     assert evaluation["outputs"][0]["top1_bundle"] == evaluation["outputs"][0]["top1_reference"] == 1.0

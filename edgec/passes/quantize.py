@@ -83,6 +83,8 @@ def quantize_int8(ctx):
             mixed = {"mixed_precision": chosen}
         out, record = qdq.rewrite(mod, calibration["ranges"], frozenset(floats))
         record = {"mode": "int8", "method": calibration["method"], "calibration_samples": calibration["samples"],
+                  # an image folder: how its images became inputs, which a deployment must do the same way
+                  **({"calibration_data": ctx.calibration.description} if ctx.calibration.description else {}),
                   **({"percentile": options.percentile} if calibration["method"] == "percentile" else {}),
                   "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric", **record, **mixed}
         return out.with_attr(QUANTIZATION_ATTR, json.dumps(record))
