@@ -255,10 +255,16 @@ def _load(part: _Part) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _listing(folder: Path) -> list[Path]:
+    """A data folder's entries, sorted; hidden ones (.DS_Store, ._x.png, .ipynb_checkpoints) are a file
+    manager's or a notebook's, not samples."""
+    return sorted(f for f in folder.iterdir() if not f.name.startswith("."))
+
+
 def _images_in(folder: Path, shown: str) -> list[Path]:
     from .images import SUFFIXES
 
-    files = sorted(folder.iterdir())
+    files = _listing(folder)
     other = [f for f in files if f.suffix.lower() not in SUFFIXES or not f.is_file()]
     if other:
         raise EdgecError(f"{shown} holds '{_shown(other[0].name)}', which is not an image file "
@@ -307,7 +313,7 @@ def open_dataset(path: str | Path, specs: tuple[TensorSpec, ...] | list[TensorSp
     path, specs = Path(path), tuple(specs)
     name = _shown(str(path))
     if path.is_dir():
-        files = sorted(path.iterdir())
+        files = _listing(path)
         if any(f.is_dir() or f.suffix.lower() in IMAGE_SUFFIXES for f in files):
             return _image_dataset(path, files, specs, preprocess)
         other = [f for f in files if f.suffix.lower() not in _SUFFIXES or not f.is_file()]

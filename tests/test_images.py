@@ -206,6 +206,16 @@ def test_image_folder_refusals(tmp_path, case, specs, preprocess, keywords):
     assert "\n" not in line and all(k in line for k in keywords), line
 
 
+def test_hidden_files_are_not_samples(tmp_path):
+    _save(tmp_path / "imgs" / "cat" / "a.png", _rgb(16, 16))
+    _save(tmp_path / "imgs" / "dog" / "b.png", _rgb(16, 16))
+    (tmp_path / "imgs" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "imgs" / "cat" / "._a.png").write_bytes(b"\0\5\26\7")
+    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir()
+    data = open_dataset(tmp_path / "imgs", NCHW, "scale=1")
+    assert len(data) == 2 and "2 class folders" in data.description
+
+
 def test_preprocess_with_arrays_is_refused(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 16, 16), np.float32))
     with pytest.raises(EdgecError, match="--preprocess is for a folder of images"):
