@@ -275,14 +275,14 @@ def _images_in(folder: Path, shown: str) -> list[Path]:
 
 
 def _image_dataset(folder: Path, entries: list[Path], specs: tuple[TensorSpec, ...],
-                   preprocess: "Preprocess | str | None") -> Dataset:
+                   preprocess: "Preprocess | str | None", quantization: dict | None) -> Dataset:
     """A folder of images, or of class folders of images (labels: the sorted folder names), as samples of the
     model's one input; every image's header is checked now."""
     from . import images
 
     name = _shown(str(folder))
     declared = images.parse_preprocess(preprocess) if isinstance(preprocess, str) else preprocess
-    reader = images.resolve(declared, specs)
+    reader = images.resolve(declared, specs, quantization)
     classes = [e for e in entries if e.is_dir()]
     if classes and len(classes) != len(entries):
         stray = next(e for e in entries if not e.is_dir())
@@ -303,11 +303,13 @@ def _image_dataset(folder: Path, entries: list[Path], specs: tuple[TensorSpec, .
 
 
 def open_dataset(path: str | Path, specs: tuple[TensorSpec, ...] | list[TensorSpec],
-                 preprocess: "Preprocess | str | None" = None) -> Dataset:
+                 preprocess: "Preprocess | str | None" = None,
+                 quantization: dict[str, tuple[float, int]] | None = None) -> Dataset:
     """The samples in DATA (a .npz, a .npy, or a folder of them, sorted by name) for a model taking `specs`.
     Every file's keys, shapes and dtypes are checked now; EdgecError names the first mismatch and its fix.
     A folder of images (or of class folders of images) takes `preprocess` (edgec.images: a Preprocess, or the
-    text of --preprocess), completed from the model's input."""
+    text of --preprocess), completed from the model's input and its integer inputs' (scale, zero point) by name
+    in `quantization` (frontends.tflite.input_quantization)."""
     from .images import SUFFIXES as IMAGE_SUFFIXES
 
     path, specs = Path(path), tuple(specs)
@@ -315,7 +317,7 @@ def open_dataset(path: str | Path, specs: tuple[TensorSpec, ...] | list[TensorSp
     if path.is_dir():
         files = _listing(path)
         if any(f.is_dir() or f.suffix.lower() in IMAGE_SUFFIXES for f in files):
-            return _image_dataset(path, files, specs, preprocess)
+            return _image_dataset(path, files, specs, preprocess, quantization)
         other = [f for f in files if f.suffix.lower() not in _SUFFIXES or not f.is_file()]
         if other:
             raise EdgecError(f"data folder {name} holds '{_shown(other[0].name)}', which is not a .npz, .npy or "

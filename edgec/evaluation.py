@@ -174,6 +174,16 @@ def _refuse_other_machine(manifest, bundle_dir: Path):
                          "edgec run --compare")
 
 
+def _input_quantization(data: Path, reference_model: Path) -> dict[str, tuple[float, int]] | None:
+    """A full-integer TFLite model's input scales and zero points, which an image folder's pixels are quantized
+    with (edgec.images); the bundle's manifest keeps only the integer dtype."""
+    if not (data.is_dir() and reference_model.is_file() and reference_model.suffix.lower() == ".tflite"):
+        return None
+    from .frontends.tflite import input_quantization
+
+    return input_quantization(reference_model)
+
+
 def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model: str | Path, *,
              threads: int | None = None, verify: bool = True, preprocess=None) -> Evaluation:
     """Run the bundle and the reference runtime on every sample of `data` (a DATA path, or a Dataset such as a
@@ -187,7 +197,8 @@ def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model
     bundle_dir, reference_model = Path(bundle_dir), Path(reference_model)
     manifest = Manifest.load(bundle_dir)
     _refuse_other_machine(manifest, bundle_dir)
-    dataset = data if isinstance(data, Dataset) else open_dataset(data, manifest.inputs, preprocess)
+    dataset = data if isinstance(data, Dataset) else open_dataset(data, manifest.inputs, preprocess,
+                                                                  _input_quantization(Path(data), reference_model))
     if not reference_model.is_file():
         raise EdgecError(f"reference model {reference_model} does not exist",
                          "pass the .onnx or .tflite file the bundle was built from")

@@ -5,8 +5,10 @@ center crop to the input's size) or resize=HxW (exactly), crop=N or HxW (center)
 x = (pixel * scale - mean) / std per channel (scale defaults to 1/255, torchvision's ToTensor), channels=RGB|BGR,
 layout=NCHW|NHWC. `resolve` fills in what the model's one input says (size, layout from a 4-D [1,C,H,W] or
 [1,H,W,C] with C = 1 or 3, dtype) and refuses what it cannot say. Normalization is never guessed for a float input:
-the declaration must name scale, mean or std. uint8 inputs take the pixels as they are, int8 inputs pixel - 128
-(a full-integer TFLite image model's usual input quantization, zero point -128).
+the declaration must name scale, mean or std. An integer input with a scale and zero point (a full-integer TFLite
+model's) takes the declared normalization quantized as TFLite's QUANTIZE does; undeclared, uint8 inputs take the
+pixels as they are and int8 inputs pixel - 128, which only a model whose input quantization makes those pixels
+0..1, -1..1 or 0..255 may take (others are refused: their float range says another normalization).
 
 Images are decoded by Pillow, an optional dependency (`pip install 'edgec[images]'`); resizing is Pillow's bilinear
 filter (antialiased when shrinking), as torchvision's Resize on a PIL image.
@@ -49,7 +51,7 @@ def _bad(key: str, value: str, wanted: str):
 
 def _size(key: str, value: str) -> tuple[int, ...]:
     parts = value.lower().split("x")
-    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if len(parts) > 2 or not all(p.isdecimal() and int(p) > 0 for p in parts):   # isdigit takes '²'; int does not
         raise _bad(key, value, "a size N or HxW (height x width)")
     return tuple(int(p) for p in parts)
 
@@ -57,7 +59,7 @@ def _size(key: str, value: str) -> tuple[int, ...]:
 def _number(key: str, value: str, positive: bool) -> float:
     try:   # scale=1/255 reads as a fraction
         number = float(Fraction(value)) if "/" in value else float(value)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ArithmeticError):   # 1/0; a fraction beyond float's range
         number = float("nan")
     if not np.isfinite(number) or (positive and number <= 0):
         raise _bad(key, value, "a positive number" if positive else "a number")
@@ -126,18 +128,27 @@ class ImageInput:
     scale: float | None                   # None with mean and std for an integer input: pixels as they are
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    quantization: tuple[float, int] | None   # the integer input's (scale, zero point), where the model gives them
 
     def describe(self) -> str:
+        # all a deployment needs to feed the model the same numbers: the filter, the rounding, 9 digits of floats
         steps = []
         if self.resize:
-            steps.append(f"resize={_size_text(self.resize)}" + (" (shorter side)" if len(self.resize) == 1 else ""))
+            steps.append(f"resize={_size_text(self.resize)} ("
+                         + ("shorter side, the other int(N * long / short); " if len(self.resize) == 1 else "")
+                         + "Pillow's bilinear, antialiased)")
         if self.crop:
-            steps.append(f"crop={_size_text(self.crop)} (center)")
-        steps.append("gray" if self.gray else "BGR" if self.bgr else "RGB")
+            steps.append(f"crop={_size_text(self.crop)} (center, offsets round((side - crop) / 2))")
+        steps.append("gray (Pillow's luma, ITU-R 601-2)" if self.gray else "BGR" if self.bgr else "RGB")
         if self.scale is not None:
-            steps.append(f"(pixel*{self.scale:.6g} - mean {_values(self.mean)}) / std {_values(self.std)}")
-        elif self.spec.dtype == "int8":
-            steps.append("pixel - 128")
+            steps.append(f"(pixel*{self.scale:.9g} - mean {_values(self.mean)}) / std {_values(self.std)} in float32")
+            if self.quantization is not None:
+                steps.append("quantized with scale {:.9g}, zero point {} (round half away from zero, saturated)"
+                             .format(*self.quantization))
+        else:
+            steps.append(("pixel - 128" if self.spec.dtype == "int8" else "pixel")
+                         + (" (input scale {:.9g}, zero point {})".format(*self.quantization)
+                            if self.quantization is not None else ""))
         layout = "NCHW" if self.channels_first else "NHWC"
         return f"{', '.join(steps)}, {layout if len(self.spec.shape) == 4 else layout[1:]} {self.spec.dtype}"
 
@@ -178,8 +189,10 @@ class ImageInput:
             pixels = pixels[..., ::-1]
         if self.scale is not None:
             x = (pixels.astype(np.float32) * np.float32(self.scale) - np.float32(self.mean)) / np.float32(self.std)
+            if self.quantization is not None:
+                x = _quantize(x, *self.quantization, self.spec.dtype)
         else:
-            x = pixels.astype(np.int16) - (128 if self.spec.dtype == "int8" else 0)
+            x = _as_is(pixels, self.spec.dtype)
         if self.channels_first:
             x = x.transpose(2, 0, 1)
         return np.array(x.reshape(self.spec.shape), dtype=self.spec.dtype, order="C")
@@ -190,11 +203,38 @@ def _size_text(size: tuple[int, ...]) -> str:
 
 
 def _values(values: tuple[float, ...]) -> str:
-    return ",".join(f"{v:.6g}" for v in values)
+    return ",".join(f"{v:.9g}" for v in values)
 
 
-def resolve(declared: Preprocess | None, specs: tuple[TensorSpec, ...]) -> ImageInput:
-    """The declaration completed from the model's input, or an EdgecError saying what the images cannot tell."""
+def _as_is(pixels: np.ndarray, dtype: str) -> np.ndarray:
+    """Pixels for an integer input with no declared normalization: uint8 as they are, int8 minus 128."""
+    return pixels.astype(np.int16) - (128 if dtype == "int8" else 0)
+
+
+def _quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
+    """TFLite's QUANTIZE (reference_ops::AffineQuantize): x / scale in float32, rounded half away from zero, plus
+    the zero point, saturated to the dtype."""
+    q = x.astype(np.float32) / np.float32(scale)
+    info = np.iinfo(dtype)
+    return np.clip(np.sign(q) * np.floor(np.abs(q) + np.float32(0.5)) + zero_point, info.min, info.max)
+
+
+# float ranges an integer input's pixels as they are may stand for: pixel/255, pixel/127.5 - 1, pixel
+_PIXEL_RANGES = ((1 / 255, 0.0), (1 / 127.5, -1.0), (1.0, 0.0))
+
+
+def _pixels_fit(quantization: tuple[float, int], dtype: str) -> bool:
+    """Whether the pixels as they are (_as_is) are, within one step, the input's quantization of one of
+    _PIXEL_RANGES: what they stand for is then a usual normalization, not a guess against the model's own."""
+    pixels = np.arange(256, dtype=np.float32)
+    return any(np.abs(_quantize(pixels * np.float32(a) + np.float32(b), *quantization, dtype)
+                      - _as_is(pixels, dtype)).max() <= 1 for a, b in _PIXEL_RANGES)
+
+
+def resolve(declared: Preprocess | None, specs: tuple[TensorSpec, ...],
+            quantization: dict[str, tuple[float, int]] | None = None) -> ImageInput:
+    """The declaration completed from the model's input, or an EdgecError saying what the images cannot tell.
+    `quantization`: (scale, zero point) of integer inputs by name, where the model gives them."""
     d = declared or Preprocess()
     if len(specs) != 1:
         raise EdgecError(f"the model takes {len(specs)} inputs ({_shown(', '.join(s.name for s in specs))}) and an "
@@ -227,18 +267,27 @@ def resolve(declared: Preprocess | None, specs: tuple[TensorSpec, ...]) -> Image
         raise EdgecError(f"input '{name}' {_dims(shape)} takes one (gray) channel; channels=BGR is for three",
                          "drop channels=BGR")
     norm = [k for k in ("scale", "mean", "std") if getattr(d, k) is not None]
-    dtype = np.dtype(spec.dtype)
-    if spec.dtype in ("uint8", "int8"):
-        if norm:
-            raise EdgecError(f"input '{name}' is {spec.dtype}: images go in as their pixels"
-                             + (" minus 128" if spec.dtype == "int8" else "") + f", and {norm[0]}= does not apply",
-                             f"drop {', '.join(norm)} from --preprocess")
-        scale = mean = std = None
-    elif np.issubdtype(dtype, np.floating):
-        if not norm:
-            raise EdgecError(f"images for the {spec.dtype} input '{name}' need a declared normalization",
-                             "add scale=1/255 (pixels 0..255 to 0..1), or mean=M,M,M,std=S,S,S on that 0..1 scale, "
-                             "or scale=1,mean=... on 0..255, to --preprocess")
+    integer = spec.dtype in ("uint8", "int8")
+    if not integer and not np.issubdtype(np.dtype(spec.dtype), np.floating):
+        raise EdgecError(f"input '{name}' is {spec.dtype}; images go to float, uint8 or int8 inputs",
+                         "save the samples as .npz keyed by input name")
+    quantized = (quantization or {}).get(spec.name) if integer else None
+    as_is = "their pixels" + (" minus 128" if spec.dtype == "int8" else "")
+    if integer and norm and quantized is None:
+        raise EdgecError(f"input '{name}' is {spec.dtype} and the model gives no scale and zero point for it: images "
+                         f"go in as {as_is}, and {norm[0]}= does not apply", f"drop {', '.join(norm)} from --preprocess")
+    if integer and not norm and quantized is not None and not _pixels_fit(quantized, spec.dtype):
+        s, z = quantized
+        lo, hi = (s * (float(q) - z) for q in _as_is(np.array([0, 255]), spec.dtype))
+        raise EdgecError(f"input '{name}' is {spec.dtype} with scale {s:.6g}, zero point {z}: {as_is} would stand "
+                         f"for {lo:.4g}..{hi:.4g}, not 0..1, -1..1 or 0..255",
+                         "declare the model's float normalization (scale, mean, std) in --preprocess; edgec "
+                         "quantizes it with the input's scale and zero point")
+    if not integer and not norm:
+        raise EdgecError(f"images for the {spec.dtype} input '{name}' need a declared normalization",
+                         "add scale=1/255 (pixels 0..255 to 0..1), or mean=M,M,M,std=S,S,S on that 0..1 scale, "
+                         "or scale=1,mean=... on 0..255, to --preprocess")
+    if norm:
         scale = 1 / 255 if d.scale is None else d.scale
         mean, std = d.mean or (0.0,), d.std or (1.0,)
         for key, given in (("mean", mean), ("std", std)):
@@ -246,8 +295,7 @@ def resolve(declared: Preprocess | None, specs: tuple[TensorSpec, ...]) -> Image
                 raise EdgecError(f"--preprocess {key} has {len(given)} values and input '{name}' takes {channels} "
                                  "channel(s)", f"give one {key} or one per channel, in the input's channel order")
     else:
-        raise EdgecError(f"input '{name}' is {spec.dtype}; images go to float, uint8 or int8 inputs",
-                         "save the samples as .npz keyed by input name")
+        scale = mean = std = None
     crop = d.crop or (size if d.resize is not None and len(d.resize) == 1 else None)
     final = crop or (d.resize if d.resize is not None and len(d.resize) == 2 else None)
     if final is not None and tuple(final) != size:
@@ -255,7 +303,7 @@ def resolve(declared: Preprocess | None, specs: tuple[TensorSpec, ...]) -> Image
         raise EdgecError(f"--preprocess {key}={_size_text(final)} and input '{name}' {_dims(shape)} takes "
                          f"{size[0]}x{size[1]}", f"make {key} {size[0]}x{size[1]}")
     return ImageInput(spec, size, channels_first, channels == 1, d.channels == "BGR", d.resize, crop, scale,
-                      mean, std)
+                      mean, std, quantized)
 
 
 def check_header(path: Path, image: ImageInput, name: str) -> None:

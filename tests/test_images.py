@@ -101,6 +101,39 @@ def test_gray_and_integer_inputs(tmp_path):
     np.testing.assert_array_equal(rgb[0], pixels)
 
 
+IMAGENET_SCALE = (0.0186, -14)   # an int8 input calibrated on ImageNet-normalized images: floats -2.12..2.62
+
+
+def _round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def test_quantized_integer_inputs(tmp_path):
+    """An integer input with the model's scale and zero point: a declared normalization is quantized as TFLite's
+    QUANTIZE does; undeclared, the pixels as they are only where the input's range says 0..1, -1..1 or 0..255."""
+    pixels = _save(tmp_path / "imgs" / "a.png", _rgb(16, 16)).astype(np.float32)
+    int8 = (TensorSpec("x", (1, 16, 16, 3), "int8"),)
+    normalized = ((pixels / np.float32(255) - np.float32([0.485, 0.456, 0.406]))
+                  / np.float32([0.229, 0.224, 0.225])).astype(np.float32)
+    by_hand = np.clip(_round_half_away(normalized / np.float32(IMAGENET_SCALE[0])) + IMAGENET_SCALE[1], -128, 127)
+    ds = open_dataset(tmp_path / "imgs", int8, IMAGENET, {"x": IMAGENET_SCALE})
+    (sample,) = ds.samples()
+    np.testing.assert_array_equal(sample.inputs["x"][0], by_hand.astype(np.int8))
+    assert "quantized with scale 0.0186, zero point -14 (round half away from zero" in ds.description
+    # the usual full-integer inputs: pixel - 128 for int8 at 1/255, -128 (0..1) and 1/128, 0 (-1..1), pixels for
+    # uint8 at 1/128, 128 (-1..1)
+    for spec, quantization, as_is in (("int8", (1 / 255, -128), pixels - 128), ("int8", (1 / 128, 0), pixels - 128),
+                                      ("uint8", (0.0078125, 128), pixels)):
+        ds = open_dataset(tmp_path / "imgs", (TensorSpec("x", (1, 16, 16, 3), spec),), None, {"x": quantization})
+        np.testing.assert_array_equal(next(ds.samples()).inputs["x"][0], as_is)
+        assert f"zero point {quantization[1]})" in ds.description
+    # pixel - 128 would be the floats -2.12..2.62 quantized by another normalization: refused, not guessed
+    with pytest.raises(EdgecError) as e:
+        open_dataset(tmp_path / "imgs", int8, None, {"x": IMAGENET_SCALE})
+    line = f"{e.value.message}; {e.value.hint}"
+    assert "scale 0.0186, zero point -14" in line and "-2.12..2.6" in line and "declare the model's float" in line
+
+
 def test_png_jpeg_bmp_read_lazily_in_name_order(tmp_path, monkeypatch):
     folder = tmp_path / "imgs"
     a = _save(folder / "a.png", _rgb(16, 16))
@@ -150,6 +183,8 @@ def test_parse_preprocess():
     ("std=0.2,0", ["std=0", "positive"]),
     ("channels=RGBA", ["channels=RGBA", "RGB or BGR"]),
     ("layout=CHW", ["layout=CHW", "NCHW or NHWC"]),
+    ("resize=\u00b2", ["HxW"]),                                   # '²' is a digit to isdigit, not to int
+    ("scale=1" + "0" * 400 + "/1", ["positive number"]),           # beyond float: OverflowError
 ])
 def test_preprocess_refusals(text, keywords):
     with pytest.raises(EdgecError) as e:
@@ -263,7 +298,7 @@ def test_eval_on_class_folders(colors):
     (scores,) = report["outputs"]
     assert report["samples"] == 12 and report["labelled"] is True
     assert scores["top1_bundle"] == scores["top1_reference"] == 1.0 and scores["top1_agreement"] == 1.0
-    assert any("3 class folders" in n and "resize=16 (shorter side)" in n for n in report["notes"])
+    assert any("3 class folders" in n and "resize=16 (shorter side" in n for n in report["notes"])
     # what the reference ran on is the image preprocessed by hand: 20x24 to 16x19 (shorter side 16), the center
     # 16 columns (left round(1.5) = 2)
     pixels = np.asarray(Image.open(colors["set"] / "2_blue" / "0.png").resize((19, 16), Image.Resampling.BILINEAR))
@@ -286,7 +321,11 @@ def test_int8_calibration_on_an_image_folder(colors):
     summary = json.loads(result.stdout)
     record = json.loads((out / "manifest.json").read_text())["quantization"]
     assert record["calibration_samples"] == 10          # 12 images, the last 2 held back
-    assert record["calibration_data"].startswith("images read as resize=16 (shorter side), crop=16x16 (center), RGB")
+    # all a deployment needs to feed the bundle the same numbers
+    assert record["calibration_data"].startswith(
+        "images read as resize=16 (shorter side, the other int(N * long / short); Pillow's bilinear, antialiased), "
+        "crop=16x16 (center, offsets round((side - crop) / 2)), RGB, (pixel*0.00392156863 - mean 0) / std 1 in "
+        "float32, NCHW float32; ")
     evaluation = summary["evaluation"]
     assert evaluation["samples"] == 2 and evaluation["labelled"] is True
     assert evaluation["outputs"][0]["top1_bundle"] == evaluation["outputs"][0]["top1_reference"] == 1.0

@@ -269,6 +269,19 @@ def _quantization(subgraph, index: int) -> tuple:
     return tuple(q.ScaleAsNumpy().tolist()), tuple(q.ZeroPointAsNumpy().tolist())
 
 
+def input_quantization(path: Path) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of each integer input quantized per tensor: what its integers stand for, x = scale *
+    (q - zero point). edgec's signature keeps only the integer dtype; an image folder needs the rest."""
+    sg = _load(Path(path)).Subgraphs(0)
+    found = {}
+    for i in range(sg.InputsLength()):
+        name, _, dtype = _tensor_spec(sg, sg.Inputs(i))
+        q = _quantization(sg, sg.Inputs(i))
+        if dtype in ("int8", "uint8") and q and len(q[0]) == 1:
+            found[name] = (float(q[0][0]), int(q[1][0]))
+    return found
+
+
 def _signature(model, path: Path, input_shapes: dict) -> tuple[list[TensorSpec], list[str]]:
     sg = model.Subgraphs(0)
     raw_inputs = [_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength())]
