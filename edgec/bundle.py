@@ -79,6 +79,12 @@ def _shell_word(value: str, placeholder: str) -> _Verbatim:
     return _Verbatim(value if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._+-]*", value) else placeholder)
 
 
+def _shape(dims) -> str:
+    """A shape as README.md shows it: [1, 3, 224, 224], a dimension the model computes at run time (the manifest's
+    null) as ?."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
 def _render_all(out: Path, context: dict) -> None:
     """Copy the runners and render README.md, the one template, with every value escaped as Markdown text."""
     source = data_dir("templates") / "bundle"
@@ -87,6 +93,7 @@ def _render_all(out: Path, context: dict) -> None:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(source), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, finalize=_markdown_text)
     env.filters["shell_word"] = _shell_word
+    env.filters["shape"] = _shape
     (out / "README.md").write_text(env.get_template("README.md.j2").render(**context))
 
 
@@ -292,6 +299,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         "model_name": model_name, "model_file": model_file, "bundle_name": bundle_name, "target": target.to_json(),
         "versions": versions, "params": params_name, "param_mb": f"{compiled.param_bytes / 1e6:.2f}",
         "inputs": [t.to_json() for t in inputs], "outputs": [t.to_json() for t in outputs],
+        "run_time_dims": any(None in t.shape for t in outputs),
         "sample": dirs is not None, "reference": sample.reference if sample else None, "verification": verification,
         "states": [s.to_json() for s in model.states],
     })

@@ -85,6 +85,9 @@ def test_non_max_suppression_bundle_runs_with_a_run_time_row_count(tmp_path):
     assert result.exit_code == 0, result.stderr
     bundle = tmp_path / "nms-bundle"
     assert json.loads((bundle / "manifest.json").read_text())["outputs"][0]["shape"] == [None, 3]
+    readme = (bundle / "README.md").read_text()   # as a shape, not Python's [None, 3] (shown escaped)
+    assert "int64 \\[?, 3\\], written as" in readme and "None" not in readme
+    assert "A `?` is a size the model computes at run time" in readme
     counts = set()
     for scale in (0.3, 0.6, 1.0):   # fewer scores above the threshold, fewer rows
         inputs = {"boxes": _boxes(rng, 1, 10, 0), "scores": rng.random((1, 2, 10), dtype=np.float32) * scale}
