@@ -252,13 +252,15 @@ def lcnet_blocks(path: Path) -> Path:
     return save_onnx(path, "lcnet_blocks", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 1, 16, 16]}, inits)
 
 
-def test_lcnet_blocks_int8_whole_graph_nhwc(tmp_path):
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
+def test_lcnet_blocks_int8_whole_graph_nhwc(tmp_path, activations):
     """Between QDQ's int8 convs (NHWC in oneDNN), the float dequantize -> op -> quantize regions (hardswish, scalar
     scale and bias, SE block, resize, concat, sigmoid) move to NHWC too: the transposes around them cancel, only
-    the input's and the output's are left, and the bundle passes the quantized rule."""
+    the input's and the output's are left; hardswish with the scale and bias, a chain of one 8-bit tensor, is a
+    table lookup; the bundle passes the quantized rule."""
     model = lcnet_blocks(tmp_path / "lcnet.onnx")
     samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
-    qdq = quantized(model, samples)
+    qdq = quantized(model, samples, activations)
     result = build(qdq, tmp_path / "b", samples[0], BuildOptions(offload=("onednn",), dump_ir=tmp_path / "ir"))
     assert result.manifest.verification["status"] == "verified"
     assert int8_placement(result) == {"conv2d": ["onednn:onednn.qconv2d_bias"]}
@@ -266,3 +268,12 @@ def test_lcnet_blocks_int8_whole_graph_nhwc(tmp_path):
     main = partitioned[partitioned.index("def main("):]
     assert main.count("R.permute_dims(") == 2, main
     assert "layout=\"NHWC\"" in main and "R.mean(" in main
+    tables = next((tmp_path / "ir").glob("*-int8-lookup-tables.py")).read_text()
+    main = tables[tables.index("def main("):]
+    assert main.count("R.take(") >= 2, main
+    # the tables hold what the chains compute: the same outputs without them
+    plain = build(qdq, tmp_path / "plain", samples[0],
+                  BuildOptions(offload=("onednn",), disabled_passes=("int8-lookup-tables",)))
+    sample = {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}
+    np.testing.assert_array_equal(api.run(result.bundle_dir, sample).outputs["y"],
+                                  api.run(plain.bundle_dir, sample).outputs["y"])
