@@ -79,7 +79,7 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
             return "activations quantized per channel (per tensor only)"
         if weight.args[0].ty.dtype != "int8" or weight.args[2].value.numpy().any():
             return "weights not symmetric int8 (zero point 0)"
-        out_channels = static_shape(anchor)[-1]
+        out_channels = static_shape(anchor)[_channel_axis(anchor)]
         if weight.args[1].value.numpy().size not in (1, out_channels) or (
                 weight.args[1].value.numpy().size > 1 and int(weight.attrs.axis) != _output_axis(bound, anchor)):
             return "weights not quantized per output channel"
@@ -130,6 +130,13 @@ def _bias_dq(bound: dict, bias: relax.Call) -> relax.Call:
     while expr.op.name != "relax.dequantize":
         expr = _resolve(bound, expr.args[0])
     return expr
+
+
+def _channel_axis(anchor) -> int:
+    """The anchor's output channel axis: C of a conv2d's layout (NHWC in the backends, NCHW where TVM keeps it)."""
+    if anchor.op.name == "relax.nn.conv2d":
+        return str(anchor.attrs.out_layout or anchor.attrs.data_layout).index("C")
+    return -1
 
 
 def _output_axis(bound: dict, anchor) -> int:

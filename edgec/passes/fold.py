@@ -165,7 +165,8 @@ def _numpy_fold(mod, ctx):
     return mod
 
 
-@register_pass("fold-constants", phase="graph", after=("canonicalize", "offload-quantized"), tvm_name="FoldConstant")
+@register_pass("fold-constants", phase="graph", after=("canonicalize", "offload-quantized", "int8-kernels"),
+               tvm_name="FoldConstant")
 def fold_constants(ctx):
     """Evaluate subexpressions whose inputs are all constants (weight transposes, casts, reshapes)."""
     # TVM's FoldConstant compiles and runs a kernel per folded call (~40 ms each: a TFLite model's hundreds of

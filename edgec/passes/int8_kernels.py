@@ -1,0 +1,329 @@
+"""int8-kernels: the int8 chains no offload backend takes run in TVM as integer kernels.
+
+A QDQ chain `quantize(act(dequantize(x_q) (*) dequantize(w_q) + dequantize(b_q)))` of conv2d (groups 1) or matmul
+that is still in main after `offload-quantized` (no backend, or one that refused it) would otherwise be compiled
+as it reads: dequantize to float, float conv, quantize. It is matched by the offload patterns themselves
+(`offload/quantized.py`, read back by `read_quantized`) and replaced by one TIR kernel:
+
+  pack:  A[m, k] = x as a matrix (im2col for a conv, padding with the input's zero point), shifted to the 8-bit
+         type the dot product takes (u8 for x86, s8 for Arm: x ^ 0x80 with the zero point moved by 128, exact),
+         the reduction padded to a multiple of 4 with zeros
+  acc:   acc[m, n] = sum_k int32(A[m, k]) * int32(W[n, k])  (W packed [N/L, K/4, L, 4], zero padded)
+  out:   quantize(act(float32(acc + b') * sx * sw[n]), sy, zy)  (relax.quantize's own arithmetic: round(v / sy) + zy,
+         clamped to the output type), where b' = b - zx * sum_k W[n, k] folds the input's zero point into the bias.
+
+The sum is exact where the QDQ reference sums rounded float products; the requantization is the reference's. The
+acc block is tensorized with the target's dot product: AVX-512 VNNI `vpdpbusd` (L = 16), Arm `sdot` (+dotprod,
+L = 4); elsewhere it is a vectorized int32 loop (L = 16). Rows (m) are tiled by up to 4, each tile and its block
+of output channels one parallel task, its requantization computed right after it. The kernel is marked scheduled
+(`tirx.is_scheduled`; `edgec.int8_kernel` names the instruction used), so cpu-default-schedule leaves it alone.
+A chain the patterns or `_unsupported` refuse stays as it was.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
+from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+from tvm.script import tirx as T
+from tvm.target.codegen import target_has_features
+
+from ..context import BuildContext
+from ..offload.fusion import static_shape
+from ..offload.quantized import QFused, quantized_patterns, read_quantized
+from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED
+from .registry import register_pass
+
+ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot" or "vector"
+_GROUP = "edgec_int8"             # the patterns' prefix: the partitioned chains this pass replaces
+_VNNI_INTRIN = "edgec_dot_16x4_vnni"
+_INT32_MAX = 2**31 - 1
+
+
+@T.prim_func(s_tir=True)
+def _vnni_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    # TVM 0.27's dot_16x4_vnni passes vpdpbusd.512 i32x16 operands; LLVM 21+ declares it (i32x16, u8x64, i8x64)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+
+if TensorIntrin.get(_VNNI_INTRIN, allow_missing=True) is None:
+    TensorIntrin.register(_VNNI_INTRIN, dot_product_16x4_u8i8i32_desc, _vnni_impl)
+
+
+def _dot_product(target: tvm.target.Target) -> tuple[str, int, str]:
+    """(name, lanes, operand type of A) of the target's 8-bit dot product."""
+    if target_has_features("avx512vnni", target):
+        return "vnni", 16, "uint8"
+    if target_has_features("dotprod", target):
+        return "sdot", 4, "int8"
+    return "vector", 16, "uint8"
+
+
+_INTRINSICS = {"vnni": _VNNI_INTRIN, "sdot": ARM_DOT_4x4_i8_SDOT_INTRIN}
+
+
+def _int8(ctx: BuildContext) -> bool:
+    return ctx.tvm_target().kind.name == "llvm"
+
+
+# after offload-quantized by name: the chains a backend takes are partitioned first, this pass gets the rest
+@register_pass("int8-kernels", phase="graph", after=("canonicalize", "quantize-int8", "offload-quantized"),
+               applies=_int8, skip_reason="CPU (llvm) targets only")
+def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
+    """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot or int32 vector loops)."""
+    # the offload steps' graph preparation (Clip as R.clip, a dequantize per reader); imported here: edgec.offload
+    # imports this package
+    from ..offload.passes import _restore_clip, _untie_dequantize
+
+    target = ctx.tvm_target()
+    patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations,
+                                              lambda c, p=p: p.check(c) is None)
+                for anchor, op in (("conv2d", "relax.nn.conv2d"), ("matmul", "relax.matmul"))
+                for p in quantized_patterns(_GROUP, anchor, op, _unsupported)]
+    partition = tvm.transform.Sequential([
+        _restore_clip, relax.transform.CanonicalizeBindings(), _untie_dequantize,
+        relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)])
+
+    @tvm.transform.module_pass(opt_level=0, name="Int8Kernels")
+    def step(mod, pctx):
+        if not _has_int8_weights(mod):
+            return mod
+        mod = partition(mod)
+        groups = [gv for gv, f in mod.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]
+        if not groups:
+            return mod
+        mod = _Replace(mod, target).run()
+        for gv in groups:
+            del mod[gv]
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return step
+
+
+def _has_int8_weights(mod: tvm.IRModule) -> bool:
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.dequantize" \
+                and isinstance(e.args[0], tvm.ir.expr.GenericConst) and e.args[0].ty.dtype == "int8":
+            found.append(e)
+
+    main = mod["main"]
+    relax.analysis.post_order_visit(main, visit)
+    return bool(found)
+
+
+def _unsupported(anchor: relax.Call) -> str | None:
+    """Why the integer kernel does not take this conv2d/matmul (None: it does)."""
+    if str(anchor.ty.dtype) != "float32":
+        return f"computed in {anchor.ty.dtype}"
+    if any(static_shape(a) is None for a in (anchor, *anchor.args)):
+        return "dynamic shape"
+    if anchor.op.name == "relax.nn.conv2d":
+        a = anchor.attrs
+        if int(a.groups) != 1:
+            return "grouped or depthwise convolution"
+        if str(a.data_layout) not in ("NCHW", "NHWC") or str(a.out_layout or a.data_layout) != str(a.data_layout) \
+                or sorted(str(a.kernel_layout)) != sorted("OIHW"):
+            return f"layout {a.data_layout}/{a.kernel_layout}"
+        k = math.prod(static_shape(anchor.args[1])[1:])
+    else:
+        if len(static_shape(anchor.args[1])) != 2 or len(static_shape(anchor.args[0])) < 2:
+            return "not a matrix product with a 2-D weight"
+        k = static_shape(anchor.args[0])[-1]
+    if 255 * 128 * k > _INT32_MAX // 2:
+        return "reduction too long for an int32 sum"
+    return None
+
+
+def _value(expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+@relax.expr_functor.mutator
+class _Replace(relax.PyExprMutator):
+    """Each call of a partitioned chain becomes call_tir of its integer kernel."""
+
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.target = target
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function) and "Codegen" not in (func.attrs or {}):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.finalize()
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.GlobalVar):
+            return call
+        func = self.mod_[call.op]
+        if (func.attrs or {}).get("Codegen") != _GROUP:
+            return call
+        return _IntegerChain(read_quantized(func), call.args, self.target).emit(self.builder_)
+
+
+class _IntegerChain:
+    """One chain's integer kernel: its packed constants, TIR and the Relax calls around it."""
+
+    def __init__(self, q: QFused, args, target: tvm.target.Target):
+        self.q, self.args, self.target = q, args, target
+        self.kind, self.lanes, self.a_dtype = _dot_product(target)
+        x = args[q.data]
+        self.x_shape, self.x_dtype = static_shape(x), q.data_dtype
+        # the input's zero point where A holds it shifted to a_dtype (x ^ 0x80 is x -/+ 128)
+        self.shift = 0 if self.x_dtype == self.a_dtype else (128 if self.a_dtype == "uint8" else -128)
+        self.zx = int(_value(args[q.data_zero_point])) + self.shift
+        self.sx = np.float32(_value(args[q.data_scale]).reshape(()))
+        self.sy = float(_value(args[q.out_scale]).reshape(()))
+        self.zy = int(_value(args[q.out_zero_point]))
+        self.weight = self._weight_matrix()                      # (N, K) int8
+        self.n, self.k = self.weight.shape
+        self.out_shape = static_shape(q.anchor)
+
+    def _weight_matrix(self) -> np.ndarray:
+        w = _value(self.args[self.q.weight])
+        if self.q.anchor.op.name == "relax.matmul":
+            return w if self.q.weight_transposed else w.T
+        layout = str(self.q.anchor.attrs.kernel_layout)
+        w = w.transpose([layout.index(c) for c in "OIHW"])       # k = (c * KH + kh) * KW + kw
+        return w.reshape(w.shape[0], -1)
+
+    def constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Packed weights [Np/L, Kp/4, L, 4], bias with the input's zero point folded in, per-channel scale."""
+        lanes, n, k = self.lanes, self.n, self.k
+        kp, np_ = -(-k // 4) * 4, -(-n // lanes) * lanes
+        padded = np.zeros((np_, kp), np.int8)
+        padded[:n, :k] = self.weight
+        packed = np.ascontiguousarray(padded.reshape(np_ // lanes, lanes, kp // 4, 4).transpose(0, 2, 1, 3))
+        bias = np.zeros(n, np.int64) if self.q.bias is None else _value(self.args[self.q.bias]).reshape(-1)
+        bias = bias.astype(np.int64) - self.zx * self.weight.astype(np.int64).sum(axis=1)
+        sw = np.broadcast_to(_value(self.args[self.q.weight_scale]).astype(np.float32).reshape(-1), (n,))
+        return packed, bias.astype(np.int32), (self.sx * sw).astype(np.float32)
+
+    def _rows(self) -> tuple[int, tvm.ir.Op | None]:
+        if self.q.anchor.op.name == "relax.matmul":
+            return math.prod(self.out_shape[:-1]), None
+        layout = str(self.q.anchor.attrs.data_layout)
+        b, oh, ow = (self.out_shape[layout.index(c)] for c in "NHW")
+        return b * oh * ow, layout
+
+    def emit(self, bb: relax.BlockBuilder) -> relax.Expr:
+        packed, bias, scale = self.constants()
+        rows, layout = self._rows()
+        x = self.args[self.q.data]
+        direct = len(self.x_shape) == 2 and self.k % 4 == 0 and self.shift == 0 and layout is None
+        func = self._prim_func(rows, packed.shape, direct)
+        gv = bb.add_func(func, f"int8_{self.q.anchor.op.name.rsplit('.', 1)[-1]}")
+        out = bb.emit(relax.call_tir(gv, [x, relax.const(packed), relax.const(bias), relax.const(scale)],
+                                     relax.TensorType((rows, self.n), self.q.out_dtype)))
+        if layout is None:
+            return relax.op.reshape(out, self.out_shape)
+        nhwc = [self.out_shape[layout.index(c)] for c in "NHWC"]
+        out = bb.emit(relax.op.reshape(out, nhwc))
+        return out if layout == "NHWC" else relax.op.permute_dims(out, [0, 3, 1, 2])
+
+    def _a_value(self, x: te.Tensor, m, k):
+        """x's element at row m, column k of the matrix (im2col for a conv), in a_dtype, as a TE expression."""
+        q = self.q
+        if q.anchor.op.name == "relax.matmul":
+            idx, rest = [], m
+            for d in reversed(self.out_shape[:-1]):
+                idx.insert(0, rest % d)
+                rest = rest // d
+            value, inside = x[(*idx, k)], None
+        else:
+            a = q.anchor.attrs
+            layout, kernel = str(a.data_layout), str(a.kernel_layout)
+            w_shape = static_shape(self.args[q.weight])
+            kh_n, kw_n = w_shape[kernel.index("H")], w_shape[kernel.index("W")]
+            oh_n, ow_n = (self.out_shape[layout.index(c)] for c in "HW")
+            h_in, w_in = (self.x_shape[layout.index(c)] for c in "HW")
+            b, oh, ow = m // (oh_n * ow_n), m // ow_n % oh_n, m % ow_n
+            c, kh, kw = k // (kh_n * kw_n), k // kw_n % kh_n, k % kw_n
+            ih = oh * int(a.strides[0]) + kh * int(a.dilation[0]) - int(a.padding[0])
+            iw = ow * int(a.strides[1]) + kw * int(a.dilation[1]) - int(a.padding[1])
+            inside = tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in)
+            coords = {"N": b, "C": c, "H": tirx.max(tirx.min(ih, h_in - 1), 0), "W": tirx.max(tirx.min(iw, w_in - 1), 0)}
+            value = x[tuple(coords[d] for d in layout)]
+        if self.shift:
+            value = (value.astype("int32") + self.shift).astype(self.a_dtype)
+        if inside is not None:
+            value = tirx.Select(inside, value, tirx.const(self.zx, self.a_dtype))
+        return tirx.Select(k < self.k, value, tirx.const(0, self.a_dtype))
+
+    def _prim_func(self, rows: int, packed_shape, direct: bool) -> tirx.PrimFunc:
+        q, lanes = self.q, self.lanes
+        kp = packed_shape[1] * 4
+        x = te.placeholder(self.x_shape, self.x_dtype, name="x")
+        w = te.placeholder(packed_shape, "int8", name="w")
+        bias = te.placeholder((self.n,), "int32", name="bias")
+        scale = te.placeholder((self.n,), "float32", name="scale")
+        a = x if direct else te.compute((rows, kp), lambda m, k: self._a_value(x, m, k), name="pack")
+        r = te.reduce_axis((0, kp), name="r")
+        acc = te.compute(
+            (rows, packed_shape[0] * lanes),
+            lambda m, n: te.sum(a[m, r].astype("int32") * w[n // lanes, r // 4, n % lanes, r % 4].astype("int32"),
+                                axis=r), name="acc")
+
+        def requantize(m, n):
+            v = (acc[m, n] + bias[n]).astype("float32") * scale[n]
+            if q.activation == "relu":
+                v = tirx.max(v, tirx.const(0.0, "float32"))
+            elif q.activation == "clip":
+                v = tirx.max(tirx.min(v, tirx.const(q.bounds[1], "float32")), tirx.const(q.bounds[0], "float32"))
+            # relax.quantize's legalization: clip(round(v / scale) + zp, min, max), cast
+            v = te.round(v / tirx.const(self.sy, "float32")) + tirx.const(float(self.zy), "float32")
+            lo, hi = (tirx.const(float(f(q.out_dtype)), "float32") for f in (lambda t: np.iinfo(t).min,
+                                                                          lambda t: np.iinfo(t).max))
+            return tirx.max(tirx.min(v, hi), lo).astype(q.out_dtype)
+
+        out = te.compute((rows, self.n), requantize, name="out")
+        func = te.create_prim_func([x, w, bias, scale, out])
+        func = self._schedule(func, rows, direct).without_attr("global_symbol")   # named by add_func
+        return func.with_attr({_SCHEDULED: True, ATTR: self.kind})
+
+    def _schedule(self, func: tirx.PrimFunc, rows: int, direct: bool) -> tirx.PrimFunc:
+        sch = s_tir.Schedule(func)
+        tile = next(t for t in (4, 2, 1) if rows % t == 0)
+        parallel = rows * self.n * self.k >= _MIN_PARALLEL_WORK
+        if not direct:
+            pack = sch.get_sblock("pack")
+            m, _ = sch.get_loops(pack)
+            if parallel:
+                sch.parallel(m)
+        acc = sch.get_sblock("acc")
+        m, n, k = sch.get_loops(acc)
+        mo, mi = sch.split(m, [None, tile])
+        no, ni = sch.split(n, [None, self.lanes])
+        ko, ki = sch.split(k, [None, 4])
+        if self.kind in _INTRINSICS:
+            sch.reorder(mo, no, ko, mi, ni, ki)
+        else:
+            sch.reorder(mo, no, ko, mi, ki, ni)
+        outer = sch.fuse(mo, no)
+        if parallel:
+            sch.parallel(outer)
+        sch.reverse_compute_at(sch.get_sblock("out"), outer)
+        sch.decompose_reduction(acc, ko)
+        if self.kind in _INTRINSICS:
+            sch.tensorize(ni, _INTRINSICS[self.kind])
+        else:
+            sch.vectorize(ni)
+        return sch.mod["main"]
