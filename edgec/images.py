@@ -131,7 +131,7 @@ class ImageInput:
     quantization: tuple[float, int] | None   # the integer input's (scale, zero point), where the model gives them
 
     def describe(self) -> str:
-        # all a deployment needs to feed the model the same numbers: the filter, the rounding, 9 digits of floats
+        # all a deployment needs to feed the model the same numbers: the filter, the rounding, the float32 values
         steps = []
         if self.resize:
             steps.append(f"resize={_size_text(self.resize)} ("
@@ -141,13 +141,14 @@ class ImageInput:
             steps.append(f"crop={_size_text(self.crop)} (center, offsets round((side - crop) / 2))")
         steps.append("gray (Pillow's luma, ITU-R 601-2)" if self.gray else "BGR" if self.bgr else "RGB")
         if self.scale is not None:
-            steps.append(f"(pixel*{self.scale:.9g} - mean {_values(self.mean)}) / std {_values(self.std)} in float32")
+            steps.append(f"(pixel*{_values((self.scale,))} - mean {_values(self.mean)}) / std {_values(self.std)} "
+                         "in float32")
             if self.quantization is not None:
-                steps.append("quantized with scale {:.9g}, zero point {} (round half away from zero, saturated)"
-                             .format(*self.quantization))
+                steps.append(f"quantized with scale {_values(self.quantization[:1])}, zero point "
+                             f"{self.quantization[1]} (round half away from zero, saturated)")
         else:
             steps.append(("pixel - 128" if self.spec.dtype == "int8" else "pixel")
-                         + (" (input scale {:.9g}, zero point {})".format(*self.quantization)
+                         + (f" (input scale {_values(self.quantization[:1])}, zero point {self.quantization[1]})"
                             if self.quantization is not None else ""))
         layout = "NCHW" if self.channels_first else "NHWC"
         return f"{', '.join(steps)}, {layout if len(self.spec.shape) == 4 else layout[1:]} {self.spec.dtype}"
@@ -203,7 +204,8 @@ def _size_text(size: tuple[int, ...]) -> str:
 
 
 def _values(values: tuple[float, ...]) -> str:
-    return ",".join(f"{v:.9g}" for v in values)
+    """As float32, the precision they are applied in: the shortest text that reads back the same."""
+    return ",".join(str(np.float32(v)) for v in values)
 
 
 def _as_is(pixels: np.ndarray, dtype: str) -> np.ndarray:

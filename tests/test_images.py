@@ -324,7 +324,7 @@ def test_int8_calibration_on_an_image_folder(colors):
     # all a deployment needs to feed the bundle the same numbers
     assert record["calibration_data"].startswith(
         "images read as resize=16 (shorter side, the other int(N * long / short); Pillow's bilinear, antialiased), "
-        "crop=16x16 (center, offsets round((side - crop) / 2)), RGB, (pixel*0.00392156863 - mean 0) / std 1 in "
+        "crop=16x16 (center, offsets round((side - crop) / 2)), RGB, (pixel*0.003921569 - mean 0.0) / std 1.0 in "
         "float32, NCHW float32; ")
     evaluation = summary["evaluation"]
     assert evaluation["samples"] == 2 and evaluation["labelled"] is True
@@ -354,3 +354,34 @@ def test_build_preprocess_needs_calibration(colors):
     result = cli("build", colors["model"], "-o", colors["dir"] / "x", "--preprocess", "scale=1")
     check_error(result.stderr, result.exit_code, "--preprocess is for --calibration", exception=result.exception)
     assert not (colors["dir"] / "x").exists()
+
+
+def test_eval_full_integer_tflite_on_class_folders(colors):
+    """A full-integer TFLite image model (int8 input at IMAGENET_SCALE, conv + fully-connected) evaluated from the
+    class folders: eval reads the input's scale and zero point from the .tflite, quantizes the declared ImageNet
+    normalization with them, and refuses pixel - 128 when nothing is declared."""
+    from test_tflite_import import _options
+    from test_tflite_int8 import _Int8Layers
+    from tflite_builder import schema
+
+    n = _Int8Layers()
+    x = n.activation("image", (1, 16, 16, 3), *IMAGENET_SCALE)
+    a = n.layer("Conv2D", x, (1, 8, 8, 8), (8, 3, 3, 3), 0, 27, schema.ActivationFunctionType.RELU, input_rms=60,
+                padding=schema.Padding.SAME, strideH=2, strideW=2)
+    flat = n.g.tensor("flat", (1, 512), np.int8, quant=([a[1]], [-128], 0))
+    n.g.op(schema.BuiltinOperator.RESHAPE, [a[0], n.g.tensor("shape", (2,), np.int32, np.array([1, 512], np.int32))],
+           [flat], *_options("Reshape", newShape=[1, 512]))
+    scores = n.layer("FullyConnected", (flat, a[1]), (1, 3), (3, 512), 0, 512)
+    model = n.g.save(colors["dir"] / "int8.tflite", [x[0]], [scores[0]])
+    bundle = api.build(model, "host", colors["dir"] / "int8-host").bundle_dir
+    result = cli("eval", bundle, "--data", colors["set"], "--reference", model, "--preprocess",
+                 f"resize=16,{IMAGENET}", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    (out,) = report["outputs"]
+    # within one quantization step of LiteRT (int8 scores are not taken as class scores: no top-1)
+    assert report["samples"] == 12 and out["max_abs_error"] <= 1
+    assert any("quantized with scale 0.0186, zero point -14" in note for note in report["notes"])
+    undeclared = cli("eval", bundle, "--data", colors["set"], "--reference", model, "--preprocess", "resize=16")
+    check_error(undeclared.stderr, undeclared.exit_code, "scale 0.0186, zero point -14", "declare the model's float",
+                exception=undeclared.exception)
