@@ -179,3 +179,24 @@ def test_time_limit_is_one_line_and_leaves_nothing(two_groups, tmp_path, monkeyp
         api.build(two_groups, "host", tmp_path / "b", options=AUTO)
     assert "--offload onednn" in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "b").exists() and not (tmp_path / "cache" / "offload-auto").exists()
+
+
+@pytest.mark.parametrize("user, added", [
+    ({}, {"TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "1000"}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"TVM_THREAD_POOL_SPIN_COUNT": "0"}),
+    ({"GOMP_SPINCOUNT": "5", "TVM_THREAD_POOL_SPIN_COUNT": "7"}, {}),
+])
+def test_candidates_are_timed_as_the_runners_will_run(monkeypatch, user, added):
+    """The timing workers get what run.py (and edgec_run) add to the environment, and no more: GOMP_SPINCOUNT=1000
+    overrode the user's OMP_WAIT_POLICY (and GOMP_SPINCOUNT), which the bundle's runners leave alone; the spin
+    settings key the cache, so a timing under one policy is not reused under another."""
+    from edgec.runtime import bundle_runner
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    default = auto._spin_settings()
+    for name, value in user.items():
+        monkeypatch.setenv(name, value)
+    assert auto.timing_environment(3) == {**added, "TVM_NUM_THREADS": "3"}
+    assert bundle_runner().offload_thread_environment(dict(user)) == added
+    assert (auto._spin_settings() == default) == (not user)

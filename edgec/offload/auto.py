@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from tvm import relax
 
 from ..context import BuildContext
 from ..errors import EdgecError
+from ..runtime import bundle_runner
 from ..workers import WorkerProcess, WorkerTimeout, serve
 from .backend import Backend
 from .fusion import read_fused, static_shape
@@ -168,13 +170,15 @@ def _plain(func: relax.Function) -> relax.Function:
 # ---- the cache ----------------------------------------------------------------------------------------------
 
 def _context_key(ctx: BuildContext) -> list:
-    """What TVM's side of a timing depends on besides the group: this CPU, the threads, TVM and how it lowers."""
+    """What TVM's side of a timing depends on besides the group: this CPU, the threads and how idle ones wait, TVM
+    and how it lowers."""
     from ..benchmark import _cpuinfo
     from ..passes import cpu_schedule
 
     cpu, flags = _cpuinfo()
     return [cpu, sorted(flags), ctx.target.tvm_target, ctx.target.device.threads, tvm.__version__, ctx.opt_level,
-            ctx.target.pass_config, [s.name for s in _lowering(ctx)], _file_digest(cpu_schedule.__file__)]
+            ctx.target.pass_config, [s.name for s in _lowering(ctx)], _file_digest(cpu_schedule.__file__),
+            _spin_settings()]
 
 
 def _code_digest(backend: Backend) -> str:
@@ -282,12 +286,23 @@ def _variant(mod: tvm.IRModule, groups: list[Group], library: bool,
 _MEASURE_HINT = "pass the backends by name (--offload onednn) or --offload none to build without measuring"
 
 
+def timing_environment(threads: int) -> dict[str, str]:
+    """What the timing workers add to this process's environment: what the bundle's runners add (run.py's
+    offload_thread_environment: TVM's idle pool asleep, OpenMP's spin shortened, unless this environment says
+    otherwise, OMP_WAIT_POLICY included), on the target's threads."""
+    return {**bundle_runner().offload_thread_environment(os.environ), "TVM_NUM_THREADS": str(threads)}
+
+
+def _spin_settings() -> dict[str, str | None]:
+    """How idle threads wait in the timing workers, as in the runners: part of a timing's cache key."""
+    env = {**os.environ, **timing_environment(1)}
+    return {k: env.get(k) for k in ("TVM_THREAD_POOL_SPIN_COUNT", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+
 def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float], ...]:
     """Per library, each group's time in ms: the median over alternated rounds, one worker process per library."""
     deadline = time.monotonic() + TIME_LIMIT_S
-    # As run.py runs a bundle with an offload library: the target's threads, TVM's idle pool asleep, OpenMP's
-    # workers spinning 1000 rounds before they sleep.
-    env = {"TVM_NUM_THREADS": str(threads), "TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "1000"}
+    env = timing_environment(threads)
     workers = []
     try:
         for path in libraries:

@@ -509,6 +509,23 @@ def compare(outputs, expected, atol, rtol):
 
 # ------------------------------------------------------------------------------------------ the model
 
+def offload_thread_environment(environ):
+    """The variables a bundle with offload libraries adds to `environ` before loading them (the environment's values
+    win). The model's load function moves TVM's parallel loops onto the offload library's pool: one pool per
+    process. TVM's pool is still made, idle (it only works for a model whose kernels use a barrier): its workers
+    sleep at once. libgomp's (oneDNN's team) spin about 10 us, not 3 ms, before they sleep: gaps between kernels stay
+    covered, and a thread waiting for a team member that lost its core to another process soon gives its own up.
+    MobileNetV2 on 2 cores (bench/README.md): 4.4-4.7 ms alone, as with libgomp's default spin, and 8-10 / 12-15 ms
+    beside 1 / 2 busy processes, where that default took 440 ms beside one (onnxruntime: 5.1-5.3, 9-9.5 / 10-16 ms).
+    GOMP_SPINCOUNT is left alone under OMP_WAIT_POLICY, which it would override. libgomp reads both once, when it is
+    loaded: a process that already has it (an earlier bundle, the application's own OpenMP) keeps the spin it
+    started with. edgec's --offload auto times its candidates in this environment too."""
+    added = {} if "TVM_THREAD_POOL_SPIN_COUNT" in environ else {"TVM_THREAD_POOL_SPIN_COUNT": "0"}
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        added["GOMP_SPINCOUNT"] = "1000"
+    return added
+
+
 class Model:
     """The compiled model, checked and loaded once: call run() many times. A Model owns its offload libraries'
     state (packed weights, operators), freed with it; its runs take turns (load one Model per thread to run in
@@ -540,19 +557,7 @@ class Model:
             raise BundleError(f"this machine has no {kind} device, which the bundle was built for",
                               f"run it on {shown(target['name'])}")
         if m.get("shared_libs"):
-            # The model's load function moves TVM's parallel loops onto the offload library's pool: one pool per
-            # process. TVM's pool is still made, idle (it only works for a model whose kernels use a barrier):
-            # its workers sleep at once. libgomp's (oneDNN's team) spin about 10 us, not 3 ms, before they sleep:
-            # gaps between kernels stay covered, and a thread waiting for a team member that lost its core to
-            # another process soon gives its own up. MobileNetV2 on 2 cores (bench/README.md): 4.4-4.7 ms alone,
-            # as with libgomp's default spin, and 8-10 / 12-15 ms beside 1 / 2 busy processes, where that default
-            # took 440 ms beside one (onnxruntime: 5.1-5.3, 9-9.5 / 10-16 ms). The environment's values win;
-            # GOMP_SPINCOUNT is left alone under OMP_WAIT_POLICY, which it would override. libgomp reads both once,
-            # when it is loaded: a process that already has it (an earlier bundle, the application's own OpenMP)
-            # keeps the spin it started with.
-            os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-            if "OMP_WAIT_POLICY" not in os.environ:
-                os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+            os.environ.update(offload_thread_environment(os.environ))
         config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
         if config is not None:
             count = int(threads or target["device"]["threads"])
