@@ -226,11 +226,20 @@ def test_packages_it_cannot_fetch_are_one_line_with_the_fix(tmp_path, monkeypatc
 
 
 # Preloaded into the C++ runner under qemu (-v: it keeps stderr): counts the pthreadpool_parallelize_1d calls that come from outside
-# XNNPACK's own library, i.e. from the launch function linked into model.so that runs TVM's parallel loops.
+# XNNPACK's own library, i.e. from the launch function linked into model.so that runs TVM's parallel loops, and says
+# when a pool is created and destroyed.
 _LAUNCH_COUNTER = r"""
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
+extern "C" void* pthreadpool_create(size_t threads) {
+  fprintf(stderr, "pthreadpool created\n");
+  return ((void* (*)(size_t))dlsym(RTLD_NEXT, "pthreadpool_create"))(threads);
+}
+extern "C" void pthreadpool_destroy(void* pool) {
+  fprintf(stderr, "pthreadpool destroyed\n");
+  ((void (*)(void*))dlsym(RTLD_NEXT, "pthreadpool_destroy"))(pool);
+}
 typedef void (*Task)(void*, size_t);
 typedef void (*Parallelize)(void*, Task, void*, size_t, unsigned);
 static long outside_xnnpack;
@@ -254,7 +263,9 @@ extern "C" void pthreadpool_parallelize_1d(void* pool, Task task, void* context,
 def test_tvm_kernels_run_on_the_xnnpack_pool(tmp_path):
     """One thread pool per process on the board too: the parallel loops of the TVM kernels left in an XNNPACK
     build (the sigmoid, the layout transpose) run as tasks on XNNPACK's pthreadpool, started from the model
-    library, and the outputs match under qemu with 2 threads and with 1 (no pool: the calling thread runs them)."""
+    library, and the outputs match under qemu with 2 threads and with 1 (no pool: the calling thread runs them).
+    The pool goes with the library (it stayed, threads running, when a model was unloaded: loaded again, a second
+    pool started)."""
     inits = [numpy_helper.from_array(_weight(32, 16, 3, 3), "w"), numpy_helper.from_array(_weight(32), "b")]
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["c"], ["y"])]
@@ -281,4 +292,6 @@ def test_tvm_kernels_run_on_the_xnnpack_pool(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         launches = int(proc.stderr.split("launches from outside XNNPACK: ")[1].split()[0])
         assert launches > 0, proc.stderr
+        pools = 1 if threads == "2" else 0
+        assert proc.stderr.count("pthreadpool created") == proc.stderr.count("pthreadpool destroyed") == pools
         assert np.abs(np.load(out / result.manifest.outputs[0].file) - expected).max() < 2e-5

@@ -10,7 +10,8 @@ Each generated function comes with `<symbol>_pack`, which the module's load func
 per call site when the module loads: it creates the operator, which packs the weights and the bias from params.bin,
 into a state object the module instance owns and passes to every call. A state's calls take turns (a mutex), and
 setup (which binds the buffers into the operator) runs only when the buffers change. One pthreadpool per thread
-count, as many threads as TVM's pool (runtime.NumThreads), shared by all operators and by TVM's parallel kernels.
+count, as many threads as TVM's pool (runtime.NumThreads), shared by all operators and by TVM's parallel kernels,
+destroyed when the library is unloaded.
 The packages are fetched for arm64 into a sysroot in edgec's cache and the three libraries ship in the bundle.
 """
 from __future__ import annotations
@@ -52,16 +53,31 @@ void Initialize() {
   Check(status, "xnn_initialize", "initialization");
 }
 
-// One pool per thread count, shared by every operator (pthreadpool serializes concurrent calls on a pool).
+// One pool per thread count, shared by every operator (pthreadpool serializes concurrent calls on a pool). Owned by
+// this copy of the library and destroyed with it (dlclose, or exit): a model unloaded and loaded again would leave
+// the first copy's threads running.
+class Pools {
+ public:
+  ~Pools() {
+    for (auto& entry : pools_) pthreadpool_destroy(entry.second);
+  }
+  pthreadpool_t Get(int threads) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& pool = pools_[threads];
+    if (!pool) pool = pthreadpool_create(threads);
+    return pool;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int, pthreadpool_t> pools_;
+};
+
 pthreadpool_t Pool() {
   int threads = edgec_offload::NumThreads();
   if (threads <= 1) return nullptr;   // XNNPACK runs on the caller's thread
-  static std::mutex mutex;
-  static std::map<int, pthreadpool_t> pools;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& pool = pools[threads];
-  if (!pool) pool = pthreadpool_create(threads);
-  return pool;
+  static Pools pools;
+  return pools.Get(threads);
 }
 
 // TVM's parallel loops on the pool XNNPACK's operators use (see RunTvmKernelsOn); the calling thread takes part.
