@@ -131,7 +131,9 @@ _PREPROCESS_HELP = ("For DATA that is a folder of images: how an image becomes t
                     "separated by commas: resize=N (shorter side, then a center crop to the input's size) or HxW, "
                     "crop=N or HxW (center), scale=S (default 1/255), mean=M[,M,M], std=S[,S,S] (x = (pixel * scale - "
                     "mean) / std; a float input needs one of these three), channels=RGB|BGR, layout=NCHW|NHWC "
-                    "(default: from the input's shape). uint8 inputs take the pixels, int8 inputs pixel - 128. "
+                    "(default: from the input's shape). An int8/uint8 input with a scale and zero point (full-integer "
+                    "TFLite) takes the declared normalization quantized with them; undeclared, uint8 inputs take the "
+                    "pixels, int8 inputs pixel - 128. "
                     "E.g. resize=256,crop=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225")
 
 
