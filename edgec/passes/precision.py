@@ -304,11 +304,15 @@ def precision_reference(graph: tvm.IRModule, model, steps: list[dict[str, np.nda
 
 
 def _check_floor(name: str, fp16: list[np.ndarray], float32: list[np.ndarray], floor: float) -> None:
-    """Refuse an fp16 graph whose output `name` (every step's, elements finite on both sides) is below `floor` dB of
-    SQNR against float32: the precision rule verifies a bundle against that graph and would pass it as it is."""
-    got, want = (np.concatenate([np.asarray(a, np.float64).ravel() for a in side]) for side in (fp16, float32))
-    finite = np.isfinite(got) & np.isfinite(want)
-    sqnr = decibels((want[finite] ** 2).sum(), ((got[finite] - want[finite]) ** 2).sum())
+    """Refuse an fp16 graph whose output `name` (every step's, elements finite on both sides, as `edgec eval` sums
+    them) is below `floor` dB of SQNR against float32: the precision rule verifies a bundle against that graph and
+    would pass it as it is."""
+    from ..evaluation import _Accumulator
+
+    sums = _Accumulator(name, None)
+    for got, want in zip(fp16, float32):
+        sums.add(np.asarray(got), np.asarray(want), None)
+    sqnr = decibels(sums.signal, sums.noise)
     if sqnr >= floor:
         return
     accept = f", or accept it with --min-sqnr {np.floor(sqnr * 10) / 10:g}" if sqnr >= 0.1 else ""
