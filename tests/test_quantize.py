@@ -385,6 +385,32 @@ def test_budget_sqnr_counts_a_nan_as_missing_the_budget():
         assert switched.sqnr(set(), 2) == pytest.approx(want)
 
 
+def test_budget_sqnr_stops_at_the_sample_that_misses_the_budget():
+    """Given the budget, a mix is run only until its noise so far exceeds what the budget allows of the reference's
+    whole signal (the search only needs to know it missed); a mix that meets it is measured on every sample, to the
+    same SQNR as without the budget."""
+    from edgec.quantize import budget
+
+    switched = budget._Switched.__new__(budget._Switched)
+    switched.reference = [[np.array([1.0, 2.0])], [np.array([3.0, -1.0])]]
+    switched.max_signal = [15.0]
+    run = []
+
+    def outputs(got):
+        def samples(floats, count):
+            for g in got[:count]:
+                run.append(g)
+                yield [np.array(g)]
+        return samples
+
+    switched._outputs = outputs([[1.5, 2.0], [3.0, -1.0]])      # 0.25 of noise in the first sample: 17.8 dB
+    assert switched.sqnr(set(), 2, budget=20.0) == -np.inf and len(run) == 1
+    run.clear()
+    switched._outputs = outputs([[1.0, 2.1], [3.0, -1.0]])      # 0.01: 31.8 dB
+    assert switched.sqnr(set(), 2, budget=20.0) == switched.sqnr(set(), 2) == pytest.approx(10 * np.log10(15 / 0.01))
+    assert len(run) == 4
+
+
 def test_error_budget_on_a_model_without_quantizable_layers(tmp_path):
     """No layer to quantize: the search runs its module with an empty switch vector and the build is the float
     model (an empty switch list was a float64 array: the module refused it)."""

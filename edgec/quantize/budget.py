@@ -12,6 +12,7 @@ mix it tries: no recompiling per candidate.
 3. Greedy: each other layer, least harmful first, goes to int8 when the mix measured with it still meets the budget
    (so interactions count); one whose noise alone exceeds what is left of the budget is not tried.
 Plain int8 that meets the budget ends the search at once. What stays float is what did not fit: the worst layers.
+A mix tried in 2 or 3 is run sample by sample only until its noise so far shows it misses the budget.
 
 SQNR is 10 log10(sum ref^2 / sum (q - ref)^2) per output over the samples; the budget holds when every output
 meets it. --max-error P% is a relative RMS error, sqrt(sum (q - ref)^2 / sum ref^2) <= P/100, i.e. an SQNR of
@@ -49,29 +50,35 @@ class _Switched:
         names = [p.name for p in mod["main"].params]
         samples = next(iter(data.batches(SEARCH_SAMPLES)))
         self.inputs = [[tvm.runtime.tensor(s.inputs[n]) for n in names] for s in samples]
-        self.reference = self._outputs(set(self.layers), len(self.inputs))
+        self.reference = list(self._outputs(set(self.layers), len(self.inputs)))
+        # per output, the most signal energy a mix can be measured against (the elements finite on both sides
+        # count): a mix whose noise so far passes what the budget allows of it has missed the budget
+        self.max_signal = [sum(float(np.dot(r[k][np.isfinite(r[k])], r[k][np.isfinite(r[k])]))
+                               for r in self.reference) for k in range(len(self.reference[0]))]
 
-    def _outputs(self, floats: set[str], count: int) -> list[list[np.ndarray]]:
+    def _outputs(self, floats: set[str], count: int):
+        """Each sample's outputs in turn (float64), with `floats` float and the other layers int8."""
         switch = tvm.runtime.tensor(np.array([n not in floats for n in self.layers], bool))
-        outputs = []
         for args in self.inputs[:count]:
             result = self.vm["main"](*args, switch)
             values = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
-            outputs.append([v.numpy().astype(np.float64) for v in values])
-        return outputs
+            yield [v.numpy().astype(np.float64) for v in values]
 
-    def sqnr(self, floats: set[str], count: int = SEARCH_SAMPLES) -> float:
-        """The worst output's SQNR (dB) against the float model with `floats` float and the other layers int8."""
-        got = self._outputs(floats, count)
-        worst = math.inf
-        for k in range(len(got[0])):
-            # the held-back table's sums: over elements finite on both sides, a NaN/infinity that differs misses
-            # any budget (a NaN noise compared as never below the worst and passed)
-            sums = _Accumulator("", None)
-            for g, r in zip(got, self.reference):
-                sums.add(g[k], r[k], None)
-            worst = min(worst, -math.inf if sums.nonfinite else decibels(sums.signal, sums.noise))
-        return worst
+    def sqnr(self, floats: set[str], count: int = SEARCH_SAMPLES, budget: float | None = None) -> float:
+        """The worst output's SQNR (dB) against the float model with `floats` float and the other layers int8.
+        With a `budget`: -inf as soon as the samples run so far show the mix misses it (the rest are not run)."""
+        # the held-back table's sums: over elements finite on both sides, a NaN/infinity that differs misses any
+        # budget (a NaN noise compared as never below the worst and passed)
+        sums = [_Accumulator("", None) for _ in self.reference[0]]
+        # float sums of non-negative terms only grow, and the margin covers np.dot's other summation order
+        allowed = ([m * _noise(budget) * (1 + 1e-9) for m in self.max_signal] if budget is not None
+                   else [math.inf] * len(sums))
+        for got, ref in zip(self._outputs(floats, count), self.reference):
+            for k, s in enumerate(sums):
+                s.add(got[k], ref[k], None)
+                if s.nonfinite or s.noise > allowed[k]:
+                    return -math.inf
+        return min((-math.inf if s.nonfinite else decibels(s.signal, s.noise) for s in sums), default=math.inf)
 
 
 def _cost(plan: analysis.Plan, var: relax.Var) -> tuple[int, int]:
@@ -148,7 +155,7 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
         while low < high:
             mid = (low + high + 1) // 2
             say.detail(f"error budget: the {mid} least harmful layers in int8 (target {budget:g} dB)")
-            db = switched.sqnr(everything - set(order[:mid]))
+            db = switched.sqnr(everything - set(order[:mid]), budget=budget)
             if db >= budget:
                 low, best = mid, db
             else:
@@ -159,7 +166,7 @@ def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], force
             if _noise(alone[name]) > _noise(budget) - _noise(best):
                 continue
             say.detail(f"error budget: {best:.1f} dB with {len(int8)} int8 layers, trying {name}")
-            db = switched.sqnr(everything - int8 - {name})
+            db = switched.sqnr(everything - int8 - {name}, budget=budget)
             if db >= budget:
                 int8.add(name)
                 best = db
