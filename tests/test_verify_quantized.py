@@ -198,3 +198,55 @@ def test_integer_rule_passes_an_output_within_one_step():
     assert report["ok"] and report["fraction_off"] > INTEGER_RULE.max_fraction and report["margin_db"] < 0
     flipped[3] += 1
     assert not compare_quantized([{"scores": flipped}], [ref], twin, INTEGER_RULE)["scores"]["ok"]
+
+
+@pytest.fixture(scope="module")
+def amplifying(tmp_path_factory):
+    """tests/test_offload_int8.py's MobileNetV2 (width .35, 96 px, QDQ) and its sample 2, where one flipped
+    requantization reaches 10% of the logits: the reference's nudged twins measure up to 23% there."""
+    from test_offload_int8 import quantized
+
+    d = tmp_path_factory.mktemp("amplifying")
+    rng = np.random.default_rng(5)
+    samples = [{"input": rng.random((1, 3, 96, 96), dtype=np.float32)} for _ in range(8)]
+    return quantized(mobilenet_v2(d / "mnv2.onnx", width=0.35, resolution=96), samples), samples[2]
+
+
+@pytest.mark.parametrize("kind", ["zero_point", "missing_bias", "requantization"])
+def test_nudged_element_bound_still_refuses_faults(amplifying, kind):
+    """With the element bound raised to what the nudged references measure, a faulty graph (onnxruntime computing the
+    faulty file, as an exact bundle of it would) is still refused: its error is above the rounding's energy."""
+    from edgec.reference import ReferenceRuntime
+
+    qdq, sample = amplifying
+    reference = reference_outputs(load_model(qdq), [sample])
+    nudged = [list(reference.nudged(1 + nudge)) for nudge in QUANTIZED_RULE.nudges]
+    bad = ReferenceRuntime(_mutated(qdq, qdq.with_name(f"{kind}.onnx"), kind), exact=True).run(sample)
+    report = compare_quantized([bad], list(reference.outputs), list(reference.floats), QUANTIZED_RULE,
+                               nudged=nudged)["logits"]
+    print(kind, report)
+    assert report["nudged_fraction_off"] > QUANTIZED_RULE.max_fraction     # the raised bound is in force
+    assert not report["ok"] and report["margin_db"] < QUANTIZED_RULE.margin_db
+    assert report["fraction_off"] > report["nudged_fraction_off"]
+
+
+def test_quantized_reference_nudges_every_requantization(amplifying):
+    """edgec's own QDQ reference (TVM, for --quantize int8) nudged: every quantize of a computed tensor reads it times
+    the factor (checked in the IR: compiling this model seven times takes minutes)."""
+    from tvm import relax
+
+    from edgec.quantize.reference import nudged
+
+    qdq, _ = amplifying
+    mod = load_model(qdq).mod
+
+    def quantizes(module):
+        bindings = {b.var: b.value for block in module["main"].body.blocks for b in block.bindings}
+        return bindings, [v for v in bindings.values() if isinstance(v, relax.Call) and v.op.same_as(
+            tvm.ir.Op.get("relax.quantize")) and not isinstance(v.args[0], tvm.ir.expr.Constant)]
+
+    bindings, calls = quantizes(nudged(mod, 1.5))
+    assert len(calls) == len(quantizes(mod)[1]) > 50
+    for call in calls:
+        x = bindings[call.args[0]]
+        assert x.op.same_as(tvm.ir.Op.get("relax.multiply")) and float(x.args[1].value.numpy()) == 1.5, x

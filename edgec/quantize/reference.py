@@ -50,21 +50,22 @@ def unrounded(qdq: tvm.IRModule) -> tvm.IRModule:
 
 def nudged(qdq: tvm.IRModule, factor: float) -> tvm.IRModule:
     """The QDQ module with every quantize of a computed tensor x made quantize(x * factor): another correct float32
-    requantization (reference.qdq_nudged, QuantizedRule.nudges)."""
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    requantization (reference.qdq_nudged, QuantizedRule.nudges). A mutator, which visits each call once: a
+    rewrite_call pattern would match its own result again and nudge forever."""
+    quantize = tvm.ir.Op.get("relax.quantize")
 
-    data = wildcard()
-    pattern = is_op("relax.quantize")(data, is_const(), is_const())
-
-    def nudge(call, matches):
-        if isinstance(matches[data], tvm.ir.expr.Constant):
-            return call
-        x = matches[data]
-        return relax.op.quantize(relax.op.multiply(x, relax.const(factor, str(x.ty.dtype))), *call.args[1:],
-                                 call.attrs.axis, call.attrs.out_dtype)
+    @relax.expr_functor.mutator
+    class Nudge(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            x = call.args[0] if call.op.same_as(quantize) else None
+            if x is None or isinstance(x, tvm.ir.expr.Constant):
+                return call
+            return relax.op.quantize(relax.op.multiply(x, relax.const(factor, str(x.ty.dtype))), *call.args[1:],
+                                     call.attrs.axis, call.attrs.out_dtype)
 
     mod = tvm.IRModule(dict(qdq.functions))
-    mod["main"] = rewrite_call(pattern, nudge, qdq["main"])
+    mod["main"] = Nudge(qdq).visit_expr(qdq["main"])
     return mod
 
 
