@@ -145,10 +145,11 @@ class _Accumulator:
 
 
 def _class_count(shape: tuple[int, ...], dtype: str) -> int | None:
-    """C when an output is shaped like class scores, [B, C] with C >= 2 and floating point, else None (also for a
-    dimension known only at run time: None in the manifest)."""
+    """C when an output is shaped like class scores, [B, C] with C >= 2, floating point or int8/uint8 (a full-integer
+    model's quantized scores; int32/int64 [B, C] are rather indices), else None (also for a dimension known only
+    at run time: None in the manifest)."""
     if (len(shape) == 2 and None not in shape and shape[1] >= 2
-            and np.issubdtype(np.dtype(dtype), np.floating)):
+            and (np.issubdtype(np.dtype(dtype), np.floating) or dtype in ("int8", "uint8"))):
         return shape[1]
     return None
 

@@ -262,3 +262,4 @@ def test_class_scores_need_known_dimensions():
     # a dimension known only at run time (NonMaxSuppression's box count) is not a class count, nor a row count
     assert _class_count((None, 3), "float32") is None and _class_count((4, None), "float32") is None
     assert _class_count((1, 10), "int64") is None
+    assert _class_count((1, 10), "int8") == _class_count((1, 10), "uint8") == 10   # a full-integer model's scores

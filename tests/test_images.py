@@ -379,8 +379,9 @@ def test_eval_full_integer_tflite_on_class_folders(colors):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     (out,) = report["outputs"]
-    # within one quantization step of LiteRT (int8 scores are not taken as class scores: no top-1)
-    assert report["samples"] == 12 and out["max_abs_error"] <= 1
+    # within one quantization step of LiteRT; the int8 scores are class scores: top-1 on the class folders' labels
+    assert report["samples"] == 12 and out["max_abs_error"] <= 1 and out["class_scores"]
+    assert out["top1_bundle"] is not None and out["top1_reference"] is not None
     assert any("quantized with scale 0.0186, zero point -14" in note for note in report["notes"])
     undeclared = cli("eval", bundle, "--data", colors["set"], "--reference", model, "--preprocess", "resize=16")
     check_error(undeclared.stderr, undeclared.exit_code, "scale 0.0186, zero point -14", "declare the model's float",
