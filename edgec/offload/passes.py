@@ -106,6 +106,13 @@ def _per_tensor(call: relax.Call) -> bool:
                                            for a in call.args[1:])
 
 
+def _any_op(names):
+    pattern = is_op(names[0])
+    for name in names[1:]:
+        pattern |= is_op(name)
+    return pattern
+
+
 def _inverse(axes) -> list[int]:
     return [axes.index(i) for i in range(len(axes))]
 
@@ -135,13 +142,8 @@ def _drop_transpose_pairs(mod, pctx):
     """
     x = wildcard()
     transposed = is_op("relax.permute_dims")(x)
-    elementwise = is_op(_NO_LAYOUT_RULE[0])
-    for name in _NO_LAYOUT_RULE[1:]:
-        elementwise |= is_op(name)
-    op = elementwise(transposed, wildcard(), wildcard())
-    unary = is_op(_UNARY[0])
-    for name in _UNARY[1:]:
-        unary |= is_op(name)
+    op = _any_op(_NO_LAYOUT_RULE)(transposed, wildcard(), wildcard())
+    unary = _any_op(_UNARY)
     pair = is_op("relax.permute_dims")(transposed)
 
     quantized = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
@@ -151,9 +153,7 @@ def _drop_transpose_pairs(mod, pctx):
     t_left, t_right = is_op("relax.permute_dims")(left), is_op("relax.permute_dims")(right)
     dequantized = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
     constant = is_const()
-    binary = is_op(_BINARY[0])
-    for name in _BINARY[1:]:
-        binary |= is_op(name)
+    binary = _any_op(_BINARY)
     both = binary(t_left, t_right)
     first = binary(t_left, dequantized) | binary(t_left, constant)
     one = first | binary(dequantized, t_left) | binary(constant, t_left)
