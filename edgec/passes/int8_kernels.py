@@ -313,17 +313,16 @@ class _IntegerChain:
         mo, mi = sch.split(m, [None, tile])
         no, ni = sch.split(n, [None, self.lanes])
         ko, ki = sch.split(k, [None, 4])
-        if self.kind in _INTRINSICS:
-            sch.reorder(mo, no, ko, mi, ni, ki)
-        else:
-            sch.reorder(mo, no, ko, mi, ki, ni)
+        tensorized = self.kind in _INTRINSICS
+        # the intrinsic takes the lanes x 4 block; the vector loop takes a vector of outputs per weight column
+        sch.reorder(*(mo, no, ko, mi, ni, ki) if tensorized else (mo, no, ko, mi, ki, ni))
         outer = sch.fuse(mo, no)
         if parallel:
             sch.parallel(outer)
         sch.reverse_compute_at(sch.get_sblock("out"), outer)
-        sch.decompose_reduction(acc, ko)
-        if self.kind in _INTRINSICS:
-            sch.tensorize(ni, _INTRINSICS[self.kind])
-        else:
+        if not tensorized:
             sch.vectorize(ni)
+        sch.decompose_reduction(acc, ko)
+        if tensorized:
+            sch.tensorize(ni, _INTRINSICS[self.kind])
         return sch.mod["main"]

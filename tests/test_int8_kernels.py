@@ -1,0 +1,91 @@
+"""int8-kernels: QDQ conv2d/matmul chains no backend takes (`--offload none`) run in TVM as integer kernels (8-bit x
+int8 -> int32 sums with the target's dot product, then QDQ's requantization), verified like any int8 build against
+the QDQ reference; chains the kernel does not take (depthwise, grouped) stay float as before."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnxruntime.quantization import QuantType
+
+from edgec import api
+from edgec.build import BuildOptions
+from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
+from test_offload_int8 import check_within_one_step, conv_forms, qdq_conv, quantized
+
+NO_OFFLOAD = BuildOptions(offload=())
+RNG = np.random.default_rng(9)
+
+
+def _kernels(dump: Path) -> tuple[list[str], list[str]]:
+    """After int8-kernels: each integer kernel's dot product, and the groups of the float conv2d left in main."""
+    text = next(dump.glob("*-int8-kernels.py")).read_text()
+    return re.findall(r'"edgec\.int8_kernel": "(\w+)"', text), re.findall(r"R\.nn\.conv2d\(.*groups=(\d+)", text)
+
+
+def _forms(tmp_path, activations):
+    model = conv_forms(tmp_path / "forms.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    return quantized(model, samples, activations), samples
+
+
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
+def test_offload_none_runs_integer_kernels(tmp_path, activations):
+    """The 3x3 padded conv, the 1x1 conv and the Gemm become VNNI kernels on this host (an AVX-512 VNNI CPU; elsewhere
+    the vector loop); the depthwise and grouped convs stay float. The integer sums are exact, so the bundle is within
+    one step of onnxruntime's QDQ float math."""
+    from tvm.target.codegen import target_has_features
+
+    from edgec.targets import load_target
+
+    qdq, samples = _forms(tmp_path, activations)
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    result = api.build(qdq, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
+    kinds, float_convs = _kernels(tmp_path / "ir")
+    expected = "vnni" if target_has_features("avx512vnni", load_target("host").tvm()) else "vector"
+    assert kinds == [expected] * 3 and sorted(float_convs) == ["16", "4"], (kinds, float_convs)
+    verification = result.manifest.verification
+    assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
+    for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
+        assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05
+
+
+def test_vector_loop_without_vnni(tmp_path):
+    """A CPU without VNNI (x86-64-v3: AVX2) gets the int32 vector loop, with the same result."""
+    from edgec.targets import target_files
+
+    host = target_files()["host"].read_text()
+    descriptor = tmp_path / "avx2.toml"
+    descriptor.write_text(host.replace('name = "host"', 'name = "avx2"').replace('mcpu = "detect"', 'mcpu = "x86-64-v3"'))
+    qdq, samples = _forms(tmp_path, QuantType.QUInt8)
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    result = api.build(qdq, str(descriptor), tmp_path / "b", options=options, sample_inputs=samples[0])
+    assert _kernels(tmp_path / "ir")[0] == ["vector"] * 3
+    assert result.manifest.verification["status"] == "verified"
+    assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
+
+
+def test_padded_conv_zero_points(tmp_path):
+    """s8 activations with zero points 0 and 3 on a padded 3x3 conv: the padding is the input's zero point in the
+    im2col (as dequantize(x) pads with 0.0), and the shift to u8 moves it with the values."""
+    sx, sw = np.float32(0.02), np.full(4, 0.01, np.float32)
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.01)
+    sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)}
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    result = api.build(model, "host", tmp_path / "b", options=options, sample_inputs=sample)
+    assert len(_kernels(tmp_path / "ir")[0]) == 1
+    assert result.manifest.verification["status"] == "verified"
+    assert check_within_one_step(model, tmp_path / "b", sample) == 0.0
+
+
+def test_sdot_on_rpi5_under_qemu(tmp_path, qemu_cpus):
+    """rpi5 (+dotprod) without offload: the integer kernels use sdot (u8 activations shifted to s8), run under qemu
+    as a Cortex-A76, verified against the QDQ reference."""
+    qdq, samples = _forms(tmp_path, QuantType.QUInt8)
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    result = api.build(qdq, "rpi5", tmp_path / "b", options=options, sample_inputs=samples[0])
+    assert _kernels(tmp_path / "ir")[0] == ["sdot"] * 3
+    checked = result.manifest.verification
+    assert checked["status"] == "verified" and checked["runner"] == "qemu" and "cortex-a76" in qemu_cpus
