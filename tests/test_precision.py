@@ -221,6 +221,23 @@ def test_fp16_refuses_a_graph_far_from_float32(tmp_path):
     assert fine.manifest.quantization["min_sqnr_db"] == FP16_MIN_SQNR_DB
 
 
+def test_fp16_floor_judges_float_outputs_of_one_shape():
+    """The floor measures a float output's SQNR: an index that a near tie flips in fp16 (3 against 7: 4.9 dB) is no
+    precision lost and builds; a run-time size fp16 changes is refused in one line (it was numpy's broadcast error,
+    an internal error)."""
+    from edgec.errors import EdgecError
+    from edgec.passes.precision import _check_floor
+
+    _check_floor("class", [np.array([3])], [np.array([7])], FP16_MIN_SQNR_DB)
+    _check_floor("found", [np.array([True])], [np.array([False])], FP16_MIN_SQNR_DB)
+    with pytest.raises(EdgecError) as error:
+        _check_floor("boxes", [np.zeros((2, 4), np.float32)], [np.zeros((3, 4), np.float32)], FP16_MIN_SQNR_DB)
+    assert "output 'boxes' of the fp16 graph has shape [2, 4] on the sample input, float32 [3, 4]" in str(error.value)
+    assert "\n" not in str(error.value)
+    with pytest.raises(EdgecError, match="output 'y' of the fp16 graph is 4.9 dB SQNR"):
+        _check_floor("y", [np.array([3.0], np.float32)], [np.array([7.0], np.float32)], FP16_MIN_SQNR_DB)
+
+
 def test_int8_encoding_keeps_the_sign_of_zero():
     """A -0.0 is no int8 times a scale (q = 0 gives +0.0 back): a parameter holding one stays float32 (it was encoded,
     and a division by it changed the sign of its infinity)."""

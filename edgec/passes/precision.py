@@ -306,9 +306,19 @@ def precision_reference(graph: tvm.IRModule, model, steps: list[dict[str, np.nda
 def _check_floor(name: str, fp16: list[np.ndarray], float32: list[np.ndarray], floor: float) -> None:
     """Refuse an fp16 graph whose output `name` (every step's, elements finite on both sides, as `edgec eval` sums
     them) is below `floor` dB of SQNR against float32: the precision rule verifies a bundle against that graph and
-    would pass it as it is."""
+    would pass it as it is. An integer or bool output (an index, a count, a mask) has no SQNR: fp16 changes it only
+    through the float values it is computed from, which a near tie on the sample input flips. A size computed at
+    run time that fp16 changes is refused (the sums need the same elements on both sides)."""
     from ..evaluation import _Accumulator
 
+    if not all(np.issubdtype(np.asarray(a).dtype, np.floating) for a in float32):
+        return
+    shapes = [(np.shape(got), np.shape(want)) for got, want in zip(fp16, float32) if np.shape(got) != np.shape(want)]
+    if shapes:
+        raise EdgecError(f"--quantize fp16: output '{name}' of the fp16 graph has shape {list(shapes[0][0])} on the "
+                         f"sample input, float32 {list(shapes[0][1])} (a size the model computes at run time comes "
+                         f"out otherwise in fp16)", "build it in float32, or with --quantize int8-weights for a "
+                                                    "smaller bundle")
     sums = _Accumulator(name, None)
     for got, want in zip(fp16, float32):
         sums.add(np.asarray(got), np.asarray(want), None)
