@@ -63,13 +63,13 @@ def test_conv_forms_int8_rpi4_within_one_step(tmp_path, activations):
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
 
 
-def test_requantization_scale_xnnpack_refuses_runs_float(tmp_path):
+def test_requantization_scale_xnnpack_refuses_runs_in_tvm(tmp_path):
     """XNNPACK's QC8 convolution refuses a channel whose requantization scale (sx * sw / sy) is 256 or more: such a
-    chain is refused at build time (it made the build fail at load: operator creation failed), runs as XNNPACK's
-    float convolution on the dequantized weights, and the bundle verifies."""
+    chain is refused at build time (it made the build fail at load: operator creation failed), runs as TVM's integer
+    kernel (int8-kernels; the A72 has no dotprod: the int32 vector loop), and the bundle verifies."""
     sx, sw = np.float32(0.02), np.array([1.0, 0.01, 0.01, 0.01], np.float32)
     model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, np.float32(sx * sw[0] / 300))
     result = api.build(model, "rpi4", tmp_path / "b",
                        sample_inputs={"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)})
     assert result.manifest.verification["status"] == "verified"
-    assert int8_placement(result) == {"conv2d": ["xnnpack:xnnpack.conv2d_bias"]}   # float, on dequantized weights
+    assert int8_placement(result) == {}

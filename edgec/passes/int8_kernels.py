@@ -76,18 +76,18 @@ def _dot_product(target: tvm.target.Target) -> tuple[str, int, str]:
 _INTRINSICS = {"vnni": _VNNI_INTRIN, "sdot": ARM_DOT_4x4_i8_SDOT_INTRIN}
 
 
-def _int8(ctx: BuildContext) -> bool:
+def _cpu(ctx: BuildContext) -> bool:
     return ctx.tvm_target().kind.name == "llvm"
 
 
 # after offload-quantized by name: the chains a backend takes are partitioned first, this pass gets the rest
 @register_pass("int8-kernels", phase="graph", after=("canonicalize", "quantize-int8", "offload-quantized"),
-               applies=_int8, skip_reason="CPU (llvm) targets only")
+               applies=_cpu, skip_reason="CPU (llvm) targets only")
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot or int32 vector loops)."""
     # the offload steps' graph preparation (Clip as R.clip, a dequantize per reader); imported here: edgec.offload
     # imports this package
-    from ..offload.passes import _restore_clip, _untie_dequantize
+    from ..offload.passes import _has_quantized_anchor, _restore_clip, _untie_dequantize
 
     target = ctx.tvm_target()
     patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations,
@@ -100,31 +100,18 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="Int8Kernels")
     def step(mod, pctx):
-        if not _has_int8_weights(mod):
+        if not _has_quantized_anchor(mod):
             return mod
-        mod = partition(mod)
-        groups = [gv for gv, f in mod.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]
+        partitioned = partition(mod)
+        groups = [gv for gv, f in partitioned.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]
         if not groups:
-            return mod
-        mod = _Replace(mod, target).run()
+            return mod      # nothing taken: the graph stays as it was, preparation undone
+        mod = _Replace(partitioned, target).run()
         for gv in groups:
             del mod[gv]
         return relax.transform.DeadCodeElimination()(mod)
 
     return step
-
-
-def _has_int8_weights(mod: tvm.IRModule) -> bool:
-    found = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.dequantize" \
-                and isinstance(e.args[0], tvm.ir.expr.GenericConst) and e.args[0].ty.dtype == "int8":
-            found.append(e)
-
-    main = mod["main"]
-    relax.analysis.post_order_visit(main, visit)
-    return bool(found)
 
 
 def _unsupported(anchor: relax.Call) -> str | None:
