@@ -196,7 +196,10 @@ def link_library(executable: relax.VMExecutable, target: Target, backends: tuple
         # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).
         options.append("-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib")
     try:
-        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler, options=options, add_files=libs))
+        # The triple names the architecture of the object TVM packs imported modules into (devc.o): without it
+        # cross_compiler inherits the host compiler's, and an Arm library with imports failed to link.
+        executable.export_library(str(path), fcompile=cc.cross_compiler(
+            compiler, options=options, add_files=libs, get_target_triple=cc.get_target_by_dump_machine(compiler)))
     except Exception as e:  # the compiler's failure arrives as whatever TVM wraps it in
         # a backend with fetched packages for this architecture (its sysroot) is not apt-installed here
         packages = " ".join([chain.apt_package, *(b.linkage.packages[target.arch] for b in backends
