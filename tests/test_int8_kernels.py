@@ -89,3 +89,17 @@ def test_sdot_on_rpi5_under_qemu(tmp_path, qemu_cpus):
     assert _kernels(tmp_path / "ir")[0] == ["sdot"] * 3
     checked = result.manifest.verification
     assert checked["status"] == "verified" and checked["runner"] == "qemu" and "cortex-a76" in qemu_cpus
+
+
+def test_full_integer_tflite_gives_litert_exactly(tmp_path):
+    """The 7-layer full-integer TFLite CNN (s8 activations) without offload: every conv an integer kernel, outputs
+    equal to LiteRT's (the float QDQ path ends steps off; test_tflite_int8.py)."""
+    from test_tflite_int8 import deep_int8_cnn
+
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    built = api.build(deep_int8_cnn(tmp_path / "deep.tflite"), "host", tmp_path / "b", options=options)
+    kinds, float_convs = _kernels(tmp_path / "ir")
+    assert kinds and not float_convs, (kinds, float_convs)
+    verification = built.manifest.verification
+    assert verification["status"] == "verified"
+    assert all(out["max_abs"] == 0 for out in verification["outputs"].values()), verification

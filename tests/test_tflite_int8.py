@@ -197,10 +197,12 @@ def test_other_int8_forms_within_one_step(tmp_path):
 
 
 def test_deep_int8_cnn_is_verified_by_the_integer_rule(tmp_path):
-    """7 layers: TVM's own kernels (offload none) end steps off LiteRT, as LiteRT's two kernel sets end 5 apart, which
-    the one-step rule refuses; the integer rule measures the bundle against the model's own rounding and accepts it,
-    and the summary names the rule and the margin."""
-    built = api.build(deep_int8_cnn(tmp_path / "deep.tflite"), "host", tmp_path / "b", options=BuildOptions(offload=()))
+    """7 layers: TVM's float QDQ kernels (offload none, int8-kernels disabled) end steps off LiteRT, as LiteRT's two
+    kernel sets end 5 apart, which the one-step rule refuses; the integer rule measures the bundle against the model's
+    own rounding and accepts it, and the summary names the rule and the margin. (TVM's integer kernels, int8-kernels,
+    give LiteRT's outputs exactly here.)"""
+    options = BuildOptions(offload=(), disabled_passes=("int8-kernels",))
+    built = api.build(deep_int8_cnn(tmp_path / "deep.tflite"), "host", tmp_path / "b", options=options)
     verification = built.manifest.verification
     out = verification["outputs"]["Conv2D21"]
     print("7-layer int8 CNN, TVM:", out)
