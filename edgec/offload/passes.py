@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from ..context import BuildContext
-from ..passes.ir import calls_any, mutate_functions
+from ..passes.ir import calls_any, mutate_functions, per_tensor
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
 from .quantized import is_quantized, read_quantized
@@ -27,7 +27,6 @@ _KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 # Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair. quantize and
 # dequantize are elementwise when per tensor (their one scale and zero point): moved only then.
 _NO_LAYOUT_RULE = ("relax.clip", "relax.quantize", "relax.dequantize")
-_QDQ = ("relax.quantize", "relax.dequantize")
 # Elementwise ops a transpose moves through (ConvertLayout has rules for them, but not where a dequantize, which it
 # keeps in the old layout, feeds them).
 _UNARY = ("relax.sigmoid", "relax.nn.relu")
@@ -99,11 +98,6 @@ def _identity(first, second) -> bool:
     """permute_dims(permute_dims(x, first), second) is x."""
     first, second = [int(a) for a in first], [int(a) for a in second]
     return len(first) == len(second) and all(first[second[i]] == i for i in range(len(first)))
-
-
-def _per_tensor(call: relax.Call) -> bool:
-    return call.op.name not in _QDQ or all(isinstance(a, tvm.ir.expr.GenericConst) and a.value.numpy().size == 1
-                                           for a in call.args[1:])
 
 
 def _any_op(names):
@@ -182,7 +176,7 @@ def _drop_transpose_pairs(mod, pctx):
                 m[x], expr.args[1], [float(r) for r in a.roi], "NHWC", a.method, a.coordinate_transformation_mode,
                 a.rounding_method, float(a.cubic_alpha), int(a.cubic_exclude), float(a.extrapolation_value),
                 a.out_dtype if str(a.out_dtype) else None)
-        elif expr.op.name in _UNARY or _per_tensor(m[op]):
+        elif expr.op.name in _UNARY or per_tensor(m[op]):
             inner = relax.Call(expr.op, [m[x], *expr.args[1:]], expr.attrs)
         else:
             return expr
@@ -208,7 +202,7 @@ def _drop_transpose_pairs(mod, pctx):
             other = m[dequantized]
             if any(static_shape(e) != shape for e in (transposed, other)):
                 return expr     # broadcasting: the operands' layouts are not the output's
-            if not _per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)]:
+            if not per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)]:
                 return expr
             moved = relax.op.permute_dims(other, _inverse(axes))
             operands = [m[left], moved] if first in m else [moved, m[left]]
@@ -227,7 +221,7 @@ def _drop_transpose_pairs(mod, pctx):
 
     def hoist(expr, m):
         call = m[quantized]
-        if not _per_tensor(call):
+        if not per_tensor(call):
             return expr
         return relax.Call(call.op, [relax.op.permute_dims(call.args[0], m[above].attrs.axes), *call.args[1:]],
                           call.attrs)

@@ -16,6 +16,13 @@ def calls_any(mod: tvm.IRModule, ops: set[str]) -> bool:
     return bool(found)
 
 
+def per_tensor(call: relax.Call) -> bool:
+    """Whether `call` is not a quantize/dequantize, or is one with a single scale and zero point (so it commutes
+    with layout changes and acts alike on every element)."""
+    return call.op.name not in ("relax.quantize", "relax.dequantize") or all(
+        isinstance(a, tvm.ir.expr.GenericConst) and a.value.numpy().size == 1 for a in call.args[1:])
+
+
 def mutate_functions(mod: tvm.IRModule, mutator, skip_partitions: bool = False) -> tvm.IRModule:
     """`mod` with each Relax function rewritten by `mutator` (a relax.PyExprMutator made on `mod`); with
     `skip_partitions`, a backend's partitions (Codegen functions), which the library computes, are left as they are."""

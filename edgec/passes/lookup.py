@@ -16,7 +16,7 @@ from tvm import relax
 
 from ..context import BuildContext
 from ..offload.fusion import static_shape
-from ..offload.passes import _per_tensor
+from .ir import per_tensor
 from .registry import register_pass
 
 _LOWEST = {"uint8": 0, "int8": -128}     # the 8-bit types a chain starts from: the table's first entry
@@ -68,7 +68,7 @@ class _Tables(relax.PyExprMutator):
 
     def _link(self, call: relax.Call) -> tuple[relax.Var, relax.Expr, int] | None:
         """The chain `call` extends, or None: its tensor operands must share one root, the rest be scalars."""
-        if call.op.name not in _ELEMENTWISE or not _per_tensor(call):
+        if call.op.name not in _ELEMENTWISE or not per_tensor(call):
             return None
         roots, args, ops = set(), [], 0
         for arg in call.args:
