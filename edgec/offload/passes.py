@@ -115,7 +115,7 @@ def _sunk_constant(const, axes: list[int]):
     """The constant c' with op(permute(x), c) == permute(op(x, c')): a scalar as it is, one of the output's rank
     transposed back; None for another rank (it would broadcast against other axes)."""
     value = const.value.numpy()
-    if value.size == 1:
+    if value.size == 1 and value.ndim <= len(axes):     # a higher rank would add axes the transpose lacks
         return const
     return relax.const(value.transpose(_inverse(axes))) if value.ndim == len(axes) else None
 

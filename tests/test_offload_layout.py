@@ -1,0 +1,21 @@
+"""offload-layout's transpose sinking: a constant of higher rank than the transposed tensor stays where it is."""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+import edgec.passes  # noqa: F401  (registers the passes; edgec.offload.passes imports them)
+from edgec.offload.passes import _drop_transpose_pairs
+
+
+def test_size_one_constant_of_higher_rank_keeps_the_transpose_above():
+    """add(permute(x), c) with c of shape (1, 1, 1, 1) and x of rank 3 is rank 4: the transpose cannot go below."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            t = bb.emit(relax.op.permute_dims(x, [1, 0, 2]))
+            out = bb.emit_output(relax.op.add(t, relax.const(np.ones((1, 1, 1, 1), "float32"))))
+        bb.emit_func_output(out)
+    mod = _drop_transpose_pairs(bb.get())
+    assert "R.permute_dims(x, axes=[1, 0, 2])" in mod.script(), mod
