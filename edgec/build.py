@@ -115,6 +115,33 @@ class CompiledModel:
         return before, after
 
 
+def refuse_compiler_only_calls(mod: tvm.IRModule) -> None:
+    """Refuse a module that calls a function of TVM's compiler library: an operator's FCallPacked (relax.unique ->
+    relax.run.unique, ...) is registered there only, so a bundle, which loads the TVM runtime alone, could not load."""
+    operator_of = {}   # packed function -> the operator that lowers to it
+    for name in tvm.ir.Op.list_op_names():
+        packed = tvm.ir.Op.get(name).get_attr("FCallPacked")
+        if packed is not None:
+            operator_of[str(packed)] = name
+    called = set()
+
+    def visit(expr) -> None:
+        if isinstance(expr, tvm.ir.Op) and expr.name in operator_of.values():
+            called.add(expr.name)
+        elif isinstance(expr, relax.ExternFunc) and expr.global_symbol in operator_of:
+            called.add(operator_of[expr.global_symbol])
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    if called:
+        packed = {v: k for k, v in operator_of.items()}
+        uses = ", ".join(f"{op} (TVM's {packed[op]})" for op in sorted(called))
+        raise EdgecError(f"the model needs {uses}, a function of TVM's compiler library that a bundle's TVM runtime "
+                         "does not have", "export the model without that operator (for ONNX Unique: compute it "
+                         "outside the model); edgec runs NonZero and Compress with kernels of its own")
+
+
 def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedStep],
                   progress: Progress | None = None) -> CompiledModel:
     """Run the planned pipeline and generate code under one PassContext, reporting each step to `progress`."""
@@ -152,6 +179,7 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
                              "report this with the model and --dump-ir output")
         params = {n: v.numpy() for n, v in zip(names, values)}
         kernels = sum(1 for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        refuse_compiler_only_calls(mod)
         say("generate code")
         before_codegen = dict(timer.seconds)
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_ops import build_time_value, refuse, shape
+from .onnx_ops import build_time_value, leading_part, refuse, shape
 
 # Operators converted here that TVM's importer has no converter for (NonMaxSuppression it has, but replaced).
 NEW_OPS = ("DeformConv",)
@@ -104,7 +104,7 @@ def _nms_kernel(batches: int, classes: int, boxes: int, keep: int, center_point_
 
 def detection_converters() -> dict:
     """op_type -> converter class, for onnx_semantics.from_onnx."""
-    from tvm import relax, tirx
+    from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
     class NonMaxSuppression(tvm_onnx.OnnxOpConverter):
@@ -145,15 +145,8 @@ def detection_converters() -> dict:
                 return relax.const(np.zeros((0, 3), np.int64), "int64")
             kernel = _nms_kernel(batches, classes, n_boxes, keep, bool(center_point_box), iou_threshold,
                                  None if score_threshold is None else float(score_threshold), dtype)
-            capacity = batches * classes * keep
-            result = bb.emit(relax.call_tir(bb.add_func(kernel, "non_max_suppression"), [boxes, scores],
-                                            [relax.TensorType((capacity, 3), "int64"),
-                                             relax.TensorType((1,), "int64")]))
-            num_selected = tirx.Var("num_selected", "int64")
-            bb.match_cast(bb.emit(relax.op.tensor_to_shape(bb.emit(relax.TupleGetItem(result, 1)))),
-                          relax.ShapeType([num_selected]))
-            return relax.op.strided_slice(bb.emit(relax.TupleGetItem(result, 0)), [0], [0], [num_selected],
-                                          assume_inbound=True)
+            return leading_part(bb, kernel, "non_max_suppression", [boxes, scores],
+                                (batches * classes * keep, 3), 0, "num_selected")
 
     class DeformConv(tvm_onnx.OnnxOpConverter):
         """2-D deformable convolution: each kernel tap samples the input bilinearly (zero outside) at its place

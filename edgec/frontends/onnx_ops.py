@@ -31,6 +31,54 @@ def refuse(op: str, attr: dict, why: str, fix: str | None = None):
                      fix or f"export the model without this form of {op}")
 
 
+def leading_part(bb, kernel, name: str, inputs: list, capacity: tuple, axis: int, size_name: str):
+    """A size known at run time only, on the runtime alone (TVM's own data-dependent operators call functions of its
+    compiler library): `kernel` writes its entries into a buffer of the most there can be (int64, `capacity`) and
+    their number into a (1,) count; the result is that buffer's first `count` entries along `axis`."""
+    from tvm import relax, tirx
+
+    result = bb.emit(relax.call_tir(bb.add_func(kernel, name), inputs,
+                                    [relax.TensorType(capacity, "int64"), relax.TensorType((1,), "int64")]))
+    size = tirx.Var(size_name, "int64")
+    bb.match_cast(bb.emit(relax.op.tensor_to_shape(bb.emit(relax.TupleGetItem(result, 1)))), relax.ShapeType([size]))
+    return relax.op.strided_slice(bb.emit(relax.TupleGetItem(result, 0)), [axis], [0], [size], assume_inbound=True)
+
+
+def _nonzero_kernel(size: int, rank: int, dtype: str):
+    """The coordinates (rank, capacity size) of the nonzero elements of a flattened tensor in row-major order, as
+    numpy.nonzero gives them, and their number; `extent` and `stride` are the tensor's dims and row-major strides."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def nonzero(x: T.Buffer((size,), dtype), extent: T.Buffer((rank,), "int64"), stride: T.Buffer((rank,), "int64"),
+                indices: T.Buffer((rank, size), "int64"), count: T.Buffer((1,), "int64")):
+        T.func_attr({"tir.noalias": True})
+        count[0] = T.int64(0)
+        for i in range(size):
+            if x[i] != T.Cast(dtype, 0):   # NaN is nonzero, as numpy and onnxruntime count it
+                for d in range(rank):
+                    indices[d, count[0]] = T.Cast("int64", i) // stride[d] % extent[d]
+                count[0] = count[0] + T.int64(1)
+
+    return nonzero
+
+
+def nonzero_indices(bb, x):
+    """ONNX NonZero of `x` with a static shape: int64 [rank, count] (a 0-d tensor as one of one element)."""
+    from tvm import relax
+
+    dims = shape(x) or [1]
+    size, rank = int(np.prod(dims)), len(dims)
+    if size == 0:
+        return relax.const(np.zeros((rank, 0), np.int64), "int64")
+    strides = np.cumprod([1, *dims[:0:-1]])[::-1].astype(np.int64)
+    if dtype(x) == "bool":   # LLVM's code generation takes no bool != false
+        x = bb.emit(relax.op.astype(x, "int8"))
+    return leading_part(bb, _nonzero_kernel(size, rank, dtype(x)), "nonzero",
+                        [bb.emit(relax.op.reshape(x, (size,))), relax.const(np.asarray(dims, np.int64), "int64"),
+                         relax.const(strides, "int64")], (rank, size), 1, "nonzero_count")
+
+
 def build_time_value(op: str, attr: dict, expr, what: str, fix: str | None = None) -> np.ndarray | None:
     """The value of an input edgec needs at build time (axes, shapes, thresholds); None for an absent optional
     input."""
@@ -714,6 +762,27 @@ def op_converters() -> dict:
             total = rounded(relax.op.sum(e, axis, keepdims=True))
             return relax.op.astype(relax.op.divide(e, total), "float16")
 
+    class NonZero(tvm_onnx.NonZero):
+        """TVM's calls relax.run.nonzero, a function of its compiler library that a bundle's runtime lacks."""
+
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            return nonzero_indices(bb, inputs[0])
+
+    class Compress(tvm_onnx.Compress):
+        """The positions selected by the condition through NonZero's kernel (TVM's takes relax.run.nonzero)."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            tensor, condition = inputs
+            if dtype(condition) != "bool" or len(shape(condition)) != 1:
+                refuse("Compress", attr, f"has a {dtype(condition)} condition of rank {len(shape(condition))}",
+                       "give Compress a 1-D bool condition (the spec's form)")
+            positions = bb.emit(relax.op.reshape(bb.emit(nonzero_indices(bb, condition)), [-1]))
+            axis = attr.get("axis")
+            return relax.op.take(tensor if axis is not None else relax.op.reshape(tensor, (-1,)), positions,
+                                 axis=axis if axis is not None else 0)
+
     class EyeLike(tvm_onnx.EyeLike):
         """The `dtype` attribute sets the output's type (TVM's converter refuses one other than the input's, and
         eye_like's legalization ignores it: eye of the static shape)."""
@@ -729,4 +798,4 @@ def op_converters() -> dict:
 
     return {c.__name__: c for c in (Constant, NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss, CumProd,
                                     LpNormalization, Swish, CenterCropPad, RotaryEmbedding, RMSNormalization, Pow,
-                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool, MatMul, Conv, Softmax)}
+                                    BitCast, Resize, Col2Im, Sinh, Cosh, EyeLike, NonZero, Compress, Unsqueeze, Split, Upsample, TensorScatter, Det, MaxPool, MatMul, Conv, Softmax)}
