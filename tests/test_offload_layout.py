@@ -19,3 +19,17 @@ def test_size_one_constant_of_higher_rank_keeps_the_transpose_above():
         bb.emit_func_output(out)
     mod = _drop_transpose_pairs(bb.get())
     assert "R.permute_dims(x, axes=[1, 0, 2])" in mod.script(), mod
+
+
+def test_concat_of_a_bound_tuple_sinks_the_transposes():
+    """concat(tup) with tup = (permute(a), permute(b)) bound to a var: one transpose below the concat."""
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((1, 2, 3, 4), "float32"))
+    b = relax.Var("b", relax.TensorType((1, 2, 3, 4), "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            parts = bb.emit(relax.Tuple([bb.emit(relax.op.permute_dims(v, [0, 3, 1, 2])) for v in (a, b)]))
+            out = bb.emit_output(relax.op.concat(parts, axis=1))
+        bb.emit_func_output(out)
+    script = _drop_transpose_pairs(bb.get()).script()
+    assert "R.concat((a, b), axis=3)" in script and script.count("R.permute_dims") == 1, script

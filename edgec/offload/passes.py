@@ -209,7 +209,7 @@ def _drop_transpose_pairs(mod, pctx):
         return relax.op.permute_dims(relax.Call(expr.op, operands, expr.attrs), axes)
 
     def sink_concat(expr, m):
-        calls = [m[p] for p in parts[:len(expr.args[0].fields)]]
+        calls = [m[p] for p in parts if p in m]   # the tuple may be bound to a var: read the match, not the call
         axes = [int(a) for a in calls[0].attrs.axes]
         if any([int(a) for a in c.attrs.axes] != axes for c in calls):
             return expr
