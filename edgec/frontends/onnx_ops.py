@@ -55,7 +55,8 @@ def _nonzero_kernel(size: int, rank: int, dtype: str):
         T.func_attr({"tir.noalias": True})
         count[0] = T.int64(0)
         for i in range(size):
-            if x[i] != T.Cast(dtype, 0):   # NaN is nonzero, as numpy and onnxruntime count it
+            # numpy and onnxruntime count NaN as nonzero; LLVM's ordered `!=` does not
+            if x[i] != T.Cast(dtype, 0) or T.isnan(x[i]):
                 for d in range(rank):
                     indices[d, count[0]] = T.Cast("int64", i) // stride[d] % extent[d]
                 count[0] = count[0] + T.int64(1)
