@@ -48,6 +48,15 @@ class _Tables(relax.PyExprMutator):
             return expr, relax.const(values), 0
         return None
 
+    # A table var belongs to its block: a chain carried into another (an If's branch) would use it outside
+    def visit_binding_block_(self, block):
+        self.chains = {}
+        return super().visit_binding_block_(block)
+
+    def visit_dataflow_block_(self, block):
+        self.chains = {}
+        return super().visit_dataflow_block_(block)
+
     def visit_var_binding_(self, binding):
         value = self.visit_expr(binding.value)
         chain = self._link(value) if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
