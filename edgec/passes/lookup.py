@@ -5,8 +5,10 @@ add 3, quantize, dequantize, multiply by itself, quantize, divide by 6, ...) are
 each op: a dozen divisions per element. Where every value of such a chain is a function of one 8-bit tensor (its
 other operands are scalar constants, or the same tensor through another path), its 8-bit result is too, so it is
 `take(table, x)`, the table being the same ops applied to the 256 values x can take: the same per-element
-arithmetic, computed once (the legalize phase's fold-constants folds it). Only chains of `_MIN_OPS` ops or more,
-whose output has the input's shape, are replaced; what the chain's float values feed elsewhere keeps computing them.
+arithmetic on 256 values instead of on every element. The 256 values are one constant that lift-params makes a
+weight, so each table is computed on every inference (not once at load: main_load does not take it). Only chains
+of `_MIN_OPS` ops or more, whose output has the input's shape, are replaced; what the chain's float values feed
+elsewhere keeps computing them.
 """
 from __future__ import annotations
 
