@@ -69,6 +69,9 @@ def to_fp16(ctx):
     def step(mod):     # a plain function: an EdgecError raised in a tvm module_pass comes back as TVM's error
         from ..offload.passes import ClipHalves
 
+        # folded first: the importer's Clip bounds come as where(isnan(c), -inf, c), which ClipHalves needs as
+        # constants, and fold-constants may come after this pass (or not run, at -O0)
+        mod = fold(mod)
         clips = ClipHalves(mod, as_clip=False)
         clips.builder_.update_func(mod.get_global_var("main"), clips.visit_expr(mod["main"]))
         mod = clips.builder_.get()
