@@ -261,14 +261,19 @@ def _listing(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if not f.name.startswith("."))
 
 
+def _refuse_strays(files: list[Path], suffixes: tuple[str, ...], shown: str, kind: str, kept: str) -> None:
+    """Refuse the first of `files` that is a folder or has none of `suffixes`: '<shown> holds 'x', which is not
+    <kind>', hint 'keep only the <kept> in it'."""
+    stray = next((f for f in files if f.suffix.lower() not in suffixes or not f.is_file()), None)
+    if stray is not None:
+        raise EdgecError(f"{shown} holds '{_shown(stray.name)}', which is not {kind}", f"keep only the {kept} in it")
+
+
 def _images_in(folder: Path, shown: str) -> list[Path]:
     from .images import SUFFIXES
 
     files = _listing(folder)
-    other = [f for f in files if f.suffix.lower() not in SUFFIXES or not f.is_file()]
-    if other:
-        raise EdgecError(f"{shown} holds '{_shown(other[0].name)}', which is not an image file "
-                         f"({', '.join(SUFFIXES)})", "keep only the images in it")
+    _refuse_strays(files, SUFFIXES, shown, f"an image file ({', '.join(SUFFIXES)})", "images")
     if not files:
         raise EdgecError(f"{shown} holds no images", "put the images in it, or remove it")
     return files
@@ -318,10 +323,7 @@ def open_dataset(path: str | Path, specs: tuple[TensorSpec, ...] | list[TensorSp
         files = _listing(path)
         if any(f.is_dir() or f.suffix.lower() in IMAGE_SUFFIXES for f in files):
             return _image_dataset(path, files, specs, preprocess, quantization)
-        other = [f for f in files if f.suffix.lower() not in _SUFFIXES or not f.is_file()]
-        if other:
-            raise EdgecError(f"data folder {name} holds '{_shown(other[0].name)}', which is not a .npz, .npy or "
-                             "image file", "keep only the sample files in it")
+        _refuse_strays(files, _SUFFIXES, f"data folder {name}", "a .npz, .npy or image file", "sample files")
         if not files:
             raise EdgecError(f"data folder {name} is empty",
                              "put .npz files keyed by input name, or images, in it")
