@@ -30,7 +30,7 @@ from ..errors import EdgecError
 from ..quantize import FP16_MIN_SQNR_DB
 from ..reference import PRECISION_RULE, decibels
 from .fold import fold_constants
-from .params import MIN_LIFTED_ELEMENTS
+from .params import MIN_LIFTED_ELEMENTS, identity_load
 from .quantize import QUANTIZATION_ATTR, quantization_of, refuse_quantized
 from .registry import register_pass
 
@@ -194,20 +194,6 @@ def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | No
     return None
 
 
-def _identity_load(mod: tvm.IRModule, name: str) -> tvm.IRModule:
-    """main(inputs, weights) with no load function gets `name`(weights) -> weights, which takes main's "params"."""
-    func = mod["main"]
-    num_input = int(func.attrs["num_input"])
-    params = [relax.Var(p.name, p.ty) for p in func.params[num_input:]]
-    bb = relax.BlockBuilder()
-    with bb.function(name, params, {"num_input": 0}):
-        bb.emit_func_output(relax.Tuple(params))
-    mod = mod.clone()
-    mod[name] = bb.get()[name].with_attr("params", func.attrs["params"])
-    mod["main"] = func.without_attr("params")
-    return mod
-
-
 def _dequantize_kernel(rank: int, axis: int) -> tvm.tirx.PrimFunc:
     """w = float32(q) * scale[index along `axis`] for a weight of any shape of this rank: one kernel serves every
     weight of one (rank, channel axis), instead of one per shape."""
@@ -257,7 +243,7 @@ def store_weights_int8(ctx):
         if "params" not in mod["main"].attrs and name not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod     # no weights were lifted
         if name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            mod = _identity_load(mod, name)
+            mod = identity_load(mod, name)
         builder = relax.BlockBuilder(mod)
 
         @functools.cache
