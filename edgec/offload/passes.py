@@ -4,8 +4,6 @@ graph preparation, partition, code generation. `edgec passes` lists them and `--
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -14,14 +12,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from ..context import BuildContext
-from ..passes.ir import calls_any, mutate_functions, per_tensor
+from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
-from .quantized import is_quantized, read_quantized
+from .quantized import has_quantized_anchor, is_quantized, read_quantized, untie_dequantize
 
 _PLACEMENT_ATTR = "edgec_offload_placement"
-# TVM's ONNX importer emits Clip as TE kernels named after the topi functions: maximum, minimum1, ...
-_CLIP_HALF = re.compile(r"^(maximum|minimum)\d*$")
 # Ops ConvertLayout would move along to the new layout, which TVM 0.27 cannot lower in it.
 _KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 # Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair. quantize and
@@ -44,54 +40,10 @@ def _backends(ctx: BuildContext):
     return resolve(ctx.offload, ctx.target.arch)
 
 
-@relax.expr_functor.mutator
-class ClipHalves(relax.PyExprMutator):
-    """The call_tir(maximum, (x, lo)) and call_tir(minimum, (., hi)) halves of an ONNX Clip as Relax ops: one
-    R.clip(x, lo, hi) per Clip (what the offload patterns fuse), or with `as_clip=False` R.maximum / R.minimum with
-    the tensor bound (what ToMixedPrecision computes in fp16: it fails on a call_tir given an fp16 tensor, and on
-    R.clip's scalar bounds)."""
-
-    def __init__(self, mod, as_clip: bool = True):
-        super().__init__(mod)
-        self.as_clip = as_clip
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        half = clip_half(call)
-        if half is None:
-            return call
-        x, lo, hi = half
-        if not self.as_clip:
-            bound = call.args[1].fields[1]
-            return relax.op.maximum(x, bound) if hi == math.inf else relax.op.minimum(x, bound)
-        if isinstance(x, relax.Var):
-            producer = self.lookup_binding(x)
-            if isinstance(producer, relax.Call) and producer.op == tvm.ir.Op.get("relax.clip"):
-                x, lo, hi = producer.args[0], max(lo, producer.args[1].value), min(hi, producer.args[2].value)
-        return relax.op.clip(x, lo, hi)
-
-
-def clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
-    if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], tvm.ir.GlobalVar):
-        return None
-    which = _CLIP_HALF.match(call.args[0].name_hint)
-    args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else ()
-    if which is None or len(args) != 2 or not isinstance(args[1], tvm.ir.expr.GenericConst) \
-            or args[1].value.numpy().size != 1:
-        return None
-    bound = float(args[1].value.numpy())
-    return (args[0], bound, math.inf) if which[1] == "maximum" else (args[0], -math.inf, bound)
-
-
-@tvm.transform.module_pass(opt_level=0, name="OffloadRestoreClip")
-def _restore_clip(mod, pctx):
-    return relax.transform.DeadCodeElimination()(mutate_functions(mod, ClipHalves(mod)))
-
-
 @register_pass("offload-restore-clip", phase="graph", after=("dead-code-elimination",), applies=_offloading)
-def restore_clip(ctx):
+def offload_restore_clip(ctx):
     """Turn ONNX Clip (imported as call_tir maximum + minimum) back into R.clip, which patterns can fuse."""
-    return _restore_clip
+    return restore_clip
 
 
 def _identity(first, second) -> bool:
@@ -290,60 +242,6 @@ def layout(ctx):
     return layout_if_needed
 
 
-@relax.expr_functor.mutator
-class _Untie(relax.PyExprMutator):
-    """Each use of a dequantized tensor by a conv2d/matmul (its data) or an add gets a dequantize of its own."""
-
-    def __init__(self, mod):
-        super().__init__(mod)
-        self.dequantized: dict[relax.Var, relax.Call] = {}
-
-    def visit_var_binding_(self, binding):
-        value = binding.value
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-            name = value.op.name
-            if name == "relax.dequantize":
-                self.dequantized[binding.var] = value
-            uses = {"relax.nn.conv2d": (0,), "relax.matmul": (0,), "relax.add": (0, 1)}.get(name, ())
-            args = list(value.args)
-            for i in uses:
-                if isinstance(args[i], relax.Var) and args[i] in self.dequantized:
-                    dq = self.dequantized[args[i]]
-                    args[i] = self.builder_.emit(relax.Call(dq.op, [self.visit_expr(a) for a in dq.args], dq.attrs))
-            if uses:
-                value = relax.Call(value.op, [self.visit_expr(a) for a in args], value.attrs, value.ty_args)
-                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
-                return
-        super().visit_var_binding_(binding)
-
-
-@tvm.transform.module_pass(opt_level=0, name="OffloadUntieDequantize")
-def _untie_dequantize(mod, pctx):
-    """Each conv2d/matmul and add gets its own dequantize of its inputs: one shared with a residual add or another
-    layer would be a value used outside the quantized chain, which then could not be fused. (rewrite_call cannot
-    do this: it binds a new call equal to a bound one to the same variable.)"""
-    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function) and "Codegen" not in (func.attrs or {}):
-            mutator = _Untie(mod)
-            mod[gv] = mutator.visit_expr(func)
-    return relax.transform.DeadCodeElimination()(mod)
-
-
-def _has_quantized_anchor(mod: tvm.IRModule) -> bool:
-    found = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.dequantize" \
-                and isinstance(e.args[0], tvm.ir.expr.GenericConst) and e.args[0].ty.dtype == "int8":
-            found.append(e)
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return bool(found)
-
-
 # after quantize-int8 by name, whose QDQ form it takes: import order, which sets registration order, must not decide
 @register_pass("offload-quantized", phase="graph", after=("canonicalize", "quantize-int8"), applies=_offloading)
 def quantized(ctx):
@@ -354,15 +252,15 @@ def quantized(ctx):
                 for backend in backends for p in backend.quantized_patterns()]
     convert = tvm.transform.Sequential([
         # ONNX's Clip (ReLU6) arrives as call_tir halves, which no chain's pattern would see
-        _restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), _drop_transpose_pairs,
-        relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), _untie_dequantize,
+        restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), _drop_transpose_pairs,
+        relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), untie_dequantize,
         relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)],
         name="OffloadQuantized")
 
     @tvm.transform.module_pass(opt_level=0, name="OffloadQuantizedIfAny")
     def quantized_if_any(mod, pctx):
         # no int8 weights, nothing to do: the graph is left for offload-layout as it is
-        return convert(mod) if patterns and _has_quantized_anchor(mod) else mod
+        return convert(mod) if patterns and has_quantized_anchor(mod) else mod
 
     return quantized_if_any
 

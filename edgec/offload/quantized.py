@@ -262,3 +262,58 @@ def read_quantized(func: relax.Function) -> QFused:
                   param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
                   param(weight.args[1]), transposed, bias, act, bounds, param(out.args[1]), param(out.args[2]),
                   str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params))
+
+
+@relax.expr_functor.mutator
+class _Untie(relax.PyExprMutator):
+    """Each use of a dequantized tensor by a conv2d/matmul (its data) or an add gets a dequantize of its own."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.dequantized: dict[relax.Var, relax.Call] = {}
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            name = value.op.name
+            if name == "relax.dequantize":
+                self.dequantized[binding.var] = value
+            uses = {"relax.nn.conv2d": (0,), "relax.matmul": (0,), "relax.add": (0, 1)}.get(name, ())
+            args = list(value.args)
+            for i in uses:
+                if isinstance(args[i], relax.Var) and args[i] in self.dequantized:
+                    dq = self.dequantized[args[i]]
+                    args[i] = self.builder_.emit(relax.Call(dq.op, [self.visit_expr(a) for a in dq.args], dq.attrs))
+            if uses:
+                value = relax.Call(value.op, [self.visit_expr(a) for a in args], value.attrs, value.ty_args)
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
+                return
+        super().visit_var_binding_(binding)
+
+
+@tvm.transform.module_pass(opt_level=0, name="OffloadUntieDequantize")
+def untie_dequantize(mod, pctx):
+    """Each conv2d/matmul and add gets its own dequantize of its inputs: one shared with a residual add or another
+    layer would be a value used outside the quantized chain, which then could not be fused. (rewrite_call cannot
+    do this: it binds a new call equal to a bound one to the same variable.)"""
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and "Codegen" not in (func.attrs or {}):
+            mutator = _Untie(mod)
+            mod[gv] = mutator.visit_expr(func)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def has_quantized_anchor(mod: tvm.IRModule) -> bool:
+    """Whether a Relax function of `mod` dequantizes an int8 constant (a QDQ chain's weight)."""
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.dequantize" \
+                and isinstance(e.args[0], tvm.ir.expr.GenericConst) and e.args[0].ty.dtype == "int8":
+            found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)

@@ -34,8 +34,9 @@ from tvm.target.codegen import target_has_features
 
 from ..context import BuildContext
 from ..offload.fusion import static_shape
-from ..offload.quantized import QFused, quantized_patterns, read_quantized
+from ..offload.quantized import QFused, has_quantized_anchor, quantized_patterns, read_quantized, untie_dequantize
 from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED
+from .ir import restore_clip
 from .registry import register_pass
 
 ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot" or "vector"
@@ -85,22 +86,19 @@ def _cpu(ctx: BuildContext) -> bool:
                applies=_cpu, skip_reason="CPU (llvm) targets only")
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot or int32 vector loops)."""
-    # the offload steps' graph preparation (Clip as R.clip, a dequantize per reader); imported here: edgec.offload
-    # imports this package
-    from ..offload.passes import _has_quantized_anchor, _restore_clip, _untie_dequantize
-
     target = ctx.tvm_target()
     patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations,
                                               lambda c, p=p: p.check(c) is None)
                 for anchor, op in (("conv2d", "relax.nn.conv2d"), ("matmul", "relax.matmul"))
                 for p in quantized_patterns(_GROUP, anchor, op, _unsupported)]
     partition = tvm.transform.Sequential([
-        _restore_clip, relax.transform.CanonicalizeBindings(), _untie_dequantize,
+        # the offload steps' graph preparation: Clip as R.clip, a dequantize per reader
+        restore_clip, relax.transform.CanonicalizeBindings(), untie_dequantize,
         relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)])
 
     @tvm.transform.module_pass(opt_level=0, name="Int8Kernels")
     def step(mod, pctx):
-        if not _has_quantized_anchor(mod):
+        if not has_quantized_anchor(mod):
             return mod
         partitioned = partition(mod)
         groups = [gv for gv, f in partitioned.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]

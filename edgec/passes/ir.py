@@ -1,9 +1,15 @@
-"""Questions passes ask of a Relax module. Here, below both edgec.passes and edgec.offload, so that either can ask
-without importing the other."""
+"""Questions passes ask of a Relax module, and rewrites several passes share. Here, below both edgec.passes and
+edgec.offload, so that either can use them without importing the other."""
 from __future__ import annotations
+
+import math
+import re
 
 import tvm
 from tvm import relax
+
+# TVM's ONNX importer emits Clip as TE kernels named after the topi functions: maximum, minimum1, ...
+_CLIP_HALF = re.compile(r"^(maximum|minimum)\d*$")
 
 
 def calls_any(mod: tvm.IRModule, ops: set[str]) -> bool:
@@ -30,3 +36,49 @@ def mutate_functions(mod: tvm.IRModule, mutator, skip_partitions: bool = False) 
         if isinstance(func, relax.Function) and not (skip_partitions and func.attrs and "Codegen" in func.attrs):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+@relax.expr_functor.mutator
+class ClipHalves(relax.PyExprMutator):
+    """The call_tir(maximum, (x, lo)) and call_tir(minimum, (., hi)) halves of an ONNX Clip as Relax ops: one
+    R.clip(x, lo, hi) per Clip (what the offload patterns fuse), or with `as_clip=False` R.maximum / R.minimum with
+    the tensor bound (what ToMixedPrecision computes in fp16: it fails on a call_tir given an fp16 tensor, and on
+    R.clip's scalar bounds)."""
+
+    def __init__(self, mod, as_clip: bool = True):
+        super().__init__(mod)
+        self.as_clip = as_clip
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        half = clip_half(call)
+        if half is None:
+            return call
+        x, lo, hi = half
+        if not self.as_clip:
+            bound = call.args[1].fields[1]
+            return relax.op.maximum(x, bound) if hi == math.inf else relax.op.minimum(x, bound)
+        if isinstance(x, relax.Var):
+            producer = self.lookup_binding(x)
+            if isinstance(producer, relax.Call) and producer.op == tvm.ir.Op.get("relax.clip"):
+                x, lo, hi = producer.args[0], max(lo, producer.args[1].value), min(hi, producer.args[2].value)
+        return relax.op.clip(x, lo, hi)
+
+
+def clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
+    """(x, lo, hi) of a call_tir half of an ONNX Clip (one bound infinite); None for any other call."""
+    if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], tvm.ir.GlobalVar):
+        return None
+    which = _CLIP_HALF.match(call.args[0].name_hint)
+    args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else ()
+    if which is None or len(args) != 2 or not isinstance(args[1], tvm.ir.expr.GenericConst) \
+            or args[1].value.numpy().size != 1:
+        return None
+    bound = float(args[1].value.numpy())
+    return (args[0], bound, math.inf) if which[1] == "maximum" else (args[0], -math.inf, bound)
+
+
+@tvm.transform.module_pass(opt_level=0, name="OffloadRestoreClip")
+def restore_clip(mod, pctx):
+    """Each ONNX Clip (imported as call_tir maximum + minimum) as one R.clip, which patterns can fuse."""
+    return relax.transform.DeadCodeElimination()(mutate_functions(mod, ClipHalves(mod)))

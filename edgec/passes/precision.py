@@ -30,6 +30,7 @@ from ..errors import EdgecError
 from ..quantize import FP16_MIN_SQNR_DB
 from ..reference import PRECISION_RULE, decibels
 from .fold import fold_constants
+from .ir import ClipHalves
 from .params import MIN_LIFTED_ELEMENTS, identity_load
 from .quantize import QUANTIZATION_ATTR, quantization_of, refuse_quantized
 from .registry import register_pass
@@ -67,8 +68,6 @@ def to_fp16(ctx):
     fold, merge = fold_constants(ctx), relax.transform.EliminateCommonSubexpr()
 
     def step(mod):     # a plain function: an EdgecError raised in a tvm module_pass comes back as TVM's error
-        from ..offload.passes import ClipHalves
-
         # folded first: the importer's Clip bounds come as where(isnan(c), -inf, c), which ClipHalves needs as
         # constants, and fold-constants may come after this pass (or not run, at -O0)
         mod = fold(mod)
