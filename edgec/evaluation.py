@@ -189,12 +189,16 @@ def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model
              threads: int | None = None, verify: bool = True, preprocess=None) -> Evaluation:
     """Run the bundle and the reference runtime on every sample of `data` (a DATA path, or a Dataset such as a
     held-back part of a calibration set) and measure how far apart they are. `preprocess`: for a DATA path that
-    is an image folder (open_dataset)."""
+    is an image folder (open_dataset); a Dataset was opened with its own."""
     from .manifest import MANIFEST_NAME, Manifest, sha256_file
     from .reference import ReferenceRuntime
     from .runtime import bundle_errors
     from .runtime.local import load_bundle
 
+    if isinstance(data, Dataset) and preprocess is not None:   # not applied twice, nor dropped without a word
+        raise EdgecError("evaluate got a Dataset and a preprocess: a Dataset is already opened, with the "
+                         "preprocessing open_dataset was given", "pass preprocess to open_dataset, or pass evaluate "
+                         "the DATA path instead of a Dataset")
     bundle_dir, reference_model = Path(bundle_dir), Path(reference_model)
     manifest = Manifest.load(bundle_dir)
     _refuse_other_machine(manifest, bundle_dir)

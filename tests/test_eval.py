@@ -17,6 +17,8 @@ from onnx import helper, numpy_helper
 
 from edgec import api
 from edgec.context import BuildOptions
+from edgec.errors import EdgecError
+from edgec.signature import TensorSpec
 from test_cli_errors import check_error, cli
 from verify import save_onnx
 
@@ -170,6 +172,16 @@ def test_held_back_part_through_the_api(digits):
     assert result.samples == 50
     expected = _onnxruntime_top1(digits["model"], digits["x"][400:], digits["y"][400:])
     assert result.outputs[0].top1_reference == pytest.approx(expected)
+
+
+def test_preprocess_with_an_opened_dataset_refused(tmp_path):
+    """A Dataset was opened with its preprocessing: evaluate refuses another rather than dropping it silently
+    (refused before the bundle is read)."""
+    np.savez(tmp_path / "set.npz", x=np.zeros((2, 64), np.float32))
+    dataset = api.open_dataset(tmp_path / "set.npz", (TensorSpec("x", (1, 64), "float32"),))
+    with pytest.raises(EdgecError, match="a Dataset and a preprocess") as e:
+        api.evaluate(tmp_path / "bundle", dataset, tmp_path / "model.onnx", preprocess="scale=1")
+    assert "pass preprocess to open_dataset" in e.value.hint
 
 
 def test_cli_json_schema(digits):
