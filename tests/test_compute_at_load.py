@@ -1,13 +1,20 @@
-"""compute-at-load on hand-written Relax: what main computes from the weights alone moves to main_load."""
+"""compute-at-load: what main computes from the weights alone (an int8 lookup table) moves to main_load."""
 from __future__ import annotations
 
 import numpy as np
 import tvm
+from onnxruntime.quantization import QuantType
 from tvm import relax
 from tvm.script import relax as R
 
+from edgec import api
+from edgec.build import BuildOptions
 from edgec.passes.lookup import _lookup_tables
 from edgec.passes.params import _compute_at_load, _lift_params
+from edgec.runtime.native import run_with_runner
+from test_offload_int8 import lcnet_blocks, quantized
+
+RNG = np.random.default_rng(11)
 
 
 @tvm.script.ir_module
@@ -58,3 +65,26 @@ def test_nothing_to_compute_leaves_the_module():
     """A main whose weights feed only input-dependent ops gets no load function."""
     lifted = _lift_params(Hardswish)
     assert _compute_at_load(lifted).same_as(lifted)
+
+
+def test_lookup_tables_of_a_bundle_without_offload_are_made_at_load(tmp_path):
+    """PP-LCNet's blocks in int8 with --offload none: main_load, which only compute-at-load makes here, computes the
+    tables; main computes none. params.bin is the same bytes as without the step, and both runners give the same
+    outputs as that build."""
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(lcnet_blocks(tmp_path / "lcnet.onnx"), samples)
+    result = api.build(qdq, "host", tmp_path / "b", sample_inputs=samples[0],
+                       options=BuildOptions(offload=(), dump_ir=tmp_path / "ir"))
+    plain = api.build(qdq, "host", tmp_path / "plain", sample_inputs=samples[0],
+                      options=BuildOptions(offload=(), disabled_passes=("compute-at-load",)))
+    assert result.manifest.verification["status"] == "verified"
+    assert (result.manifest.load_function, plain.manifest.load_function) == ("main_load", None)
+    dump = next((tmp_path / "ir").glob("*-compute-at-load.py")).read_text()
+    main = dump[dump.index("def main("):]
+    main = main[:main.find("\n    @")]
+    assert "R.take(" in main and "256)" not in main.split("\n", 1)[1], main    # no op on a 256-entry table
+    assert (result.bundle_dir / "params.bin").read_bytes() == (plain.bundle_dir / "params.bin").read_bytes()
+    sample = {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}
+    expected = api.run(plain.bundle_dir, sample).outputs["y"]
+    np.testing.assert_array_equal(api.run(result.bundle_dir, sample).outputs["y"], expected)
+    np.testing.assert_array_equal(run_with_runner(result.bundle_dir, sample).outputs["y"], expected)
