@@ -6,9 +6,9 @@ each op: a dozen divisions per element. Where every value of such a chain is a f
 other operands are scalar constants, or the same tensor through another path), its 8-bit result is too, so it is
 `take(table, x)`, the table being the same ops applied to the 256 values x can take: the same per-element
 arithmetic on 256 values instead of on every element. The 256 values are one constant that lift-params makes a
-weight, so each table is computed on every inference (not once at load: main_load does not take it). Only chains
-of `_MIN_OPS` ops or more, whose output has the input's shape, are replaced; what the chain's float values feed
-elsewhere keeps computing them.
+weight (params.bin keeps them, not the table), so compute-at-load computes each table in main_load, once per loaded
+model. Only chains of `_MIN_OPS` ops or more, whose output has the input's shape, are replaced; what the chain's
+float values feed elsewhere keeps computing them.
 """
 from __future__ import annotations
 
