@@ -221,6 +221,25 @@ def test_fp16_refuses_a_graph_far_from_float32(tmp_path):
     assert fine.manifest.quantization["min_sqnr_db"] == FP16_MIN_SQNR_DB
 
 
+def test_fp16_floor_checked_without_the_reference_runtime(tmp_path, monkeypatch):
+    """Where the reference runtime cannot run the model, the fp16 graph is measured against the imported float32
+    graph run by TVM, and the manifest names that reference (the bundle was "not verified" and the floor silently
+    not checked: a graph far from float32 was shipped)."""
+    import edgec.verification
+
+    monkeypatch.setattr(edgec.verification, "reference_outputs", lambda model, steps: "onnxruntime is absent (test)")
+    result = cli("build", _cancelling(tmp_path / "lossy.onnx", 2048), "--target", "rpi5", "--quantize", "fp16",
+                 "-o", tmp_path / "refused")
+    check_error(result.stderr, result.exit_code, "output 'y' of the fp16 graph is", "dB SQNR against float32",
+                f"below the floor of {FP16_MIN_SQNR_DB:g} dB", exception=result.exception)
+    fine = api.build(_cancelling(tmp_path / "fine.onnx", 1), "rpi5", tmp_path / "fine", options=_options("fp16"))
+    verification = fine.manifest.verification
+    assert verification["status"] == "verified", verification
+    assert "measured against the imported float32 graph on TVM" in verification["reference"]
+    assert "no reference runtime: onnxruntime is absent (test)" in verification["reference"]
+    assert verification["outputs"]["y"]["quantization_sqnr_db"] >= FP16_MIN_SQNR_DB
+
+
 def test_fp16_floor_judges_float_outputs_of_one_shape():
     """The floor measures a float output's SQNR: an index that a near tie flips in fp16 (3 against 7: 4.9 dB) is no
     precision lost and builds; a run-time size fp16 changes is refused in one line (it was numpy's broadcast error,
