@@ -185,30 +185,36 @@ def compare_outputs(outputs: dict[str, np.ndarray], reference: dict[str, np.ndar
     return Comparison(against, tol, {name: OutputComparison(name, **r) for name, r in report.items()})
 
 
-def _load_onnx(path: Path):
-    """The ONNX model at `path` without its external data, or None when it has external weights: the rewrites below
-    are run from bytes, where external weights cannot be found."""
+def qdq_model(path: Path):
+    """The ONNX model at `path` in QDQ form, the form the quantized rule reads (`qdq_float_twin`, `qdq_nudged`), and
+    whether it was rewritten to it: a QOperator model's QLinear nodes as DequantizeLinear -> float operator ->
+    QuantizeLinear (frontends.onnx_quant.qdq_form, the operators as edgec imports them), any other model as it is.
+    Its weights are read but not its external data: None where it has external weights (the rewrites here are run
+    from bytes, where they cannot be found) or a QOperator node that form cannot state."""
     import onnx
+
+    from .frontends.onnx_quant import has_qlinear_nodes, qdq_form
 
     with open(path, "rb") as f:    # any file name, as _source
         model = onnx.load(f, load_external_data=False)
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
         return None
-    return model
+    rewritten = has_qlinear_nodes(model.graph)
+    if rewritten and qdq_form(model) is None:
+        return None
+    return model, rewritten
 
 
-def qdq_float_twin(path: Path) -> bytes | None:
-    """An ONNX QDQ model whose activations are not rounded: each QuantizeLinear -> DequantizeLinear pair becomes a
+def qdq_float_twin(model) -> bytes | None:
+    """An ONNX QDQ model (an onnx.ModelProto, as qdq_model gives it) whose activations are not rounded: each
+    QuantizeLinear -> DequantizeLinear pair becomes a
     Clip to the range the pair can represent, [(qmin - zero point) * scale, (qmax - zero point) * scale] (the
     saturation stays: quantizers drop a ReLU/Clip that the range already applies). Its distance from the QDQ model
     is the activations' rounding error alone, the error a rounding flip is part of. None when the model has no
-    such pair with constant per-tensor parameters (a float model, QOperator form) or with weights in external
-    files."""
-    from onnx import helper, numpy_helper
+    such pair with constant per-tensor parameters (a float model, a dynamically quantized one)."""
+    from onnx import ModelProto, helper, numpy_helper
 
-    model = _load_onnx(path)
-    if model is None:
-        return None
+    model = ModelProto.FromString(model.SerializeToString())    # a copy: the caller's model stays the QDQ one
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     quantizers = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
@@ -230,15 +236,15 @@ def qdq_float_twin(path: Path) -> bytes | None:
     return model.SerializeToString()
 
 
-def qdq_nudged(path: Path, factor: float) -> bytes:
+def qdq_nudged(model, factor: float) -> bytes:
     """The ONNX QDQ model with every computed tensor multiplied by `factor` (1 + a few float32 ulps) where it is
     quantized: another correct float32 requantization, as an integer kernel's (sum times the combined scale) or
     another summation order gives, which rounds values within that distance of a half step the other way. Its
     distance from the model is how far the model's own rounding flips move its outputs (QuantizedRule.nudges).
-    Called only for a model qdq_float_twin gave a twin for (no external weights)."""
-    from onnx import helper, numpy_helper
+    `model`: as for qdq_float_twin (not changed)."""
+    from onnx import ModelProto, helper, numpy_helper
 
-    model = _load_onnx(path)
+    model = ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     constants = {i.name for i in graph.initializer}
     graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), "edgec_nudge"))

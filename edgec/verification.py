@@ -22,7 +22,7 @@ from .frontends import ImportedModel
 from .manifest import not_verified
 from .reference import (DEFAULT_TOLERANCE, INTEGER_RULE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, QuantizedRule,
                         ReferenceRuntime, ReferenceUnavailable, Tolerance, compare_outputs, compare_quantized,
-                        qdq_float_twin, qdq_nudged, unrounded_integers)
+                        qdq_float_twin, qdq_model, qdq_nudged, unrounded_integers)
 from .signature import check_inputs, random_inputs
 from .targets import Target
 
@@ -95,11 +95,14 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     """The reference runtime's outputs for each step (a stream from its own initial state), or the reason it
     cannot give them. An ONNX QDQ model runs as its QDQ math says (onnxruntime without graph optimizations), and
     its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against, and its
-    nudged twins (reference.qdq_nudged) run when needed. A full-integer TFLite model (outputs all quantized, no
-    state) carries its unrounded twin, run on TVM when needed."""
+    nudged twins (reference.qdq_nudged) run when needed; a QOperator model is run so in its QDQ form
+    (reference.qdq_model), since onnxruntime's QLinear kernels round their own way. A full-integer TFLite model
+    (outputs all quantized, no state) carries its unrounded twin, run on TVM when needed."""
+    qdq, rewritten = (qdq_model(model.path) if model.format == "onnx" else None) or (None, False)
+    twin = None if qdq is None else qdq_float_twin(qdq)
     try:
-        twin = qdq_float_twin(model.path) if model.format == "onnx" else None
-        ref = ReferenceRuntime(model.path, states=model.states, exact=twin is not None)
+        ref = ReferenceRuntime(model.path, states=model.states, exact=twin is not None,
+                               content=None if twin is None else qdq.SerializeToString())
         floats = None if twin is None else _run(ReferenceRuntime(model.path, content=twin), model, steps)
         outputs = _run(ref, model, steps)
     except ReferenceUnavailable as e:
@@ -107,13 +110,14 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     nudged = unrounded = None
     if twin is not None:
         def nudged(factor):
-            return _run(ReferenceRuntime(model.path, content=qdq_nudged(model.path, factor), exact=True), model, steps)
+            return _run(ReferenceRuntime(model.path, content=qdq_nudged(qdq, factor), exact=True), model, steps)
     if model.format == "tflite" and not model.states and set(outputs[0]) <= ref.quantized_outputs:
         def unrounded():
             from .quantize.reference import run_graph
 
             return tuple(run_graph(unrounded_integers(model.mod), model, steps))
-    return ReferenceRun(ref.name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded,
+    name = ref.name + (" on its QDQ form" if twin is not None and rewritten else "")
+    return ReferenceRun(name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded,
                         zero_points=ref.zero_points, nudged=nudged)
 
 

@@ -13,6 +13,8 @@ take, and int32 is exact where a float accumulation of integer products may not 
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from . import onnx_ops
@@ -205,3 +207,117 @@ def quant_converters() -> dict:
     return {c.__name__: c for c in (QLinearConv, QLinearMatMul, QGemm, QLinearGlobalAveragePool, QLinearConcat,
                                     ConvInteger, elementwise("QLinearAdd", relax.op.add),
                                     elementwise("QLinearMul", relax.op.multiply))}
+
+
+# Operators that only move or select values, which onnxruntime's QOperator quantizer leaves on 8-bit tensors: in the
+# QDQ form each stands between a dequantize and a quantize with its input's parameters, as its QDQ quantizer writes it.
+_MOVES = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+# the float operator each QLinear one computes between its dequantized inputs and its quantized output
+_FLOAT_OP = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm", "QLinearAdd": "Add",
+             "QLinearMul": "Mul", "QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearConcat": "Concat"}
+
+
+def has_qlinear_nodes(graph) -> bool:
+    """Whether an ONNX graph has QOperator nodes qdq_form rewrites (a static QOperator model's)."""
+    return any(n.op_type in _FLOAT_OP and converts(n) for n in graph.node)
+
+
+def qdq_form(model):
+    """`model` (an onnx.ModelProto, changed in place) with each QOperator node as the float operator between
+    DequantizeLinear of its inputs and QuantizeLinear of its output, as quant_converters import it (the int32 bias
+    at s_x * s_w, per-channel weights on their output-channel axis), and each operator that moves 8-bit values
+    between a dequantize and a quantize with its input's parameters: onnxruntime runs it with graph optimizations
+    off as the QDQ math says, the reference reference.QuantizedRule needs. None when a node is one this form cannot
+    state: a scale or zero point that is not a constant, a per-channel one before opset 13 (DequantizeLinear's
+    axis), channels-last pooling, QGemm's alpha."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes, quantized = [], {}      # quantized: an 8-bit tensor's (scale, zero point) names, for _MOVES
+
+    class NoQdqForm(Exception):
+        pass
+
+    names = (f"edgec_qdq_{k}" for k in itertools.count())
+
+    def fresh() -> str:
+        return next(names)
+
+    def dequantize(x: str, scale: str, zero_point: str, axis: int) -> str:
+        """x in float; `axis`: where a scale of more than one element runs."""
+        if scale not in constants or (zero_point and zero_point not in constants):
+            raise NoQdqForm
+        per_channel = constants[scale].size > 1
+        if per_channel and opset < 13:
+            raise NoQdqForm
+        y = fresh()
+        nodes.append(helper.make_node("DequantizeLinear", [x, scale] + ([zero_point] if zero_point else []), [y],
+                                      **({"axis": axis} if per_channel else {})))
+        return y
+
+    def quantize(y: str, scale: str, zero_point: str, out: str):
+        nodes.append(helper.make_node("QuantizeLinear", [y, scale] + ([zero_point] if zero_point else []), [out]))
+        quantized[out] = (scale, zero_point)
+
+    def bias(b: str, sx: str, sw: str) -> str:
+        if not b:
+            return ""
+        if sx not in constants or sw not in constants:
+            raise NoQdqForm
+        name = fresh()
+        constants[name] = constants[sx].astype(np.float32).reshape(()) * constants[sw].astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(constants[name], name))
+        return dequantize(b, name, "", 0)
+
+    def rewrite(node):
+        op, i = node.op_type, list(node.input) + [""] * 9
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if op == "QLinearConv":
+            inputs = [dequantize(i[0], i[1], i[2], 1), dequantize(i[3], i[4], i[5], 0), bias(i[8], i[1], i[4])]
+            out = (i[6], i[7])
+        elif op == "QLinearMatMul":
+            inputs, out = [dequantize(i[0], i[1], i[2], -2), dequantize(i[3], i[4], i[5], -1)], (i[6], i[7])
+        elif op == "QGemm":
+            if attrs.pop("alpha", 1.0) != 1.0:
+                raise NoQdqForm
+            inputs = [dequantize(i[0], i[1], i[2], 0), dequantize(i[3], i[4], i[5], 0 if attrs.get("transB") else 1),
+                      bias(i[6], i[1], i[4])]
+            out = (i[7], i[8])
+        elif op in ("QLinearAdd", "QLinearMul"):
+            inputs, out = [dequantize(i[0], i[1], i[2], 0), dequantize(i[3], i[4], i[5], 0)], (i[6], i[7])
+        elif op == "QLinearGlobalAveragePool":
+            if attrs.pop("channels_last", 0):
+                raise NoQdqForm
+            inputs, out = [dequantize(i[0], i[1], i[2], 0)], (i[3], i[4])
+        else:   # QLinearConcat: y_scale, y_zero_point, then (x, scale, zero point) triples
+            inputs = [dequantize(*node.input[k:k + 3], 0) for k in range(2, len(node.input), 3)]
+            out = (i[0], i[1])
+        y = node.output[0] if not out[0] else fresh()
+        while not inputs[-1]:       # an absent bias
+            inputs.pop()
+        nodes.append(helper.make_node(_FLOAT_OP[op], inputs, [y], **attrs))
+        if out[0]:
+            quantize(y, *out, node.output[0])
+
+    try:
+        for node in graph.node:
+            if node.op_type in _FLOAT_OP and converts(node):
+                rewrite(node)
+            elif node.op_type in _MOVES and node.input[0] in quantized and len(node.output) == 1:
+                scale, zero_point = quantized[node.input[0]]
+                moved = helper.make_node(node.op_type, [dequantize(node.input[0], scale, zero_point, 0),
+                                                        *node.input[1:]], [fresh()], **{
+                    a.name: helper.get_attribute_value(a) for a in node.attribute})
+                nodes.append(moved)
+                quantize(moved.output[0], scale, zero_point, node.output[0])
+            else:
+                nodes.append(node)
+                if node.op_type == "QuantizeLinear":
+                    quantized[node.output[0]] = (node.input[1], node.input[2] if len(node.input) > 2 else "")
+    except NoQdqForm:
+        return None
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
