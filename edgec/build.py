@@ -96,7 +96,7 @@ class CompiledModel:
     codegen_passes: dict[str, float]         # seconds per TVM pass inside tvm.compile, from the PassContext's timer
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
     offload: tuple[Placement, ...] | None = None   # where offload-partition put each operator; None: it did not run
-    load: str | None = None                  # the function runners call once with the weights (offload's main_load)
+    load: str | None = None                  # the function runners call once with the weights (main_load)
     quantization: dict | None = None         # what --quantize did (the manifest's record); None: it did not run
     quantized_graph: tvm.IRModule | None = None   # the module a QUANTIZING_STEPS step left: what the build is verified on
 
@@ -170,7 +170,8 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
         # detach_params builds a new module without the attributes, which hold the offload codegen's C++
         for key, value in (attrs or {}).items():
             mod = mod.with_attr(key, value)
-        # with offload, main_load takes the weights (all of them) at load and gives main its arguments
+        # main_load (offload's packing, int8-weights' dequantize, compute-at-load) takes the weights (all of them) at
+        # load and gives main its arguments
         load = next((gv.name_hint for gv in mod.get_global_vars() if gv.name_hint == "main" + LOAD_SUFFIX), None)
         names = [p.name for p in mod[load].params] if load else [p.name for p in mod["main"].params[len(model.inputs):]]
         values = detached.get(load or "main", [])
