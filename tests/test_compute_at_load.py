@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from onnxruntime.quantization import QuantType
 from tvm import relax
 from tvm.script import relax as R
 
