@@ -44,7 +44,7 @@ def on_host(mod: tvm.IRModule) -> relax.VirtualMachine:
     return relax.VirtualMachine(executable, tvm.cpu())
 
 
-class _Runner:
+class Runner:
     def __init__(self, mod: tvm.IRModule, keys: list[str]):
         self.vm = on_host(_tap_module(mod, keys))
         self.names = [p.name for p in mod["main"].params]
@@ -55,7 +55,7 @@ class _Runner:
         return [t.numpy() for t in list(result)[1:]]
 
 
-def _sweep(runner: _Runner, data: Dataset, what: str, visit) -> None:
+def sweep(runner: Runner, data: Dataset, what: str, visit) -> None:
     say = current()
     batches = -(-len(data) // BATCH)
     for i, batch in enumerate(data.batches(BATCH), start=1):
@@ -106,7 +106,7 @@ def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) 
     if not keys:
         return {}
     current().detail("calibration: compile the float model with taps")
-    runner = _Runner(mod, keys)
+    runner = Runner(mod, keys)
     lo = np.full(len(keys), np.inf)
     hi = np.full(len(keys), -np.inf)
 
@@ -114,7 +114,7 @@ def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) 
         for j, t in enumerate(taps):
             lo[j], hi[j] = min(lo[j], float(t.min())), max(hi[j], float(t.max()))
 
-    _sweep(runner, data, "calibration min/max", minmax)
+    sweep(runner, data, "calibration min/max", minmax)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         bad = keys[int(np.argmin(np.isfinite(lo) & np.isfinite(hi)))]
         raise EdgecError(f"calibration: tensor {bad.split(':', 1)[1]!r} takes non-finite values on the calibration "
@@ -135,7 +135,7 @@ def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) 
             if b > a:
                 hists[j] += np.histogram(values, BINS, (a, b))[0]
 
-    _sweep(runner, data, f"calibration {method} histograms", histogram)
+    sweep(runner, data, f"calibration {method} histograms", histogram)
     ranges = {}
     for j, key in enumerate(keys):
         a, b = span[j]
