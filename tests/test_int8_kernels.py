@@ -103,3 +103,27 @@ def test_full_integer_tflite_gives_litert_exactly(tmp_path):
     verification = built.manifest.verification
     assert verification["status"] == "verified"
     assert all(out["max_abs"] == 0 for out in verification["outputs"].values()), verification
+
+
+def test_a_kernel_the_schedule_refuses_stays_float(tmp_path, monkeypatch):
+    """A chain whose integer kernel TVM's schedule refuses stays the float QDQ chain, and the module says which and
+    why (the build failed in int8-kernels); the other chains still get their kernels."""
+    from edgec.passes import int8_kernels
+
+    schedule = int8_kernels._IntegerChain._schedule
+
+    def refuse_matmul(self, func, rows, direct):
+        if self.q.anchor.op.name == "relax.matmul":
+            raise RuntimeError("ScheduleError: refused here")
+        return schedule(self, func, rows, direct)
+
+    monkeypatch.setattr(int8_kernels._IntegerChain, "_schedule", refuse_matmul)
+    qdq, samples = _forms(tmp_path, QuantType.QUInt8)
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    result = api.build(qdq, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
+    assert len(_kernels(tmp_path / "ir")[0]) == 2
+    text = next((tmp_path / "ir").glob("*-int8-kernels.py")).read_text()
+    assert '"edgec.int8_kernels_left": "[\\"matmul 1x1024: ScheduleError: refused here\\"]"' in text
+    assert re.search(r'R\.Tensor\(\(1, 10\), dtype="float32"\) = R\.matmul\(', text)   # the float chain's matmul
+    assert result.manifest.verification["status"] == "verified"
+    assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05

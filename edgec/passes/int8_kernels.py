@@ -17,10 +17,12 @@ acc block is tensorized with the target's dot product: AVX-512 VNNI `vpdpbusd` (
 L = 4); elsewhere it is a vectorized int32 loop (L = 16). Rows (m) are tiled by up to 4, each tile and its block
 of output channels one parallel task, its requantization computed right after it. The kernel is marked scheduled
 (`tirx.is_scheduled`; `edgec.int8_kernel` names the instruction used), so cpu-default-schedule leaves it alone.
-A chain the patterns or `_unsupported` refuse stays as it was.
+A chain the patterns or `_unsupported` refuse stays as it was, and so does one whose kernel TVM's schedule refuses:
+the module's `edgec.int8_kernels_left` attribute (`--dump-ir`) says which and why.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -33,13 +35,15 @@ from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
 from ..context import BuildContext
-from ..offload.fusion import static_shape
+from ..errors import last_line
+from ..offload.fusion import composite_function, static_shape
 from ..offload.quantized import QFused, has_quantized_anchor, quantized_patterns, read_quantized, untie_dequantize
 from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED
 from .ir import restore_clip
 from .registry import register_pass
 
 ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot" or "vector"
+LEFT_ATTR = "edgec.int8_kernels_left"   # the module's: JSON list of the chains left float as their kernel failed
 _GROUP = "edgec_int8"             # the patterns' prefix: the partitioned chains this pass replaces
 _VNNI_INTRIN = "edgec_dot_16x4_vnni"
 _INT32_MAX = 2**31 - 1
@@ -104,10 +108,13 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
         groups = [gv for gv, f in partitioned.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]
         if not groups:
             return mod      # nothing taken: the graph stays as it was, preparation undone
-        mod = _Replace(partitioned, target).run()
-        for gv in groups:
-            del mod[gv]
-        return relax.transform.DeadCodeElimination()(mod)
+        replace = _Replace(partitioned, target)
+        replaced = replace.run()
+        if replace.taken:   # else every kernel failed: the graph stays as it was, preparation undone
+            for gv in groups:
+                del replaced[gv]
+            mod = relax.transform.DeadCodeElimination()(replaced)
+        return mod.with_attr(LEFT_ATTR, json.dumps(replace.left)) if replace.left else mod
 
     return step
 
@@ -147,6 +154,8 @@ class _Replace(relax.PyExprMutator):
         super().__init__(mod)
         self.mod_ = mod
         self.target = target
+        self.left: list[str] = []       # "<op> <input shape>: why" for each chain whose kernel failed
+        self.taken = 0                  # chains replaced by their kernel
 
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
@@ -161,7 +170,25 @@ class _Replace(relax.PyExprMutator):
         func = self.mod_[call.op]
         if (func.attrs or {}).get("Codegen") != _GROUP:
             return call
-        return _IntegerChain(read_quantized(func), call.args, self.target).emit(self.builder_)
+        chain = _IntegerChain(read_quantized(func), call.args, self.target)
+        constants = chain.constants()
+        try:
+            kernel = chain.kernel(constants[0].shape)
+        except Exception as e:  # TVM's schedule primitives raise ScheduleError, TVMError and plain Python errors
+            self.left.append(f"{chain.q.anchor.op.name.rsplit('.', 1)[-1]} {'x'.join(map(str, chain.x_shape))}: "
+                             f"{last_line(e)}")
+            return self._float_chain(func, call.args)
+        self.taken += 1
+        return chain.emit(self.builder_, kernel, constants)
+
+    def _float_chain(self, func: relax.Function, args) -> relax.Expr:
+        """The chain as it was before the partition: its composite function's bindings, in place of the call."""
+        inner = composite_function(func)
+        body = inner.bind_params(dict(zip(inner.params, args))).body
+        for block in body.blocks:
+            for binding in block.bindings:
+                self.set_var_remap(binding.var, self.builder_.emit(self.visit_expr(binding.value)))
+        return self.visit_expr(body.body)
 
 
 class _IntegerChain:
@@ -209,12 +236,16 @@ class _IntegerChain:
         b, oh, ow = (self.out_shape[layout.index(c)] for c in "NHW")
         return b * oh * ow, layout
 
-    def emit(self, bb: relax.BlockBuilder) -> relax.Expr:
-        packed, bias, scale = self.constants()
+    def kernel(self, packed_shape) -> tirx.PrimFunc:
+        """The scheduled kernel for weights packed in `packed_shape`; raises what TVM's schedule raises."""
+        rows, layout = self._rows()
+        direct = len(self.x_shape) == 2 and self.k % 4 == 0 and self.shift == 0 and layout is None
+        return self._prim_func(rows, packed_shape, direct)
+
+    def emit(self, bb: relax.BlockBuilder, func: tirx.PrimFunc, constants) -> relax.Expr:
+        packed, bias, scale = constants
         rows, layout = self._rows()
         x = self.args[self.q.data]
-        direct = len(self.x_shape) == 2 and self.k % 4 == 0 and self.shift == 0 and layout is None
-        func = self._prim_func(rows, packed.shape, direct)
         gv = bb.add_func(func, f"int8_{self.q.anchor.op.name.rsplit('.', 1)[-1]}")
         out = bb.emit(relax.call_tir(gv, [x, relax.const(packed), relax.const(bias), relax.const(scale)],
                                      relax.TensorType((rows, self.n), self.q.out_dtype)))
