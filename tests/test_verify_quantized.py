@@ -35,16 +35,20 @@ def qdq(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("verify_quantized")
     rng = np.random.default_rng(1)
-    data = iter([{"input": rng.random((1, 3, 224, 224), dtype=np.float32)} for _ in range(8)])
+    data = [{"input": rng.random((1, 3, 224, 224), dtype=np.float32)} for _ in range(8)]
 
     class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(data)
+
         def get_next(self):
-            return next(data, None)
+            return next(self.samples, None)
 
     with contextlib.chdir(d):   # onnxruntime's quantization writes a temporary file into the working directory
         quant_pre_process(str(mobilenet_v2(d / "mbv2.onnx")), str(d / "pre.onnx"), skip_symbolic_shape=True)
-        quantize_static(str(d / "pre.onnx"), str(d / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        for name, form in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):   # same calibration
+            quantize_static(str(d / "pre.onnx"), str(d / f"{name}.onnx"), Reader(), quant_format=form,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return d
 
 
@@ -120,6 +124,83 @@ def test_wrong_quantized_bundle_is_refused(qdq, kind):
     with pytest.raises(VerificationFailed, match="rounding error") as e:
         verify_staged(result.bundle_dir, load_target("host"), reference)
     print(kind, e.value.message)
+
+
+def test_qoperator_qdq_form_computes_the_qdq_file(qdq):
+    """The QOperator MobileNetV2 rewritten to its QDQ form (reference.qdq_model) gives onnxruntime's own QDQ file's
+    outputs (same calibration) exactly, while onnxruntime's fused QLinear kernels, which requantize their own way,
+    land steps away from both: the QDQ form is the reference."""
+    from edgec.reference import ReferenceRuntime, qdq_model
+
+    form, rewritten = qdq_model(qdq / "qoperator.onnx")
+    assert rewritten and not {"QLinearConv", "QLinearAdd", "QGemm"} & {n.op_type for n in form.graph.node}
+    rewritten_ref = ReferenceRuntime(qdq / "qoperator.onnx", content=form.SerializeToString(), exact=True)
+    qdq_ref, kernels = ReferenceRuntime(qdq / "qdq.onnx", exact=True), ReferenceRuntime(qdq / "qoperator.onnx")
+    for seed in range(2):
+        sample = random_inputs(load_model(qdq / "qdq.onnx").inputs, seed)
+        expected = rewritten_ref.run(sample)["logits"]
+        np.testing.assert_array_equal(expected, qdq_ref.run(sample)["logits"])
+        off = np.abs(kernels.run(sample)["logits"] - expected).max()
+        print(f"onnxruntime's QLinear kernels against the QDQ form: max {off:.3g}")
+
+
+def test_mobilenetv2_qoperator_builds_verified_by_the_quantized_rule(qdq):
+    """As the QDQ file: its QDQ form is the reference (the float rule refused this correct bundle, 0.13 off)."""
+    result = api.build(qdq / "qoperator.onnx", "host", qdq / "qoperator_bundle")
+    verification = result.manifest.verification
+    logits = verification["outputs"]["logits"]
+    print("MobileNetV2 QOperator:", logits)
+    assert verification["status"] == "verified" and verification["rule"] == QUANTIZED_RULE.to_json()
+    assert verification["reference"].endswith("(graph optimizations off) on its QDQ form")
+    assert logits["max_abs"] > 0.05 and logits["margin_db"] >= QUANTIZED_RULE.margin_db
+
+
+def _qoperator_fault(src, dst, kind: str):
+    """The QOperator file with one fault: the first QLinearConv reads the input's zero point off by 3, or no bias
+    (zeros), or the QGemm (the classifier) requantizes at 1.25x its output scale (the DequantizeLinear after it keeps
+    the right one)."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    conv = next(n for n in graph.node if n.op_type == "QLinearConv")
+    gemm = next(n for n in graph.node if n.op_type == "QGemm")
+    node, index, fault = {
+        "zero_point": (conv, 2, lambda v: (v.astype(np.int32) + 3).clip(0, 255).astype(np.uint8)),
+        "missing_bias": (conv, 8, np.zeros_like),
+        "requantization": (gemm, 7, lambda v: v * np.float32(1.25))}[kind]
+    graph.initializer.append(numpy_helper.from_array(fault(const[node.input[index]]), f"fault_{kind}"))
+    node.input[index] = f"fault_{kind}"
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["zero_point", "missing_bias", "requantization"])
+def test_wrong_qoperator_graph_is_refused(qdq, kind):
+    """The faulty QOperator file's QDQ form computed by onnxruntime (as an exact bundle of it would) against the
+    original file's reference, its nudged references included: refused by the quantized rule."""
+    from edgec.reference import ReferenceRuntime, qdq_model
+
+    bad = _qoperator_fault(qdq / "qoperator.onnx", qdq / f"qoperator_{kind}.onnx", kind)
+    model = load_model(qdq / "qoperator.onnx")
+    sample = random_inputs(model.inputs)
+    reference = reference_outputs(model, [sample])
+    nudged = [list(reference.nudged(1 + nudge)) for nudge in QUANTIZED_RULE.nudges]
+    wrong = ReferenceRuntime(bad, content=qdq_model(bad)[0].SerializeToString(), exact=True).run(sample)
+    report = compare_quantized([wrong], list(reference.outputs), list(reference.floats), QUANTIZED_RULE,
+                               nudged=nudged)["logits"]
+    print(kind, report)
+    assert not report["ok"]
+
+
+def test_wrong_qoperator_bundle_is_refused(qdq):
+    """End to end: a correct build (TVM's kernels) of the QOperator file without the first conv's bias, verified
+    against the original file's reference."""
+    bad = _qoperator_fault(qdq / "qoperator.onnx", qdq / "qoperator_no_bias.onnx", "missing_bias")
+    result = api.build(bad, "host", qdq / "qoperator_no_bias", options=BuildOptions(offload=()))
+    reference = reference_outputs(load_model(qdq / "qoperator.onnx"), [random_inputs(result.manifest.inputs)])
+    with pytest.raises(VerificationFailed, match="rounding error") as e:
+        verify_staged(result.bundle_dir, load_target("host"), reference)
+    print(e.value.message)
 
 
 @pytest.fixture(scope="module")
