@@ -210,8 +210,9 @@ def qdq_float_twin(model) -> bytes | None:
     QuantizeLinear -> DequantizeLinear pair becomes a
     Clip to the range the pair can represent, [(qmin - zero point) * scale, (qmax - zero point) * scale] (the
     saturation stays: quantizers drop a ReLU/Clip that the range already applies). Its distance from the QDQ model
-    is the activations' rounding error alone, the error a rounding flip is part of. None when the model has no
-    such pair with constant per-tensor parameters (a float model, a dynamically quantized one)."""
+    is the activations' rounding error alone, the error a rounding flip is part of; a dynamically quantized model's
+    DynamicQuantizeLinear codes are left unrounded alike (_unround_dynamic). None when the model has neither (a float
+    model), or one without constant per-tensor parameters."""
     from onnx import ModelProto, helper, numpy_helper
 
     model = ModelProto.FromString(model.SerializeToString())    # a copy: the caller's model stays the QDQ one
@@ -219,8 +220,6 @@ def qdq_float_twin(model) -> bytes | None:
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     quantizers = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
     pairs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantizers]
-    if not pairs:
-        return None
     for k, node in enumerate(pairs):
         q = quantizers[node.input[0]]
         scale = constants.get(q.input[1])
@@ -233,7 +232,52 @@ def qdq_float_twin(model) -> bytes | None:
         graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), n) for v, n in zip(bounds, names))
         clip = helper.make_node("Clip", [q.input[0], *names], [node.output[0]])
         node.CopyFrom(clip)
-    return model.SerializeToString()
+    dynamic = _unround_dynamic(graph, constants)
+    return None if dynamic is None or not (pairs or dynamic) else model.SerializeToString()
+
+
+def _unround_dynamic(graph, constants: dict) -> bool | None:
+    """A dynamically quantized graph (quantize_dynamic) with each DynamicQuantizeLinear's code not rounded: x / scale
+    + zero point clipped to [0, 255] in float, less the zero point, which the ConvInteger / MatMulInteger nodes
+    reading it take as Conv / MatMul with the weights centred here (constants). Changes `graph`; whether it had such
+    a node, or None when one cannot be unrounded (its code read otherwise, weights that are not constants)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    quantizers = {n.output[0]: n for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    readers = [n for n in graph.node if any(i in quantizers for i in n.input)]
+    if not quantizers:
+        return False
+    if any(n.op_type not in ("ConvInteger", "MatMulInteger") or n.input[0] not in quantizers or len(n.input) < 3
+           or n.input[2] != quantizers[n.input[0]].output[2] or n.input[1] not in constants for n in readers):
+        return None
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"edgec_twin_u8_{v}") for v in (0, 255))
+    nodes = []
+    for k, node in enumerate(graph.node):
+        name = f"edgec_twin_dynamic_{k}"
+        if node.op_type == "DynamicQuantizeLinear":
+            x, (code, scale, zero) = node.input[0], node.output
+            nodes += [node, helper.make_node("Cast", [zero], [f"{name}_zero"], to=TensorProto.FLOAT),
+                      helper.make_node("Div", [x, scale], [f"{name}_scaled"]),
+                      helper.make_node("Add", [f"{name}_scaled", f"{name}_zero"], [f"{name}_shifted"]),
+                      helper.make_node("Clip", [f"{name}_shifted", "edgec_twin_u8_0", "edgec_twin_u8_255"],
+                                       [f"{name}_code"]),
+                      helper.make_node("Sub", [f"{name}_code", f"{name}_zero"], [f"{code}_edgec_centred"])]
+        elif node in readers:
+            w = constants[node.input[1]].astype(np.float32)
+            if len(node.input) > 3 and node.input[3]:
+                if node.input[3] not in constants:
+                    return None
+                zero = constants[node.input[3]].astype(np.float32)       # per output channel or per tensor
+                w = w - (zero.reshape((-1,) + (1,) * (w.ndim - 1)) if node.op_type == "ConvInteger" else zero)
+            graph.initializer.append(numpy_helper.from_array(w, f"{name}_weight"))
+            nodes.append(helper.make_node("Conv" if node.op_type == "ConvInteger" else "MatMul",
+                                          [f"{node.input[0]}_edgec_centred", f"{name}_weight"], list(node.output),
+                                          **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 def qdq_nudged(model, factor: float) -> bytes:
@@ -253,6 +297,11 @@ def qdq_nudged(model, factor: float) -> bytes:
         if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
             nodes.append(helper.make_node("Mul", [node.input[0], "edgec_nudge"], [f"edgec_nudged_{k}"]))
             node.input[0] = f"edgec_nudged_{k}"
+        elif node.op_type == "DynamicQuantizeLinear":    # its code from the nudged x, with its own scale, zero point
+            code, scale, zero = node.output
+            nodes += [helper.make_node("Mul", [node.input[0], "edgec_nudge"], [f"edgec_nudged_{k}"]),
+                      helper.make_node("QuantizeLinear", [f"edgec_nudged_{k}", scale, zero], [code])]
+            node.output[0] = f"edgec_unnudged_{k}"
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)

@@ -96,7 +96,8 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     cannot give them. An ONNX QDQ model runs as its QDQ math says (onnxruntime without graph optimizations), and
     its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against, and its
     nudged twins (reference.qdq_nudged) run when needed; a QOperator model is run so in its QDQ form
-    (reference.qdq_model), since onnxruntime's QLinear kernels round their own way. A full-integer TFLite model
+    (reference.qdq_model), since onnxruntime's QLinear kernels round their own way, and a dynamically quantized one
+    as it is, with its DynamicQuantizeLinear codes unrounded in the twin. A full-integer TFLite model
     (outputs all quantized, no state) carries its unrounded twin, run on TVM when needed."""
     qdq, rewritten = (qdq_model(model.path) if model.format == "onnx" else None) or (None, False)
     twin = None if qdq is None else qdq_float_twin(qdq)

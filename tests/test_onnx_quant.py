@@ -3,7 +3,8 @@ QuantFormat.QOperator (per tensor and per channel, uint8 and int8 activations) o
 quantize_dynamic on an MLP, a transformer-like block and the CNN — imported in QDQ form (edgec/frontends/onnx_quant),
 built for the host with the default offload, and compared with onnxruntime running the same model: static models
 within one quantization step of the output (the fraction of elements one step off and the largest difference in
-steps printed), dynamic ones (int32 compute, float scales) within the float tolerance."""
+steps printed), dynamic ones (int32 compute, float scales) within the float tolerance on these small models. Builds
+verify both by the quantized rule (tests/test_verify_quantized.py has the deep model and the faults)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -167,6 +168,8 @@ def test_dynamic_quantization_matches(tmp_path, name):
     assert {"DynamicQuantizeLinear", "MatMulInteger" if name != "cnn" else "ConvInteger"} <= _ops(quantized)
     samples = [{"x": RNG.standard_normal(shape).astype(np.float32) * s} for s in (1.0, 3.0)]
     result = api.build(quantized, "host", tmp_path / "b", sample_inputs=samples[0])
+    # verified by the quantized rule against its twin with each DynamicQuantizeLinear's code unrounded
+    assert result.manifest.verification["rule"]["name"] == "quantized"
     for sample in samples:
         assert_close_to_reference(quantized, result.bundle_dir, sample)
 
