@@ -218,8 +218,12 @@ def link_library(executable: relax.VMExecutable, target: Target, backends: tuple
     # TVM puts options before the objects, where the linker drops libraries nothing has needed yet: the
     # offload libraries go after them.
     libs = [flag for backend in backends for flag in backend.linkage.libs]
-    # TVM compiles the backends' C++ sources with this command too, unoptimized unless told
-    options = (["-O2"] if backends else []) + build_options(backends, target)
+    # TVM compiles the backends' C++ sources with this command too, unoptimized unless told. That C++ only binds
+    # arguments and calls the library, so it is optimized for size; only what its exported functions reach is linked.
+    cxx = ["-Os", "-ffunction-sections", "-fdata-sections", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    # -s: no debug info or static symbol table (a third of the library); the runtime finds every function by its
+    # dynamic symbol
+    options = (cxx if backends else []) + ["-s", "-Wl,--gc-sections"] + build_options(backends, target)
     if any(b.linkage.ship for b in backends):
         # Shipped libraries are found in the bundle's lib/ by anyone loading model.so from the bundle; DT_RPATH
         # (not RUNPATH) so that it also serves the libraries' own dependencies (libdnnl's libgomp).

@@ -241,3 +241,13 @@ def test_bfloat16_stores_stay_scalar_and_compile():
     scheduled = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
     assert schedule_summary(scheduled) == {"scheduled": 1} and "T.vectorized" not in scheduled["main"].script()
     tvm.compile(scheduled, target)
+
+
+def test_uint8_kernel_computing_in_float32_gets_float32_vectors():
+    """A QDQ kernel stores uint8 but computes in float32: its vector loop has 4 float32 vectors' lanes (64 at 512
+    bits), not 4 uint8 vectors' (256 lanes: every float op 16 registers wide, 4x the code)."""
+    x = te.placeholder((40, 256), "uint8", name="x")
+    y = te.compute((40, 256), lambda i, j: tirx.round(x[i, j].astype("float32") / 6.0).astype("uint8"), name="y")
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    scheduled = CpuDefaultSchedule(target)(tvm.IRModule({"main": te.create_prim_func([x, y])}))
+    assert "T.vectorized(64)" in scheduled["main"].script(), scheduled["main"].script()

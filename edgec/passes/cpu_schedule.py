@@ -18,6 +18,7 @@ import math
 from collections import Counter
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target.codegen import llvm_get_vector_width
@@ -125,7 +126,7 @@ class CpuDefaultSchedule:
 
     def _split_vector(self, sch, loop, block_rv) -> list:
         """[outer, vector] loops for the innermost spatial loop ([loop] alone when it fits a few vectors)."""
-        lanes = max(self.vector_bits // sch.get(block_rv).writes[0].source.dtype.bits, 1)
+        lanes = max(self.vector_bits // _widest_bits(sch.get(block_rv)), 1)
         extent = _extent(sch, loop)
         if extent <= 4 * lanes:
             return [loop]
@@ -162,6 +163,20 @@ def _vectorizable(sch: s_tir.Schedule, block) -> bool:
         return False
     return not block.is_reduction() or any(_unit_stride(read.region[-1].min, inner) for read in stmt.reads
                                            if read.source.shape)
+
+
+def _widest_bits(stmt) -> int:
+    """Bits of the widest type the block loads, stores or converts to float. Vector lanes sized by its store alone
+    made a QDQ kernel (uint8 stored, float32 computed) a 256-lane vector loop whose every float op took 16
+    registers: 4x the code of lanes sized by the float32 it computes in."""
+    bits = [b.source.dtype.bits for b in (*stmt.reads, *stmt.writes)]
+
+    def note(cast: tirx.Cast) -> None:
+        if str(cast.ty.dtype).startswith(("float", "bfloat")):   # not an index's int64
+            bits.append(cast.ty.dtype.bits)
+
+    tvm_ffi.structural_walk(stmt.body, [(tirx.Cast, note)])
+    return max(bits)
 
 
 def _bfloat16(stmt) -> bool:
