@@ -203,6 +203,40 @@ def test_wrong_qoperator_bundle_is_refused(qdq):
     print(e.value.message)
 
 
+@pytest.mark.parametrize("kind", ["weight_zero_point", "classifier_scale"])
+def test_wrong_dynamic_graph_is_refused(qdq, kind):
+    """quantize_dynamic's MobileNetV2 with one fault, computed by onnxruntime, against the original's reference (its
+    DynamicQuantizeLinear codes unrounded in the twin, nudged references included): the first ConvInteger's weight
+    zero point +3, or the classifier's weight scale x1.25 (the Mul that rescales its MatMulInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgec.reference import ReferenceRuntime
+
+    quantize_dynamic(str(qdq / "pre.onnx"), str(qdq / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    model = onnx.load(str(qdq / "dynamic.onnx"))
+    graph = model.graph
+    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    if kind == "weight_zero_point":
+        node, index = next(n for n in graph.node if n.op_type == "ConvInteger"), 3
+        fault = (const[node.input[index]].astype(np.int32) + 3).astype(np.int8)
+    else:
+        node = [n for n in graph.node if n.op_type == "Mul" and any(i in const for i in n.input)][-1]
+        index = next(k for k, i in enumerate(node.input) if i in const)
+        fault = const[node.input[index]] * np.float32(1.25)
+    graph.initializer.append(numpy_helper.from_array(fault, "fault"))
+    node.input[index] = "fault"
+    onnx.save(model, str(qdq / f"dynamic_{kind}.onnx"))
+    imported = load_model(qdq / "dynamic.onnx")
+    sample = random_inputs(imported.inputs)
+    reference = reference_outputs(imported, [sample])
+    nudged = [list(reference.nudged(1 + nudge)) for nudge in QUANTIZED_RULE.nudges]
+    wrong = ReferenceRuntime(qdq / f"dynamic_{kind}.onnx", exact=True).run(sample)
+    report = compare_quantized([wrong], list(reference.outputs), list(reference.floats), QUANTIZED_RULE,
+                               nudged=nudged)["logits"]
+    print(kind, report)
+    assert not report["ok"]
+
+
 @pytest.fixture(scope="module")
 def ppocr(tmp_path_factory):
     """PP-OCRv4 det `--quantize int8 --calibration` (tests/test_quantize.py's synthetic text images), default
