@@ -47,7 +47,7 @@ def _memory_over_budget(compiled: CompiledModel) -> str | None:
     activations = compiled.memory.planned_bytes
     if activations is None:
         activations = compiled.memory.tensor_bytes
-    needed, budget = compiled.param_bytes + activations, compiled.target.device.memory_bytes
+    needed, budget = compiled.held_weight_bytes + activations, compiled.target.device.memory_bytes
     if needed <= budget:
         return None
     return (f"the model needs an estimated {needed / 2**20:.1f} MiB (weights and activations), more than "

@@ -41,6 +41,13 @@ class ActivationMemory:
     dynamic_allocations: int       # allocations of non-constant size, not counted in the byte figures
 
 
+def _static_bytes(dims, dtype: tvm.DataType) -> int | None:
+    """Bytes of a tensor of `dims` (PrimExprs) and `dtype`; None when a dimension is not a constant."""
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    return (dtype.bits * dtype.lanes + 7) // 8 * int(np.prod([d.value for d in dims], dtype=np.int64))
+
+
 def _allocated_bytes(mod: tvm.IRModule) -> dict[str, tuple[int, int]]:
     """op name -> (constant bytes allocated, allocations of dynamic size) over main's allocation calls."""
     totals = {_ALLOC_TENSOR: [0, 0], _ALLOC_STORAGE: [0, 0]}
@@ -50,16 +57,15 @@ def _allocated_bytes(mod: tvm.IRModule) -> dict[str, tuple[int, int]]:
         def visit_call_(self, call):
             op = getattr(call.op, "name", None)
             if op == _ALLOC_TENSOR:
-                dims, dtype = call.args[0].values, tvm.DataType(call.args[1].value)
-                size = (dtype.bits * dtype.lanes + 7) // 8
+                size = _static_bytes(call.args[0].values, tvm.DataType(call.args[1].value))
             elif op == _ALLOC_STORAGE:
-                dims, size = call.args[0].values, 1
+                size = _static_bytes(call.args[0].values, tvm.DataType("uint8"))
             else:
                 return
-            if all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-                totals[op][0] += size * int(np.prod([d.value for d in dims], dtype=np.int64))
-            else:
+            if size is None:
                 totals[op][1] += 1
+            else:
+                totals[op][0] += size
 
     Allocations().visit_expr(mod["main"])
     return {op: tuple(v) for op, v in totals.items()}
@@ -97,12 +103,20 @@ class CompiledModel:
     seconds: dict[str, float] = field(default_factory=dict)   # phase -> seconds
     offload: tuple[Placement, ...] | None = None   # where offload-partition put each operator; None: it did not run
     load: str | None = None                  # the function runners call once with the weights (main_load)
+    load_bytes: int = 0                      # the tensors load returns, which the model holds while it is loaded
     quantization: dict | None = None         # what --quantize did (the manifest's record); None: it did not run
     quantized_graph: tvm.IRModule | None = None   # the module a QUANTIZING_STEPS step left: what the build is verified on
 
     @property
     def param_bytes(self) -> int:
         return sum(a.nbytes for a in self.params.values())
+
+    @property
+    def held_weight_bytes(self) -> int:
+        """The weights as the loaded model holds them: load's results where they are larger than params.bin (int8
+        weights dequantized, tables computed at load), else what it stores (an offload backend's packed weights
+        are no tensor load returns)."""
+        return max(self.param_bytes, self.load_bytes)
 
     def ops_around_fusion(self) -> tuple[int, int]:
         """Operator calls in main right before fuse-ops and right after fuse-tir (equal when fusion is off)."""
@@ -113,6 +127,14 @@ class CompiledModel:
         before = self.passes[names.index("fuse-ops") - 1].calls
         after = next(r.calls for r in self.passes if r.name == "fuse-tir") if "fuse-tir" in names else before
         return before, after
+
+
+def _returned_bytes(func: relax.Function) -> int:
+    """Bytes of the tensors of static shape `func` returns (a tuple of them, or one; not its opaque objects)."""
+    types = func.ret_ty.fields if isinstance(func.ret_ty, tvm.ir.TupleType) else [func.ret_ty]
+    sizes = [_static_bytes(ty.shape.values, tvm.DataType(ty.dtype)) for ty in types
+             if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr)]
+    return sum(size for size in sizes if size is not None)
 
 
 def refuse_compiler_only_calls(mod: tvm.IRModule) -> None:
@@ -194,6 +216,7 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
     seconds = {"import": model.import_seconds, "passes": t_passes, "codegen": time.perf_counter() - t0}
     return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
                          memory.result(), codegen, seconds, placement[-1] if placement else None, load,
+                         _returned_bytes(mod[load]) if load else 0,
                          *(quantization[0] if quantization else (None, None)))
 
 

@@ -699,6 +699,18 @@ def test_memory_over_budget_refused_with_strict_memory(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_memory_counts_the_weights_as_held_after_load(tmp_path):
+    """--quantize int8-weights stores 0.5 MiB of int8 in params.bin, but main_load turns them into the 2 MiB of
+    float32 the model holds while loaded: those are what the budget is checked against."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32), "w")
+    model = tiny_onnx(tmp_path / "big.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"])], inputs=(("x", [1, 512]),),
+                      outputs=(("y", [1, 1024]),), inits=[w])
+    result = cli("build", model, "-t", host_target(tmp_path, memory_mb="1"), "--quantize", "int8-weights",
+                 "--offload", "none", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: ") and "memory_mb = 1" in result.stderr, result.stderr
+
+
 def test_memory_within_budget_is_quiet(tmp_path):
     """Control: the same model with a budget it fits in."""
     result = cli("build", _big_matmul(tmp_path / "big.onnx"), "-t", host_target(tmp_path, memory_mb="64"),
