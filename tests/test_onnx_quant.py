@@ -203,3 +203,26 @@ def test_unconverted_qoperator_forms_are_one_line(tmp_path, case, keywords):
     result = cli("build", model, "-o", tmp_path / "b")
     check_error(result.stderr, result.exit_code, *keywords, exception=result.exception)
     assert not (tmp_path / "b").exists()
+
+
+def test_qdq_form_of_qgemm_with_a_2d_bias_computes_the_model():
+    """QGemm's int32 C may be [M, N], at s_a times the per-column b_scale: its QDQ form dequantizes C along its last
+    axis and gives onnxruntime's outputs of the QOperator node (its first axis: a refused DequantizeLinear)."""
+    from edgec.frontends.onnx_quant import qdq_form
+
+    consts = {"sa": np.float32(0.05), "za": np.uint8(128), "b": RNG.integers(-127, 128, (4, 3)).astype(np.int8),
+              "sb": np.array([0.01, 0.02, 0.03], np.float32), "zb": np.zeros(3, np.int8),
+              "c": RNG.integers(-2000, 2000, (2, 3)).astype(np.int32), "sy": np.float32(0.1), "zy": np.uint8(128)}
+    node = helper.make_node("QGemm", ["a", "sa", "za", "b", "sb", "zb", "c", "sy", "zy"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "qgemm", [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [2, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [2, 3])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a = {"a": RNG.integers(0, 256, (2, 4)).astype(np.uint8)}
+    want = ort.InferenceSession(model.SerializeToString(), options).run(None, a)[0]
+    form = qdq_form(onnx.ModelProto.FromString(model.SerializeToString()))
+    got = ort.InferenceSession(form.SerializeToString(), options).run(None, a)[0]
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, (got, want)

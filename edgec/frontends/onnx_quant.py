@@ -261,7 +261,8 @@ def qdq_form(model):
         nodes.append(helper.make_node("QuantizeLinear", [y, scale] + ([zero_point] if zero_point else []), [out]))
         quantized[out] = (scale, zero_point)
 
-    def bias(b: str, sx: str, sw: str) -> str:
+    def bias(b: str, sx: str, sw: str, axis: int) -> str:
+        """b (int32 at s_x * s_w) in float; `axis`: b's output-channel axis (QGemm's C may be 2-D, [M, N])."""
         if not b:
             return ""
         if sx not in constants or sw not in constants:
@@ -269,13 +270,13 @@ def qdq_form(model):
         name = fresh()
         constants[name] = constants[sx].astype(np.float32).reshape(()) * constants[sw].astype(np.float32)
         graph.initializer.append(numpy_helper.from_array(constants[name], name))
-        return dequantize(b, name, "", 0)
+        return dequantize(b, name, "", axis)
 
     def rewrite(node):
         op, i = node.op_type, list(node.input) + [""] * 9
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if op == "QLinearConv":
-            inputs = [dequantize(i[0], i[1], i[2], 1), dequantize(i[3], i[4], i[5], 0), bias(i[8], i[1], i[4])]
+            inputs = [dequantize(i[0], i[1], i[2], 1), dequantize(i[3], i[4], i[5], 0), bias(i[8], i[1], i[4], 0)]
             out = (i[6], i[7])
         elif op == "QLinearMatMul":
             inputs, out = [dequantize(i[0], i[1], i[2], -2), dequantize(i[3], i[4], i[5], -1)], (i[6], i[7])
@@ -283,7 +284,7 @@ def qdq_form(model):
             if attrs.pop("alpha", 1.0) != 1.0:
                 raise NoQdqForm
             inputs = [dequantize(i[0], i[1], i[2], 0), dequantize(i[3], i[4], i[5], 0 if attrs.get("transB") else 1),
-                      bias(i[6], i[1], i[4])]
+                      bias(i[6], i[1], i[4], -1)]
             out = (i[7], i[8])
         elif op in ("QLinearAdd", "QLinearMul"):
             inputs, out = [dequantize(i[0], i[1], i[2], 0), dequantize(i[3], i[4], i[5], 0)], (i[6], i[7])
