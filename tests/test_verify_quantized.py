@@ -128,8 +128,9 @@ def test_wrong_quantized_bundle_is_refused(qdq, kind):
 
 def test_qoperator_qdq_form_computes_the_qdq_file(qdq):
     """The QOperator MobileNetV2 rewritten to its QDQ form (reference.qdq_model) gives onnxruntime's own QDQ file's
-    outputs (same calibration) exactly, while onnxruntime's fused QLinear kernels, which requantize their own way,
-    land steps away from both: the QDQ form is the reference."""
+    outputs (same calibration) exactly: the QDQ form is the reference. onnxruntime's fused QLinear kernels requantize
+    their own way; how far they land is printed, not asserted (1-4 output steps with onnxruntime 1.31: its own
+    kernels, not edgec, so no bound of theirs is this test's to hold)."""
     from edgec.reference import ReferenceRuntime, qdq_model
 
     form, rewritten = qdq_model(qdq / "qoperator.onnx")
