@@ -63,9 +63,8 @@ def _depthwise(call: relax.Call) -> bool:
         call.args[1].value.numpy().shape[str(call.attrs.kernel_layout).index("I")] == 1
 
 
-def candidates(func: relax.Function) -> dict[str, tuple[relax.Var, list[relax.Var]]]:
+def candidates(func: relax.Function, plan: analysis.Plan) -> dict[str, tuple[relax.Var, list[relax.Var]]]:
     """{plan key: (tensor, its readers)} for the tensors every reader of which is a quantized depthwise conv."""
-    plan = analysis.plan(func)
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
     readers = _readers(func)
     out = {}
@@ -79,10 +78,11 @@ def candidates(func: relax.Function) -> dict[str, tuple[relax.Var, list[relax.Va
     return out
 
 
-def factors(func: relax.Function, ranges: dict[str, np.ndarray]) -> dict[relax.Var, np.ndarray]:
-    """{tensor: a, one factor per channel} for the candidates whose per-channel `ranges` warrant it."""
+def factors(found: dict[str, tuple[relax.Var, list[relax.Var]]], ranges: dict[str, np.ndarray]
+            ) -> dict[relax.Var, np.ndarray]:
+    """{tensor: a, one factor per channel} for the `found` candidates whose per-channel `ranges` warrant it."""
     out = {}
-    for key, (tensor, _) in candidates(func).items():
+    for key, (tensor, _) in found.items():
         r = ranges[key]
         top = float(r.max())
         if top <= 0 or top < SPREAD * float(np.median(r)):
@@ -131,10 +131,11 @@ def rewrite(mod: tvm.IRModule, scale: dict[relax.Var, np.ndarray]) -> tvm.IRModu
 def equalize(mod: tvm.IRModule, data: Dataset) -> tuple[tvm.IRModule, int]:
     """(main with its widely spread depthwise conv inputs equalized on `data`'s per-channel ranges, how many)."""
     func = mod["main"]
-    found = candidates(func)
+    plan = analysis.plan(func)
+    found = candidates(func, plan)
     if not found:
         return mod, 0
-    keys = analysis.plan(func).keys()
+    keys = plan.keys()
     current().detail("equalization: compile the float model with taps")
     runner = Runner(mod, keys)
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
@@ -149,5 +150,5 @@ def equalize(mod: tvm.IRModule, data: Dataset) -> tuple[tvm.IRModule, int]:
                 widest[key] = np.maximum(widest[key], span) if key in widest else span
 
     sweep(runner, data, "equalization per-channel min/max", per_channel)
-    scale = factors(func, widest)
+    scale = factors(found, widest)
     return (rewrite(mod, scale), len(scale)) if scale else (mod, 0)
