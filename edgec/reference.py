@@ -205,6 +205,18 @@ def qdq_model(path: Path):
     return model, rewritten
 
 
+def qdq_forms(path: Path) -> tuple:
+    """What the quantized rule reads of the ONNX model at `path`: its QDQ form (qdq_model; None where it has none),
+    whether that was rewritten, and its float twin (qdq_float_twin; None for a float model). A rewrite that fails
+    (a model it does not foresee: a bug in edgec) leaves the model unverifiable, in one line, not a traceback."""
+    try:
+        qdq, rewritten = qdq_model(path) or (None, False)
+        return qdq, rewritten, None if qdq is None else qdq_float_twin(qdq)
+    except Exception as e:  # any failure of the rewrites: onnx's and numpy's errors alike
+        raise ReferenceUnavailable(f"cannot write {path.name} in the QDQ form its verification reads: "
+                                   f"{last_line(e)}", "this is a bug in edgec: report it with the model") from e
+
+
 def qdq_float_twin(model) -> bytes | None:
     """An ONNX QDQ model (an onnx.ModelProto, as qdq_model gives it) whose activations are not rounded: each
     QuantizeLinear -> DequantizeLinear pair becomes a

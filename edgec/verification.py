@@ -22,7 +22,7 @@ from .frontends import ImportedModel
 from .manifest import not_verified
 from .reference import (DEFAULT_TOLERANCE, INTEGER_RULE, QUANTIZED_RULE, QUANTIZED_TOLERANCE, QuantizedRule,
                         ReferenceRuntime, ReferenceUnavailable, Tolerance, compare_outputs, compare_quantized,
-                        qdq_float_twin, qdq_model, qdq_nudged, unrounded_integers)
+                        qdq_forms, qdq_nudged, unrounded_integers)
 from .signature import check_inputs, random_inputs
 from .targets import Target
 
@@ -99,9 +99,8 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     (reference.qdq_model), since onnxruntime's QLinear kernels round their own way, and a dynamically quantized one
     as it is, with its DynamicQuantizeLinear codes unrounded in the twin. A full-integer TFLite model
     (outputs all quantized, no state) carries its unrounded twin, run on TVM when needed."""
-    qdq, rewritten = (qdq_model(model.path) if model.format == "onnx" else None) or (None, False)
-    twin = None if qdq is None else qdq_float_twin(qdq)
     try:
+        qdq, rewritten, twin = qdq_forms(model.path) if model.format == "onnx" else (None, False, None)
         ref = ReferenceRuntime(model.path, states=model.states, exact=twin is not None,
                                content=None if twin is None else qdq.SerializeToString())
         floats = None if twin is None else _run(ReferenceRuntime(model.path, content=twin), model, steps)

@@ -226,3 +226,19 @@ def test_qdq_form_of_qgemm_with_a_2d_bias_computes_the_model():
     form = qdq_form(onnx.ModelProto.FromString(model.SerializeToString()))
     got = ort.InferenceSession(form.SerializeToString(), options).run(None, a)[0]
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, (got, want)
+
+
+def test_a_failing_qdq_form_leaves_the_model_not_verified_in_one_line(tmp_path, monkeypatch):
+    """A failure inside the QDQ-form rewrite (here made to raise) is the reference's reason in one line, which a build
+    records as "not verified", not a traceback."""
+    from edgec.frontends import load_model, onnx_quant
+    from edgec.verification import reference_outputs
+
+    def broken(model):
+        raise ValueError("an input the rewrite does not foresee\nat node 'conv'")
+
+    quantized = _static(tmp_path, "mlp", QuantType.QUInt8, per_channel=False)
+    monkeypatch.setattr(onnx_quant, "qdq_form", broken)
+    reason = reference_outputs(load_model(quantized), [{"x": np.ones(MODELS["mlp"][1], np.float32)}])
+    assert isinstance(reason, str) and "\n" not in reason, reason
+    assert "cannot write mlp_qop.onnx in the QDQ form" in reason and "at node 'conv'" in reason
