@@ -373,7 +373,8 @@ PRECISION_RULE = QuantizedRule(max_fraction=1.0, name="precision")
 
 # full-integer models (a pre-quantized TFLite model) whose bundle is more than one step off the reference runtime:
 # `floats` are the model's unrounded twin (unrounded_integers) on TVM. See docs/architecture.md for the margin.
-INTEGER_RULE = QuantizedRule(margin_db=6.0, name="integer", channel_margin_db=3.0, within=1)
+INTEGER_RULE = QuantizedRule(margin_db=6.0, name="integer", channel_margin_db=3.0, within=1,
+                             nudges=QUANTIZED_RULE.nudges)
 
 
 def decibels(signal: float, noise: float) -> float:
@@ -438,13 +439,15 @@ def compare_quantized(outputs: list[dict[str, np.ndarray]], reference: list[dict
     return report
 
 
-def unrounded_integers(mod):
+def unrounded_integers(mod, states: tuple = ()):
     """A pre-quantized model's Relax graph (a full-integer TFLite model's, as imported) computed without rounding:
     each per-tensor quantize(x, s, z) becomes clip(x / s + z, qmin, qmax) in float32 and each dequantize of such a
     value (y - z) * s, so every integer tensor — the outputs included — holds the value it rounds, in its own units.
     Saturation stays, as in qdq_float_twin; a quantize with per-channel or non-constant parameters is kept (its
     rounding then counts as part of the model: a stricter rule). Its distance from the reference runtime's integer
-    outputs is the model's own rounding error, which QuantizedRule measures a bundle against."""
+    outputs is the model's own rounding error, which QuantizedRule measures a bundle against. A streaming model's
+    state inputs (`states`: frontends.State) take float32 here: the twin is fed its own unrounded state, so that
+    over a stream it leaves every rounding out, those carried from step to step included."""
     import tvm
     from tvm import relax
 
@@ -468,6 +471,13 @@ def unrounded_integers(mod):
             shifted = relax.op.add(relax.op.divide(data, relax.const(s, "float32")), relax.const(z, "float32"))
             return relax.op.clip(shifted, float(info.min), float(info.max))
 
+    main, unround = mod["main"], Unround(mod)
+    fed = {s.input for s in states}
+    params = [relax.Var(p.name, relax.TensorType(p.ty.shape, "float32")) if p.name in fed else p for p in main.params]
+    for old, new in zip(main.params, params):
+        if new is not old:
+            unround.set_var_remap(old, new)
+    body = unround.visit_expr(main.body)
     out = tvm.IRModule(dict(mod.functions))
-    out["main"] = Unround(mod).visit_expr(mod["main"])
+    out["main"] = relax.Function(params, body, is_pure=main.is_pure, attrs=main.attrs)
     return relax.transform.DeadCodeElimination(["main"])(out)

@@ -111,11 +111,15 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     if twin is not None:
         def nudged(factor):
             return _run(ReferenceRuntime(model.path, content=qdq_nudged(qdq, factor), exact=True), model, steps)
-    if model.format == "tflite" and not model.states and set(outputs[0]) <= ref.quantized_outputs:
-        def unrounded():
-            from .quantize.reference import run_graph
+    if model.format == "tflite" and set(outputs[0]) <= ref.quantized_outputs:
+        from .quantize import reference as graph
 
-            return tuple(run_graph(unrounded_integers(model.mod), model, steps))
+        # a stream's twin and nudged graphs run the same steps from the initial state, fed their own states
+        def unrounded():
+            return tuple(graph.run_graph(unrounded_integers(model.mod, model.states), model, steps))
+
+        def nudged(factor):
+            return tuple(graph.run_graph(graph.nudged(model.mod, factor), model, steps))
     name = ref.name + (" on its QDQ form" if twin is not None and rewritten else "")
     return ReferenceRun(name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded,
                         zero_points=ref.zero_points, nudged=nudged)

@@ -75,8 +75,9 @@ def run_graph(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.
     take each step's state outputs, as ReferenceRuntime.stream feeds the reference runtime."""
     vm = on_host(mod)
     names = [p.name for p in mod["main"].params]
+    dtypes = {p.name: str(p.ty.dtype) for p in mod["main"].params}
     fed = [s for s in model.states if s.input in names]
-    state = {s.input: s.initial for s in fed}
+    state = {s.input: s.initial.astype(dtypes[s.input]) for s in fed}    # float32 in an unrounded twin's
     outputs = []
     for step in steps:
         feeds = {**step, **state}
