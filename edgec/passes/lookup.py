@@ -4,11 +4,11 @@ In a QDQ graph the activations between integer layers (PP-LCNet's hardswish and 
 add 3, quantize, dequantize, multiply by itself, quantize, divide by 6, ...) are float math with a rounding after
 each op: a dozen divisions per element. Where every value of such a chain is a function of one 8-bit tensor (its
 other operands are scalar constants, or the same tensor through another path), its 8-bit result is too, so it is
-`take(table, x)`, the table being the same ops applied to the 256 values x can take: the same per-element
-arithmetic on 256 values instead of on every element. The 256 values are one constant that lift-params makes a
-weight (params.bin keeps them, not the table), so compute-at-load computes each table in main_load, once per loaded
-model. Only chains of `_MIN_OPS` ops or more, whose output has the input's shape, are replaced; what the chain's
-float values feed elsewhere keeps computing them.
+`take(table, x)`, the table being the same ops applied to the 256 values x can take. The tables are computed here,
+at build time, by TVM on the build machine (all of a module's in one compiled function, as the quantized reference
+is computed): each is a 256-entry constant (a weight once lifted, in params.bin), and neither main nor main_load
+computes it, so the library holds no kernels for it. Only chains of `_MIN_OPS` ops or more, whose output has the
+input's shape, are replaced; what the chain's float values feed elsewhere keeps computing them.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tvm import relax
 
 from ..context import BuildContext
 from ..offload.fusion import static_shape
+from ..quantize.calibrate import on_host
 from .ir import per_tensor
 from .registry import register_pass
 
@@ -38,6 +39,8 @@ class _Tables(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.chains: dict[relax.Var, tuple[relax.Var, relax.Expr, int]] = {}   # var -> (root, on the table, ops)
+        self.tables: list[relax.Var] = []                 # each lookup's table, still computed from the 256 values
+        self.on_table: list[relax.VarBinding] = []        # the bindings that compute them (and unused ones), in order
 
     def _chain(self, expr) -> tuple[relax.Var, relax.Expr, int] | None:
         """What `expr` is as an operand of a chain: its root, its value on the root's 256 values, its ops."""
@@ -73,8 +76,10 @@ class _Tables(relax.PyExprMutator):
             low = _LOWEST[str(root.ty.dtype)]
             if low:
                 index = relax.op.subtract(index, relax.const(low, "int32"))
+            table = self._emit_on_table(relax.op.reshape(on_table, [256]))
+            self.tables.append(table)
             # in bounds by construction; "fast" would have TVM warn at each legalization that it could segfault
-            value = relax.op.take(relax.op.reshape(on_table, [256]), index, axis=0, mode="clip")
+            value = relax.op.take(table, index, axis=0, mode="clip")
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
 
     def _link(self, call: relax.Call) -> tuple[relax.Var, relax.Expr, int] | None:
@@ -94,8 +99,42 @@ class _Tables(relax.PyExprMutator):
             ops = max(ops, chain[2])
         if len(roots) != 1:
             return None
-        on_table = self.builder_.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
+        on_table = self._emit_on_table(relax.Call(call.op, args, call.attrs, call.ty_args))
         return roots.pop(), on_table, ops + 1
+
+    def _emit_on_table(self, call: relax.Call) -> relax.Var:
+        var = self.builder_.emit(call)
+        self.on_table.append(relax.VarBinding(var, self.builder_.lookup_binding(var)))
+        return var
+
+
+@relax.expr_functor.mutator
+class _Constants(relax.PyExprMutator):
+    """Each table var's uses replaced by its value."""
+
+    def __init__(self, values: dict[relax.Var, np.ndarray]):
+        super().__init__()
+        self.values = values
+
+    def visit_var_(self, var):
+        return relax.const(self.values[var]) if var in self.values else var
+
+    visit_dataflow_var_ = visit_var_
+
+
+def _computed(tables: list[relax.Var], bindings: list[relax.VarBinding]) -> dict[relax.Var, np.ndarray]:
+    """The value of each table var: the bindings it needs (constants in, no input) as one function run here."""
+    needed, kept = set(tables), []
+    for binding in reversed(bindings):     # a chain too short for a table computed nothing that is needed
+        if binding.var in needed:
+            kept.append(binding)
+            needed.update(relax.analysis.free_vars(binding.value))
+    out = relax.Var("tables", relax.TupleType([t.ty for t in tables]))
+    body = relax.SeqExpr([relax.DataflowBlock([*reversed(kept), relax.VarBinding(out, relax.Tuple(tables))])], out)
+    # the vars are the mutated module's too: the function gets its own
+    func = relax.utils.copy_with_new_vars(relax.Function([], body, out.ty))
+    values = on_host(tvm.IRModule({"main": func}))["main"]()
+    return {t: v.numpy() for t, v in zip(tables, values)}
 
 
 @tvm.transform.module_pass(opt_level=0, name="Int8LookupTables")
@@ -105,7 +144,14 @@ def _lookup_tables(mod, _ctx):
         if isinstance(func, relax.Function) and not any(k in (func.attrs or {}) for k in ("Codegen", "Composite",
                                                                                           "Primitive")):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+    mod = mutator.builder_.get()
+    if mutator.tables:
+        constants = _Constants(_computed(mutator.tables, mutator.on_table))
+        mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = constants.visit_expr(func)
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 @register_pass("int8-lookup-tables", phase="graph", after=("offload-partition",))
