@@ -143,9 +143,11 @@ _QUANTIZED_HINT = ("a reduced-precision bundle differs from its reference by rou
                    "or with --offload none; if it is still refused, report it with the model")
 
 
-def _failed(reference: ReferenceRun, name: str, what: str, k: int, steps: int, stream: bool,
+def _failed(reference: ReferenceRun, name: str, what: str, k: int | None, steps: int, stream: bool,
             hint: str = _BUG_HINT) -> VerificationFailed:
-    at = f" at step {k + 1} of {steps} from the initial state" if stream else ""
+    """`k`: the step that disagrees; None for a rule measured over all steps."""
+    at = ((f" at step {k + 1} of {steps}" if k is not None else f" over {steps} steps") + " from the initial state"
+          if stream else "")
     return VerificationFailed(
         f"the compiled model disagrees with {reference.name} on output '{name}'{at}: {what}; no bundle was written",
         hint)
@@ -209,7 +211,7 @@ def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dic
                                    nudged)
     extra = [n for n in steps[0] if n not in reference.outputs[0]]
     if extra:
-        raise _failed(reference, extra[0], "not an output of the reference", 0, len(steps), stream)
+        raise _failed(reference, extra[0], "not an output of the reference", None, len(steps), stream)
     for name, r in report.items():
         if not r["ok"]:
             what = r["problem"] or (
@@ -221,7 +223,7 @@ def _verify_quantized(bundle_dir: Path, reference: ReferenceRun, steps: list[dic
                 + f"), max abs error {r['max_abs']:.3g}"
                 + (f", its worst channel {r['worst_channel_margin_db']:.1f} dB below (rule: at least "
                    f"{rule.channel_margin_db:g} dB)" if "worst_channel_margin_db" in r else ""))
-            raise _failed(reference, name, what, 0, len(steps), stream, _QUANTIZED_HINT if r["problem"] is None
+            raise _failed(reference, name, what, None, len(steps), stream, _QUANTIZED_HINT if r["problem"] is None
                           else _BUG_HINT)
     manifest = Manifest.load(bundle_dir)
     if manifest.sample is not None:

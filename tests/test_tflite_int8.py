@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import flatbuffers
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from edgec import api, report
 from edgec.build import BuildOptions
 from edgec.reference import INTEGER_RULE, ReferenceRuntime
 from edgec.targets import load_target
-from edgec.verification import VerificationFailed, reference_outputs, verify_staged
+from edgec.verification import VerificationFailed, reference_outputs, stream_steps, verify_staged
 from edgec.frontends import load_model
 from models import real_model
 from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
@@ -89,6 +90,49 @@ def deep_int8_cnn(path, layers=7):
         y = n.layer("Conv2D", y, (1, 64, 64, 64), (64, 3, 3, channels), 0, 9 * channels,
                     schema.ActivationFunctionType.RELU, input_rms=74 if k == 0 else 57, **same)
     return n.g.save(path, [x[0]], [y[0]])
+
+
+def streaming_deep_int8_cnn(path, layers=3):
+    """deep_int8_cnn fed back on itself, as a streaming model keeps its state (resource variables, initialized by a
+    CALL_ONCE subgraph to the quantized zero): each call concatenates the image with the state, runs `layers` 3x3
+    convs with ReLU, and a 1x1 conv of the last one is the next state. Flips compound through the layers and from
+    call to call (at 7 layers, 4 calls, a correct bundle's are as large as the rounding: docs/architecture.md)."""
+    n, same, op = _Int8Layers(), dict(padding=schema.Padding.SAME, strideH=1, strideW=1), schema.BuiltinOperator
+    g, quant = n.g, ([0.003], [-4], 0)
+
+    def handle():
+        t = schema.TensorT()
+        t.name, t.shape, t.type, t.buffer = "state_handle", [], schema.TensorType.RESOURCE, 0
+        g.sg.tensors.append(t)
+        g.op(op.VAR_HANDLE, [], [len(g.sg.tensors) - 1], *_options("VarHandle", sharedName="state"))
+        return len(g.sg.tensors) - 1
+
+    main, g.sg = g.sg, schema.SubGraphT()           # subgraph 1: the state's initial value
+    g.sg.tensors, g.sg.operators, g.sg.inputs, g.sg.outputs = [], [], [], []
+    g.op(op.ASSIGN_VARIABLE, [handle(), g.tensor("zero", (1, 64, 64, 8), np.int8, np.full((1, 64, 64, 8), -4), quant)],
+         [], *_options("AssignVariable"))
+    init, g.sg = g.sg, main
+    g.op(op.CALL_ONCE, [], [], *_options("CallOnce", initSubgraphIndex=1))
+    variable, image = handle(), g.tensor("image", (1, 64, 64, 8), np.int8, quant=quant)
+    state = g.tensor("state", (1, 64, 64, 8), np.int8, quant=quant)
+    g.op(op.READ_VARIABLE, [variable], [state], *_options("ReadVariable"))
+    y = g.tensor("joined", (1, 64, 64, 16), np.int8, quant=quant), quant[0][0]
+    g.op(op.CONCATENATION, [image, state], [y[0]], *_options("Concatenation", axis=3))
+    for k in range(layers):
+        y = n.layer("Conv2D", y, (1, 64, 64, 64), (64, 3, 3, 16 if k == 0 else 64), 0, 9 * (16 if k == 0 else 64),
+                    schema.ActivationFunctionType.RELU, input_rms=74 if k == 0 else 57, **same)
+    following, natural = n.layer("Conv2D", y, (1, 64, 64, 8), (8, 1, 1, 64), 0, 64, input_rms=57, **same)
+    # the next state at the state's own scale: the weights (and the bias, at input x weight scale) rescaled with it
+    w, b = (g.sg.tensors[i].quantization for i in g.sg.operators[-1].inputs[1:3])
+    w.scale, b.scale = ([s * quant[0][0] / natural for s in q.scale] for q in (w, b))
+    g.sg.tensors[following].quantization = g.sg.tensors[state].quantization
+    g.op(op.ASSIGN_VARIABLE, [variable, following], [], *_options("AssignVariable"))
+    main.inputs, main.outputs = [image], [y[0]]
+    g.model.subgraphs = [main, init]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(g.model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
 
 
 def within_one_step(ours: dict, reference: dict) -> tuple[int, int]:
@@ -216,9 +260,7 @@ def test_deep_int8_cnn_is_verified_by_the_integer_rule(tmp_path):
 def _faulty(src, dst, layer: int, channel_only: bool):
     """`src` with the weight scales of conv `layer` x1.25 (a wrong requantization), or its channel 0's alone x1.5;
     its bias's scales alike (LiteRT takes a bias at input scale x weight scale whatever its own says, TVM's importer
-    at its own: they compute the same only where the model agrees)."""
-    import flatbuffers
-
+    at its own: they compute the same only where the model agrees). `layer`: the conv's operator index."""
     model = schema.ModelT.InitFromPackedBuf(src.read_bytes(), 0)
     tensors, op = model.subgraphs[0].tensors, model.subgraphs[0].operators[layer]
     for quantization in (tensors[op.inputs[1]].quantization, tensors[op.inputs[2]].quantization):
@@ -230,16 +272,38 @@ def _faulty(src, dst, layer: int, channel_only: bool):
     return dst
 
 
-@pytest.mark.parametrize("layer, channel_only", [(3, False), (6, True)])
-def test_wrong_deep_int8_bundle_is_refused(tmp_path, layer, channel_only):
+def test_streaming_deep_int8_cnn_is_verified_by_the_integer_rule(tmp_path):
+    """A 3-layer CNN as a stream: TVM's float QDQ kernels end steps off LiteRT over the 4 verification steps, which
+    the one-step rule refuses; the integer rule, its twin streamed on its own unrounded state, accepts it."""
+    options = BuildOptions(offload=(), disabled_passes=("int8-kernels",))
+    built = api.build(streaming_deep_int8_cnn(tmp_path / "stream.tflite"), "host", tmp_path / "b", options=options)
+    verification = built.manifest.verification
+    print("streaming 3-layer int8 CNN, TVM:", verification["outputs"])
+    assert verification["status"] == "verified" and verification["rule"] == INTEGER_RULE.to_json()
+    assert verification["runner"] == "in-process, 4 steps streamed"
+    assert set(verification["outputs"]) == {"Conv2D12", "Conv2D15"}         # the output and the state
+    assert max(out["max_abs"] for out in verification["outputs"].values()) > 1
+    for out in verification["outputs"].values():
+        assert out["max_abs"] <= 1 or out["margin_db"] >= INTEGER_RULE.margin_db
+
+
+@pytest.mark.parametrize("make, layer, channel_only", [(deep_int8_cnn, 3, False), (deep_int8_cnn, 6, True),
+                                                       (streaming_deep_int8_cnn, 5, False),
+                                                       (streaming_deep_int8_cnn, 7, False)],
+                         ids=["layer4", "layer7_channel0", "streaming_layer2", "streaming_state"])
+def test_wrong_deep_int8_bundle_is_refused(tmp_path, make, layer, channel_only):
     """A correct build of the faulty file checked against the original's reference: refused. The last layer's one
-    channel is 1/64 of the output (measured 9.0 dB, 1.2% off: inside the whole-output bounds), seen per channel."""
-    good = deep_int8_cnn(tmp_path / "deep.tflite")
+    channel is 1/64 of the output (measured 9.0 dB, 1.2% off: inside the whole-output bounds), seen per channel. The
+    stream's faults (its layer 2's scales, the conv making its state) over its 4 steps."""
+    good = make(tmp_path / "deep.tflite")
     bad = _faulty(good, tmp_path / "bad.tflite", layer, channel_only)
     built = api.build(bad, "host", tmp_path / "b", options=BuildOptions(offload=()))
-    sample = {"image": np.load(built.bundle_dir / "sample" / "inputs" / "0-image.npy")}
+    model = load_model(good)
+    steps = stream_steps(model, {"image": np.load(built.bundle_dir / "sample" / "inputs" / "0-image.npy")}, False)
     with pytest.raises(VerificationFailed, match="rounding error") as e:
-        verify_staged(built.bundle_dir, load_target("host"), reference_outputs(load_model(good), [sample]))
+        verify_staged(built.bundle_dir, load_target("host"), reference_outputs(model, steps), stream=bool(model.states))
     print(e.value.message)
+    assert "requantization nudged" in e.value.message      # refused with the element bound its nudged graphs measure
+    assert ("over 4 steps from the initial state" in e.value.message) == bool(model.states)
     whole_output = float(re.search(r"its error (\S+) dB below", e.value.message).group(1))
     assert (whole_output >= INTEGER_RULE.margin_db) == channel_only   # the one channel passes the whole-output bound
