@@ -277,3 +277,51 @@ def test_lcnet_blocks_int8_whole_graph_nhwc(tmp_path, activations):
     sample = {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}
     np.testing.assert_array_equal(api.run(result.bundle_dir, sample).outputs["y"],
                                   api.run(plain.bundle_dir, sample).outputs["y"])
+
+
+def deconv_head(path: Path) -> Path:
+    """PP-OCRv4 det's head between NHWC convs: conv 3x3 + ReLU, ConvTranspose 2x2 stride 2 (16 to 8 channels),
+    ReLU, ConvTranspose 2x2 stride 2 to one channel; beside it a ConvTranspose 3x3 stride 2 with padding, output
+    padding and a bias (another form), added after a conv."""
+    inits, nodes = [], []
+
+    def weights(name, shape):
+        inits.append(numpy_helper.from_array((RNG.standard_normal(shape) * 0.3).astype(np.float32), name))
+        return name
+
+    def node(op, inputs, out, **attrs):
+        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    a = node("Relu", [node("Conv", ["x", weights("a_w", (16, 8, 3, 3)), weights("a_b", (16,))], "a",
+                           kernel_shape=[3, 3], pads=[1] * 4)], "ar")
+    up = node("Relu", [node("ConvTranspose", [a, weights("u_w", (16, 8, 2, 2))], "u", kernel_shape=[2, 2],
+                            strides=[2, 2])], "ur")
+    node("ConvTranspose", [up, weights("v_w", (8, 1, 2, 2))], "y", kernel_shape=[2, 2], strides=[2, 2])
+    side = node("ConvTranspose", [a, weights("s_w", (16, 4, 3, 3)), weights("s_b", (4,))], "s", kernel_shape=[3, 3],
+                strides=[2, 2], pads=[1] * 4, output_padding=[1, 1])
+    node("Conv", [side, weights("t_w", (4, 4, 1, 1)), weights("t_b", (4,))], "z", kernel_shape=[1, 1])
+    return save_onnx(path, "deconv_head", nodes, {"x": [1, 8, 8, 8]}, {"y": [1, 1, 32, 32], "z": [1, 4, 16, 16]},
+                     inits)
+
+
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
+def test_deconv_int8_on_onednn_nhwc(tmp_path, activations):
+    """QDQ ConvTranspose chains are oneDNN int8 deconvolutions in NHWC (computed between transposes that cancel
+    against the NHWC convs' ones), within one step of onnxruntime and verified by the quantized rule. The one with
+    an int32 bias is left float (its bias add, reshaped for NCHW, does not follow it to NHWC): it goes back to NCHW,
+    where TVM and the fp32 deconvolution take it."""
+    model = deconv_head(tmp_path / "head.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples, activations)
+    result = build(qdq, tmp_path / "b", samples[0], BuildOptions(offload=("onednn",), dump_ir=tmp_path / "ir"))
+    verification = result.manifest.verification
+    assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
+    deconvs = {(p["detail"], p["count"]) for p in report.build_json(result)["offload"]
+               if p["operator"] == "conv2d_transpose"}
+    assert deconvs == {("onednn.qdeconv", 2), ("onednn.deconv", 1)}, deconvs
+    partitioned = next((tmp_path / "ir").glob("*-offload-partition.py")).read_text()
+    qdeconv = partitioned[partitioned.index('"Composite": "onednn.qdeconv"'):]
+    assert 'data_layout="NHWC"' in qdeconv[:qdeconv.index("R.output(")], qdeconv
+    for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 8, 8)) * 2).astype(np.float32)}]:
+        assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05

@@ -15,7 +15,8 @@ from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
-from .quantized import has_quantized_anchor, is_quantized, read_quantized, untie_dequantize
+from .quantized import (deconv_back_to_nchw, deconv_to_nhwc, has_quantized_anchor, is_quantized, read_quantized,
+                        untie_dequantize)
 
 _PLACEMENT_ATTR = "edgec_offload_placement"
 # Ops ConvertLayout would move along to the new layout, which TVM 0.27 cannot lower in it.
@@ -237,7 +238,15 @@ def layout(ctx):
     def layout_if_needed(mod, pctx):
         # ConvertLayout re-checks every binding, and refuses some the importer made (add of int64 and int32
         # indices): a graph without the backends' operators is left alone
-        return convert(mod) if calls_any(mod, wanted) else mod
+        if not calls_any(mod, wanted):
+            return mod
+        converted = convert(mod)
+        # ConvertLayout rewrites every function, offload-quantized's partitions too, which are in their backend's
+        # layout already (an NHWC int8 conv2d_transpose would be put back in NCHW): they stay as they were
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function) and "Codegen" in (func.attrs or {}):
+                converted[converted.get_global_var(gv.name_hint)] = func
+        return converted
 
     return layout_if_needed
 
@@ -245,17 +254,20 @@ def layout(ctx):
 # after quantize-int8 by name, whose QDQ form it takes: import order, which sets registration order, must not decide
 @register_pass("offload-quantized", phase="graph", after=("canonicalize", "quantize-int8"), applies=_offloading)
 def quantized(ctx):
-    """Give int8 chains in QDQ form (dequantize, conv2d/matmul, bias, ReLU/clip, quantize) to the backends' integer
-    kernels, in their layout, before constant folding turns the int8 weights into floats."""
+    """Give int8 chains in QDQ form (dequantize, conv2d/matmul/conv2d_transpose, bias, ReLU/clip, quantize) to the
+    backends' integer kernels, in their layout, before constant folding turns the int8 weights into floats."""
     backends = [b for b in _backends(ctx) if b.quantized_patterns()]
+    quantized_patterns = [p for backend in backends for p in backend.quantized_patterns()]
     patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, lambda c, p=p: p.check(c) is None)
-                for backend in backends for p in backend.quantized_patterns()]
+                for p in quantized_patterns]
+    # a backend's int8 conv2d_transpose is NHWC (see quantized.deconv_to_nhwc); what it leaves goes back to NCHW
+    deconv = [deconv_to_nhwc] if any(p.anchor == "relax.nn.conv2d_transpose" for p in quantized_patterns) else []
     convert = tvm.transform.Sequential([
         # ONNX's Clip (ReLU6) arrives as call_tir halves, which no chain's pattern would see
-        restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), _drop_transpose_pairs,
+        restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), *deconv, _drop_transpose_pairs,
         relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), untie_dequantize,
-        relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)],
-        name="OffloadQuantized")
+        relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True),
+        *(deconv and [deconv_back_to_nchw])], name="OffloadQuantized")
 
     @tvm.transform.module_pass(opt_level=0, name="OffloadQuantizedIfAny")
     def quantized_if_any(mod, pctx):

@@ -1,6 +1,7 @@
 """oneDNN (Debian's libdnnl 2.6, OpenMP threading) for x86: fp32 conv2d and matmul with bias, ReLU/clip and a
 residual add fused as post-ops; conv2d_transpose (NCHW) as its deconvolution; a matmul whose second operand is
-computed at run time (attention's batched products) with the same post-ops, when it has work enough to pay.
+computed at run time (attention's batched products) with the same post-ops, when it has work enough to pay; int8
+(QDQ) conv2d, matmul and conv2d_transpose (NHWC: oneDNN's int8 deconvolution kernels take no other) chains.
 
 The emitted code keeps activations as TVM holds them (NHWC after offload-layout). Each generated function comes
 with `<symbol>_pack`, which the module's load function (offload-codegen) calls once per call site when the module
@@ -347,6 +348,22 @@ def _qfunction(q: QFused) -> str:
         src, any_weights, {"memory::desc({%d}, s32, tag::x), " % o if bias else ""}dst, {_dims(attrs.strides)},
         {_dims(int(d) - 1 for d in attrs.dilation)}, {_dims((top, left))}, {_dims((bottom, right))});
     dnnl::convolution_forward::primitive_desc pd(d, attr, Engine());"""
+    elif call.op.name == "relax.nn.conv2d_transpose":
+        attrs = call.attrs
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        out_h, out_w = (int(p) for p in attrs.output_padding)
+        n, h, w, c = static_shape(call.args[0])
+        i, o, kh, kw = static_shape(call.args[1])
+        _, oh, ow, _ = static_shape(call)
+        # IOHW weights are oneDNN's (output, input) dims stored input-major (tag iohw), as _deconv's
+        primitive = f"""
+    memory::desc src({_dims((n, c, h, w))}, {src}, tag::nhwc), dst({_dims((n, o, oh, ow))}, {dst}, tag::nhwc);
+    memory::desc user_weights({_dims((o, i, kh, kw))}, s8, tag::iohw);
+    memory::desc any_weights(user_weights.dims(), s8, tag::any);
+    dnnl::deconvolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::deconvolution_direct,
+        src, any_weights, {"memory::desc({%d}, s32, tag::x), " % o if bias else ""}dst, {_dims(attrs.strides)},
+        {_dims(int(d) - 1 for d in attrs.dilation)}, {_dims((top, left))}, {_dims((bottom - out_h, right - out_w))});
+    dnnl::deconvolution_forward::primitive_desc pd(d, attr, Engine());"""
     else:
         k, n = static_shape(call.args[1])
         m = math.prod(static_shape(call.args[0])[:-1])
@@ -386,15 +403,21 @@ def emit(functions) -> str:
                                  for f in functions))
 
 
-def _check_deconv(call) -> str | None:
-    attrs = call.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW"):
-        return f"layout {attrs.data_layout}/{attrs.kernel_layout}/{attrs.out_layout} (oneDNN is given NCHW/IOHW/NCHW)"
-    if int(attrs.groups) != 1:
-        return f"{attrs.groups} groups (one group only)"
-    if any(int(o) > int(p) for o, p in zip(attrs.output_padding, attrs.padding[2:])):
-        return f"output padding {list(attrs.output_padding)} beyond the end padding {list(attrs.padding[2:])}"
-    return None
+def _deconv_check(layout: str):
+    """The check of a conv2d_transpose given to oneDNN in `layout` (fp32: NCHW, as TVM keeps it; int8: NHWC, the
+    layout of oneDNN's int8 deconvolution kernels)."""
+    def check(call) -> str | None:
+        attrs = call.attrs
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != (layout, "IOHW", layout):
+            return (f"layout {attrs.data_layout}/{attrs.kernel_layout}/{attrs.out_layout} "
+                    f"(oneDNN is given {layout}/IOHW/{layout})")
+        if int(attrs.groups) != 1:
+            return f"{attrs.groups} groups (one group only)"
+        if any(int(o) > int(p) for o, p in zip(attrs.output_padding, attrs.padding[2:])):
+            return f"output padding {list(attrs.output_padding)} beyond the end padding {list(attrs.padding[2:])}"
+        return None
+
+    return check
 
 
 def _check_matmul(call) -> str | None:
@@ -428,13 +451,14 @@ def _check_bmm(call) -> str | None:
 
 def _quantized_patterns():
     return [*quantized_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN")),
+            *quantized_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _deconv_check("NHWC")),
             *quantized_patterns("onednn", "matmul", "relax.matmul", _check_matmul)]
 
 
 def _patterns():
     return [*fused_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN")),
             # "deconv": pattern names split at "_"; NCHW, so its bias add stays a TVM kernel
-            *fused_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _check_deconv, with_bias=False),
+            *fused_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _deconv_check("NCHW"), with_bias=False),
             *fused_patterns("onednn", "matmul", "relax.matmul", _check_matmul),
             # what "matmul" refused (weights computed at run time, as attention's products, or not 2-D), unpacked;
             # last, so its reason is the one the summary keeps
