@@ -287,6 +287,38 @@ def test_streaming_deep_int8_cnn_is_verified_by_the_integer_rule(tmp_path):
         assert out["max_abs"] <= 1 or out["margin_db"] >= INTEGER_RULE.margin_db
 
 
+def test_unrounded_twin_streams_a_state_no_quantize_makes():
+    """A state carried as it is (the previous frame): the twin's state input is float32, its output the int8 input,
+    which the next step is fed widened (exactly), not refused by the VM as a dtype mismatch."""
+    import tvm
+    from types import SimpleNamespace
+    from tvm.script import relax as R
+
+    from edgec.frontends.base import State
+    from edgec.quantize.reference import run_graph
+    from edgec.reference import unrounded_integers
+
+    @tvm.script.ir_module
+    class PreviousFrame:
+        @R.function
+        def main(x: R.Tensor((1, 4), "int8"), prev: R.Tensor((1, 4), "int8")):
+            with R.dataflow():
+                both = R.add(R.dequantize(x, R.const(0.1, "float32"), R.const(0, "int8"), out_dtype="float32"),
+                             R.dequantize(prev, R.const(0.1, "float32"), R.const(0, "int8"), out_dtype="float32"))
+                y = R.quantize(R.multiply(both, R.const(0.5, "float32")), R.const(0.1, "float32"),
+                               R.const(0, "int8"), out_dtype="int8")
+                out = (y, x)
+                R.output(out)
+            return out
+
+    state = State("prev", "prev", "next", np.zeros((1, 4), np.int8))
+    model = SimpleNamespace(states=(state,), outputs=(SimpleNamespace(name="y"), SimpleNamespace(name="next")))
+    frames = [np.array([[1, 2, 3, 5]], np.int8), np.array([[7, 8, 9, 10]], np.int8)]
+    out = run_graph(unrounded_integers(PreviousFrame, (state,)), model, [{"x": f} for f in frames])
+    np.testing.assert_array_equal(out[0]["y"], frames[0] * np.float32(0.5))      # unrounded: 1.5, 2.5 stay
+    np.testing.assert_array_equal(out[1]["y"], (frames[1] + frames[0]) * np.float32(0.5))
+
+
 @pytest.mark.parametrize("make, layer, channel_only", [(deep_int8_cnn, 3, False), (deep_int8_cnn, 6, True),
                                                        (streaming_deep_int8_cnn, 5, False),
                                                        (streaming_deep_int8_cnn, 7, False)],

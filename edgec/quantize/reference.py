@@ -75,16 +75,22 @@ def run_graph(mod: tvm.IRModule, model: ImportedModel, steps: list[dict[str, np.
     take each step's state outputs, as ReferenceRuntime.stream feeds the reference runtime."""
     vm = on_host(mod)
     names = [p.name for p in mod["main"].params]
-    dtypes = {p.name: str(p.ty.dtype) for p in mod["main"].params}
-    fed = [s for s in model.states if s.input in names]
-    state = {s.input: s.initial.astype(dtypes[s.input]) for s in fed}    # float32 in an unrounded twin's
+    dtypes = {p.name: str(p.ty.dtype) for p in mod["main"].params if any(p.name == s.input for s in model.states)}
+    fed = [s for s in model.states if s.input in dtypes]
+
+    def state_of(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # an unrounded twin's state inputs are float32 (reference.unrounded_integers), and a state no quantize made
+        # (a frame carried as it is) comes out int8 there: widened exactly; a narrowing would be a bug, so it raises
+        return {s.input: values[s.output].astype(dtypes[s.input], casting="safe") for s in fed}
+
+    state = state_of({s.output: s.initial for s in fed})
     outputs = []
     for step in steps:
         feeds = {**step, **state}
         result = vm["main"](*[tvm.runtime.tensor(feeds[n]) for n in names])
         values = list(result) if isinstance(result, (tvm.ir.Array, list, tuple)) else [result]
         outputs.append({spec.name: v.numpy() for spec, v in zip(model.outputs, values)})
-        state = {s.input: outputs[-1][s.output] for s in fed}
+        state = state_of(outputs[-1])
     return outputs
 
 
