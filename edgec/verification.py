@@ -98,7 +98,8 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     nudged twins (reference.qdq_nudged) run when needed; a QOperator model is run so in its QDQ form
     (reference.qdq_model), since onnxruntime's QLinear kernels round their own way, and a dynamically quantized one
     as it is, with its DynamicQuantizeLinear codes unrounded in the twin. A full-integer TFLite model
-    (outputs all quantized, no state) carries its unrounded twin, run on TVM when needed."""
+    (outputs all quantized, a stream's states included) carries its unrounded twin and its nudged graphs, run on
+    TVM when needed."""
     try:
         qdq, rewritten, twin = qdq_forms(model.path) if model.format == "onnx" else (None, False, None)
         ref = ReferenceRuntime(model.path, states=model.states, exact=twin is not None,
