@@ -3,26 +3,27 @@ continue across binding blocks."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.script import relax as R
 
 from edgec.passes.lookup import _lookup_tables
 
-INT8_VALUES = np.arange(-128, 128, dtype=np.int8)
 
-
-@tvm.script.ir_module
-class Hardswish:
-    @R.function
-    def main(x: R.Tensor((1, 8), "int8")) -> R.Tensor((1, 8), "int8"):
-        with R.dataflow():
-            d = R.dequantize(x, R.const(0.1, "float32"), R.const(0, "int8"), axis=-1, out_dtype="float32")
-            a = R.clip(R.add(d, R.const(3.0, "float32")), 0, 6)
-            h = R.divide(R.multiply(d, a), R.const(6.0, "float32"))
-            y = R.quantize(h, R.const(0.05, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
-            R.output(y)
-        return y
+def _hardswish(dtype: str) -> tvm.IRModule:
+    """main(x) = quantize(hardswish(dequantize(x))), x and the result of `dtype`."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8), dtype))
+    zero = relax.const(0, dtype)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            d = bb.emit(relax.op.dequantize(x, relax.const(0.1, "float32"), zero, axis=-1, out_dtype="float32"))
+            a = bb.emit(relax.op.clip(relax.op.add(d, relax.const(3.0, "float32")), 0, 6))
+            h = bb.emit(relax.op.divide(relax.op.multiply(d, a), relax.const(6.0, "float32")))
+            y = bb.emit_output(relax.op.quantize(h, relax.const(0.05, "float32"), zero, axis=-1, out_dtype=dtype))
+        bb.emit_func_output(y)
+    return bb.get()
 
 
 @tvm.script.ir_module
@@ -45,29 +46,35 @@ class ChainIntoBranches:
         return y
 
 
-def _outputs(mod, *args) -> np.ndarray:
-    """main's outputs for each of the 256 int8 values of x (8 at a time)."""
+def _outputs(mod, *args, dtype="int8") -> np.ndarray:
+    """main's outputs for each of the 256 values of x (8 at a time)."""
     vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
+    values = np.arange(-128, 128) if dtype == "int8" else np.arange(256)
     return np.stack([vm["main"](tvm.runtime.tensor(row), *map(tvm.runtime.tensor, args)).numpy()
-                     for row in INT8_VALUES.reshape(32, 1, 8)])
+                     for row in values.astype(dtype).reshape(32, 1, 8)])
 
 
 def _bindings(func: relax.Function) -> list[relax.Binding]:
     return [b for block in func.body.blocks for b in block.bindings]
 
 
-def test_the_table_is_a_constant_made_at_build_time():
-    """main is one lookup in a 256-entry constant, entry i the chain's value for x = i - 128; every binding of main
-    depends on x (no table computed at run time, nothing for compute-at-load), and the outputs are the chain's."""
-    mod = _lookup_tables(Hardswish)
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_the_table_is_a_constant_made_at_build_time(dtype):
+    """main is one lookup in a 256-entry constant, entry i the chain's value for the i-th value of x; every binding
+    of main depends on x (no table computed at run time, nothing for compute-at-load); a uint8 x is the index itself
+    (int8 is cast and offset by 128); the outputs are the chain's."""
+    plain = _hardswish(dtype)
+    mod = _lookup_tables(plain)
     relax.analysis.well_formed(mod)
     bindings = _bindings(mod["main"])
     assert all(relax.analysis.free_vars(b.value) for b in bindings), mod
     lookups = [b.value for b in bindings if getattr(b.value.op, "name", None) == "relax.take"]
     assert len(lookups) == 1 and isinstance(lookups[0].args[0], tvm.ir.expr.GenericConst), mod
-    expected = _outputs(Hardswish).reshape(256)
+    assert (len(bindings), lookups[0].args[1].same_as(mod["main"].params[0])) == \
+        ((3, False) if dtype == "int8" else (1, True)), mod
+    expected = _outputs(plain, dtype=dtype).reshape(256)
     np.testing.assert_array_equal(lookups[0].args[0].value.numpy(), expected)
-    np.testing.assert_array_equal(_outputs(mod).reshape(256), expected)
+    np.testing.assert_array_equal(_outputs(mod, dtype=dtype).reshape(256), expected)
 
 
 def test_a_chain_continued_in_an_if_branch_starts_there_again():

@@ -4,11 +4,12 @@ In a QDQ graph the activations between integer layers (PP-LCNet's hardswish and 
 add 3, quantize, dequantize, multiply by itself, quantize, divide by 6, ...) are float math with a rounding after
 each op: a dozen divisions per element. Where every value of such a chain is a function of one 8-bit tensor (its
 other operands are scalar constants, or the same tensor through another path), its 8-bit result is too, so it is
-`take(table, x)`, the table being the same ops applied to the 256 values x can take. The tables are computed here,
-at build time, by TVM on the build machine (all of a module's in one compiled function, as the quantized reference
-is computed): each is a 256-entry constant (a weight once lifted, in params.bin), and neither main nor main_load
-computes it, so the library holds no kernels for it. Only chains of `_MIN_OPS` ops or more, whose output has the
-input's shape, are replaced; what the chain's float values feed elsewhere keeps computing them.
+`take(table, x)` (the index `x + 128` for int8), the table being the same ops applied to the 256 values x can
+take. The tables are computed here, at build time, by TVM on the build machine (all of a module's in one compiled
+function, as the quantized reference is computed): each is a 256-entry constant (a weight once lifted, in
+params.bin), and neither main nor main_load computes it, so the library holds no kernels for it. Only chains of
+`_MIN_OPS` ops or more, whose output has the input's shape, are replaced; what the chain's float values feed
+elsewhere keeps computing them.
 """
 from __future__ import annotations
 
@@ -72,10 +73,9 @@ class _Tables(relax.PyExprMutator):
         self.chains[binding.var] = chain
         if ops >= _MIN_OPS and str(getattr(value.ty, "dtype", None)) in _EIGHT_BIT \
                 and static_shape(value) == static_shape(root):
-            index = relax.op.astype(root, "int32")
             low = _LOWEST[str(root.ty.dtype)]
-            if low:
-                index = relax.op.subtract(index, relax.const(low, "int32"))
+            # a uint8 value is its own index: no int32 copy of x (a kernel of its own, which take does not fuse)
+            index = relax.op.subtract(relax.op.astype(root, "int32"), relax.const(low, "int32")) if low else root
             table = self._emit_on_table(relax.op.reshape(on_table, [256]))
             self.tables.append(table)
             # in bounds by construction; "fast" would have TVM warn at each legalization that it could segfault
