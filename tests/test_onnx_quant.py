@@ -242,3 +242,62 @@ def test_a_failing_qdq_form_leaves_the_model_not_verified_in_one_line(tmp_path, 
     reason = reference_outputs(load_model(quantized), [{"x": np.ones(MODELS["mlp"][1], np.float32)}])
     assert isinstance(reason, str) and "\n" not in reason, reason
     assert "cannot write mlp_qop.onnx in the QDQ form" in reason and "at node 'conv'" in reason
+
+
+def moving_cnn(path: Path) -> Path:
+    """Conv + ReLU, a linear 2x Resize, Conv, Pad, Conv, Split into two 1x1 Convs, Add, GlobalAveragePool, Flatten,
+    Gemm: onnxruntime's QOperator quantizer leaves Resize, Pad and Split on 8-bit tensors between QLinear nodes."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Resize", ["r1", "", "scales"], ["up"], mode="linear"),
+             helper.make_node("Conv", ["up", "w2", "b2"], ["c2"]),
+             helper.make_node("Pad", ["c2", "pads"], ["p"]),
+             helper.make_node("Conv", ["p", "w3", "b3"], ["c3"]),
+             helper.make_node("Split", ["c3", "halves"], ["s1", "s2"], axis=1),
+             helper.make_node("Conv", ["s1", "w4", "b4"], ["c4"]), helper.make_node("Conv", ["s2", "w5", "b5"], ["c5"]),
+             helper.make_node("Add", ["c4", "c5"], ["a"]), helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1)]
+    inits = [_init("w1", 8, 3, 3, 3), _init("b1", 8, scale=0.1), numpy_helper.from_array(np.float32([1, 1, 2, 2]), "scales"),
+             _init("w2", 16, 8, 3, 3), _init("b2", 16, scale=0.1),
+             numpy_helper.from_array(np.int64([0, 0, 1, 1, 0, 0, 1, 1]), "pads"), _init("w3", 16, 16, 3, 3),
+             _init("b3", 16, scale=0.1), numpy_helper.from_array(np.int64([8, 8]), "halves"), _init("w4", 8, 8, 1, 1),
+             _init("b4", 8, scale=0.1), _init("w5", 8, 8, 1, 1), _init("b5", 8, scale=0.1), _init("wf", 10, 8),
+             _init("bf", 10, scale=0.1)]
+    return save_onnx(path, "moving", nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 10]}, inits)
+
+
+def test_qoperator_resize_pad_split_verified_by_the_quantized_rule(tmp_path):
+    """Resize, Pad and Split stay on 8-bit tensors in the QDQ form, as edgec imports them: a linear Resize on uint8 is
+    onnxruntime's uint8 kernel, which dequantize -> Resize -> quantize is not (measured 0.10-0.16 off the output).
+    The twin then keeps the roundings those operators read (a stricter rule); the correct bundle passes it, and the
+    conv after the Resize reading a zero point off by 3 (onnxruntime computing the faulty file) is refused."""
+    from edgec.frontends import load_model
+    from edgec.reference import QUANTIZED_RULE, ReferenceRuntime, compare_quantized, qdq_model
+    from edgec.verification import reference_outputs
+
+    quantized = tmp_path / "moving_qop.onnx"
+    quantize_static(str(moving_cnn(tmp_path / "moving.onnx")), str(quantized), _Samples((1, 3, 16, 16)),
+                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True)
+    assert {"Resize", "Pad", "Split", "QLinearConv"} <= _ops(quantized)
+    assert {"Resize", "Pad", "Split"} <= {n.op_type for n in qdq_model(quantized)[0].graph.node}
+    sample = {"x": RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)}     # as calibrated: [0, 1) saturates y
+    result = api.build(quantized, "host", tmp_path / "b", sample_inputs=sample)
+    verification = result.manifest.verification
+    print("Resize, Pad, Split QOperator:", verification["outputs"]["y"])
+    assert verification["status"] == "verified" and verification["rule"] == QUANTIZED_RULE.to_json()
+    assert verification["reference"].endswith("on its QDQ form")
+
+    model = onnx.load(str(quantized))
+    conv = [n for n in model.graph.node if n.op_type == "QLinearConv"][1]      # reads the Resize's output
+    zero = next(i for i in model.graph.initializer if i.name == conv.input[2])
+    model.graph.initializer.append(numpy_helper.from_array(
+        (numpy_helper.to_array(zero).astype(np.int32) + 3).clip(0, 255).astype(np.uint8), "fault"))
+    conv.input[2] = "fault"
+    onnx.save(model, str(tmp_path / "fault.onnx"))
+    reference = reference_outputs(load_model(quantized), [sample])
+    wrong = ReferenceRuntime(tmp_path / "fault.onnx", content=qdq_model(tmp_path / "fault.onnx")[0].SerializeToString(),
+                             exact=True).run(sample)
+    report = compare_quantized([wrong], list(reference.outputs), list(reference.floats), QUANTIZED_RULE)["y"]
+    print("zero point +3 after the Resize:", report)
+    assert not report["ok"]
