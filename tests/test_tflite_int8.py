@@ -257,6 +257,22 @@ def test_deep_int8_cnn_is_verified_by_the_integer_rule(tmp_path):
     assert f"integer rule: {out['margin_db']:.1f} dB below the graph's own rounding error" in report.build_text(built)
 
 
+def test_an_unmeasurable_integer_rule_leaves_the_one_step_refusal(tmp_path, monkeypatch):
+    """A twin that cannot be built (here made to raise) for a bundle beyond one step: refused in one line, the
+    one-step rule's, saying why the integer rule was not measured; not an internal error."""
+    import edgec.verification
+
+    def broken(mod, states=()):
+        raise ValueError("an op the twin does not foresee\nat 'pack'")
+
+    monkeypatch.setattr(edgec.verification, "unrounded_integers", broken)
+    options = BuildOptions(offload=(), disabled_passes=("int8-kernels",))
+    with pytest.raises(VerificationFailed) as e:
+        api.build(deep_int8_cnn(tmp_path / "deep.tflite"), "host", tmp_path / "b", options=options)
+    assert "beyond atol=1" in e.value.message and "\n" not in e.value.message, e.value.message
+    assert "the integer rule could not be measured (ValueError: at 'pack')" in e.value.message, e.value.message
+
+
 def _faulty(src, dst, layer: int, channel_only: bool):
     """`src` with the weight scales of conv `layer` x1.25 (a wrong requantization), or its channel 0's alone x1.5;
     its bias's scales alike (LiteRT takes a bias at input scale x weight scale whatever its own says, TVM's importer
