@@ -45,9 +45,16 @@ def on_host(mod: tvm.IRModule) -> relax.VirtualMachine:
 
 
 class Runner:
-    def __init__(self, mod: tvm.IRModule, keys: list[str]):
-        self.vm = on_host(_tap_module(mod, keys))
-        self.names = [p.name for p in mod["main"].params]
+    """A module whose main returns (the model's result, *taps), compiled here; `names`: the inputs it takes."""
+
+    def __init__(self, tapped: tvm.IRModule, names: list[str]):
+        self.vm = on_host(tapped)
+        self.names = names
+
+    @classmethod
+    def tapping(cls, mod: tvm.IRModule, keys: list[str]) -> "Runner":
+        """main with the tensors `analysis.plan` keys as `keys` tapped."""
+        return cls(_tap_module(mod, keys), [p.name for p in mod["main"].params])
 
     def taps(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         args = [tvm.runtime.tensor(inputs[n]) for n in self.names if n in inputs]
@@ -106,7 +113,7 @@ def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) 
     if not keys:
         return {}
     current().detail("calibration: compile the float model with taps")
-    runner = Runner(mod, keys)
+    runner = Runner.tapping(mod, keys)
     lo = np.full(len(keys), np.inf)
     hi = np.full(len(keys), -np.inf)
 

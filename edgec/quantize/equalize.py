@@ -137,7 +137,7 @@ def equalize(mod: tvm.IRModule, data: Dataset) -> tuple[tvm.IRModule, int]:
         return mod, 0
     keys = plan.keys()
     current().detail("equalization: compile the float model with taps")
-    runner = Runner(mod, keys)
+    runner = Runner.tapping(mod, keys)
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
     axes = {k: _channel_axis(values[users[0]]) for k, (_, users) in found.items()}
     widest: dict[str, np.ndarray] = {}

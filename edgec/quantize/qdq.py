@@ -35,7 +35,7 @@ def weight_params(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8), scale
 
 
-def _qdq(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
+def quantize_pair(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
     s, z = relax.const(scale, "float32"), relax.const(zero_point, "uint8")
     return relax.op.dequantize(relax.op.quantize(x, s, z, axis=-1, out_dtype="uint8"), s, z, axis=-1)
 
@@ -44,8 +44,11 @@ SWITCH = "edgec_int8_switch"   # the switchable module's extra parameter: one bo
 
 
 def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: frozenset[str] = frozenset(),
-            switchable: bool = False) -> tuple[tvm.IRModule, dict]:
+            switchable: bool = False, corrections: dict[str, np.ndarray] | None = None) -> tuple[tvm.IRModule, dict]:
     """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why).
+
+    `corrections`: {layer name: its mean output error per output channel} (edgec.quantize.bias), subtracted from
+    the layer's bias where it is int8 (a float layer keeps the float model's bias).
 
     `floats`: layers (analysis.Plan.layers names) left float: their inputs, weights and bias as the float model
     has them. `switchable`: instead, main takes one more parameter, SWITCH, a bool vector with one entry per
@@ -59,7 +62,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
                          "run quantize-int8 right after calibrate (report this with --dump-ir output)")
     params = {t: activation_params(*ranges[k]) for k, t in plan.tensors}
     stayed = dict(plan.float_ops)
-    done = {"layers": 0, "biases": 0}
+    done = {"layers": 0, "biases": 0, "corrected": 0}
     layer_scales: dict[relax.Var, np.ndarray] = {}   # a quantized layer's var -> s_x * s_w per channel
     switch = relax.Var(SWITCH, relax.TensorType([len(plan.layers)], "bool")) if switchable else None
     position = {var: i for i, var in enumerate(plan.layers)}
@@ -75,7 +78,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
         return relax.op.where(relax.op.take(switch, relax.const(position[layer], "int64"), axis=0), quantized, plain)
 
     def pairs(layer: relax.Var, originals, news) -> list[relax.Expr]:
-        return [choose(layer, n, _qdq(n, *params[o])) if o in params else n for o, n in zip(originals, news)]
+        return [choose(layer, n, quantize_pair(n, *params[o])) if o in params else n for o, n in zip(originals, news)]
 
     @relax.expr_functor.mutator
     class QDQ(relax.PyExprMutator):
@@ -91,7 +94,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
                 x = call.args[0]
                 wq, sw = weight_params(layer.weight.value.numpy(), layer.weight_axis)
                 sx, zx = params[x]
-                args[0] = choose(var, args[0], _qdq(args[0], sx, zx))
+                args[0] = choose(var, args[0], quantize_pair(args[0], sx, zx))
                 args[1] = choose(var, args[1], relax.op.dequantize(
                     relax.const(wq), relax.const(sw), relax.const(np.zeros_like(sw, np.int8)), axis=layer.weight_axis))
                 if switch is None and plan.layers[var] in floats:
@@ -112,6 +115,9 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
             compute = plan.compute[layer]
             scale = layer_scales[layer]
             bias = new.args[1].value.numpy()
+            if corrections and plan.layers[layer] in corrections:
+                bias = bias - corrections[plan.layers[layer]].reshape(bias.shape)
+                done["corrected"] += 1
             q = np.round(bias.astype(np.float64) / scale.reshape(bias.shape).astype(np.float64))
             if (np.abs(q) > _INT32.max).any():
                 keep("bias beyond int32 at scale s_x * s_w")
@@ -133,5 +139,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
     # the pairs put on one tensor for each of its readers are identical: one quantize, one dequantize per tensor
     out = relax.transform.EliminateCommonSubexpr()(out)
     record = {"layers": done["layers"], "biases": done["biases"], "tensors": len(plan.tensors),
+              # None: bias-correct-int8 did not run
+              "bias_corrected": None if corrections is None else done["corrected"],
               "float": [{"what": why, "count": n} for why, n in sorted(stayed.items())]}
     return out, record
