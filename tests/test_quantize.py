@@ -240,17 +240,23 @@ def _spread_depthwise(path):
     return path
 
 
+def _with_and_without(model, d, step):
+    """int8 builds of `model` on d/cal.npz with `step` ("on") and with it disabled ("off"): (the results, the SQNR
+    of each against the float model on the held-back samples)."""
+    results = {}
+    for name, disabled in (("on", ()), ("off", (step,))):
+        options = BuildOptions(offload=NO_OFFLOAD, disabled_passes=disabled,
+                               quantize=QuantizeOptions("int8", d / "cal.npz"))
+        results[name] = api.build(model, "host", d / name, options=options)
+    return results, *(results[n].evaluation.outputs[0].sqnr_db for n in ("on", "off"))
+
+
 def test_equalization_evens_a_depthwise_input(tmp_path):
     """equalize-int8 moves the depthwise input's per-channel ranges into the depthwise weights: the int8 bundle's
     SQNR against the float model rises well above the same build with the step disabled, whose record says so."""
     model = _spread_depthwise(tmp_path / "spread.onnx")
     np.savez(tmp_path / "cal.npz", x=np.random.default_rng(1).normal(0, 1, (40, 4, 16, 16)).astype(np.float32))
-    results = {}
-    for name, disabled in (("on", ()), ("off", ("equalize-int8",))):
-        options = BuildOptions(offload=NO_OFFLOAD, disabled_passes=disabled,
-                               quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
-        results[name] = api.build(model, "host", tmp_path / name, options=options)
-    on, off = (results[n].evaluation.outputs[0].sqnr_db for n in ("on", "off"))
+    results, on, off = _with_and_without(model, tmp_path, "equalize-int8")
     print(f"int8 SQNR with equalization {on:.1f} dB, without {off:.1f} dB")
     assert on >= off + 10
     assert results["on"].compiled.quantization["equalized_tensors"] == 1
@@ -278,12 +284,7 @@ def test_bias_correction_takes_back_the_mean_error(tmp_path):
     the held-back SQNR rises well above the same build with the step disabled, and the records say which ran."""
     model = _offset_dense(tmp_path / "offset.onnx")
     np.savez(tmp_path / "cal.npz", x=20 + np.random.default_rng(1).normal(0, 1, (60, 16)).astype(np.float32))
-    results = {}
-    for name, disabled in (("on", ()), ("off", ("bias-correct-int8",))):
-        options = BuildOptions(offload=NO_OFFLOAD, disabled_passes=disabled,
-                               quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
-        results[name] = api.build(model, "host", tmp_path / name, options=options)
-    on, off = (results[n].evaluation.outputs[0].sqnr_db for n in ("on", "off"))
+    results, on, off = _with_and_without(model, tmp_path, "bias-correct-int8")
     print(f"int8 SQNR with bias correction {on:.1f} dB, without {off:.1f} dB")
     assert on >= off + 4      # 26.6 against 21.4: what is left is the input's rounding
     assert results["on"].compiled.quantization["bias_corrected"] == 1

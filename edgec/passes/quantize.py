@@ -87,6 +87,15 @@ def calibrate(ctx):
     return step
 
 
+def _calibration(mod: tvm.IRModule, step: str) -> dict:
+    """What calibrate recorded on `mod` (method, samples, ranges), which `step` needs."""
+    text = (mod.attrs or {}).get(RANGES_ATTR)
+    if text is None:
+        raise EdgecError(f"{step} needs the ranges the calibrate pass records",
+                         "do not disable calibrate while quantizing")
+    return json.loads(str(text))
+
+
 def _bias_corrected(ctx: BuildContext) -> bool:
     # minmax only: on PP-OCRv4 det it takes minmax from 8.6 to 11.7 dB but percentile from 12.1 down to 10.9 (not
     # explained yet; docs/architecture.md)
@@ -100,11 +109,7 @@ def bias_correct_int8(ctx):
     from ..quantize.bias import corrections
 
     def step(mod):
-        text = (mod.attrs or {}).get(RANGES_ATTR)
-        if text is None:
-            raise EdgecError("bias-correct-int8 needs the ranges the calibrate pass records",
-                             "do not disable calibrate while quantizing")
-        found = corrections(mod, json.loads(str(text))["ranges"], ctx.calibration)
+        found = corrections(mod, _calibration(mod, "bias-correct-int8")["ranges"], ctx.calibration)
         return mod.with_attr(CORRECTION_ATTR, json.dumps({k: v.tolist() for k, v in found.items()}))
 
     return step
@@ -117,11 +122,7 @@ def quantize_int8(ctx):
     from ..quantize import qdq
 
     def step(mod):
-        text = (mod.attrs or {}).get(RANGES_ATTR)
-        if text is None:
-            raise EdgecError("quantize-int8 needs the ranges the calibrate pass records",
-                             "do not disable calibrate while quantizing")
-        calibration = json.loads(str(text))
+        calibration = _calibration(mod, "quantize-int8")
         equalized = (mod.attrs or {}).get(EQUALIZED_ATTR)
         found = (mod.attrs or {}).get(CORRECTION_ATTR)
         # None: bias-correct-int8 did not run (disabled, or not minmax)
