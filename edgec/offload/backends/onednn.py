@@ -206,24 +206,33 @@ def _conv(fused: Fused) -> str:
     dnnl::convolution_forward::primitive_desc pd(d, Attr(post), Engine());"""
 
 
-def _deconv(fused: Fused) -> str:
-    """conv2d_transpose as oneDNN's deconvolution, NCHW as offload-layout keeps it (so no bias: the pattern's bias is
-    per last axis); its IOHW weights are oneDNN's (output, input) dims stored input-major (tag iohw)."""
-    call = fused.anchor
+def _deconv_primitive(call, types: tuple[str, str, str], bias: bool, attr: str) -> str:
+    """The descriptors and primitive_desc `pd` of conv2d_transpose `call` as oneDNN's deconvolution, in the call's
+    layout (fp32: NCHW, as offload-layout keeps it; int8: NHWC); `types`: source, weights, destination. Its IOHW
+    weights are oneDNN's (output, input) dims stored input-major (tag iohw)."""
     attrs = call.attrs
+    layout = str(attrs.data_layout)
+    tag = layout.lower()
     top, left, bottom, right = (int(p) for p in attrs.padding)
     out_h, out_w = (int(p) for p in attrs.output_padding)
-    o = static_shape(call)[1]
-    i, _, kh, kw = static_shape(call.args[1])
+    src_dims, dst_dims = ([shape[layout.index(a)] for a in "NCHW"]
+                          for shape in (static_shape(call.args[0]), static_shape(call)))
+    i, o, kh, kw = static_shape(call.args[1])
+    src, weights, dst = types
     return f"""
-    memory::desc src({_dims(static_shape(call.args[0]))}, f32, tag::nchw), dst({_dims(static_shape(call))}, f32, tag::nchw);
-    memory::desc user_weights({_dims((o, i, kh, kw))}, f32, tag::iohw);
-    memory::desc any_weights(user_weights.dims(), f32, tag::any);
-    {_post_ops(fused)}
+    memory::desc src({_dims(src_dims)}, {src}, tag::{tag}), dst({_dims(dst_dims)}, {dst}, tag::{tag});
+    memory::desc user_weights({_dims((o, i, kh, kw))}, {weights}, tag::iohw);
+    memory::desc any_weights(user_weights.dims(), {weights}, tag::any);
     dnnl::deconvolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::deconvolution_direct,
-        src, any_weights, dst, {_dims(attrs.strides)}, {_dims(int(d) - 1 for d in attrs.dilation)},
-        {_dims((top, left))}, {_dims((bottom - out_h, right - out_w))});
-    dnnl::deconvolution_forward::primitive_desc pd(d, Attr(post), Engine());"""
+        src, any_weights, {"memory::desc({%d}, s32, tag::x), " % o if bias else ""}dst, {_dims(attrs.strides)},
+        {_dims(int(d) - 1 for d in attrs.dilation)}, {_dims((top, left))}, {_dims((bottom - out_h, right - out_w))});
+    dnnl::deconvolution_forward::primitive_desc pd(d, {attr}, Engine());"""
+
+
+def _deconv(fused: Fused) -> str:
+    """conv2d_transpose, NCHW as offload-layout keeps it (so no bias: the pattern's bias is per last axis)."""
+    return f"""
+    {_post_ops(fused)}""" + _deconv_primitive(fused.anchor, ("f32", "f32", "f32"), False, "Attr(post)")
 
 
 def _matmul(fused: Fused) -> str:
@@ -349,21 +358,7 @@ def _qfunction(q: QFused) -> str:
         {_dims(int(d) - 1 for d in attrs.dilation)}, {_dims((top, left))}, {_dims((bottom, right))});
     dnnl::convolution_forward::primitive_desc pd(d, attr, Engine());"""
     elif call.op.name == "relax.nn.conv2d_transpose":
-        attrs = call.attrs
-        top, left, bottom, right = (int(p) for p in attrs.padding)
-        out_h, out_w = (int(p) for p in attrs.output_padding)
-        n, h, w, c = static_shape(call.args[0])
-        i, o, kh, kw = static_shape(call.args[1])
-        _, oh, ow, _ = static_shape(call)
-        # IOHW weights are oneDNN's (output, input) dims stored input-major (tag iohw), as _deconv's
-        primitive = f"""
-    memory::desc src({_dims((n, c, h, w))}, {src}, tag::nhwc), dst({_dims((n, o, oh, ow))}, {dst}, tag::nhwc);
-    memory::desc user_weights({_dims((o, i, kh, kw))}, s8, tag::iohw);
-    memory::desc any_weights(user_weights.dims(), s8, tag::any);
-    dnnl::deconvolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::deconvolution_direct,
-        src, any_weights, {"memory::desc({%d}, s32, tag::x), " % o if bias else ""}dst, {_dims(attrs.strides)},
-        {_dims(int(d) - 1 for d in attrs.dilation)}, {_dims((top, left))}, {_dims((bottom - out_h, right - out_w))});
-    dnnl::deconvolution_forward::primitive_desc pd(d, attr, Engine());"""
+        primitive = _deconv_primitive(call, (src, "s8", dst), bias, "attr")
     else:
         k, n = static_shape(call.args[1])
         m = math.prod(static_shape(call.args[0])[:-1])
