@@ -1,5 +1,5 @@
-"""The quantization steps of the pipeline (edgec.quantize): `equalize-int8`, `calibrate`, `bias-correct-int8`, then
-`quantize-int8`.
+"""The quantization steps of the pipeline (edgec.quantize): `equalize-int8`, `calibrate`, `gptq-weights-int8`,
+`bias-correct-int8`, then `quantize-int8`.
 
 They run in the graph phase right after canonicalize, before offload-quantized, whose patterns take the QDQ form
 they leave to the backends' integer kernels (later constant folding would turn the int8 weights into floats).
@@ -11,6 +11,7 @@ pass would turn into its own RuntimeError.
 """
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -25,6 +26,7 @@ from .registry import register_pass
 RANGES_ATTR = "edgec_calibration"
 EQUALIZED_ATTR = "edgec_equalized"     # how many tensors equalize-int8 rescaled, for quantize-int8's record
 CORRECTION_ATTR = "edgec_bias_correction"   # bias-correct-int8's {layer: mean output error per channel}
+ROUNDED_ATTR = "edgec_rounded_weights"      # gptq-weights-int8's {layer: [shape, its int8 weights in base64]}
 QUANTIZATION_ATTR = "edgec_quantization"
 
 
@@ -96,14 +98,44 @@ def _calibration(mod: tvm.IRModule, step: str) -> dict:
     return json.loads(str(text))
 
 
-def _bias_corrected(ctx: BuildContext) -> bool:
-    # minmax only: on PP-OCRv4 det it takes minmax from 8.6 to 11.7 dB but percentile from 12.1 down to 10.9 (not
-    # explained yet; docs/architecture.md)
+def _gptq(ctx: BuildContext) -> bool:
+    # minmax only: on PP-OCRv4 det it takes minmax from 8.6 dB (11.7 with bias-correct-int8) to 13.7; entropy from 7.3
+    # to 13.4, no better than bias-correct-int8's 13.5; percentile (unequalized) from 12.1 down to 8.8
+    # (docs/architecture.md)
     return _int8(ctx) and ctx.options.quantize.method == "minmax"
 
 
-@register_pass("bias-correct-int8", phase="graph", after=("calibrate",), applies=_bias_corrected, opt_level=0,
+@register_pass("gptq-weights-int8", phase="graph", after=("calibrate",), applies=_gptq, opt_level=0,
                skip_reason="needs --quantize int8, minmax")
+def gptq_weights_int8(ctx):
+    """Round each int8 layer's weights to minimize its output error on the calibration samples (GPTQ), not their own"""
+    from ..quantize.gptq import rounded_weights
+
+    def step(mod):
+        found = rounded_weights(mod, _calibration(mod, "gptq-weights-int8")["ranges"], ctx.calibration)
+        return mod.with_attr(ROUNDED_ATTR, json.dumps({k: [list(v.shape), base64.b64encode(v.tobytes()).decode()]
+                                                       for k, v in found.items()}))
+
+    return step
+
+
+def _rounded(mod: tvm.IRModule) -> dict[str, np.ndarray] | None:
+    """gptq-weights-int8's int8 weights by layer (None when it did not run)."""
+    text = (mod.attrs or {}).get(ROUNDED_ATTR)
+    return None if text is None else {k: np.frombuffer(base64.b64decode(data), np.int8).reshape(shape)
+                                      for k, (shape, data) in json.loads(str(text)).items()}
+
+
+def _bias_corrected(ctx: BuildContext) -> bool:
+    # minmax and entropy: on PP-OCRv4 det it takes minmax from 8.6 to 11.7 dB and entropy from 7.3 to 13.5, but
+    # percentile from 12.1 down to 10.9 (docs/architecture.md); minmax on round to nearest only: after
+    # gptq-weights-int8 it takes PP-OCRv4 det minmax from 14.6 down to 12.1 dB
+    method = ctx.options.quantize.method if _int8(ctx) else None
+    return method == "entropy" or (method == "minmax" and "gptq-weights-int8" in ctx.options.disabled_passes)
+
+
+@register_pass("bias-correct-int8", phase="graph", after=("calibrate",), applies=_bias_corrected, opt_level=0,
+               skip_reason="needs --quantize int8, minmax with gptq-weights-int8 disabled, or entropy")
 def bias_correct_int8(ctx):
     """Measure each int8 layer's mean output error per channel on the calibration samples, for its bias to take back"""
     from ..quantize.bias import corrections
@@ -115,8 +147,8 @@ def bias_correct_int8(ctx):
     return step
 
 
-@register_pass("quantize-int8", phase="graph", after=("calibrate", "bias-correct-int8"), applies=_int8, opt_level=0,
-               skip_reason="needs --quantize int8")
+@register_pass("quantize-int8", phase="graph", after=("calibrate", "gptq-weights-int8", "bias-correct-int8"),
+               applies=_int8, opt_level=0, skip_reason="needs --quantize int8")
 def quantize_int8(ctx):
     """Rewrite into QDQ form: uint8 activations per tensor, int8 weights per channel, int32 biases."""
     from ..quantize import qdq
@@ -125,17 +157,21 @@ def quantize_int8(ctx):
         calibration = _calibration(mod, "quantize-int8")
         equalized = (mod.attrs or {}).get(EQUALIZED_ATTR)
         found = (mod.attrs or {}).get(CORRECTION_ATTR)
-        # None: bias-correct-int8 did not run (disabled, or not minmax)
+        # None: bias-correct-int8 did not run (disabled, percentile, or minmax after gptq-weights-int8)
         corrections = None if found is None else {k: np.array(v, np.float32) for k, v in json.loads(str(found)).items()}
-        mod = mod.without_attr(RANGES_ATTR).without_attr(EQUALIZED_ATTR).without_attr(CORRECTION_ATTR)
+        rounded = _rounded(mod)
+        mod = mod.without_attr(RANGES_ATTR).without_attr(EQUALIZED_ATTR).without_attr(CORRECTION_ATTR) \
+            .without_attr(ROUNDED_ATTR)
         options = ctx.options.quantize
         floats, mixed = set(), {}
         if options.mixed:
             from ..quantize.budget import choose_floats
 
-            floats, chosen = choose_floats(mod, calibration["ranges"], ctx.calibration, options, corrections)
+            floats, chosen = choose_floats(mod, calibration["ranges"], ctx.calibration, options, corrections,
+                                           rounded)
             mixed = {"mixed_precision": chosen}
-        out, record = qdq.rewrite(mod, calibration["ranges"], frozenset(floats), corrections=corrections)
+        out, record = qdq.rewrite(mod, calibration["ranges"], frozenset(floats), corrections=corrections,
+                                    rounded=rounded)
         record = {"mode": "int8", "method": calibration["method"], "calibration_samples": calibration["samples"],
                   # an image folder: how its images became inputs, which a deployment must do the same way
                   **({"calibration_data": ctx.calibration.description} if ctx.calibration.description else {}),

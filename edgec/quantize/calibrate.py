@@ -81,30 +81,42 @@ def _percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float)
     return float(low), float(high)
 
 
-def _kl_threshold(hist: np.ndarray, top: float, levels: int) -> float:
-    """The threshold on |x| whose `levels`-level quantization of the histogram loses the least information (the
-    Kullback-Leibler divergence from the clipped distribution to its quantized copy, TensorRT's method, as
-    onnxruntime's EntropyCalibrater computes it: a level's count spread over the bins nonzero in the clipped
-    distribution, the clipped tail's bin included)."""
+def _kl_range(hist: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The window [a, b] of [lo, hi] (0 inside it) whose uint8 quantization loses the least information: the
+    Kullback-Leibler divergence from the clipped distribution P to its quantized copy Q (TensorRT's method).
+
+    As TensorRT: each candidate window of i bins, P its bins with the tails clipping moves folded into the edge
+    bins, Q the window's own counts merged into the 256 levels uint8 puts on it and spread back over the bins nonzero
+    in P. Unlike TensorRT, whose histogram is of |x| with 128 levels (int8, symmetric), the histogram is of x and
+    the window the range the asymmetric uint8 pair gets: it shrinks toward 0 keeping 0's place in [lo, hi], so a
+    hardswish output ([-0.19, 52]) is measured with the 255 steps it gets, not 128 on |x| (which clipped PP-OCRv4
+    det's to 5.6). And Q is not renormalized: it lacks the clipped tails' mass m, which costs -log(1 - m) on top of
+    the divergence from the renormalized Q; without that a window holding only tails (an input with no values near
+    0, which every window holds) has Q = P and divergence 0."""
     hist = hist.astype(np.float64)
-    if hist.sum() == 0:
-        return top
-    best, best_kl = len(hist), np.inf
-    for i in range(levels, len(hist) + 1, max((len(hist) - levels) // 256, 1)):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()                    # what clipping at bin i folds onto the last level
-        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+    total, n = hist.sum(), len(hist)
+    if total == 0:
+        return lo, hi
+    zero = n * min(max(-lo / (hi - lo), 0.0), 1.0)     # 0's bin; at the end for all-negative x (it past hi)
+    levels = 256
+    best, best_kl = (0, n), np.inf
+    for i in range(levels, n + 1):
+        a = int(round(zero * (1 - i / n)))
+        b = a + i
+        p = hist[a:b].copy()
+        p[0] += hist[:a].sum()
+        p[-1] += hist[b:].sum()
         nonzero = p > 0
-        sums = np.add.reduceat(hist[:i], starts)
+        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+        sums = np.add.reduceat(hist[a:b], starts)
         counts = np.add.reduceat(nonzero.astype(np.float64), starts)
         level = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
         q = np.where(nonzero, (sums / np.maximum(counts, 1))[level], 0.0)
-        p, q = p / p.sum(), q / max(q.sum(), 1e-30)
-        support = p > 0
-        kl = float(np.sum(p[support] * np.log(p[support] / np.maximum(q[support], 1e-12))))
+        kl = float(np.sum(p[nonzero] * np.log(p[nonzero] / np.maximum(q[nonzero], 1e-12 * total)))) / total
         if kl < best_kl:
-            best, best_kl = i, kl
-    return top * best / len(hist)
+            best, best_kl = (a, b), kl
+    edges = np.linspace(lo, hi, n + 1)
+    return float(min(edges[best[0]], 0.0)), float(max(edges[best[1]], 0.0))
 
 
 def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) -> dict[str, tuple[float, float]]:
@@ -128,29 +140,22 @@ def calibrate(mod: tvm.IRModule, data: Dataset, method: str, percentile: float) 
                          "samples", "check the calibration data (preprocessing, dtype) or build without --quantize")
     if method == "minmax":
         return {k: (float(a), float(b)) for k, a, b in zip(keys, lo, hi)}
-    # percentile: a histogram of x over [lo, hi]; entropy: of |x| over [0, max |x|]
-    top = np.maximum(np.abs(lo), np.abs(hi))
-    span = [(a, b) if method == "percentile" else (0.0, t) for a, b, t in zip(lo, hi, top)]
     hists = [np.zeros(BINS, np.int64) for _ in keys]
 
     def histogram(taps):
         for j, t in enumerate(taps):
-            a, b = span[j]
-            # entropy leaves exact zeros out: every range holds 0 exactly (the zero point), and ReLU's spike of
-            # zeros in the first bin would otherwise dominate the KL and pull the threshold down to a few bins
-            values = t if method == "percentile" else np.abs(t[t != 0])
-            if b > a:
-                hists[j] += np.histogram(values, BINS, (a, b))[0]
+            # entropy leaves exact zeros out: 0 is exact in every range (the zero point), and ReLU's spike of zeros
+            # would otherwise dominate the divergence and clip ReLU6 outputs to a quarter of their range
+            if hi[j] > lo[j]:
+                hists[j] += np.histogram(t if method == "percentile" else t[t != 0], BINS, (lo[j], hi[j]))[0]
 
     sweep(runner, data, f"calibration {method} histograms", histogram)
     ranges = {}
     for j, key in enumerate(keys):
-        a, b = span[j]
-        if b <= a:
+        if hi[j] <= lo[j]:
             ranges[key] = (float(lo[j]), float(hi[j]))
         elif method == "percentile":
-            ranges[key] = _percentile_range(hists[j], a, b, percentile)
+            ranges[key] = _percentile_range(hists[j], lo[j], hi[j], percentile)
         else:
-            threshold = _kl_threshold(hists[j], b, 256 if lo[j] >= 0 else 128)
-            ranges[key] = (float(max(lo[j], -threshold)), float(min(hi[j], threshold)))
+            ranges[key] = _kl_range(hists[j], lo[j], hi[j])
     return ranges

@@ -35,6 +35,13 @@ def weight_params(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8), scale
 
 
+def layer_weights(layer: analysis.Compute, rounded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A quantized layer's (int8 weights, scales): rounded to nearest, or `rounded` (edgec.quantize.gptq's, which
+    keeps weight_params's scales)."""
+    wq, scale = weight_params(layer.weight.value.numpy(), layer.weight_axis)
+    return (wq if rounded is None else rounded), scale
+
+
 def quantize_pair(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
     s, z = relax.const(scale, "float32"), relax.const(zero_point, "uint8")
     return relax.op.dequantize(relax.op.quantize(x, s, z, axis=-1, out_dtype="uint8"), s, z, axis=-1)
@@ -44,11 +51,13 @@ SWITCH = "edgec_int8_switch"   # the switchable module's extra parameter: one bo
 
 
 def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: frozenset[str] = frozenset(),
-            switchable: bool = False, corrections: dict[str, np.ndarray] | None = None) -> tuple[tvm.IRModule, dict]:
+            switchable: bool = False, corrections: dict[str, np.ndarray] | None = None,
+            rounded: dict[str, np.ndarray] | None = None) -> tuple[tvm.IRModule, dict]:
     """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why).
 
     `corrections`: {layer name: its mean output error per output channel} (edgec.quantize.bias), subtracted from
-    the layer's bias where it is int8 (a float layer keeps the float model's bias).
+    the layer's bias where it is int8 (a float layer keeps the float model's bias). `rounded`: {layer name: its int8
+    weights} (edgec.quantize.gptq) in place of round to nearest.
 
     `floats`: layers (analysis.Plan.layers names) left float: their inputs, weights and bias as the float model
     has them. `switchable`: instead, main takes one more parameter, SWITCH, a bool vector with one entry per
@@ -92,7 +101,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
             if var in plan.compute:
                 layer = plan.compute[var]
                 x = call.args[0]
-                wq, sw = weight_params(layer.weight.value.numpy(), layer.weight_axis)
+                wq, sw = layer_weights(layer, (rounded or {}).get(plan.layers[var]))
                 sx, zx = params[x]
                 args[0] = choose(var, args[0], quantize_pair(args[0], sx, zx))
                 args[1] = choose(var, args[1], relax.op.dequantize(
@@ -141,5 +150,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
     record = {"layers": done["layers"], "biases": done["biases"], "tensors": len(plan.tensors),
               # None: bias-correct-int8 did not run
               "bias_corrected": None if corrections is None else done["corrected"],
+              # None: gptq-weights-int8 did not run
+              "weights_rounded": None if rounded is None else sum(plan.layers[v] in rounded for v in layer_scales),
               "float": [{"what": why, "count": n} for why, n in sorted(stayed.items())]}
     return out, record
