@@ -5,8 +5,12 @@ XNNPACK computes int32 sums requantized in float32 (sx * sw[c] / sy, rounded to 
 layers give the quantized reference's every rounding; what is left is the float32 classifier's summation order."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx.utils import extract_model
 from onnxruntime.quantization import QuantType
 
 from edgec import api, report
@@ -15,8 +19,8 @@ from edgec.examples import mobilenet_v2
 from edgec.quantize import QuantizeOptions
 from edgec.reference import decibels
 from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
-from test_offload_int8 import check_within_one_step, conv_forms, int8_placement, qdq_conv, quantized
-from verify import placed
+from test_offload_int8 import check_within_one_step, conv_forms, int8_placement, lcnet_blocks, qdq_conv, quantized
+from verify import HOST_INT8_REFUSED, placed
 
 RNG = np.random.default_rng(11)
 
@@ -35,7 +39,10 @@ def test_cnn_int8_rpi4_gives_the_quantized_reference_and_the_host_result(tmp_pat
     assert all(p.startswith("xnnpack:xnnpack.qconv2d") for p in patterns["conv2d"]), patterns
     assert placed(arm)[("conv2d", "xnnpack")] == 52
     assert "conv2d x35 -> xnnpack (xnnpack.qconv2d_bias_clip)" in report.build_text(arm)
-    assert all(p.startswith("onednn:onednn.qconv2d") for p in int8_placement(host)["conv2d"])
+    # the host's int8 convs: oneDNN's primitives, or TVM's integer kernels on a CPU without VNNI
+    host_int8 = int8_placement(host)
+    assert (all(p.startswith("onednn:onednn.qconv2d") for p in host_int8["conv2d"]) if HOST_INT8_REFUSED is None
+            else HOST_INT8_REFUSED in host_int8["int8 layers"][0]), host_int8
     checked = arm.manifest.verification
     assert checked["status"] == "verified" and checked["runner"] == "qemu"
     # the quantized reference's rounding, every step of it: what is left is the float classifier's summation order
@@ -73,3 +80,53 @@ def test_requantization_scale_xnnpack_refuses_runs_in_tvm(tmp_path):
                        sample_inputs={"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)})
     assert result.manifest.verification["status"] == "verified"
     assert int8_placement(result) == {}
+
+
+
+def _onnxruntime_table(qdq: Path, chain: tuple[str, str], path: Path) -> np.ndarray:
+    """What onnxruntime computes for each of the 256 uint8 codes of the QuantizeLinear output of chain[0]: the
+    model's ops from there to chain[1]'s QuantizeLinear, cut out of the QDQ model (onnx.utils.extract_model)."""
+    extract_model(str(qdq), str(path), [f"{chain[0]}_QuantizeLinear_Output"], [f"{chain[1]}_QuantizeLinear_Output"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = session.get_inputs()[0]
+    size = int(np.prod(x.shape))
+    codes = np.resize(np.arange(256, dtype=np.uint8), -(-256 // size) * size).reshape(-1, *x.shape)
+    return np.concatenate([session.run(None, {x.name: c})[0].ravel() for c in codes])[:256]
+
+
+def test_lcnet_blocks_int8_rpi4_lookup_tables_made_at_build_time(tmp_path, qemu_cpus):
+    """PP-LCNet's blocks (hardswish with scale and bias, an SE block's hardsigmoid, a nearest resize, the sigmoid) as
+    onnxruntime's u8 QDQ model, on rpi4: each activation chain is a 256-entry uint8 table computed at build time on
+    the build machine (a constant in the IR, then a weight in params.bin, the host build's same bytes), each entry
+    onnxruntime's value of the chain on that code, indexed by XNNPACK's uint8 output itself; under qemu (Cortex-A72)
+    the bundle gives onnxruntime's every rounding, and the host int8 bundle's outputs."""
+    model = lcnet_blocks(tmp_path / "lcnet.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples)
+    arm = api.build(qdq, "rpi4", tmp_path / "rpi4", options=BuildOptions(dump_ir=tmp_path / "ir"),
+                    sample_inputs=samples[0])
+    assert qemu_cpus == ["cortex-a72"]      # the build's own verification
+    checked = arm.manifest.verification
+    assert (checked["status"], checked["runner"], checked["rule"]["name"]) == ("verified", "qemu", "quantized"), \
+        checked
+    assert checked["outputs"]["y"]["max_abs"] == 0, checked
+    assert int8_placement(arm) == {"conv2d": ["xnnpack:xnnpack.qconv2d_bias"]}
+    # hardswish with the scale and bias, the hardsigmoid, the sigmoid: lookups in constants, their uint8 index the
+    # value itself (no int32 copy of it)
+    tables_ir = next((tmp_path / "ir").glob("*-int8-lookup-tables.py")).read_text()
+    main = tables_ir[tables_ir.index("def main("):]
+    assert main.count("R.take(metadata[") == main.count("R.take(") == 3 and "R.astype(" not in main, main
+    # every entry, where the bundle's outputs see few of them (an entry one step off is lost in later roundings)
+    tables = [v for v in arm.compiled.params.values() if (v.shape, v.dtype) == ((256,), np.uint8)]
+    chains = (("a", "lab"), ("se2", "gate"), ("head", "y"))     # the lookups' order in main
+    assert len(tables) == len(chains)
+    for table, chain in zip(tables, chains):
+        np.testing.assert_array_equal(table, _onnxruntime_table(qdq, chain, tmp_path / f"{chain[0]}.onnx"), chain)
+    host = api.build(qdq, "host", tmp_path / "host", sample_inputs=samples[0])
+    assert all(np.array_equal(a, h) for a, h in zip(tables, (v for v in host.compiled.params.values()
+                                                             if (v.shape, v.dtype) == ((256,), np.uint8))))
+    # a wider input reaches more of each table's entries (and saturates the hardswish)
+    wide = {"x": (RNG.standard_normal((1, 8, 16, 16)) * 3).astype(np.float32)}
+    ours = api.run(arm.bundle_dir, wide)
+    assert ours.mode == "qemu"
+    np.testing.assert_array_equal(ours.outputs["y"], api.run(host.bundle_dir, wide).outputs["y"])

@@ -1,10 +1,16 @@
 """ONNX QOperator models (issue 9, item 4): models made here with onnxruntime.quantization — quantize_static in
 QuantFormat.QOperator (per tensor and per channel, uint8 and int8 activations) on a small CNN and an MLP, and
 quantize_dynamic on an MLP, a transformer-like block and the CNN — imported in QDQ form (edgec/frontends/onnx_quant),
-built for the host with the default offload, and compared with onnxruntime running the same model: static models
-within one quantization step of the output (the fraction of elements one step off and the largest difference in
-steps printed), dynamic ones (int32 compute, float scales) within the float tolerance on these small models. Builds
-verify both by the quantized rule (tests/test_verify_quantized.py has the deep model and the faults)."""
+built for the host with the default offload, and compared with onnxruntime: static models within one quantization
+step of the output (the fraction of elements one step off and the largest difference in steps printed), dynamic ones
+(int32 compute, float scales) within the float tolerance on these small models. Builds verify both by the quantized
+rule (tests/test_verify_quantized.py has the deep model and the faults).
+
+onnxruntime's u8 x s8 kernels (MLAS) sum products in saturating 16-bit pairs on x86 CPUs without VNNI: on the AVX2
+Zen 3 here its QOperator MLP gave outputs 23 steps off the same quantization's QDQ math where an input went past the
+calibrated range. So a static model is also compared with onnxruntime running that QDQ model (quantize_static's
+QDQ format on the same samples) as written, and with its own QOperator kernels only on a CPU with VNNI; a dynamic
+one is compared with onnxruntime running it with its int8 weights as uint8 (_u8_weights), which it sums exactly."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +26,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 from edgec import api, report
 from edgec.context import BuildOptions
 from test_cli_errors import check_error, cli
-from verify import assert_close_to_reference, save_onnx
+from verify import HOST_INT8_REFUSED, assert_close_to_reference, onnxruntime_as_written, save_onnx
 
 RNG = np.random.default_rng(9)
 
@@ -74,8 +80,8 @@ MODELS = {"cnn": (small_cnn, (1, 3, 16, 16)), "mlp": (mlp, (4, 32)), "block": (b
 
 
 class _Samples(CalibrationDataReader):
-    def __init__(self, shape):
-        self._it = iter({"x": RNG.standard_normal(shape).astype(np.float32)} for _ in range(16))
+    def __init__(self, samples: list[dict[str, np.ndarray]]):
+        self._it = iter(samples)
 
     def get_next(self):
         return next(self._it, None)
@@ -94,11 +100,14 @@ def _output_step(model: Path, output: str) -> float:
 
 
 def _static(tmp_path: Path, name: str, activations, per_channel: bool) -> Path:
+    """The QOperator model, and beside it (`<name>_qdq.onnx`) the same quantization in QDQ form."""
     make, shape = MODELS[name]
     model = make(tmp_path / f"{name}.onnx")
-    quantized = tmp_path / f"{name}_qop.onnx"
-    quantize_static(str(model), str(quantized), _Samples(shape), quant_format=QuantFormat.QOperator,
-                    activation_type=activations, weight_type=QuantType.QInt8, per_channel=per_channel)
+    samples = [{"x": RNG.standard_normal(shape).astype(np.float32)} for _ in range(16)]
+    for form in (QuantFormat.QDQ, QuantFormat.QOperator):
+        quantized = tmp_path / f"{name}_{'qop' if form == QuantFormat.QOperator else 'qdq'}.onnx"
+        quantize_static(str(model), str(quantized), _Samples(samples), quant_format=form,
+                        activation_type=activations, weight_type=QuantType.QInt8, per_channel=per_channel)
     expected = {"cnn": {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
                         "QGemm"},
                 "mlp": {"QLinearMatMul", "QLinearAdd", "QGemm"}}[name]
@@ -108,19 +117,30 @@ def _static(tmp_path: Path, name: str, activations, per_channel: bool) -> Path:
 
 def _within_one_step(quantized: Path, bundle: Path, shape) -> str:
     """Every output element within one step of onnxruntime's, on three samples (one beyond the calibrated range);
-    few off by one. Returns what was measured."""
-    session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
-    off = total = 0
-    worst = 0.0
-    for scale in (1.0, 1.0, 2.5):
-        sample = {"x": RNG.standard_normal(shape).astype(np.float32) * scale}
-        ours = api.run(bundle, sample).outputs["y"]
-        steps = np.abs(ours.astype(np.float64) - session.run(None, sample)[0]) / _output_step(quantized, "y")
-        worst = max(worst, float(steps.max()))
-        off += int((steps > 0.5).sum())
-        total += steps.size
-    assert worst <= 1.0 + 1e-3 and off / total < 0.05, f"{off} of {total} off, at most {worst:.2f} steps"
-    return f"{off} of {total} elements one step off ({off / total:.2%}), at most {worst:.2f} steps"
+    few off by one. onnxruntime: the QDQ twin as written, and the QOperator model where its kernels are exact
+    (the module's docstring). Returns what was measured."""
+    qdq = quantized.with_name(quantized.name.replace("_qop", "_qdq"))
+    sessions = {"QDQ as written": onnxruntime_as_written(qdq)}
+    if HOST_INT8_REFUSED is None:
+        sessions["QOperator"] = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    step = _output_step(qdq, "y")
+    measured = []
+    for form, session in sessions.items():
+        off = total = 0
+        worst = 0.0
+        for scale in (1.0, 1.0, 2.5):
+            sample = {"x": RNG.standard_normal(shape).astype(np.float32) * scale}
+            ours = api.run(bundle, sample).outputs["y"]
+            steps = np.abs(ours.astype(np.float64) - session.run(None, sample)[0]) / step
+            worst = max(worst, float(steps.max()))
+            off += int((steps > 0.5).sum())
+            total += steps.size
+        # the twin computes each layer in float and rounds once; the bundle's integer kernels requantize int32 sums
+        # by a float32 multiplier, which rounds some near-halves the other way (up to 9% of the MLP's 120 outputs)
+        few = 0.05 if form == "QOperator" else 0.15
+        assert worst <= 1.0 + 1e-3 and off / total < few, f"{form}: {off} of {total} off, at most {worst:.2f} steps"
+        measured.append(f"{form}: {off} of {total} elements one step off ({off / total:.2%}), at most {worst:.2f} steps")
+    return "; ".join(measured)
 
 
 _STATIC = [pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"]),
@@ -144,7 +164,9 @@ def test_static_qoperator_within_one_step(tmp_path, name, activations, per_chann
     placed = sorted({f"{p['operator']}:{p['detail']}" for p in report.build_json(result)["offload"]})
     print(f"{quantized.name} {activations.name} per_channel={per_channel}: "
           f"{_within_one_step(quantized, result.bundle_dir, shape)}; offload {placed}")
-    assert {"cnn": "conv2d:onednn.qconv2d_bias", "mlp": "matmul:onednn.qmatmul_bias"}[name] in placed
+    # on a CPU without VNNI the int8 layers are TVM's integer kernels (verify.HOST_INT8_REFUSED)
+    assert ({"cnn": "conv2d:onednn.qconv2d_bias", "mlp": "matmul:onednn.qmatmul_bias"}[name] if HOST_INT8_REFUSED is None
+            else f"int8 layers:onednn: {HOST_INT8_REFUSED}") in placed
 
 
 @_parametrized
@@ -170,8 +192,30 @@ def test_dynamic_quantization_matches(tmp_path, name):
     result = api.build(quantized, "host", tmp_path / "b", sample_inputs=samples[0])
     # verified by the quantized rule against its twin with each DynamicQuantizeLinear's code unrounded
     assert result.manifest.verification["rule"]["name"] == "quantized"
+    reference = _u8_weights(quantized, tmp_path / f"{name}_dyn_u8.onnx")
     for sample in samples:
-        assert_close_to_reference(quantized, result.bundle_dir, sample)
+        assert_close_to_reference(reference, result.bundle_dir, sample)
+
+
+def _u8_weights(model: Path, out: Path) -> Path:
+    """The dynamically quantized model with each MatMulInteger/ConvInteger's int8 weights as uint8 (w + 128, zero
+    point + 128): the same integers, which onnxruntime's u8 x u8 kernels sum exactly on every x86 CPU."""
+    proto = onnx.load(str(model))
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMulInteger", "ConvInteger"):
+            continue
+        weights = numpy_helper.to_array(inits[node.input[1]])
+        assert weights.dtype == np.int8, weights.dtype
+        zero = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else np.int8(0)
+        for index, value in ((1, weights), (3, zero)):
+            name = f"{node.input[1]}_u8" if index == 1 else f"{node.input[1]}_zero_u8"
+            proto.graph.initializer.append(numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8), name))
+            while len(node.input) <= index:
+                node.input.append("")
+            node.input[index] = name
+    onnx.save(proto, str(out))
+    return out
 
 
 def _qoperator_model(path: Path, node, inputs: dict, output_shape: list[int]) -> Path:
@@ -276,7 +320,8 @@ def test_qoperator_resize_pad_split_verified_by_the_quantized_rule(tmp_path):
     from edgec.verification import reference_outputs
 
     quantized = tmp_path / "moving_qop.onnx"
-    quantize_static(str(moving_cnn(tmp_path / "moving.onnx")), str(quantized), _Samples((1, 3, 16, 16)),
+    quantize_static(str(moving_cnn(tmp_path / "moving.onnx")), str(quantized),
+                    _Samples([{"x": RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]),
                     quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, per_channel=True)
     assert {"Resize", "Pad", "Split", "QLinearConv"} <= _ops(quantized)

@@ -22,6 +22,7 @@ from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
 from test_streaming import AUDIO, wakeword_features
 from test_tflite_import import _options
 from tflite_builder import Graph, schema
+from verify import needs_onednn_int8
 
 ONEDNN = BuildOptions(offload=("onednn",))
 
@@ -151,16 +152,19 @@ def placement(built) -> dict[tuple[str, str, str], int]:
     return {(p["operator"], p["backend"], p["detail"]): p["count"] for p in report.build_json(built)["offload"]}
 
 
-@pytest.mark.parametrize("target, backend", [("host", "onednn"), ("rpi4", "xnnpack")])
+@pytest.mark.parametrize("target, backend", [pytest.param("host", "onednn", marks=needs_onednn_int8), ("rpi4", "xnnpack")])
 def test_small_int8_cnn_runs_on_int8_primitives_within_one_step(tmp_path, qemu_cpus, target, backend):
-    """On the host oneDNN's int8 primitives; for rpi4 XNNPACK's QC8 operators, run under qemu (Cortex-A72)."""
+    """On the host oneDNN's int8 primitives, the residual ADD a sum post-op of the conv before it; for rpi4
+    XNNPACK's QC8 operators (the ADD apart), run under qemu (Cortex-A72)."""
     model = small_int8_cnn(tmp_path / "int8_cnn.tflite")
     rng = np.random.default_rng(0)
     samples = [{"image": rng.integers(-128, 128, (1, 12, 12, 8)).astype(np.int8)} for _ in range(6)]
     built = api.build(model, target, tmp_path / "b", options=BuildOptions(offload=(backend,)),
                       sample_inputs=samples[0])
     assert built.manifest.verification["status"] == "verified"
-    assert placement(built) == {("conv2d", backend, f"{backend}.qconv2d_bias"): 2,
+    convs = ({(f"{backend}.qconv2d_bias", 1), (f"{backend}.qconv2d_bias_add", 1)} if backend == "onednn"
+             else {(f"{backend}.qconv2d_bias", 2)})
+    assert placement(built) == {**{("conv2d", backend, pattern): n for pattern, n in convs},
                                 ("conv2d", backend, f"{backend}.qconv2d_bias_clip"): 2,
                                 ("matmul", backend, f"{backend}.qmatmul_bias_clip"): 1}, placement(built)
     litert, off, total, scores = ReferenceRuntime(model), 0, 0, []
@@ -173,6 +177,7 @@ def test_small_int8_cnn_runs_on_int8_primitives_within_one_step(tmp_path, qemu_c
     assert (target == "rpi4") == ("cortex-a72" in qemu_cpus)
 
 
+@needs_onednn_int8
 def test_okay_nabu_int8_layers_on_onednn_stream_within_one_step(tmp_path):
     """micro-wakeword's okay_nabu (pymicro-wakeword 2.5.0, full-integer, streaming): all 14 convolutions and the
     dense layer are oneDNN int8 primitives; 12 streamed steps, every output within one step of LiteRT."""
@@ -189,6 +194,7 @@ def test_okay_nabu_int8_layers_on_onednn_stream_within_one_step(tmp_path):
     print(f"{off} of {total} outputs one step off LiteRT")
 
 
+@needs_onednn_int8
 def test_other_int8_forms_within_one_step(tmp_path):
     """A depthwise conv over one input channel (multiplier 4: TVM's HWIO kernel), a conv with per-tensor weights,
     a FULLY_CONNECTED without bias keeping a 3-D input's dims: each an int8 primitive; a legacy uint8 conv

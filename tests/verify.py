@@ -6,11 +6,36 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from edgec import api, report
 from edgec.reference import Comparison, Tolerance
 from models import ATOL, RTOL
+
+
+def _host_int8_refused() -> str | None:
+    from edgec.offload.backends.onednn import BACKEND
+    from edgec.targets import load_target
+
+    return BACKEND.int8_refused(load_target("host").tvm())
+
+
+# tests of oneDNN's int8 kernels themselves: on a host without VNNI the build leaves int8 layers to TVM
+# (test_offload_int8.py::test_int8_stays_in_tvm_without_vnni checks that)
+HOST_INT8_REFUSED = _host_int8_refused()
+needs_onednn_int8 = pytest.mark.skipif(HOST_INT8_REFUSED is not None, reason=f"this host: {HOST_INT8_REFUSED}")
+
+
+def onnxruntime_as_written(model: Path):
+    """onnxruntime running a QDQ model's (de)quantize math as written, graph optimizations off, as edgec's
+    verification does: its fused u8 x s8 kernels sum products in saturating 16-bit pairs on x86 CPUs without VNNI,
+    up to 5 steps off that math on an AVX2 Zen 3."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
 def assert_close_to_reference(model_path: Path, bundle_dir: Path, inputs: dict[str, np.ndarray] | None = None, *,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern
 
@@ -46,6 +47,8 @@ class Backend:
     linkage: Linkage
     # int8 chains in QDQ form (quantized.py), partitioned before constant folding would make their weights float
     quantized_patterns: Callable[[], list[Pattern]] = lambda: []
+    # why the integer kernels must not run on a TVM target (None: they may); the chains then stay in TVM
+    int8_refused: Callable[[tvm.target.Target], str | None] = lambda target: None
 
     def supports(self, arch: str) -> bool:
         return arch in self.linkage.packages

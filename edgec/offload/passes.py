@@ -15,10 +15,11 @@ from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
-from .quantized import (deconv_back_to_nchw, deconv_to_nhwc, has_quantized_anchor, is_quantized, read_quantized,
-                        untie_dequantize)
+from .quantized import (deconv_back_to_nchw, deconv_to_nhwc, has_quantized_anchor, is_quantized, quantized_layers,
+                        read_quantized, untie_dequantize)
 
 _PLACEMENT_ATTR = "edgec_offload_placement"
+_INT8_REFUSED_ATTR = "edgec_offload_int8_refused"   # offload-quantized's [operator, why, count] per refusing backend
 # Ops ConvertLayout would move along to the new layout, which TVM 0.27 cannot lower in it.
 _KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 # Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair. quantize and
@@ -256,7 +257,10 @@ def layout(ctx):
 def quantized(ctx):
     """Give int8 chains in QDQ form (dequantize, conv2d/matmul/conv2d_transpose, bias, ReLU/clip, quantize) to the
     backends' integer kernels, in their layout, before constant folding turns the int8 weights into floats."""
-    backends = [b for b in _backends(ctx) if b.quantized_patterns()]
+    target = ctx.tvm_target()
+    refused = {b.name: b.int8_refused(target) for b in _backends(ctx) if b.quantized_patterns()}
+    refused = {name: why for name, why in refused.items() if why}
+    backends = [b for b in _backends(ctx) if b.quantized_patterns() and b.name not in refused]
     quantized_patterns = [p for backend in backends for p in backend.quantized_patterns()]
     patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, lambda c, p=p: p.check(c) is None)
                 for p in quantized_patterns]
@@ -272,7 +276,12 @@ def quantized(ctx):
     @tvm.transform.module_pass(opt_level=0, name="OffloadQuantizedIfAny")
     def quantized_if_any(mod, pctx):
         # no int8 weights, nothing to do: the graph is left for offload-layout as it is
-        return convert(mod) if patterns and has_quantized_anchor(mod) else mod
+        if not has_quantized_anchor(mod):
+            return mod
+        if refused:     # for offload-partition's placement: the int8 layers a backend refused on this target
+            mod = mod.with_attr(_INT8_REFUSED_ATTR, json.dumps(
+                [["int8 layers", f"{name}: {why}", quantized_layers(mod)] for name, why in refused.items()]))
+        return convert(mod) if patterns else mod
 
     return quantized_if_any
 
@@ -345,7 +354,10 @@ def _partition_pass(backends):
                 if var in accepted:
                     why = "its match overlapped another fused group"
                 counts[(_short(call.op.name), None, why)] += 1
-        return with_placement(mod, [Placement(op, backend, detail, n) for (op, backend, detail), n in counts.items()])
+        refused = json.loads(str((mod.attrs or {}).get(_INT8_REFUSED_ATTR, "[]")))
+        return with_placement(mod.without_attr(_INT8_REFUSED_ATTR) if refused else mod,
+                              [*(Placement(op, None, detail, n) for op, detail, n in refused),
+                               *(Placement(op, backend, detail, n) for (op, backend, detail), n in counts.items())])
 
     return partition
 

@@ -36,8 +36,10 @@ def _dequantize(data):
 
 
 def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
-                       ) -> list[Pattern]:
-    """`<backend>.q<anchor>[_bias][_relu|_clip]` for quantize(chain(op(dequantize(x), dequantize(w)))), longest first."""
+                       *, residual: bool = False) -> list[Pattern]:
+    """`<backend>.q<anchor>[_bias][_relu|_clip]` for quantize(chain(op(dequantize(x), dequantize(w)))), longest first;
+    with `residual`, first `..._add` for quantize(dequantize(that) + dequantize(r)), QDQ's residual add of an 8-bit
+    tensor r (a backend's sum post-op), the chain on either side."""
     patterns = []
     for bias, act in sorted(itertools.product((True, False), (None, "relu", "clip")),
                             key=lambda c: -(c[0] + (c[1] is not None))):
@@ -61,7 +63,19 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
         annotations["out"] = root
         name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else []))
         patterns.append(Pattern(name, root, annotations, _check(check_anchor), op))
-    return patterns
+    if not residual:
+        return patterns
+    # two patterns, not one alternation: where both operands are chains, a match of the first side whose chain is
+    # also read elsewhere (refused: a leaking value) must leave the other side its turn
+    summed = []
+    for p in patterns:
+        for chain_first in (True, False):
+            chain, other = _dequantize(p.pattern), _dequantize(wildcard())
+            add = is_op("relax.add")(*((chain, other) if chain_first else (other, chain)))
+            root = is_op("relax.quantize")(add, is_const(), is_const())
+            summed.append(Pattern(f"{p.name}_add", root, {**p.annotations, "sum": add, "residual": other,
+                                                          "chain_out": chain, "sum_out": root}, p.check, op))
+    return summed + patterns
 
 
 def _scalar(expr) -> bool:
@@ -102,9 +116,30 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
         if act is not None and act.op.name == "relax.clip" and \
                 not all(isinstance(v, tvm.tirx.FloatImm) for v in act.args[1:]):
             return "clip bounds are not constants"
+        if "sum" in ctx.annotated_expr:
+            reason = _residual_reason(ctx.annotated_expr["residual"], ctx.annotated_expr["chain_out"],
+                                      ctx.annotated_expr["sum_out"], out)
+            if reason:
+                return reason
         return check_anchor(anchor)
 
     return check
+
+
+def _residual_reason(residual: relax.Call, chain_out: relax.Call, sum_out: relax.Call, out) -> str | None:
+    """Why a residual add after a chain is not the chain's sum post-op: r is read in place of the output, so it
+    must be an 8-bit tensor of the output's shape, and every scale per tensor; the post-ops dequantize the chain's
+    output with its quantize's scale and zero point, so its dequantize must have those."""
+    if not all(np.array_equal(a.value.numpy(), b.value.numpy()) for a, b in zip(chain_out.args[1:], out.args[1:])):
+        return "the chain's output dequantized with another scale or zero point than it was quantized with"
+    for role, expr in (("residual", residual.args[0]), ("sum", sum_out)):
+        if getattr(expr.ty, "dtype", None) not in QUANTIZED_ACTIVATIONS:
+            return f"{role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
+    if static_shape(residual.args[0]) != static_shape(out):
+        return f"residual of shape {static_shape(residual.args[0])} is not the output's {static_shape(out)}"
+    if not all(_scalar(e) for e in (*residual.args[1:], *sum_out.args[1:])):
+        return "residual or sum quantized per channel (per tensor only)"
+    return None
 
 
 def chain_scales(ctx: relax.transform.PatternCheckContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,8 +189,21 @@ def _output_axis(bound: dict, anchor) -> int:
 
 
 @dataclass(frozen=True)
+class QSum:
+    """A chain's residual add (`..._add`): quantize(dequantize(chain) + dequantize(r)); parameter indices."""
+    residual: int
+    residual_scale: int
+    residual_zero_point: int
+    out_scale: int
+    out_zero_point: int
+    residual_dtype: str
+    out_dtype: str
+
+
+@dataclass(frozen=True)
 class QFused:
-    """A partitioned quantized chain: parameter indices of each operand the emitter needs."""
+    """A partitioned quantized chain: parameter indices of each operand the emitter needs (out_*: the chain's own
+    quantize; `sum`: the residual add after it, whose quantize is then the function's output)."""
     symbol: str
     composite: str
     anchor: relax.Call
@@ -173,11 +221,18 @@ class QFused:
     data_dtype: str
     out_dtype: str
     num_params: int
+    sum: QSum | None = None
+
+    @property
+    def runtime(self) -> tuple[int, ...]:
+        """The operands computed at run time, in parameter order: the quantized input and a residual (one operand
+        where the residual is the input itself: x + conv(x))."""
+        return tuple(sorted({self.data} if self.sum is None else {self.data, self.sum.residual}))
 
     @property
     def packed(self) -> tuple[int, ...]:
-        """Everything but the quantized input: constants, packed at load."""
-        return tuple(i for i in range(self.num_params) if i != self.data)
+        """Everything else: constants, packed at load."""
+        return tuple(i for i in range(self.num_params) if i not in self.runtime)
 
 
 # C++ shared by the int8 emitters (after CPP_HELPERS): reading the scales (float32) and zero points (u8, s8) given to
@@ -246,6 +301,15 @@ def read_quantized(func: relax.Function) -> QFused:
         raise ValueError(f"{inner.attrs['Composite']}: an operand is not a parameter")
 
     out = value(inner.body.body)
+    summed = None
+    if inner.attrs["Composite"].endswith("_add"):    # out is the residual add's quantize, the chain's is inside it
+        add = value(out.args[0])
+        chain_dq, residual = (value(a) for a in add.args)
+        if isinstance(value(chain_dq.args[0]), relax.Var):     # the chain on the right
+            chain_dq, residual = residual, chain_dq
+        summed = QSum(param(residual.args[0]), param(residual.args[1]), param(residual.args[2]), param(out.args[1]),
+                      param(out.args[2]), str(residual.args[0].ty.dtype), str(out.ty.dtype))
+        out = value(chain_dq.args[0])
     anchor = next(v for v in values.values() if isinstance(v.op, tvm.ir.Op) and v.op.name in _ANCHORS)
     data, weight = value(anchor.args[0]), value(anchor.args[1])
     transposed = weight.op.name == "relax.permute_dims"
@@ -253,7 +317,7 @@ def read_quantized(func: relax.Function) -> QFused:
     bias = act = None
     bounds = (0.0, 0.0)
     for v in values.values():
-        if v.op.name == "relax.add":
+        if v.op.name == "relax.add" and (summed is None or not v.same_as(add)):
             b = value(v.args[1])
             while b.op.name != "relax.dequantize":
                 b = value(b.args[0])
@@ -265,7 +329,7 @@ def read_quantized(func: relax.Function) -> QFused:
     return QFused(str(func.attrs["global_symbol"]), str(inner.attrs["Composite"]), anchor,
                   param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
                   param(weight.args[1]), transposed, bias, act, bounds, param(out.args[1]), param(out.args[2]),
-                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params))
+                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params), summed)
 
 
 @relax.expr_functor.mutator
@@ -310,6 +374,11 @@ def untie_dequantize(mod, pctx):
 
 def has_quantized_anchor(mod: tvm.IRModule) -> bool:
     """Whether a Relax function of `mod` dequantizes an int8 constant (a QDQ chain's weight)."""
+    return quantized_layers(mod) > 0
+
+
+def quantized_layers(mod: tvm.IRModule) -> int:
+    """How many int8 constants (QDQ chains' weights) the Relax functions of `mod` dequantize."""
     found = []
 
     def visit(e):
@@ -320,7 +389,7 @@ def has_quantized_anchor(mod: tvm.IRModule) -> bool:
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return bool(found)
+    return len(found)
 
 
 def _relayout_pass(name: str, data, weight, layouts: tuple[str, str],

@@ -1,7 +1,8 @@
 """oneDNN (Debian's libdnnl 2.6, OpenMP threading) for x86: fp32 conv2d and matmul with bias, ReLU/clip and a
 residual add fused as post-ops; conv2d_transpose (NCHW) as its deconvolution; a matmul whose second operand is
 computed at run time (attention's batched products) with the same post-ops, when it has work enough to pay; int8
-(QDQ) conv2d, matmul and conv2d_transpose (NHWC: oneDNN's int8 deconvolution kernels take no other) chains.
+(QDQ) conv2d, matmul and conv2d_transpose (NHWC: oneDNN's int8 deconvolution kernels take no other) chains, on
+CPUs with VNNI only (_int8_refused).
 
 The emitted code keeps activations as TVM holds them (NHWC after offload-layout). Each generated function comes
 with `<symbol>_pack`, which the module's load function (offload-codegen) calls once per call site when the module
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from tvm import relax
+from tvm.target.codegen import target_has_features
 
 from ..backend import CPP_HELPERS, Backend, Linkage, c_float, state_type_key
 from ..fusion import Fused, fused_patterns, nhwc_conv_check, packed_operands, read_fused, static_shape
@@ -328,10 +331,26 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC({fused.symbol}, {fused.symbol}_impl);
 _DNNL_TYPES = {"uint8": "memory::data_type::u8", "int8": "memory::data_type::s8"}
 
 
+def _qsum(q: QFused) -> list[str]:
+    """The post-ops of a residual add after the chain (z = quantize(dequantize(y) + dequantize(r))), rounding where
+    QDQ does: y's rounding and saturation (round, clip to y's type less its zero point), then in z's units
+    (y - zy) * sy / sz + (r - zr) * sr / sz, r read from dst (the sum post-op, as r's type); z's zero point and
+    rounding are the destination's."""
+    s = q.sum
+    info = np.iinfo(q.out_dtype)
+    return ["post.append_eltwise(1.f, dnnl::algorithm::eltwise_round, 0.f, 0.f);",
+            f"post.append_eltwise(1.f, dnnl::algorithm::eltwise_clip, {info.min}.f - zy, {info.max}.f - zy);",
+            f"post.append_eltwise(1.f, dnnl::algorithm::eltwise_linear, sy / sz, 0.f);",
+            f"post.append_sum(Scale(a{s.residual_scale}, 0) / sz, ZeroPoint(a{s.residual_zero_point}), "
+            f"{_DNNL_TYPES[s.residual_dtype]});"]
+
+
 def _qfunction(q: QFused) -> str:
     """An int8 chain as one primitive: s8 weights (reordered at load), s32 bias, output scales sx * sw[c] / sy, the
-    activation in the output's scaled units, zero points given at run time (from the state)."""
-    call, src, dst = q.anchor, _DNNL_TYPES[q.data_dtype], _DNNL_TYPES[q.out_dtype]
+    activation in the output's scaled units, a residual add as post-ops (_qsum), zero points given at run time
+    (from the state)."""
+    call, src = q.anchor, _DNNL_TYPES[q.data_dtype]
+    dst = _DNNL_TYPES[q.sum.out_dtype if q.sum else q.out_dtype]
     out_channels = static_shape(call)[-1]
     post = ["dnnl::post_ops post;"]
     if q.activation == "relu":
@@ -339,6 +358,8 @@ def _qfunction(q: QFused) -> str:
     elif q.activation == "clip":
         lo, hi = q.bounds
         post.append(f"post.append_eltwise(1.f, dnnl::algorithm::eltwise_clip, {c_float(lo)} / sy, {c_float(hi)} / sy);")
+    if q.sum:
+        post += _qsum(q)
     bias = q.bias is not None
     if call.op.name == "relax.nn.conv2d":
         attrs = call.attrs
@@ -369,12 +390,17 @@ def _qfunction(q: QFused) -> str:
     dnnl::matmul::desc d(src, any_weights, {"memory::desc({1, %d}, s32, tag::ab), " % n if bias else ""}dst);
     dnnl::matmul::primitive_desc pd(d, attr, Engine());"""
     post_ops = "\n    ".join(post)
+    sum_scale = (f"\n  const float sz = Scale(a{q.sum.out_scale}, 0);\n  const int32_t zy = ZeroPoint(a{q.out_zero_point});"
+                 if q.sum else "")
+    dst_zero_point = f"ZeroPoint(a{q.sum.out_zero_point if q.sum else q.out_zero_point})"
+    runtime = ", ".join(f"tvm::ffi::TensorView a{i}" for i in q.runtime)
+    residual = f"a{q.sum.residual}.data_ptr()" if q.sum else "nullptr"
     return f"""
 // {q.composite}""" + pack_function(q, f"""
-  const float sx = Scale(a{q.data_scale}, 0), sy = Scale(a{q.out_scale}, 0);
+  const float sx = Scale(a{q.data_scale}, 0), sy = Scale(a{q.out_scale}, 0);{sum_scale}
   std::vector<float> scales({out_channels});
   for (int c = 0; c < {out_channels}; ++c) scales[c] = sx * Scale(a{q.weight_scale}, c) / sy;
-  const int32_t zero_points[2] = {{ZeroPoint(a{q.data_zero_point}), ZeroPoint(a{q.out_zero_point})}};
+  const int32_t zero_points[2] = {{ZeroPoint(a{q.data_zero_point}), {dst_zero_point}}};
   return Pack(a{q.weight}.data_ptr(), {"nullptr" if q.bias is None else f"a{q.bias}.data_ptr()"}, {4 * out_channels},
               {_work(call)}, [&] {{
     constexpr auto s8 = memory::data_type::s8, s32 = memory::data_type::s32;
@@ -385,8 +411,8 @@ def _qfunction(q: QFused) -> str:
     attr.set_zero_points(DNNL_ARG_DST, 0, {{DNNL_RUNTIME_S32_VAL}});{primitive}
     return std::make_pair(dnnl::primitive_desc(pd), user_weights);
   }}, zero_points);""") + f"""
-static int {q.symbol}_impl(tvm::ffi::ObjectRef state, tvm::ffi::TensorView a{q.data}, tvm::ffi::TensorView out) {{
-  return Run(state, "{q.symbol}", a{q.data}.data_ptr(), nullptr, nullptr, out.data_ptr(), {math.prod(static_shape(call))});
+static int {q.symbol}_impl(tvm::ffi::ObjectRef state, {runtime}, tvm::ffi::TensorView out) {{
+  return Run(state, "{q.symbol}", a{q.data}.data_ptr(), nullptr, {residual}, out.data_ptr(), {math.prod(static_shape(call))});
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC({q.symbol}, {q.symbol}_impl);
 """
@@ -445,9 +471,20 @@ def _check_bmm(call) -> str | None:
 
 
 def _quantized_patterns():
-    return [*quantized_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN")),
+    # a conv's residual add is its sum post-op (a matmul's and a deconvolution's are not taken yet)
+    return [*quantized_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN"), residual=True),
             *quantized_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _deconv_check("NHWC")),
             *quantized_patterns("onednn", "matmul", "relax.matmul", _check_matmul)]
+
+
+def _int8_refused(target) -> str | None:
+    """oneDNN's int8 kernels on an x86 CPU without VNNI multiply with vpmaddubsw, which adds each two u8 x s8
+    products in a saturating int16: full-range weights give wrong numbers for u8 sources, and for s8 sources oneDNN
+    halves the weights (a bit lost). On the AVX2 Zen 3 here 10% of a conv's outputs came out wrong."""
+    if any(target_has_features(f, target) for f in ("avx512vnni", "avxvnni")):
+        return None
+    return (f"oneDNN's int8 kernels need VNNI, which {target.attrs.get('mcpu', 'this CPU')} lacks (without it they sum "
+            f"u8 x s8 products in saturating 16-bit pairs)")
 
 
 def _patterns():
@@ -466,6 +503,7 @@ BACKEND = Backend(
                 "at run time included) with fused bias, ReLU/clip, residual add",
     patterns=_patterns,
     quantized_patterns=_quantized_patterns,
+    int8_refused=_int8_refused,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,
     packed=_packed,
