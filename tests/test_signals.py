@@ -54,7 +54,8 @@ def slow_linker(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
 
 
 def wait_for(marker: Path, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
+    # generous: under pytest -n 2 the other worker's builds share the 2 cores (a build here then took over 120 s)
+    deadline = time.monotonic() + 600
     while not (marker.exists() and marker.read_text().strip()):
         assert proc.poll() is None, f"the build ended before linking: {proc.communicate()}"
         assert time.monotonic() < deadline, "the build never reached the link step"
