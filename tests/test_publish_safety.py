@@ -56,7 +56,7 @@ def build_process(model: Path, target: Path, out: str, cwd: Path, **popen) -> su
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:   # pytest -n 2: a loaded machine
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, f"the build ended before {path.name} appeared: {proc.communicate()}"
@@ -169,8 +169,9 @@ def test_archive_publish_failure_restores_the_previous_bundle(model, tmp_path, m
 # --------------------------------------------------------------------------------------------- processes
 
 def test_two_builds_to_one_output(model, tmp_path, monkeypatch):
-    """Both start at once; the link is slow, so they overlap whichever takes the lock first."""
-    target = use_compiler(tmp_path, monkeypatch, 'sleep 3; exec g++ "$@"')
+    """Both start at once; the link is slow (long enough for the other to start under pytest -n 2's load, where 3 s
+    was not), so they overlap whichever takes the lock first."""
+    target = use_compiler(tmp_path, monkeypatch, 'sleep 30; exec g++ "$@"')
     procs = [build_process(model, target, "out", tmp_path) for _ in range(2)]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     codes = sorted(rc for rc, _, _ in results)
