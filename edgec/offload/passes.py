@@ -15,8 +15,8 @@ from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
-from .quantized import (deconv_back_to_nchw, deconv_to_nhwc, has_quantized_anchor, is_quantized, quantized_layers,
-                        read_quantized, untie_dequantize)
+from .quantized import (deconv_back_to_nchw, deconv_to_nhwc, is_quantized, quantized_layers, read_quantized,
+                        untie_dequantize)
 
 _PLACEMENT_ATTR = "edgec_offload_placement"
 _INT8_REFUSED_ATTR = "edgec_offload_int8_refused"   # offload-quantized's [operator, why, count] per refusing backend
@@ -276,11 +276,12 @@ def quantized(ctx):
     @tvm.transform.module_pass(opt_level=0, name="OffloadQuantizedIfAny")
     def quantized_if_any(mod, pctx):
         # no int8 weights, nothing to do: the graph is left for offload-layout as it is
-        if not has_quantized_anchor(mod):
+        layers = quantized_layers(mod)
+        if not layers:
             return mod
         if refused:     # for offload-partition's placement: the int8 layers a backend refused on this target
             mod = mod.with_attr(_INT8_REFUSED_ATTR, json.dumps(
-                [["int8 layers", f"{name}: {why}", quantized_layers(mod)] for name, why in refused.items()]))
+                [["int8 layers", f"{name}: {why}", layers] for name, why in refused.items()]))
         return convert(mod) if patterns else mod
 
     return quantized_if_any
