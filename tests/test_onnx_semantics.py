@@ -80,6 +80,26 @@ def test_float_mod_with_infinite_and_zero_divisors(edgec_host, tmp_path):
         assert onnx_suite.compare_all(outputs, [np.mod(a, b)]) is None
 
 
+@pytest.mark.parametrize("direction", ["LEFT", "RIGHT"])
+@pytest.mark.parametrize("np_type, onnx_type", [(np.int8, TensorProto.INT8), (np.int32, TensorProto.INT32),
+                                                (np.uint8, TensorProto.UINT8), (np.int64, TensorProto.INT64)])
+def test_bitshift_out_of_range_shift_is_the_sign_fill(edgec_host, tmp_path, direction, np_type, onnx_type):
+    # ONNX (opset 28) defines a shift < 0 or >= the bit width: -1 for a right shift of a negative X, else 0;
+    # LLVM leaves it undefined, and two CPUs gave two other numbers for it
+    bits, signed = np.iinfo(np_type).bits, np.issubdtype(np_type, np.signedinteger)
+    x = np.array([-8, 5, -1, 3, -7, 100] if signed else [248, 5, 255, 3, 7, 200], np_type)
+    y = np.array([bits, bits + 3, -1 if signed else 200, 2, 0, bits - 2], np_type)
+    model = _model([helper.make_node("BitShift", ["x", "y"], ["z"], direction=direction)],
+                   [helper.make_tensor_value_info(n, onnx_type, [6]) for n in "xy"],
+                   [helper.make_tensor_value_info("z", onnx_type, [6])], opset=28)
+    model.ir_version = 13
+    in_range = (np.left_shift if direction == "LEFT" else np.right_shift)(x[3:], y[3:])  # the last: past the sign
+    fill = np.where((x[:3] < 0) & (direction == "RIGHT"), -1, 0).astype(np_type)
+    expected = np.concatenate([fill, in_range])
+    outputs = edgec_host.run(model, [x, y], tmp_path, lambda stage: None)
+    assert onnx_suite.compare_all(outputs, [expected]) is None
+
+
 def test_layer_normalization_mean_and_inv_std_dev(edgec_host, tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     w, b = np.full((3, 4), 1.5, np.float32), np.full((3, 4), 0.25, np.float32)

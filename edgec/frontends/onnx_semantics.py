@@ -154,6 +154,27 @@ def _converters() -> dict:
                                         relax.op.logical_xor(relax.op.less(rem, zero), relax.op.less(b, zero)))
             return relax.op.where(move, relax.op.add(rem, b), rem)
 
+    class BitShift(tvm_onnx.BitShift):
+        """A shift by less than 0 or by the bit width or more, as ONNX defines it: the sign fill alone (-1 for a
+        right shift of a negative X, else 0). TVM's converter leaves it to LLVM, where such a shift is undefined
+        and each CPU gives its own number."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            x, y = inputs
+            dt = dtype(x)
+            out_of_range = relax.op.greater_equal(y, relax.const(np.iinfo(dt).bits, dtype(y)))
+            if not dt.startswith("uint"):
+                out_of_range = relax.op.logical_or(out_of_range, relax.op.less(y, relax.const(0, dtype(y))))
+            out_of_range = bb.emit(out_of_range)
+            safe_y = relax.op.where(out_of_range, relax.const(0, dtype(y)), y)
+            right = attr.get("direction", b"LEFT") in (b"RIGHT", "RIGHT")
+            shifted = (relax.op.right_shift if right else relax.op.left_shift)(x, safe_y)
+            zero = relax.const(0, dt)
+            fill = relax.op.where(relax.op.less(x, zero), relax.const(-1, dt), zero) if right and \
+                not dt.startswith("uint") else zero
+            return relax.op.where(out_of_range, fill, shifted)
+
     class LayerNormalization(tvm_onnx.LayerNormalization):
         """Mean and InvStdDev outputs computed (TVM's converter returns scalar placeholders), in float32 as
         stash_type=1 asks."""
@@ -419,9 +440,9 @@ def _converters() -> dict:
     from .onnx_quant import quant_converters
     from .onnx_recurrent import recurrent_converters
 
-    return {**{c.__name__: c for c in (IsInf, Mod, LayerNormalization, Dropout, SpaceToDepth, ConvTranspose, Expand,
-                                       ConstantOfShape, Attention, ReduceMax, ReduceMin)}, **recurrent_converters(),
-            **quant_converters(), **op_converters(), **detection_converters(),
+    return {**{c.__name__: c for c in (IsInf, Mod, BitShift, LayerNormalization, Dropout, SpaceToDepth,
+                                       ConvTranspose, Expand, ConstantOfShape, Attention, ReduceMax, ReduceMin)},
+            **recurrent_converters(), **quant_converters(), **op_converters(), **detection_converters(),
             **ml_converters()}
 
 
