@@ -8,6 +8,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,10 @@ _WHEEL_PYTHON = "3.11"
 # Debian's name for each architecture, and its multiarch library directory (usr/lib/<dir>).
 _DEBIAN_ARCH = {"x86_64": ("amd64", "x86_64-linux-gnu"), "aarch64": ("arm64", "aarch64-linux-gnu")}
 _OWNERS = "edgec-owners.json"   # in a deb_sysroot: file path -> the package it came from
+# LLVM's names of instruction-set extensions (x86, then Arm), by prefix: code built for one of them stops with
+# SIGILL on a CPU without it. LLVM's other CPU features (fast-*, slow-*, fuse-*...) only tune code generation.
+_ISA_FEATURE = re.compile(r"(avx|amx|sse|ssse3|fma|f16c|bmi|gfni|vaes|vpclmulqdq|sha|aes|adx|popcnt|lzcnt|movbe"
+                          r"|neon|sve|sme|dotprod|i8mm|bf16|fullfp16|fp16fml|lse|rcpc|crc|complxnum|rdm|jsconv)")
 
 
 def cache_dir() -> Path:
@@ -51,6 +56,17 @@ def host_arch() -> str:
     """The machine this process runs on: "x86_64" or "aarch64"."""
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def features_this_cpu_lacks(tvm_target) -> list[str]:
+    """The instruction-set extensions an llvm tvm.target.Target's code may use that this machine's CPU lacks."""
+    import tvm
+    from tvm.target import codegen
+
+    here = tvm.target.Target({"kind": "llvm", "mtriple": codegen.llvm_get_system_triple(),
+                              "mcpu": codegen.llvm_get_system_cpu()})
+    wanted = codegen.llvm_get_cpu_features(tvm_target) - codegen.llvm_get_cpu_features(here)
+    return sorted(f for f in wanted if _ISA_FEATURE.match(f))
 
 
 def _check_arch(arch: str) -> str:

@@ -167,6 +167,43 @@ def test_every_descriptor_builds_and_verifies(tmp_path, target):
     assert built.manifest.target.name == target
 
 
+def test_code_for_instructions_this_cpu_lacks_is_not_run_here(tmp_path):
+    """A board of this architecture whose CPU has an extension this one lacks (AMX on x86, SME on Arm): its code
+    would stop edgec with SIGILL, so the build says why it is not verified and `edgec run` refuses in one line."""
+    extension = {"x86_64": "amx-tile", "aarch64": "sme"}[host_arch()]
+    host = tvm.target.Target({"kind": "llvm", "mtriple": tvm.target.codegen.llvm_get_system_triple(),
+                              "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if tvm.target.codegen.target_has_features(extension, host):
+        pytest.skip(f"this CPU has {extension}")
+    board = tmp_path / "board.toml"
+    board.write_text(f'''name = "board"
+description = "this machine's CPU with {extension}"
+arch = "{host_arch()}"
+
+[tvm]
+target = {{ kind = "llvm", mtriple = "detect", mcpu = "detect", mattr = ["+{extension}"] }}
+
+[toolchain]
+triple = "native"
+compiler = "g++"
+apt_package = "g++"
+
+[device]
+kind = "cpu"
+threads = 1
+memory_mb = 1024
+''')
+    built = CliRunner().invoke(main, ["build", str(conv_relu(tmp_path / "m.onnx")), "-t", str(board), "-o",
+                                      str(tmp_path / "b")])
+    assert built.exit_code == 0, built.output
+    reason = json.loads((tmp_path / "b" / "manifest.json").read_text())["verification"]["reason"]
+    assert extension in reason and "lacks" in reason, reason
+    ran = subprocess.run([sys.executable, "-m", "edgec.cli", "run", str(tmp_path / "b")], capture_output=True,
+                         text=True)
+    assert ran.returncode == 2 and ran.stderr.startswith("error: board's code uses") and extension in ran.stderr
+    assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+
+
 def test_tflite_model_under_qemu(tmp_path):
     name = "face_detection_short_range"
     built = api.build(real_model(name), "rpi4", tmp_path / "face-rpi4")

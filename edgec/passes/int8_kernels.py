@@ -28,10 +28,6 @@ import math
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
-from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
-from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
 from ..context import BuildContext
@@ -39,46 +35,22 @@ from ..errors import last_line
 from ..offload.fusion import composite_function, static_shape
 from ..offload.quantized import QFused, has_quantized_anchor, quantized_patterns, read_quantized, untie_dequantize
 from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED
+from .dot_products import DOT_PRODUCTS, intrinsic
 from .ir import restore_clip
 from .registry import register_pass
 
 ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot" or "vector"
 LEFT_ATTR = "edgec.int8_kernels_left"   # the module's: JSON list of the chains left float as their kernel failed
 _GROUP = "edgec_int8"             # the patterns' prefix: the partitioned chains this pass replaces
-_VNNI_INTRIN = "edgec_dot_16x4_vnni"
 _INT32_MAX = 2**31 - 1
-
-
-@T.prim_func(s_tir=True)
-def _vnni_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    # TVM 0.27's dot_16x4_vnni passes vpdpbusd.512 i32x16 operands; LLVM 21+ declares it (i32x16, u8x64, i8x64)
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
-
-
-if TensorIntrin.get(_VNNI_INTRIN, allow_missing=True) is None:
-    TensorIntrin.register(_VNNI_INTRIN, dot_product_16x4_u8i8i32_desc, _vnni_impl)
 
 
 def _dot_product(target: tvm.target.Target) -> tuple[str, int, str]:
     """(name, lanes, operand type of A) of the target's 8-bit dot product."""
-    if target_has_features("avx512vnni", target):
-        return "vnni", 16, "uint8"
-    if target_has_features("dotprod", target):
-        return "sdot", 4, "int8"
+    for kind, dot in DOT_PRODUCTS.items():
+        if target_has_features(dot.feature, target):
+            return kind, dot.lanes, dot.a_dtype
     return "vector", 16, "uint8"
-
-
-_INTRINSICS = {"vnni": _VNNI_INTRIN, "sdot": ARM_DOT_4x4_i8_SDOT_INTRIN}
 
 
 def _cpu(ctx: BuildContext) -> bool:
@@ -329,7 +301,7 @@ class _IntegerChain:
         mo, mi = sch.split(m, [None, tile])
         no, ni = sch.split(n, [None, self.lanes])
         ko, ki = sch.split(k, [None, 4])
-        tensorized = self.kind in _INTRINSICS
+        tensorized = self.kind in DOT_PRODUCTS
         # the intrinsic takes the lanes x 4 block; the vector loop takes a vector of outputs per weight column
         sch.reorder(*(mo, no, ko, mi, ni, ki) if tensorized else (mo, no, ko, mi, ki, ni))
         outer = sch.fuse(mo, no)
@@ -340,5 +312,5 @@ class _IntegerChain:
             sch.vectorize(ni)
         sch.decompose_reduction(acc, ko)
         if tensorized:
-            sch.tensorize(ni, _INTRINSICS[self.kind])
+            sch.tensorize(ni, intrinsic(self.kind))
         return sch.mod["main"]

@@ -41,9 +41,9 @@ IN_PROCESS, NATIVE_RUNNER, QEMU = "in-process", "native runner", "qemu"
 
 def choose_runner(target) -> str:
     """How this machine runs code built for `target` (a Target), from its descriptor: in process (run.py) for
-    this architecture, on a device TVM finds here; under the descriptor's emulator (the C++ runner in qemu-user)
+    this architecture, on a device TVM finds here and a CPU with the instructions the code uses; under the descriptor's emulator (the C++ runner in qemu-user)
     for another CPU architecture. An EdgecError says why neither works."""
-    from ..toolchain import emulator_command, host_arch
+    from ..toolchain import emulator_command, features_this_cpu_lacks, host_arch
 
     kind = target.device.kind
     if target.arch == host_arch():
@@ -51,6 +51,11 @@ def choose_runner(target) -> str:
 
         if not tvm.device(kind, 0).exist:
             raise EdgecError(f"this machine has no {kind} device for {target.name}", "run the bundle on the board")
+        tvm_target = target.tvm()
+        lacking = features_this_cpu_lacks(tvm_target) if tvm_target.kind.name == "llvm" else []
+        if lacking:   # the code would stop this process with SIGILL
+            raise EdgecError(f"{target.name}'s code uses {', '.join(lacking)}, which this machine's CPU "
+                             f"({tvm.target.codegen.llvm_get_system_cpu()}) lacks", "run the bundle on the board")
         return IN_PROCESS
     if kind != "cpu":
         raise EdgecError(f"{target.name} runs on a {kind} device of a {target.arch} machine, which cannot be "
