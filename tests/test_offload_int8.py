@@ -14,6 +14,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from edgec import api, report
 from edgec.build import BuildOptions
 from edgec.examples import mobilenet_v2
+from edgec.quantize import QuantizeOptions
 from verify import needs_onednn_int8, onnxruntime_as_written, save_onnx
 
 ONEDNN = BuildOptions(offload=("onednn",))
@@ -28,10 +29,12 @@ class _Samples(CalibrationDataReader):
         return next(self._it, None)
 
 
-def quantized(model: Path, samples: list[dict[str, np.ndarray]], activations=QuantType.QUInt8) -> Path:
-    out = model.with_name(model.stem + f"_qdq_{activations.name}.onnx")
+def quantized(model: Path, samples: list[dict[str, np.ndarray]], activations=QuantType.QUInt8,
+              reduce_range: bool = False) -> Path:
+    """onnxruntime's static QDQ quantization; `reduce_range`: 7-bit weights (within ±64)."""
+    out = model.with_name(model.stem + f"_qdq_{activations.name}{'_7bit' * reduce_range}.onnx")
     quantize_static(str(model), str(out), _Samples(samples), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=activations, weight_type=QuantType.QInt8)
+                    activation_type=activations, weight_type=QuantType.QInt8, reduce_range=reduce_range)
     return out
 
 
@@ -286,33 +289,80 @@ def test_int8_partitions_at_o3(tmp_path):
 
 @pytest.mark.parametrize("mcpu, vnni", [("haswell", False), ("znver3", False), ("cascadelake", True),
                                         ("znver4", True), ("alderlake", True)])
-def test_onednn_int8_needs_vnni(mcpu, vnni):
+def test_onednn_int8_limits_without_vnni(mcpu, vnni):
     """Without VNNI (AVX-512 VNNI, AVX-VNNI) oneDNN's int8 kernels add each two u8 x s8 products in a saturating int16
-    (vpmaddubsw): on an AVX2 Zen 3, 10% of a u8 conv's outputs came out wrong."""
+    (vpmaddubsw), exact for weights within ±64: on an AVX2 Zen 3, full-range weights gave 10% of a u8 conv's outputs
+    wrong; s8 inputs get their weights halved."""
     import tvm
 
     from edgec.offload.backends.onednn import BACKEND
 
-    refused = BACKEND.int8_refused(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}))
-    assert (refused is None) == vnni and (vnni or mcpu in refused), refused
+    limits = BACKEND.int8_limits(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}))
+    assert (limits is None) == vnni, limits
+    assert vnni or (limits.weight_max == 64 and limits.activations == ("uint8",) and mcpu in limits.why), limits
 
 
-def test_int8_stays_in_tvm_without_vnni(tmp_path):
-    """For a board whose CPU lacks VNNI (a descriptor for a Haswell box, which this machine can run), the int8 layers
-    are TVM's integer kernels, the reason in the placement, and the bundle is verified within one step."""
+def _haswell_box(tmp_path: Path) -> Path:
+    """A descriptor for a Haswell box (AVX2, no VNNI), whose code this machine can run."""
     descriptor = (Path(__file__).parents[1] / "targets" / "host.toml").read_text()
     target = tmp_path / "haswell-box.toml"
     target.write_text(descriptor.replace('name = "host"', 'name = "haswell-box"')
                       .replace('mtriple = "detect", mcpu = "detect"', 'mtriple = "x86_64-linux-gnu", mcpu = "haswell"'))
+    return target
+
+
+def test_int8_stays_in_tvm_without_vnni(tmp_path):
+    """For a CPU without VNNI, full-range int8 weights (onnxruntime's default) are TVM's integer kernels, the reason
+    and the count in the placement, and the bundle is verified within one step."""
     model = conv_forms(tmp_path / "forms.onnx")
     samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
     qdq = quantized(model, samples)
+    result = api.build(qdq, str(_haswell_box(tmp_path)), tmp_path / "b", options=ONEDNN, sample_inputs=samples[0])
+    assert result.manifest.verification["status"] == "verified"
+    placed = int8_placement(result)
+    assert len(placed["int8 layers"]) == 1 and "haswell (no VNNI)" in placed["int8 layers"][0], placed
+    assert not any("onednn.q" in p for rows in placed.values() for p in rows), placed
+    assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
+
+
+def test_7bit_weights_run_in_onednn_without_vnni(tmp_path):
+    """For a CPU without VNNI, 7-bit weights (onnxruntime's reduce_range) and u8 inputs are oneDNN's int8 kernels,
+    exact: within one step of onnxruntime's QDQ math, as with VNNI. s8 inputs stay TVM's."""
+    model = conv_forms(tmp_path / "forms.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    target = _haswell_box(tmp_path)
+    qdq = quantized(model, samples, reduce_range=True)
     result = api.build(qdq, str(target), tmp_path / "b", options=ONEDNN, sample_inputs=samples[0])
     assert result.manifest.verification["status"] == "verified"
     placed = int8_placement(result)
-    assert len(placed["int8 layers"]) == 1 and "need VNNI, which haswell lacks" in placed["int8 layers"][0], placed
-    assert not any("onednn.q" in p for rows in placed.values() for p in rows), placed
-    assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
+    assert "int8 layers" not in placed and placed["matmul"] == ["onednn:onednn.qmatmul_bias"], placed
+    assert placed["conv2d"] and all(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]), placed
+    for sample in samples[1:4]:
+        assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05
+    signed = quantized(model, samples, QuantType.QInt8, reduce_range=True)
+    placed = int8_placement(api.build(signed, str(target), tmp_path / "s8", options=ONEDNN, sample_inputs=samples[0]))
+    assert "int8 input" in " ".join(placed["int8 layers"]), placed
+
+
+def test_own_int8_quantization_makes_7bit_weights_without_vnni(tmp_path):
+    """edgec's quantizer on a CPU without VNNI makes weights within ±64, so that oneDNN's int8 kernels take them; the
+    manifest says so. Without offload it keeps ±127 (TVM's integer kernels sum any)."""
+    model = conv_forms(tmp_path / "forms.onnx")
+    data = tmp_path / "calibration.npz"
+    np.savez(data, x=RNG.standard_normal((16, 1, 8, 16, 16)).astype(np.float32))
+    target = str(_haswell_box(tmp_path))
+    built = {}
+    for offload in (("onednn",), ()):
+        options = BuildOptions(offload=offload, quantize=QuantizeOptions("int8", data, method="minmax"))
+        built[offload] = api.build(model, target, tmp_path / f"b{len(offload)}", options=options)
+        assert built[offload].manifest.verification["status"] == "verified"
+    weights = built[("onednn",)].manifest.quantization["weights"]
+    assert "within ±64" in weights and "haswell (no VNNI)" in weights, weights
+    assert "within" not in built[()].manifest.quantization["weights"]
+    # the int8 convs oneDNN's (the Gemm, whose output ends the graph, stays float: the quantizer's choice)
+    placed = int8_placement(built[("onednn",)])
+    assert "int8 layers" not in placed and sum(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]) == 3, \
+        placed
 
 
 def lcnet_blocks(path: Path) -> Path:

@@ -26,7 +26,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 from edgec import api, report
 from edgec.context import BuildOptions
 from test_cli_errors import check_error, cli
-from verify import HOST_INT8_REFUSED, assert_close_to_reference, onnxruntime_as_written, save_onnx
+from verify import HOST_INT8_LIMITS, assert_close_to_reference, onnxruntime_as_written, save_onnx
 
 RNG = np.random.default_rng(9)
 
@@ -121,7 +121,7 @@ def _within_one_step(quantized: Path, bundle: Path, shape) -> str:
     (the module's docstring). Returns what was measured."""
     qdq = quantized.with_name(quantized.name.replace("_qop", "_qdq"))
     sessions = {"QDQ as written": onnxruntime_as_written(qdq)}
-    if HOST_INT8_REFUSED is None:
+    if HOST_INT8_LIMITS is None:
         sessions["QOperator"] = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
     step = _output_step(qdq, "y")
     measured = []
@@ -164,9 +164,9 @@ def test_static_qoperator_within_one_step(tmp_path, name, activations, per_chann
     placed = sorted({f"{p['operator']}:{p['detail']}" for p in report.build_json(result)["offload"]})
     print(f"{quantized.name} {activations.name} per_channel={per_channel}: "
           f"{_within_one_step(quantized, result.bundle_dir, shape)}; offload {placed}")
-    # on a CPU without VNNI the int8 layers are TVM's integer kernels (verify.HOST_INT8_REFUSED)
-    assert ({"cnn": "conv2d:onednn.qconv2d_bias", "mlp": "matmul:onednn.qmatmul_bias"}[name] if HOST_INT8_REFUSED is None
-            else f"int8 layers:onednn: {HOST_INT8_REFUSED}") in placed
+    # on a CPU without VNNI the full-range int8 layers are TVM's integer kernels (verify.HOST_INT8_LIMITS)
+    assert ({"cnn": "conv2d:onednn.qconv2d_bias", "mlp": "matmul:onednn.qmatmul_bias"}[name] if HOST_INT8_LIMITS is None
+            else f"int8 layers:onednn: {HOST_INT8_LIMITS.why}") in placed
 
 
 @_parametrized

@@ -36,6 +36,14 @@ class Pattern:
 
 
 @dataclass(frozen=True)
+class Int8Limits:
+    """The int8 chains a backend's integer kernels sum exactly on some CPU; the others stay in TVM."""
+    weight_max: int                      # the largest |weight| its products take without saturating
+    activations: tuple[str, ...]         # the input types it takes
+    why: str
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str                            # codegen name: the functions go to relax.ext.<name>
     description: str
@@ -47,8 +55,8 @@ class Backend:
     linkage: Linkage
     # int8 chains in QDQ form (quantized.py), partitioned before constant folding would make their weights float
     quantized_patterns: Callable[[], list[Pattern]] = lambda: []
-    # why the integer kernels must not run on a TVM target (None: they may); the chains then stay in TVM
-    int8_refused: Callable[[tvm.target.Target], str | None] = lambda target: None
+    # which int8 chains its integer kernels compute exactly on a TVM target (None: every one its patterns take)
+    int8_limits: Callable[[tvm.target.Target], Int8Limits | None] = lambda target: None
 
     def supports(self, arch: str) -> bool:
         return arch in self.linkage.packages

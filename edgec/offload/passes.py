@@ -15,11 +15,12 @@ from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
 from .fusion import read_fused, static_shape
-from .quantized import (deconv_back_to_nchw, deconv_to_nhwc, is_quantized, quantized_layers, read_quantized,
+from .quantized import (beyond, deconv_back_to_nchw, deconv_to_nhwc, is_quantized, quantized_layers, read_quantized,
                         untie_dequantize)
 
 _PLACEMENT_ATTR = "edgec_offload_placement"
-_INT8_REFUSED_ATTR = "edgec_offload_int8_refused"   # offload-quantized's [operator, why, count] per refusing backend
+_INT8_LIMITED_ATTR = "edgec_offload_int8_limited"   # offload-quantized's [operator, why, count] per backend whose
+# int8 limits on the target left layers to TVM
 # Ops ConvertLayout would move along to the new layout, which TVM 0.27 cannot lower in it.
 _KEEP_LAYOUT = {"relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 # Elementwise ops without a layout rule in TVM 0.27: ConvertLayout wraps each in a transpose pair. quantize and
@@ -40,6 +41,16 @@ def _backends(ctx: BuildContext):
     from . import resolve
 
     return resolve(ctx.offload, ctx.target.arch)
+
+
+def int8_weight_max(ctx: BuildContext) -> tuple[int, str | None]:
+    """The widest int8 weights every backend taking int8 chains on this target sums exactly, and why it is less than
+    ±127 (None when it is not): what quantize-int8 makes, so that its layers run in the backends' kernels."""
+    from ..quantize.qdq import WEIGHT_MAX
+
+    found = [b.int8_limits(ctx.tvm_target()) for b in _backends(ctx) if b.quantized_patterns()] if ctx.offload else []
+    narrowest = min((f for f in found if f), key=lambda f: f.weight_max, default=None)
+    return (WEIGHT_MAX, None) if narrowest is None else (narrowest.weight_max, narrowest.why)
 
 
 @register_pass("offload-restore-clip", phase="graph", after=("dead-code-elimination",), applies=_offloading)
@@ -258,31 +269,44 @@ def quantized(ctx):
     """Give int8 chains in QDQ form (dequantize, conv2d/matmul/conv2d_transpose, bias, ReLU/clip, quantize) to the
     backends' integer kernels, in their layout, before constant folding turns the int8 weights into floats."""
     target = ctx.tvm_target()
-    refused = {b.name: b.int8_refused(target) for b in _backends(ctx) if b.quantized_patterns()}
-    refused = {name: why for name, why in refused.items() if why}
-    backends = [b for b in _backends(ctx) if b.quantized_patterns() and b.name not in refused]
-    quantized_patterns = [p for backend in backends for p in backend.quantized_patterns()]
-    patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, lambda c, p=p: p.check(c) is None)
-                for p in quantized_patterns]
+    backends = [b for b in _backends(ctx) if b.quantized_patterns()]
+    limits = {b.name: b.int8_limits(target) for b in backends}
     # a backend's int8 conv2d_transpose is NHWC (see quantized.deconv_to_nhwc); what it leaves goes back to NCHW
-    deconv = [deconv_to_nhwc] if any(p.anchor == "relax.nn.conv2d_transpose" for p in quantized_patterns) else []
-    convert = tvm.transform.Sequential([
-        # ONNX's Clip (ReLU6) arrives as call_tir halves, which no chain's pattern would see
-        restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), *deconv, _drop_transpose_pairs,
-        relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), untie_dequantize,
-        relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True),
-        *(deconv and [deconv_back_to_nchw])], name="OffloadQuantized")
+    deconv = [deconv_to_nhwc] if any(p.anchor == "relax.nn.conv2d_transpose"
+                                     for b in backends for p in b.quantized_patterns()) else []
+
+    def taken(pattern, backend: str, outside: set):
+        """The pattern's check, then the backend's limits on this target (the anchors they leave out counted)."""
+        def check(c) -> bool:
+            if pattern.check(c) is not None:
+                return False
+            if limits[backend] is None or beyond(c, limits[backend]) is None:
+                return True
+            outside.add(c.annotated_expr["anchor"])
+            return False
+
+        return check
 
     @tvm.transform.module_pass(opt_level=0, name="OffloadQuantizedIfAny")
     def quantized_if_any(mod, pctx):
         # no int8 weights, nothing to do: the graph is left for offload-layout as it is
-        layers = quantized_layers(mod)
-        if not layers:
+        if not backends or not quantized_layers(mod):
             return mod
-        if refused:     # for offload-partition's placement: the int8 layers a backend refused on this target
-            mod = mod.with_attr(_INT8_REFUSED_ATTR, json.dumps(
-                [["int8 layers", f"{name}: {why}", layers] for name, why in refused.items()]))
-        return convert(mod) if patterns else mod
+        outside = {b.name: set() for b in backends}
+        patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, taken(p, b.name, outside[b.name]))
+                    for b in backends for p in b.quantized_patterns()]
+        converted = tvm.transform.Sequential([
+            # ONNX's Clip (ReLU6) arrives as call_tir halves, which no chain's pattern would see
+            restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), *deconv, _drop_transpose_pairs,
+            relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), untie_dequantize,
+            relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True),
+            *(deconv and [deconv_back_to_nchw])], name="OffloadQuantized")(mod)
+        if any("Codegen" in (f.attrs or {}) for f in converted.functions.values()):
+            mod = converted       # else no chain was taken: the graph stays in its layout, as without int8 offload
+        # for offload-partition's placement: the int8 layers left to TVM by a backend's limits on this target
+        rows = [["int8 layers", f"{name}: {limits[name].why}", len(anchors)] for name, anchors in outside.items()
+                if anchors]
+        return mod.with_attr(_INT8_LIMITED_ATTR, json.dumps(rows)) if rows else mod
 
     return quantized_if_any
 
@@ -355,8 +379,8 @@ def _partition_pass(backends):
                 if var in accepted:
                     why = "its match overlapped another fused group"
                 counts[(_short(call.op.name), None, why)] += 1
-        refused = json.loads(str((mod.attrs or {}).get(_INT8_REFUSED_ATTR, "[]")))
-        return with_placement(mod.without_attr(_INT8_REFUSED_ATTR) if refused else mod,
+        refused = json.loads(str((mod.attrs or {}).get(_INT8_LIMITED_ATTR, "[]")))
+        return with_placement(mod.without_attr(_INT8_LIMITED_ATTR) if refused else mod,
                               [*(Placement(op, None, detail, n) for op, detail, n in refused),
                                *(Placement(op, backend, detail, n) for (op, backend, detail), n in counts.items())])
 

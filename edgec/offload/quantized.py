@@ -24,7 +24,7 @@ from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..passes.ir import per_tensor
-from .backend import Pattern
+from .backend import Int8Limits, Pattern
 from .fusion import composite_function, static_shape
 
 QUANTIZED_ACTIVATIONS = ("uint8", "int8")
@@ -124,6 +124,17 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
         return check_anchor(anchor)
 
     return check
+
+
+def beyond(ctx: relax.transform.PatternCheckContext, limits: Int8Limits) -> str | None:
+    """Why a matched chain is outside a backend's int8 limits on the target (None: within them)."""
+    bound = {v: e for e, v in ctx.value_to_bound_var.items()}
+    anchor = ctx.annotated_expr["anchor"]
+    data, weight = _dq(bound, anchor.args[0]), _dq(bound, anchor.args[1])
+    if data.args[0].ty.dtype not in limits.activations:
+        return f"{data.args[0].ty.dtype} input"
+    peak = int(np.abs(weight.args[0].value.numpy().astype(np.int32)).max())
+    return f"weights up to ±{peak}" if peak > limits.weight_max else None
 
 
 def _residual_reason(residual: relax.Call, chain_out: relax.Call, sum_out: relax.Call, out) -> str | None:

@@ -98,6 +98,14 @@ def _calibration(mod: tvm.IRModule, step: str) -> dict:
     return json.loads(str(text))
 
 
+def _weight_max(ctx: BuildContext) -> tuple[int, str | None]:
+    """The int8 weights' range (and why it is narrower than ±127): the target's offload backends' integer kernels may
+    sum only a narrower one exactly (oneDNN without VNNI: ±64), and the layers are to run there."""
+    from ..offload.passes import int8_weight_max
+
+    return int8_weight_max(ctx)
+
+
 def _gptq(ctx: BuildContext) -> bool:
     # minmax only: on PP-OCRv4 det it takes minmax from 8.6 dB (11.7 with bias-correct-int8) to 13.7; entropy from 7.3
     # to 13.4, no better than bias-correct-int8's 13.5; percentile (unequalized) from 12.1 down to 8.8
@@ -112,7 +120,8 @@ def gptq_weights_int8(ctx):
     from ..quantize.gptq import rounded_weights
 
     def step(mod):
-        found = rounded_weights(mod, _calibration(mod, "gptq-weights-int8")["ranges"], ctx.calibration)
+        found = rounded_weights(mod, _calibration(mod, "gptq-weights-int8")["ranges"], ctx.calibration,
+                                _weight_max(ctx)[0])
         return mod.with_attr(ROUNDED_ATTR, json.dumps({k: [list(v.shape), base64.b64encode(v.tobytes()).decode()]
                                                        for k, v in found.items()}))
 
@@ -141,7 +150,7 @@ def bias_correct_int8(ctx):
     from ..quantize.bias import corrections
 
     def step(mod):
-        found = corrections(mod, _calibration(mod, "bias-correct-int8")["ranges"], ctx.calibration)
+        found = corrections(mod, _calibration(mod, "bias-correct-int8")["ranges"], ctx.calibration, _weight_max(ctx)[0])
         return mod.with_attr(CORRECTION_ATTR, json.dumps({k: v.tolist() for k, v in found.items()}))
 
     return step
@@ -163,20 +172,22 @@ def quantize_int8(ctx):
         mod = mod.without_attr(RANGES_ATTR).without_attr(EQUALIZED_ATTR).without_attr(CORRECTION_ATTR) \
             .without_attr(ROUNDED_ATTR)
         options = ctx.options.quantize
+        weight_max, narrowed = _weight_max(ctx)
         floats, mixed = set(), {}
         if options.mixed:
             from ..quantize.budget import choose_floats
 
             floats, chosen = choose_floats(mod, calibration["ranges"], ctx.calibration, options, corrections,
-                                           rounded)
+                                           rounded, weight_max)
             mixed = {"mixed_precision": chosen}
         out, record = qdq.rewrite(mod, calibration["ranges"], frozenset(floats), corrections=corrections,
-                                    rounded=rounded)
+                                    rounded=rounded, weight_max=weight_max)
         record = {"mode": "int8", "method": calibration["method"], "calibration_samples": calibration["samples"],
                   # an image folder: how its images became inputs, which a deployment must do the same way
                   **({"calibration_data": ctx.calibration.description} if ctx.calibration.description else {}),
                   **({"percentile": options.percentile} if calibration["method"] == "percentile" else {}),
-                  "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric",
+                  "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric"
+                  + (f", within ±{weight_max}: {narrowed}" if narrowed else ""),
                   # None: equalize-int8 did not run (disabled, or percentile calibration)
                   "equalized_tensors": None if equalized is None else int(equalized), **record, **mixed}
         return out.with_attr(QUANTIZATION_ATTR, json.dumps(record))

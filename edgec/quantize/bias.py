@@ -21,7 +21,7 @@ from . import analysis, qdq
 from .calibrate import Runner, sweep
 
 
-def _error_module(mod: tvm.IRModule, ranges: dict, layers: list[relax.Var]) -> tvm.IRModule:
+def _error_module(mod: tvm.IRModule, ranges: dict, layers: list[relax.Var], weight_max: int) -> tvm.IRModule:
     """main returning (its result, for each of `layers` the mean of its int8 output minus its float output per
     output channel), from a non-dataflow copy (dataflow vars cannot leave their block)."""
     flat = relax.transform.ToNonDataflow()(mod)
@@ -42,7 +42,7 @@ def _error_module(mod: tvm.IRModule, ranges: dict, layers: list[relax.Var]) -> t
         for var in wanted:
             call, layer = values[var], plan.compute[var]
             x = call.args[0]
-            wq, sw = qdq.weight_params(layer.weight.value.numpy(), layer.weight_axis)
+            wq, sw = qdq.weight_params(layer.weight.value.numpy(), layer.weight_axis, weight_max)
             weights = relax.op.dequantize(relax.const(wq), relax.const(sw), relax.const(np.zeros_like(sw, np.int8)),
                                           axis=layer.weight_axis)
             quantized = bb.emit(relax.Call(call.op, [qdq.quantize_pair(x, *params[x]), weights, *call.args[2:]],
@@ -56,7 +56,8 @@ def _error_module(mod: tvm.IRModule, ranges: dict, layers: list[relax.Var]) -> t
     return relax.transform.Normalize()(out)
 
 
-def corrections(mod: tvm.IRModule, ranges: dict, data: Dataset) -> dict[str, np.ndarray]:
+def corrections(mod: tvm.IRModule, ranges: dict, data: Dataset,
+                weight_max: int = qdq.WEIGHT_MAX) -> dict[str, np.ndarray]:
     """{layer name (analysis.Plan.layers): its int8 form's mean output error per output channel} on `data`, for
     every quantized layer with a bias add."""
     plan = analysis.plan(mod["main"])
@@ -64,7 +65,7 @@ def corrections(mod: tvm.IRModule, ranges: dict, data: Dataset) -> dict[str, np.
     if not layers:
         return {}
     current().detail("bias correction: compile the float model with each layer's int8 error")
-    runner = Runner(_error_module(mod, ranges, layers), [p.name for p in mod["main"].params])
+    runner = Runner(_error_module(mod, ranges, layers, weight_max), [p.name for p in mod["main"].params])
     total = [np.zeros(int(var.ty.shape[plan.compute[var].channel_axis]), np.float64) for var in layers]
 
     def add(taps):

@@ -44,9 +44,11 @@ class _Switched:
     """The switchable QDQ module compiled here, its float outputs on the search samples held."""
 
     def __init__(self, mod: tvm.IRModule, ranges: dict, data: Dataset, layers: list[str],
-                 corrections: dict[str, np.ndarray] | None = None, rounded: dict[str, np.ndarray] | None = None):
+                 corrections: dict[str, np.ndarray] | None = None, rounded: dict[str, np.ndarray] | None = None,
+                 weight_max: int = qdq.WEIGHT_MAX):
         current().detail("error budget: compile the switchable int8 graph")
-        self.vm = on_host(qdq.rewrite(mod, ranges, switchable=True, corrections=corrections, rounded=rounded)[0])
+        self.vm = on_host(qdq.rewrite(mod, ranges, switchable=True, corrections=corrections, rounded=rounded,
+                                      weight_max=weight_max)[0])
         self.layers = layers
         names = [p.name for p in mod["main"].params]
         samples = next(iter(data.batches(SEARCH_SAMPLES)))
@@ -113,9 +115,11 @@ def _noise(db: float) -> float:
 
 def choose_floats(mod: tvm.IRModule, ranges: dict, data: Dataset, options: QuantizeOptions,
                   corrections: dict[str, np.ndarray] | None = None,
-                  rounded: dict[str, np.ndarray] | None = None) -> tuple[set[str], dict]:
+                  rounded: dict[str, np.ndarray] | None = None,
+                  weight_max: int = qdq.WEIGHT_MAX) -> tuple[set[str], dict]:
     """(the layers to leave float, the record of why and at what cost) for --keep-float and the budget;
-    `corrections`: bias-correct-int8's, `rounded`: gptq-weights-int8's, which the int8 layers get."""
+    `corrections`: bias-correct-int8's, `rounded`: gptq-weights-int8's, `weight_max` the weights' range, as the
+    int8 layers get them."""
     plan = analysis.plan(mod["main"])
     names = list(plan.layers.values())
     var_of = {n: v for v, n in plan.layers.items()}
@@ -126,7 +130,8 @@ def choose_floats(mod: tvm.IRModule, ranges: dict, data: Dataset, options: Quant
     floats, record = set(forced), {}
     alone: dict[str, float | None] = {n: None for n in names}
     if options.min_sqnr_db is not None:
-        floats, alone, record = _search(mod, ranges, data, options, names, forced, corrections, rounded)
+        floats, alone, record = _search(mod, ranges, data, options, names, forced, corrections, rounded,
+                                        weight_max)
     total_macs = sum(_cost(plan, v)[0] for v in plan.compute) or 1
     rows = []
     for name in sorted(floats, key=names.index):
@@ -138,10 +143,11 @@ def choose_floats(mod: tvm.IRModule, ranges: dict, data: Dataset, options: Quant
     return floats, _finite(record)
 
 
-def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], forced: set[str], corrections, rounded):
+def _search(mod, ranges, data, options: QuantizeOptions, names: list[str], forced: set[str], corrections, rounded,
+            weight_max: int):
     """The budget search: (float layers, each layer's SQNR alone in int8, the record's budget part)."""
     budget, say = options.min_sqnr_db, current()
-    switched = _Switched(mod, ranges, data, names, corrections, rounded)
+    switched = _Switched(mod, ranges, data, names, corrections, rounded, weight_max)
     everything = set(names)
     plain = switched.sqnr(set())
     start = switched.sqnr(forced) if forced else plain

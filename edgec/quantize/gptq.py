@@ -64,9 +64,9 @@ def _rows(w: np.ndarray, layer: analysis.Compute, groups: int) -> np.ndarray:
     return w.reshape(groups, w.shape[0] // groups, -1)
 
 
-def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """int8 codes for weights `w` [G, R, K] on the fixed `scale` [G, R] that minimize the output error on inputs whose
-    second moment is `h` [G, K, K] (one per group)."""
+def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray, weight_max: int = qdq.WEIGHT_MAX) -> np.ndarray:
+    """int8 codes in [-weight_max, weight_max] for weights `w` [G, R, K] on the fixed `scale` [G, R] that minimize the
+    output error on inputs whose second moment is `h` [G, K, K] (one per group)."""
     w, h = w.astype(np.float64), h.astype(np.float64)
     g, r, k = w.shape
     diag = np.einsum("gii->gi", h)
@@ -83,7 +83,7 @@ def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray) -> np.ndarray:
         end = min(start + BLOCK, k)
         errors = np.empty((g, r, end - start))
         for i in range(start, end):
-            q[:, :, i] = np.clip(np.round(w[:, :, i] / s), -127, 127)
+            q[:, :, i] = np.clip(np.round(w[:, :, i] / s), -weight_max, weight_max)
             e = (w[:, :, i] - q[:, :, i] * s) / u[:, i, i][:, None]
             w[:, :, i:end] -= e[:, :, None] * u[:, None, i, i:end]
             errors[:, :, i - start] = e
@@ -98,7 +98,8 @@ def _as_int8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * np.float32(scale)
 
 
-def rounded_weights(mod: tvm.IRModule, ranges: dict, data: Dataset) -> dict[str, np.ndarray]:
+def rounded_weights(mod: tvm.IRModule, ranges: dict, data: Dataset,
+                    weight_max: int = qdq.WEIGHT_MAX) -> dict[str, np.ndarray]:
     """{layer name (analysis.Plan.layers): its int8 weights, laid out and scaled as qdq.weight_params's} for every
     quantized NCHW conv and matmul, rounded by GPTQ on its inputs over `data` as int8 on calibrate's `ranges` reads
     them."""
@@ -128,8 +129,8 @@ def rounded_weights(mod: tvm.IRModule, ranges: dict, data: Dataset) -> dict[str,
     for var in layers:
         call, layer = values[var], plan.compute[var]
         w = layer.weight.value.numpy()
-        _, scale = qdq.weight_params(w, layer.weight_axis)
+        _, scale = qdq.weight_params(w, layer.weight_axis, weight_max)
         groups = _groups(call, layer)
-        q = gptq(_rows(w, layer, groups), scale.reshape(groups, -1), hessians[var])
+        q = gptq(_rows(w, layer, groups), scale.reshape(groups, -1), hessians[var], weight_max)
         out[plan.layers[var]] = q[0].T if layer.op == analysis.MATMUL else q.reshape(w.shape)
     return out

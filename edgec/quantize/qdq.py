@@ -25,20 +25,24 @@ def activation_params(lo: float, hi: float) -> tuple[float, int]:
     return float(np.float32(scale)), int(np.clip(np.round(-lo / scale), 0, 255))
 
 
-def weight_params(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weights, float32 scale per channel along `axis`), symmetric over [-127, 127]."""
+WEIGHT_MAX = 127   # int8 weights use [-127, 127]; a backend may sum exactly only a narrower range (weight_max)
+
+
+def weight_params(w: np.ndarray, axis: int, weight_max: int = WEIGHT_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights, float32 scale per channel along `axis`), symmetric over [-weight_max, weight_max]."""
     reduce = tuple(i for i in range(w.ndim) if i != axis)
     top = np.abs(w).max(axis=reduce)
-    scale = np.where(top > 0, top / 127, 1.0).astype(np.float32)
+    scale = np.where(top > 0, top / weight_max, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    return np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8), scale
+    return np.clip(np.round(w / scale.reshape(shape)), -weight_max, weight_max).astype(np.int8), scale
 
 
-def layer_weights(layer: analysis.Compute, rounded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def layer_weights(layer: analysis.Compute, rounded: np.ndarray | None = None,
+                  weight_max: int = WEIGHT_MAX) -> tuple[np.ndarray, np.ndarray]:
     """A quantized layer's (int8 weights, scales): rounded to nearest, or `rounded` (edgec.quantize.gptq's, which
     keeps weight_params's scales)."""
-    wq, scale = weight_params(layer.weight.value.numpy(), layer.weight_axis)
+    wq, scale = weight_params(layer.weight.value.numpy(), layer.weight_axis, weight_max)
     return (wq if rounded is None else rounded), scale
 
 
@@ -52,12 +56,12 @@ SWITCH = "edgec_int8_switch"   # the switchable module's extra parameter: one bo
 
 def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: frozenset[str] = frozenset(),
             switchable: bool = False, corrections: dict[str, np.ndarray] | None = None,
-            rounded: dict[str, np.ndarray] | None = None) -> tuple[tvm.IRModule, dict]:
+            rounded: dict[str, np.ndarray] | None = None, weight_max: int = WEIGHT_MAX) -> tuple[tvm.IRModule, dict]:
     """(the QDQ module, what was done: layers and tensors quantized, what stayed float and why).
 
     `corrections`: {layer name: its mean output error per output channel} (edgec.quantize.bias), subtracted from
     the layer's bias where it is int8 (a float layer keeps the float model's bias). `rounded`: {layer name: its int8
-    weights} (edgec.quantize.gptq) in place of round to nearest.
+    weights} (edgec.quantize.gptq) in place of round to nearest. `weight_max`: the weights' range, ±127 or less.
 
     `floats`: layers (analysis.Plan.layers names) left float: their inputs, weights and bias as the float model
     has them. `switchable`: instead, main takes one more parameter, SWITCH, a bool vector with one entry per
@@ -101,7 +105,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
             if var in plan.compute:
                 layer = plan.compute[var]
                 x = call.args[0]
-                wq, sw = layer_weights(layer, (rounded or {}).get(plan.layers[var]))
+                wq, sw = layer_weights(layer, (rounded or {}).get(plan.layers[var]), weight_max)
                 sx, zx = params[x]
                 args[0] = choose(var, args[0], quantize_pair(args[0], sx, zx))
                 args[1] = choose(var, args[1], relax.op.dequantize(

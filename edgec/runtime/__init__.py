@@ -41,8 +41,9 @@ IN_PROCESS, NATIVE_RUNNER, QEMU = "in-process", "native runner", "qemu"
 
 def choose_runner(target) -> str:
     """How this machine runs code built for `target` (a Target), from its descriptor: in process (run.py) for
-    this architecture, on a device TVM finds here and a CPU with the instructions the code uses; under the descriptor's emulator (the C++ runner in qemu-user)
-    for another CPU architecture. An EdgecError says why neither works."""
+    this architecture, on a device TVM finds here, where the CPU has the instructions the code uses; under the
+    descriptor's emulator (the C++ runner in qemu-user) for another CPU architecture. An EdgecError says why neither
+    works."""
     from ..toolchain import emulator_command, features_this_cpu_lacks, host_arch
 
     kind = target.device.kind

@@ -1,8 +1,8 @@
 """oneDNN (Debian's libdnnl 2.6, OpenMP threading) for x86: fp32 conv2d and matmul with bias, ReLU/clip and a
 residual add fused as post-ops; conv2d_transpose (NCHW) as its deconvolution; a matmul whose second operand is
 computed at run time (attention's batched products) with the same post-ops, when it has work enough to pay; int8
-(QDQ) conv2d, matmul and conv2d_transpose (NHWC: oneDNN's int8 deconvolution kernels take no other) chains, on
-CPUs with VNNI only (_int8_refused).
+(QDQ) conv2d, matmul and conv2d_transpose (NHWC: oneDNN's int8 deconvolution kernels take no other) chains: on
+CPUs without VNNI those with uint8 inputs and 7-bit weights only (_int8_limits).
 
 The emitted code keeps activations as TVM holds them (NHWC after offload-layout). Each generated function comes
 with `<symbol>_pack`, which the module's load function (offload-codegen) calls once per call site when the module
@@ -21,7 +21,7 @@ import numpy as np
 from tvm import relax
 from tvm.target.codegen import target_has_features
 
-from ..backend import CPP_HELPERS, Backend, Linkage, c_float, state_type_key
+from ..backend import CPP_HELPERS, Backend, Int8Limits, Linkage, c_float, state_type_key
 from ..fusion import Fused, fused_patterns, nhwc_conv_check, packed_operands, read_fused, static_shape
 from ..quantized import QUANTIZED_CPP, QFused, is_quantized, pack_function, quantized_patterns, read_quantized
 
@@ -477,14 +477,16 @@ def _quantized_patterns():
             *quantized_patterns("onednn", "matmul", "relax.matmul", _check_matmul)]
 
 
-def _int8_refused(target) -> str | None:
+def _int8_limits(target) -> Int8Limits | None:
     """oneDNN's int8 kernels on an x86 CPU without VNNI multiply with vpmaddubsw, which adds each two u8 x s8
-    products in a saturating int16: full-range weights give wrong numbers for u8 sources, and for s8 sources oneDNN
-    halves the weights (a bit lost). On the AVX2 Zen 3 here 10% of a conv's outputs came out wrong."""
+    products in a saturating int16: exact while 2 * 255 * |w| <= 32767, so for weights within ±64 (7-bit, as
+    onnxruntime's reduce_range makes them). Full-range weights gave 10% of a conv's outputs wrong on the AVX2 Zen 3
+    here. For s8 sources oneDNN also halves the weights (a bit lost), so only u8 sources are taken."""
     if any(target_has_features(f, target) for f in ("avx512vnni", "avxvnni")):
         return None
-    return (f"oneDNN's int8 kernels need VNNI, which {target.attrs.get('mcpu', 'this CPU')} lacks (without it they sum "
-            f"u8 x s8 products in saturating 16-bit pairs)")
+    return Int8Limits(64, ("uint8",), f"oneDNN's int8 kernels on {target.attrs.get('mcpu', 'this CPU')} (no VNNI) "
+                      "add u8 x s8 products in saturating 16-bit pairs: exact for uint8 inputs and weights within ±64 "
+                      "(7-bit) only")
 
 
 def _patterns():
@@ -503,7 +505,7 @@ BACKEND = Backend(
                 "at run time included) with fused bias, ReLU/clip, residual add",
     patterns=_patterns,
     quantized_patterns=_quantized_patterns,
-    int8_refused=_int8_refused,
+    int8_limits=_int8_limits,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,
     packed=_packed,
