@@ -6,7 +6,9 @@ The int8 model is onnxruntime's static QDQ model, made the way onnxruntime docum
 uint8 activations, int8 weights) calibrated on --calibration inputs of the model's kind (uniform noise for the
 generated MobileNetV2, the tests' synthetic text images, other seeds than the timed one, for PP-OCRv4 det).
 edgec int8 is that same QDQ file built by edgec for host; onnxruntime int8 runs it with its default (all) graph
-optimizations, i.e. its fused QLinear kernels.
+optimizations, i.e. its fused QLinear kernels. On a CPU without VNNI both sum u8 x s8 products in saturating
+16-bit pairs (oneDNN's and onnxruntime's MLAS kernels alike), exact for 7-bit weights only: there the weights are
+7-bit (`reduce_range=True`, as onnxruntime advises for such CPUs; `--reduce-range` chooses).
 
 Latency: the four runtimes, each in its own process, in alternated blocks (edgec.benchmark.run_blocks, as
 `edgec bench`), with the same threads. Sizes: each edgec bundle's params.bin and model.so (both ship the same
@@ -41,8 +43,9 @@ from edgec.errors import EdgecError
 from bench_models import Model, progress_printer, resolve, timing_options
 
 
-def qdq_model(model: Model, workdir: Path, samples: int) -> Path:
-    """onnxruntime's static QDQ model of `model`, calibrated on `samples` inputs of its kind."""
+def qdq_model(model: Model, workdir: Path, samples: int, reduce_range: bool) -> Path:
+    """onnxruntime's static QDQ model of `model`, calibrated on `samples` inputs of its kind (`reduce_range`: 7-bit
+    weights)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -72,8 +75,15 @@ def qdq_model(model: Model, workdir: Path, samples: int) -> Path:
     # symbolic shape inference fails on PP-OCRv4 det's dynamic shapes; ONNX's shape inference and the folding stay
     quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
     return out
+
+
+def _host_lacks_vnni() -> bool:
+    from edgec.offload.backends.onednn import BACKEND
+    from edgec.targets import load_target
+
+    return BACKEND.int8_limits(load_target("host").tvm()) is not None
 
 
 def _shape(value_info) -> tuple[int, ...]:
@@ -115,8 +125,9 @@ def _size(path: Path) -> int:
 
 def measure(model: Model, workdir: Path, args, say) -> tuple[list[Row], dict, str]:
     inputs = _inputs(model)
-    say(f"{model.label}: quantize with onnxruntime (static QDQ, {args.calibration} calibration inputs)")
-    qdq = qdq_model(model, workdir, args.calibration)
+    say(f"{model.label}: quantize with onnxruntime (static QDQ, {args.calibration} calibration inputs"
+        f"{', 7-bit weights' if args.reduce_range else ''})")
+    qdq = qdq_model(model, workdir, args.calibration, args.reduce_range)
     say(f"{model.label}: build edgec fp32")
     fp32 = api.build(model.path, "host", workdir / f"{model.path.stem}-fp32", input_shapes=model.input_shapes,
                      sample_inputs=inputs).bundle_dir
@@ -177,7 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     timing_options(p)
     p.add_argument("--calibration", type=int, default=8, help="calibration inputs for quantize_static (default 8)")
+    p.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                   help="7-bit weights (quantize_static's reduce_range); auto: on where the CPU lacks VNNI")
     args = p.parse_args(argv)
+    args.reduce_range = {"on": True, "off": False}.get(args.reduce_range, _host_lacks_vnni())
     say = progress_printer()
 
     machine = benchmark.machine()           # before this run adds to the load average
@@ -194,7 +208,8 @@ def main(argv=None) -> int:
     print(f"{machine.cpu} (LLVM: {machine.llvm_cpu}; {', '.join(machine.flags)}), {machine.cores} cores, 1-min load "
           f"{machine.load_1min} before / {round(os.getloadavg()[0], 2)} after; edgec {edgec.__version__}, TVM "
           f"{version('apache-tvm')}, onnxruntime {ort.__version__}; {args.blocks} alternated blocks of {args.runs} "
-          f"runs per runtime after a {args.warmup}-run warm-up, each in its own process, {args.threads} threads")
+          f"runs per runtime after a {args.warmup}-run warm-up, each in its own process, {args.threads} threads"
+          f"{'; 7-bit weights (reduce_range)' if args.reduce_range else ''}")
     print(table(results))
     return 0
 
