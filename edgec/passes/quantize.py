@@ -107,14 +107,17 @@ def _weight_max(ctx: BuildContext) -> tuple[int, str | None]:
 
 
 def _gptq(ctx: BuildContext) -> bool:
-    # minmax only: on PP-OCRv4 det it takes minmax from 8.6 dB (11.7 with bias-correct-int8) to 13.7; entropy from 7.3
-    # to 13.4, no better than bias-correct-int8's 13.5; percentile (unequalized) from 12.1 down to 8.8
-    # (docs/architecture.md)
-    return _int8(ctx) and ctx.options.quantize.method == "minmax"
+    # minmax: on PP-OCRv4 det it takes minmax from 8.6 dB (11.7 with bias-correct-int8) to 13.7; entropy from 7.3
+    # to 13.4, no better than bias-correct-int8's 13.5; percentile (unequalized) from 12.1 down to 8.8. With 7-bit
+    # weights (_weight_max) every method: minmax 5.8 -> 15.1 dB, entropy 9.2 (bias-correct-int8) -> 16.4, percentile
+    # 4.0 -> 7.8 (docs/architecture.md)
+    from ..quantize.qdq import WEIGHT_MAX
+
+    return _int8(ctx) and (ctx.options.quantize.method == "minmax" or _weight_max(ctx)[0] < WEIGHT_MAX)
 
 
 @register_pass("gptq-weights-int8", phase="graph", after=("calibrate",), applies=_gptq, opt_level=0,
-               skip_reason="needs --quantize int8, minmax")
+               skip_reason="needs --quantize int8, minmax (any method where the weights are 7-bit)")
 def gptq_weights_int8(ctx):
     """Round each int8 layer's weights to minimize its output error on the calibration samples (GPTQ), not their own"""
     from ..quantize.gptq import rounded_weights
@@ -137,14 +140,15 @@ def _rounded(mod: tvm.IRModule) -> dict[str, np.ndarray] | None:
 
 def _bias_corrected(ctx: BuildContext) -> bool:
     # minmax and entropy: on PP-OCRv4 det it takes minmax from 8.6 to 11.7 dB and entropy from 7.3 to 13.5, but
-    # percentile from 12.1 down to 10.9 (docs/architecture.md); minmax on round to nearest only: after
-    # gptq-weights-int8 it takes PP-OCRv4 det minmax from 14.6 down to 12.1 dB
+    # percentile from 12.1 down to 10.9 (docs/architecture.md); on round to nearest only: after gptq-weights-int8 it
+    # takes PP-OCRv4 det minmax from 14.6 down to 12.1 dB
     method = ctx.options.quantize.method if _int8(ctx) else None
-    return method == "entropy" or (method == "minmax" and "gptq-weights-int8" in ctx.options.disabled_passes)
+    gptq = _gptq(ctx) and "gptq-weights-int8" not in ctx.options.disabled_passes
+    return method in ("minmax", "entropy") and not gptq
 
 
 @register_pass("bias-correct-int8", phase="graph", after=("calibrate",), applies=_bias_corrected, opt_level=0,
-               skip_reason="needs --quantize int8, minmax with gptq-weights-int8 disabled, or entropy")
+               skip_reason="needs --quantize int8, minmax or entropy, without gptq-weights-int8")
 def bias_correct_int8(ctx):
     """Measure each int8 layer's mean output error per channel on the calibration samples, for its bias to take back"""
     from ..quantize.bias import corrections
