@@ -140,16 +140,30 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     sizes = [p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file()]
     warnings, evaluation = [over_budget] if over_budget else [], None
     if held_back is not None:
-        if manifest.arch == host_arch():
+        elsewhere = _runs_elsewhere(manifest)
+        if elsewhere is None:
             say(f"evaluate on {len(held_back)} held-back samples")
             evaluation = evaluate(bundle_dir, held_back, model_path)
             warnings += _budget_missed(options.quantize, evaluation)
         else:
-            warnings.append(f"no before/after table: the bundle is for {manifest.arch}; build the same model with "
-                            "--target host --quantize to see it, or use edgec eval")
+            warnings.append(f"no before/after table: {elsewhere}; build the same model with --target host "
+                            "--quantize to see it, or use edgec eval")
     return BuildResult(bundle_dir, manifest, compiled, (bundle_dir / manifest.library).stat().st_size,
                        sum(sizes), archive_path(bundle_dir) if archive else None, seconds, tuple(warnings),
                        evaluation)
+
+
+def _runs_elsewhere(manifest: Manifest) -> str | None:
+    """Why the bundle cannot run in this process (None: it can)."""
+    from .runtime import check_runs_here
+
+    if manifest.arch != host_arch():
+        return f"the bundle is for {manifest.arch}"
+    try:
+        check_runs_here(manifest.target)
+    except EdgecError as e:
+        return e.message
+    return None
 
 
 def _budget_missed(options, evaluation: Evaluation) -> list[str]:
@@ -215,10 +229,13 @@ class LoadedModel:
     def __init__(self, bundle_dir: str | Path, threads: int | None = None, verify: bool = True):
         from .runtime.local import load_bundle
 
+        from .runtime import check_runs_here
+
         manifest = Manifest.load(bundle_dir)
         if manifest.arch != host_arch():
             raise EdgecError(f"the bundle is for {manifest.arch} and this machine is {host_arch()}",
                              "use edgec.api.stream() or api.run(), which run it under emulation, or run it on the board")
+        check_runs_here(manifest.target)
         self.manifest = manifest
         self._model = load_bundle(bundle_dir, threads, verify)
 

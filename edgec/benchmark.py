@@ -35,6 +35,7 @@ from .errors import EdgecError, last_line
 from .manifest import Manifest, sha256_file
 from .reference import DEFAULT_TOLERANCE, ReferenceRuntime, compare_outputs
 from .signature import random_inputs
+from .runtime import check_runs_here
 from .toolchain import cache_dir, host_arch
 from .workers import WorkerProcess, serve, thread_cpu_ns
 
@@ -436,6 +437,7 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
         if other.arch != host_arch():
             raise EdgecError(f"edgec bench times host bundles; {path} is for {other.arch}",
                              "build with --target host, or time it on the board with run.py --repeat")
+        check_runs_here(other.target)
         if other.inputs != manifest.inputs:
             raise EdgecError(f"{path} takes other inputs than {bundle_dir}", "compare builds of one model")
     if runs < 1 or blocks < 1 or warmup < 0:

@@ -198,10 +198,18 @@ memory_mb = 1024
     assert built.exit_code == 0, built.output
     reason = json.loads((tmp_path / "b" / "manifest.json").read_text())["verification"]["reason"]
     assert extension in reason and "lacks" in reason, reason
-    ran = subprocess.run([sys.executable, "-m", "edgec.cli", "run", str(tmp_path / "b")], capture_output=True,
-                         text=True)
-    assert ran.returncode == 2 and ran.stderr.startswith("error: board's code uses") and extension in ran.stderr
-    assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+    for command in ("run", "bench"):
+        ran = subprocess.run([sys.executable, "-m", "edgec.cli", command, str(tmp_path / "b")], capture_output=True,
+                             text=True)
+        assert ran.returncode == 2 and ran.stderr.startswith("error: board's code uses") and extension in ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+    # --quantize evaluates the bundle on held-back samples in process: not this one, and the build says why
+    np.savez(tmp_path / "cal.npz", x=RNG.standard_normal((12, 1, 3, 8, 8)).astype(np.float32))
+    quantized = CliRunner().invoke(main, ["build", str(tmp_path / "m.onnx"), "-t", str(board), "-o",
+                                          str(tmp_path / "q"), "--quantize", "int8", "--calibration",
+                                          str(tmp_path / "cal.npz")])
+    assert quantized.exit_code == 0, quantized.output
+    assert "no before/after table: board's code uses" in quantized.output, quantized.output
 
 
 def test_tflite_model_under_qemu(tmp_path):

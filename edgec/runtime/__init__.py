@@ -39,24 +39,33 @@ def bundle_errors():
 IN_PROCESS, NATIVE_RUNNER, QEMU = "in-process", "native runner", "qemu"
 
 
+def check_runs_here(target) -> None:
+    """An EdgecError unless code built for `target` (a Target of this machine's architecture) runs here: its device
+    exists, and this CPU has the instruction-set extensions the code may use (else SIGILL would stop edgec)."""
+    import tvm
+
+    from ..toolchain import features_this_cpu_lacks
+
+    kind = target.device.kind
+    if not tvm.device(kind, 0).exist:
+        raise EdgecError(f"this machine has no {kind} device for {target.name}", "run the bundle on the board")
+    tvm_target = target.tvm()
+    lacking = features_this_cpu_lacks(tvm_target) if tvm_target.kind.name == "llvm" else []
+    if lacking:
+        raise EdgecError(f"{target.name}'s code uses {', '.join(lacking)}, which this machine's CPU "
+                         f"({tvm.target.codegen.llvm_get_system_cpu()}) lacks", "run the bundle on the board")
+
+
 def choose_runner(target) -> str:
     """How this machine runs code built for `target` (a Target), from its descriptor: in process (run.py) for
     this architecture, on a device TVM finds here, where the CPU has the instructions the code uses; under the
     descriptor's emulator (the C++ runner in qemu-user) for another CPU architecture. An EdgecError says why neither
     works."""
-    from ..toolchain import emulator_command, features_this_cpu_lacks, host_arch
+    from ..toolchain import emulator_command, host_arch
 
     kind = target.device.kind
     if target.arch == host_arch():
-        import tvm
-
-        if not tvm.device(kind, 0).exist:
-            raise EdgecError(f"this machine has no {kind} device for {target.name}", "run the bundle on the board")
-        tvm_target = target.tvm()
-        lacking = features_this_cpu_lacks(tvm_target) if tvm_target.kind.name == "llvm" else []
-        if lacking:   # the code would stop this process with SIGILL
-            raise EdgecError(f"{target.name}'s code uses {', '.join(lacking)}, which this machine's CPU "
-                             f"({tvm.target.codegen.llvm_get_system_cpu()}) lacks", "run the bundle on the board")
+        check_runs_here(target)
         return IN_PROCESS
     if kind != "cpu":
         raise EdgecError(f"{target.name} runs on a {kind} device of a {target.arch} machine, which cannot be "
