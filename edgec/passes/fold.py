@@ -121,11 +121,29 @@ _NUMPY_FOLD = {
 }
 
 
+# Module attribute: the per-channel scales of the int8 weights a fold dequantized (a float layer of an int8 graph,
+# say the classifier whose output stays float). store-weights-int8 stores each such weight as int8 again, with its
+# scale, and dequantizes it at load: without it, a float32 copy four times the size went to params.bin.
+DEQUANTIZED_SCALES_ATTR = "edgec.dequantized_weight_scales"
+
+
+def _weight_scale(call, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray | None:
+    """The float32 scales of a dequantize of an int8 weight (zero point 0, at least MIN_LIFTED_ELEMENTS elements,
+    a scale per slice along its axis); None for any other dequantize."""
+    from .params import MIN_LIFTED_ELEMENTS
+
+    if (x.dtype != np.int8 or x.size < MIN_LIFTED_ELEMENTS or zero_point.any() or scale.dtype != np.float32
+            or x.ndim == 0 or scale.size != x.shape[int(call.attrs.axis) % x.ndim]):
+        return None
+    return scale.reshape(-1)
+
+
 @relax.expr_functor.mutator
 class _NumpyFolder(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.folded = 0
+        self.weight_scales: list[np.ndarray] = []
 
     def _value(self, arg) -> np.ndarray | None:
         if isinstance(arg, relax.Var):
@@ -150,19 +168,23 @@ class _NumpyFolder(relax.PyExprMutator):
         if result is None or (result.shape, str(result.dtype)) != expected:
             return call
         self.folded += 1
+        if call.op.name == "relax.dequantize" and (scale := _weight_scale(call, *args)) is not None:
+            self.weight_scales.append(scale)
         return relax.const(np.ascontiguousarray(result), expected[1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="NumpyFoldConstant")
 def _numpy_fold(mod, ctx):
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    scales = list(mod.attrs[DEQUANTIZED_SCALES_ATTR]) if mod.attrs and DEQUANTIZED_SCALES_ATTR in mod.attrs else []
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             folder = _NumpyFolder(mod)
             new = folder.visit_expr(func)
             if folder.folded:
                 mod[gv] = new
-    return mod
+            scales += [tvm.runtime.tensor(s) for s in folder.weight_scales]
+    return mod.with_attr(DEQUANTIZED_SCALES_ATTR, scales) if scales else mod
 
 
 @register_pass("fold-constants", phase="graph", after=("canonicalize", "offload-quantized", "int8-kernels"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..context import BuildContext
 from ..errors import EdgecError
 from ..quantize import FP16_MIN_SQNR_DB
 from ..reference import PRECISION_RULE, decibels
-from .fold import fold_constants
+from .fold import DEQUANTIZED_SCALES_ATTR, fold_constants
 from .ir import ClipHalves
 from .params import MIN_LIFTED_ELEMENTS, identity_load
 from .quantize import QUANTIZATION_ATTR, quantization_of, refuse_quantized
@@ -166,22 +167,28 @@ def round_weights_int8(ctx):
     return step
 
 
-def int8_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+def int8_encoding(weight: np.ndarray, scales: Sequence[np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(q int8, scale float32, axis) with float32(q) * scale[index along axis] == weight exactly; None when no axis
-    gives that (a weight round-weights-int8 did not round)."""
+    gives that. The scales tried per slice: `scales` of the axis's length where given (those of the int8 weights a
+    fold dequantized), else round-weights-int8's, max|slice| / 127 and its neighbours."""
     if weight.dtype != np.float32 or weight.ndim < 1 or weight.size < MIN_LIFTED_ELEMENTS or not np.isfinite(weight).all():
         return None
     for axis in reversed(range(weight.ndim)):
         if weight.size // weight.shape[axis] < _MIN_SLICE:
             continue
         moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-        peak = np.abs(moved).max(axis=1)
-        # the scale round_int8 chose: peak = float32(127 * scale), so peak / 127 is it or a neighbour
-        first = np.where(peak > 0, peak / np.float32(INT8_MAX), np.float32(1)).astype(np.float32)
-        scale = np.full_like(first, np.nan)
+        if scales is None:
+            peak = np.abs(moved).max(axis=1)
+            # the scale round_int8 chose: peak = float32(127 * scale), so peak / 127 is it or a neighbour
+            first = np.where(peak > 0, peak / np.float32(INT8_MAX), np.float32(1)).astype(np.float32)
+            candidates = [first, np.nextafter(first, np.float32(np.inf)), np.nextafter(first, np.float32(0))]
+        else:
+            candidates = [c for c in scales if c.shape == (len(moved),) and (c > 0).all()]
+        scale = np.full(len(moved), np.nan, np.float32)
         q = np.zeros(moved.shape, np.int8)
-        for candidate in (first, np.nextafter(first, np.float32(np.inf)), np.nextafter(first, np.float32(0))):
-            rounded = np.clip(np.rint(moved / candidate[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+        for candidate in candidates:
+            rounded = np.clip(np.rint(moved / candidate[:, None]), -128, INT8_MAX).astype(np.int8)
             # what the load function computes, compared as bits: == takes -0.0 for the +0.0 that q = 0 gives back
             # (1 / w would change sign)
             back = rounded.astype(np.float32) * candidate[:, None]
@@ -205,14 +212,16 @@ def _dequantize_kernel(rank: int, axis: int) -> tvm.tirx.PrimFunc:
     return te.create_prim_func([q, scale, w]).without_attr("global_symbol")   # private, as legalized kernels
 
 
-def _store_int8(load: relax.Function, kernel, normalize) -> tuple[relax.Function, int, int]:
-    """The load function taking (q, scale) for each weight int8_encoding encodes, computing q * scale first thing
-    (`kernel(rank, axis)`: the dequantize kernel's GlobalVar); with the bytes stored before and after."""
+def _store_int8(load: relax.Function, kernel, normalize, scales: Sequence[np.ndarray] | None
+                ) -> tuple[relax.Function, int, int]:
+    """The load function taking (q, scale) for each weight int8_encoding encodes (with `scales`), computing
+    q * scale first thing (`kernel(rank, axis)`: the dequantize kernel's GlobalVar); with the bytes stored before and
+    after."""
     values = list(load.attrs["params"])
     params, stored, bindings, before, after = [], [], [], 0, 0
     for var, value in zip(load.params, values):
         array = value.numpy()
-        encoding = int8_encoding(array)
+        encoding = int8_encoding(array, scales)
         if encoding is None:
             params.append(var)
             stored.append(value)
@@ -230,17 +239,25 @@ def _store_int8(load: relax.Function, kernel, normalize) -> tuple[relax.Function
     return func.with_attr("params", stored), before, after
 
 
-@register_pass("store-weights-int8", phase="params", after=("lift-params", "offload-codegen"), required=True,
-               applies=lambda ctx: _mode(ctx) == "int8-weights", skip_reason="needs --quantize int8-weights")
+@register_pass("store-weights-int8", phase="params", after=("lift-params", "offload-codegen"), required=True)
 def store_weights_int8(ctx):
-    """Store the rounded weights as int8 with their scales in params.bin; the load function dequantizes them once."""
+    """Store int8 weights as int8 with their scales in params.bin, where the graph holds them as float32 (the rounded
+    ones of --quantize int8-weights; those a fold dequantized for a float layer); the load function dequantizes
+    them once."""
     from ..offload.passes import LOAD_SUFFIX
+
+    rounded = _mode(ctx) == "int8-weights"
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecStoreWeightsInt8")
     def step(mod, _pctx):
         name = "main" + LOAD_SUFFIX
         if "params" not in mod["main"].attrs and name not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod     # no weights were lifted
+        folded = mod.attrs[DEQUANTIZED_SCALES_ATTR] if mod.attrs and DEQUANTIZED_SCALES_ATTR in mod.attrs else None
+        if not rounded and not folded:
+            return mod
+        scales = None if rounded else [s.numpy() for s in folded]
+        given = mod
         if name not in [gv.name_hint for gv in mod.get_global_vars()]:
             mod = identity_load(mod, name)
         builder = relax.BlockBuilder(mod)
@@ -249,7 +266,9 @@ def store_weights_int8(ctx):
         def kernel(rank: int, axis: int) -> tvm.ir.GlobalVar:
             return builder.add_func(_dequantize_kernel(rank, axis), f"dequantize_int8_{rank}d_{axis}")
 
-        load, before, after = _store_int8(mod[name], kernel, builder.normalize)
+        load, before, after = _store_int8(mod[name], kernel, builder.normalize, scales)
+        if not before:
+            return given
         builder.update_func(mod.get_global_var(name), load)
         mod = relax.transform.Normalize()(builder.get())   # the prepended bindings' block and the body get types
         record = {**(quantization_of(mod) or {}), "stored_bytes_float32": before, "stored_bytes_int8": after}
