@@ -289,6 +289,27 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
+def test_call_site_functions_refuse_wrong_arguments_in_one_error(small_cnn_host):
+    """The C ABI run and _pack functions of each call site (backend.exported) check their argument count and the
+    state's type and raise TVM's error, never crash: a wrong call is one exception in the caller."""
+    import tvm
+
+    library = small_cnn_host.bundle_dir / "model.so"
+    symbols = subprocess.run(["nm", "-D", "--defined-only", library], capture_output=True, text=True,
+                             check=True).stdout.split()
+    classifier = "fused_relax_matmul_relax_add_onednn"      # the matmul + bias: (state, data, out)
+    assert f"__tvm_ffi_{classifier}" in symbols and f"__tvm_ffi_{classifier}_pack" in symbols
+    module = tvm.runtime.load_module(str(library))
+    run, pack = (module.get_function(name, query_imports=True) for name in (classifier, classifier + "_pack"))
+    tensor = tvm.runtime.tensor(np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match=f"{classifier} takes 3 arguments, not 0"):
+        run()
+    with pytest.raises(TypeError, match=f"{classifier}_pack takes 2 arguments, not 1"):   # weights and bias
+        pack(tensor)
+    with pytest.raises(TypeError, match="a state its _pack function did not make"):
+        run(tensor, tensor, tensor)
+
+
 def test_loading_and_dropping_models_frees_their_state(small_cnn_host):
     """Each Model's packed weights and primitives go with it: loading, running and dropping one 30 more times
     grows the process by less than half of what keeping each load's state would (at least the params' size per

@@ -24,7 +24,7 @@ from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..passes.ir import per_tensor
-from .backend import Int8Limits, Pattern
+from .backend import Int8Limits, Pattern, exported
 from .fusion import composite_function, static_shape
 
 QUANTIZED_ACTIVATIONS = ("uint8", "int8")
@@ -247,8 +247,7 @@ class QFused:
 
 
 # C++ shared by the int8 emitters (after CPP_HELPERS): reading the scales (float32) and zero points (u8, s8) given to
-# _pack at load, and the C ABI export of a _pack (TVM_FFI_DLL_EXPORT_TYPED_FUNC's per-argument conversion costs 58 KB
-# of code for its ten tensors, once per call site: 2 MB for MobileNetV2, more than its int8 weights save).
+# _pack at load.
 QUANTIZED_CPP = r"""
 namespace {
 float Scale(const tvm::ffi::TensorView& t, int64_t channel) {
@@ -262,33 +261,25 @@ int32_t ZeroPoint(const tvm::ffi::TensorView& t) {
   return dtype.code == kDLUInt ? *static_cast<const uint8_t*>(t.data_ptr())
                                : *static_cast<const int8_t*>(t.data_ptr());
 }
-
-using QuantizedPack = tvm::ffi::ObjectRef (*)(const std::vector<tvm::ffi::TensorView>&);
-int PackExport(const char* name, const TVMFFIAny* args, int32_t num_args, int32_t expected, TVMFFIAny* result,
-               QuantizedPack pack) {
-  TVM_FFI_SAFE_CALL_BEGIN();
-  if (num_args != expected) TVM_FFI_THROW(TypeError) << name << " takes " << expected << " tensors, not " << num_args;
-  const auto* views = reinterpret_cast<const tvm::ffi::AnyView*>(args);
-  std::vector<tvm::ffi::TensorView> tensors;
-  for (int32_t i = 0; i < num_args; ++i) tensors.push_back(views[i].cast<tvm::ffi::TensorView>());
-  *reinterpret_cast<tvm::ffi::Any*>(result) = pack(tensors);
-  TVM_FFI_SAFE_CALL_END();
-}
 }  // namespace
 """
 
 
 def pack_function(q: QFused, body: str) -> str:
-    """`<symbol>_pack` of an int8 chain (C ABI, through PackExport): `body` sees its packed operands as a<index>."""
-    operands = "\n  ".join(f"const tvm::ffi::TensorView& a{i} = t[{k}];" for k, i in enumerate(q.packed))
+    """`<symbol>_pack` of an int8 chain: `body` sees its packed operands as a<index>."""
+    return pack_export(q.symbol, q.packed, body)
+
+
+def pack_export(symbol: str, packed: tuple[int, ...], body: str) -> str:
+    """`<symbol>_pack` (C ABI, `exported`), taking the operands `packed` in order: `body`, which returns the state,
+    sees each as a<index>."""
+    operands = "\n  ".join(f"const tvm::ffi::TensorView a{i} = edgec_offload::TensorArg(args, {k});"
+                           for k, i in enumerate(packed))
     return f"""
-static tvm::ffi::ObjectRef {q.symbol}_pack_impl(const std::vector<tvm::ffi::TensorView>& t) {{
+static tvm::ffi::ObjectRef {symbol}_pack_impl(const TVMFFIAny* args) {{
   {operands}{body}
 }}
-extern "C" TVM_FFI_DLL_EXPORT int __tvm_ffi_{q.symbol}_pack(void*, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {{
-  return PackExport("{q.symbol}_pack", args, n, {len(q.packed)}, result, {q.symbol}_pack_impl);
-}}
-"""
+""" + exported(f"{symbol}_pack", len(packed), f"*result = {symbol}_pack_impl(args);")
 
 
 def is_quantized(func: relax.Function) -> bool:
