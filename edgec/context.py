@@ -43,6 +43,9 @@ class BuildContext:
     calibration: Dataset | None = None      # --quantize's calibration samples (without the held-back ones)
     tuning_database: Path | None = None
     offload: tuple[str, ...] = ()
+    # calibration's compiled tap modules (quantize.calibrate.Runner.tapping), for the passes of this build that tap
+    # the same graph again (calibrate's taps, then gptq-weights-int8's: one compilation)
+    tap_runners: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def offload_auto(self) -> bool:

@@ -119,8 +119,7 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
         def unrounded():
             return tuple(graph.run_graph(unrounded_integers(model.mod, model.states), model, steps))
 
-        def nudged(factor):
-            return tuple(graph.run_graph(graph.nudged(model.mod, factor), model, steps))
+        nudged = graph.nudged_runs(model.mod, model, steps)
     name = ref.name + (" on its QDQ form" if twin is not None and rewritten else "")
     return ReferenceRun(name, tuple(steps), outputs, ref.quantized_outputs, floats, unrounded=unrounded,
                         zero_points=ref.zero_points, nudged=nudged)

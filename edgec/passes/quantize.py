@@ -82,7 +82,8 @@ def calibrate(ctx):
     def step(mod):
         refuse_quantized(mod)
         mod = fold(mod)
-        ranges = run(mod, ctx.calibration, options.method, options.percentile)
+        # kept for gptq-weights-int8, which taps the same graph
+        ranges = run(mod, ctx.calibration, options.method, options.percentile, ctx.tap_runners if _gptq(ctx) else None)
         return mod.with_attr(RANGES_ATTR, json.dumps({"method": options.method, "samples": len(ctx.calibration),
                                                       "ranges": ranges}))
 
@@ -124,7 +125,8 @@ def gptq_weights_int8(ctx):
 
     def step(mod):
         found = rounded_weights(mod, _calibration(mod, "gptq-weights-int8")["ranges"], ctx.calibration,
-                                _weight_max(ctx)[0])
+                                _weight_max(ctx)[0], ctx.tap_runners)
+        ctx.tap_runners.clear()     # no later pass taps: the compiled module goes
         return mod.with_attr(ROUNDED_ATTR, json.dumps({k: [list(v.shape), base64.b64encode(v.tobytes()).decode()]
                                                        for k, v in found.items()}))
 

@@ -98,11 +98,11 @@ def _as_int8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * np.float32(scale)
 
 
-def rounded_weights(mod: tvm.IRModule, ranges: dict, data: Dataset,
-                    weight_max: int = qdq.WEIGHT_MAX) -> dict[str, np.ndarray]:
+def rounded_weights(mod: tvm.IRModule, ranges: dict, data: Dataset, weight_max: int = qdq.WEIGHT_MAX,
+                    runners: list | None = None) -> dict[str, np.ndarray]:
     """{layer name (analysis.Plan.layers): its int8 weights, laid out and scaled as qdq.weight_params's} for every
     quantized NCHW conv and matmul, rounded by GPTQ on its inputs over `data` as int8 on calibrate's `ranges` reads
-    them."""
+    them (`runners`: as Runner.tapping's cache)."""
     func = mod["main"]
     plan = analysis.plan(func)
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
@@ -112,7 +112,7 @@ def rounded_weights(mod: tvm.IRModule, ranges: dict, data: Dataset,
     position = {t: i for i, (_, t) in enumerate(plan.tensors)}
     params = {t: qdq.activation_params(*ranges[k]) for k, t in plan.tensors}
     current().detail("weight rounding: compile the float model with taps")
-    runner = Runner.tapping(mod, plan.keys())
+    runner = Runner.tapping(mod, plan.keys(), runners)
     hessians: dict[relax.Var, np.ndarray] = {}
 
     def add(taps):
