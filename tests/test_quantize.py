@@ -149,7 +149,7 @@ def test_ppocrv4_det_sqnr_against_onnxruntime_quantization(tmp_path, monkeypatch
     from edgec.frontends import load_model
     from edgec.passes.fold import fold_batchnorm
     from edgec.quantize import bias, calibrate, equalize, gptq, qdq
-    from edgec.quantize.reference import quantized_reference
+    from edgec.quantize.reference import run_graph
 
     monkeypatch.chdir(tmp_path)    # onnxruntime's symbolic shape inference leaves a file in the working directory
     path = real_model("ppocrv4_det")
@@ -174,8 +174,8 @@ def test_ppocrv4_det_sqnr_against_onnxruntime_quantization(tmp_path, monkeypatch
         corrections = bias.corrections(graph, ranges, cal) if method == "entropy" else None
         quantized, record = qdq.rewrite(graph, ranges, corrections=corrections, rounded=rounded)
         assert record["layers"] > 50 and record["biases"] > 0
-        run = quantized_reference(quantized, model, [{"x": s[None]} for s in x[-held:]])
-        out = np.stack([o["sigmoid_0.tmp_0"] for o in run.outputs])
+        run = run_graph(quantized, model, [{"x": s[None]} for s in x[-held:]])   # the build's reference's outputs
+        out = np.stack([o["sigmoid_0.tmp_0"] for o in run])
         sqnr[method] = 10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum())
     print(f"PP-OCRv4 det int8 SQNR vs fp32 ({len(x) - held} calibration, {held} held-back text images): "
           f"onnxruntime QDQ {ort_sqnr:.1f} dB, edgec " + ", ".join(f"{m} {v:.1f} dB" for m, v in sqnr.items()))
