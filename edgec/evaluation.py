@@ -55,6 +55,7 @@ class Evaluation:
     reference_model: Path
     threads: int
     bundle_bytes: int              # every file of the bundle, manifest included
+    shared_library_bytes: int      # of which the shared libraries it ships (lib/), the same for every model
     model_bytes: int               # the reference model file
     latency_ms: dict[str, float]   # {"bundle", "reference"}: median of the timed runs on the first sample, numpy
                                    # in to numpy out, each runtime in its own process
@@ -65,7 +66,8 @@ class Evaluation:
         return {"bundle": str(self.bundle), "data": str(self.data), "samples": self.samples,
                 "labelled": self.labelled, "threads": self.threads,
                 "reference": {"runtime": self.reference, "model": str(self.reference_model)},
-                "bytes": {"bundle": self.bundle_bytes, "model": self.model_bytes},
+                "bytes": {"bundle": self.bundle_bytes, "shared_libraries": self.shared_library_bytes,
+                          "model": self.model_bytes},
                 "latency_ms": dict(self.latency_ms), "outputs": [o.to_json() for o in self.outputs],
                 "notes": list(self.notes)}
 
@@ -81,7 +83,9 @@ class Evaluation:
             return "n/a (non-finite values differ)" if o.nonfinite_mismatches else "n/a (reference all 0)"
 
         head = [("", f"bundle {self.bundle.name}", f"{self.reference} ({self.reference_model.name})"),
-                ("size", f"{self.bundle_bytes / 1e6:.2f} MB", f"{self.model_bytes / 1e6:.2f} MB"),
+                ("size", f"{(self.bundle_bytes - self.shared_library_bytes) / 1e6:.2f} MB"
+                 + (f" + lib/ {self.shared_library_bytes / 1e6:.2f} MB" if self.shared_library_bytes else ""),
+                 f"{self.model_bytes / 1e6:.2f} MB"),
                 ("latency, median (own process)", f"{self.latency_ms['bundle']:.4g} ms",
                  f"{self.latency_ms['reference']:.4g} ms")]
         head += [(f"top-1 '{o.name}'", pct(o.top1_bundle), pct(o.top1_reference))
@@ -260,7 +264,7 @@ def evaluate(bundle_dir: str | Path, data: str | Path | Dataset, reference_model
     del model, reference       # onnxruntime's pool goes with its session: none left beside the timed workers
     size = sum(e.size for e in manifest.files.values()) + (bundle_dir / MANIFEST_NAME).stat().st_size
     return Evaluation(bundle_dir, dataset.source, len(dataset), dataset.labelled, reference_name, reference_model,
-                      threads, size, reference_model.stat().st_size,
+                      threads, size, manifest.shared_library_bytes, reference_model.stat().st_size,
                       _latency(bundle_dir, reference_model, threads, first),
                       tuple(acc[s.name].result(s.shape, s.dtype, dataset.labelled) for s in manifest.outputs),
                       tuple(notes))

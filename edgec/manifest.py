@@ -138,6 +138,12 @@ class Manifest:
     def tolerance(self) -> Tolerance:
         return Tolerance(**self.verification["tolerance"])
 
+    @property
+    def shared_library_bytes(self) -> int:
+        """The bytes of the shared libraries it ships (lib/: the offload backends', the same in every bundle for the
+        target; an onnxruntime model file does not count onnxruntime's either)."""
+        return sum(self.files[path].size for path in self.shared_libs if path in self.files)
+
     def to_json(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,

@@ -26,6 +26,7 @@ def build_json(result: BuildResult) -> dict:
         "activations": {"tensor_bytes": c.memory.tensor_bytes, "planned_bytes": c.memory.planned_bytes,
                         "dynamic_allocations": c.memory.dynamic_allocations},
         "library_bytes": result.library_bytes, "bundle_bytes": result.bundle_bytes,
+        "shared_library_bytes": result.manifest.shared_library_bytes,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "passes": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 4), "calls": r.calls}
                    for r in c.passes],
@@ -99,6 +100,8 @@ def build_text(result: BuildResult) -> str:
         f"{d['kernels']} kernels",
         f"  parameters: {_mb(d['param_bytes'])}; {_activations(c.memory)}",
         f"  library: {_mb(d['library_bytes'])}; bundle: {_mb(d['bundle_bytes'])}"
+        + (f" ({_mb(d['shared_library_bytes'])} of it the shared libraries in lib/)" if d["shared_library_bytes"]
+           else "")
         + (f"; archive: {d['archive']}" if d["archive"] else ""),
         "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items()),
     ]

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 from edgec import api
 from edgec.context import BuildOptions
 from edgec.errors import EdgecError
+from edgec.manifest import Manifest
 from edgec.signature import TensorSpec
 from test_cli_errors import check_error, cli
 from verify import save_onnx
@@ -122,6 +123,10 @@ def test_digits_eval_matches_onnxruntime(digits, monkeypatch):
     assert any("'hidden'" in n and "class scores" in n for n in result.notes)
     files = [p for p in digits["bundle"].rglob("*") if p.is_file()]
     assert result.bundle_bytes == sum(p.stat().st_size for p in files)
+    # the shared libraries it ships (lib/, the offload backends') apart: the same for every model, as onnxruntime's
+    libraries = Manifest.load(digits["bundle"]).shared_libs
+    assert result.shared_library_bytes == sum((digits["bundle"] / p).stat().st_size for p in libraries)
+    assert (f"+ lib/ {result.shared_library_bytes / 1e6:.2f} MB" in result.text()) == bool(libraries)
     assert result.model_bytes == digits["model"].stat().st_size
     assert result.latency_ms["bundle"] > 0 and result.latency_ms["reference"] > 0
     print(result.text())
@@ -204,7 +209,7 @@ def test_cli_json_schema(digits):
                            "outputs", "notes"}
     assert report["samples"] == 450 and report["labelled"] is True and isinstance(report["threads"], int)
     assert report["reference"]["runtime"].startswith("onnxruntime ") and report["reference"]["model"].endswith(".onnx")
-    assert set(report["bytes"]) == {"bundle", "model"} and all(isinstance(v, int) for v in report["bytes"].values())
+    assert set(report["bytes"]) == {"bundle", "shared_libraries", "model"} and all(isinstance(v, int) for v in report["bytes"].values())
     assert set(report["latency_ms"]) == {"bundle", "reference"}
     assert [o["name"] for o in report["outputs"]] == ["logits", "hidden"]
     for o in report["outputs"]:
