@@ -121,6 +121,15 @@ class PeerResult:
 
 
 @dataclass(frozen=True)
+class CallTime:
+    """One function the bundle's VM calls, profiled (`edgec bench --profile`)."""
+    name: str                        # a TVM kernel, an offload backend's call site, or a VM builtin
+    kind: str                        # "tvm", "vm" (a builtin: allocation, shape checks) or the backend's name
+    calls: float                     # per run
+    median_ms: float                 # per run: its calls' summed wall time, median over the profiled runs
+
+
+@dataclass(frozen=True)
 class BenchResult:
     edgec: Latency
     peers: tuple[PeerResult, ...]    # in the order their blocks ran after edgec's and the variants'
@@ -132,6 +141,9 @@ class BenchResult:
     # other builds of the same model (e.g. --offload none), timed in the same alternation right after edgec's
     # blocks; `peer` is the label given, the ratio is edgec over the variant
     variants: tuple[PeerResult, ...] = ()
+    # --profile: every function the VM called, in the edgec worker after its timed blocks, slowest first
+    profile: tuple[CallTime, ...] = ()
+    profile_runs: int = 0
 
     def ratio(self, runtime: Latency, peer: PeerResult) -> Ratio | None:
         """`runtime` (edgec or a variant) over a timed peer, from the blocks of the same run."""
@@ -296,30 +308,73 @@ class WorkerSpec:
     threads: int
 
 
-def _load(spec: WorkerSpec, inputs: dict[str, np.ndarray]) -> tuple[str, Callable[[dict], dict], dict]:
-    """In the worker: (display name, numpy-in numpy-out run function, the outputs of one untimed run)."""
+def _call_kind(name: str) -> str:
+    from .offload import all_backends
+
+    backend = next((b for b in all_backends() if name.endswith(f"_{b}")), None)
+    return backend or ("vm" if name.startswith("vm.builtin.") else "tvm")
+
+
+def _profile_calls(model, inputs: dict[str, np.ndarray], runs: int) -> tuple[tuple, ...]:
+    """In the edgec worker: each function the VM of run.py's `model` calls, timed through the VM's instrument hook
+    (a Python call before and after each, a few microseconds), over `runs` runs; CallTime's fields, as plain tuples
+    (the worker's module is __main__, whose classes the parent cannot unpickle)."""
+    per_run: list[dict[str, list]] = []
+    started: list[float] = []
+
+    def hook(func, name, before, ret, *args):
+        if before:
+            started.append(time.perf_counter())
+        else:
+            slot = per_run[-1].setdefault(str(name), [0, 0.0])
+            slot[0] += 1
+            slot[1] += time.perf_counter() - started.pop()
+        return 0    # run the call (VMInstrumentReturnKind.NO_OP)
+
+    model.vm.set_instrument(hook)
+    try:
+        for _ in range(runs):
+            per_run.append({})
+            model.run(inputs)
+    finally:
+        model.vm.set_instrument(None)
+    names = {name for run in per_run for name in run}
+    rows = [(name, _call_kind(name), sum(r.get(name, (0, 0))[0] for r in per_run) / runs,
+             float(np.median([r.get(name, (0, 0.0))[1] for r in per_run])) * 1e3) for name in names]
+    return tuple(sorted(rows, key=lambda r: -r[3]))
+
+
+def _load(spec: WorkerSpec, inputs: dict[str, np.ndarray]) -> tuple[str, Callable[[dict], dict], dict,
+                                                                      Callable[[int], tuple] | None]:
+    """In the worker: (display name, numpy-in numpy-out run function, the outputs of one untimed run, the profiler:
+    runs -> _profile_calls's rows, for an edgec bundle)."""
+    profiler = None
     if spec.kind == "edgec":
         import tvm
 
         from .runtime.local import load_bundle
 
-        run, name = load_bundle(spec.path, spec.threads).run, f"edgec (TVM {tvm.__version__})"
+        model = load_bundle(spec.path, spec.threads)
+        run, name = model.run, f"edgec (TVM {tvm.__version__})"
+        profiler = functools.partial(_profile_calls, model, inputs)
     elif spec.kind == "iree":
         run = _iree_runner(spec.path, spec.threads, inputs)
         name = f"IREE {version('iree-base-runtime')} (llvm-cpu)"
     else:
         ref = ReferenceRuntime(spec.path, threads=spec.threads)
         run, name = ref.run, ref.name
-    return name, run, run(inputs)
+    return name, run, run(inputs), profiler
 
 
 def _serve(request) -> tuple:
     """In the worker: load one runtime; ready with (name, outputs of one untimed run); then per request (a run
-    count), the block's (start, end, times_ms)."""
+    count), the block's (start, end, times_ms), or for ("profile", runs) an edgec bundle's _profile_calls."""
     spec, inputs = request
-    name, run, outputs = _load(spec, inputs)
+    name, run, outputs, profiler = _load(spec, inputs)
 
-    def block(runs: int) -> tuple:
+    def block(runs) -> tuple:
+        if isinstance(runs, tuple):
+            return profiler(runs[1])
         start, times = time.monotonic(), []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -344,6 +399,10 @@ class _Worker(WorkerProcess):
         self.name, outputs = self.receive("ready")
         return outputs
 
+    def profile(self, runs: int) -> tuple[CallTime, ...]:
+        self.send(("profile", runs))
+        return tuple(CallTime(*row) for row in self.receive("answer"))
+
     def block(self, runs: int, others: Sequence["_Worker"]) -> Block:
         before = thread_cpu_ns(self.pid)
         others_before = [thread_cpu_ns(o.pid) for o in others]
@@ -364,14 +423,17 @@ class Timing:
     pids: tuple[int, ...]           # per worker spec: its process
     skipped: tuple[str | None, ...]  # per worker spec: why it was left out of the timing; None: it was timed
     blocks: tuple[Block, ...]       # the timed blocks in the order they ran
+    profile: tuple[CallTime, ...] = ()   # profile_runs: the first worker's (an edgec bundle's) calls
 
 
 def run_blocks(specs: Sequence[WorkerSpec], inputs: dict[str, np.ndarray], *, runs: int, blocks: int,
-               warmup: int, check: Callable[[dict[str, np.ndarray]], str | None] | None = None) -> Timing:
+               warmup: int, check: Callable[[dict[str, np.ndarray]], str | None] | None = None,
+               profile_runs: int = 0) -> Timing:
     """Start one worker per spec, give each an untimed warm-up block on its own, then `blocks` rounds of one
     timed block per worker in spec order: A, B, C, A, B, C, ... A worker of a kind not in REQUIRED that fails to
     load, or whose first outputs `check` refuses (it returns the reason), is stopped and left out with the
-    reason; any other failure raises. Workers are stopped on return."""
+    reason; any other failure raises. With `profile_runs`, the first worker (an edgec bundle's) then profiles its
+    calls over that many runs, after the timed blocks. Workers are stopped on return."""
     workers, skipped = [], {}
     try:
         for spec in specs:                        # they load in parallel
@@ -393,11 +455,12 @@ def run_blocks(specs: Sequence[WorkerSpec], inputs: dict[str, np.ndarray], *, ru
                 w.block(warmup, ())
         timed = [w.block(runs, [o for o in timed_workers if o is not w])
                  for _ in range(blocks) for w in timed_workers]
+        profile = workers[0].profile(profile_runs) if profile_runs else ()
     finally:
         for w in workers:
             w.stop()
     return Timing(tuple(w.name for w in workers), tuple(w.pid for w in workers),
-                  tuple(skipped.get(w.pid) for w in workers), tuple(timed))
+                  tuple(skipped.get(w.pid) for w in workers), tuple(timed), profile)
 
 
 def _agrees_with_reference(model: Path, inputs: dict[str, np.ndarray]) -> Callable[[dict], str | None]:
@@ -424,7 +487,8 @@ def _agrees_with_reference(model: Path, inputs: dict[str, np.ndarray]) -> Callab
 
 def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: int = 5, threads: int | None = None,
           compare_model: str | Path | None = None, peers: Sequence[str] = ("reference",),
-          measure_memory: bool = True, variants: Sequence[tuple[str, str | Path]] = ()) -> BenchResult:
+          measure_memory: bool = True, variants: Sequence[tuple[str, str | Path]] = (),
+          profile_runs: int = 0) -> BenchResult:
     """Time a host bundle in `blocks` blocks of `runs` runs after a warm-up block of `warmup` runs; with
     compare_model, each of `peers` (names in PEERS) too on that model, each in its own process, the blocks
     alternated edgec, variant 1, ..., peer 1, peer 2, ... `variants` are (label, bundle) of other builds of the
@@ -453,7 +517,7 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
              *(WorkerSpec("edgec", Path(path).resolve(), threads) for _, path in variants),
              *(WorkerSpec(peer, model, threads) for peer in peers)]
     timing = run_blocks(specs, inputs, runs=runs, blocks=blocks, warmup=warmup,
-                        check=_agrees_with_reference(model, inputs) if peers else None)
+                        check=_agrees_with_reference(model, inputs) if peers else None, profile_runs=profile_runs)
 
     def own_blocks(pid: int) -> list[tuple[float, ...]]:
         return [b.times_ms for b in timing.blocks if b.pid == pid]
@@ -471,7 +535,7 @@ def bench(bundle_dir: str | Path, *, runs: int = 10, blocks: int = 6, warmup: in
         peak = run_with_runner(bundle_dir, inputs, threads=threads).peak_rss_bytes
     return BenchResult(latency(timing.names[0], timing.pids[0], warmup, timing.blocks, threads),
                        tuple(results[len(variants):]), timing.blocks, runs, peak, host,
-                       variants=tuple(results[:len(variants)]))
+                       variants=tuple(results[:len(variants)]), profile=timing.profile, profile_runs=profile_runs)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:

@@ -403,8 +403,11 @@ def inspect(model, input_shape, converter, as_json, show_progress):
               "(onnxruntime / LiteRT), 'iree' (IREE, compiled for this CPU; outputs checked against the reference "
               "first) [default: reference].")
 @click.option("--no-memory", is_flag=True, help="Skip the C++ runner's peak RSS (needs a C++ compiler and cmake).")
+@click.option("--profile", "profile_runs", type=click.IntRange(min=1), is_flag=False, flag_value=20, default=None,
+              metavar="[RUNS]", help="Then time each function the bundle calls (its kernels, offload library calls, "
+              "allocations) over RUNS runs [20], after the timed blocks, in edgec's worker.")
 @click.option("--json", "as_json", is_flag=True, help="Print every run, block and thread as JSON.")
-def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory, as_json):
+def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory, profile_runs, as_json):
     """Latency of a host bundle, threads really used, and with --compare the ratio to each peer runtime."""
     from . import benchmark, report
 
@@ -412,7 +415,7 @@ def bench(bundle, runs, blocks, warmup, threads, compare_model, peers, no_memory
         raise EdgecError("--peers needs --compare MODEL", "pass the model file the peers run")
     result = benchmark.bench(bundle, runs=runs, blocks=blocks, warmup=warmup, threads=threads,
                              compare_model=compare_model, peers=(peers or "reference").split(","),
-                             measure_memory=not no_memory)
+                             measure_memory=not no_memory, profile_runs=profile_runs or 0)
     click.echo(json.dumps(report.bench_json(result), indent=2) if as_json else report.bench_text(result))
 
 

@@ -198,4 +198,30 @@ def bench_text(result: BenchResult) -> str:
                          + ("(edgec slower)" if p.ratio.value > 1 else "(edgec faster)"))
     if result.runner_peak_rss_bytes is not None:
         lines.append(f"C++ runner peak RSS: {_mb(result.runner_peak_rss_bytes)} ({RUNNER_RSS})")
-    return "\n".join(lines)
+    return "\n".join(lines + _profile(result))
+
+
+PROFILE_SHOWN = 15    # the slowest calls listed; --json has all
+
+
+def _profile(result: BenchResult) -> list[str]:
+    """--profile: where a run's time goes, per function the VM calls and per kind."""
+    if not result.profile:
+        return []
+    total = sum(c.median_ms for c in result.profile)
+    kinds: dict[str, float] = {}
+    for c in result.profile:
+        kinds[c.kind] = kinds.get(c.kind, 0.0) + c.median_ms
+    lines = [f"profile: edgec's calls over {result.profile_runs} runs after its timed blocks (the VM's instrument hook, "
+             f"a few microseconds per call added), median per run, sum {total:.3f} ms against the median run "
+             f"{result.edgec.median_ms:.3f} ms:",
+             "  by kind: " + ", ".join(f"{k} {v:.3f} ms ({v / total:.0%})" for k, v in
+                                       sorted(kinds.items(), key=lambda kv: -kv[1])),
+             f"  {'ms per run':>10} {'share':>6} {'calls':>6}  {'kind':<8} function"]
+    lines += [f"  {c.median_ms:>10.3f} {c.median_ms / total:>6.1%} {c.calls:>6g}  {c.kind:<8} {c.name}"
+              for c in result.profile[:PROFILE_SHOWN]]
+    if len(result.profile) > PROFILE_SHOWN:
+        rest = result.profile[PROFILE_SHOWN:]
+        lines.append(f"  {sum(c.median_ms for c in rest):>10.3f} {'':>6} {'':>6}  {'':<8} "
+                     f"{len(rest)} other functions (--json lists all)")
+    return lines

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from edgec import api
+from edgec import api, report
 from edgec.benchmark import (Block, WorkerSpec, _agrees_with_reference, bench, latency, ratio_of_medians, run_blocks,
                              threads_used)
 from edgec.cli import main
@@ -135,6 +135,22 @@ def test_bench_alternates_blocks_of_separate_processes(small):
                                           [b.times_ms for b in result.blocks[1::2]])
     assert result.runner_peak_rss_bytes > 1 << 20
     assert _children() == before                          # both workers stopped
+
+
+def test_profile_times_every_call_of_a_run(small):
+    """--profile: after the timed blocks, edgec's worker times each function its VM calls: the 53 offloaded layers
+    in oneDNN's call sites, TVM's kernels and the VM's builtins, which add up to about one run."""
+    _, bundle = small
+    result = bench(bundle, runs=3, blocks=2, warmup=1, threads=1, profile_runs=5, measure_memory=False)
+    assert result.profile_runs == 5 and result.profile
+    calls = {kind: sum(c.calls for c in result.profile if c.kind == kind) for kind in ("onednn", "tvm", "vm")}
+    assert calls["onednn"] == 53 and calls["tvm"] > 0 and calls["vm"] > 0, calls
+    assert [c.median_ms for c in result.profile] == sorted((c.median_ms for c in result.profile), reverse=True)
+    total = sum(c.median_ms for c in result.profile)
+    assert 0.5 * result.edgec.min_ms < total < 3 * result.edgec.median_ms, (total, result.edgec)
+    text = report.bench_text(result)
+    assert "profile: edgec's calls over 5 runs" in text and "by kind: onednn" in text
+    assert len(report.bench_json(result)["profile"]) == len(result.profile)
 
 
 def test_three_runtimes_alternate_a_b_c(small):
