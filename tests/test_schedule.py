@@ -251,3 +251,30 @@ def test_uint8_kernel_computing_in_float32_gets_float32_vectors():
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
     scheduled = CpuDefaultSchedule(target)(tvm.IRModule({"main": te.create_prim_func([x, y])}))
     assert "T.vectorized(64)" in scheduled["main"].script(), scheduled["main"].script()
+
+
+def test_concatenation_vectors_stay_inside_one_input():
+    """A concatenation along the innermost axis (PP-OCRv4 det's neck: four 24-channel inputs, each through its
+    own QDQ arithmetic) gets a vector loop that never crosses an input's boundary, so that each lane computes one
+    input's expression, not all four and a select; the values stay those of the unscheduled kernel."""
+    parts = [te.placeholder((6, 10, 24), name=f"x{k}") for k in range(4)]
+
+    def value(i, j, c):     # as TVM's concatenate: nested selects on the channel
+        return tirx.if_then_else(
+            c >= 72, tirx.round(parts[3][i, j, c - 72] / 3.0), tirx.if_then_else(
+                c >= 48, parts[2][i, j, c - 48] * 3.0, tirx.if_then_else(
+                    c >= 24, parts[1][i, j, c - 24] * 2.0, parts[0][i, j, c])))
+
+    y = te.compute((6, 10, 96), value, name="concat")
+    func = te.create_prim_func([*parts, y])
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"})   # 16 lanes
+    scheduled = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
+    text = scheduled["main"].script()
+    assert schedule_summary(scheduled) == {"scheduled": 1} and "T.vectorized(24)" in text, text
+    inputs = [RNG.standard_normal((6, 10, 24)).astype(np.float32) for _ in parts]
+    outs = []
+    for mod in (tvm.IRModule({"main": func}), scheduled):
+        out = tvm.runtime.tensor(np.zeros((6, 10, 96), np.float32))
+        tvm.compile(mod, load_target("host").tvm())["main"](*map(tvm.runtime.tensor, inputs), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])

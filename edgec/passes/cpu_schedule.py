@@ -125,9 +125,16 @@ class CpuDefaultSchedule:
         return outer
 
     def _split_vector(self, sch, loop, block_rv) -> list:
-        """[outer, vector] loops for the innermost spatial loop ([loop] alone when it fits a few vectors)."""
+        """[outer, vector] loops for the innermost spatial loop ([loop] alone when it fits a few vectors). Where the
+        block's value depends on which segment of that index it is in (a concatenation along it), the vector loop
+        stays inside one segment, so that each lane computes one input's expression."""
         lanes = max(self.vector_bits // _widest_bits(sch.get(block_rv)), 1)
         extent = _extent(sch, loop)
+        segment = math.gcd(extent, _segments(sch.get(block_rv)))
+        if segment < extent:
+            factor = next(f for f in range(min(4 * lanes, segment), 0, -1) if segment % f == 0)
+            if factor >= lanes:
+                return list(sch.split(loop, factors=[None, factor]))
         if extent <= 4 * lanes:
             return [loop]
         factor = next((f for f in range(4 * lanes, lanes - 1, -1) if extent % f == 0), lanes)
@@ -163,6 +170,23 @@ def _vectorizable(sch: s_tir.Schedule, block) -> bool:
         return False
     return not block.is_reduction() or any(_unit_stride(read.region[-1].min, inner) for read in stmt.reads
                                            if read.source.shape)
+
+
+def _segments(stmt) -> int:
+    """The gcd of the constants the block's innermost spatial index is compared with (a concatenation's boundaries
+    along it), 0 where it is compared with none. A vector loop across a boundary computed every input's expression
+    in every lane and selected one: PP-OCRv4 det's neck concatenation of four 24-channel QDQ chains, vectorized 48
+    channels wide, took 2.9x the time of 24 (AVX2 Zen 3, the kernel alone)."""
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    bounds = []
+
+    def note(compare) -> None:
+        for side, other in ((compare.a, compare.b), (compare.b, compare.a)):
+            if spatial and side.same_as(spatial[-1]) and isinstance(other, tirx.IntImm):
+                bounds.append(int(other.value))
+
+    tvm_ffi.structural_walk(stmt.body, [(kind, note) for kind in (tirx.LT, tirx.LE, tirx.GT, tirx.GE)])
+    return math.gcd(*bounds) if bounds else 0
 
 
 def _widest_bits(stmt) -> int:
