@@ -227,9 +227,8 @@ class LoadedModel:
     a streaming model's chunks with its state kept inside (reset() starts again from the initial state)."""
 
     def __init__(self, bundle_dir: str | Path, threads: int | None = None, verify: bool = True):
-        from .runtime.local import load_bundle
-
         from .runtime import check_runs_here
+        from .runtime.local import load_bundle
 
         manifest = Manifest.load(bundle_dir)
         if manifest.arch != host_arch():

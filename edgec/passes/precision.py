@@ -257,6 +257,8 @@ def store_weights_int8(ctx):
         if not rounded and not folded:
             return mod
         scales = None if rounded else [s.numpy() for s in folded]
+        if folded:      # read here only: it does not go on into the built module
+            mod = mod.without_attr(DEQUANTIZED_SCALES_ATTR)
         given = mod
         if name not in [gv.name_hint for gv in mod.get_global_vars()]:
             mod = identity_load(mod, name)

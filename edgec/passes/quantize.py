@@ -83,7 +83,8 @@ def calibrate(ctx):
         refuse_quantized(mod)
         mod = fold(mod)
         # kept for gptq-weights-int8, which taps the same graph
-        ranges = run(mod, ctx.calibration, options.method, options.percentile, ctx.tap_runners if _gptq(ctx) else None)
+        ranges = run(mod, ctx.calibration, options.method, options.percentile,
+                     ctx.tap_runners if _gptq_runs(ctx) else None)
         return mod.with_attr(RANGES_ATTR, json.dumps({"method": options.method, "samples": len(ctx.calibration),
                                                       "ranges": ranges}))
 
@@ -117,6 +118,10 @@ def _gptq(ctx: BuildContext) -> bool:
     return _int8(ctx) and (ctx.options.quantize.method == "minmax" or _weight_max(ctx)[0] < WEIGHT_MAX)
 
 
+def _gptq_runs(ctx: BuildContext) -> bool:
+    return _gptq(ctx) and "gptq-weights-int8" not in ctx.options.disabled_passes
+
+
 @register_pass("gptq-weights-int8", phase="graph", after=("calibrate",), applies=_gptq, opt_level=0,
                skip_reason="needs --quantize int8, minmax (any method where the weights are 7-bit)")
 def gptq_weights_int8(ctx):
@@ -145,8 +150,7 @@ def _bias_corrected(ctx: BuildContext) -> bool:
     # percentile from 12.1 down to 10.9 (docs/architecture.md); on round to nearest only: after gptq-weights-int8 it
     # takes PP-OCRv4 det minmax from 14.6 down to 12.1 dB
     method = ctx.options.quantize.method if _int8(ctx) else None
-    gptq = _gptq(ctx) and "gptq-weights-int8" not in ctx.options.disabled_passes
-    return method in ("minmax", "entropy") and not gptq
+    return method in ("minmax", "entropy") and not _gptq_runs(ctx)
 
 
 @register_pass("bias-correct-int8", phase="graph", after=("calibrate",), applies=_bias_corrected, opt_level=0,

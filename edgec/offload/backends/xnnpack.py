@@ -283,7 +283,7 @@ def _function(fused: Fused) -> str:
               }});""") + run_export(fused.symbol, runtime, lambda tensor, out: (
         f"{tensor(fused.data)}, {4 * math.prod(static_shape(fused.anchor.args[0]))}, "
         f"{'nullptr' if residual is None else tensor(residual) + '.data_ptr()'}, {out}, "
-        f"{4 * math.prod(static_shape(fused.anchor))}, {_setup(setup)}")) + "\n"
+        f"{4 * math.prod(static_shape(fused.anchor))}, {_setup(setup)}"))
 
 
 def _qmatmul_parts(q: QFused) -> tuple[str, str, str]:
@@ -333,7 +333,8 @@ def _qfunction(q: QFused) -> str:
         {lo}, {hi}, 0, op);
   }});""") + run_export(q.symbol, q.runtime, lambda tensor, out: (
         f"{tensor(q.data)}, {math.prod(static_shape(call.args[0]))}, nullptr, {out}, {math.prod(static_shape(call))}, "
-        f"{_setup(setup)}, {str(flip_in).lower()}, {str(flip_out).lower()}")) + "\n"
+        f"{_setup(setup)}, {str(flip_in).lower()}, {str(flip_out).lower()}"))
+
 
 def emit(functions) -> str:
     return (f'namespace {{ constexpr const char kStateKey[] = "{state_type_key("xnnpack", _PRELUDE)}"; }}\n'
