@@ -278,3 +278,84 @@ def test_concatenation_vectors_stay_inside_one_input():
         tvm.compile(mod, load_target("host").tvm())["main"](*map(tvm.runtime.tensor, inputs), out)
         outs.append(out.numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _qdq_kernel(n: int, dtype: str, scale: float, zero: int):
+    """dequantize(quantize(x)) then + 1, as legalized QDQ ops fuse: float -> 8-bit -> int32 -> float per element."""
+    lo, hi = (0, 255) if dtype == "uint8" else (-128, 127)
+    a = te.placeholder((n,), name="a")
+    q = te.compute((n,), lambda i: tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(a[i] / scale) + float(zero), float(hi)),
+                                                float(lo)).astype(dtype), name="q")
+    d = te.compute((n,), lambda i: (q[i].astype("int32") - zero).astype("float32") * scale + 1.0, name="d")
+    return te.create_prim_func([a, d])
+
+
+@pytest.mark.parametrize("dtype, zero", [("uint8", 113), ("int8", -5), ("uint8", 0)])
+def test_qdq_round_trip_through_eight_bits_is_dropped_bit_for_bit(dtype, zero):
+    """A float converted to 8 bits and back, where it is a rounded value clamped into the 8-bit range, stays a float
+    (a vector loop packed and unpacked its lanes for it), with every output the same bits: values far out of range,
+    halves that round to even, infinities."""
+    x = np.concatenate([np.linspace(-400, 400, 1 << 16, dtype=np.float32), np.arange(-300, 300, 0.5, dtype=np.float32),
+                        np.array([np.inf, -np.inf, 3e38, -3e38, 0.0, -0.0], np.float32)])
+    target = load_target("host").tvm()
+    func = _qdq_kernel(x.size, dtype, 0.75, zero)
+    mod = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
+    assert f'T.Cast("{dtype}"' not in mod["main"].script()
+    outs = []
+    for m in (tvm.IRModule({"main": func}), mod):
+        out = tvm.runtime.tensor(np.zeros_like(x))
+        tvm.compile(m, target)["main"](tvm.runtime.tensor(x), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0].view(np.int32), outs[1].view(np.int32))
+
+
+def test_round_trip_of_an_unclamped_value_is_kept():
+    """Without the clamp into the 8-bit range the conversion wraps or saturates: it stays."""
+    a = te.placeholder((64,), name="a")
+    q = te.compute((64,), lambda i: tvm.tirx.round(a[i]).astype("uint8"), name="q")
+    d = te.compute((64,), lambda i: q[i].astype("int32").astype("float32"), name="d")
+    mod = CpuDefaultSchedule(load_target("host").tvm())(tvm.IRModule({"main": te.create_prim_func([a, d])}))
+    assert 'T.Cast("uint8"' in mod["main"].script()
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 160, 160, 32), "uint8"), ((1, 1, 1, 96), "uint8"),
+                                          ((1, 7, 9, 5), "int8"), ((3, 40, 40, 48), "int8")])
+def test_byte_table_lookup_is_byte_shuffles_on_avx2(shape, dtype):
+    """take(table, x) with a 256-entry byte table and a uint8 index (int8-lookup-tables' kernels) is vpshufb on
+    16-byte rows where the CPU has AVX2, in parallel when large, with a scalar tail: the same bytes as numpy for
+    every index value; a CPU without AVX2 keeps the gather."""
+    from tvm import topi
+    from tvm.target.codegen import target_has_features
+
+    table = te.placeholder((256,), dtype, name="table")
+    x = te.placeholder(shape, "uint8", name="x")
+    func = te.create_prim_func([table, x, topi.take(table, x, axis=0, mode="clip")])
+    plain = CpuDefaultSchedule(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))(tvm.IRModule({"main": func}))
+    assert "pshuf" not in plain["main"].script()
+    target = load_target("host").tvm()
+    if not target_has_features("avx2", target):
+        pytest.skip("this CPU has no AVX2")
+    mod = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
+    script = mod["main"].script()
+    assert schedule_summary(mod) == {"scheduled": 1} and "llvm.x86.avx2.pshuf.b" in script
+    assert ("T.parallel" in script) == (np.prod(shape) >= _MIN_PARALLEL_WORK)
+    values = RNG.integers(-128 if dtype == "int8" else 0, 128 if dtype == "int8" else 256, 256).astype(dtype)
+    index = RNG.integers(0, 256, shape, dtype=np.uint8)
+    index.flat[:256] = np.arange(256)
+    out = tvm.runtime.tensor(np.zeros(shape, dtype))
+    tvm.compile(mod, target)["main"](tvm.runtime.tensor(values), tvm.runtime.tensor(index), out)
+    np.testing.assert_array_equal(out.numpy(), values[index])
+
+
+def test_gather_that_is_not_a_byte_lookup_keeps_its_schedule():
+    """A take from a table that is not 256 bytes, or with an index that is not uint8, is not a byte lookup."""
+    from tvm import topi
+
+    target = load_target("host").tvm()
+    for table_shape, table_dtype, index_dtype in (((128,), "uint8", "uint8"), ((256,), "float32", "uint8"),
+                                                  ((256,), "uint8", "int32")):
+        table = te.placeholder(table_shape, table_dtype, name="table")
+        x = te.placeholder((64, 64), index_dtype, name="x")
+        func = te.create_prim_func([table, x, topi.take(table, x, axis=0, mode="clip")])
+        mod = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
+        assert "pshuf" not in mod["main"].script() and schedule_summary(mod) == {"scheduled": 1}

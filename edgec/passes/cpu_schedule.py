@@ -6,7 +6,8 @@ inlined into their consumers, the outer spatial loops fused and run in parallel 
 innermost spatial loop vectorized at the target's vector width (moved under the reduction loops, so a
 convolution or matmul accumulates a vector of outputs per weight), the epilogue (bias, clamp, residual
 add) computed right after each parallel slice while it is in cache, and float32 exp, erf, tanh and sigmoid as
-arithmetic the vector loops can hold (cpu_math.py) instead of one C library call per element. Reductions are never split (no rfactor):
+arithmetic the vector loops can hold (cpu_math.py) instead of one C library call per element. A lookup in a byte
+table becomes byte shuffles where the CPU has them (byte_lookup.py). Reductions are never split (no rfactor):
 only the spatial loops around them are parallel or vector loops, so every sum keeps its order.
 
 A kernel the schedule primitives refuse stays exactly as it was; each kernel says what happened in its
@@ -24,6 +25,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target.codegen import llvm_get_vector_width
 
 from ..context import BuildContext
+from .byte_lookup import shuffle_lookup
 from .cpu_math import vectorizable_math
 from .registry import register_pass
 
@@ -58,6 +60,11 @@ class CpuDefaultSchedule:
         updates = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or _scheduled(func):
+                continue
+            lookup = shuffle_lookup(func, self.target, _MIN_PARALLEL_WORK)
+            if lookup is not None:
+                updates[gvar] = lookup.with_attrs(dict(func.attrs)).with_attr(_SCHEDULED, True) \
+                    .with_attr(ATTR, "scheduled")
                 continue
             sch = s_tir.Schedule(func)
             try:
