@@ -98,7 +98,8 @@ def test_lcnet_blocks_int8_rpi4_lookup_tables_made_at_build_time(tmp_path, qemu_
     """PP-LCNet's blocks (hardswish with scale and bias, an SE block's hardsigmoid, a nearest resize, the sigmoid) as
     onnxruntime's u8 QDQ model, on rpi4: each activation chain is a 256-entry uint8 table computed at build time on
     the build machine (a constant in the IR, then a weight in params.bin, the host build's same bytes), each entry
-    onnxruntime's value of the chain on that code, indexed by XNNPACK's uint8 output itself; under qemu (Cortex-A72)
+    onnxruntime's value of the chain on that code, indexed by XNNPACK's uint8 output itself (tbl/tbx, not a
+    gather); under qemu (Cortex-A72)
     the bundle gives onnxruntime's every rounding, and the host int8 bundle's outputs."""
     model = lcnet_blocks(tmp_path / "lcnet.onnx")
     samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
@@ -116,6 +117,9 @@ def test_lcnet_blocks_int8_rpi4_lookup_tables_made_at_build_time(tmp_path, qemu_
     tables_ir = next((tmp_path / "ir").glob("*-int8-lookup-tables.py")).read_text()
     main = tables_ir[tables_ir.index("def main("):]
     assert main.count("R.take(metadata[") == main.count("R.take(") == 3 and "R.astype(" not in main, main
+    # each lookup kernel is AArch64's table instructions (tbl, then tbx on each next 64 entries), not a gather
+    kernels = next((tmp_path / "ir").glob("*-cpu-default-schedule.py")).read_text()
+    assert "llvm.aarch64.neon.tbl4" in kernels and "llvm.aarch64.neon.tbx4" in kernels and "T_take" not in kernels
     # every entry, where the bundle's outputs see few of them (an entry one step off is lost in later roundings)
     tables = [v for v in arm.compiled.params.values() if (v.shape, v.dtype) == ((256,), np.uint8)]
     chains = (("a", "lab"), ("se2", "gate"), ("head", "y"))     # the lookups' order in main

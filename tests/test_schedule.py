@@ -359,3 +359,16 @@ def test_gather_that_is_not_a_byte_lookup_keeps_its_schedule():
         func = te.create_prim_func([table, x, topi.take(table, x, axis=0, mode="clip")])
         mod = CpuDefaultSchedule(target)(tvm.IRModule({"main": func}))
         assert "pshuf" not in mod["main"].script() and schedule_summary(mod) == {"scheduled": 1}
+
+
+def test_byte_table_lookup_is_tbl_on_aarch64():
+    """On AArch64 (rpi4) the lookup is tbl on the first 64 entries and tbx on each next 64, 16 bytes at a time, the
+    table in registers (run under qemu: tests/test_offload_int8_arm.py's PP-LCNet blocks)."""
+    from tvm import topi
+
+    table = te.placeholder((256,), "uint8", name="table")
+    x = te.placeholder((1, 16, 16, 17), "uint8", name="x")
+    func = te.create_prim_func([table, x, topi.take(table, x, axis=0, mode="clip")])
+    target = load_target("rpi4").tvm()
+    asm = tvm.compile(CpuDefaultSchedule(target)(tvm.IRModule({"main": func})), target).mod.inspect_source("asm")
+    assert asm.count("\ttbl\t") == 1 and asm.count("\ttbx\t") == 3, asm

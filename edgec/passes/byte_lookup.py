@@ -1,10 +1,11 @@
-"""A lookup of uint8 values in a 256-entry byte table as byte shuffles, on x86 CPUs with AVX2.
+"""A lookup of uint8 values in a 256-entry byte table as byte shuffles: x86 with AVX2, and AArch64.
 
 int8-lookup-tables turns each elementwise chain of one 8-bit tensor into `take(table, x)`. LLVM vectorizes that
-gather lane by lane (an index extracted, a byte loaded, a byte inserted): about a cycle a byte. AVX2's `vpshufb`
-looks 32 bytes up at once in a 16-entry table, so a 256-entry table is 16 of them, one per value of the index's
-high nibble, each kept where the nibble selects it: about half a cycle a byte, the same bytes (PP-OCRv4 det's
-160x160x32 lookup, one thread: 0.30 -> 0.13 ms).
+gather lane by lane (an index extracted, a byte loaded, a byte inserted): about a cycle a byte on x86. AVX2's
+`vpshufb` looks 32 bytes up at once in a 16-entry table, so a 256-entry table is 16 of them, one per value of the
+index's high nibble, each kept where the nibble selects it: about half a cycle a byte, the same bytes (PP-OCRv4
+det's 160x160x32 lookup, one thread: 0.30 -> 0.13 ms). AArch64's `tbl` looks 16 bytes up in 64 (four registers),
+and `tbx` leaves the bytes whose index is out of those 64 as they were: four instructions cover the 256 entries.
 """
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-_LANES = 32     # one ymm register of bytes
-
 
 def shuffle_lookup(func: tirx.PrimFunc, target: tvm.target.Target, parallel_bytes: int) -> tirx.PrimFunc | None:
-    """`func` rewritten with byte shuffles when it is a byte-table lookup and `target` has AVX2, else None."""
-    if not target_has_features("avx2", target):
+    """`func` rewritten with byte shuffles when it is a byte-table lookup and `target` has them, else None."""
+    if target_has_features("avx2", target):
+        lanes, shuffled = 32, _vpshufb
+    elif bool(target.attrs.get("feature.is_aarch64", False)) and target_has_features("neon", target):
+        lanes, shuffled = 16, _tbl
+    else:
         return None
     shape = _lookup_shape(func)
     if shape is None:
         return None
-    return _kernel(str(func.params[0].dtype), shape, math.prod(shape) >= parallel_bytes)
+    return _kernel(str(func.params[0].dtype), shape, lanes, shuffled, math.prod(shape) >= parallel_bytes)
 
 
 def _lookup_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
@@ -60,25 +63,39 @@ def _lookup_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
     return shape
 
 
-def _shuffled(table, flat, at):
+def _vpshufb(table, flat, at):
     """The 32 bytes table[flat[at:at + 32]]: vpshufb on each 16-byte row, kept where the high nibble is the row's."""
-    index = flat.vload([at], f"uint8x{_LANES}")
-    low = tirx.bitwise_and(index, tirx.Broadcast(tirx.const(15, "uint8"), _LANES))
-    high = tirx.shift_right(index, tirx.Broadcast(tirx.const(4, "uint8"), _LANES))
-    vector = f"{table.dtype}x{_LANES}"
+    index = flat.vload([at], "uint8x32")
+    low = tirx.bitwise_and(index, tirx.Broadcast(tirx.const(15, "uint8"), 32))
+    high = tirx.shift_right(index, tirx.Broadcast(tirx.const(4, "uint8"), 32))
+    vector = f"{table.dtype}x32"
     result = None
     for row in range(16):
         half = table.vload([row * 16], f"{table.dtype}x16")
         found = tirx.call_llvm_pure_intrin(vector, "llvm.x86.avx2.pshuf.b",
                                            tirx.Shuffle([half, half], list(range(16)) * 2), low)
         result = found if result is None else tirx.Select(
-            high == tirx.Broadcast(tirx.const(row, "uint8"), _LANES), found, result)
+            high == tirx.Broadcast(tirx.const(row, "uint8"), 32), found, result)
     return result
 
 
-def _kernel(dtype: str, shape: tuple[int, ...], parallel: bool) -> tirx.PrimFunc:
+def _tbl(table, flat, at):
+    """The 16 bytes table[flat[at:at + 16]]: tbl on entries 0-63, then tbx on each next 64 with the index shifted
+    down (an index below them wraps above 63: out of range, its byte kept)."""
+    index = flat.vload([at], "uint8x16")
+    vector = f"{table.dtype}x16"
+    result = None
+    for quarter in range(4):
+        rows = [table.vload([quarter * 64 + 16 * r], vector) for r in range(4)]
+        shifted = index - tirx.Broadcast(tirx.const(64 * quarter, "uint8"), 16) if quarter else index
+        result = tirx.call_llvm_pure_intrin(vector, "llvm.aarch64.neon.tbl4", *rows, shifted) if result is None \
+            else tirx.call_llvm_pure_intrin(vector, "llvm.aarch64.neon.tbx4", result, *rows, shifted)
+    return result
+
+
+def _kernel(dtype: str, shape: tuple[int, ...], lanes: int, shuffled, parallel: bool) -> tirx.PrimFunc:
     n = math.prod(shape)
-    vectors, tail = divmod(n, _LANES)
+    vectors, tail = divmod(n, lanes)
     loop = T.parallel if parallel else T.serial     # a parallel loop is split into one range per thread
 
     @T.prim_func(s_tir=True)
@@ -87,8 +104,8 @@ def _kernel(dtype: str, shape: tuple[int, ...], parallel: bool) -> tirx.PrimFunc
         flat_x = T.decl_buffer((n,), "uint8", data=x.data)
         flat_out = T.decl_buffer((n,), dtype, data=out.data)
         for v in loop(vectors):
-            flat_out[T.ramp(v * _LANES, 1, _LANES)] = _shuffled(table, flat_x, v * _LANES)
+            flat_out[T.ramp(v * lanes, 1, lanes)] = shuffled(table, flat_x, v * lanes)
         for i in range(tail):
-            flat_out[vectors * _LANES + i] = table[flat_x[vectors * _LANES + i]]
+            flat_out[vectors * lanes + i] = table[flat_x[vectors * lanes + i]]
 
     return lookup
