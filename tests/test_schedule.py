@@ -372,3 +372,21 @@ def test_byte_table_lookup_is_tbl_on_aarch64():
     target = load_target("rpi4").tvm()
     asm = tvm.compile(CpuDefaultSchedule(target)(tvm.IRModule({"main": func})), target).mod.inspect_source("asm")
     assert asm.count("\ttbl\t") == 1 and asm.count("\ttbx\t") == 3, asm
+
+
+def test_transpose_to_few_channels_vectorizes_along_the_contiguous_read():
+    """NCHW -> NHWC of a 3-channel image (an int8 model's input quantize and transpose): the vector loop runs along
+    the width, which the input holds contiguously, the 3 channels outside it; the same values."""
+    x = te.placeholder((1, 3, 64, 48), name="x")
+    out = te.compute((1, 64, 48, 3), lambda n, h, w, c: tvm.tirx.round(x[n, c, h, w] * 2.0).astype("uint8"), name="t")
+    target = load_target("host").tvm()
+    mod = CpuDefaultSchedule(target)(tvm.IRModule({"main": te.create_prim_func([x, out])}))
+    script = mod["main"].script()
+    assert schedule_summary(mod) == {"scheduled": 1}
+    lanes = int(script.split("T.vectorized(")[1].split(")")[0])
+    # vectors along the width, the 3 channels a loop outside them
+    assert lanes > 3 and 48 % lanes == 0 and f"T.grid(64, {48 // lanes}, 3)" in script, script
+    data = RNG.uniform(0, 100, (1, 3, 64, 48)).astype(np.float32)
+    got = tvm.runtime.tensor(np.zeros((1, 64, 48, 3), np.uint8))
+    tvm.compile(mod, target)["main"](tvm.runtime.tensor(data), got)
+    np.testing.assert_array_equal(got.numpy(), np.round(data * 2).astype(np.uint8).transpose(0, 2, 3, 1))

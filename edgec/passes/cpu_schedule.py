@@ -118,7 +118,12 @@ class CpuDefaultSchedule:
         if not spatial:
             return None
         vector = None
-        if _extent(sch, spatial[-1]) > 1 and _vectorizable(sch, block):
+        lanes = self._transposing(sch, block)
+        if lanes:
+            # one vector's lanes: its stores are scalar, and longer vectors only spill (32 lanes took 1.7x of 16)
+            outer_part, vector = sch.split(spatial[-2], factors=[None, lanes])
+            spatial = spatial[:-2] + [outer_part, spatial[-1]]
+        elif _extent(sch, spatial[-1]) > 1 and _vectorizable(sch, block):
             split = self._split_vector(sch, spatial[-1], block.block_rv)
             spatial, vector = spatial[:-1] + split[:-1], split[-1]
         outer, rest = _fuse_outer(sch, spatial, self.cores * _TASKS_PER_CORE)
@@ -130,6 +135,25 @@ class CpuDefaultSchedule:
             if reduce:   # zero the accumulators in a vector loop of their own, not per reduction step
                 sch.decompose_reduction(block.block_rv, reduce[0])
         return outer
+
+    def _transposing(self, sch: s_tir.Schedule, block) -> int:
+        """Vector lanes along the second innermost index where the block writes a few channels innermost, read
+        from planes contiguous along that index (NCHW -> NHWC with 3 channels): vectors along it, stored with a
+        stride, instead of 3-lane vectors gathered from three planes (PP-OCRv4 det's input quantize and
+        transpose, 320x320x3: 0.108 -> 0.040 ms). 0 for any other block."""
+        stmt = sch.get(block.block_rv)
+        spatial = [it for it in block.iters if it.kind == "S"]
+        if block.is_reduction() or len(spatial) < 2 or len(stmt.writes) != 1 or _bfloat16(stmt):
+            return 0
+        lanes = max(self.vector_bits // _widest_bits(stmt), 1)
+        inner, next_inner = spatial[-1].var, spatial[-2].var
+        reads = [read.region[-1].min for read in stmt.reads if read.source.shape]
+        transposing = (2 * _extent(sch, spatial[-1].loop_rv) <= lanes
+                       and _extent(sch, spatial[-2].loop_rv) % lanes == 0
+                       and stmt.writes[0].region[-1].min.same_as(inner)
+                       and not any(_unit_stride(index, inner) for index in reads)
+                       and any(_unit_stride(index, next_inner) for index in reads))
+        return lanes if transposing else 0
 
     def _split_vector(self, sch, loop, block_rv) -> list:
         """[outer, vector] loops for the innermost spatial loop ([loop] alone when it fits a few vectors). Where the
