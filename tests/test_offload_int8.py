@@ -444,6 +444,33 @@ def test_lcnet_blocks_int8_whole_graph_nhwc(tmp_path, activations):
                                   api.run(plain.bundle_dir, sample).outputs["y"])
 
 
+def test_lcnet_blocks_int8_keeps_shared_dequantize_out_of_memory(tmp_path):
+    """The SE block's input (a lookup's 8-bit output) is read by its mean and by its product with the gate: its
+    float values are computed in each reader's kernel (dequantize-per-use), the mean's included (mean-takes-
+    producers), so no kernel stores a dequantized tensor; the outputs are the same bits as without both passes."""
+    model = lcnet_blocks(tmp_path / "lcnet.onnx")
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    qdq = quantized(model, samples)
+    result = build(qdq, tmp_path / "b", samples[0], BuildOptions(offload=(), dump_ir=tmp_path / "ir"))
+    assert result.manifest.verification["status"] == "verified"
+    def stored(ir_dir):
+        """The dequantize kernels main calls, but for the one that makes the output (gv), and the mean kernels."""
+        fused = next(ir_dir.glob("*-fuse-tir.py")).read_text()
+        calls = [line.strip() for line in fused[fused.index("def main("):].splitlines() if "R.call_tir(cls." in line]
+        return ([c for c in calls if "cls.dequantize" in c and not c.startswith("gv =")],
+                [c.split("cls.")[1].split(",")[0] for c in calls if "mean" in c])
+
+    dequantized, means = stored(tmp_path / "ir")
+    assert dequantized == [] and means == ["fused_dequantize_mean"], (dequantized, means)
+    plain = build(qdq, tmp_path / "plain", samples[0], BuildOptions(
+        offload=(), disabled_passes=("dequantize-per-use", "mean-takes-producers"), dump_ir=tmp_path / "p"))
+    dequantized, means = stored(tmp_path / "p")
+    assert len(dequantized) == 1 and means == ["fused_mean_quantize1"], (dequantized, means)    # float32 stored
+    sample = {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}
+    np.testing.assert_array_equal(api.run(result.bundle_dir, sample).outputs["y"],
+                                  api.run(plain.bundle_dir, sample).outputs["y"])
+
+
 def deconv_head(path: Path) -> Path:
     """PP-OCRv4 det's head between NHWC convs: conv 3x3 + ReLU, ConvTranspose 2x2 stride 2 (16 to 8 channels),
     ReLU, ConvTranspose 2x2 stride 2 to one channel; beside it a ConvTranspose 3x3 stride 2 with padding, output

@@ -1,0 +1,106 @@
+"""An 8-bit tensor's float values are computed inside the kernels that read them, not stored between kernels.
+
+In a QDQ graph a tensor that several ops read is dequantized once, and FuseOps cannot put one producer in two
+kernels: the dequantize became a kernel of its own writing a float32 tensor 4x the bytes, which every reader then
+read back (PP-OCRv4 det int8: 13 such kernels; its SE blocks' 80x80x96 input, read by a mean and by the block's
+elementwise chain). Two passes keep the float values in registers:
+
+- `dequantize-per-use` (graph phase, after `int8-lookup-tables`): each op that reads a shared dequantize gets its
+  own copy, which fuses into that op's kernel. The copies compute the same values (the same two operations on
+  the same 8-bit element), so every output keeps its bits.
+- `mean-takes-producers` (legalize phase, after `annotate-op-pattern`): LegalizeOps writes a mean as a sum and a
+  division, which TVM's pattern analysis files as a reduction with an epilogue (out-elementwise-fusable, like a
+  convolution), so no producer fused into it. Filed as a plain reduction, its elementwise producers fuse into it
+  (FuseOps' rule for reductions) and the sum reads the 8-bit tensor itself, in the same order, to the same bits.
+  What it gives up is fusing its consumers, which read the reduced tensor: a few values.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import tvm
+from tvm import relax, tirx
+
+from ..context import BuildContext
+from .registry import register_pass
+
+# Ops whose kernels take an elementwise producer in (FuseOps: injective and broadcast consumers, reductions);
+# a resize that upsamples does not (upsample-apart), nor does a convolution or an offloaded call
+_READERS = {f"relax.{op}" for op in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "nn.relu", "sigmoid", "tanh",
+    "exp", "sqrt", "rsqrt", "round", "floor", "quantize", "astype", "concat", "mean", "sum", "max", "min")}
+_COMM_REDUCE = 3            # TVM's OpPatternKind kCommReduce
+_OUT_ELEMWISE_FUSABLE = 4   # kOutEWiseFusable: what AnnotateTIROpPattern files a mean as
+
+
+def _is_dequantize(expr) -> bool:
+    return isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.dequantize") \
+        and not isinstance(expr.args[0], tvm.ir.expr.GenericConst)
+
+
+def _reader(expr) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in _READERS
+
+
+@relax.expr_functor.mutator
+class _PerUse(relax.PyExprMutator):
+    def __init__(self, mod, shared: set[relax.Var]):
+        super().__init__(mod)
+        self.shared = shared                       # dequantize vars read by more than one op
+        self.values: dict[relax.Var, relax.Call] = {}
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if binding.var in self.shared:
+            self.values[binding.var] = value
+        if _reader(value) and any(isinstance(a, relax.Var) and a in self.values for a in value.args):
+            args = [self.builder_.emit(self.values[a]) if isinstance(a, relax.Var) and a in self.values else a
+                    for a in value.args]
+            value = relax.Call(value.op, args, value.attrs, value.ty_args)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.visit_expr(value)))
+
+
+def _shared_dequantizes(func: relax.Function) -> set[relax.Var]:
+    """The dequantize bindings that two or more op calls read."""
+    reads = Counter()
+    relax.analysis.post_order_visit(func.body, lambda e: reads.update(
+        a for a in e.args if isinstance(a, relax.Var)) if _reader(e) else None)
+    return {b.var for block in func.body.blocks for b in block.bindings
+            if _is_dequantize(b.value) and reads[b.var] > 1}
+
+
+@tvm.transform.module_pass(opt_level=0, name="DequantizePerUse")
+def _dequantize_per_use(mod, _ctx):
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function) or any(k in (func.attrs or {}) for k in ("Codegen", "Composite",
+                                                                                        "Primitive")):
+            continue
+        shared = _shared_dequantizes(func)
+        if shared:
+            mutator = _PerUse(mod, shared)
+            mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+            mod[gv] = relax.analysis.remove_all_unused(mutator.visit_expr(func))
+    return mod
+
+
+@register_pass("dequantize-per-use", phase="graph", after=("int8-lookup-tables",))
+def dequantize_per_use(ctx: BuildContext) -> tvm.transform.Pass:
+    """A dequantize read by several ops computed in each reader's kernel, not stored as float32 between kernels"""
+    return _dequantize_per_use
+
+
+@tvm.transform.module_pass(opt_level=0, name="MeanTakesProducers")
+def _mean_takes_producers(mod, _ctx):
+    mod = mod.clone()
+    for gvar, func in list(mod.functions_items()):
+        # LegalizeOps names each kernel after its TOPI compute: the name is all a call_tir says of its op
+        if isinstance(func, tirx.PrimFunc) and gvar.name_hint.startswith("mean") and func.attrs \
+                and int(func.attrs.get("op_pattern", -1)) == _OUT_ELEMWISE_FUSABLE:
+            mod[gvar] = func.with_attr("op_pattern", _COMM_REDUCE)
+    return mod
+
+
+@register_pass("mean-takes-producers", phase="legalize", after=("annotate-op-pattern",))
+def mean_takes_producers(ctx: BuildContext) -> tvm.transform.Pass:
+    """A mean's elementwise producers (a dequantize) fused into it: the sum reads the 8-bit tensor"""
+    return _mean_takes_producers
