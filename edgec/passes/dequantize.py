@@ -54,9 +54,12 @@ class _PerUse(relax.PyExprMutator):
         if binding.var in self.shared:
             self.values[binding.var] = value
         if _reader(value) and any(isinstance(a, relax.Var) and a in self.values for a in value.args):
-            args = [self.builder_.emit(self.values[a]) if isinstance(a, relax.Var) and a in self.values else a
-                    for a in value.args]
-            value = relax.Call(value.op, args, value.attrs, value.ty_args)
+            copies = {}     # one per shared var, however many of the call's arguments it is
+            for a in value.args:
+                if isinstance(a, relax.Var) and a in self.values and a not in copies:
+                    copies[a] = self.builder_.emit(self.values[a])
+            value = relax.Call(value.op, [copies.get(a, a) if isinstance(a, relax.Var) else a for a in value.args],
+                               value.attrs, value.ty_args)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.visit_expr(value)))
 
 
