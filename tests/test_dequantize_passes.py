@@ -62,3 +62,40 @@ def test_outputs_are_the_same_bits():
         outs.append([o.numpy() for o in vm["main"](*inputs)])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@tvm.script.ir_module
+class Moves:
+    @R.function
+    def main(x: R.Tensor((1, 5, 7, 16), "uint8")):
+        with R.dataflow():
+            d = R.dequantize(x, R.const(0.37, "float32"), R.const(113, "uint8"), axis=-1, out_dtype="float32")
+            up = R.image.resize2d(d, R.shape([10, 14]), layout="NHWC", method="nearest_neighbor",
+                                  coordinate_transformation_mode="asymmetric", rounding_method="floor")
+            q_up = R.quantize(up, R.const(0.37, "float32"), R.const(113, "uint8"), axis=-1, out_dtype="uint8")
+            t = R.permute_dims(d, [0, 3, 1, 2])
+            q_t = R.quantize(t, R.const(0.37, "float32"), R.const(113, "uint8"), axis=-1, out_dtype="uint8")
+            smooth = R.image.resize2d(d, R.shape([10, 14]), layout="NHWC", method="linear")
+            q_smooth = R.quantize(smooth, R.const(0.37, "float32"), R.const(113, "uint8"), axis=-1, out_dtype="uint8")
+            other = R.quantize(t, R.const(0.5, "float32"), R.const(113, "uint8"), axis=-1, out_dtype="uint8")
+            R.output(q_up, q_t, q_smooth, other)
+        return (q_up, q_t, q_smooth, other)
+
+
+def test_requantized_moves_run_on_the_eight_bit_codes():
+    """quantize(move(dequantize(x))) with one scale and zero point is move(x), for a nearest resize and a
+    transpose, every code the same; a linear resize (which computes) and another scale keep the float path."""
+    from edgec.passes.dequantize import _requantize_moves_apart
+
+    mod = _requantize_moves_apart(Moves)
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append((e.op.name, str(e.ty.dtype), str(
+        e.args[0].ty.dtype))) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
+    assert ("relax.image.resize2d", "uint8", "uint8") in ops and ("relax.permute_dims", "uint8", "uint8") in ops
+    assert ("relax.image.resize2d", "float32", "float32") in ops            # the linear one
+    assert ops.count(("relax.quantize", "uint8", "float32")) == 2           # the linear resize's, the other scale's
+    x = tvm.runtime.tensor(np.arange(1 * 5 * 7 * 16, dtype=np.int64).reshape(1, 5, 7, 16).astype(np.uint8))
+    outs = [[o.numpy() for o in relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](x)]
+            for m in (Moves, mod)]
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

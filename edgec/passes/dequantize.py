@@ -5,7 +5,7 @@ kernels: the dequantize became a kernel of its own writing a float32 tensor 4x t
 read back (PP-OCRv4 det int8: 13 such kernels; its SE blocks' 80x80x96 input, read by a mean and by the block's
 elementwise chain). Two passes keep the float values in registers:
 
-- `dequantize-per-use` (graph phase, after `int8-lookup-tables`): each op that reads a shared dequantize gets its
+- `dequantize-per-use` (graph phase, after `requantize-moves-apart`): each op that reads a shared dequantize gets its
   own copy, which fuses into that op's kernel. The copies compute the same values (the same two operations on
   the same 8-bit element), so every output keeps its bits.
 - `mean-takes-producers` (legalize phase, after `annotate-op-pattern`): LegalizeOps writes a mean as a sum and a
@@ -13,6 +13,11 @@ elementwise chain). Two passes keep the float values in registers:
   convolution), so no producer fused into it. Filed as a plain reduction, its elementwise producers fuse into it
   (FuseOps' rule for reductions) and the sum reads the 8-bit tensor itself, in the same order, to the same bits.
   What it gives up is fusing its consumers, which read the reduced tensor: a few values.
+- `requantize-moves-apart` (graph phase, after `int8-lookup-tables`): onnxruntime's quantizer gives a nearest
+  resize, a transpose or a reshape the scale and zero point of its input, so QDQ wraps it as quantize(move(
+  dequantize(x, s, z)), s, z): float32 in and out of a kernel that only moves values (PP-OCRv4 det's neck: six
+  upsamplings). Such a move is run on x itself. Exact: q(d(x)) is x for every 8-bit x, since (k * s) / s rounds
+  to within 255 * 2^-23 of the integer k.
 """
 from __future__ import annotations
 
@@ -86,10 +91,70 @@ def _dequantize_per_use(mod, _ctx):
     return mod
 
 
-@register_pass("dequantize-per-use", phase="graph", after=("int8-lookup-tables",))
+@register_pass("dequantize-per-use", phase="graph", after=("requantize-moves-apart",))
 def dequantize_per_use(ctx: BuildContext) -> tvm.transform.Pass:
     """A dequantize read by several ops computed in each reader's kernel, not stored as float32 between kernels"""
     return _dequantize_per_use
+
+
+# Ops that move or pick values without computing any: the same on the 8-bit codes as on their float values
+_MOVES = ("relax.permute_dims", "relax.reshape")
+_SCALE_RANGE = (1e-30, 1e30)    # (k * s) / s must stay a normal float for every |k| <= 255
+
+
+def _moves_values(call) -> bool:
+    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
+        return False
+    if call.op.name == "relax.image.resize2d":
+        return str(call.attrs.method) == "nearest_neighbor"
+    return call.op.name in _MOVES
+
+
+def _same_quantization(dequantize: relax.Call, quantize: relax.Call) -> bool:
+    """Per-tensor and equal scale and zero point, a normal scale, and the 8-bit type the dequantize read."""
+    consts = [*dequantize.args[1:], *quantize.args[1:]]
+    if not all(isinstance(c, tvm.ir.expr.GenericConst) and c.value.numpy().size == 1 for c in consts):
+        return False
+    scale, zero, scale_q, zero_q = (float(c.value.numpy()) for c in consts)
+    return (scale, zero) == (scale_q, zero_q) and _SCALE_RANGE[0] < scale < _SCALE_RANGE[1] \
+        and str(quantize.attrs.out_dtype) == str(dequantize.args[0].ty.dtype)
+
+
+@relax.expr_functor.mutator
+class _MovesApart(relax.PyExprMutator):
+    def visit_var_binding_(self, binding):
+        value = self.visit_expr(binding.value)
+        moved = self._lookup(value.args[0]) if _is_quantize(value) else None
+        source = self._lookup(moved.args[0]) if _moves_values(moved) else None
+        if _is_dequantize(source) and _same_quantization(source, value):
+            on_codes = self.builder_.normalize(relax.Call(moved.op, [source.args[0], *moved.args[1:]], moved.attrs,
+                                                          moved.ty_args))
+            if str(on_codes.ty.dtype) == str(value.ty.dtype):    # not a resize told to compute in float32
+                value = on_codes
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    def _lookup(self, expr):
+        return self.builder_.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+
+
+def _is_quantize(expr) -> bool:
+    return isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.quantize")
+
+
+@tvm.transform.module_pass(opt_level=0, name="RequantizeMovesApart")
+def _requantize_moves_apart(mod, _ctx):
+    mutator = _MovesApart(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and not any(k in (func.attrs or {}) for k in ("Codegen", "Composite",
+                                                                                          "Primitive")):
+            mutator.builder_.update_func(gv, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
+    return mutator.builder_.get()
+
+
+@register_pass("requantize-moves-apart", phase="graph", after=("int8-lookup-tables",))
+def requantize_moves_apart(ctx: BuildContext) -> tvm.transform.Pass:
+    """A nearest resize, transpose or reshape between a dequantize and a quantize of the same scale moves 8 bits"""
+    return _requantize_moves_apart
 
 
 @tvm.transform.module_pass(opt_level=0, name="MeanTakesProducers")
