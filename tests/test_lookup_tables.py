@@ -84,3 +84,51 @@ def test_a_chain_continued_in_an_if_branch_starts_there_again():
     assert mod.script().count("R.take(") == 3, mod    # the block's chain and each branch's
     # the then branch only: TVM's VM crashes (StorageObj::AllocTensor) running this well-formed module's else branch
     np.testing.assert_array_equal(_outputs(mod, np.array(True)), _outputs(ChainIntoBranches, np.array(True)))
+
+
+def _batch_norm_chain(dtype: str, layout: str) -> tvm.IRModule:
+    """A batch norm between a per-channel dequantize and a per-tensor quantize (PP-OCRv4 det's head after its
+    deconvolution): every op's other operand a constant along the channel axis, in NHWC or NCHW."""
+    channels = 5
+    shape = (1, 4, 6, channels) if layout == "NHWC" else (1, channels, 4, 6)
+    axis = 3 if layout == "NHWC" else 1
+    along = [channels if d == axis else 1 for d in range(4)]
+    rng = np.random.default_rng(3)
+
+    def per_channel(low, high):
+        return relax.const(rng.uniform(low, high, along).astype(np.float32))
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    low = -128 if dtype == "int8" else 0
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            d = bb.emit(relax.op.dequantize(x, relax.const(rng.uniform(0.01, 0.1, channels).astype(np.float32)),
+                                            relax.const(np.full(channels, low + 7).astype(dtype)), axis=axis,
+                                            out_dtype="float32"))
+            n = bb.emit(relax.op.divide(relax.op.subtract(d, per_channel(-1, 1)), per_channel(0.5, 2)))
+            b = bb.emit(relax.op.add(relax.op.multiply(n, per_channel(0.5, 2)), per_channel(-1, 1)))
+            y = bb.emit_output(relax.op.quantize(b, relax.const(0.03, "float32"), relax.const(low + 100, dtype),
+                                                 axis=axis, out_dtype=dtype))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("dtype, layout", [("uint8", "NHWC"), ("int8", "NCHW")])
+def test_chain_with_per_channel_constants_is_a_table_per_channel(dtype, layout):
+    """A chain whose constants vary along one channel axis is a lookup in 256 entries per channel, made at build
+    time; every code of every channel gives the chain's value."""
+    mod = _batch_norm_chain(dtype, layout)
+    looked = _lookup_tables(mod)
+    script = looked.script()
+    assert "R.call_tir(cls.channel_lookup" in script and "R.divide(" not in script, script
+    shape = [int(d) for d in mod["main"].params[0].ty.shape]
+    low = -128 if dtype == "int8" else 0
+    codes = np.arange(low, low + 256)
+    # each code at every position (and so in every channel), 256 inputs
+    inputs = [np.full(shape, v).astype(dtype) for v in codes]
+    outs = []
+    for m in (mod, looked):
+        vm = relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())
+        outs.append(np.stack([vm["main"](tvm.runtime.tensor(v)).numpy() for v in inputs]))
+    np.testing.assert_array_equal(outs[0], outs[1])
