@@ -27,6 +27,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..context import BuildContext
+from .ir import graph_functions
 from .registry import register_pass
 
 # Ops whose kernels take an elementwise producer in (FuseOps: injective and broadcast consumers, reductions);
@@ -79,10 +80,7 @@ def _shared_dequantizes(func: relax.Function) -> set[relax.Var]:
 
 @tvm.transform.module_pass(opt_level=0, name="DequantizePerUse")
 def _dequantize_per_use(mod, _ctx):
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, relax.Function) or any(k in (func.attrs or {}) for k in ("Codegen", "Composite",
-                                                                                        "Primitive")):
-            continue
+    for gv, func in graph_functions(mod):
         shared = _shared_dequantizes(func)
         if shared:
             mutator = _PerUse(mod, shared)
@@ -144,10 +142,8 @@ def _is_quantize(expr) -> bool:
 @tvm.transform.module_pass(opt_level=0, name="RequantizeMovesApart")
 def _requantize_moves_apart(mod, _ctx):
     mutator = _MovesApart(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function) and not any(k in (func.attrs or {}) for k in ("Codegen", "Composite",
-                                                                                          "Primitive")):
-            mutator.builder_.update_func(gv, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
+    for gv, func in graph_functions(mod):
+        mutator.builder_.update_func(gv, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
     return mutator.builder_.get()
 
 

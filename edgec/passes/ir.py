@@ -29,6 +29,13 @@ def per_tensor(call: relax.Call) -> bool:
         isinstance(a, tvm.ir.expr.GenericConst) and a.value.numpy().size == 1 for a in call.args[1:])
 
 
+def graph_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
+    """The Relax functions of `mod` that are the model's graph: not a backend's partition, a composite pattern's
+    body or a fused group (their ops are the library's or one kernel's)."""
+    return [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)
+            and not any(k in (f.attrs or {}) for k in ("Codegen", "Composite", "Primitive"))]
+
+
 def mutate_functions(mod: tvm.IRModule, mutator, skip_partitions: bool = False) -> tvm.IRModule:
     """`mod` with each Relax function rewritten by `mutator` (a relax.PyExprMutator made on `mod`); with
     `skip_partitions`, a backend's partitions (Codegen functions), which the library computes, are left as they are."""

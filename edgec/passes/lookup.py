@@ -25,7 +25,7 @@ from tvm import relax
 from ..context import BuildContext
 from ..offload.fusion import static_shape
 from ..quantize.calibrate import on_host
-from .ir import per_tensor
+from .ir import graph_functions, per_tensor
 from .registry import register_pass
 
 _LOWEST = {"uint8": 0, "int8": -128}     # the 8-bit types a chain starts from: the table's first entry
@@ -190,10 +190,8 @@ def _computed(tables: list[relax.Var], bindings: list[relax.VarBinding]) -> dict
 @tvm.transform.module_pass(opt_level=0, name="Int8LookupTables")
 def _lookup_tables(mod, _ctx):
     mutator = _Tables(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function) and not any(k in (func.attrs or {}) for k in ("Codegen", "Composite",
-                                                                                          "Primitive")):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    for gv, func in graph_functions(mod):
+        mutator.builder_.update_func(gv, mutator.visit_expr(func))
     mod = mutator.builder_.get()
     if mutator.tables:
         constants = _Constants(_computed(mutator.tables, mutator.on_table))
