@@ -390,3 +390,14 @@ def test_transpose_to_few_channels_vectorizes_along_the_contiguous_read():
     got = tvm.runtime.tensor(np.zeros((1, 64, 48, 3), np.uint8))
     tvm.compile(mod, target)["main"](tvm.runtime.tensor(data), got)
     np.testing.assert_array_equal(got.numpy(), np.round(data * 2).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def test_kernel_with_a_scalar_parameter_is_not_a_byte_lookup():
+    """Three parameters, one of them a scalar (a run-time row count, as non-max suppression's kernels take), is no
+    lookup: the kernel is scheduled as any other."""
+    n = tirx.Var("n", "int64")
+    a = te.placeholder((64,), "uint8", name="a")
+    b = te.compute((64,), lambda i: a[i] + n.astype("uint8"), name="b")
+    func = te.create_prim_func([a, n, b])
+    mod = CpuDefaultSchedule(load_target("host").tvm())(tvm.IRModule({"main": func}))
+    assert schedule_summary(mod) == {"scheduled": 1} and "pshuf" not in mod["main"].script()

@@ -16,6 +16,7 @@ import tvm_ffi
 from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
+from tvm.tirx.buffer import BufferType
 
 
 def shuffle_lookup(func: tirx.PrimFunc, target: tvm.target.Target, parallel_bytes: int) -> tirx.PrimFunc | None:
@@ -34,7 +35,7 @@ def shuffle_lookup(func: tirx.PrimFunc, target: tvm.target.Target, parallel_byte
 
 def _lookup_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
     """The index's shape when `func` is out[i...] = table[x[i...]] with a 256-entry 8-bit table and uint8 x."""
-    if len(func.params) != 3:
+    if len(func.params) != 3 or not all(isinstance(p.ty, BufferType) for p in func.params):   # not a scalar param
         return None
     table, x, out = func.params
     try:
