@@ -23,7 +23,7 @@ from tvm import relax
 from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from ..passes.ir import per_tensor
+from ..passes.ir import per_tensor, scalar_constant
 from .backend import Int8Limits, Pattern, exported
 from .fusion import composite_function, static_shape
 
@@ -78,10 +78,6 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
     return summed + patterns
 
 
-def _scalar(expr) -> bool:
-    return isinstance(expr, tvm.ir.expr.GenericConst) and expr.value.numpy().size == 1
-
-
 def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str | None]:
     def check(ctx: relax.transform.PatternCheckContext) -> str | None:
         if has_leaking_intermediate_variables(ctx):
@@ -94,7 +90,7 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
                 return f"quantized {role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
             if static_shape(expr) is None:
                 return f"{role} has a dynamic shape"
-        if not all(_scalar(e) for e in (*data.args[1:], *out.args[1:])):
+        if not all(scalar_constant(e) for e in (*data.args[1:], *out.args[1:])):
             return "activations quantized per channel (per tensor only)"
         if weight.args[0].ty.dtype != "int8" or weight.args[2].value.numpy().any():
             return "weights not symmetric int8 (zero point 0)"
@@ -148,7 +144,7 @@ def _residual_reason(residual: relax.Call, chain_out: relax.Call, sum_out: relax
             return f"{role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
     if static_shape(residual.args[0]) != static_shape(out):
         return f"residual of shape {static_shape(residual.args[0])} is not the output's {static_shape(out)}"
-    if not all(_scalar(e) for e in (*residual.args[1:], *sum_out.args[1:])):
+    if not all(scalar_constant(e) for e in (*residual.args[1:], *sum_out.args[1:])):
         return "residual or sum quantized per channel (per tensor only)"
     return None
 

@@ -3,8 +3,13 @@
 In a QDQ graph a tensor that several ops read is dequantized once, and FuseOps cannot put one producer in two
 kernels: the dequantize became a kernel of its own writing a float32 tensor 4x the bytes, which every reader then
 read back (PP-OCRv4 det int8: 13 such kernels; its SE blocks' 80x80x96 input, read by a mean and by the block's
-elementwise chain). Two passes keep the float values in registers:
+elementwise chain). Three passes keep the 8-bit values 8-bit between kernels, in the order they run:
 
+- `requantize-moves-apart` (graph phase, after `int8-lookup-tables`): onnxruntime's quantizer gives a nearest
+  resize, a transpose or a reshape the scale and zero point of its input, so QDQ wraps it as quantize(move(
+  dequantize(x, s, z)), s, z): float32 in and out of a kernel that only moves values (PP-OCRv4 det's neck: six
+  upsamplings). Such a move is run on x itself. Exact: q(d(x)) is x for every 8-bit x, since (k * s) / s rounds
+  to within 255 * 2^-23 of the integer k.
 - `dequantize-per-use` (graph phase, after `requantize-moves-apart`): each op that reads a shared dequantize gets its
   own copy, which fuses into that op's kernel. The copies compute the same values (the same two operations on
   the same 8-bit element), so every output keeps its bits.
@@ -13,11 +18,6 @@ elementwise chain). Two passes keep the float values in registers:
   convolution), so no producer fused into it. Filed as a plain reduction, its elementwise producers fuse into it
   (FuseOps' rule for reductions) and the sum reads the 8-bit tensor itself, in the same order, to the same bits.
   What it gives up is fusing its consumers, which read the reduced tensor: a few values.
-- `requantize-moves-apart` (graph phase, after `int8-lookup-tables`): onnxruntime's quantizer gives a nearest
-  resize, a transpose or a reshape the scale and zero point of its input, so QDQ wraps it as quantize(move(
-  dequantize(x, s, z)), s, z): float32 in and out of a kernel that only moves values (PP-OCRv4 det's neck: six
-  upsamplings). Such a move is run on x itself. Exact: q(d(x)) is x for every 8-bit x, since (k * s) / s rounds
-  to within 255 * 2^-23 of the integer k.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..context import BuildContext
-from .ir import graph_functions
+from .ir import graph_functions, scalar_constant
 from .registry import register_pass
 
 # Ops whose kernels take an elementwise producer in (FuseOps: injective and broadcast consumers, reductions);
@@ -111,7 +111,7 @@ def _moves_values(call) -> bool:
 def _same_quantization(dequantize: relax.Call, quantize: relax.Call) -> bool:
     """Per-tensor and equal scale and zero point, a normal scale, and the 8-bit type the dequantize read."""
     consts = [*dequantize.args[1:], *quantize.args[1:]]
-    if not all(isinstance(c, tvm.ir.expr.GenericConst) and c.value.numpy().size == 1 for c in consts):
+    if not all(map(scalar_constant, consts)):
         return False
     scale, zero, scale_q, zero_q = (float(c.value.numpy()) for c in consts)
     return (scale, zero) == (scale_q, zero_q) and _SCALE_RANGE[0] < scale < _SCALE_RANGE[1] \

@@ -22,11 +22,15 @@ def calls_any(mod: tvm.IRModule, ops: set[str]) -> bool:
     return bool(found)
 
 
+def scalar_constant(expr) -> bool:
+    """Whether `expr` is a constant holding one value (a per-tensor scale or zero point, a scalar operand)."""
+    return isinstance(expr, tvm.ir.expr.GenericConst) and expr.value.numpy().size == 1
+
+
 def per_tensor(call: relax.Call) -> bool:
     """Whether `call` is not a quantize/dequantize, or is one with a single scale and zero point (so it commutes
     with layout changes and acts alike on every element)."""
-    return call.op.name not in ("relax.quantize", "relax.dequantize") or all(
-        isinstance(a, tvm.ir.expr.GenericConst) and a.value.numpy().size == 1 for a in call.args[1:])
+    return call.op.name not in ("relax.quantize", "relax.dequantize") or all(map(scalar_constant, call.args[1:]))
 
 
 def graph_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:

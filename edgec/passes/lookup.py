@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from ..context import BuildContext
 from ..offload.fusion import static_shape
 from ..quantize.calibrate import on_host
-from .ir import graph_functions, per_tensor
+from .ir import graph_functions, per_tensor, scalar_constant
 from .registry import register_pass
 
 _LOWEST = {"uint8": 0, "int8": -128}     # the 8-bit types a chain starts from: the table's first entry
@@ -34,10 +34,6 @@ _EIGHT_BIT = tuple(_LOWEST)
 _ELEMENTWISE = ("relax.quantize", "relax.dequantize", "relax.add", "relax.subtract", "relax.multiply",
                 "relax.divide", "relax.maximum", "relax.minimum", "relax.clip", "relax.sigmoid", "relax.nn.relu")
 _MIN_OPS = 3    # a lone requantization (dequantize, quantize) costs about what a table lookup does
-
-
-def _scalar(expr) -> bool:
-    return isinstance(expr, tvm.ir.expr.GenericConst) and expr.value.numpy().size == 1
 
 
 def _channel_axis(expr, shape: tuple[int, ...]) -> int | None:
@@ -59,8 +55,6 @@ def _channels(shape: tuple[int, ...], axis: int) -> list[int]:
 
 def _channel_lookup(shape: tuple[int, ...], index_dtype: str, axis: int, dtype: str) -> tvm.tirx.PrimFunc:
     """out[i] = table[x[i], i[axis]]: a table of 256 entries per channel."""
-    from tvm import te
-
     table = te.placeholder((256, shape[axis]), dtype, name="table")
     x = te.placeholder(shape, index_dtype, name="x")
     out = te.compute(shape, lambda *i: table[x[i].astype("int32"), i[axis]], name="channel_lookup")
@@ -140,7 +134,7 @@ class _Tables(relax.PyExprMutator):
         if quantization and not per_tensor(call):     # its scale and zero point lie along its axis
             axes.add(int(call.attrs.axis) % len(shape))
         for arg, chain in zip(call.args[:1] if quantization else call.args, chains):
-            if chain is None and not (isinstance(arg, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) or _scalar(arg)):
+            if chain is None and not (isinstance(arg, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) or scalar_constant(arg)):
                 axes.add(_channel_axis(arg, shape))    # None: neither a chain, a scalar nor a channel constant
         if None in axes or len(axes) > 1 or 0 in axes:    # axis 0 holds the 256 values
             return None
