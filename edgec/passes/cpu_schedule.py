@@ -136,6 +136,10 @@ class CpuDefaultSchedule:
                 sch.decompose_reduction(block.block_rv, reduce[0])
         return outer
 
+    def _lanes(self, stmt) -> int:
+        """One vector's lanes for the block's widest type."""
+        return max(self.vector_bits // _widest_bits(stmt), 1)
+
     def _transposing(self, sch: s_tir.Schedule, block) -> int:
         """Vector lanes along the second innermost index where the block writes a few channels innermost, read
         from planes contiguous along that index (NCHW -> NHWC with 3 channels): vectors along it, stored with a
@@ -145,7 +149,7 @@ class CpuDefaultSchedule:
         spatial = [it for it in block.iters if it.kind == "S"]
         if block.is_reduction() or len(spatial) < 2 or len(stmt.writes) != 1 or _bfloat16(stmt):
             return 0
-        lanes = max(self.vector_bits // _widest_bits(stmt), 1)
+        lanes = self._lanes(stmt)
         inner, next_inner = spatial[-1].var, spatial[-2].var
         reads = [read.region[-1].min for read in stmt.reads if read.source.shape]
         transposing = (2 * _extent(sch, spatial[-1].loop_rv) <= lanes
@@ -159,7 +163,7 @@ class CpuDefaultSchedule:
         """[outer, vector] loops for the innermost spatial loop ([loop] alone when it fits a few vectors). Where the
         block's value depends on which segment of that index it is in (a concatenation along it), the vector loop
         stays inside one segment, so that each lane computes one input's expression."""
-        lanes = max(self.vector_bits // _widest_bits(sch.get(block_rv)), 1)
+        lanes = self._lanes(sch.get(block_rv))
         extent = _extent(sch, loop)
         segment = math.gcd(extent, _segments(sch.get(block_rv)))
         if segment < extent:
