@@ -202,7 +202,35 @@ def qdq_model(path: Path):
     rewritten = has_qlinear_nodes(model.graph)
     if rewritten and qdq_form(model) is None:
         return None
+    _unsigned_integer_weights(model.graph)
     return model, rewritten
+
+
+def _unsigned_integer_weights(graph) -> None:
+    """Each MatMulInteger / ConvInteger with constant int8 weights takes them as uint8 (w + 128, zero point + 128):
+    the same integers, which the reference must sum exactly as the ONNX spec says. onnxruntime's u8 x s8 kernels on
+    x86 without VNNI add pairs of products in int16 (vpmaddubsw) and saturate; its u8 x u8 kernels widen first.
+    Unchanged where onnxruntime's own numbers are exact; a dynamically quantized model (quantize_dynamic's int8
+    weights) would otherwise be refused for being closer to its float twin than onnxruntime is. Changes `graph`."""
+    from onnx import TensorProto, numpy_helper
+
+    constants = {i.name: i for i in graph.initializer}
+    for k, node in enumerate(graph.node):
+        if node.op_type not in ("MatMulInteger", "ConvInteger") or len(node.input) < 2:
+            continue
+        weights = constants.get(node.input[1])
+        if weights is None or weights.data_type != TensorProto.INT8:
+            continue
+        zero = (constants.get(node.input[3]) if len(node.input) > 3 and node.input[3]
+                else numpy_helper.from_array(np.zeros((), np.int8)))
+        if zero is None:    # a zero point computed at run time: left as the model has it
+            continue
+        for index, tensor in ((1, weights), (3, zero)):
+            name = f"edgec_u8_{k}_{index}"    # new names: another node may share the int8 constant
+            value = numpy_helper.to_array(tensor).astype(np.int16) + 128
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.uint8), name))
+            node.input.extend([""] * (index + 1 - len(node.input)))
+            node.input[index] = name
 
 
 def qdq_forms(path: Path) -> tuple:

@@ -97,7 +97,8 @@ def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) 
     its float twin (reference.qdq_float_twin) gives the float outputs the quantized rule measures against, and its
     nudged twins (reference.qdq_nudged) run when needed; a QOperator model is run so in its QDQ form
     (reference.qdq_model), since onnxruntime's QLinear kernels round their own way, and a dynamically quantized one
-    as it is, with its DynamicQuantizeLinear codes unrounded in the twin. A full-integer TFLite model
+    as it is (its int8 weights as uint8, which onnxruntime sums without saturating), with its DynamicQuantizeLinear
+    codes unrounded in the twin. A full-integer TFLite model
     (outputs all quantized, a stream's states included) carries its unrounded twin and its nudged graphs, run on
     TVM when needed."""
     try:

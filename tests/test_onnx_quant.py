@@ -10,7 +10,8 @@ onnxruntime's u8 x s8 kernels (MLAS) sum products in saturating 16-bit pairs on 
 Zen 3 here its QOperator MLP gave outputs 23 steps off the same quantization's QDQ math where an input went past the
 calibrated range. So a static model is also compared with onnxruntime running that QDQ model (quantize_static's
 QDQ format on the same samples) as written, and with its own QOperator kernels only on a CPU with VNNI; a dynamic
-one is compared with onnxruntime running it with its int8 weights as uint8 (_u8_weights), which it sums exactly."""
+one is compared with onnxruntime running it with its int8 weights as uint8 (_u8_weights), which it sums exactly, as
+the build's own reference does."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -195,6 +196,27 @@ def test_dynamic_quantization_matches(tmp_path, name):
     reference = _u8_weights(quantized, tmp_path / f"{name}_dyn_u8.onnx")
     for sample in samples:
         assert_close_to_reference(reference, result.bundle_dir, sample)
+
+
+def test_dynamic_quantization_verified_where_int16_pairs_saturate(tmp_path):
+    """Every code 255 against int8 weights near 127: each pair of products (64770) is past int16, where onnxruntime's
+    u8 x s8 kernels saturate on x86 without VNNI. The build's reference sums the same integers exactly (as uint8
+    weights, reference._unsigned_integer_weights), so the exact bundle is verified, not refused as off from it."""
+    w = np.full((32, 8), 0.5, np.float32) + np.linspace(0, 0.01, 8, dtype=np.float32)
+    model = save_onnx(tmp_path / "mm.onnx", "mm", [helper.make_node("MatMul", ["x", "w"], ["y"])], {"x": [2, 32]},
+                      {"y": [2, 8]}, [numpy_helper.from_array(w, "w")])
+    quantized = tmp_path / "mm_dyn.onnx"
+    quantize_dynamic(str(model), str(quantized), weight_type=QuantType.QInt8)
+    x = np.full((2, 32), 3.0, np.float32)      # codes: 255 (the range starts at 0)
+    result = api.build(quantized, "host", tmp_path / "b", sample_inputs={"x": x})
+    assert result.manifest.verification["status"] == "verified"
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(quantized)).graph.initializer}
+    codes = next(v for v in inits.values() if v.dtype == np.int8 and v.shape == w.shape).astype(np.int64)
+    scale = next(v for k, v in inits.items() if k.endswith("_scale") and v.dtype == np.float32)
+    assert codes.min() > 120    # the saturating case: (255 * codes[k] + 255 * codes[k + 1]) > 32767
+    exact = (255 * codes.sum(0)) * np.float32(3.0 / 255) * scale
+    np.testing.assert_allclose(api.run(result.bundle_dir, {"x": x}).outputs["y"], np.broadcast_to(exact, (2, 8)),
+                               rtol=1e-6)
 
 
 def _u8_weights(model: Path, out: Path) -> Path:
