@@ -32,6 +32,13 @@ from verify import HOST_INT8_LIMITS, assert_close_to_reference, onnxruntime_as_w
 RNG = np.random.default_rng(9)
 
 
+@pytest.fixture(autouse=True)
+def _reseeded():
+    """Each test draws the same models and samples whichever tests ran before it in its worker."""
+    global RNG
+    RNG = np.random.default_rng(9)
+
+
 def _init(name: str, *shape: int, scale: float = 0.3):
     return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
 
