@@ -215,8 +215,12 @@ def _unsigned_integer_weights(graph) -> None:
     from onnx import TensorProto, numpy_helper
 
     constants = {i.name: i for i in graph.initializer}
+    # inputs known to be uint8 (u8 x u8 is the pair onnxruntime's integer kernels all take)
+    unsigned = ({n.output[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+                | {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.UINT8}
+                | {i.name for i in graph.initializer if i.data_type == TensorProto.UINT8})
     for k, node in enumerate(graph.node):
-        if node.op_type not in ("MatMulInteger", "ConvInteger") or len(node.input) < 2:
+        if node.op_type not in ("MatMulInteger", "ConvInteger") or len(node.input) < 2 or node.input[0] not in unsigned:
             continue
         weights = constants.get(node.input[1])
         if weights is None or weights.data_type != TensorProto.INT8:
