@@ -82,8 +82,7 @@ def _vpshufb(table, flat, at):
     for _ in range(3):
         masks.append(masks[-1] + masks[-1])
     for mask in reversed(masks):         # bit 4 first: it tells adjacent rows apart
-        blend_mask = mask if table.dtype == "uint8" else tirx.reinterpret("int8x32", mask)
-        level = [tirx.call_llvm_pure_intrin(vector, "llvm.x86.avx2.pblendvb", level[k], level[k + 1], blend_mask)
+        level = [tirx.call_llvm_pure_intrin(vector, "llvm.x86.avx2.pblendvb", level[k], level[k + 1], mask)
                  for k in range(0, len(level), 2)]
     return level[0]
 
