@@ -42,10 +42,12 @@ def graph_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Fun
 
 def mutate_functions(mod: tvm.IRModule, mutator, skip_partitions: bool = False) -> tvm.IRModule:
     """`mod` with each Relax function rewritten by `mutator` (a relax.PyExprMutator made on `mod`); with
-    `skip_partitions`, a backend's partitions (Codegen functions), which the library computes, are left as they are."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function) and not (skip_partitions and func.attrs and "Codegen" in func.attrs):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    `skip_partitions`, only the model's graph functions (graph_functions): a backend's partitions, which the library
+    computes, and composite or fused bodies are left as they are."""
+    functions = graph_functions(mod) if skip_partitions else [
+        (gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+    for gv, func in functions:
+        mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
 
 

@@ -25,7 +25,7 @@ from tvm import relax, te
 from ..context import BuildContext
 from ..offload.fusion import static_shape
 from ..quantize.calibrate import on_host
-from .ir import graph_functions, per_tensor, scalar_constant
+from .ir import mutate_functions, per_tensor, scalar_constant
 from .registry import register_pass
 
 _LOWEST = {"uint8": 0, "int8": -128}     # the 8-bit types a chain starts from: the table's first entry
@@ -184,9 +184,7 @@ def _computed(tables: list[relax.Var], bindings: list[relax.VarBinding]) -> dict
 @tvm.transform.module_pass(opt_level=0, name="Int8LookupTables")
 def _lookup_tables(mod, _ctx):
     mutator = _Tables(mod)
-    for gv, func in graph_functions(mod):
-        mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    mod = mutator.builder_.get()
+    mod = mutate_functions(mod, mutator, skip_partitions=True)
     if mutator.tables:
         constants = _Constants(_computed(mutator.tables, mutator.on_table))
         mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
