@@ -33,9 +33,9 @@ def _forms(tmp_path, activations):
 
 @pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
 def test_offload_none_runs_integer_kernels(tmp_path, activations):
-    """The 3x3 padded conv, the 1x1 conv and the Gemm become VNNI kernels on this host (an AVX-512 VNNI CPU; elsewhere
-    the vector loop); the depthwise and grouped convs stay float. The integer sums are exact, so the bundle is within
-    one step of onnxruntime's QDQ float math."""
+    """The 3x3 padded conv, the 1x1 conv and the Gemm become integer kernels with this host's dot product (VNNI on an
+    AVX-512 VNNI CPU, vpmaddwd on AVX2, else the vector loop); the depthwise and grouped convs stay float. The
+    integer sums are exact, so the bundle is within one step of onnxruntime's QDQ float math."""
     from tvm.target.codegen import target_has_features
 
     from edgec.targets import load_target
@@ -44,7 +44,9 @@ def test_offload_none_runs_integer_kernels(tmp_path, activations):
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(qdq, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
     kinds, float_convs = _kernels(tmp_path / "ir")
-    expected = "vnni" if target_has_features("avx512vnni", load_target("host").tvm()) else "vector"
+    host = load_target("host").tvm()
+    expected = next((k for k, feature in (("vnni", "avx512vnni"), ("avx2", "avx2"))
+                     if target_has_features(feature, host)), "vector")
     assert kinds == [expected] * 3 and sorted(float_convs) == ["16", "4"], (kinds, float_convs)
     verification = result.manifest.verification
     assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
@@ -52,32 +54,56 @@ def test_offload_none_runs_integer_kernels(tmp_path, activations):
         assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05
 
 
-def test_vector_loop_without_vnni(tmp_path):
-    """A CPU without VNNI (x86-64-v3: AVX2) gets the int32 vector loop, with the same result."""
+@pytest.mark.parametrize("mcpu, kind", [("x86-64-v3", "avx2"), ("x86-64", "vector")])
+def test_dot_product_without_vnni(tmp_path, mcpu, kind):
+    """A CPU without VNNI gets vpmaddwd's exact 16-bit pairs where it has AVX2 (x86-64-v3), the int32 vector loop
+    where it has only SSE2 (x86-64), with the same result."""
     from edgec.targets import target_files
 
     host = target_files()["host"].read_text()
-    descriptor = tmp_path / "avx2.toml"
-    descriptor.write_text(host.replace('name = "host"', 'name = "avx2"').replace('mcpu = "detect"', 'mcpu = "x86-64-v3"'))
+    descriptor = tmp_path / "cpu.toml"
+    descriptor.write_text(host.replace('name = "host"', 'name = "cpu"').replace('mcpu = "detect"', f'mcpu = "{mcpu}"'))
     qdq, samples = _forms(tmp_path, QuantType.QUInt8)
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(qdq, str(descriptor), tmp_path / "b", options=options, sample_inputs=samples[0])
-    assert _kernels(tmp_path / "ir")[0] == ["vector"] * 3
+    assert _kernels(tmp_path / "ir")[0] == [kind] * 3
     assert result.manifest.verification["status"] == "verified"
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
 
 
+def _exact_qconv(model: Path, x: np.ndarray, sx, sw, sy) -> np.ndarray:
+    """qdq_conv's output with the conv summed as integers (the input's zero point 0, the output's 3) and QDQ's float32
+    arithmetic around it: what an exact integer kernel gives, where onnxruntime's float sums can round a value on a
+    step's boundary the other way."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(model)).graph.initializer}
+    w, b = inits["w"].astype(np.int64), inits["b"].astype(np.int64)
+    xq = np.pad(np.clip(np.round(x / sx), -128, 127).astype(np.int64), [(0, 0), (0, 0), (1, 1), (1, 1)])
+    windows = np.lib.stride_tricks.sliding_window_view(xq, (3, 3), axis=(2, 3))        # [1, 4, 6, 6, 3, 3]
+    acc = np.einsum("nchwij,ocij->nohw", windows, w) + b.reshape(1, 4, 1, 1)
+    v = acc.astype(np.float32) * (np.float32(sx) * sw.astype(np.float32)).reshape(1, 4, 1, 1)
+    q = np.clip(np.round(v / np.float32(sy)) + 3, -128, 127)
+    return (q - 3) * np.float32(sy)
+
+
 def test_padded_conv_zero_points(tmp_path):
     """s8 activations with zero points 0 and 3 on a padded 3x3 conv: the padding is the input's zero point in the
-    im2col (as dequantize(x) pads with 0.0), and the shift to u8 moves it with the values."""
-    sx, sw = np.float32(0.02), np.full(4, 0.01, np.float32)
-    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.01)
-    sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)}
+    im2col (as dequantize(x) pads with 0.0), and the integer sums are exact: the output is the exact integer
+    result's on any input."""
+    sx, sw, sy = np.float32(0.02), np.full(4, 0.01, np.float32), 0.01
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, sy)
+    rng = np.random.default_rng(4)
+    samples = [{"x": (rng.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)} for _ in range(4)]
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
-    result = api.build(model, "host", tmp_path / "b", options=options, sample_inputs=sample)
+    result = api.build(model, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
     assert len(_kernels(tmp_path / "ir")[0]) == 1
     assert result.manifest.verification["status"] == "verified"
-    assert check_within_one_step(model, tmp_path / "b", sample) == 0.0
+    for sample in samples:
+        ours = api.run(tmp_path / "b", sample).outputs["y"]
+        assert np.array_equal(ours, _exact_qconv(model, sample["x"], sx, sw, sy))
+        assert check_within_one_step(model, tmp_path / "b", sample) < 0.05
 
 
 def test_sdot_on_rpi5_under_qemu(tmp_path, qemu_cpus):

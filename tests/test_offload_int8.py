@@ -316,15 +316,20 @@ def _haswell_box(tmp_path: Path) -> Path:
 
 def test_int8_stays_in_tvm_without_vnni(tmp_path):
     """For a CPU without VNNI, full-range int8 weights (onnxruntime's default) are TVM's integer kernels, the reason
-    and the count in the placement, and the bundle is verified within one step."""
+    and the count in the placement: AVX2's vpmaddwd kernels on the graph in oneDNN's layout (NHWC, where an im2col
+    row is runs of channels), and the bundle is verified within one step."""
     model = conv_forms(tmp_path / "forms.onnx")
     samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
     qdq = quantized(model, samples)
-    result = api.build(qdq, str(_haswell_box(tmp_path)), tmp_path / "b", options=ONEDNN, sample_inputs=samples[0])
+    options = BuildOptions(offload=("onednn",), dump_ir=tmp_path / "ir")
+    result = api.build(qdq, str(_haswell_box(tmp_path)), tmp_path / "b", options=options, sample_inputs=samples[0])
     assert result.manifest.verification["status"] == "verified"
     placed = int8_placement(result)
     assert len(placed["int8 layers"]) == 1 and "haswell (no VNNI)" in placed["int8 layers"][0], placed
     assert not any("onednn.q" in p for rows in placed.values() for p in rows), placed
+    kernels = next((tmp_path / "ir").glob("*-int8-kernels.py")).read_text()
+    assert kernels.count('"edgec.int8_kernel": "avx2"') == 3, kernels
+    assert 'def int8_conv2d(x: T.Buffer((1, 16, 16, 8), "uint8")' in kernels     # NHWC
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
 
 

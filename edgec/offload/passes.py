@@ -249,9 +249,10 @@ def layout(ctx):
     @tvm.transform.module_pass(opt_level=0, name="OffloadLayoutIfNeeded")
     def layout_if_needed(mod, pctx):
         # ConvertLayout re-checks every binding, and refuses some the importer made (add of int64 and int32
-        # indices): a graph without the backends' operators is left alone
+        # indices): a graph without the backends' operators is not converted; the transposes offload-quantized left
+        # around the int8 chains it converted for int8-kernels still meet and go
         if not calls_any(mod, wanted):
-            return mod
+            return _drop_transpose_pairs(mod)
         converted = convert(mod)
         # ConvertLayout rewrites every function, offload-quantized's partitions too, which are in their backend's
         # layout already (an NHWC int8 conv2d_transpose would be put back in NCHW): they stay as they were
@@ -301,8 +302,10 @@ def quantized(ctx):
             relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), untie_dequantize,
             relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True),
             *(deconv and [deconv_back_to_nchw])], name="OffloadQuantized")(mod)
-        if any("Codegen" in (f.attrs or {}) for f in converted.functions.values()):
-            mod = converted       # else no chain was taken: the graph stays in its layout, as without int8 offload
+        # a chain taken, or one the limits left to int8-kernels, which reads the backends' layout best too (its
+        # im2col rows are runs of channels); else the graph stays in its layout, as without int8 offload
+        if any(outside.values()) or any("Codegen" in (f.attrs or {}) for f in converted.functions.values()):
+            mod = converted
         # for offload-partition's placement: the int8 layers left to TVM by a backend's limits on this target
         rows = [["int8 layers", f"{name}: {limits[name].why}", len(anchors)] for name, anchors in outside.items()
                 if anchors]

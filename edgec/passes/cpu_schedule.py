@@ -45,6 +45,11 @@ def cpu_default_schedule(ctx: BuildContext) -> tvm.transform.Pass:
     return CpuDefaultSchedule(ctx.tvm_target())
 
 
+def parallel_tasks(target: tvm.target.Target) -> int:
+    """Parallel iterations a kernel needs for the target's cores (_TASKS_PER_CORE each)."""
+    return int(target.attrs.get("num-cores", 0) or 4) * _TASKS_PER_CORE
+
+
 class _Left(Exception):
     """A kernel this schedule does not handle; the message is the reason recorded on it."""
 
@@ -54,7 +59,7 @@ class CpuDefaultSchedule:
     def __init__(self, target: tvm.target.Target):
         self.target = target
         self.vector_bits = llvm_get_vector_width(target) if target.kind.name == "llvm" else 0
-        self.cores = int(target.attrs.get("num-cores", 0) or 4)
+        self.tasks = parallel_tasks(target)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
@@ -126,7 +131,7 @@ class CpuDefaultSchedule:
         elif _extent(sch, spatial[-1]) > 1 and _vectorizable(sch, block):
             split = self._split_vector(sch, spatial[-1], block.block_rv)
             spatial, vector = spatial[:-1] + split[:-1], split[-1]
-        outer, rest = _fuse_outer(sch, spatial, self.cores * _TASKS_PER_CORE)
+        outer, rest = _fuse_outer(sch, spatial, self.tasks)
         sch.reorder(*(([outer] if outer is not None else []) + rest + reduce + ([vector] if vector else [])))
         if outer is not None and work >= _MIN_PARALLEL_WORK:
             sch.parallel(outer)

@@ -5,18 +5,21 @@ that is still in main after `offload-quantized` (no backend, or one that refused
 as it reads: dequantize to float, float conv, quantize. It is matched by the offload patterns themselves
 (`offload/quantized.py`, read back by `read_quantized`) and replaced by one TIR kernel:
 
-  pack:  A[m, k] = x as a matrix (im2col for a conv, padding with the input's zero point), shifted to the 8-bit
-         type the dot product takes (u8 for x86, s8 for Arm: x ^ 0x80 with the zero point moved by 128, exact),
-         the reduction padded to a multiple of 4 with zeros
-  acc:   acc[m, n] = sum_k int32(A[m, k]) * int32(W[n, k])  (W packed [N/L, K/4, L, 4], zero padded)
+  pack:  A[m, k] = x as a matrix (im2col for a conv, padding with the input's zero point; NHWC: k runs over each
+         filter tap's channels, as x holds them), in the type the dot product takes (u8 for VNNI, s8 for Arm:
+         x ^ 0x80 with the zero point moved by 128, exact; int16 for AVX2), the reduction padded to a multiple of the
+         dot product's group G (4, or 2 for AVX2) with zeros (NHWC: each tap's channels)
+  acc:   acc[m, n] = sum_k int32(A[m, k]) * int32(W[n, k])  (W packed [N/L, K/G, L, G], zero padded)
   out:   quantize(act(float32(acc + b') * sx * sw[n]), sy, zy)  (relax.quantize's own arithmetic: round(v / sy) + zy,
          clamped to the output type), where b' = b - zx * sum_k W[n, k] folds the input's zero point into the bias.
 
 The sum is exact where the QDQ reference sums rounded float products; the requantization is the reference's. The
 acc block is tensorized with the target's dot product: AVX-512 VNNI `vpdpbusd` (L = 16), Arm `sdot` (+dotprod,
-L = 4); elsewhere it is a vectorized int32 loop (L = 16). Rows (m) are tiled by up to 4, each tile and its block
-of output channels one parallel task, its requantization computed right after it. The kernel is marked scheduled
-(`tirx.is_scheduled`; `edgec.int8_kernel` names the instruction used), so cpu-default-schedule leaves it alone.
+L = 4), AVX2 `vpmaddwd` on 16-bit operands (L = 8, G = 2: the weights sign-extended as they load, params.bin keeps
+them int8); elsewhere it is a vectorized int32 loop (L = 16). Rows (m) are tiled by up to 4; a parallel task takes
+a run of tiles, packs each tile's rows of A once for all its blocks of output channels, sums a block in registers and
+requantizes it right after. The kernel is marked scheduled (`tirx.is_scheduled`; `edgec.int8_kernel` names the
+instruction used), so cpu-default-schedule leaves it alone.
 A chain the patterns or `_unsupported` refuse stays as it was, and so does one whose kernel TVM's schedule refuses:
 the module's `edgec.int8_kernels_left` attribute (`--dump-ir`) says which and why.
 """
@@ -34,23 +37,24 @@ from ..context import BuildContext
 from ..errors import last_line
 from ..offload.fusion import composite_function, static_shape
 from ..offload.quantized import QFused, has_quantized_anchor, quantized_patterns, read_quantized, untie_dequantize
-from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED
+from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED, parallel_tasks
 from .dot_products import DOT_PRODUCTS, intrinsic
 from .ir import restore_clip
 from .registry import register_pass
 
-ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot" or "vector"
+ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot", "avx2" or "vector"
 LEFT_ATTR = "edgec.int8_kernels_left"   # the module's: JSON list of the chains left float as their kernel failed
 _GROUP = "edgec_int8"             # the patterns' prefix: the partitioned chains this pass replaces
 _INT32_MAX = 2**31 - 1
+_MIN_ROW_TILES = 8                # row tiles that keep the cores busy on their own (see _schedule)
 
 
-def _dot_product(target: tvm.target.Target) -> tuple[str, int, str]:
-    """(name, lanes, operand type of A) of the target's 8-bit dot product."""
+def _dot_product(target: tvm.target.Target) -> tuple[str, int, int, str]:
+    """(name, lanes, group, operand type of A) of the target's 8-bit dot product."""
     for kind, dot in DOT_PRODUCTS.items():
         if target_has_features(dot.feature, target):
-            return kind, dot.lanes, dot.a_dtype
-    return "vector", 16, "uint8"
+            return kind, dot.lanes, dot.group, dot.a_dtype
+    return "vector", 16, 4, "uint8"
 
 
 def _cpu(ctx: BuildContext) -> bool:
@@ -168,11 +172,11 @@ class _IntegerChain:
 
     def __init__(self, q: QFused, args, target: tvm.target.Target):
         self.q, self.args, self.target = q, args, target
-        self.kind, self.lanes, self.a_dtype = _dot_product(target)
+        self.kind, self.lanes, self.group, self.a_dtype = _dot_product(target)
         x = args[q.data]
         self.x_shape, self.x_dtype = static_shape(x), q.data_dtype
-        # the input's zero point where A holds it shifted to a_dtype (x ^ 0x80 is x -/+ 128)
-        self.shift = 0 if self.x_dtype == self.a_dtype else (128 if self.a_dtype == "uint8" else -128)
+        # the input's zero point where A holds it shifted to the other 8-bit type (x ^ 0x80 is x -/+ 128)
+        self.shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((self.x_dtype, self.a_dtype), 0)
         self.zx = int(_value(args[q.data_zero_point])) + self.shift
         self.sx = np.float32(_value(args[q.data_scale]).reshape(()))
         self.sy = float(_value(args[q.out_scale]).reshape(()))
@@ -185,17 +189,29 @@ class _IntegerChain:
         w = _value(self.args[self.q.weight])
         if self.q.anchor.op.name == "relax.matmul":
             return w if self.q.weight_transposed else w.T
-        layout = str(self.q.anchor.attrs.kernel_layout)
-        w = w.transpose([layout.index(c) for c in "OIHW"])       # k = (c * KH + kh) * KW + kw
+        # NHWC: k = (kh * KW + kw) * Cg + c, so that an im2col row is runs of channels, as x holds them, each padded
+        # with zero weights to Cg, a multiple of the dot product's group (3 RGB channels: 4); NCHW: k = (c * KH + kh)
+        # * KW + kw
+        order = "OHWI" if self._channels_last() else "OIHW"
+        w = w.transpose([str(self.q.anchor.attrs.kernel_layout).index(c) for c in order])
+        if self._channels_last():
+            w = np.pad(w, [(0, 0)] * 3 + [(0, self._tap_channels() - w.shape[3])])
         return w.reshape(w.shape[0], -1)
 
+    def _tap_channels(self) -> int:
+        """Cg: an NHWC conv's input channels padded to a multiple of the dot product's group."""
+        return -(-self.x_shape[3] // self.group) * self.group
+
+    def _channels_last(self) -> bool:
+        return self.q.anchor.op.name == "relax.nn.conv2d" and str(self.q.anchor.attrs.data_layout) == "NHWC"
+
     def constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Packed weights [Np/L, Kp/4, L, 4], bias with the input's zero point folded in, per-channel scale."""
-        lanes, n, k = self.lanes, self.n, self.k
-        kp, np_ = -(-k // 4) * 4, -(-n // lanes) * lanes
+        """Packed weights [Np/L, Kp/G, L, G], bias with the input's zero point folded in, per-channel scale."""
+        lanes, group, n, k = self.lanes, self.group, self.n, self.k
+        kp, np_ = -(-k // group) * group, -(-n // lanes) * lanes
         padded = np.zeros((np_, kp), np.int8)
         padded[:n, :k] = self.weight
-        packed = np.ascontiguousarray(padded.reshape(np_ // lanes, lanes, kp // 4, 4).transpose(0, 2, 1, 3))
+        packed = np.ascontiguousarray(padded.reshape(np_ // lanes, lanes, kp // group, group).transpose(0, 2, 1, 3))
         bias = np.zeros(n, np.int64) if self.q.bias is None else _value(self.args[self.q.bias]).reshape(-1)
         bias = bias.astype(np.int64) - self.zx * self.weight.astype(np.int64).sum(axis=1)
         sw = np.broadcast_to(_value(self.args[self.q.weight_scale]).astype(np.float32).reshape(-1), (n,))
@@ -211,7 +227,8 @@ class _IntegerChain:
     def kernel(self, packed_shape) -> tirx.PrimFunc:
         """The scheduled kernel for weights packed in `packed_shape`; raises what TVM's schedule raises."""
         rows, layout = self._rows()
-        direct = len(self.x_shape) == 2 and self.k % 4 == 0 and self.shift == 0 and layout is None
+        direct = len(self.x_shape) == 2 and self.k % self.group == 0 and self.x_dtype == self.a_dtype \
+            and layout is None
         return self._prim_func(rows, packed_shape, direct)
 
     def emit(self, bb: relax.BlockBuilder, func: tirx.PrimFunc, constants) -> relax.Expr:
@@ -244,21 +261,26 @@ class _IntegerChain:
             oh_n, ow_n = (self.out_shape[layout.index(c)] for c in "HW")
             h_in, w_in = (self.x_shape[layout.index(c)] for c in "HW")
             b, oh, ow = m // (oh_n * ow_n), m // ow_n % oh_n, m % ow_n
-            c, kh, kw = k // (kh_n * kw_n), k // kw_n % kh_n, k % kw_n
+            if self._channels_last():
+                c_n = self._tap_channels()
+                kh, kw, c = k // (kw_n * c_n), k // c_n % kw_n, k % c_n
+                real = [c < self.x_shape[3]]        # not a padding channel (any value there: its weights are 0)
+                c = tirx.min(c, self.x_shape[3] - 1)
+            else:
+                c, kh, kw, real = k // (kh_n * kw_n), k // kw_n % kh_n, k % kw_n, []
             ih = oh * int(a.strides[0]) + kh * int(a.dilation[0]) - int(a.padding[0])
             iw = ow * int(a.strides[1]) + kw * int(a.dilation[1]) - int(a.padding[1])
-            inside = tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in)
+            inside = tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in, *real)
             coords = {"N": b, "C": c, "H": tirx.max(tirx.min(ih, h_in - 1), 0), "W": tirx.max(tirx.min(iw, w_in - 1), 0)}
             value = x[tuple(coords[d] for d in layout)]
-        if self.shift:
-            value = (value.astype("int32") + self.shift).astype(self.a_dtype)
+        value = (value.astype("int32") + self.shift).astype(self.a_dtype) if self.shift else value.astype(self.a_dtype)
         if inside is not None:
             value = tirx.Select(inside, value, tirx.const(self.zx, self.a_dtype))
         return tirx.Select(k < self.k, value, tirx.const(0, self.a_dtype))
 
     def _prim_func(self, rows: int, packed_shape, direct: bool) -> tirx.PrimFunc:
         q, lanes = self.q, self.lanes
-        kp = packed_shape[1] * 4
+        kp = packed_shape[1] * self.group
         x = te.placeholder(self.x_shape, self.x_dtype, name="x")
         w = te.placeholder(packed_shape, "int8", name="w")
         bias = te.placeholder((self.n,), "int32", name="bias")
@@ -267,8 +289,9 @@ class _IntegerChain:
         r = te.reduce_axis((0, kp), name="r")
         acc = te.compute(
             (rows, packed_shape[0] * lanes),
-            lambda m, n: te.sum(a[m, r].astype("int32") * w[n // lanes, r // 4, n % lanes, r % 4].astype("int32"),
-                                axis=r), name="acc")
+            lambda m, n: te.sum(a[m, r].astype("int32")
+                                * w[n // lanes, r // self.group, n % lanes, r % self.group].astype("int32"), axis=r),
+            name="acc")
 
         def requantize(m, n):
             v = (acc[m, n] + bias[n]).astype("float32") * scale[n]
@@ -290,27 +313,49 @@ class _IntegerChain:
     def _schedule(self, func: tirx.PrimFunc, rows: int, direct: bool) -> tirx.PrimFunc:
         sch = s_tir.Schedule(func)
         tile = next(t for t in (4, 2, 1) if rows % t == 0)
-        parallel = rows * self.n * self.k >= _MIN_PARALLEL_WORK
-        if not direct:
-            pack = sch.get_sblock("pack")
-            m, _ = sch.get_loops(pack)
-            if parallel:
-                sch.parallel(m)
         acc = sch.get_sblock("acc")
         m, n, k = sch.get_loops(acc)
         mo, mi = sch.split(m, [None, tile])
         no, ni = sch.split(n, [None, self.lanes])
-        ko, ki = sch.split(k, [None, 4])
+        ko, ki = sch.split(k, [None, self.group])
         tensorized = self.kind in DOT_PRODUCTS
-        # the intrinsic takes the lanes x 4 block; the vector loop takes a vector of outputs per weight column
+        # the intrinsic takes the lanes x group block; the vector loop takes a vector of outputs per weight column
         sch.reorder(*(mo, no, ko, mi, ni, ki) if tensorized else (mo, no, ko, mi, ki, ni))
-        outer = sch.fuse(mo, no)
-        if parallel:
-            sch.parallel(outer)
-        sch.reverse_compute_at(sch.get_sblock("out"), outer)
+        # Parallel tiles of rows, each packing its own rows of A while they fit in cache, once for all its blocks of
+        # output channels; with few rows (a matmul's), parallel blocks of outputs instead, each packing its rows.
+        # A task runs a run of row tiles: a buffer allocated in a parallel loop's body is a workspace call each
+        # iteration (TVMBackendAllocWorkspace), which took half of a 1x1 conv's time allocated per tile.
+        # Tasks divide the tiles evenly (a guard on a ragged last task would keep tensorize from matching).
+        tiles = rows // tile
+        by_rows = tiles >= _MIN_ROW_TILES
+        if by_rows:
+            tasks = max(d for d in range(1, min(parallel_tasks(self.target), tiles) + 1) if tiles % d == 0)
+            task, outer = sch.split(mo, [tasks, None]) if tasks > 1 else (mo, mo)
+        else:
+            task = outer = sch.fuse(mo, no)
+        if rows * self.n * self.k >= _MIN_PARALLEL_WORK:
+            sch.parallel(task)
+        if not direct:
+            pack = sch.get_sblock("pack")
+            sch.compute_at(pack, outer)
+            self._vectorize_pack(sch, pack)
+        out = sch.get_sblock("out")
+        sch.reverse_compute_at(out, no if by_rows else outer)
+        sch.vectorize(sch.get_loops(out)[-1])      # the requantization, a block's lanes at a time
         if not tensorized:
             sch.vectorize(ni)
-        sch.decompose_reduction(acc, ko)
+        init = sch.decompose_reduction(acc, ko)
         if tensorized:
             sch.tensorize(ni, intrinsic(self.kind))
+        # a tile's sums stay in registers across the reduction (after tensorize: its intrinsics' C is global memory)
+        sch.set_scope(init, 0, "local")
         return sch.mod["main"]
+
+    def _vectorize_pack(self, sch: s_tir.Schedule, pack) -> None:
+        """A's columns as vectors where x holds them contiguously: a matmul's row, an NHWC conv's runs of
+        channels (one per filter tap); an NCHW conv's im2col stays a scalar loop."""
+        if self.q.anchor.op.name == "relax.matmul":
+            sch.vectorize(sch.get_loops(pack)[-1])
+        elif self._channels_last():
+            _, taps = sch.split(sch.get_loops(pack)[-1], [None, self._tap_channels()])
+            sch.vectorize(taps)
