@@ -205,8 +205,10 @@ class _IntegerChain:
     def _channels_last(self) -> bool:
         return self.q.anchor.op.name == "relax.nn.conv2d" and str(self.q.anchor.attrs.data_layout) == "NHWC"
 
-    def constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Packed weights [Np/L, Kp/G, L, G], bias with the input's zero point folded in, per-channel scale."""
+    def constants(self) -> tuple[np.ndarray, ...]:
+        """Packed weights [Np/L, Kp/G, L, G], bias with the input's zero point folded in, per-channel scale, and
+        [zx, sy, zy, lo, hi]: the input's zero point (as A holds it), the output's scale and zero point, and the
+        activation's clamp, operands rather than constants in the code so that the layers of one shape share it."""
         lanes, group, n, k = self.lanes, self.group, self.n, self.k
         kp, np_ = -(-k // group) * group, -(-n // lanes) * lanes
         padded = np.zeros((np_, kp), np.int8)
@@ -215,7 +217,9 @@ class _IntegerChain:
         bias = np.zeros(n, np.int64) if self.q.bias is None else _value(self.args[self.q.bias]).reshape(-1)
         bias = bias.astype(np.int64) - self.zx * self.weight.astype(np.int64).sum(axis=1)
         sw = np.broadcast_to(_value(self.args[self.q.weight_scale]).astype(np.float32).reshape(-1), (n,))
-        return packed, bias.astype(np.int32), (self.sx * sw).astype(np.float32)
+        lo, hi = {"relu": (0.0, np.inf), "clip": self.q.bounds}.get(self.q.activation, (-np.inf, np.inf))
+        quantization = np.array([self.zx, self.sy, self.zy, lo, hi], np.float32)
+        return packed, bias.astype(np.int32), (self.sx * sw).astype(np.float32), quantization
 
     def _rows(self) -> tuple[int, tvm.ir.Op | None]:
         if self.q.anchor.op.name == "relax.matmul":
@@ -232,11 +236,10 @@ class _IntegerChain:
         return self._prim_func(rows, packed_shape, direct)
 
     def emit(self, bb: relax.BlockBuilder, func: tirx.PrimFunc, constants) -> relax.Expr:
-        packed, bias, scale = constants
         rows, layout = self._rows()
         x = self.args[self.q.data]
-        gv = bb.add_func(func, f"int8_{self.q.anchor.op.name.rsplit('.', 1)[-1]}")
-        out = bb.emit(relax.call_tir(gv, [x, relax.const(packed), relax.const(bias), relax.const(scale)],
+        gv = bb.add_func(func, f"int8_{self.q.anchor.op.name.rsplit('.', 1)[-1]}")   # an equal kernel: the same gv
+        out = bb.emit(relax.call_tir(gv, [x, *(relax.const(c) for c in constants)],
                                      relax.TensorType((rows, self.n), self.q.out_dtype)))
         if layout is None:
             return relax.op.reshape(out, self.out_shape)
@@ -244,7 +247,7 @@ class _IntegerChain:
         out = bb.emit(relax.op.reshape(out, nhwc))
         return out if layout == "NHWC" else relax.op.permute_dims(out, [0, 3, 1, 2])
 
-    def _a_value(self, x: te.Tensor, m, k):
+    def _a_value(self, x: te.Tensor, zx, m, k):
         """x's element at row m, column k of the matrix (im2col for a conv), in a_dtype, as a TE expression."""
         q = self.q
         if q.anchor.op.name == "relax.matmul":
@@ -275,7 +278,7 @@ class _IntegerChain:
             value = x[tuple(coords[d] for d in layout)]
         value = (value.astype("int32") + self.shift).astype(self.a_dtype) if self.shift else value.astype(self.a_dtype)
         if inside is not None:
-            value = tirx.Select(inside, value, tirx.const(self.zx, self.a_dtype))
+            value = tirx.Select(inside, value, zx.astype(self.a_dtype))
         return tirx.Select(k < self.k, value, tirx.const(0, self.a_dtype))
 
     def _prim_func(self, rows: int, packed_shape, direct: bool) -> tirx.PrimFunc:
@@ -285,7 +288,8 @@ class _IntegerChain:
         w = te.placeholder(packed_shape, "int8", name="w")
         bias = te.placeholder((self.n,), "int32", name="bias")
         scale = te.placeholder((self.n,), "float32", name="scale")
-        a = x if direct else te.compute((rows, kp), lambda m, k: self._a_value(x, m, k), name="pack")
+        quantization = te.placeholder((5,), "float32", name="quantization")      # constants()' last
+        a = x if direct else te.compute((rows, kp), lambda m, k: self._a_value(x, quantization[0], m, k), name="pack")
         r = te.reduce_axis((0, kp), name="r")
         acc = te.compute(
             (rows, packed_shape[0] * lanes),
@@ -295,18 +299,15 @@ class _IntegerChain:
 
         def requantize(m, n):
             v = (acc[m, n] + bias[n]).astype("float32") * scale[n]
-            if q.activation == "relu":
-                v = tirx.max(v, tirx.const(0.0, "float32"))
-            elif q.activation == "clip":
-                v = tirx.max(tirx.min(v, tirx.const(q.bounds[1], "float32")), tirx.const(q.bounds[0], "float32"))
+            v = tirx.max(tirx.min(v, quantization[4]), quantization[3])      # the activation
             # relax.quantize's legalization: clip(round(v / scale) + zp, min, max), cast
-            v = te.round(v / tirx.const(self.sy, "float32")) + tirx.const(float(self.zy), "float32")
+            v = te.round(v / quantization[1]) + quantization[2]
             lo, hi = (tirx.const(float(f(q.out_dtype)), "float32") for f in (lambda t: np.iinfo(t).min,
                                                                           lambda t: np.iinfo(t).max))
             return tirx.max(tirx.min(v, hi), lo).astype(q.out_dtype)
 
         out = te.compute((rows, self.n), requantize, name="out")
-        func = te.create_prim_func([x, w, bias, scale, out])
+        func = te.create_prim_func([x, w, bias, scale, quantization, out])
         func = self._schedule(func, rows, direct).without_attr("global_symbol")   # named by add_func
         return func.with_attr({_SCHEDULED: True, ATTR: self.kind})
 

@@ -4,7 +4,10 @@ The phases themselves come from TVM for each target (see registry.TVM_PHASES). T
 they hold for CPU and GPU targets, says what each does, and marks the ones a build may skip: those are
 optimizations (fusion, folding, memory planning), everything else is needed for a runnable module.
 """
-from .registry import adopt_tvm_pass
+import tvm
+from tvm import relax, tirx
+
+from .registry import adopt_tvm_pass, register_pass
 
 # TVM pass name -> (edgec name, what it does, lowest -O level or None when required)
 _TVM_PASSES = {
@@ -32,3 +35,22 @@ _TVM_PASSES = {
 
 for _tvm_name, (_name, _description, _opt_level) in _TVM_PASSES.items():
     adopt_tvm_pass(_tvm_name, _name, _description, opt_level=_opt_level or 0, required=_opt_level is None)
+
+
+@tvm.transform.module_pass(opt_level=0, name="DropUnusedKernels")
+def _drop_unused_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    called = {gv for _, func in mod.functions_items() if isinstance(func, relax.Function)
+              for gv in relax.analysis.all_global_vars(func)}
+    unused = [gv for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc) and gv not in called]
+    if not unused:
+        return mod
+    mod = mod.clone()   # IRModule deletion mutates in place; the pass must not touch its input
+    for gv in unused:
+        del mod[gv]
+    return mod
+
+
+@register_pass("drop-unused-kernels", phase="dataflow-lower", after=("rewrite-reshape",), opt_level=0)
+def drop_unused_kernels(ctx) -> tvm.transform.Pass:
+    """Drop kernels nothing calls (a reshape turned into a view leaves its copy kernel in the library)"""
+    return _drop_unused_kernels
