@@ -226,7 +226,7 @@ class _IntegerChain:
         quantization = np.array([self.zx, self.sy, self.zy, lo, hi], np.float32)
         return packed, bias.astype(np.int32), (self.sx * sw).astype(np.float32), quantization
 
-    def n_blocks(self) -> int:
+    def _n_blocks(self) -> int:
         """Blocks of `lanes` output channels (the packed weights' first axis)."""
         return -(-self.n // self.lanes)
 
@@ -336,8 +336,7 @@ class _IntegerChain:
         # serves every block, each block of weights every row of the tile. Up to 8 vectors of sums: with 12 (of
         # AVX2's 16 registers) a 14x14x96 -> 576 1x1 conv took 0.137 ms, with 8 0.103, with 4 (one block) 0.121.
         # The vector loop takes a vector of outputs per weight column.
-        blocks = next(b for b in (3, 2, 1) if (self.n_blocks() % b == 0 and tile * b <= 8) or b == 1) \
-            if tensorized else 1
+        blocks = next((b for b in (3, 2) if self._n_blocks() % b == 0 and tile * b <= 8), 1) if tensorized else 1
         no, nb = sch.split(no, [None, blocks])
         sch.reorder(*(mo, no, ko, mi, nb, ni, ki) if tensorized else (mo, no, ko, mi, nb, ki, ni))
         # Parallel tiles of rows, each packing its own rows of A while they fit in cache, once for all its blocks of
