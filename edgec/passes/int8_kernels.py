@@ -215,7 +215,7 @@ class _IntegerChain:
         [zx, sy, zy, lo, hi]: the input's zero point (as A holds it), the output's scale and zero point, and the
         activation's clamp, operands rather than constants in the code so that the layers of one shape share it."""
         lanes, group, n, k = self.lanes, self.group, self.n, self.k
-        kp, np_ = -(-k // group) * group, -(-n // lanes) * lanes
+        kp, np_ = -(-k // group) * group, self._n_blocks() * lanes
         padded = np.zeros((np_, kp), np.int8)
         padded[:n, :k] = self.weight
         packed = np.ascontiguousarray(padded.reshape(np_ // lanes, lanes, kp // group, group).transpose(0, 2, 1, 3))
@@ -299,7 +299,8 @@ class _IntegerChain:
         scale = te.placeholder((self.n,), "float32", name="scale")
         quantization = te.placeholder((5,), "float32", name="quantization")      # constants()' last
         # rows padded to whole tiles: the padding rows pack the last row again, and no output is written from them
-        padded = -(-rows // _row_tile(rows, direct)) * _row_tile(rows, direct)
+        tile = _row_tile(rows, direct)
+        padded = -(-rows // tile) * tile
         a = x if direct else te.compute(
             (padded, kp), lambda m, k: self._a_value(x, quantization[0], tirx.min(m, rows - 1), k), name="pack")
         r = te.reduce_axis((0, kp), name="r")
