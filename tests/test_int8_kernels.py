@@ -25,6 +25,11 @@ def _kernels(dump: Path) -> tuple[list[str], list[str]]:
     return re.findall(r'"edgec\.int8_kernel": "(\w+)"', text), re.findall(r"R\.nn\.conv2d\(.*groups=(\d+)", text)
 
 
+def _channels_last(dump: Path) -> bool:
+    """int8-layout put the graph in NHWC: the forms model's first conv reads x (1x8x16x16) as 1x16x16x8."""
+    return 'def int8_conv2d(x: T.Buffer((1, 16, 16, 8)' in next(dump.glob("*-int8-kernels.py")).read_text()
+
+
 def _forms(tmp_path, activations):
     model = conv_forms(tmp_path / "forms.onnx")
     samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
@@ -34,8 +39,9 @@ def _forms(tmp_path, activations):
 @pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
 def test_offload_none_runs_integer_kernels(tmp_path, activations):
     """The 3x3 padded conv, the 1x1 conv and the Gemm become integer kernels with this host's dot product (VNNI on an
-    AVX-512 VNNI CPU, vpmaddwd on AVX2, else the vector loop); the depthwise and grouped convs stay float. The
-    integer sums are exact, so the bundle is within one step of onnxruntime's QDQ float math."""
+    AVX-512 VNNI CPU, vpmaddwd on AVX2, else the vector loop), on the graph int8-layout put in NHWC; the depthwise
+    and grouped convs stay float. The integer sums are exact, so the bundle is within one step of onnxruntime's QDQ
+    float math."""
     from tvm.target.codegen import target_has_features
 
     from edgec.targets import load_target
@@ -48,6 +54,7 @@ def test_offload_none_runs_integer_kernels(tmp_path, activations):
     expected = next((k for k, feature in (("vnni", "avx512vnni"), ("avx2", "avx2"))
                      if target_has_features(feature, host)), "vector")
     assert kinds == [expected] * 3 and sorted(float_convs) == ["16", "4"], (kinds, float_convs)
+    assert _channels_last(tmp_path / "ir")
     verification = result.manifest.verification
     assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
     for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
@@ -107,12 +114,12 @@ def test_padded_conv_zero_points(tmp_path):
 
 
 def test_sdot_on_rpi5_under_qemu(tmp_path, qemu_cpus):
-    """rpi5 (+dotprod) without offload: the integer kernels use sdot (u8 activations shifted to s8), run under qemu
-    as a Cortex-A76, verified against the QDQ reference."""
+    """rpi5 (+dotprod) without offload: the integer kernels use sdot (u8 activations shifted to s8) in NHWC, run
+    under qemu as a Cortex-A76, verified against the QDQ reference."""
     qdq, samples = _forms(tmp_path, QuantType.QUInt8)
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(qdq, "rpi5", tmp_path / "b", options=options, sample_inputs=samples[0])
-    assert _kernels(tmp_path / "ir")[0] == ["sdot"] * 3
+    assert _kernels(tmp_path / "ir")[0] == ["sdot"] * 3 and _channels_last(tmp_path / "ir")
     checked = result.manifest.verification
     assert checked["status"] == "verified" and checked["runner"] == "qemu" and "cortex-a76" in qemu_cpus
 

@@ -228,6 +228,15 @@ def _constants_second(mod, pctx):
     return mod
 
 
+def channels_last(layouts: dict[str, list[str]], *after_convert: tvm.transform.Pass) -> tvm.transform.Pass:
+    """ConvertLayout to `layouts` (conv2d_transpose kept as TVM 0.27 lowers it), ONNX's Clip as R.clip first (a
+    chain's pattern sees it), then `after_convert`, then the transpose pairs left between converted ops dropped."""
+    return tvm.transform.Sequential([
+        restore_clip, relax.transform.ConvertLayout({**_KEEP_LAYOUT, **layouts}), *after_convert,
+        _drop_transpose_pairs, relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings()],
+        name="ChannelsLast")
+
+
 def _desired_layouts(backends) -> dict[str, list[str]]:
     desired = dict(_KEEP_LAYOUT)
     for backend in reversed(backends):   # the first backend's wish wins
@@ -297,9 +306,7 @@ def quantized(ctx):
         patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, taken(p, b.name, outside[b.name]))
                     for b in backends for p in b.quantized_patterns()]
         converted = tvm.transform.Sequential([
-            # ONNX's Clip (ReLU6) arrives as call_tir halves, which no chain's pattern would see
-            restore_clip, relax.transform.ConvertLayout(_desired_layouts(backends)), *deconv, _drop_transpose_pairs,
-            relax.transform.DeadCodeElimination(["main"]), relax.transform.CanonicalizeBindings(), untie_dequantize,
+            channels_last(_desired_layouts(backends), *deconv), untie_dequantize,
             relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True),
             *(deconv and [deconv_back_to_nchw])], name="OffloadQuantized")(mod)
         # a chain taken, or one the limits left to int8-kernels, which reads the backends' layout best too (its

@@ -66,8 +66,43 @@ def _cpu(ctx: BuildContext) -> bool:
     return ctx.tvm_target().kind.name == "llvm"
 
 
+def _no_offload(ctx: BuildContext) -> bool:
+    return _cpu(ctx) and not ctx.offload
+
+
+def _integer_convs(mod: tvm.IRModule) -> bool:
+    """Whether main has a conv2d this pass's kernels take by shape (groups 1) on a dequantized int8 weight."""
+    bound = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+
+    def int8_weight(arg) -> bool:
+        value = bound.get(arg, arg)
+        return isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.dequantize") \
+            and isinstance(value.args[0], tvm.ir.expr.GenericConst) and value.args[0].ty.dtype == "int8"
+
+    return any(isinstance(v, relax.Call) and v.op == tvm.ir.Op.get("relax.nn.conv2d") and int(v.attrs.groups) == 1
+               and int8_weight(v.args[1]) for v in bound.values())
+
+
+# after quantize-int8 by name, whose QDQ form it takes
+@register_pass("int8-layout", phase="graph", after=("canonicalize", "quantize-int8"), applies=_no_offload,
+               skip_reason="needs --offload none and a CPU (llvm) target (with a backend, offload-quantized converts)")
+def int8_layout(ctx: BuildContext) -> tvm.transform.Pass:
+    """Put the graph in NHWC for int8-kernels when it has int8 convs and no backend converts it."""
+    from ..offload.passes import channels_last     # here: importing edgec.offload imports this package
+
+    # an NHWC im2col row is runs of channels, as x holds them: the pack is vector copies where NCHW gathers scalars
+    convert = channels_last({"relax.nn.conv2d": ["NHWC", "OIHW"]})
+
+    @tvm.transform.module_pass(opt_level=0, name="Int8Layout")
+    def step(mod, pctx):
+        return convert(mod) if _integer_convs(mod) else mod
+
+    return step
+
+
 # after offload-quantized by name: the chains a backend takes are partitioned first, this pass gets the rest
-@register_pass("int8-kernels", phase="graph", after=("canonicalize", "quantize-int8", "offload-quantized"),
+@register_pass("int8-kernels", phase="graph",
+               after=("canonicalize", "quantize-int8", "int8-layout", "offload-quantized"),
                applies=_cpu, skip_reason="CPU (llvm) targets only")
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot or int32 vector loops)."""
