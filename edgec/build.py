@@ -1,6 +1,7 @@
 """Compile an imported model for a target: run edgec's pipeline, generate code, link the library."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from .frontends import ImportedModel
 from .offload import Placement, build_options, placement_of, used
 from .offload.passes import LOAD_SUFFIX
 from .passes import PassRecord, PassTimer, PlannedStep, pass_context, run_pipeline
+from .passes.int8_kernels import RECORD_ATTR as INT8_RECORD
 from .passes.quantize import quantization_of
 from .progress import Progress, current
 from .targets import Target
@@ -106,6 +108,7 @@ class CompiledModel:
     load_bytes: int = 0                      # the tensors load returns, which the model holds while it is loaded
     quantization: dict | None = None         # what --quantize did (the manifest's record); None: it did not run
     quantized_graph: tvm.IRModule | None = None   # the module a QUANTIZING_STEPS step left: what the build is verified on
+    int8_kernels: dict | None = None         # int8-kernels' record (instruction, layers, kernels, left); None: no chain
 
     @property
     def param_bytes(self) -> int:
@@ -217,7 +220,8 @@ def compile_model(model: ImportedModel, ctx: BuildContext, steps: list[PlannedSt
     return CompiledModel(model, ctx.target, executable, params, [*model.import_records, *records], steps, kernels,
                          memory.result(), codegen, seconds, placement[-1] if placement else None, load,
                          _returned_bytes(mod[load]) if load else 0,
-                         *(quantization[0] if quantization else (None, None)))
+                         *(quantization[0] if quantization else (None, None)),
+                         json.loads(str(attrs[INT8_RECORD])) if attrs and INT8_RECORD in attrs else None)
 
 
 def export_library(compiled: CompiledModel, path: Path) -> float:

@@ -39,6 +39,7 @@ def build_json(result: BuildResult) -> dict:
         "offload": None if c.offload is None else [asdict(p) for p in c.offload],
         "shared_libs": list(result.manifest.shared_libs),
         "quantization": c.quantization,    # --quantize: the manifest's record; None without
+        "int8_kernels": c.int8_kernels,    # int8 chains TVM computes as integer kernels; None: none met int8-kernels
     }
 
 
@@ -109,6 +110,11 @@ def build_text(result: BuildResult) -> str:
         lines.append("  quantization: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.quantization.items()
                                                    if not isinstance(v, (dict, list))))
         lines += _mixed_precision(c.quantization.get("mixed_precision", {}))
+    if c.int8_kernels:
+        k = c.int8_kernels
+        lines.append(f"  int8 kernels in TVM: {k['layers']} int8 layers, {k['kernels']} kernels, {k['instruction']}"
+                     + "".join(f"; float: {n} {why}" for why, n in k["refused"].items())
+                     + "".join(f"; left float: {why}" for why in k["left"]))
     if c.offload is not None:
         lines.append("  offload (operator calls -> where they run):" if c.offload else
                      "  offload: no operator matched a backend's patterns")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from onnxruntime.quantization import QuantType
 
-from edgec import api
+from edgec import api, report
 from edgec.build import BuildOptions
 from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
 from test_offload_int8 import check_within_one_step, conv_forms, qdq_conv, quantized
@@ -55,6 +55,11 @@ def test_offload_none_runs_integer_kernels(tmp_path, activations):
                      if target_has_features(feature, host)), "vector")
     assert kinds == [expected] * 3 and sorted(float_convs) == ["16", "4"], (kinds, float_convs)
     assert _channels_last(tmp_path / "ir")
+    # the summary names the instruction: 3 chains, 3 kernels (no two of one shape)
+    instruction = {"vnni": "vpdpbusd", "avx2": "vpmaddwd", "vector": "int32 vector loop"}[expected]
+    line = next(s for s in report.build_text(result).splitlines() if "int8 kernels in TVM" in s)
+    assert line.startswith("  int8 kernels in TVM: 3 int8 layers, 3 kernels, ") and instruction in line, line
+    assert line.endswith("; float: 2 grouped or depthwise convolution"), line
     verification = result.manifest.verification
     assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
     for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
@@ -156,7 +161,8 @@ def test_a_kernel_the_schedule_refuses_stays_float(tmp_path, monkeypatch):
     result = api.build(qdq, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
     assert len(_kernels(tmp_path / "ir")[0]) == 2
     text = next((tmp_path / "ir").glob("*-int8-kernels.py")).read_text()
-    assert '"edgec.int8_kernels_left": "[\\"matmul 1x1024: ScheduleError: refused here\\"]"' in text
+    assert result.compiled.int8_kernels["left"] == ["matmul 1x1024: ScheduleError: refused here"]
+    assert result.compiled.int8_kernels["layers"] == 2
     assert re.search(r'R\.Tensor\(\(1, 10\), dtype="float32"\) = R\.matmul\(', text)   # the float chain's matmul
     assert result.manifest.verification["status"] == "verified"
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05

@@ -25,16 +25,18 @@ class DotProduct(NamedTuple):
     feature: str
     llvm_intrinsic: str
     accumulates: bool        # the instruction adds into C itself (else C + its result)
+    instruction: str         # for people: the build summary's int8 kernels line
 
 
 DOT_PRODUCTS = {"vnni": DotProduct("edgec_dot_16x4_u8i8_vnni", 16, 4, "uint8", "avx512vnni",
-                                   "llvm.x86.avx512.vpdpbusd.512", True),
+                                   "llvm.x86.avx512.vpdpbusd.512", True, "AVX-512 VNNI vpdpbusd"),
                 "sdot": DotProduct("edgec_dot_4x4_i8i8_sdot", 4, 4, "int8", "dotprod",
-                                   "llvm.aarch64.neon.sdot.v4i32.v16i8", True),
+                                   "llvm.aarch64.neon.sdot.v4i32.v16i8", True, "Arm dotprod sdot"),
                 # AVX2 without VNNI: vpmaddwd sums pairs of 16-bit products in 32 bits, exact for any 8-bit
                 # operands, where vpmaddubsw's 16-bit pair sums (oneDNN's kernels) saturate for full-range weights
                 "avx2": DotProduct("edgec_dot_8x2_i16i16_avx2", 8, 2, "int16", "avx2", "llvm.x86.avx2.pmadd.wd",
-                                   False)}
+                                   False, "AVX2 vpmaddwd (16-bit pairs)")}
+VECTOR_LOOP = "int32 vector loop"      # the kernels' sums without any of these
 
 
 def _desc(dot: DotProduct):

@@ -21,12 +21,13 @@ a run of tiles, packs each tile's rows of A once for all its blocks of output ch
 requantizes it right after. The kernel is marked scheduled (`tirx.is_scheduled`; `edgec.int8_kernel` names the
 instruction used), so cpu-default-schedule leaves it alone.
 A chain the patterns or `_unsupported` refuse stays as it was, and so does one whose kernel TVM's schedule refuses:
-the module's `edgec.int8_kernels_left` attribute (`--dump-ir`) says which and why.
+the module's `edgec.int8_kernels` record (`--dump-ir`, the build summary) says which and why.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import tvm
@@ -38,12 +39,14 @@ from ..errors import last_line
 from ..offload.fusion import composite_function, static_shape
 from ..offload.quantized import QFused, has_quantized_anchor, quantized_patterns, read_quantized, untie_dequantize
 from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED, parallel_tasks
-from .dot_products import DOT_PRODUCTS, intrinsic
+from .dot_products import DOT_PRODUCTS, VECTOR_LOOP, intrinsic
 from .ir import restore_clip
 from .registry import register_pass
 
 ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni", "sdot", "avx2" or "vector"
-LEFT_ATTR = "edgec.int8_kernels_left"   # the module's: JSON list of the chains left float as their kernel failed
+# the module's record (JSON): the instruction, the chains taken, the kernels they share, "<op> <input shape>: why"
+# for each chain left float as its kernel failed, and how many int8 chains the checks refused, by reason
+RECORD_ATTR = "edgec.int8_kernels"
 _GROUP = "edgec_int8"             # the patterns' prefix: the partitioned chains this pass replaces
 _INT32_MAX = 2**31 - 1
 _MIN_ROW_TILES = 8                # row tiles that keep the cores busy on their own (see _schedule)
@@ -105,10 +108,21 @@ def int8_layout(ctx: BuildContext) -> tvm.transform.Pass:
                after=("canonicalize", "quantize-int8", "int8-layout", "offload-quantized"),
                applies=_cpu, skip_reason="CPU (llvm) targets only")
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
-    """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot or int32 vector loops)."""
+    """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot, AVX2 or int32 vector loops)."""
     target = ctx.tvm_target()
-    patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations,
-                                              lambda c, p=p: p.check(c) is None)
+    accepted, refused = set(), {}       # a run's anchors (bound names): taken, or the last reason a check gave
+
+    def check(pattern):
+        def run(c) -> bool:
+            reason, name = pattern.check(c), c.value_to_bound_var[c.annotated_expr["anchor"]].name
+            if reason is None:
+                accepted.add(name)
+            else:
+                refused[name] = reason
+            return reason is None
+        return run
+
+    patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, check(p))
                 for anchor, op in (("conv2d", "relax.nn.conv2d"), ("matmul", "relax.matmul"))
                 for p in quantized_patterns(_GROUP, anchor, op, _unsupported)]
     partition = tvm.transform.Sequential([
@@ -120,17 +134,24 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     def step(mod, pctx):
         if not has_quantized_anchor(mod):
             return mod
+        accepted.clear()
+        refused.clear()
         partitioned = partition(mod)
         groups = [gv for gv, f in partitioned.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]
-        if not groups:
-            return mod      # nothing taken: the graph stays as it was, preparation undone
         replace = _Replace(partitioned, target)
-        replaced = replace.run()
-        if replace.taken:   # else every kernel failed: the graph stays as it was, preparation undone
-            for gv in groups:
-                del replaced[gv]
-            mod = relax.transform.DeadCodeElimination()(replaced)
-        return mod.with_attr(LEFT_ATTR, json.dumps(replace.left)) if replace.left else mod
+        if groups:
+            replaced = replace.run()
+            if replace.taken:   # else every kernel failed: the graph stays as it was, preparation undone
+                for gv in groups:
+                    del replaced[gv]
+                mod = relax.transform.DeadCodeElimination()(replaced)
+        # else nothing taken: the graph stays as it was, preparation undone
+        kind = _dot_product(target)[0]
+        kernels = sum(1 for f in mod.functions.values() if isinstance(f, tirx.PrimFunc) and ATTR in (f.attrs or {}))
+        record = {"instruction": DOT_PRODUCTS[kind].instruction if kind in DOT_PRODUCTS else VECTOR_LOOP,
+                  "layers": replace.taken, "kernels": kernels, "left": replace.left,
+                  "refused": Counter(why for name, why in refused.items() if name not in accepted)}
+        return mod.with_attr(RECORD_ATTR, json.dumps(record)) if groups or record["refused"] else mod
 
     return step
 
