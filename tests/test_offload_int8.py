@@ -525,3 +525,46 @@ def test_deconv_int8_on_onednn_nhwc(tmp_path, activations):
     assert 'data_layout="NHWC"' in qdeconv[:qdeconv.index("R.output(")], qdeconv
     for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 8, 8)) * 2).astype(np.float32)}]:
         assert check_within_one_step(qdq, tmp_path / "b", sample) < 0.05
+
+
+def float_tflite_cnn(path: Path) -> Path:
+    """A float TFLite CNN: conv 3x3 + RELU, depthwise 3x3, conv 1x1 (weights OHWI and 1HWC, which TVM's TFLite
+    importer gives conv2d as HWIO and HWOI)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from tflite_builder import Graph
+
+    g, op, act = Graph(), schema.BuiltinOperator, schema.ActivationFunctionType
+    x = g.tensor("image", (1, 12, 12, 8))
+
+    def conv(src, name, weight_shape, channels, kind, activation=act.NONE, **fields):
+        options = getattr(schema, f"{kind}OptionsT")()
+        for key, value in dict(padding=schema.Padding.SAME, strideH=1, strideW=1,
+                               fusedActivationFunction=activation, **fields).items():
+            setattr(options, key, value)
+        w = g.tensor(f"{name}_w", weight_shape, data=(RNG.standard_normal(weight_shape) * 0.3).astype(np.float32))
+        b = g.tensor(f"{name}_b", (channels,), data=(RNG.standard_normal(channels) * 0.1).astype(np.float32))
+        out = g.tensor(name, (1, 12, 12, channels))
+        g.op(getattr(op, "CONV_2D" if kind == "Conv2D" else "DEPTHWISE_CONV_2D"), [src, w, b], [out],
+             getattr(schema.BuiltinOptions, f"{kind}Options"), options)
+        return out
+
+    a = conv(x, "a", (16, 3, 3, 8), 16, "Conv2D", act.RELU)
+    b = conv(a, "b", (1, 3, 3, 16), 16, "DepthwiseConv2D", depthMultiplier=1)
+    return g.save(path, [x], [conv(b, "c", (8, 1, 1, 16), 8, "Conv2D")])
+
+
+def test_quantized_tflite_layers_run_on_int8_primitives(tmp_path):
+    """edgec's int8 of a float TFLite model: its weights quantized per channel in the importer's HWIO/HWOI, which
+    ConvertLayout transposes for oneDNN (OIHW); the transpose goes into the int8 constant (the scale's axis moved
+    along), so the int8 convs are oneDNN int8 primitives (before: the patterns saw a transposed dequantize, and the
+    convs stayed float or went to TVM's kernels), verified by the quantized rule."""
+    model = float_tflite_cnn(tmp_path / "cnn.tflite")
+    np.savez(tmp_path / "cal.npz", image=RNG.standard_normal((16, 12, 12, 8)).astype(np.float32))
+    options = BuildOptions(offload=("onednn",), quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
+    result = build(model, tmp_path / "b", {"image": RNG.standard_normal((1, 12, 12, 8)).astype(np.float32)}, options)
+    assert result.manifest.verification["status"] == "verified"
+    # the last conv's output stays float (the model's output), so it is oneDNN's float conv on dequantized weights
+    assert int8_placement(result) == {"conv2d": ["onednn:onednn.qconv2d_bias_relu", "onednn:onednn.qconv2d_bias",
+                                                 "onednn:onednn.conv2d_bias"]}, int8_placement(result)
+    assert result.compiled.int8_kernels is None

@@ -94,7 +94,8 @@ def _drop_transpose_pairs(mod, pctx):
     output's rank, transposed back) or both operands transposed alike, mean with keepdims (its axes mapped),
     resize2d from NCHW to NHWC and a concat of operands transposed alike (its axis mapped).
     A transpose left below a dequantize goes back above it: on 8-bit values it moves a quarter of the bytes, and a
-    quantized chain sees its dequantize. A binary op with a transpose on one side only and a per-tensor dequantize
+    quantized chain sees its dequantize; below a per-channel one of a constant (a weight ConvertLayout transposed)
+    it transposes the constant, the channel axis moved along. A binary op with a transpose on one side only and a per-tensor dequantize
     of the same shape on the other (QDQ's residual add: ConvertLayout keeps it in the layout of its operands)
     gives the other side the inverse transpose, only for a transpose back to channels first (what ConvertLayout
     puts after an NHWC operator), so the inverse one, which the rule then meets, stays.
@@ -185,11 +186,16 @@ def _drop_transpose_pairs(mod, pctx):
         return m[x] if _identity(m[transposed].attrs.axes, m[pair].attrs.axes) else expr
 
     def hoist(expr, m):
-        call = m[quantized]
-        if not per_tensor(call):
+        call, axes = m[quantized], m[above].attrs.axes
+        if per_tensor(call):
+            return relax.Call(call.op, [relax.op.permute_dims(call.args[0], axes), *call.args[1:]], call.attrs)
+        if axes is None or not isinstance(call.args[0], tvm.ir.expr.Constant):
             return expr
-        return relax.Call(call.op, [relax.op.permute_dims(call.args[0], m[above].attrs.axes), *call.args[1:]],
-                          call.attrs)
+        # a per-channel weight ConvertLayout transposed (TFLite's HWIO to OIHW): the int8 constant transposed, its
+        # channel axis followed, so the chain's patterns see dequantize(int8 constant)
+        axes = [int(a) for a in axes]
+        return relax.op.dequantize(relax.const(call.args[0].value.numpy().transpose(axes)), *call.args[1:],
+                                   axis=axes.index(int(call.attrs.axis) % len(axes)), out_dtype=call.attrs.out_dtype)
 
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     for gv, func in list(mod.functions_items()):

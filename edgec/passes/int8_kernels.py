@@ -74,7 +74,7 @@ def _no_offload(ctx: BuildContext) -> bool:
 
 
 def _integer_convs(mod: tvm.IRModule) -> bool:
-    """Whether main has a conv2d this pass's kernels take by shape (groups 1) on a dequantized int8 weight."""
+    """Whether main has an NCHW conv2d int8-kernels takes by shape (groups 1) on a dequantized int8 weight."""
     bound = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
 
     def int8_weight(arg) -> bool:
@@ -83,14 +83,14 @@ def _integer_convs(mod: tvm.IRModule) -> bool:
             and isinstance(value.args[0], tvm.ir.expr.GenericConst) and value.args[0].ty.dtype == "int8"
 
     return any(isinstance(v, relax.Call) and v.op == tvm.ir.Op.get("relax.nn.conv2d") and int(v.attrs.groups) == 1
-               and int8_weight(v.args[1]) for v in bound.values())
+               and str(v.attrs.data_layout) == "NCHW" and int8_weight(v.args[1]) for v in bound.values())
 
 
 # after quantize-int8 by name, whose QDQ form it takes
 @register_pass("int8-layout", phase="graph", after=("canonicalize", "quantize-int8"), applies=_no_offload,
                skip_reason="needs --offload none and a CPU (llvm) target (with a backend, offload-quantized converts)")
 def int8_layout(ctx: BuildContext) -> tvm.transform.Pass:
-    """Put the graph in NHWC for int8-kernels when it has int8 convs and no backend converts it."""
+    """Put the graph in NHWC for int8-kernels when it has NCHW int8 convs and no backend converts it."""
     from ..offload.passes import channels_last     # here: importing edgec.offload imports this package
 
     # an NHWC im2col row is runs of channels, as x holds them: the pack is vector copies where NCHW gathers scalars
