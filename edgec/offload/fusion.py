@@ -26,6 +26,20 @@ _CHAINS = [(), *((a,) for a in ACTIVATIONS), ("add",), *((a, "add") for a in ACT
            *(("add", a) for a in ACTIVATIONS)]
 
 
+def recorded(pattern: Pattern, accepted: set[str], refused: dict[str, str]) -> relax.transform.FusionPattern:
+    """`pattern` for FuseOpsByPattern, its check's verdict recorded per anchor (by the name it is bound to): taken
+    in `accepted`, else the reason in `refused` (the last one a check gave: several patterns try one anchor)."""
+    def check(ctx) -> bool:
+        reason, name = pattern.check(ctx), ctx.value_to_bound_var[ctx.annotated_expr["anchor"]].name
+        if reason is None:
+            accepted.add(name)
+        else:
+            refused[name] = reason
+        return reason is None
+
+    return relax.transform.FusionPattern(pattern.name, pattern.pattern, pattern.annotations, check)
+
+
 def _step(prev, step: str):
     """The pattern of one post-op on `prev`, and the pattern of its other operand (None for activations)."""
     if step == "bias":

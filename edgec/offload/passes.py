@@ -14,7 +14,7 @@ from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
-from .fusion import read_fused, static_shape
+from .fusion import read_fused, recorded, static_shape
 from .quantized import (beyond, deconv_back_to_nchw, deconv_to_nhwc, is_quantized, quantized_layers, read_quantized,
                         untie_dequantize)
 
@@ -363,21 +363,8 @@ def with_placement(mod: tvm.IRModule, placement: list[Placement]) -> tvm.IRModul
 def _partition_pass(backends):
     @tvm.transform.module_pass(opt_level=0, name="OffloadPartition")
     def partition(mod, pctx):
-        accepted, refused = set(), {}   # anchor variable -> the last reason a check gave
-
-        def recording(pattern):
-            def check(ctx):
-                reason = pattern.check(ctx)
-                var = ctx.value_to_bound_var[ctx.annotated_expr["anchor"]].name
-                if reason is None:
-                    accepted.add(var)
-                else:
-                    refused[var] = reason
-                return reason is None
-            return check
-
-        patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, recording(p))
-                    for backend in backends for p in backend.patterns()]
+        accepted, refused = set(), {}   # the anchors: taken, or why not (fusion.recorded)
+        patterns = [recorded(p, accepted, refused) for backend in backends for p in backend.patterns()]
         anchors = {p.anchor for backend in backends for p in backend.patterns()}
         mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False, annotate_codegen=True)(mod)
         names = ", ".join(b.name for b in backends)

@@ -36,7 +36,7 @@ from tvm.target.codegen import target_has_features
 
 from ..context import BuildContext
 from ..errors import last_line
-from ..offload.fusion import composite_function, static_shape
+from ..offload.fusion import composite_function, recorded, static_shape
 from ..offload.quantized import QFused, has_quantized_anchor, quantized_patterns, read_quantized, untie_dequantize
 from .cpu_schedule import _MIN_PARALLEL_WORK, _SCHEDULED, parallel_tasks
 from .dot_products import DOT_PRODUCTS, VECTOR_LOOP, intrinsic
@@ -110,19 +110,8 @@ def int8_layout(ctx: BuildContext) -> tvm.transform.Pass:
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot, AVX2 or int32 vector loops)."""
     target = ctx.tvm_target()
-    accepted, refused = set(), {}       # a run's anchors (bound names): taken, or the last reason a check gave
-
-    def check(pattern):
-        def run(c) -> bool:
-            reason, name = pattern.check(c), c.value_to_bound_var[c.annotated_expr["anchor"]].name
-            if reason is None:
-                accepted.add(name)
-            else:
-                refused[name] = reason
-            return reason is None
-        return run
-
-    patterns = [relax.transform.FusionPattern(p.name, p.pattern, p.annotations, check(p))
+    accepted, refused = set(), {}       # a run's anchors: taken, or why not (fusion.recorded)
+    patterns = [recorded(p, accepted, refused)
                 for anchor, op in (("conv2d", "relax.nn.conv2d"), ("matmul", "relax.matmul"))
                 for p in quantized_patterns(_GROUP, anchor, op, _unsupported)]
     partition = tvm.transform.Sequential([
