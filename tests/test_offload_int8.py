@@ -554,17 +554,21 @@ def float_tflite_cnn(path: Path) -> Path:
     return g.save(path, [x], [conv(b, "c", (8, 1, 1, 16), 8, "Conv2D")])
 
 
-def test_quantized_tflite_layers_run_on_int8_primitives(tmp_path):
+@pytest.mark.parametrize("target, backend, runner", [("host", "onednn", "in-process"), ("rpi4", "xnnpack", "qemu")])
+def test_quantized_tflite_layers_run_on_int8_primitives(tmp_path, target, backend, runner):
     """edgec's int8 of a float TFLite model: its weights quantized per channel in the importer's HWIO/HWOI, which
-    ConvertLayout transposes for oneDNN (OIHW); the transpose goes into the int8 constant (the scale's axis moved
-    along), so the int8 convs are oneDNN int8 primitives (before: the patterns saw a transposed dequantize, and the
-    convs stayed float or went to TVM's kernels), verified by the quantized rule."""
+    ConvertLayout transposes for the backend (OIHW); the transpose goes into the int8 constant (the scale's axis
+    moved along), so the int8 convs are the backend's int8 primitives (before: the patterns saw a transposed
+    dequantize, and the convs stayed float or went to TVM's kernels), verified by the quantized rule."""
     model = float_tflite_cnn(tmp_path / "cnn.tflite")
     np.savez(tmp_path / "cal.npz", image=RNG.standard_normal((16, 12, 12, 8)).astype(np.float32))
-    options = BuildOptions(offload=("onednn",), quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
-    result = build(model, tmp_path / "b", {"image": RNG.standard_normal((1, 12, 12, 8)).astype(np.float32)}, options)
-    assert result.manifest.verification["status"] == "verified"
-    # the last conv's output stays float (the model's output), so it is oneDNN's float conv on dequantized weights
-    assert int8_placement(result) == {"conv2d": ["onednn:onednn.qconv2d_bias_relu", "onednn:onednn.qconv2d_bias",
-                                                 "onednn:onednn.conv2d_bias"]}, int8_placement(result)
+    options = BuildOptions(offload=(backend,), quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
+    result = api.build(model, target, tmp_path / "b", options=options,
+                       sample_inputs={"image": RNG.standard_normal((1, 12, 12, 8)).astype(np.float32)})
+    checked = result.manifest.verification
+    assert checked["status"] == "verified" and checked["runner"] == runner, checked
+    # the last conv's output stays float (the model's output): the backend's float conv on dequantized weights
+    assert int8_placement(result) == {"conv2d": [f"{backend}:{backend}.{p}" for p in
+                                                 ("qconv2d_bias_relu", "qconv2d_bias", "conv2d_bias")]}, \
+        int8_placement(result)
     assert result.compiled.int8_kernels is None
