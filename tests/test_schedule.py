@@ -60,9 +60,10 @@ def norm_model(tmp_path_factory):
     return path
 
 
-def lowered(model_path, target="host", disabled=()):
-    """The module right after the legalize phase (kernels fused, scheduled unless disabled)."""
-    ctx = BuildContext(load_target(target), BuildOptions(2, tuple(disabled)))
+def lowered(model_path, target="host", disabled=(), offload=None):
+    """The module right after the legalize phase (kernels fused, scheduled unless disabled); `offload` as
+    BuildOptions takes it (None: the descriptor's backends)."""
+    ctx = BuildContext(load_target(target), BuildOptions(2, tuple(disabled), offload=offload))
     steps = plan(ctx, "onnx")
     model = load_model(model_path, import_steps=tuple(s.name for s in steps if s.phase == "import"))
     with ctx.tvm_target():
