@@ -184,9 +184,9 @@ def test_time_limit_is_one_line_and_leaves_nothing(two_groups, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("user, added", [
-    ({}, {"TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "1000"}),
-    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"TVM_THREAD_POOL_SPIN_COUNT": "0"}),
-    ({"GOMP_SPINCOUNT": "5", "TVM_THREAD_POOL_SPIN_COUNT": "7"}, {}),
+    ({}, {"TVM_THREAD_POOL_SPIN_COUNT": "0", "TVM_BIND_THREADS": "0", "GOMP_SPINCOUNT": "1000"}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"TVM_THREAD_POOL_SPIN_COUNT": "0", "TVM_BIND_THREADS": "0"}),
+    ({"GOMP_SPINCOUNT": "5", "TVM_THREAD_POOL_SPIN_COUNT": "7", "TVM_BIND_THREADS": "1"}, {}),
 ])
 def test_candidates_are_timed_as_the_runners_will_run(monkeypatch, user, added):
     """The timing workers get what run.py (and edgec_run) add to the environment, and no more: GOMP_SPINCOUNT=1000
@@ -194,7 +194,7 @@ def test_candidates_are_timed_as_the_runners_will_run(monkeypatch, user, added):
     settings key the cache, so a timing under one policy is not reused under another."""
     from edgec.runtime import bundle_runner
 
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT"):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_BIND_THREADS"):
         monkeypatch.delenv(name, raising=False)
     default = auto._spin_settings()
     for name, value in user.items():

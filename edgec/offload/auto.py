@@ -288,15 +288,16 @@ _MEASURE_HINT = "pass the backends by name (--offload onednn) or --offload none 
 
 def timing_environment(threads: int) -> dict[str, str]:
     """What the timing workers add to this process's environment: what the bundle's runners add (run.py's
-    offload_thread_environment: TVM's idle pool asleep, OpenMP's spin shortened, unless this environment says
-    otherwise, OMP_WAIT_POLICY included), on the target's threads."""
+    offload_thread_environment: TVM's idle pool asleep and unpinned, OpenMP's spin shortened, unless this environment
+    says otherwise, OMP_WAIT_POLICY included), on the target's threads."""
     return {**bundle_runner().offload_thread_environment(os.environ), "TVM_NUM_THREADS": str(threads)}
 
 
 def _spin_settings() -> dict[str, str | None]:
     """How idle threads wait in the timing workers, as in the runners: part of a timing's cache key."""
     env = {**os.environ, **timing_environment(1)}
-    return {k: env.get(k) for k in ("TVM_THREAD_POOL_SPIN_COUNT", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return {k: env.get(k) for k in ("TVM_THREAD_POOL_SPIN_COUNT", "TVM_BIND_THREADS", "GOMP_SPINCOUNT",
+                                    "OMP_WAIT_POLICY")}
 
 
 def _time(libraries: list[Path], shapes: list, threads: int) -> tuple[list[float], ...]:
