@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     go.add_argument("--runs", type=int, default=20, help="timed runs per block (default 20)")
     go.add_argument("--blocks", type=int, default=6, help="timed blocks per runtime (default 6)")
     go.add_argument("--warmup", type=int, default=5, help="untimed runs at the start of each block (default 5)")
-    blk = sub.add_parser("ort-block")   # internal: one onnxruntime block in its own process
+    blk = sub.add_parser("ort-block", help="internal (run): one onnxruntime block in a process of its own")
     blk.add_argument("model")
     for name in ("runs", "warmup", "threads"):
         blk.add_argument(name, type=int)
