@@ -16,9 +16,10 @@ once in DIR/shared and put back by `run`. The bundles are verified here only whe
 
 `run` first runs every bundle once and reports how far its outputs are from onnxruntime's from `prepare` (SQNR,
 max abs error; int8 outputs in steps of their quantization scale too): the build verified each bundle where this
-machine could run it, and this is the check on the board itself. A bundle that fails to run is left out. Then each runtime runs in its own process, one
-process per timed block, the blocks alternated: edgec_run -n RUNS (its median) and onnxruntime on the QDQ model
-with all graph optimizations (its fused QLinear kernels), the same threads for all.
+machine could run it, and this is the check on the board itself. A bundle that fails to run is left out. Then
+each runtime runs in its own process, one process per timed block, the blocks alternated: edgec_run -n RUNS (its
+median) and onnxruntime on the QDQ model with all graph optimizations (its fused QLinear kernels), the same
+threads for all.
 """
 from __future__ import annotations
 
@@ -193,6 +194,17 @@ def _closeness(root: Path, model: dict, bundle: dict, out_dir: Path) -> str:
     return "; ".join(parts)
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")   # /proc/cpuinfo's names
+
+
+def _machine() -> str:
+    """The CPU's name, cores and int8-relevant instruction sets, from /proc/cpuinfo."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith(("flags", "Features"))), [])
+    return f"{cpu}, {os.cpu_count()} cores ({', '.join(f for f in _ISA_FLAGS if f in flags)})"
+
+
 def run(args) -> int:
     root = Path(args.dir).resolve()
     plan = json.loads((root / "plan.json").read_text())
@@ -202,17 +214,13 @@ def run(args) -> int:
             for lib in b["shared"]:
                 if not (root / b["dir"] / lib).exists():
                     shutil.copy(root / "shared" / Path(lib).name, root / b["dir"] / lib)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith(("flags", "Features"))), [])
     import onnxruntime as ort
 
-    print(f"{cpu}, {os.cpu_count()} cores ({', '.join(f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx_vnni', 'amx_int8', 'asimddp') if f in flags)}); "
-          f"target {plan['target']} ({plan['tvm_target']}), {plan['weights']} int8 weights; onnxruntime "
-          f"{ort.__version__}; {args.blocks} alternated blocks of {args.runs} runs after {args.warmup} warm-up "
-          f"runs, each block a process of its own, {args.threads} threads")
-    print("\n| model | runtime | median of block medians, ms (range) | vs edgec fp32 | vs onnxruntime int8 | size | outputs against onnxruntime |")
+    print(f"{_machine()}; target {plan['target']} ({plan['tvm_target']}), {plan['weights']} int8 weights; "
+          f"onnxruntime {ort.__version__}; {args.blocks} alternated blocks of {args.runs} runs after {args.warmup} "
+          f"warm-up runs, each block a process of its own, {args.threads} threads")
+    print("\n| model | runtime | median of block medians, ms (range) | vs edgec fp32 | vs onnxruntime int8 | size "
+          "| outputs against onnxruntime |")
     print("|---|---|---|---|---|---|---|")
     for model in plan["models"]:
         timed, notes = [], {}
@@ -242,11 +250,11 @@ def run(args) -> int:
             if label not in median:
                 print(f"| {model['label']} | {label} | - | - | - | {size_text} | {notes.get(label, '')} |")
                 continue
-            v = medians[label]
+            v, ours = medians[label], median[label]
             fp32 = median.get("edgec fp32" if "offload none" not in label else "edgec fp32, offload none")
-            print(f"| {model['label']} | {label} | {median[label]:.2f} ({min(v):.2f}-{max(v):.2f}) | "
-                  f"{f'{fp32 / median[label]:.2f}x' if fp32 else '-'} | {median['onnxruntime int8'] / median[label]:.2f}x"
-                  f" | {size_text} | {notes.get(label, 'reference')} |")
+            print(f"| {model['label']} | {label} | {ours:.2f} ({min(v):.2f}-{max(v):.2f}) | "
+                  f"{f'{fp32 / ours:.2f}x' if fp32 else '-'} | {median['onnxruntime int8'] / ours:.2f}x | "
+                  f"{size_text} | {notes.get(label, 'reference')} |")
     return 0
 
 

@@ -308,3 +308,32 @@ def test_bench_models_script_prints_every_readme_row(small, tmp_path):
     assert data["models"][0]["host"]["comparison"]["ok"] and data["models"][0]["offload"]["none"]["comparison"]["ok"]
     assert data["models"][0]["offload"]["none"]["summary"]["offload"] is None   # nothing was offloaded
     assert re.search(r"\| host latency, 2 threads, edgec default build .*\| [\d.]+ ms; [\d.]+x onnxruntime", out.stdout)
+
+
+def test_bench_board_runs_on_a_machine_without_edgec_or_tvm(tmp_path):
+    """bench_board.py: `prepare` builds the four bundles, the runner and onnxruntime's outputs; `run` checks and
+    times them with edgec_run and onnxruntime alone (edgec and tvm made unimportable), the int8 bundles within
+    their quantization error of onnxruntime's QDQ math and the float ones at float precision."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_board.py"
+    board = tmp_path / "board"
+    prepared = subprocess.run([sys.executable, str(script), "prepare", str(board), "--target", "host",
+                               "--models", "resnet-small", "--calibration", "2"], capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    without = ("import runpy, sys; sys.modules.update(tvm=None, tvm_ffi=None, edgec=None); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    ran = subprocess.run([sys.executable, "-c", without, str(board / "bench_board.py"), "run", str(board),
+                          "--runs", "2", "--blocks", "1", "--warmup", "0", "--threads", "1"],
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    rows = {m.group(1): m.group(2) for m in re.finditer(
+        r"^\| ResNet-20 \(generated, 32x32\) \| ([^|]+?) \| [\d.]+ \([\d.]+-[\d.]+\) \|.*"
+        r"\| logits: (?:SQNR )?([\d.]+ dB|exact)",
+        ran.stdout, re.M)}
+    assert set(rows) == {"edgec fp32", "edgec int8", "edgec fp32, offload none", "edgec int8, offload none"}, ran.stdout
+    for runtime, sqnr in rows.items():
+        assert sqnr == "exact" or float(sqnr.removesuffix(" dB")) > (30 if "int8" in runtime else 90), runtime
+    assert re.search(r"^\| ResNet-20 \(generated, 32x32\) \| onnxruntime int8 \| [\d.]+ ", ran.stdout, re.M)
+    # the library kept once for all bundles is back in each bundle that ships it
+    bundles = json.loads((board / "plan.json").read_text())["models"][0]["bundles"]
+    assert [b["shared"] for b in bundles] == [["lib/libdnnl.so.2"]] * 2 + [[]] * 2
+    assert all((board / b["dir"] / lib).is_file() for b in bundles for lib in b["shared"])
