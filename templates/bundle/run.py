@@ -523,7 +523,8 @@ def offload_thread_environment(environ):
     started from that thread, inherits the pin: beside busy processes on those cores the whole team shares them
     while other cores idle, so the pool is told not to pin (TVM_BIND_THREADS=0). MobileNetV2 int8 on a 16-core
     Xeon, 4 threads beside 12 busy processes: 4.9-12.7 ms pinned (two runs), 1.5-2.0 ms not, onnxruntime
-    2.0-2.5 ms; alone the same (bench/README.md). edgec's --offload auto times its candidates in this environment too."""
+    2.0-2.5 ms; alone the same (bench/README.md). edgec's --offload auto times its candidates in this environment
+    too."""
     added = {name: value for name, value in (("TVM_THREAD_POOL_SPIN_COUNT", "0"), ("TVM_BIND_THREADS", "0"))
              if name not in environ}
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
