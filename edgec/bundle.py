@@ -28,6 +28,7 @@ from .offload import shipped_libraries, used
 from .offload.auto import manifest_decisions
 from .resources import data_dir
 from .runtime import bundle_runner
+from .toolchain import cpu_features
 from .signature import tensor_file
 
 LIBRARY_NAME = "model.so"
@@ -287,6 +288,12 @@ def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
     return params_name, inputs, outputs, dirs, tuple(shared_libs)
 
 
+def _cpu_features(target) -> tuple[str, ...]:
+    """What a CPU must have to run the library (a CPU target's; none for a GPU's, whose host code is generic)."""
+    tvm_target = target.tvm()
+    return tuple(cpu_features(tvm_target)) if tvm_target.kind.name == "llvm" else ()
+
+
 def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sample | None, artifacts,
               verification: dict) -> Manifest:
     """The runners, README.md and manifest.json over the artifacts already in `tmp` (again after verification,
@@ -310,7 +317,8 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         load_function=compiled.load,
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
         passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
-        shared_libs=shared_libs, offload_auto=manifest_decisions(compiled.offload), quantization=compiled.quantization,
+        shared_libs=shared_libs, cpu_features=_cpu_features(target),
+        offload_auto=manifest_decisions(compiled.offload), quantization=compiled.quantization,
         states=tuple(StateRecord(s.name, s.input, s.output) for s in model.states),
         initial_states=STATES_NAME if model.states else None)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")

@@ -125,6 +125,8 @@ class Manifest:
     verification: dict                  # see docs/bundle-format.md; not_verified() until a reference agreed
     files: dict[str, FileEntry]         # every file but the manifest, by relative POSIX path
     shared_libs: tuple[str, ...] = ()   # libraries runners load before `library`, in order (offload backends')
+    cpu_features: tuple[str, ...] = ()  # instruction-set extensions the code may use (LLVM's names; CPU targets):
+                                        # the runners refuse a CPU that lacks one, where it would stop with SIGILL
     offload_auto: tuple[OffloadDecision, ...] = ()   # --offload auto's measured decisions; runners ignore them
     states: tuple[StateRecord, ...] = ()  # a streaming model's state pairs
     initial_states: str | None = None   # tvm param dict of the states' initial values, keyed by state input name
@@ -161,6 +163,7 @@ class Manifest:
             "verification": self.verification,
             "files": {rel: vars(entry) for rel, entry in sorted(self.files.items())},
             **({"shared_libs": list(self.shared_libs)} if self.shared_libs else {}),
+            **({"cpu_features": list(self.cpu_features)} if self.cpu_features else {}),
             **({"offload_auto": [vars(d) for d in self.offload_auto]} if self.offload_auto else {}),
             **({"quantization": self.quantization} if self.quantization else {}),
             **({"states": {"initial": self.initial_states, "pairs": [vars(s) for s in self.states]}}
@@ -177,7 +180,7 @@ class Manifest:
             params=d["params"], target=Target.from_json(d["target"], origin), versions=d["versions"],
             passes=tuple(d["passes"]), sample=SampleDirs(**d["sample"]) if d["sample"] else None,
             verification=d["verification"], files={rel: FileEntry(**e) for rel, e in d["files"].items()},
-            shared_libs=tuple(d.get("shared_libs", ())),
+            shared_libs=tuple(d.get("shared_libs", ())), cpu_features=tuple(d.get("cpu_features", ())),
             offload_auto=tuple(OffloadDecision.from_json(e, origin) for e in _list(d.get("offload_auto", []), origin)),
             quantization=_record(d.get("quantization"), origin),
             states=tuple(StateRecord(**{k: p[k] for k in ("name", "input", "output")})

@@ -32,10 +32,13 @@ _WHEEL_PYTHON = "3.11"
 # Debian's name for each architecture, and its multiarch library directory (usr/lib/<dir>).
 _DEBIAN_ARCH = {"x86_64": ("amd64", "x86_64-linux-gnu"), "aarch64": ("arm64", "aarch64-linux-gnu")}
 _OWNERS = "edgec-owners.json"   # in a deb_sysroot: file path -> the package it came from
-# LLVM's names of instruction-set extensions (x86, then Arm), by prefix: code built for one of them stops with
-# SIGILL on a CPU without it. LLVM's other CPU features (fast-*, slow-*, fuse-*...) only tune code generation.
-_ISA_FEATURE = re.compile(r"(avx|amx|sse|ssse3|fma|f16c|bmi|gfni|vaes|vpclmulqdq|sha|aes|adx|popcnt|lzcnt|movbe"
-                          r"|neon|sve|sme|dotprod|i8mm|bf16|fullfp16|fp16fml|lse|rcpc|crc|complxnum|rdm|jsconv)")
+# LLVM's names of the instruction-set extensions (x86, then Arm), by prefix, that it may use in generated code
+# without an intrinsic asking for them (vector units, bit manipulation, atomics): code built for one stops with
+# SIGILL on a CPU without it. Crypto, CRC and the like are left out: LLVM emits them only for their intrinsics, which
+# no kernel calls, and a CPU may lack them where LLVM's CPU model lists them (the Raspberry Pi 4's Cortex-A72 has no
+# AES). LLVM's other CPU features (fast-*, slow-*, fuse-*...) only tune code generation.
+_ISA_FEATURE = re.compile(r"(avx|amx|sse|ssse3|fma|f16c|bmi|lzcnt|popcnt|movbe|gfni"
+                          r"|neon|sve|sme|dotprod|i8mm|bf16|fullfp16|fp16fml|lse|rcpc|rdm)")
 
 
 def cache_dir() -> Path:
@@ -58,6 +61,14 @@ def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+def cpu_features(tvm_target) -> list[str]:
+    """The instruction-set extensions an llvm tvm.target.Target's code may use, by LLVM's names, sorted: what a CPU
+    must have to run it (the manifest's cpu_features, which the runners check)."""
+    from tvm.target import codegen
+
+    return sorted(f for f in codegen.llvm_get_cpu_features(tvm_target) if _ISA_FEATURE.match(f))
+
+
 def features_this_cpu_lacks(tvm_target) -> list[str]:
     """The instruction-set extensions an llvm tvm.target.Target's code may use that this machine's CPU lacks."""
     import tvm
@@ -65,8 +76,7 @@ def features_this_cpu_lacks(tvm_target) -> list[str]:
 
     here = tvm.target.Target({"kind": "llvm", "mtriple": codegen.llvm_get_system_triple(),
                               "mcpu": codegen.llvm_get_system_cpu()})
-    wanted = codegen.llvm_get_cpu_features(tvm_target) - codegen.llvm_get_cpu_features(here)
-    return sorted(f for f in wanted if _ISA_FEATURE.match(f))
+    return sorted(set(cpu_features(tvm_target)) - set(cpu_features(here)))
 
 
 def _check_arch(arch: str) -> str:

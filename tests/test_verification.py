@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgec import api
 from edgec.cli import main
 from edgec.passes import registry
-from edgec.targets import all_targets
-from edgec.toolchain import host_arch
+from edgec.targets import Target, all_targets
+from edgec.toolchain import build_runner, host_arch
 from edgec.verification import VerificationFailed
 from models import inputs_for, real_model
 from verify import assert_close_to_reference
@@ -203,6 +203,15 @@ memory_mb = 1024
                              text=True)
         assert ran.returncode == 2 and ran.stderr.startswith("error: board's code uses") and extension in ran.stderr
         assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+    # the bundle's own runners, where it is deployed, read what its code needs from the manifest and refuse too
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert extension in manifest["cpu_features"] and "aes" not in manifest["cpu_features"]
+    runner = build_runner(tmp_path / "b", Target.from_json(manifest["target"], "manifest.json"))
+    for command in ([sys.executable, "run.py", "--check"], [str(runner), "-d", "."]):
+        ran = subprocess.run(command, cwd=tmp_path / "b", capture_output=True, text=True)
+        assert ran.returncode == 2, (command, ran.stdout, ran.stderr)
+        assert f"error: the bundle's code uses {extension}, which this machine's CPU lacks" in ran.stderr, ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
     # --quantize evaluates the bundle on held-back samples in process: not this one, and the build says why
     np.savez(tmp_path / "cal.npz", x=RNG.standard_normal((12, 1, 3, 8, 8)).astype(np.float32))
     quantized = CliRunner().invoke(main, ["build", str(tmp_path / "m.onnx"), "-t", str(board), "-o",
@@ -210,6 +219,21 @@ memory_mb = 1024
                                           str(tmp_path / "cal.npz")])
     assert quantized.exit_code == 0, quantized.output
     assert "no before/after table: board's code uses" in quantized.output, quantized.output
+
+
+def test_runners_know_every_cpu_feature_of_the_shipped_boards():
+    """The runners check a bundle's cpu_features against their own tables of LLVM's names (x86 /proc/cpuinfo flags,
+    Arm hwcaps) and cannot check a name they lack: every feature of every board in targets/ is in them, and this
+    machine has all of its own."""
+    from edgec.runtime import bundle_runner
+    from edgec.toolchain import cpu_features
+
+    runner = bundle_runner()
+    known = set(runner._X86_FLAGS) | set(runner._ARM_HWCAPS)
+    for target in all_targets():
+        assert set(cpu_features(target.tvm())) <= known, (target.name, set(cpu_features(target.tvm())) - known)
+    host = next(t for t in all_targets() if t.name == "host")
+    assert cpu_features(host.tvm()) and runner.cpu_features_lacking(cpu_features(host.tvm())) == []
 
 
 def test_tflite_model_under_qemu(tmp_path):

@@ -31,6 +31,7 @@
 #include <getopt.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/auxv.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <tvm/ffi/container/array.h>
@@ -52,9 +53,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -706,6 +709,7 @@ struct Manifest {
   std::vector<StatePair> states;
   std::string load;  // empty when "load" is null: the entry takes the weights themselves
   std::vector<std::string> shared_libs;  // loaded before the library, in this order
+  std::vector<std::string> cpu_features;  // LLVM's names of the extensions the library may use
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> sample_inputs;  // empty when "sample" is null
   std::string device_kind;
@@ -739,6 +743,49 @@ std::vector<TensorSpec> ReadSpecs(const Field& list, bool run_time_dims) {
     specs.push_back(std::move(s));
   }
   return specs;
+}
+
+// The manifest's cpu_features this machine's CPU lacks, comma separated (run.py's cpu_features_lacking, with the
+// same tables): x86 /proc/cpuinfo flags, Arm hwcaps. A feature in neither table is not checked.
+std::string CpuFeaturesLacking(const std::vector<std::string>& features) {
+  std::string lacking;
+  auto lack = [&](const std::string& f) { lacking += (lacking.empty() ? "" : ", ") + f; };
+#if defined(__x86_64__)
+  static const std::map<std::string, std::string> kFlags = {
+      {"sse", "sse"}, {"sse2", "sse2"}, {"ssse3", "ssse3"}, {"sse4a", "sse4a"}, {"avx", "avx"}, {"avx2", "avx2"},
+      {"fma", "fma"}, {"f16c", "f16c"}, {"bmi2", "bmi2"}, {"popcnt", "popcnt"}, {"movbe", "movbe"}, {"gfni", "gfni"},
+      {"avx512f", "avx512f"}, {"avx512bw", "avx512bw"}, {"avx512cd", "avx512cd"}, {"avx512dq", "avx512dq"},
+      {"avx512vl", "avx512vl"}, {"avx512ifma", "avx512ifma"}, {"avx512vbmi", "avx512vbmi"}, {"sse3", "pni"},
+      {"sse4.1", "sse4_1"}, {"sse4.2", "sse4_2"}, {"bmi", "bmi1"}, {"lzcnt", "abm"}, {"avx512vnni", "avx512_vnni"},
+      {"avx512bf16", "avx512_bf16"}, {"avx512bitalg", "avx512_bitalg"}, {"avx512vbmi2", "avx512_vbmi2"},
+      {"avx512vpopcntdq", "avx512_vpopcntdq"}, {"avx512fp16", "avx512_fp16"}, {"avxvnni", "avx_vnni"},
+      {"amx-tile", "amx_tile"}, {"amx-int8", "amx_int8"}, {"amx-bf16", "amx_bf16"}};
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::set<std::string> flags;
+  for (std::string line; std::getline(cpuinfo, line);) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') + 1));
+    for (std::string w; words >> w;) flags.insert(w);
+    break;
+  }
+  if (flags.empty()) return "";  // no /proc/cpuinfo: nothing to tell
+  for (const std::string& f : features) {
+    auto it = kFlags.find(f);
+    if (it != kFlags.end() && !flags.count(it->second)) lack(f);
+  }
+#elif defined(__aarch64__)
+  static const std::map<std::string, std::pair<unsigned long, int>> kHwcaps = {  // (AT_HWCAP or AT_HWCAP2, bit)
+      {"neon", {16, 1}}, {"lse", {16, 8}}, {"fullfp16", {16, 10}}, {"rdm", {16, 12}}, {"rcpc", {16, 15}},
+      {"dotprod", {16, 20}}, {"sve", {16, 22}}, {"fp16fml", {16, 23}}, {"sve2", {26, 1}}, {"i8mm", {26, 13}},
+      {"bf16", {26, 14}}, {"sme", {26, 23}}};
+  for (const std::string& f : features) {
+    auto it = kHwcaps.find(f);
+    if (it != kHwcaps.end() && !(getauxval(it->second.first) >> it->second.second & 1)) lack(f);
+  }
+#else
+  (void)features, (void)lack;
+#endif
+  return lacking;
 }
 
 // Parses manifest.json and checks every field of the spec with its type (the same schema as run.py's);
@@ -805,6 +852,8 @@ Manifest ParseManifest(const std::string& text) {
   }
   if (auto libs = m.Opt("shared_libs"))
     for (const Field& lib : libs->Items()) out.shared_libs.push_back(lib.RelPath());
+  if (auto features = m.Opt("cpu_features"))
+    for (const Field& f : features->Items()) out.cpu_features.push_back(f.Str());
   if (auto states = m.Opt("states")) {
     out.initial_states = (*states)["initial"].RelPath();
     std::set<size_t> ins, outs;
@@ -1096,6 +1145,10 @@ int Run(int argc, char** argv) {
   if (!Global("runtime.GetDeviceAttr")(static_cast<int>(m.device.device_type), 0, 0).cast<bool>())
     throw InputError("this machine has no " + m.device_kind + " device that the TVM runtime can use, and the bundle "
                      "was built for one");
+  std::string lacking = CpuFeaturesLacking(m.cpu_features);
+  if (!lacking.empty())
+    throw InputError("the bundle's code uses " + lacking + ", which this machine's CPU lacks (it would stop with an "
+                     "illegal instruction): run it on its board, or build it for this machine (edgec build -t host)");
   LoadSharedLibs(m.shared_libs, bundle.shared_libs);
   ffi::Module vm = Loading("the model library " + m.library, [&] {
     ffi::Module vm = GetFunction(LoadLibrary(bundle.library), "vm_load_executable")().cast<ffi::Module>();

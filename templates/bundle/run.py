@@ -156,6 +156,7 @@ _SCHEMA = {
     },
     "files": _Map(_rel_path, {"sha256": _sha256, "size": _count}),
     "shared_libs?": [_shared_lib_path],
+    "cpu_features?": [str],
     "states?": {"initial": _rel_path, "pairs": [{"name": str, "input": str, "output": str}]},
 }
 
@@ -509,6 +510,45 @@ def compare(outputs, expected, atol, rtol):
 
 # ------------------------------------------------------------------------------------------ the model
 
+# A manifest's cpu_features (LLVM's names) as this machine reports them: x86 /proc/cpuinfo flags (the kernel's, so
+# only what the OS also enables), Arm hwcaps (getauxval(AT_HWCAP or AT_HWCAP2), bit). A feature in neither table is
+# not checked. main.cc holds the same tables.
+_X86_FLAGS = {f: f for f in ("sse", "sse2", "ssse3", "sse4a", "avx", "avx2", "fma", "f16c", "bmi2", "popcnt", "movbe",
+                             "gfni", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512ifma",
+                             "avx512vbmi")}
+_X86_FLAGS.update({"sse3": "pni", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "bmi": "bmi1", "lzcnt": "abm",
+                   "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512bitalg": "avx512_bitalg",
+                   "avx512vbmi2": "avx512_vbmi2", "avx512vpopcntdq": "avx512_vpopcntdq", "avx512fp16": "avx512_fp16",
+                   "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16"})
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM_HWCAPS = {"neon": (_AT_HWCAP, 1), "lse": (_AT_HWCAP, 8), "fullfp16": (_AT_HWCAP, 10), "rdm": (_AT_HWCAP, 12),
+               "rcpc": (_AT_HWCAP, 15), "dotprod": (_AT_HWCAP, 20), "sve": (_AT_HWCAP, 22),
+               "fp16fml": (_AT_HWCAP, 23), "sve2": (_AT_HWCAP2, 1), "i8mm": (_AT_HWCAP2, 13),
+               "bf16": (_AT_HWCAP2, 14), "sme": (_AT_HWCAP2, 23)}
+
+
+def cpu_features_lacking(features):
+    """The manifest's cpu_features this machine's CPU does not have (those it cannot tell are taken as present)."""
+    import platform
+
+    machine = platform.machine()
+    if machine in ("x86_64", "AMD64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+        except OSError:
+            return []
+        return [f for f in features if f in _X86_FLAGS and flags and _X86_FLAGS[f] not in flags]
+    if machine in ("aarch64", "arm64"):
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        return [f for f in features if f in _ARM_HWCAPS
+                and not getauxval(_ARM_HWCAPS[f][0]) >> _ARM_HWCAPS[f][1] & 1]
+    return []
+
+
 def offload_thread_environment(environ):
     """The variables a bundle with offload libraries adds to `environ` before loading them (the environment's values
     win). The model's load function moves TVM's parallel loops onto the offload library's pool: one pool per
@@ -562,6 +602,11 @@ class Model:
         if not self.device.exist:
             raise BundleError(f"this machine has no {kind} device, which the bundle was built for",
                               f"run it on {shown(target['name'])}")
+        lacking = cpu_features_lacking(m.get("cpu_features", []))
+        if lacking:
+            raise BundleError(f"the bundle's code uses {', '.join(map(shown, lacking))}, which this machine's CPU "
+                              "lacks (it would stop with an illegal instruction)",
+                              f"run it on {shown(target['name'])}, or build it for this machine (edgec build -t host)")
         if m.get("shared_libs"):
             os.environ.update(offload_thread_environment(os.environ))
         config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
