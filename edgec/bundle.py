@@ -302,13 +302,14 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
     params_name, inputs, outputs, dirs, shared_libs = artifacts
     versions = _versions()
     model_name, model_file = _text(model.name), _text(model.path.name)
+    features = _cpu_features(target)
     _render_all(tmp, {
         "model_name": model_name, "model_file": model_file, "bundle_name": bundle_name, "target": target.to_json(),
         "versions": versions, "params": params_name, "param_mb": f"{compiled.param_bytes / 1e6:.2f}",
         "inputs": [t.to_json() for t in inputs], "outputs": [t.to_json() for t in outputs],
         "run_time_dims": any(None in t.shape for t in outputs),
         "sample": dirs is not None, "reference": sample.reference if sample else None, "verification": verification,
-        "states": [s.to_json() for s in model.states],
+        "states": [s.to_json() for s in model.states], "cpu_features": features,
     })
     files = {p.relative_to(tmp).as_posix(): FileEntry.of(p) for p in sorted(tmp.rglob("*"))
              if p.is_file() and p.name != MANIFEST_NAME}
@@ -317,7 +318,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
         load_function=compiled.load,
         inputs=inputs, outputs=outputs, library=LIBRARY_NAME, params=params_name, target=target, versions=versions,
         passes=tuple(r.name for r in compiled.passes), sample=dirs, verification=verification, files=files,
-        shared_libs=shared_libs, cpu_features=_cpu_features(target),
+        shared_libs=shared_libs, cpu_features=features,
         offload_auto=manifest_decisions(compiled.offload), quantization=compiled.quantization,
         states=tuple(StateRecord(s.name, s.input, s.output) for s in model.states),
         initial_states=STATES_NAME if model.states else None)
