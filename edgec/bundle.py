@@ -28,8 +28,8 @@ from .offload import shipped_libraries, used
 from .offload.auto import manifest_decisions
 from .resources import data_dir
 from .runtime import bundle_runner
-from .toolchain import cpu_features
 from .signature import tensor_file
+from .toolchain import cpu_features
 
 LIBRARY_NAME = "model.so"
 SHARED_LIB_DIR = "lib"     # libraries model.so needs that a stock board lacks (offload backends'); see its rpath
