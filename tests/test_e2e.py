@@ -163,6 +163,7 @@ def test_cli_passes_targets_inspect(cnn, tmp_path):
     assert all(name in res.stdout for name in ("host", "rpi4", "rpi3", "rpi-zero2w"))
     shown = json.loads(runner.invoke(main, ["targets", "show", "rpi-zero2w"]).stdout)
     assert shown["device"]["memory_mb"] == 512 and shown["tvm"]["target"]["mcpu"] == "cortex-a53"
+    assert shown["cpu_features"] == ["neon"], "what the board's CPU must have: bundles require it"
     assert set(shown["not_used_yet"]) == {"rpc", "tuning"}, "tables nothing reads are reported, not accepted silently"
     board = tmp_path / "my-board.toml"
     from edgec.targets import load_target
