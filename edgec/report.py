@@ -65,6 +65,12 @@ def _verification(v: dict) -> str:
     return f"{head} (tolerance atol {v['tolerance']['atol']:g}, rtol {v['tolerance']['rtol']:g})"
 
 
+def quantization_line(record: dict) -> str:
+    """The summary's line of the quantization record's plain values; a step that did not run (None) is left out."""
+    return "  quantization: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in record.items()
+                                          if v is not None and not isinstance(v, (dict, list)))
+
+
 def _mixed_precision(q: dict) -> list[str]:
     """The error budget's outcome and each layer left float with its cost (edgec.quantize.budget's record)."""
     def db(x):   # None: no error (inf); "-inf": no signal, or a NaN/infinity that differs
@@ -107,8 +113,7 @@ def build_text(result: BuildResult) -> str:
         "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items()),
     ]
     if c.quantization:
-        lines.append("  quantization: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.quantization.items()
-                                                   if not isinstance(v, (dict, list))))
+        lines.append(quantization_line(c.quantization))
         lines += _mixed_precision(c.quantization.get("mixed_precision", {}))
     if c.int8_kernels:
         k = c.int8_kernels

@@ -663,3 +663,13 @@ def test_budget_record_and_summary_keep_minus_infinity_apart_from_exact():
     assert record["sqnr_db"] == {"int8": "-inf", "keep_float": None, "mixed": 31.0}
     assert json.loads(json.dumps(record)) == record
     assert "int8 -inf dB, with --keep-float inf, mixed 31.0 dB" in _mixed_precision(record)[0]
+
+
+def test_summary_leaves_out_the_steps_that_did_not_run():
+    """The build summary's quantization line lists what the record says; bias correction, which does not run where
+    gptq-weights-int8 did, is left out rather than printed as 'None'."""
+    from edgec.report import quantization_line
+
+    line = quantization_line({"mode": "int8", "method": "minmax", "layers": 53, "bias_corrected": None,
+                              "weights_rounded": 53, "float": []})
+    assert line == "  quantization: mode int8; method minmax; layers 53; weights rounded 53"
