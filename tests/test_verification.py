@@ -236,6 +236,23 @@ def test_runners_know_every_cpu_feature_of_the_shipped_boards():
     assert cpu_features(host.tvm()) and runner.cpu_features_lacking(cpu_features(host.tvm())) == []
 
 
+def test_both_runners_hold_the_same_cpu_feature_tables():
+    """run.py and main.cc each name the CPU features by their own table: the same entries in both (a feature one
+    runner checks and the other does not would make a bundle's fate depend on the runner)."""
+    import re
+    from pathlib import Path
+
+    from edgec.runtime import bundle_runner
+
+    runner = bundle_runner()
+    source = (Path(__file__).resolve().parents[1] / "templates" / "bundle" / "main.cc").read_text()
+    x86 = source[source.index("#if defined(__x86_64__)"):source.index("#elif defined(__aarch64__)")]
+    arm = source[source.index("#elif defined(__aarch64__)"):source.index("#else", source.index("kHwcaps"))]
+    assert dict(re.findall(r'\{"([\w.-]+)", "(\w+)"\}', x86)) == runner._X86_FLAGS
+    assert {name: (int(a), int(b)) for name, a, b in re.findall(r'\{"([\w.-]+)", \{(\d+), (\d+)\}\}', arm)} \
+        == runner._ARM_HWCAPS
+
+
 def test_tflite_model_under_qemu(tmp_path):
     name = "face_detection_short_range"
     built = api.build(real_model(name), "rpi4", tmp_path / "face-rpi4")
