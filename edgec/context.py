@@ -57,3 +57,7 @@ class BuildContext:
 
     def tvm_target(self):
         return self.target.tvm()
+
+    def on_cpu(self) -> bool:
+        """Whether the build compiles for a CPU (an llvm target): what the CPU kernel passes need."""
+        return self.tvm_target().kind.name == "llvm"

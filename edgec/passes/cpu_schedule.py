@@ -39,7 +39,7 @@ _MIN_PARALLEL_WORK = 1 << 16
 
 
 @register_pass("cpu-default-schedule", phase="legalize", after=("fuse-tir",),
-               applies=lambda ctx: ctx.tvm_target().kind.name == "llvm")
+               applies=BuildContext.on_cpu)
 def cpu_default_schedule(ctx: BuildContext) -> tvm.transform.Pass:
     """Schedule unscheduled CPU kernels: parallel outer loops, vectorized inner loops"""
     return CpuDefaultSchedule(ctx.tvm_target())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from ..context import BuildContext
 from ..offload.fusion import static_shape
 from .ir import mutate_functions
 from .registry import register_pass
@@ -24,7 +25,8 @@ def _as_matmul(call: relax.Call) -> bool:
     a = call.attrs
     shapes = [static_shape(e) for e in (call, *call.args)]
     return (None not in shapes and str(call.ty.dtype) == "float32" and int(a.groups) == 1
-            and (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) == ("NCHW", "IOHW", "NCHW")
+            and (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))
+            == ("NCHW", "IOHW", "NCHW")
             and [int(s) for s in a.strides] == list(shapes[2][2:]) and not any(int(p) for p in a.padding)
             and not any(int(p) for p in a.output_padding) and all(int(d) == 1 for d in a.dilation))
 
@@ -49,12 +51,8 @@ def _deconv_as_matmul(mod, pctx):
     return mutate_functions(mod, _DeconvAsMatmul(mod), skip_partitions=True)
 
 
-def _cpu(ctx) -> bool:
-    return ctx.tvm_target().kind.name == "llvm"
-
-
 @register_pass("deconv-as-matmul", phase="graph", after=("offload-partition", "offload-auto", "int8-kernels"),
-               applies=_cpu, skip_reason="CPU (llvm) targets only (measured there)")
-def deconv_as_matmul(ctx):
+               applies=BuildContext.on_cpu, skip_reason="CPU (llvm) targets only (measured there)")
+def deconv_as_matmul(ctx: BuildContext):
     """Compute a conv2d_transpose whose stride equals its kernel (2x2 stride 2) as a matmul and a transpose."""
     return _deconv_as_matmul

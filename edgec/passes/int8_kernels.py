@@ -65,12 +65,8 @@ def _row_tile(rows: int, direct: bool) -> int:
     return next(t for t in (4, 2, 1) if rows % t == 0) if direct else min(rows, 4)
 
 
-def _cpu(ctx: BuildContext) -> bool:
-    return ctx.tvm_target().kind.name == "llvm"
-
-
 def _no_offload(ctx: BuildContext) -> bool:
-    return _cpu(ctx) and not ctx.offload
+    return ctx.on_cpu() and not ctx.offload
 
 
 def _integer_convs(mod: tvm.IRModule) -> bool:
@@ -106,7 +102,7 @@ def int8_layout(ctx: BuildContext) -> tvm.transform.Pass:
 # after offload-quantized by name: the chains a backend takes are partitioned first, this pass gets the rest
 @register_pass("int8-kernels", phase="graph",
                after=("canonicalize", "quantize-int8", "int8-layout", "offload-quantized"),
-               applies=_cpu, skip_reason="CPU (llvm) targets only")
+               applies=BuildContext.on_cpu, skip_reason="CPU (llvm) targets only")
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot, AVX2 or int32 vector loops)."""
     target = ctx.tvm_target()
