@@ -288,12 +288,6 @@ def _write_artifacts(compiled: CompiledModel, tmp: Path, sample: Sample | None):
     return params_name, inputs, outputs, dirs, tuple(shared_libs)
 
 
-def _cpu_features(target) -> tuple[str, ...]:
-    """What a CPU must have to run the library (a CPU target's; none for a GPU's, whose host code is generic)."""
-    tvm_target = target.tvm()
-    return tuple(cpu_features(tvm_target)) if tvm_target.kind.name == "llvm" else ()
-
-
 def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Sample | None, artifacts,
               verification: dict) -> Manifest:
     """The runners, README.md and manifest.json over the artifacts already in `tmp` (again after verification,
@@ -302,7 +296,7 @@ def _describe(compiled: CompiledModel, tmp: Path, bundle_name: str, sample: Samp
     params_name, inputs, outputs, dirs, shared_libs = artifacts
     versions = _versions()
     model_name, model_file = _text(model.name), _text(model.path.name)
-    features = _cpu_features(target)
+    features = tuple(cpu_features(target.tvm()))
     _render_all(tmp, {
         "model_name": model_name, "model_file": model_file, "bundle_name": bundle_name, "target": target.to_json(),
         "versions": versions, "params": params_name, "param_mb": f"{compiled.param_bytes / 1e6:.2f}",

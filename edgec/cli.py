@@ -484,15 +484,14 @@ def targets(ctx):
 def targets_show(name):
     """Show one target descriptor, resolved."""
     from .targets import load_target
-
     from .toolchain import cpu_features
 
     t = load_target(name)
-    tvm_target = t.tvm()
     # what the board's CPU must have: the bundles' manifests list it and their runners check it
-    features = {"cpu_features": cpu_features(tvm_target)} if tvm_target.kind.name == "llvm" else {}
+    features = cpu_features(t.tvm())
     # Tables nothing reads yet are shown as such, never silently accepted.
-    click.echo(json.dumps({**t.to_json(), **features, "file": t.origin, "not_used_yet": t.not_used_yet()}, indent=2))
+    click.echo(json.dumps({**t.to_json(), **({"cpu_features": features} if features else {}), "file": t.origin,
+                           "not_used_yet": t.not_used_yet()}, indent=2))
 
 
 @main.command()

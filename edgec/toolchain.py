@@ -62,15 +62,18 @@ def host_arch() -> str:
 
 
 def cpu_features(tvm_target) -> list[str]:
-    """The instruction-set extensions an llvm tvm.target.Target's code may use, by LLVM's names, sorted: what a CPU
-    must have to run it (the manifest's cpu_features, which the runners check)."""
+    """The instruction-set extensions a tvm.target.Target's code may use, by LLVM's names, sorted: what a CPU must
+    have to run it (the manifest's cpu_features, which the runners check). Nothing for a GPU target, whose host code is
+    generic."""
     from tvm.target import codegen
 
+    if tvm_target.kind.name != "llvm":
+        return []
     return sorted(f for f in codegen.llvm_get_cpu_features(tvm_target) if _ISA_FEATURE.match(f))
 
 
 def features_this_cpu_lacks(tvm_target) -> list[str]:
-    """The instruction-set extensions an llvm tvm.target.Target's code may use that this machine's CPU lacks."""
+    """The instruction-set extensions a tvm.target.Target's code may use that this machine's CPU lacks."""
     import tvm
     from tvm.target import codegen
 

@@ -49,8 +49,7 @@ def check_runs_here(target) -> None:
     kind = target.device.kind
     if not tvm.device(kind, 0).exist:
         raise EdgecError(f"this machine has no {kind} device for {target.name}", "run the bundle on the board")
-    tvm_target = target.tvm()
-    lacking = features_this_cpu_lacks(tvm_target) if tvm_target.kind.name == "llvm" else []
+    lacking = features_this_cpu_lacks(target.tvm())
     if lacking:
         raise EdgecError(f"{target.name}'s code uses {', '.join(lacking)}, which this machine's CPU "
                          f"({tvm.target.codegen.llvm_get_system_cpu()}) lacks", "run the bundle on the board")
