@@ -61,9 +61,7 @@ def prepare(args) -> int:
 
 
 def _prepare(args, out: Path, say) -> None:
-    import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     from edgec import api
     from edgec.build import BuildOptions
@@ -72,7 +70,7 @@ def _prepare(args, out: Path, say) -> None:
     from edgec.targets import load_target
     from edgec.toolchain import build_runner, runtime_dir
 
-    from bench_int8 import _inputs, qdq_model
+    from bench_int8 import _inputs, output_steps, qdq_model
     from bench_models import resolve
 
     target = load_target(args.target)
@@ -92,9 +90,7 @@ def _prepare(args, out: Path, say) -> None:
         for i, v in enumerate(inputs.values()):
             np.save(out / f"{stem}-input{i}.npy", v)
         sources = {"float": model.path, "qdq": qdq}
-        expected, steps = {}, {}
-        graph = onnx.load(str(qdq)).graph
-        scales = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        expected = {}
         for kind, path in sources.items():
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -102,26 +98,25 @@ def _prepare(args, out: Path, say) -> None:
             for o, value in zip(session.get_outputs(), session.run(None, inputs)):
                 np.save(out / f"{stem}-{kind}-{o.name}.npy", value)
                 expected.setdefault(kind, {})[o.name] = f"{stem}-{kind}-{o.name}.npy"
-                if kind == "qdq":
-                    node = next(n for n in graph.node if o.name in n.output)
-                    steps[o.name] = float(scales[node.input[1]]) if node.op_type == "DequantizeLinear" else None
         bundles = []
         for label, kind, offload in VARIANTS:
             tag = label.removeprefix("edgec ").replace(", offload ", "-").replace(" ", "")
             say(f"{model.label}: build {label} for {target.name}")
             options = BuildOptions(offload=parse_option(offload)) if offload else BuildOptions()
-            result = api.build(sources[kind], args.target, out / f"{stem}-{tag}", input_shapes=model.input_shapes,
-                               sample_inputs=inputs, options=options)
-            bundle = result.bundle_dir
+            bundle = api.build(sources[kind], args.target, out / f"{stem}-{tag}", input_shapes=model.input_shapes,
+                               sample_inputs=inputs, options=options).bundle_dir
             shared = [lib for lib in SHARED_LIBS if (bundle / lib).is_file()]
-            for lib in shared:       # one copy for all bundles; `run` puts it back
-                shutil.copy(bundle / lib, out / "shared" / Path(lib).name)
-                (bundle / lib).unlink()
+            for lib in shared:       # one copy for all bundles (the same bytes in each); `run` puts it back
+                kept = out / "shared" / Path(lib).name
+                if kept.exists():
+                    (bundle / lib).unlink()
+                else:
+                    (bundle / lib).rename(kept)
             bundles.append({"label": label, "dir": bundle.name, "kind": kind, "shared": shared,
-                            "verified_here": result.manifest.verification["status"],
                             "size": {f: (bundle / f).stat().st_size for f in ("params.bin", "model.so")}})
         plan["models"].append({"label": model.label, "inputs": [f"{stem}-input{i}.npy" for i in range(len(inputs))],
-                               "qdq": f"{stem}_qdq.onnx", "expected": expected, "steps": steps, "bundles": bundles})
+                               "qdq": f"{stem}_qdq.onnx", "expected": expected, "steps": output_steps(qdq),
+                               "bundles": bundles})
     shutil.rmtree(work)
     say(f"build the {target.arch} edgec_run")
     runner = build_runner(out / plan["models"][0]["bundles"][0]["dir"], target)

@@ -90,12 +90,19 @@ def _shape(value_info) -> tuple[int, ...]:
     return tuple(d.dim_value for d in value_info.type.tensor_type.shape.dim)
 
 
+def output_steps(qdq: Path) -> dict[str, float | None]:
+    """Each output's quantization step: the scale of the DequantizeLinear that makes it (None: not made by one)."""
+    graph = onnx.load(str(qdq)).graph
+    scales = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    makers = {o.name: next(n for n in graph.node if o.name in n.output) for o in graph.output}
+    return {name: float(scales[n.input[1]]) if n.op_type == "DequantizeLinear" else None for name, n in makers.items()}
+
+
 def steps(qdq: Path, ours: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Per onnxruntime graph optimization level: (fraction of elements within one step, max steps) of edgec's
     int8 outputs against onnxruntime's on the same QDQ model (an output not made by a DequantizeLinear: in units
     of 1e-3 absolute instead)."""
-    graph = onnx.load(str(qdq)).graph
-    scales = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    output_step = output_steps(qdq)
     result = {}
     for label, level in (("disabled", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
                          ("enabled", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
@@ -104,8 +111,7 @@ def steps(qdq: Path, ours: dict[str, np.ndarray], inputs: dict[str, np.ndarray])
         session = ort.InferenceSession(str(qdq), options, providers=["CPUExecutionProvider"])
         within, worst, total = 0, 0.0, 0
         for o, expected in zip(session.get_outputs(), session.run(None, inputs)):
-            node = next(n for n in graph.node if o.name in n.output)
-            step = float(scales[node.input[1]]) if node.op_type == "DequantizeLinear" else 1e-3
+            step = output_step[o.name] or 1e-3
             off = np.abs(ours[o.name].astype(np.float64) - expected) / step
             within, worst, total = within + int((off <= 1 + 1e-3).sum()), max(worst, float(off.max())), total + off.size
         result[label] = (within / total, worst)
