@@ -95,10 +95,10 @@ def _drop_transpose_pairs(mod, pctx):
     resize2d from NCHW to NHWC and a concat of operands transposed alike (its axis mapped).
     A transpose left below a dequantize goes back above it: on 8-bit values it moves a quarter of the bytes, and a
     quantized chain sees its dequantize; below a per-channel one of a constant (a weight ConvertLayout transposed)
-    it transposes the constant, the channel axis moved along. A binary op with a transpose on one side only and a per-tensor dequantize
-    of the same shape on the other (QDQ's residual add: ConvertLayout keeps it in the layout of its operands)
-    gives the other side the inverse transpose, only for a transpose back to channels first (what ConvertLayout
-    puts after an NHWC operator), so the inverse one, which the rule then meets, stays.
+    it transposes the constant, the channel axis moved along. A binary op with a transpose on one side only and a
+    per-tensor dequantize of the same shape on the other (QDQ's residual add: ConvertLayout keeps it in the layout of
+    its operands) gives the other side the inverse transpose, only for a transpose back to channels first (what
+    ConvertLayout puts after an NHWC operator), so the inverse one, which the rule then meets, stays.
     """
     x = wildcard()
     transposed = is_op("relax.permute_dims")(x)

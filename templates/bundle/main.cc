@@ -29,9 +29,9 @@
 #include <dlpack/dlpack.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
-#include <sys/auxv.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <tvm/ffi/container/array.h>

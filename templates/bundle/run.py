@@ -538,7 +538,9 @@ def cpu_features_lacking(features):
                 flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
         except OSError:
             return []
-        return [f for f in features if f in _X86_FLAGS and flags and _X86_FLAGS[f] not in flags]
+        if not flags:       # no flags line: nothing to tell
+            return []
+        return [f for f in features if f in _X86_FLAGS and _X86_FLAGS[f] not in flags]
     if machine in ("aarch64", "arm64"):
         import ctypes
 
