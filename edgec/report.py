@@ -9,6 +9,7 @@ from .build import ActivationMemory
 from .frontends.custom_ops import CONVERTER_HINT, CUSTOM_SUFFIX
 from .inspection import Inspection
 from .manifest import MANIFEST_NAME, sha256_file
+from .passes.dot_products import VECTOR_LOOP
 
 
 def _mb(n: int | None) -> str:
@@ -118,6 +119,7 @@ def build_text(result: BuildResult) -> str:
     if c.int8_kernels:
         k = c.int8_kernels
         lines.append(f"  int8 kernels in TVM: {k['layers']} int8 layers, {k['kernels']} kernels, {k['instruction']}"
+                     + (f", {k['depthwise']} depthwise: {VECTOR_LOOP}" if k["depthwise"] else "")
                      + "".join(f"; float: {n} {why}" for why, n in k["refused"].items())
                      + "".join(f"; left float: {why}" for why in k["left"]))
     if c.offload is not None:

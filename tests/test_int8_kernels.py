@@ -1,6 +1,7 @@
 """int8-kernels: QDQ conv2d/matmul chains no backend takes (`--offload none`) run in TVM as integer kernels (8-bit x
 int8 -> int32 sums with the target's dot product, then QDQ's requantization), verified like any int8 build against
-the QDQ reference; chains the kernel does not take (depthwise, grouped) stay float as before."""
+the QDQ reference; depthwise convs get int32 vector-loop kernels of their own; chains the kernels do not take
+(grouped convs) stay float as before."""
 from __future__ import annotations
 
 import re
@@ -20,9 +21,12 @@ RNG = np.random.default_rng(9)
 
 
 def _kernels(dump: Path) -> tuple[list[str], list[str]]:
-    """After int8-kernels: each integer kernel's dot product, and the groups of the float conv2d left in main."""
+    """After int8-kernels: each integer kernel's dot product (`depthwise` for a depthwise conv's kernel), and the
+    groups of the float conv2d left in main."""
     text = next(dump.glob("*-int8-kernels.py")).read_text()
-    return re.findall(r'"edgec\.int8_kernel": "(\w+)"', text), re.findall(r"R\.nn\.conv2d\(.*groups=(\d+)", text)
+    kernels = re.findall(r'def (int8_\w+)\(.*\n.*"edgec\.int8_kernel": "(\w+)"', text)
+    return ([("depthwise" if "depthwise" in name else kind) for name, kind in kernels],
+            re.findall(r"R\.nn\.conv2d\(.*groups=(\d+)", text))
 
 
 def _channels_last(dump: Path) -> bool:
@@ -39,9 +43,9 @@ def _forms(tmp_path, activations):
 @pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8])
 def test_offload_none_runs_integer_kernels(tmp_path, activations):
     """The 3x3 padded conv, the 1x1 conv and the Gemm become integer kernels with this host's dot product (VNNI on an
-    AVX-512 VNNI CPU, vpmaddwd on AVX2, else the vector loop), on the graph int8-layout put in NHWC; the depthwise
-    and grouped convs stay float. The integer sums are exact, so the bundle is within one step of onnxruntime's QDQ
-    float math."""
+    AVX-512 VNNI CPU, vpmaddwd on AVX2, else the vector loop), the strided depthwise conv with asymmetric padding a
+    depthwise kernel, on the graph int8-layout put in NHWC; the grouped conv stays float. The integer sums are
+    exact, so the bundle is within one step of onnxruntime's QDQ float math."""
     from tvm.target.codegen import target_has_features
 
     from edgec.targets import load_target
@@ -53,13 +57,13 @@ def test_offload_none_runs_integer_kernels(tmp_path, activations):
     host = load_target("host").tvm()
     expected = next((k for k, feature in (("vnni", "avx512vnni"), ("avx2", "avx2"))
                      if target_has_features(feature, host)), "vector")
-    assert kinds == [expected] * 3 and sorted(float_convs) == ["16", "4"], (kinds, float_convs)
+    assert sorted(kinds) == sorted([expected] * 3 + ["depthwise"]) and float_convs == ["4"], (kinds, float_convs)
     assert _channels_last(tmp_path / "ir")
-    # the summary names the instruction: 3 chains, 3 kernels (no two of one shape)
+    # the summary names the instruction: 4 chains, 4 kernels (no two of one shape)
     instruction = {"vnni": "vpdpbusd", "avx2": "vpmaddwd", "vector": "int32 vector loop"}[expected]
     line = next(s for s in report.build_text(result).splitlines() if "int8 kernels in TVM" in s)
-    assert line.startswith("  int8 kernels in TVM: 3 int8 layers, 3 kernels, ") and instruction in line, line
-    assert line.endswith("; float: 2 grouped or depthwise convolution"), line
+    assert line.startswith("  int8 kernels in TVM: 4 int8 layers, 4 kernels, ") and instruction in line, line
+    assert line.endswith(", 1 depthwise: int32 vector loop; float: 1 grouped convolution"), line
     verification = result.manifest.verification
     assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
     for sample in [samples[1], {"x": (RNG.standard_normal((1, 8, 16, 16)) * 2).astype(np.float32)}]:
@@ -78,43 +82,52 @@ def test_dot_product_without_vnni(tmp_path, mcpu, kind):
     qdq, samples = _forms(tmp_path, QuantType.QUInt8)
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(qdq, str(descriptor), tmp_path / "b", options=options, sample_inputs=samples[0])
-    assert _kernels(tmp_path / "ir")[0] == [kind] * 3
+    assert sorted(_kernels(tmp_path / "ir")[0]) == sorted([kind] * 3 + ["depthwise"])
     assert result.manifest.verification["status"] == "verified"
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
 
 
-def _exact_qconv(model: Path, x: np.ndarray, sx, sw, sy) -> np.ndarray:
-    """qdq_conv's output with the conv summed as integers (the input's zero point 0, the output's 3) and QDQ's float32
-    arithmetic around it: what an exact integer kernel gives, where onnxruntime's float sums can round a value on a
-    step's boundary the other way."""
+def _exact_qconv(model: Path, x: np.ndarray, group: int = 1) -> np.ndarray:
+    """qdq_conv's output with the conv summed as integers (the output's zero point 3) and QDQ's float32 arithmetic
+    around it: what an exact integer kernel gives, where onnxruntime's float sums can round a value on a step's
+    boundary the other way."""
     import onnx
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(model)).graph.initializer}
+    sx, zx, sw, sy = inits["sx"], int(inits["zx"]), inits["sw"], inits["sy"]
     w, b = inits["w"].astype(np.int64), inits["b"].astype(np.int64)
-    xq = np.pad(np.clip(np.round(x / sx), -128, 127).astype(np.int64), [(0, 0), (0, 0), (1, 1), (1, 1)])
-    windows = np.lib.stride_tricks.sliding_window_view(xq, (3, 3), axis=(2, 3))        # [1, 4, 6, 6, 3, 3]
-    acc = np.einsum("nchwij,ocij->nohw", windows, w) + b.reshape(1, 4, 1, 1)
-    v = acc.astype(np.float32) * (np.float32(sx) * sw.astype(np.float32)).reshape(1, 4, 1, 1)
+    cout = len(w)
+    # dequantize(x) pads with 0.0: the centred integers pad with 0
+    xq = np.clip(np.round(x / sx) + zx, -128, 127).astype(np.int64) - zx
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(xq, [(0, 0), (0, 0), (1, 1), (1, 1)]), (3, 3),
+                                                       axis=(2, 3))                   # [1, 4, 6, 6, 3, 3]
+    windows = windows.reshape(1, group, 4 // group, 6, 6, 3, 3)
+    acc = np.einsum("ngchwij,gocij->ngohw", windows, w.reshape(group, cout // group, 4 // group, 3, 3))
+    acc = acc.reshape(1, cout, 6, 6) + b.reshape(1, cout, 1, 1)
+    v = acc.astype(np.float32) * (np.float32(sx) * sw.astype(np.float32)).reshape(1, cout, 1, 1)
     q = np.clip(np.round(v / np.float32(sy)) + 3, -128, 127)
     return (q - 3) * np.float32(sy)
 
 
-def test_padded_conv_zero_points(tmp_path):
-    """s8 activations with zero points 0 and 3 on a padded 3x3 conv: the padding is the input's zero point in the
-    im2col (as dequantize(x) pads with 0.0), and the integer sums are exact: the output is the exact integer
-    result's on any input."""
-    sx, sw, sy = np.float32(0.02), np.full(4, 0.01, np.float32), 0.01
-    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, sy)
+@pytest.mark.parametrize("group, channels, zx", [(1, 4, 0), (4, 4, 0), (4, 4, 5), (4, 8, -7)],
+                         ids=["conv", "depthwise", "depthwise-zx", "depthwise-multiplier-zx"])
+def test_padded_conv_zero_points(tmp_path, group, channels, zx):
+    """s8 activations with zero points zx and 3 on a padded 3x3 conv (group 4: depthwise, channels 8: two output
+    channels per input channel): the padding is the input's zero point (as dequantize(x) pads with 0.0), and the
+    integer sums are exact: the output is the exact integer result's on any input."""
+    sx, sw, sy = np.float32(0.02), np.full(channels, 0.01, np.float32), 0.01
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, sy, group=group, zx=zx)
     rng = np.random.default_rng(4)
     samples = [{"x": (rng.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)} for _ in range(4)]
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(model, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
-    assert len(_kernels(tmp_path / "ir")[0]) == 1
+    kinds = _kernels(tmp_path / "ir")[0]
+    assert len(kinds) == 1 and (kinds[0] == "depthwise") == (group > 1), kinds
     assert result.manifest.verification["status"] == "verified"
     for sample in samples:
         ours = api.run(tmp_path / "b", sample).outputs["y"]
-        assert np.array_equal(ours, _exact_qconv(model, sample["x"], sx, sw, sy))
+        assert np.array_equal(ours, _exact_qconv(model, sample["x"], group))
         assert check_within_one_step(model, tmp_path / "b", sample) < 0.05
 
 
@@ -124,7 +137,7 @@ def test_sdot_on_rpi5_under_qemu(tmp_path, qemu_cpus):
     qdq, samples = _forms(tmp_path, QuantType.QUInt8)
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(qdq, "rpi5", tmp_path / "b", options=options, sample_inputs=samples[0])
-    assert _kernels(tmp_path / "ir")[0] == ["sdot"] * 3 and _channels_last(tmp_path / "ir")
+    assert sorted(_kernels(tmp_path / "ir")[0]) == ["depthwise"] + ["sdot"] * 3 and _channels_last(tmp_path / "ir")
     checked = result.manifest.verification
     assert checked["status"] == "verified" and checked["runner"] == "qemu" and "cortex-a76" in qemu_cpus
 
@@ -159,10 +172,10 @@ def test_a_kernel_the_schedule_refuses_stays_float(tmp_path, monkeypatch):
     qdq, samples = _forms(tmp_path, QuantType.QUInt8)
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(qdq, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
-    assert len(_kernels(tmp_path / "ir")[0]) == 2
+    assert len(_kernels(tmp_path / "ir")[0]) == 3
     text = next((tmp_path / "ir").glob("*-int8-kernels.py")).read_text()
     assert result.compiled.int8_kernels["left"] == ["matmul 1x1024: ScheduleError: refused here"]
-    assert result.compiled.int8_kernels["layers"] == 2
+    assert result.compiled.int8_kernels["layers"] == 3
     assert re.search(r'R\.Tensor\(\(1, 10\), dtype="float32"\) = R\.matmul\(', text)   # the float chain's matmul
     assert result.manifest.verification["status"] == "verified"
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05

@@ -107,22 +107,24 @@ def conv_forms(path: Path) -> Path:
     return save_onnx(path, "conv_forms", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 10]}, inits)
 
 
-def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float) -> Path:
-    """One hand-made QDQ 3x3 conv over [1, 4, 6, 6] (s8 activations, zero points 0 and 3) with these scales: the
-    input's, the weights' and the bias's per output channel (4), the output's."""
+def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float, *, group: int = 1, zx: int = 0) -> Path:
+    """One hand-made QDQ 3x3 conv over [1, 4, 6, 6] (s8 activations, zero points zx and 3) with these scales: the
+    input's, the weights' and the bias's per output channel (len(sw) of them), the output's."""
     rng = np.random.default_rng(2)
+    cout = len(sw)
     inits = [numpy_helper.from_array(np.asarray(v, dtype), name) for name, v, dtype in [
-        ("sx", sx, np.float32), ("zx", 0, np.int8), ("sw", sw, np.float32), ("zw", [0] * 4, np.int8),
-        ("sb", sb, np.float32), ("zb", [0] * 4, np.int32), ("sy", sy, np.float32), ("zy", 3, np.int8),
-        ("w", rng.integers(-127, 128, (4, 4, 3, 3)), np.int8), ("b", rng.integers(-500, 500, 4), np.int32)]]
+        ("sx", sx, np.float32), ("zx", zx, np.int8), ("sw", sw, np.float32), ("zw", [0] * cout, np.int8),
+        ("sb", sb, np.float32), ("zb", [0] * cout, np.int32), ("sy", sy, np.float32), ("zy", 3, np.int8),
+        ("w", rng.integers(-127, 128, (cout, 4 // group, 3, 3)), np.int8),
+        ("b", rng.integers(-500, 500, cout), np.int32)]]
     nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1], group=group),
              helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
              helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
-    return save_onnx(path, "qconv", nodes, {"x": [1, 4, 6, 6]}, {"y": [1, 4, 6, 6]}, inits)
+    return save_onnx(path, "qconv", nodes, {"x": [1, 4, 6, 6]}, {"y": [1, cout, 6, 6]}, inits)
 
 
 def test_bias_at_another_scale_is_not_an_int8_bias(tmp_path):

@@ -49,6 +49,7 @@ ATTR = "edgec.int8_kernel"        # the dot product the kernel's sums use: "vnni
 RECORD_ATTR = "edgec.int8_kernels"
 _GROUP = "edgec_int8"             # the patterns' prefix: the partitioned chains this pass replaces
 _INT32_MAX = 2**31 - 1
+_OPAQUE = 8                       # TVM's OpPatternKind kOpaque
 _MIN_ROW_TILES = 8                # row tiles that keep the cores busy on their own (see _schedule)
 
 
@@ -70,7 +71,8 @@ def _no_offload(ctx: BuildContext) -> bool:
 
 
 def _integer_convs(mod: tvm.IRModule) -> bool:
-    """Whether main has an NCHW conv2d int8-kernels takes by shape (groups 1) on a dequantized int8 weight."""
+    """Whether main has an NCHW conv2d int8-kernels takes by shape (groups 1, or depthwise) on a dequantized int8
+    weight."""
     bound = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
 
     def int8_weight(arg) -> bool:
@@ -78,7 +80,8 @@ def _integer_convs(mod: tvm.IRModule) -> bool:
         return isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.dequantize") \
             and isinstance(value.args[0], tvm.ir.expr.GenericConst) and value.args[0].ty.dtype == "int8"
 
-    return any(isinstance(v, relax.Call) and v.op == tvm.ir.Op.get("relax.nn.conv2d") and int(v.attrs.groups) == 1
+    return any(isinstance(v, relax.Call) and v.op == tvm.ir.Op.get("relax.nn.conv2d")
+               and (int(v.attrs.groups) == 1 or _depthwise(v))
                and str(v.attrs.data_layout) == "NCHW" and int8_weight(v.args[1]) for v in bound.values())
 
 
@@ -134,7 +137,7 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
         kind = _dot_product(target)[0]
         kernels = sum(1 for f in mod.functions.values() if isinstance(f, tirx.PrimFunc) and ATTR in (f.attrs or {}))
         record = {"instruction": DOT_PRODUCTS[kind].instruction if kind in DOT_PRODUCTS else VECTOR_LOOP,
-                  "layers": replace.taken, "kernels": kernels, "left": replace.left,
+                  "layers": replace.taken, "depthwise": replace.depthwise, "kernels": kernels, "left": replace.left,
                   "refused": Counter(why for name, why in refused.items() if name not in accepted)}
         return mod.with_attr(RECORD_ATTR, json.dumps(record)) if groups or record["refused"] else mod
 
@@ -149,11 +152,13 @@ def _unsupported(anchor: relax.Call) -> str | None:
         return "dynamic shape"
     if anchor.op.name == "relax.nn.conv2d":
         a = anchor.attrs
-        if int(a.groups) != 1:
-            return "grouped or depthwise convolution"
         if str(a.data_layout) not in ("NCHW", "NHWC") or str(a.out_layout or a.data_layout) != str(a.data_layout) \
                 or sorted(str(a.kernel_layout)) != sorted("OIHW"):
             return f"layout {a.data_layout}/{a.kernel_layout}"
+        if int(a.groups) != 1 and not _depthwise(anchor):
+            return "grouped convolution"
+        if _depthwise(anchor) and str(a.data_layout) != "NHWC":
+            return "depthwise convolution in NCHW"      # int8-layout puts it in NHWC; disabled, it stays float
         k = math.prod(static_shape(anchor.args[1])[1:])
     else:
         if len(static_shape(anchor.args[1])) != 2 or len(static_shape(anchor.args[0])) < 2:
@@ -164,8 +169,25 @@ def _unsupported(anchor: relax.Call) -> str | None:
     return None
 
 
+def _depthwise(conv: relax.Call) -> bool:
+    """Whether each output channel of the conv2d reads one input channel (groups = input channels)."""
+    groups = int(conv.attrs.groups)
+    return groups > 1 and groups == static_shape(conv.args[0])[str(conv.attrs.data_layout).index("C")]
+
+
 def _value(expr) -> np.ndarray:
     return expr.value.numpy()
+
+
+def _requantize(total, n, bias: te.Tensor, scale: te.Tensor, quantization: te.Tensor, out_dtype: str):
+    """Output channel n's int32 sum `total` as the chain's output: float32(total + b') * sx * sw[n], the activation's
+    clamp, then relax.quantize's own arithmetic (its legalization: clip(round(v / sy) + zy, min, max), cast)."""
+    v = (total + bias[n]).astype("float32") * scale[n]
+    v = tirx.max(tirx.min(v, quantization[4]), quantization[3])
+    v = te.round(v / quantization[1]) + quantization[2]
+    info = np.iinfo(out_dtype)
+    lo, hi = (tirx.const(float(b), "float32") for b in (info.min, info.max))
+    return tirx.max(tirx.min(v, hi), lo).astype(out_dtype)
 
 
 @relax.expr_functor.mutator
@@ -178,6 +200,7 @@ class _Replace(relax.PyExprMutator):
         self.target = target
         self.left: list[str] = []       # "<op> <input shape>: why" for each chain whose kernel failed
         self.taken = 0                  # chains replaced by their kernel
+        self.depthwise = 0              # of which depthwise convs
 
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
@@ -192,7 +215,9 @@ class _Replace(relax.PyExprMutator):
         func = self.mod_[call.op]
         if (func.attrs or {}).get("Codegen") != _GROUP:
             return call
-        chain = _IntegerChain(read_quantized(func), call.args, self.target)
+        q = read_quantized(func)
+        depthwise = q.anchor.op.name == "relax.nn.conv2d" and _depthwise(q.anchor)
+        chain = (_DepthwiseChain if depthwise else _IntegerChain)(q, call.args, self.target)
         constants = chain.constants()
         try:
             kernel = chain.kernel(constants[0].shape)
@@ -201,6 +226,7 @@ class _Replace(relax.PyExprMutator):
                              f"{last_line(e)}")
             return self._float_chain(func, call.args)
         self.taken += 1
+        self.depthwise += depthwise
         return chain.emit(self.builder_, kernel, constants)
 
     def _float_chain(self, func: relax.Function, args) -> relax.Expr:
@@ -218,9 +244,9 @@ class _IntegerChain:
 
     def __init__(self, q: QFused, args, target: tvm.target.Target):
         self.q, self.args, self.target = q, args, target
-        self.kind, self.lanes, self.group, self.a_dtype = _dot_product(target)
-        x = args[q.data]
-        self.x_shape, self.x_dtype = static_shape(x), q.data_dtype
+        self.x_shape, self.x_dtype = static_shape(args[q.data]), q.data_dtype
+        self.out_shape = static_shape(q.anchor)
+        self.kind, self.lanes, self.group, self.a_dtype = self._sums(target)
         # the input's zero point where A holds it shifted to the other 8-bit type (x ^ 0x80 is x -/+ 128)
         self.shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((self.x_dtype, self.a_dtype), 0)
         self.zx = int(_value(args[q.data_zero_point])) + self.shift
@@ -229,7 +255,10 @@ class _IntegerChain:
         self.zy = int(_value(args[q.out_zero_point]))
         self.weight = self._weight_matrix()                      # (N, K) int8
         self.n, self.k = self.weight.shape
-        self.out_shape = static_shape(q.anchor)
+
+    def _sums(self, target: tvm.target.Target) -> tuple[str, int, int, str]:
+        """(kind, lanes, group, A's type) of the kernel's sums: the target's dot product."""
+        return _dot_product(target)
 
     def _weight_matrix(self) -> np.ndarray:
         w = _value(self.args[self.q.weight])
@@ -255,17 +284,20 @@ class _IntegerChain:
         """Packed weights [Np/L, Kp/G, L, G], bias with the input's zero point folded in, per-channel scale, and
         [zx, sy, zy, lo, hi]: the input's zero point (as A holds it), the output's scale and zero point, and the
         activation's clamp, operands rather than constants in the code so that the layers of one shape share it."""
-        lanes, group, n, k = self.lanes, self.group, self.n, self.k
-        kp, np_ = -(-k // group) * group, self._n_blocks() * lanes
-        padded = np.zeros((np_, kp), np.int8)
-        padded[:n, :k] = self.weight
-        packed = np.ascontiguousarray(padded.reshape(np_ // lanes, lanes, kp // group, group).transpose(0, 2, 1, 3))
+        n = self.n
         bias = np.zeros(n, np.int64) if self.q.bias is None else _value(self.args[self.q.bias]).reshape(-1)
         bias = bias.astype(np.int64) - self.zx * self.weight.astype(np.int64).sum(axis=1)
         sw = np.broadcast_to(_value(self.args[self.q.weight_scale]).astype(np.float32).reshape(-1), (n,))
         lo, hi = {"relu": (0.0, np.inf), "clip": self.q.bounds}.get(self.q.activation, (-np.inf, np.inf))
         quantization = np.array([self.zx, self.sy, self.zy, lo, hi], np.float32)
-        return packed, bias.astype(np.int32), (self.sx * sw).astype(np.float32), quantization
+        return self._packed(), bias.astype(np.int32), (self.sx * sw).astype(np.float32), quantization
+
+    def _packed(self) -> np.ndarray:
+        lanes, group, n, k = self.lanes, self.group, self.n, self.k
+        kp, np_ = -(-k // group) * group, self._n_blocks() * lanes
+        padded = np.zeros((np_, kp), np.int8)
+        padded[:n, :k] = self.weight
+        return np.ascontiguousarray(padded.reshape(np_ // lanes, lanes, kp // group, group).transpose(0, 2, 1, 3))
 
     def _n_blocks(self) -> int:
         """Blocks of `lanes` output channels (the packed weights' first axis)."""
@@ -285,12 +317,14 @@ class _IntegerChain:
             and layout is None
         return self._prim_func(rows, packed_shape, direct)
 
+    def _call(self, bb: relax.BlockBuilder, func: tirx.PrimFunc, name: str, constants, shape) -> relax.Expr:
+        gv = bb.add_func(func, name)        # an equal kernel: the same gv
+        return bb.emit(relax.call_tir(gv, [self.args[self.q.data], *(relax.const(c) for c in constants)],
+                                      relax.TensorType(shape, self.q.out_dtype)))
+
     def emit(self, bb: relax.BlockBuilder, func: tirx.PrimFunc, constants) -> relax.Expr:
         rows, layout = self._rows()
-        x = self.args[self.q.data]
-        gv = bb.add_func(func, f"int8_{self.q.anchor.op.name.rsplit('.', 1)[-1]}")   # an equal kernel: the same gv
-        out = bb.emit(relax.call_tir(gv, [x, *(relax.const(c) for c in constants)],
-                                     relax.TensorType((rows, self.n), self.q.out_dtype)))
+        out = self._call(bb, func, f"int8_{self.q.anchor.op.name.rsplit('.', 1)[-1]}", constants, (rows, self.n))
         if layout is None:
             return relax.op.reshape(out, self.out_shape)
         nhwc = [self.out_shape[layout.index(c)] for c in "NHWC"]
@@ -351,19 +385,16 @@ class _IntegerChain:
                                 * w[n // lanes, r // self.group, n % lanes, r % self.group].astype("int32"), axis=r),
             name="acc")
 
-        def requantize(m, n):
-            v = (acc[m, n] + bias[n]).astype("float32") * scale[n]
-            v = tirx.max(tirx.min(v, quantization[4]), quantization[3])      # the activation
-            # relax.quantize's legalization: clip(round(v / scale) + zp, min, max), cast
-            v = te.round(v / quantization[1]) + quantization[2]
-            lo, hi = (tirx.const(float(f(q.out_dtype)), "float32") for f in (lambda t: np.iinfo(t).min,
-                                                                          lambda t: np.iinfo(t).max))
-            return tirx.max(tirx.min(v, hi), lo).astype(q.out_dtype)
-
-        out = te.compute((rows, self.n), requantize, name="out")
+        out = te.compute((rows, self.n), lambda m, n: _requantize(acc[m, n], n, bias, scale, quantization,
+                                                                  q.out_dtype), name="out")
         func = te.create_prim_func([x, w, bias, scale, quantization, out])
-        func = self._schedule(func, rows, direct).without_attr("global_symbol")   # named by add_func
-        return func.with_attr({_SCHEDULED: True, ATTR: self.kind})
+        return self._finished(self._schedule(func, rows, direct))
+
+    def _finished(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
+        """The scheduled kernel, unnamed (add_func names it), marked scheduled and never fused: FuseTIR would put
+        unscheduled loops of its neighbours in it (and trips on its buffers' int32 shapes)."""
+        return func.without_attr("global_symbol").with_attr({_SCHEDULED: True, ATTR: self.kind,
+                                                             "op_pattern": _OPAQUE})
 
     def _schedule(self, func: tirx.PrimFunc, rows: int, direct: bool) -> tirx.PrimFunc:
         sch = s_tir.Schedule(func)
@@ -419,3 +450,76 @@ class _IntegerChain:
         elif self._channels_last():
             _, taps = sch.split(sch.get_loops(pack)[-1], [None, self._tap_channels()])
             sch.vectorize(taps)
+
+
+class _DepthwiseChain(_IntegerChain):
+    """A depthwise conv's integer kernel (NHWC): each output channel sums its KH x KW taps of one input channel.
+
+    No dot product serves it (a channel's taps are not contiguous in x), so the sums are int32 vector loops across
+    channels: a vector of channels of a few neighbouring outputs stays in registers over the taps, each tap's weights
+    loaded once for those outputs, and is requantized right after. Padding reads the input's zero point, folded into
+    the bias as for the other kernels; x is read as it is (no shifted copy)."""
+
+    _ACCUMULATORS = 64      # int32 sums a tile keeps: 4 AVX-512, 8 AVX2 or 16 NEON registers, half of the file or less
+
+    def _sums(self, target: tvm.target.Target) -> tuple[str, int, int, str]:
+        channels = self.out_shape[3]
+        return "vector", next(n for n in (16, 8, 4, 2, 1) if channels % n == 0), 1, self.x_dtype
+
+    def _weight_matrix(self) -> np.ndarray:
+        w = _value(self.args[self.q.weight])
+        w = w.transpose([str(self.q.anchor.attrs.kernel_layout).index(c) for c in "OHWI"])
+        return w.reshape(w.shape[0], -1)        # (N, KH * KW): one input channel per output channel
+
+    def _packed(self) -> np.ndarray:
+        return np.ascontiguousarray(self.weight.T)      # [tap, channel]: a tap's weights for a vector of channels
+
+    def kernel(self, packed_shape) -> tirx.PrimFunc:
+        a = self.q.anchor.attrs
+        w_shape = static_shape(self.args[self.q.weight])
+        kh_n, kw_n = (w_shape[str(a.kernel_layout).index(d)] for d in "HW")
+        h_in, w_in, c_in = self.x_shape[1:]
+        multiplier = self.n // c_in
+        x = te.placeholder(self.x_shape, self.x_dtype, name="x")
+        w = te.placeholder(packed_shape, "int8", name="w")
+        bias = te.placeholder((self.n,), "int32", name="bias")
+        scale = te.placeholder((self.n,), "float32", name="scale")
+        quantization = te.placeholder((5,), "float32", name="quantization")      # constants()' last
+        kh, kw = te.reduce_axis((0, kh_n), name="kh"), te.reduce_axis((0, kw_n), name="kw")
+
+        def tap(b, oh, ow, c):
+            ih = oh * int(a.strides[0]) + kh * int(a.dilation[0]) - int(a.padding[0])
+            iw = ow * int(a.strides[1]) + kw * int(a.dilation[1]) - int(a.padding[1])
+            inside = tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in)
+            value = x[b, tirx.max(tirx.min(ih, h_in - 1), 0), tirx.max(tirx.min(iw, w_in - 1), 0), c // multiplier]
+            return tirx.Select(inside, value, quantization[0].astype(self.x_dtype)).astype("int32")
+
+        acc = te.compute(self.out_shape, lambda b, oh, ow, c: te.sum(
+            tap(b, oh, ow, c) * w[kh * kw_n + kw, c].astype("int32"), axis=[kh, kw]), name="acc")
+        out = te.compute(self.out_shape, lambda b, oh, ow, c: _requantize(
+            acc[b, oh, ow, c], c, bias, scale, quantization, self.q.out_dtype), name="out")
+        func = te.create_prim_func([x, w, bias, scale, quantization, out])
+        return self._finished(self._schedule(func))
+
+    def _schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
+        sch = s_tir.Schedule(func)
+        acc = sch.get_sblock("acc")
+        b, oh, ow, c, kh, kw = sch.get_loops(acc)
+        width = self.out_shape[2]
+        tile = max(t for t in range(1, self._ACCUMULATORS // self.lanes + 1) if width % t == 0)
+        owo, owi = sch.split(ow, [None, tile])
+        co, ci = sch.split(c, [None, self.lanes])
+        rows = sch.fuse(b, oh)
+        sch.reorder(rows, owo, co, kh, kw, owi, ci)
+        if math.prod(self.out_shape) * self.k >= _MIN_PARALLEL_WORK:
+            sch.parallel(rows)
+        out = sch.get_sblock("out")
+        sch.reverse_compute_at(out, co)
+        sch.vectorize(sch.get_loops(out)[-1])
+        sch.vectorize(ci)       # before the init is split off, which takes the vector loop along
+        init = sch.decompose_reduction(acc, kh)
+        sch.set_scope(init, 0, "local")
+        return sch.mod["main"]
+
+    def emit(self, bb: relax.BlockBuilder, func: tirx.PrimFunc, constants) -> relax.Expr:
+        return self._call(bb, func, "int8_depthwise_conv2d", constants, self.out_shape)
