@@ -179,3 +179,74 @@ def test_a_kernel_the_schedule_refuses_stays_float(tmp_path, monkeypatch):
     assert re.search(r'R\.Tensor\(\(1, 10\), dtype="float32"\) = R\.matmul\(', text)   # the float chain's matmul
     assert result.manifest.verification["status"] == "verified"
     assert check_within_one_step(qdq, tmp_path / "b", samples[1]) < 0.05
+
+
+_GUARDED_RUN = r'''
+import ctypes, mmap, sys
+import numpy as np, tvm
+
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+for i, path in enumerate(sys.argv[1:]):
+    case = np.load(path + ".npz")
+    x, constants = case["x"], [case[f"c{j}"] for j in range(4)]
+    kernel = tvm.runtime.load_module(path + ".so")["main"]
+
+    def run(x):
+        out = tvm.runtime.tensor(np.zeros(case["out_shape"], str(case["out_dtype"])))
+        kernel(x, *(tvm.runtime.tensor(c) for c in constants), out)
+        return out.numpy()
+
+    expected = run(tvm.runtime.tensor(x))
+    pages = -(-x.nbytes // PAGE)
+    for at_start in (True, False):      # x right after an unreadable page, or right before one
+        region = mmap.mmap(-1, (pages + 2) * PAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        for guard in (base, base + (pages + 1) * PAGE):
+            assert libc.mprotect(guard, PAGE, 0) == 0
+        offset = PAGE if at_start else (pages + 1) * PAGE - x.nbytes
+        guarded = np.frombuffer(region, x.dtype, x.size, offset).reshape(x.shape)
+        guarded[...] = x
+        assert np.array_equal(run(tvm.runtime.from_dlpack(guarded)), expected), path    # x itself, not a copy
+        del guarded
+    print("read inside", path, flush=True)
+'''
+
+
+def test_kernels_read_only_their_input(tmp_path, monkeypatch):
+    """Each kernel (3x3 padded conv, the depthwise conv with asymmetric padding, 1x1 conv, matmul) reads nothing
+    outside its input: run on an input between two unreadable pages, it gives the same output (a read of the
+    padding outside x, which a Select of TVM's computes whatever its condition, stops the process with SIGSEGV)."""
+    import subprocess
+    import sys
+
+    import tvm
+
+    from edgec.passes import int8_kernels
+    from edgec.targets import load_target
+
+    kernels = []
+    finished = int8_kernels._IntegerChain._finished
+
+    def keep(self, func):
+        kernels.append((self, finished(self, func)))
+        return kernels[-1][1]
+
+    monkeypatch.setattr(int8_kernels._IntegerChain, "_finished", keep)
+    qdq, samples = _forms(tmp_path, QuantType.QUInt8)
+    api.build(qdq, "host", tmp_path / "b", options=NO_OFFLOAD, sample_inputs=samples[0])
+    assert sorted(type(chain).__name__ for chain, _ in kernels) == ["_DepthwiseChain"] + ["_IntegerChain"] * 3
+    paths = []
+    for i, (chain, func) in enumerate(kernels):
+        path = tmp_path / f"kernel{i}"
+        tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                       target=load_target("host").tvm()).export_library(str(path) + ".so")
+        out_shape = chain.out_shape if isinstance(chain, int8_kernels._DepthwiseChain) else (chain._rows()[0], chain.n)
+        x = RNG.integers(0, 256, chain.x_shape).astype(chain.x_dtype)
+        np.savez(str(path) + ".npz", x=x, out_shape=out_shape, out_dtype=chain.q.out_dtype,
+                 **{f"c{j}": c for j, c in enumerate(chain.constants())})
+        paths.append(str(path))
+    done = subprocess.run([sys.executable, "-c", _GUARDED_RUN, *paths], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.count("read inside") == 4, (done.returncode, done.stdout,
+                                                                           done.stderr[-2000:])
