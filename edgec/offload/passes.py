@@ -4,6 +4,7 @@ graph preparation, partition, code generation. `edgec passes` lists them and `--
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -166,6 +167,11 @@ def _drop_transpose_pairs(mod, pctx):
             operands = [m[left], moved] if first in m else [moved, m[left]]
         else:
             other = m[dequantized]
+            scalar = static_shape(other)
+            if scalar is not None and math.prod(scalar) == 1 and len(scalar) <= len(axes):
+                # a dequantized scalar (QDQ's hardswish constants) broadcasts alike in any layout
+                operands = [m[left], other] if first in m else [other, m[left]]
+                return relax.op.permute_dims(relax.Call(expr.op, operands, expr.attrs), axes)
             if any(static_shape(e) != shape for e in (transposed, other)):
                 return expr     # broadcasting: the operands' layouts are not the output's
             if not per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)]:
