@@ -1,4 +1,4 @@
-"""offload-layout's transpose sinking: a constant of higher rank than the transposed tensor stays where it is."""
+"""offload-layout's transpose sinking: where a transpose moves below an op, and where it must stay."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,3 +33,32 @@ def test_concat_of_a_bound_tuple_sinks_the_transposes():
         bb.emit_func_output(out)
     script = _drop_transpose_pairs(bb.get()).script()
     assert "R.concat((a, b), axis=3)" in script and script.count("R.permute_dims") == 1, script
+
+
+def _between_transposes(constant_shape: tuple[int, ...]) -> str:
+    """NHWC u8 -> NCHW, QDQ's multiply and add by dequantized constants of `constant_shape`, -> NHWC, after the pass."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 4, 16), "uint8"))
+    scale, zero = relax.const(np.float32(0.1)), relax.const(np.uint8(128))
+
+    def dequantized_constant(value):
+        return bb.emit(relax.op.dequantize(relax.const(np.full(constant_shape, value, "uint8")), scale, zero))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            d = bb.emit(relax.op.dequantize(bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2])), scale, zero))
+            v = bb.emit(relax.op.multiply(dequantized_constant(140), d))
+            v = bb.emit(relax.op.add(v, dequantized_constant(131)))
+            q = bb.emit(relax.op.quantize(v, scale, zero, out_dtype="uint8"))
+            out = bb.emit_output(relax.op.permute_dims(q, [0, 2, 3, 1]))
+        bb.emit_func_output(out)
+    return _drop_transpose_pairs(bb.get()).script()
+
+
+def test_transposes_cancel_across_dequantized_scalars():
+    """QDQ's hardswish multiplies and adds dequantize(constant) scalars (before fold-constants makes them constants):
+    the transpose moves through them and meets its inverse; a dequantized per-channel constant (1, 16, 1, 1), which
+    broadcasts along the channels of NCHW only, keeps both."""
+    for shape in ((1,), ()):
+        assert "R.permute_dims" not in _between_transposes(shape), shape
+    assert _between_transposes((1, 16, 1, 1)).count("R.permute_dims") == 2
