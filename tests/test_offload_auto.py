@@ -5,6 +5,7 @@ a target this machine cannot run is refused in one line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,59 @@ def test_candidates_are_timed_as_the_runners_will_run(monkeypatch, user, added):
     assert auto.timing_environment(3) == {**added, "TVM_NUM_THREADS": "3"}
     assert bundle_runner().offload_thread_environment(dict(user)) == added
     assert (auto._spin_settings() == default) == (not user)
+
+
+@pytest.fixture(scope="module")
+def int8_forms(tmp_path_factory):
+    """onnxruntime's QDQ model (7-bit weights: oneDNN takes them on any CPU) of every conv form (3x3 padded, depthwise,
+    grouped, 1x1) and a Gemm, and a sample."""
+    from test_offload_int8 import conv_forms, quantized
+
+    samples = [{"x": RNG.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(16)]
+    model = conv_forms(tmp_path_factory.mktemp("models") / "forms.onnx")
+    return quantized(model, samples, reduce_range=True), samples[0]
+
+
+def _int8_rows(result):
+    timed = [r for r in result.compiled.offload if r.measured]
+    untimed = [(r.operator, r.backend, r.detail) for r in result.compiled.offload if not r.measured]
+    return timed, untimed
+
+
+def test_int8_chains_are_timed_against_their_integer_kernels(int8_forms, tmp_path, monkeypatch):
+    """oneDNN's int8 chains are timed against TVM's integer kernel for the same chain (int8-kernels'), really measured
+    here: the 3x3, depthwise and 1x1 convs and the matmul; the grouped conv, which has no integer kernel in TVM (its
+    alternative would be float QDQ), stays in oneDNN untimed, in the placement, and its library is linked."""
+    qdq, sample = int8_forms
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto, "TIME_LIMIT_S", 900.0)
+    result = api.build(qdq, "host", tmp_path / "b", options=AUTO, sample_inputs=sample)
+    timed, untimed = _int8_rows(result)
+    assert sorted((r.operator, r.count) for r in timed) == [("conv2d", 1)] * 3 + [("matmul", 1)], timed
+    assert all(r.measured.backend_ms > 0 and r.measured.tvm_ms > 0 for r in timed)
+    assert untimed == [("conv2d", "onednn", "onednn.qconv2d_bias")], untimed
+    assert result.manifest.verification["status"] == "verified"
+
+
+def test_int8_chain_tvm_wins_becomes_its_integer_kernel(int8_forms, tmp_path, monkeypatch):
+    """Injected timings, TVM faster: each timed int8 chain leaves oneDNN for its integer kernel (call_tir of
+    int8-kernels' kernel, not the float QDQ operators), the bundle within one step of onnxruntime's QDQ math."""
+    from test_offload_int8 import check_within_one_step
+
+    qdq, sample = int8_forms
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto, "measure", lambda mod, groups, ctx, backends: {
+        g.key: auto.Timing(0.2, 0.1) for g in groups})
+    dump = tmp_path / "ir"
+    result = api.build(qdq, "host", tmp_path / "b", options=BuildOptions(offload=OFFLOAD_AUTO, dump_ir=dump),
+                       sample_inputs=sample)
+    timed, untimed = _int8_rows(result)
+    assert len(timed) == 4 and all(r.backend is None and r.detail.startswith("auto: TVM 0.1 ms") for r in timed)
+    assert untimed == [("conv2d", "onednn", "onednn.qconv2d_bias")], untimed
+    after = next(dump.glob("*-offload-auto.py")).read_text()
+    main = after[after.index("def main"):]
+    assert sorted(re.findall(r"R\.call_tir\(cls\.(int8_\w+?)\d*,", main)) == [
+        "int8_conv2d", "int8_conv2d", "int8_depthwise_conv2d", "int8_matmul"], main
+    assert "R.nn.conv2d(" not in main and "R.matmul(" not in main
+    assert result.manifest.verification["status"] == "verified"
+    assert check_within_one_step(qdq, result.bundle_dir, sample) < 0.05

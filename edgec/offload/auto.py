@@ -1,6 +1,7 @@
 """`--offload auto`: each operator group the backends took is timed on this machine against TVM's own kernel for
 the same group, and the faster is kept; the groups TVM wins go back into the graph (un-partitioned), where
-TVM's pipeline fuses them like any other operator.
+TVM's pipeline fuses them like any other operator. An int8 chain's TVM kernel is its integer kernel (int8-kernels');
+a chain without one stays offloaded, untimed.
 
 Why this shape. A library call has a fixed cost (a primitive to run, a thread team to wake) that a small group does
 not earn back, and where that line falls depends on the CPU and the thread count, so it is measured, not guessed.
@@ -9,7 +10,7 @@ of one variant are compiled into one module (one compile, one link per variant, 
 runs in a worker process of its own, the two timed in alternated rounds with edgec.benchmark's method (only one
 process runs at a time, the next starting once the last one's threads are idle): per round the lowest of a few
 repeats, then the median over rounds. Decisions are cached in the user's cache, keyed by the CPU, the thread count,
-TVM's version, the backend's code and the group, so a rebuild does not measure again.
+TVM's version, the backend's code, TVM's kernels' code and the group, so a rebuild does not measure again.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,11 +32,12 @@ from tvm import relax
 
 from ..context import BuildContext
 from ..errors import EdgecError
+from ..passes import int8_kernels
 from ..runtime import bundle_runner
 from ..workers import WorkerProcess, WorkerTimeout, serve
 from .backend import Backend
 from .fusion import read_fused, static_shape
-from .quantized import is_quantized
+from .quantized import is_quantized, read_quantized
 from .passes import LOAD_SUFFIX, Measured, Placement, placement_of, with_placement
 
 TIME_LIMIT_S = 120.0       # timing both variants (compiling them is not counted): rounds run while they fit
@@ -101,7 +104,7 @@ def auto_pass(ctx: BuildContext, backends: tuple[Backend, ...]) -> Callable[[tvm
             for key, timing in measured.items():
                 _store(key, timing)
             timings.update(measured)
-        return decide(mod, groups, timings)
+        return decide(mod, groups, timings, ctx.tvm_target())
 
     return offload_auto
 
@@ -109,20 +112,21 @@ def auto_pass(ctx: BuildContext, backends: tuple[Backend, ...]) -> Callable[[tvm
 def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, ...]) -> list[Group]:
     """The partitioned functions main calls, in first-call order, with their call counts and cache keys."""
     calls: dict[str, int] = {}
-    for binding in (b for block in mod["main"].body.blocks for b in block.bindings):
-        call = binding.value
-        if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.GlobalVar) \
-                and "Codegen" in (mod[call.op].attrs or {}):
-            calls[call.op.name_hint] = calls.get(call.op.name_hint, 0) + 1
+    for call in _partition_calls(mod):
+        calls[call.op.name_hint] = calls.get(call.op.name_hint, 0) + 1
     by_name = {b.name: b for b in backends}
     context = _context_key(ctx)
     groups = []
     for symbol, count in calls.items():
         func = mod[symbol]
-        if is_quantized(func):   # int8 chains stay offloaded: TVM's alternative is their float QDQ form
-            continue
         backend = by_name[str(func.attrs["Codegen"])]
-        fused = read_fused(func)
+        # an int8 chain's TVM side is its integer kernel (int8-kernels'), built from the constants main passes it;
+        # where it has none, TVM's alternative would be the float QDQ operators: it stays offloaded
+        quantized = is_quantized(func)
+        if quantized and not (int8_kernels.takes(func) and all(
+                isinstance(_call_args(mod, symbol)[k], tvm.ir.expr.GenericConst) for k in backend.packed(func))):
+            continue
+        fused = read_quantized(func) if quantized else read_fused(func)
         shape = "x".join(map(str, static_shape(fused.anchor.args[0]) or ["?"]))
         structure = tvm_ffi.structural_hash(_plain(func), map_free_vars=True)
         key = hashlib.sha256(json.dumps([context, backend.name, _code_digest(backend), fused.composite,
@@ -132,17 +136,41 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
     return groups
 
 
-def decide(mod: tvm.IRModule, groups: list[Group], timings: dict[str, Timing]) -> tvm.IRModule:
-    """Keep the groups whose library call is faster; inline the others back into main as plain operators; record
-    each decision with both timings in the placement."""
+def _partition_calls(mod: tvm.IRModule) -> list[relax.Call]:
+    """main's calls of partitioned functions, in order."""
+    return [b.value for block in mod["main"].body.blocks for b in block.bindings
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)
+            and "Codegen" in (mod[b.value.op].attrs or {})]
+
+
+def _call_args(mod: tvm.IRModule, symbol: str) -> list[relax.Expr]:
+    """The arguments of main's first call of `symbol`."""
+    return list(next(c for c in _partition_calls(mod) if c.op.name_hint == symbol).args)
+
+
+def decide(mod: tvm.IRModule, groups: list[Group], timings: dict[str, Timing],
+           target: tvm.target.Target) -> tvm.IRModule:
+    """Keep the groups whose library call is faster; inline the others back into main as plain operators (an int8
+    chain: its integer kernel); record each decision with both timings in the placement."""
+    timed = Counter()
+    for g in groups:
+        timed[(g.operator, g.backend, g.composite)] += g.calls
+    # the checks' refusals stay as they were, and so do the offloaded calls auto did not time (int8 chains without
+    # an integer kernel in TVM)
+    rows = [p if p.backend is None else replace(p, count=p.count - timed[(p.operator, p.backend, p.detail)])
+            for p in placement_of(mod) or ()]
+    rows = [p for p in rows if p.count > 0]
     losers = [g for g in groups if not timings[g.key].library_wins]
     if losers:
         mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+        chains = {g.symbol for g in losers if is_quantized(mod[g.symbol])}
         for g in losers:
-            mod[mod.get_global_var(g.symbol)] = _plain(mod[g.symbol])
+            if g.symbol not in chains:
+                mod[mod.get_global_var(g.symbol)] = _plain(mod[g.symbol])
         mod = tvm.transform.Sequential([relax.transform.InlinePrivateFunctions(),
                                         relax.transform.CanonicalizeBindings()])(mod)
-    rows = [p for p in placement_of(mod) or () if p.backend is None]   # the checks' refusals stay as they were
+        if chains:      # an int8 chain goes back to TVM as its integer kernel, which int8-kernels gave the others
+            mod = int8_kernels.replace_chains(mod, target, chains)
     for g in groups:
         t = timings[g.key]
         measured = Measured(f"{g.composite} {g.shape}", g.backend, t.backend_ms, t.tvm_ms)
@@ -173,12 +201,12 @@ def _context_key(ctx: BuildContext) -> list:
     """What TVM's side of a timing depends on besides the group: this CPU, the threads and how idle ones wait, TVM
     and how it lowers."""
     from ..benchmark import _cpuinfo
-    from ..passes import cpu_schedule
+    from ..passes import cpu_schedule, dot_products
 
     cpu, flags = _cpuinfo()
     return [cpu, sorted(flags), ctx.target.tvm_target, ctx.target.device.threads, tvm.__version__, ctx.opt_level,
-            ctx.target.pass_config, [s.name for s in _lowering(ctx)], _file_digest(cpu_schedule.__file__),
-            _spin_settings()]
+            ctx.target.pass_config, [s.name for s in _lowering(ctx)],
+            [_file_digest(m.__file__) for m in (cpu_schedule, int8_kernels, dot_products)], _spin_settings()]
 
 
 def _code_digest(backend: Backend) -> str:
@@ -238,7 +266,7 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
     with tempfile.TemporaryDirectory(prefix="offload-auto-") as tmp:
         libraries = []
         for library in (True, False):
-            variant = _variant(mod, groups, library, backends)
+            variant = _variant(mod, groups, library, backends, ctx.tvm_target())
             # a context of its own: the build's timer counts the build's passes, not these
             with tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.pass_config):
                 lowered = tvm.transform.Sequential([s.make(ctx) for s in steps], name="OffloadAutoLowering")(variant)
@@ -264,23 +292,34 @@ def _order(func: relax.Function, backend: Backend) -> tuple[list[int], int]:
     return runtime + list(packed), len(runtime)
 
 
-def _variant(mod: tvm.IRModule, groups: list[Group], library: bool,
-             backends: tuple[Backend, ...]) -> tvm.IRModule:
+def _variant(mod: tvm.IRModule, groups: list[Group], library: bool, backends: tuple[Backend, ...],
+             target: tvm.target.Target) -> tvm.IRModule:
     """One module with a public function g<i>(inputs, weights) per group: calling its partitioned function (library;
-    offload-codegen gives it g<i>_load, which packs the weights once) or holding its operators inlined (TVM)."""
+    offload-codegen gives it g<i>_load, which packs the weights once) or holding its operators inlined (TVM; an int8
+    chain: its integer kernel, built from main's constants, the weights passed to g<i> unused)."""
     by_name = {b.name: b for b in backends}
     bb = relax.BlockBuilder()
+    chains = set()
     for i, g in enumerate(groups):
         func = mod[g.symbol]
-        callee = bb.add_func(func if library else _plain(func), g.symbol)
+        chain = not library and is_quantized(func)
+        callee = bb.add_func(func if library or chain else _plain(func), g.symbol)
         order, num_input = _order(func, by_name[g.backend])
         params = [relax.Var(func.params[k].name, func.params[k].ty) for k in order]
+        args = [params[order.index(k)] for k in range(len(order))]
+        if chain:
+            chains.add(g.symbol)
+            args = [a if k in order[:num_input] else c for k, (a, c) in enumerate(zip(args, _call_args(mod, g.symbol)))]
         with bb.function(f"g{i}", params, {"num_input": num_input}):
             with bb.dataflow():
-                out = bb.emit_output(relax.Call(callee, [params[order.index(k)] for k in range(len(order))]))
+                out = bb.emit_output(relax.Call(callee, args))
             bb.emit_func_output(out)
     variant = bb.get()
-    return variant if library else relax.transform.InlinePrivateFunctions()(variant)
+    if library:
+        return variant
+    if chains:
+        variant = int8_kernels.replace_chains(variant, target, chains)
+    return relax.transform.InlinePrivateFunctions()(variant)
 
 
 _MEASURE_HINT = "pass the backends by name (--offload onednn) or --offload none to build without measuring"

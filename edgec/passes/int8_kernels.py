@@ -20,8 +20,10 @@ them int8); elsewhere it is a vectorized int32 loop (L = 16). Rows (m) are tiled
 a run of tiles, packs each tile's rows of A once for all its blocks of output channels, sums a block in registers and
 requantizes it right after. The kernel is marked scheduled (`tirx.is_scheduled`; `edgec.int8_kernel` names the
 instruction used), so cpu-default-schedule leaves it alone.
+A depthwise conv2d chain (NHWC) gets a kernel of its own, `_DepthwiseChain`: int32 vector loops across channels.
 A chain the patterns or `_unsupported` refuse stays as it was, and so does one whose kernel TVM's schedule refuses:
-the module's `edgec.int8_kernels` record (`--dump-ir`, the build summary) says which and why.
+the module's `edgec.int8_kernels` record (`--dump-ir`, the build summary) says which and why. `--offload auto` times
+a backend's int8 chains against these kernels (`takes`, `replace_chains`).
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def int8_layout(ctx: BuildContext) -> tvm.transform.Pass:
                after=("canonicalize", "quantize-int8", "int8-layout", "offload-quantized"),
                applies=BuildContext.on_cpu, skip_reason="CPU (llvm) targets only")
 def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
-    """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot, AVX2 or int32 vector loops)."""
+    """Run the int8 conv2d/matmul chains no backend takes as integer kernels (VNNI, sdot, AVX2, int32 vector loops)."""
     target = ctx.tvm_target()
     accepted, refused = set(), {}       # a run's anchors: taken, or why not (fusion.recorded)
     patterns = [recorded(p, accepted, refused)
@@ -126,7 +128,7 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
         refused.clear()
         partitioned = partition(mod)
         groups = [gv for gv, f in partitioned.functions_items() if (f.attrs or {}).get("Codegen") == _GROUP]
-        replace = _Replace(partitioned, target)
+        replace = _Replace(partitioned, target, set(groups))
         if groups:
             replaced = replace.run()
             if replace.taken:   # else every kernel failed: the graph stays as it was, preparation undone
@@ -142,6 +144,24 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
         return mod.with_attr(RECORD_ATTR, json.dumps(record)) if groups or record["refused"] else mod
 
     return step
+
+
+def takes(func: relax.Function) -> bool:
+    """Whether a backend's partitioned int8 chain has an integer kernel here: one int8-kernels' own patterns match
+    (no residual add fused in), its anchor one the kernels take."""
+    q = read_quantized(func)
+    return q.sum is None and _unsupported(q.anchor) is None
+
+
+def replace_chains(mod: tvm.IRModule, target: tvm.target.Target, symbols: set[str]) -> tvm.IRModule:
+    """Each call of the partitioned int8 chains named `symbols` (a backend's; `takes` them) as call_tir of its
+    integer kernel, as int8-kernels does with its own (a chain whose kernel TVM's schedule refuses: its float QDQ
+    operators); the partitioned functions dropped. For --offload auto: its TVM side of an int8 chain."""
+    replace = _Replace(mod, target, {gv for gv in mod.get_global_vars() if gv.name_hint in symbols})
+    replaced = replace.run()
+    for name in symbols:
+        del replaced[replaced.get_global_var(name)]
+    return relax.transform.DeadCodeElimination()(replaced)
 
 
 def _unsupported(anchor: relax.Call) -> str | None:
@@ -201,12 +221,13 @@ def _requantize(total, n, bias: te.Tensor, scale: te.Tensor, quantization: te.Te
 
 @relax.expr_functor.mutator
 class _Replace(relax.PyExprMutator):
-    """Each call of a partitioned chain becomes call_tir of its integer kernel."""
+    """Each call of a partitioned chain in `chains` becomes call_tir of its integer kernel."""
 
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, chains: set[tvm.ir.GlobalVar]):
         super().__init__(mod)
         self.mod_ = mod
         self.target = target
+        self.chains = chains
         self.left: list[str] = []       # "<op> <input shape>: why" for each chain whose kernel failed
         self.taken = 0                  # chains replaced by their kernel
         self.depthwise = 0              # of which depthwise convs
@@ -219,11 +240,9 @@ class _Replace(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.GlobalVar):
+        if not isinstance(call.op, tvm.ir.GlobalVar) or call.op not in self.chains:
             return call
         func = self.mod_[call.op]
-        if (func.attrs or {}).get("Codegen") != _GROUP:
-            return call
         q = read_quantized(func)
         depthwise = q.anchor.op.name == "relax.nn.conv2d" and _depthwise(q.anchor)
         chain = (_DepthwiseChain if depthwise else _IntegerChain)(q, call.args, self.target)
