@@ -250,3 +250,23 @@ def test_kernels_read_only_their_input(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-c", _GUARDED_RUN, *paths], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.count("read inside") == 4, (done.returncode, done.stdout,
                                                                            done.stderr[-2000:])
+
+
+def test_grouped_conv_of_a_dynamic_shape_is_no_integer_conv():
+    """int8-layout's check on a grouped int8 conv whose input has a dynamic batch: not a depthwise conv it can prove
+    (the kernels' checks refuse dynamic shapes), where it indexed a shape it did not have (TypeError: the build
+    failed in int8-layout)."""
+    from tvm import relax, tirx
+
+    from edgec.passes.int8_kernels import _integer_convs
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tirx.Var("n", "int64"), 4, 6, 6), "float32"))
+    weight = relax.op.dequantize(relax.const(np.ones((4, 1, 3, 3), np.int8)), relax.const(np.float32(0.1)),
+                                 relax.const(np.int8(0)), axis=0)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = bb.emit(weight)
+            out = bb.emit_output(relax.op.nn.conv2d(x, w, padding=1, groups=4))
+        bb.emit_func_output(out)
+    assert _integer_convs(bb.get()) is False

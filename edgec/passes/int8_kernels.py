@@ -200,8 +200,8 @@ def _accumulators(target: tvm.target.Target) -> int:
 
 def _depthwise(conv: relax.Call) -> bool:
     """Whether each output channel of the conv2d reads one input channel (groups = input channels)."""
-    groups = int(conv.attrs.groups)
-    return groups > 1 and groups == static_shape(conv.args[0])[str(conv.attrs.data_layout).index("C")]
+    groups, shape = int(conv.attrs.groups), static_shape(conv.args[0])
+    return groups > 1 and shape is not None and groups == shape[str(conv.attrs.data_layout).index("C")]
 
 
 def _value(expr) -> np.ndarray:
