@@ -188,7 +188,7 @@ import numpy as np, tvm
 PAGE = mmap.PAGESIZE
 libc = ctypes.CDLL(None)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-for i, path in enumerate(sys.argv[1:]):
+for path in sys.argv[1:]:
     case = np.load(path + ".npz")
     x, constants = case["x"], [case[f"c{j}"] for j in range(4)]
     kernel = tvm.runtime.load_module(path + ".so")["main"]

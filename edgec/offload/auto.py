@@ -114,6 +114,7 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
     calls: dict[str, int] = {}
     for call in _partition_calls(mod):
         calls[call.op.name_hint] = calls.get(call.op.name_hint, 0) + 1
+    first = _first_calls(mod)
     by_name = {b.name: b for b in backends}
     context = _context_key(ctx)
     groups = []
@@ -124,7 +125,7 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
         # where it has none, TVM's alternative would be the float QDQ operators: it stays offloaded
         quantized = is_quantized(func)
         if quantized and not (int8_kernels.takes(func) and all(
-                isinstance(_call_args(mod, symbol)[k], tvm.ir.expr.GenericConst) for k in backend.packed(func))):
+                isinstance(first[symbol].args[k], tvm.ir.expr.GenericConst) for k in backend.packed(func))):
             continue
         fused = read_quantized(func) if quantized else read_fused(func)
         shape = "x".join(map(str, static_shape(fused.anchor.args[0]) or ["?"]))
@@ -143,9 +144,12 @@ def _partition_calls(mod: tvm.IRModule) -> list[relax.Call]:
             and "Codegen" in (mod[b.value.op].attrs or {})]
 
 
-def _call_args(mod: tvm.IRModule, symbol: str) -> list[relax.Expr]:
-    """The arguments of main's first call of `symbol`."""
-    return list(next(c for c in _partition_calls(mod) if c.op.name_hint == symbol).args)
+def _first_calls(mod: tvm.IRModule) -> dict[str, relax.Call]:
+    """main's first call of each partitioned function, by name."""
+    first: dict[str, relax.Call] = {}
+    for call in _partition_calls(mod):
+        first.setdefault(call.op.name_hint, call)
+    return first
 
 
 def decide(mod: tvm.IRModule, groups: list[Group], timings: dict[str, Timing],
@@ -299,7 +303,7 @@ def _variant(mod: tvm.IRModule, groups: list[Group], library: bool, backends: tu
     chain: its integer kernel, built from main's constants, the weights passed to g<i> unused)."""
     by_name = {b.name: b for b in backends}
     bb = relax.BlockBuilder()
-    chains = set()
+    chains, first = set(), _first_calls(mod)
     for i, g in enumerate(groups):
         func = mod[g.symbol]
         chain = not library and is_quantized(func)
@@ -309,7 +313,7 @@ def _variant(mod: tvm.IRModule, groups: list[Group], library: bool, backends: tu
         args = [params[order.index(k)] for k in range(len(order))]
         if chain:
             chains.add(g.symbol)
-            args = [a if k in order[:num_input] else c for k, (a, c) in enumerate(zip(args, _call_args(mod, g.symbol)))]
+            args = [a if k in order[:num_input] else c for k, (a, c) in enumerate(zip(args, first[g.symbol].args))]
         with bb.function(f"g{i}", params, {"num_input": num_input}):
             with bb.dataflow():
                 out = bb.emit_output(relax.Call(callee, args))

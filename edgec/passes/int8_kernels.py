@@ -359,6 +359,27 @@ class _IntegerChain:
         out = bb.emit(relax.op.reshape(out, nhwc))
         return out if layout == "NHWC" else relax.op.permute_dims(out, [0, 3, 1, 2])
 
+    def _filter(self) -> tuple[int, int]:
+        """A conv's filter height and width."""
+        shape, layout = static_shape(self.args[self.q.weight]), str(self.q.anchor.attrs.kernel_layout)
+        return shape[layout.index("H")], shape[layout.index("W")]
+
+    def _tap(self, oh, ow, kh, kw):
+        """(ih, iw, inside): the input row and column filter tap (kh, kw) of output (oh, ow) reads, and whether
+        that is inside x (else the padding: the input's zero point)."""
+        a = self.q.anchor.attrs
+        layout = str(a.data_layout)
+        h_in, w_in = (self.x_shape[layout.index(c)] for c in "HW")
+        ih = oh * int(a.strides[0]) + kh * int(a.dilation[0]) - int(a.padding[0])
+        iw = ow * int(a.strides[1]) + kw * int(a.dilation[1]) - int(a.padding[1])
+        return ih, iw, tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in)
+
+    def _operands(self, packed_shape) -> list[te.Tensor]:
+        """The kernel's inputs: x, then constants()' four."""
+        return [te.placeholder(self.x_shape, self.x_dtype, name="x"), te.placeholder(packed_shape, "int8", name="w"),
+                te.placeholder((self.n,), "int32", name="bias"), te.placeholder((self.n,), "float32", name="scale"),
+                te.placeholder((5,), "float32", name="quantization")]
+
     def _a_value(self, x: te.Tensor, zx, m, k):
         """x's element at row m, column k of the matrix (im2col for a conv), in a_dtype, as a TE expression."""
         q = self.q
@@ -369,10 +390,8 @@ class _IntegerChain:
                 rest = rest // d
             value, inside = x[(*idx, k)], None
         else:
-            a = q.anchor.attrs
-            layout, kernel = str(a.data_layout), str(a.kernel_layout)
-            w_shape = static_shape(self.args[q.weight])
-            kh_n, kw_n = w_shape[kernel.index("H")], w_shape[kernel.index("W")]
+            layout = str(q.anchor.attrs.data_layout)
+            kh_n, kw_n = self._filter()
             oh_n, ow_n = (self.out_shape[layout.index(c)] for c in "HW")
             h_in, w_in = (self.x_shape[layout.index(c)] for c in "HW")
             b, oh, ow = m // (oh_n * ow_n), m // ow_n % oh_n, m % ow_n
@@ -381,9 +400,7 @@ class _IntegerChain:
                 kh, kw, c = k // (kw_n * c_n), k // c_n % kw_n, k % c_n
             else:
                 c, kh, kw = k // (kh_n * kw_n), k // kw_n % kh_n, k % kw_n
-            ih = oh * int(a.strides[0]) + kh * int(a.dilation[0]) - int(a.padding[0])
-            iw = ow * int(a.strides[1]) + kw * int(a.dilation[1]) - int(a.padding[1])
-            inside = tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in)
+            ih, iw, inside = self._tap(oh, ow, kh, kw)
             value = x[tuple({"N": b, "C": c, "H": ih, "W": iw}[d] for d in layout)]
             if self._channels_last() and self._tap_channels() != self.x_shape[3]:
                 # A padding channel (weight 0: any value) reads the next pixel's first channels, one vector load
@@ -400,11 +417,7 @@ class _IntegerChain:
     def _prim_func(self, rows: int, packed_shape, direct: bool) -> tirx.PrimFunc:
         q, lanes = self.q, self.lanes
         kp = packed_shape[1] * self.group
-        x = te.placeholder(self.x_shape, self.x_dtype, name="x")
-        w = te.placeholder(packed_shape, "int8", name="w")
-        bias = te.placeholder((self.n,), "int32", name="bias")
-        scale = te.placeholder((self.n,), "float32", name="scale")
-        quantization = te.placeholder((5,), "float32", name="quantization")      # constants()' last
+        operands = x, w, bias, scale, quantization = self._operands(packed_shape)
         # rows padded to whole tiles: the padding rows pack the last row again, and no output is written from them
         tile = _row_tile(rows, direct)
         padded = -(-rows // tile) * tile
@@ -419,8 +432,7 @@ class _IntegerChain:
 
         out = te.compute((rows, self.n), lambda m, n: _requantize(acc[m, n], n, bias, scale, quantization,
                                                                   q.out_dtype), name="out")
-        func = te.create_prim_func([x, w, bias, scale, quantization, out])
-        return self._finished(self._schedule(func, rows, direct))
+        return self._finished(self._schedule(te.create_prim_func([*operands, out]), rows, direct))
 
     def _finished(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
         """The scheduled kernel, unnamed (add_func names it), marked scheduled and never fused: FuseTIR would put
@@ -485,9 +497,7 @@ class _IntegerChain:
             run = sch.get(columns).extent.value
         elif self._channels_last():
             run = self._tap_channels()
-            kernel = str(self.q.anchor.attrs.kernel_layout)
-            kw_n = static_shape(self.args[self.q.weight])[kernel.index("W")]
-            columns = sch.split(columns, [None, kw_n, run])[-1]
+            columns = sch.split(columns, [None, self._filter()[1], run])[-1]
         else:
             return
         lanes = next(v for v in (64, 32, 16, 8, 4, 2, 1) if run % v == 0)
@@ -515,22 +525,13 @@ class _DepthwiseChain(_IntegerChain):
         return np.ascontiguousarray(self.weight.T)      # [tap, channel]: a tap's weights for a vector of channels
 
     def kernel(self, packed_shape) -> tirx.PrimFunc:
-        a = self.q.anchor.attrs
-        w_shape = static_shape(self.args[self.q.weight])
-        kh_n, kw_n = (w_shape[str(a.kernel_layout).index(d)] for d in "HW")
-        h_in, w_in, c_in = self.x_shape[1:]
-        multiplier = self.n // c_in
-        x = te.placeholder(self.x_shape, self.x_dtype, name="x")
-        w = te.placeholder(packed_shape, "int8", name="w")
-        bias = te.placeholder((self.n,), "int32", name="bias")
-        scale = te.placeholder((self.n,), "float32", name="scale")
-        quantization = te.placeholder((5,), "float32", name="quantization")      # constants()' last
+        kh_n, kw_n = self._filter()
+        multiplier = self.n // self.x_shape[3]
+        operands = x, w, bias, scale, quantization = self._operands(packed_shape)
         kh, kw = te.reduce_axis((0, kh_n), name="kh"), te.reduce_axis((0, kw_n), name="kw")
 
         def tap(b, oh, ow, c):
-            ih = oh * int(a.strides[0]) + kh * int(a.dilation[0]) - int(a.padding[0])
-            iw = ow * int(a.strides[1]) + kw * int(a.dilation[1]) - int(a.padding[1])
-            inside = tirx.all(ih >= 0, ih < h_in, iw >= 0, iw < w_in)
+            ih, iw, inside = self._tap(oh, ow, kh, kw)
             # if_then_else: x is not read at the padding (see _IntegerChain._a_value)
             return tirx.if_then_else(inside, x[b, ih, iw, c // multiplier],
                                      quantization[0].astype(self.x_dtype)).astype("int32")
@@ -539,8 +540,7 @@ class _DepthwiseChain(_IntegerChain):
             tap(b, oh, ow, c) * w[kh * kw_n + kw, c].astype("int32"), axis=[kh, kw]), name="acc")
         out = te.compute(self.out_shape, lambda b, oh, ow, c: _requantize(
             acc[b, oh, ow, c], c, bias, scale, quantization, self.q.out_dtype), name="out")
-        func = te.create_prim_func([x, w, bias, scale, quantization, out])
-        return self._finished(self._schedule(func))
+        return self._finished(self._schedule(te.create_prim_func([*operands, out])))
 
     def _schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch = s_tir.Schedule(func)
