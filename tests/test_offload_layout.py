@@ -1,6 +1,9 @@
 """offload-layout's transpose sinking: where a transpose moves below an op, and where it must stay."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 from tvm import relax
 
@@ -62,3 +65,31 @@ def test_transposes_cancel_across_dequantized_scalars():
     for shape in ((1,), ()):
         assert "R.permute_dims" not in _between_transposes(shape), shape
     assert _between_transposes((1, 16, 1, 1)).count("R.permute_dims") == 2
+
+
+_SELF_INVERSE = """
+import numpy as np
+from tvm import relax
+import edgec.passes
+from edgec.offload.passes import _drop_transpose_pairs
+
+bb = relax.BlockBuilder()
+a = relax.Var("a", relax.TensorType((1, 4, 6), "uint8"))
+b = relax.Var("b", relax.TensorType((1, 6, 4), "uint8"))
+scale, zero = relax.const(np.float32(0.1)), relax.const(np.int8(3))
+with bb.function("main", [a, b]):
+    with bb.dataflow():
+        t = bb.emit(relax.op.permute_dims(relax.op.dequantize(a, scale, zero), [0, 2, 1]))
+        out = bb.emit_output(relax.op.add(t, relax.op.dequantize(b, scale, zero)))
+    bb.emit_func_output(out)
+print(_drop_transpose_pairs(bb.get()).script().count("R.permute_dims"))
+"""
+
+
+def test_a_transpose_that_is_its_own_inverse_stays_beside_a_dequantized_operand():
+    """add(permute(dequantize(a), [0, 2, 1]), dequantize(b)): moving the transpose to b's side gives an add whose
+    other side is again a dequantize beside a [0, 2, 1] transpose, and the rewrite never ended (PP-OCRv4 rec int8's
+    layer norms). In a child process with a time limit: the old code loops forever."""
+    done = subprocess.run([sys.executable, "-c", _SELF_INVERSE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1"]

@@ -174,7 +174,10 @@ def _drop_transpose_pairs(mod, pctx):
                 return relax.op.permute_dims(relax.Call(expr.op, operands, expr.attrs), axes)
             if any(static_shape(e) != shape for e in (transposed, other)):
                 return expr     # broadcasting: the operands' layouts are not the output's
-            if not per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)]:
+            # rank 3's [0, 2, 1] is its own inverse: the rule would meet the transpose it moved, again and again
+            # (PP-OCRv4 rec's layer norms: the build never ended); ConvertLayout's are rank 4
+            if not per_tensor(other) or axes != [0, len(axes) - 1, *range(1, len(axes) - 1)] \
+                    or axes == _inverse(axes):
                 return expr
             moved = relax.op.permute_dims(other, _inverse(axes))
             operands = [m[left], moved] if first in m else [moved, m[left]]
