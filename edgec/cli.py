@@ -170,7 +170,8 @@ def main(ctx, verbose):
 @click.option("--force", is_flag=True, help="Overwrite an existing archive or --dump-ir files, replace a modified bundle.")
 @click.option("--strict-memory", is_flag=True, help="Refuse a model whose estimated memory exceeds the target's.")
 @click.option("-i", "--input", "sample", multiple=True, metavar="[NAME=]FILE.npy",
-              help="Sample input the bundle is verified on and ships [default: seeded random inputs].")
+              help="Sample input the bundle is verified on and ships [default: the first held-back --calibration "
+                   "sample, else seeded random inputs].")
 @click.option("--offload", metavar="none|auto|NAME[,NAME]",
               help="Kernel libraries that run convolutions and matrix products, in priority order (onednn on x86, "
                    "xnnpack on aarch64), or none, or auto: the target's backends, each operator group timed here "

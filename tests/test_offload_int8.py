@@ -107,9 +107,11 @@ def conv_forms(path: Path) -> Path:
     return save_onnx(path, "conv_forms", nodes, {"x": [1, 8, 16, 16]}, {"y": [1, 10]}, inits)
 
 
-def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float, *, group: int = 1, zx: int = 0) -> Path:
+def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float, *, group: int = 1, zx: int = 0,
+             tail: str | None = None) -> Path:
     """One hand-made QDQ 3x3 conv over [1, 4, 6, 6] (s8 activations, zero points zx and 3) with these scales: the
-    input's, the weights' and the bias's per output channel (len(sw) of them), the output's."""
+    input's, the weights' and the bias's per output channel (len(sw) of them), the output's; `tail`: a float ONNX
+    operator between the conv and its quantize."""
     rng = np.random.default_rng(2)
     cout = len(sw)
     inits = [numpy_helper.from_array(np.asarray(v, dtype), name) for name, v, dtype in [
@@ -122,19 +124,39 @@ def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float, *
              helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"], axis=0),
              helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1], group=group),
-             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+             *([helper.make_node(tail, ["c"], ["t"])] if tail else []),
+             helper.make_node("QuantizeLinear", ["t" if tail else "c", "sy", "zy"], ["cq"]),
              helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
     return save_onnx(path, "qconv", nodes, {"x": [1, 4, 6, 6]}, {"y": [1, cout, 6, 6]}, inits)
 
 
+@needs_onednn_int8
 def test_bias_at_another_scale_is_not_an_int8_bias(tmp_path):
-    """The integer kernels add the int32 bias at scale sx * sw: a chain whose bias has another scale runs as a float
-    conv (it ran as an int8 primitive with the bias off by that factor: 58% of the outputs wrong)."""
+    """The integer kernels add the int32 bias at scale sx * sw: a chain whose bias has another scale is an int8 conv
+    with a float32 output, the bias added after it in float (it ran as an int8 primitive with the bias off by that
+    factor: 58% of the outputs wrong)."""
     sx, sw = np.float32(0.02), np.full(4, 0.01, np.float32)
     model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, 8 * sx * sw, 0.01)
     result = build(model, tmp_path / "b", {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.5).astype(np.float32)})
     assert result.manifest.verification["status"] == "verified"
-    assert int8_placement(result)["conv2d"] == ["onednn:onednn.conv2d_bias"]
+    assert int8_placement(result)["conv2d"] == ["onednn:onednn.qconv2d_f32"]
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("tail", ["HardSwish", "Sigmoid"])
+def test_int8_conv_with_a_float_tail_runs_int8(tmp_path, tail):
+    """A conv whose output goes through a float operator before its quantize (edgec's own quantization leaves
+    hardswish and sigmoid so) is an int8 primitive with a float32 destination in real units, sx * sw per channel:
+    PP-OCRv4 det's and rec's convs ran as float convs on weights dequantized at load, the int8 bundle slower than
+    the fp32 one. Within one step of onnxruntime's QDQ math."""
+    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.05, zx=-7, tail=tail)
+    sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.8).astype(np.float32)}
+    result = build(model, tmp_path / "b", sample)
+    assert result.manifest.verification["status"] == "verified"
+    assert int8_placement(result)["conv2d"] == ["onednn:onednn.qconv2d_bias_f32"]
+    for x in (sample, {"x": (RNG.standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)}):
+        assert check_within_one_step(model, tmp_path / "b", x) < 0.05
 
 
 @needs_onednn_int8
@@ -378,10 +400,12 @@ def test_own_int8_quantization_makes_7bit_weights_without_vnni(tmp_path):
     weights = built[("onednn",)].manifest.quantization["weights"]
     assert "within ±64" in weights and "haswell (no VNNI)" in weights, weights
     assert "within" not in built[()].manifest.quantization["weights"]
-    # the int8 convs oneDNN's (the Gemm, whose output ends the graph, stays float: the quantizer's choice)
+    # every conv and the Gemm oneDNN's int8 primitives: those whose output stays float (the Gemm's ends the graph)
+    # with a float32 destination
     placed = int8_placement(built[("onednn",)])
-    assert "int8 layers" not in placed and sum(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]) == 3, \
-        placed
+    assert "int8 layers" not in placed and all(p.startswith("onednn:onednn.qconv2d") for p in placed["conv2d"]), placed
+    assert "onednn:onednn.qconv2d_bias_f32" in placed["conv2d"], placed
+    assert placed["matmul"] == ["onednn:onednn.qmatmul_bias_f32"], placed
 
 
 def lcnet_blocks(path: Path) -> Path:
@@ -511,8 +535,8 @@ def deconv_head(path: Path) -> Path:
 def test_deconv_int8_on_onednn_nhwc(tmp_path, activations):
     """QDQ ConvTranspose chains are oneDNN int8 deconvolutions in NHWC (computed between transposes that cancel
     against the NHWC convs' ones), within one step of onnxruntime and verified by the quantized rule. The one with
-    an int32 bias is left float (its bias add, reshaped for NCHW, does not follow it to NHWC): it goes back to NCHW,
-    where TVM and the fp32 deconvolution take it."""
+    an int32 bias is not a chain with its bias (its bias add, reshaped for NCHW, does not follow it to NHWC): an int8
+    deconvolution with a float32 output, the bias added after it."""
     model = deconv_head(tmp_path / "head.onnx")
     samples = [{"x": RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(16)]
     qdq = quantized(model, samples, activations)
@@ -521,7 +545,7 @@ def test_deconv_int8_on_onednn_nhwc(tmp_path, activations):
     assert verification["status"] == "verified" and verification["rule"]["name"] == "quantized", verification
     deconvs = {(p["detail"], p["count"]) for p in report.build_json(result)["offload"]
                if p["operator"] == "conv2d_transpose"}
-    assert deconvs == {("onednn.qdeconv", 2), ("onednn.deconv", 1)}, deconvs
+    assert deconvs == {("onednn.qdeconv", 2), ("onednn.qdeconv_f32", 1)}, deconvs
     partitioned = next((tmp_path / "ir").glob("*-offload-partition.py")).read_text()
     qdeconv = partitioned[partitioned.index('"Composite": "onednn.qdeconv"'):]
     assert 'data_layout="NHWC"' in qdeconv[:qdeconv.index("R.output(")], qdeconv
@@ -569,8 +593,10 @@ def test_quantized_tflite_layers_run_on_int8_primitives(tmp_path, target, backen
                        sample_inputs={"image": RNG.standard_normal((1, 12, 12, 8)).astype(np.float32)})
     checked = result.manifest.verification
     assert checked["status"] == "verified" and checked["runner"] == runner, checked
-    # the last conv's output stays float (the model's output): the backend's float conv on dequantized weights
+    # the last conv's output stays float (the model's output): oneDNN's int8 primitive with a float32 destination,
+    # XNNPACK's float conv on dequantized weights (its int8 operators' outputs are 8-bit)
+    last = {"onednn": "qconv2d_bias_f32", "xnnpack": "conv2d_bias"}[backend]
     assert int8_placement(result) == {"conv2d": [f"{backend}:{backend}.{p}" for p in
-                                                 ("qconv2d_bias_relu", "qconv2d_bias", "conv2d_bias")]}, \
+                                                 ("qconv2d_bias_relu", "qconv2d_bias", last)]}, \
         int8_placement(result)
     assert result.compiled.int8_kernels is None

@@ -6,7 +6,10 @@ int8 weight constants quantized per output channel, an int32 bias at scale sx * 
 Such a chain is one integer primitive: u8/s8 source with its zero point, s8 weights, s32 bias, output scales
 sx * sw / sy per channel, u8/s8 destination with its zero point. The group holds every constant of the chain
 (scales, zero points, int8 weights, int32 bias), so constant folding cannot turn the weights into floats.
-A pattern's name is "<backend>.q<anchor>[_bias][_relu|_clip]". The anchor is conv2d, matmul or conv2d_transpose
+A pattern's name is "<backend>.q<anchor>[_bias][_relu|_clip]". A chain whose output goes on in float32 (edgec's
+own quantization quantizes only what an integer kernel reads, so a conv followed by hardswish, sigmoid or an affine
+ends without a quantize) is "..._f32" where the backend asks for it (`float_out`): the same primitive with an f32
+destination in real units, output scales sx * sw. The anchor is conv2d, matmul or conv2d_transpose
 (IOHW weights, quantized along O); TVM lowers conv2d_transpose in NCHW only, so where a backend's int8
 deconvolution is NHWC, `deconv_to_nhwc` computes the quantized ones in NHWC before the partition and
 `deconv_back_to_nchw` returns to NCHW those the partition left in main.
@@ -28,6 +31,7 @@ from .backend import Int8Limits, Pattern, exported
 from .fusion import composite_function, static_shape
 
 QUANTIZED_ACTIVATIONS = ("uint8", "int8")
+FLOAT_OUT = "f32"           # the name suffix of a chain without its quantize: float32 output
 _ANCHORS = ("relax.nn.conv2d", "relax.matmul", "relax.nn.conv2d_transpose")
 
 
@@ -36,13 +40,17 @@ def _dequantize(data):
 
 
 def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
-                       *, residual: bool = False) -> list[Pattern]:
+                       *, residual: bool = False, float_out: bool = False) -> list[Pattern]:
     """`<backend>.q<anchor>[_bias][_relu|_clip]` for quantize(chain(op(dequantize(x), dequantize(w)))), longest first;
     with `residual`, first `..._add` for quantize(dequantize(that) + dequantize(r)), QDQ's residual add of an 8-bit
-    tensor r (a backend's sum post-op), the chain on either side."""
+    tensor r (a backend's sum post-op), the chain on either side; with `float_out`, then `..._f32` for the chains
+    without the quantize, whose float32 output goes on to float operators (hardswish, sigmoid, an affine) before the
+    next quantize: edgec's own quantization leaves conv outputs so."""
     patterns = []
-    for bias, act in sorted(itertools.product((True, False), (None, "relu", "clip")),
-                            key=lambda c: -(c[0] + (c[1] is not None))):
+    combinations = sorted(itertools.product((True, False), (None, "relu", "clip")),
+                          key=lambda c: -(c[0] + (c[1] is not None)))
+    for quantized_out, bias, act in [(True, *c) for c in combinations] + [(False, *c) for c in combinations
+                                                                           if float_out]:
         weight_q = _dequantize(is_const())
         weight = weight_q | is_op("relax.permute_dims")(weight_q)    # Gemm's transB: (N, K) stored, (K, N) used
         root = is_op(op)(_dequantize(wildcard()), weight)
@@ -59,16 +67,18 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
             root = is_op("relax.clip")(root, wildcard(), wildcard())
         if act:
             annotations["act"] = root
-        root = is_op("relax.quantize")(root, is_const(), is_const())
+        if quantized_out:
+            root = is_op("relax.quantize")(root, is_const(), is_const())
         annotations["out"] = root
-        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else []))
+        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else [])
+                        + ([] if quantized_out else [FLOAT_OUT]))
         patterns.append(Pattern(name, root, annotations, _check(check_anchor), op))
     if not residual:
         return patterns
     # two patterns, not one alternation: where both operands are chains, a match of the first side whose chain is
     # also read elsewhere (refused: a leaking value) must leave the other side its turn
     summed = []
-    for p in patterns:
+    for p in (p for p in patterns if not p.name.endswith(FLOAT_OUT)):
         for chain_first in (True, False):
             chain, other = _dequantize(p.pattern), _dequantize(wildcard())
             add = is_op("relax.add")(*((chain, other) if chain_first else (other, chain)))
@@ -85,12 +95,16 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
         anchor, out = ctx.annotated_expr["anchor"], ctx.annotated_expr["out"]
         bound = {v: e for e, v in ctx.value_to_bound_var.items()}   # variable -> the expression it names
         data, weight = _dq(bound, anchor.args[0]), _dq(bound, anchor.args[1])
+        quantized_out = out.op.name == "relax.quantize"
         for role, expr in (("input", data.args[0]), ("output", out)):
-            if getattr(expr.ty, "dtype", None) not in QUANTIZED_ACTIVATIONS:
-                return f"quantized {role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
+            if quantized_out or role == "input":
+                if getattr(expr.ty, "dtype", None) not in QUANTIZED_ACTIVATIONS:
+                    return f"quantized {role} of dtype {getattr(expr.ty, 'dtype', None)} (u8 or s8 only)"
+            elif getattr(expr.ty, "dtype", None) != "float32":
+                return f"output of dtype {getattr(expr.ty, 'dtype', None)} (float32 only)"
             if static_shape(expr) is None:
                 return f"{role} has a dynamic shape"
-        if not all(scalar_constant(e) for e in (*data.args[1:], *out.args[1:])):
+        if not all(scalar_constant(e) for e in (*data.args[1:], *(out.args[1:] if quantized_out else ()))):
             return "activations quantized per channel (per tensor only)"
         if weight.args[0].ty.dtype != "int8" or weight.args[2].value.numpy().any():
             return "weights not symmetric int8 (zero point 0)"
@@ -223,12 +237,16 @@ class QFused:
     bias: int | None
     activation: str | None       # "relu" or "clip"
     bounds: tuple[float, float]  # clip, real values
-    out_scale: int
-    out_zero_point: int
+    out_scale: int | None        # None (and out_dtype float32): a `..._f32` chain, without the quantize
+    out_zero_point: int | None
     data_dtype: str
     out_dtype: str
     num_params: int
     sum: QSum | None = None
+
+    @property
+    def float_out(self) -> bool:
+        return self.out_scale is None
 
     @property
     def runtime(self) -> tuple[int, ...]:
@@ -299,6 +317,7 @@ def read_quantized(func: relax.Function) -> QFused:
         raise ValueError(f"{inner.attrs['Composite']}: an operand is not a parameter")
 
     out = value(inner.body.body)
+    float_out = inner.attrs["Composite"].endswith(FLOAT_OUT)
     summed = None
     if inner.attrs["Composite"].endswith("_add"):    # out is the residual add's quantize, the chain's is inside it
         add = value(out.args[0])
@@ -326,7 +345,8 @@ def read_quantized(func: relax.Function) -> QFused:
                 bounds = (float(v.args[1].value), float(v.args[2].value))
     return QFused(str(func.attrs["global_symbol"]), str(inner.attrs["Composite"]), anchor,
                   param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
-                  param(weight.args[1]), transposed, bias, act, bounds, param(out.args[1]), param(out.args[2]),
+                  param(weight.args[1]), transposed, bias, act, bounds,
+                  *((None, None) if float_out else (param(out.args[1]), param(out.args[2]))),
                   str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params), summed)
 
 

@@ -148,9 +148,9 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
 
 def takes(func: relax.Function) -> bool:
     """Whether a backend's partitioned int8 chain has an integer kernel here: one int8-kernels' own patterns match
-    (no residual add fused in), its anchor one the kernels take."""
+    (no residual add fused in, a quantized output), its anchor one the kernels take."""
     q = read_quantized(func)
-    return q.sum is None and _unsupported(q.anchor) is None
+    return q.sum is None and not q.float_out and _unsupported(q.anchor) is None
 
 
 def replace_chains(mod: tvm.IRModule, target: tvm.target.Target, symbols: set[str]) -> tvm.IRModule:

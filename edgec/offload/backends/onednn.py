@@ -357,7 +357,7 @@ def _function(fused: Fused) -> str:
         tensor, out, fused.data, fused.weight if computed else None, residual, 4 * math.prod(static_shape(fused.anchor))))
 
 
-_DNNL_TYPES = {"uint8": "memory::data_type::u8", "int8": "memory::data_type::s8"}
+_DNNL_TYPES = {"uint8": "memory::data_type::u8", "int8": "memory::data_type::s8", "float32": "memory::data_type::f32"}
 
 
 def _qsum(q: QFused) -> list[str]:
@@ -377,7 +377,7 @@ def _qsum(q: QFused) -> list[str]:
 def _qfunction(q: QFused) -> str:
     """An int8 chain as one primitive: s8 weights (reordered at load), s32 bias, output scales sx * sw[c] / sy, the
     activation in the output's scaled units, a residual add as post-ops (_qsum), zero points given at run time
-    (from the state)."""
+    (from the state). A `..._f32` chain's destination is f32 in real units: sy is 1, no zero point."""
     call, src = q.anchor, _DNNL_TYPES[q.data_dtype]
     dst = _DNNL_TYPES[q.sum.out_dtype if q.sum else q.out_dtype]
     out_channels = static_shape(call)[-1]
@@ -425,7 +425,7 @@ def _qfunction(q: QFused) -> str:
     post_ops = "\n    ".join(post)
     sum_scale = (f"\n  const float sz = Scale(a{q.sum.out_scale}, 0);\n  const int32_t zy = ZeroPoint(a{q.out_zero_point});"
                  if q.sum else "")
-    dst_zero_point = f"ZeroPoint(a{q.sum.out_zero_point if q.sum else q.out_zero_point})"
+    dst_zero_point = "0" if q.float_out else f"ZeroPoint(a{q.sum.out_zero_point if q.sum else q.out_zero_point})"
     fold, bias_values = "", "nullptr" if q.bias is None else f"a{q.bias}.data_ptr()"
     if bias and folding:
         fold = (f"\n  const std::vector<int32_t> bias = FoldedBias(a{q.bias}, a{q.weight}.data_ptr(), "
@@ -433,7 +433,7 @@ def _qfunction(q: QFused) -> str:
         bias_values = "bias.data()"
     return f"""
 // {q.composite}""" + pack_function(q, f"""
-  const float sx = Scale(a{q.data_scale}, 0), sy = Scale(a{q.out_scale}, 0);{sum_scale}
+  const float sx = Scale(a{q.data_scale}, 0), sy = {"1.f" if q.float_out else f"Scale(a{q.out_scale}, 0)"};{sum_scale}
   std::vector<float> scales({out_channels});
   for (int c = 0; c < {out_channels}; ++c) scales[c] = sx * Scale(a{q.weight_scale}, c) / sy;
   int32_t zero_points[2] = {{ZeroPoint(a{q.data_zero_point}), {dst_zero_point}}};{fold}
@@ -446,7 +446,8 @@ def _qfunction(q: QFused) -> str:
     ZeroPointAttrs(attr, zero_points);{primitive}
     return std::make_pair(dnnl::primitive_desc(pd), user_weights);
   }}, zero_points);""") + run_export(q.symbol, q.runtime, lambda tensor, out: _run_arguments(
-        tensor, out, q.data, None, q.sum.residual if q.sum else None, math.prod(static_shape(call))))
+        tensor, out, q.data, None, q.sum.residual if q.sum else None,
+        np.dtype(q.out_dtype).itemsize * math.prod(static_shape(call))))
 
 
 def emit(functions) -> str:
@@ -503,9 +504,11 @@ def _check_bmm(call) -> str | None:
 
 def _quantized_patterns():
     # a conv's residual add is its sum post-op (a matmul's and a deconvolution's are not taken yet)
-    return [*quantized_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN"), residual=True),
-            *quantized_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _deconv_check("NHWC")),
-            *quantized_patterns("onednn", "matmul", "relax.matmul", _check_matmul)]
+    return [*quantized_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN"), residual=True,
+                                float_out=True),
+            *quantized_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _deconv_check("NHWC"),
+                                float_out=True),
+            *quantized_patterns("onednn", "matmul", "relax.matmul", _check_matmul, float_out=True)]
 
 
 def _int8_limits(target) -> Int8Limits | None:
