@@ -270,3 +270,21 @@ def test_grouped_conv_of_a_dynamic_shape_is_no_integer_conv():
             out = bb.emit_output(relax.op.nn.conv2d(x, w, padding=1, groups=4))
         bb.emit_func_output(out)
     assert _integer_convs(bb.get()) is False
+
+
+@pytest.mark.parametrize("tail", ["HardSwish", "Sigmoid"])
+def test_chain_with_a_float_tail_is_an_integer_kernel(tmp_path, tail):
+    """A conv whose output goes through a float operator before its quantize is an integer kernel with a float32
+    output (x86 has a dot product everywhere but SSE2): the sums exact, the value float32(sum + b') * sx * sw, the
+    operator after it a TVM kernel of its own; within one step of onnxruntime's QDQ math."""
+    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.05, zx=-7, tail=tail)
+    samples = [{"x": (RNG.standard_normal((1, 4, 6, 6)) * s).astype(np.float32)} for s in (0.8, 2)]
+    options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
+    result = api.build(model, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
+    kinds, float_convs = _kernels(tmp_path / "ir")
+    assert len(kinds) == 1 and kinds[0] != "depthwise" and not float_convs, (kinds, float_convs)
+    assert result.compiled.int8_kernels["layers"] == 1
+    assert result.manifest.verification["status"] == "verified"
+    for sample in samples:
+        assert check_within_one_step(model, tmp_path / "b", sample) < 0.05

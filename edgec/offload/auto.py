@@ -117,6 +117,7 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
     first = _first_calls(mod)
     by_name = {b.name: b for b in backends}
     context = _context_key(ctx)
+    target = ctx.tvm_target()
     groups = []
     for symbol, count in calls.items():
         func = mod[symbol]
@@ -124,7 +125,7 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
         # an int8 chain's TVM side is its integer kernel (int8-kernels'), built from the constants main passes it;
         # where it has none, TVM's alternative would be the float QDQ operators: it stays offloaded
         quantized = is_quantized(func)
-        if quantized and not (int8_kernels.takes(func) and all(
+        if quantized and not (int8_kernels.takes(func, target) and all(
                 isinstance(first[symbol].args[k], tvm.ir.expr.GenericConst) for k in backend.packed(func))):
             continue
         fused = read_quantized(func) if quantized else read_fused(func)

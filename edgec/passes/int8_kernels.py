@@ -114,7 +114,7 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     accepted, refused = set(), {}       # a run's anchors: taken, or why not (fusion.recorded)
     patterns = [recorded(p, accepted, refused)
                 for anchor, op in (("conv2d", "relax.nn.conv2d"), ("matmul", "relax.matmul"))
-                for p in quantized_patterns(_GROUP, anchor, op, _unsupported)]
+                for p in quantized_patterns(_GROUP, anchor, op, _unsupported, float_out=_float_out(target))]
     partition = tvm.transform.Sequential([
         # the offload steps' graph preparation: Clip as R.clip, a dequantize per reader
         restore_clip, relax.transform.CanonicalizeBindings(), untie_dequantize,
@@ -146,11 +146,17 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
     return step
 
 
-def takes(func: relax.Function) -> bool:
-    """Whether a backend's partitioned int8 chain has an integer kernel here: one int8-kernels' own patterns match
-    (no residual add fused in, a quantized output), its anchor one the kernels take."""
+def takes(func: relax.Function, target: tvm.target.Target) -> bool:
+    """Whether a backend's partitioned int8 chain has an integer kernel for `target`: one int8-kernels' own patterns
+    match (no residual add fused in; a float32 output where `_float_out`), its anchor one the kernels take."""
     q = read_quantized(func)
-    return q.sum is None and not q.float_out and _unsupported(q.anchor) is None
+    return q.sum is None and (not q.float_out or _float_out(target)) and _unsupported(q.anchor) is None
+
+
+def _float_out(target: tvm.target.Target) -> bool:
+    """Whether the kernels take chains without their quantize (float32 output): where the target has a dot product.
+    Without one (a Cortex-A72) XNNPACK's float convolution is left those chains, as it was."""
+    return _dot_product(target)[0] in DOT_PRODUCTS
 
 
 def replace_chains(mod: tvm.IRModule, target: tvm.target.Target, symbols: set[str]) -> tvm.IRModule:
@@ -210,9 +216,12 @@ def _value(expr) -> np.ndarray:
 
 def _requantize(total, n, bias: te.Tensor, scale: te.Tensor, quantization: te.Tensor, out_dtype: str):
     """Output channel n's int32 sum `total` as the chain's output: float32(total + b') * sx * sw[n], the activation's
-    clamp, then relax.quantize's own arithmetic (its legalization: clip(round(v / sy) + zy, min, max), cast)."""
+    clamp, then relax.quantize's own arithmetic (its legalization: clip(round(v / sy) + zy, min, max), cast); a
+    float32 output (a `..._f32` chain) is the clamped value."""
     v = (total + bias[n]).astype("float32") * scale[n]
     v = tirx.max(tirx.min(v, quantization[4]), quantization[3])
+    if out_dtype == "float32":
+        return v
     v = te.round(v / quantization[1]) + quantization[2]
     info = np.iinfo(out_dtype)
     lo, hi = (tirx.const(float(b), "float32") for b in (info.min, info.max))
@@ -279,8 +288,9 @@ class _IntegerChain:
         self.shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((self.x_dtype, self.a_dtype), 0)
         self.zx = int(_value(args[q.data_zero_point])) + self.shift
         self.sx = np.float32(_value(args[q.data_scale]).reshape(()))
-        self.sy = float(_value(args[q.out_scale]).reshape(()))
-        self.zy = int(_value(args[q.out_zero_point]))
+        # a float32 output has none: its quantization operand holds 1 and 0, unread
+        self.sy = 1.0 if q.float_out else float(_value(args[q.out_scale]).reshape(()))
+        self.zy = 0 if q.float_out else int(_value(args[q.out_zero_point]))
         self.weight = self._weight_matrix()                      # (N, K) int8
         self.n, self.k = self.weight.shape
 
