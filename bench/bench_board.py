@@ -70,7 +70,7 @@ def _prepare(args, out: Path, say) -> None:
     from edgec.targets import load_target
     from edgec.toolchain import build_runner, runtime_dir
 
-    from bench_int8 import _inputs, output_steps, qdq_model
+    from bench_int8 import _inputs, calibration_data, output_steps, qdq_model
     from bench_models import resolve
 
     target = load_target(args.target)
@@ -84,7 +84,7 @@ def _prepare(args, out: Path, say) -> None:
         model = resolve(name, work)
         inputs = _inputs(model)
         say(f"{model.label}: quantize with onnxruntime (static QDQ, {args.calibration} calibration inputs)")
-        qdq = qdq_model(model, work, args.calibration, reduce_range=not full_range)
+        qdq = qdq_model(model, work, calibration_data(model, args.calibration), reduce_range=not full_range)
         stem = model.path.stem
         shutil.copy(qdq, out / f"{stem}_qdq.onnx")
         for i, v in enumerate(inputs.values()):

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""int8 against fp32 on the host: edgec fp32, edgec int8, onnxruntime fp32 and onnxruntime int8, latency and size.
+"""int8 against fp32 on the host: edgec fp32, edgec int8 (two ways), onnxruntime fp32 and onnxruntime int8, latency
+and size.
 
 The int8 model is onnxruntime's static QDQ model, made the way onnxruntime documents it: quant_pre_process
 (ONNX shape inference, BatchNormalization folded into Conv), then quantize_static(QuantFormat.QDQ, per_channel=True,
 uint8 activations, int8 weights) calibrated on --calibration inputs of the model's kind (uniform noise for the
 generated MobileNetV2, the tests' synthetic text images, other seeds than the timed one, for PP-OCRv4 det).
-edgec int8 is that same QDQ file built by edgec for host; onnxruntime int8 runs it with its default (all) graph
-optimizations, i.e. its fused QLinear kernels. On a CPU without VNNI both sum u8 x s8 products in saturating
+edgec int8 is that same QDQ file built by edgec for host; edgec int8 (own) is the float model built with
+`--quantize int8 --calibration` on the same calibration inputs (minmax; the last one held back); onnxruntime int8
+runs the QDQ file with its default (all) graph optimizations, i.e. its fused QLinear kernels. On a CPU without VNNI both sum u8 x s8 products in saturating
 16-bit pairs (oneDNN's and onnxruntime's MLAS kernels alike), exact for 7-bit weights only: there the weights are
 7-bit (`reduce_range=True`, as onnxruntime advises for such CPUs; `--reduce-range` chooses).
 
-Latency: the four runtimes, each in its own process, in alternated blocks (edgec.benchmark.run_blocks, as
+Latency: the five runtimes, each in its own process, in alternated blocks (edgec.benchmark.run_blocks, as
 `edgec bench`), with the same threads. Sizes: each edgec bundle's params.bin and model.so (both ship the same
 lib/libdnnl.so.2, so it is left out), each ONNX file. Closeness: edgec int8's outputs against onnxruntime's int8 on
 the timed input, in quantization steps of each output (the scale of the DequantizeLinear that makes it), against
@@ -38,26 +40,30 @@ from onnx import numpy_helper
 
 import edgec
 from edgec import api, benchmark
+from edgec.context import BuildOptions
 from edgec.errors import EdgecError
+from edgec.quantize import QuantizeOptions
 
 from bench_models import Model, progress_printer, resolve, timing_options
 
 
-def qdq_model(model: Model, workdir: Path, samples: int, reduce_range: bool) -> Path:
-    """onnxruntime's static QDQ model of `model`, calibrated on `samples` inputs of its kind (`reduce_range`: 7-bit
-    weights)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+def calibration_data(model: Model, samples: int) -> list[dict[str, np.ndarray]]:
+    """`samples` inputs of the model's kind: text images for PP-OCRv4 det (not the timed one, seed 0), else uniform
+    noise."""
     from bench_models import _test_models
 
-    if model.inputs is not None:        # PP-OCRv4 det: text images, not the timed one (seed 0)
+    if model.inputs is not None:
         text_image = _test_models().text_image
-        data = [{"x": text_image(seed=seed)} for seed in range(1, samples + 1)]
-    else:
-        rng = np.random.default_rng(1)
-        data = [{i.name: rng.random(_shape(i), dtype=np.float32) for i in onnx.load(str(model.path)).graph.input}
-                for _ in range(samples)]
+        return [{"x": text_image(seed=seed)} for seed in range(1, samples + 1)]
+    rng = np.random.default_rng(1)
+    return [{i.name: rng.random(_shape(i), dtype=np.float32) for i in onnx.load(str(model.path)).graph.input}
+            for _ in range(samples)]
+
+
+def qdq_model(model: Model, workdir: Path, data: list[dict[str, np.ndarray]], reduce_range: bool) -> Path:
+    """onnxruntime's static QDQ model of `model`, calibrated on `data` (`reduce_range`: 7-bit weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -133,7 +139,8 @@ def measure(model: Model, workdir: Path, args, say) -> tuple[list[Row], dict, st
     inputs = _inputs(model)
     say(f"{model.label}: quantize with onnxruntime (static QDQ, {args.calibration} calibration inputs"
         f"{', 7-bit weights' if args.reduce_range else ''})")
-    qdq = qdq_model(model, workdir, args.calibration, args.reduce_range)
+    data = calibration_data(model, args.calibration)
+    qdq = qdq_model(model, workdir, data, args.reduce_range)
     say(f"{model.label}: build edgec fp32")
     fp32 = api.build(model.path, "host", workdir / f"{model.path.stem}-fp32", input_shapes=model.input_shapes,
                      sample_inputs=inputs).bundle_dir
@@ -142,18 +149,26 @@ def measure(model: Model, workdir: Path, args, say) -> tuple[list[Row], dict, st
     int8 = api.build(qdq, "host", workdir / f"{model.path.stem}-int8", input_shapes=model.input_shapes,
                      sample_inputs=inputs).bundle_dir
     closeness = steps(qdq, api.run(int8, inputs).outputs, inputs)
-    say(f"{model.label}: time 4 runtimes, {args.blocks} alternated blocks of {args.runs} runs")
-    specs = [benchmark.WorkerSpec("edgec", fp32, args.threads), benchmark.WorkerSpec("edgec", int8, args.threads),
+    say(f"{model.label}: build edgec int8 with its own quantization")
+    calibration = workdir / f"{model.path.stem}-calibration.npz"
+    np.savez(calibration, **{name: np.concatenate([d[name] for d in data]) for name in data[0]})
+    own = api.build(model.path, "host", workdir / f"{model.path.stem}-int8-own", input_shapes=model.input_shapes,
+                    options=BuildOptions(quantize=QuantizeOptions("int8", calibration))).bundle_dir
+    say(f"{model.label}: time 5 runtimes, {args.blocks} alternated blocks of {args.runs} runs")
+    bundles = {"edgec fp32": fp32, "edgec int8": int8, "edgec int8 (own)": own}
+    specs = [*(benchmark.WorkerSpec("edgec", b, args.threads) for b in bundles.values()),
              benchmark.WorkerSpec("reference", model.path, args.threads),
              benchmark.WorkerSpec("reference", qdq, args.threads)]
     timing = benchmark.run_blocks(specs, inputs, runs=args.runs, blocks=args.blocks, warmup=args.warmup)
-    labels = ["edgec fp32", "edgec int8", "onnxruntime fp32", "onnxruntime int8"]
-    sizes = [f"params.bin {_mb(_size(b / 'params.bin'))} + model.so {_mb(_size(b / 'model.so'))}" for b in (fp32, int8)]
+    labels = [*bundles, "onnxruntime fp32", "onnxruntime int8"]
+    sizes = [f"params.bin {_mb(_size(b / 'params.bin'))} + model.so {_mb(_size(b / 'model.so'))}"
+             for b in bundles.values()]
     sizes += [f"{_mb(_size(p))} .onnx" for p in (model.path, qdq)]
-    bundle = {label: _size(b / "params.bin") + _size(b / "model.so") for label, b in zip(labels, (fp32, int8))}
+    bundle = {label: _size(b / "params.bin") + _size(b / "model.so") for label, b in bundles.items()}
     rows = [Row(label, benchmark.latency(name, pid, args.warmup, timing.blocks, args.threads), size)
             for label, name, pid, size in zip(labels, timing.names, timing.pids, sizes)]
-    return rows, closeness, f"{bundle['edgec int8'] / bundle['edgec fp32']:.2f}"
+    return rows, closeness, " and ".join(f"{bundle[k] / bundle['edgec fp32']:.2f}" for k in ("edgec int8",
+                                                                                          "edgec int8 (own)"))
 
 
 def _inputs(model: Model) -> dict[str, np.ndarray]:
@@ -171,12 +186,14 @@ def table(results: list[tuple[Model, list[Row], dict, str]]) -> str:
     lines = ["| model | runtime | median ms (p10-p90) | vs edgec fp32 | vs onnxruntime int8 | size |",
              "|---|---|---|---|---|---|"]
     for model, rows, _, _ in results:
-        base, ort_int8 = rows[0].latency.median_ms, rows[3].latency.median_ms
+        base = rows[0].latency.median_ms
+        ort_int8 = next(r for r in rows if r.runtime == "onnxruntime int8").latency.median_ms
         for r in rows:
             lat = r.latency
             lines.append(f"| {model.label} | {r.runtime} | {lat.median_ms:.2f} ({lat.p10_ms:.2f}-{lat.p90_ms:.2f}) | "
                          f"{base / lat.median_ms:.2f}x | {ort_int8 / lat.median_ms:.2f}x | {r.size} |")
-    lines += ["", "| model | int8 bundle / fp32 bundle (params.bin + model.so) | edgec int8 vs onnxruntime int8, "
+    lines += ["", "| model | int8 bundle / fp32 bundle (params.bin + model.so; QDQ file and own) | edgec int8 vs "
+              "onnxruntime int8, "
               "optimizations disabled: within one step, max steps | enabled: within one step, max steps |",
               "|---|---|---|---|"]
     for model, _, closeness, ratio in results:

@@ -79,11 +79,12 @@ def test_digits_int8_top1_within_one_point(digits, method):
         str(e.args[0].ty.dtype)) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.dequantize"
         and isinstance(e.args[0], tvm.ir.expr.Constant) else None)
     assert sorted(stored) == ["int32", "int32", "int8", "int8"]
-    # the logits layer computes in float (its output is not quantized), on its int8 weights stored as int8 in
-    # params.bin and dequantized at load: no float32 copy of a weight ships
+    # both layers are integer kernels, the logits one with a float32 output (its output is not quantized; it
+    # computed in float on weights dequantized at load where the host has no dot product): no float32 copy of a
+    # weight ships
+    assert result.compiled.int8_kernels["layers"] == 2
     params = tvm.runtime.load_param_dict((result.bundle_dir / "params.bin").read_bytes())
     assert sorted(str(v.dtype) for v in params.values() if v.numpy().size >= 32 * 10) == ["int8", "int8"]
-    assert record["stored_bytes_int8"] < record["stored_bytes_float32"] / 3
 
 
 def test_cnn_sqnr_against_onnxruntime_quantization(tmp_path):
