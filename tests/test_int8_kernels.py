@@ -288,3 +288,17 @@ def test_chain_with_a_float_tail_is_an_integer_kernel(tmp_path, tail):
     assert result.manifest.verification["status"] == "verified"
     for sample in samples:
         assert check_within_one_step(model, tmp_path / "b", sample) < 0.05
+
+
+def test_chain_with_a_float_tail_takes_sdot_beside_xnnpack_under_qemu(tmp_path, qemu_cpus):
+    """rpi5 with its XNNPACK: XNNPACK's int8 operators have 8-bit outputs, so a chain whose output stays float32 is
+    an sdot kernel of int8-kernels (a float conv on weights dequantized at load before), run under qemu as a
+    Cortex-A76 and verified against the QDQ reference."""
+    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
+    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.05, zx=-7, tail="HardSwish")
+    sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.8).astype(np.float32)}
+    result = api.build(model, "rpi5", tmp_path / "b", options=BuildOptions(dump_ir=tmp_path / "ir"),
+                       sample_inputs=sample)
+    assert _kernels(tmp_path / "ir") == (["sdot"], [])
+    checked = result.manifest.verification
+    assert checked["status"] == "verified" and checked["runner"] == "qemu" and "cortex-a76" in qemu_cpus
