@@ -14,7 +14,7 @@ from onnxruntime.quantization import QuantType
 from edgec import api, report
 from edgec.build import BuildOptions
 from test_offload_arm import qemu_cpus  # noqa: F401  (a fixture)
-from test_offload_int8 import check_within_one_step, conv_forms, qdq_conv, quantized
+from test_offload_int8 import check_within_one_step, conv_forms, float_tail_conv, qdq_conv, quantized
 
 NO_OFFLOAD = BuildOptions(offload=())
 RNG = np.random.default_rng(9)
@@ -277,8 +277,7 @@ def test_chain_with_a_float_tail_is_an_integer_kernel(tmp_path, tail):
     """A conv whose output goes through a float operator before its quantize is an integer kernel with a float32
     output (x86 has a dot product everywhere but SSE2): the sums exact, the value float32(sum + b') * sx * sw, the
     operator after it a TVM kernel of its own; within one step of onnxruntime's QDQ math."""
-    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
-    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.05, zx=-7, tail=tail)
+    model = float_tail_conv(tmp_path / "qconv.onnx", tail)
     samples = [{"x": (RNG.standard_normal((1, 4, 6, 6)) * s).astype(np.float32)} for s in (0.8, 2)]
     options = BuildOptions(offload=(), dump_ir=tmp_path / "ir")
     result = api.build(model, "host", tmp_path / "b", options=options, sample_inputs=samples[0])
@@ -294,8 +293,7 @@ def test_chain_with_a_float_tail_takes_sdot_beside_xnnpack_under_qemu(tmp_path, 
     """rpi5 with its XNNPACK: XNNPACK's int8 operators have 8-bit outputs, so a chain whose output stays float32 is
     an sdot kernel of int8-kernels (a float conv on weights dequantized at load before), run under qemu as a
     Cortex-A76 and verified against the QDQ reference."""
-    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
-    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.05, zx=-7, tail="HardSwish")
+    model = float_tail_conv(tmp_path / "qconv.onnx", "HardSwish")
     sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.8).astype(np.float32)}
     result = api.build(model, "rpi5", tmp_path / "b", options=BuildOptions(dump_ir=tmp_path / "ir"),
                        sample_inputs=sample)

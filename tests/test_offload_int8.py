@@ -130,6 +130,13 @@ def qdq_conv(path: Path, sx: float, sw: np.ndarray, sb: np.ndarray, sy: float, *
     return save_onnx(path, "qconv", nodes, {"x": [1, 4, 6, 6]}, {"y": [1, cout, 6, 6]}, inits)
 
 
+def float_tail_conv(path: Path, tail: str) -> Path:
+    """qdq_conv with the float ONNX operator `tail` between the conv and its quantize: five output channels of
+    different weight scales, the input's zero point -7."""
+    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
+    return qdq_conv(path, sx, sw, sx * sw, 0.05, zx=-7, tail=tail)
+
+
 @needs_onednn_int8
 def test_bias_at_another_scale_is_not_an_int8_bias(tmp_path):
     """The integer kernels add the int32 bias at scale sx * sw: a chain whose bias has another scale is an int8 conv
@@ -149,8 +156,7 @@ def test_int8_conv_with_a_float_tail_runs_int8(tmp_path, tail):
     hardswish and sigmoid so) is an int8 primitive with a float32 destination in real units, sx * sw per channel:
     PP-OCRv4 det's and rec's convs ran as float convs on weights dequantized at load, the int8 bundle slower than
     the fp32 one. Within one step of onnxruntime's QDQ math."""
-    sx, sw = np.float32(0.02), np.linspace(0.004, 0.012, 5, dtype=np.float32)
-    model = qdq_conv(tmp_path / "qconv.onnx", sx, sw, sx * sw, 0.05, zx=-7, tail=tail)
+    model = float_tail_conv(tmp_path / "qconv.onnx", tail)
     sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.8).astype(np.float32)}
     result = build(model, tmp_path / "b", sample)
     assert result.manifest.verification["status"] == "verified"
