@@ -302,6 +302,73 @@ def test_equalization_evens_a_depthwise_input(tmp_path):
     assert results["off"].compiled.quantization["equalized_tensors"] is None
 
 
+def _spread_producer(path, activation):
+    """x -> conv 1x1 with a bias (4 -> 8 channels, channel 7's 30x the others) -> `activation` -> depthwise 3x3 ->
+    conv 1x1: equalize-int8 puts its multiply between the first conv's chain and the depthwise conv's quantize."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.1, (8, 4, 1, 1)).astype(np.float32)
+    w1[7] *= 30
+    b1 = rng.normal(0, 0.05, 8).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32)
+    w3 = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    consts = {"w1": w1, "b1": b1, "w2": w2, "w3": w3}
+    kind, *bounds = activation
+    consts.update({f"bound{i}": np.float32(b) for i, b in enumerate(bounds)})
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"]),
+             helper.make_node(kind, ["a", *(f"bound{i}" for i in range(len(bounds)))], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["b"], group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w3"], ["y"])]
+    graph = helper.make_graph(nodes, "spread", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [numpy_helper.from_array(v, n) for n, v in consts.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+@pytest.mark.parametrize("activation, folded", [
+    (("Relu",), True),           # the uint8 tensor's zero point is 0: its saturation is the ReLU
+    (("Clip", 0, 6), True),      # ReLU6: and every channel's range is within 6 / a_c
+    (("Clip", -1, 6), False),    # -1 / a_c is inside the saturation on the narrow channels: the multiply stays
+])
+def test_equalization_folds_into_an_int8_producer(tmp_path, activation, folded):
+    """fold_into_producers moves equalize-int8's 1 / a into the producing conv's weight and bias scales where that
+    is exact, so the conv's integer chain reaches the quantize (one kernel, not a float32 conv and a multiply): the
+    folded graph computes what the QDQ graph computed, on TVM, to float32 roundings."""
+    from tvm import relax as rx
+
+    from edgec.dataset import open_dataset
+    from edgec.frontends import load_model
+    from edgec.quantize import calibrate, equalize, qdq
+    from edgec.quantize.reference import run_graph
+
+    model = load_model(_spread_producer(tmp_path / "m.onnx", activation), {})
+    mod = rx.transform.FoldConstant()(model.mod)
+    x = np.random.default_rng(1).normal(0, 1, (12, 4, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    cal = open_dataset(tmp_path / "cal.npz", model.inputs)
+    equalized, count = equalize.equalize(mod, cal)
+    assert count == 1
+    quantized, _ = qdq.rewrite(equalized, calibrate.calibrate(equalized, cal, "minmax", 99.99))
+    out, n = equalize.fold_into_producers(quantized)
+    assert n == int(folded)
+
+    def ops(m):
+        found = set()
+        rx.analysis.post_order_visit(m["main"], lambda e: found.add(e.op.name) if isinstance(e, rx.Call)
+                                     and isinstance(e.op, tvm.ir.Op) else None)
+        return found
+
+    assert "relax.multiply" in ops(quantized)
+    # folded: the quantize reads the conv's bias add (its integer chain) with nothing between
+    assert ops(out).isdisjoint({"relax.multiply", "relax.nn.relu", "relax.clip", "relax.call_tir"}) == folded
+    inputs = [{"x": s[None]} for s in x]
+    before, after = (np.stack([o["y"] for o in run_graph(m, model, inputs)]) for m in (quantized, out))
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+
+
 def _kl(values):
     """calibrate's entropy range for `values`, histogrammed as calibrate does (exact zeros left out)."""
     from edgec.quantize.calibrate import BINS, _kl_range

@@ -192,6 +192,11 @@ def quantize_int8(ctx):
             mixed = {"mixed_precision": chosen}
         out, record = qdq.rewrite(mod, calibration["ranges"], frozenset(floats), corrections=corrections,
                                     rounded=rounded, weight_max=weight_max)
+        folded = None
+        if equalized:
+            from ..quantize.equalize import fold_into_producers
+
+            out, folded = fold_into_producers(out)
         record = {"mode": "int8", "method": calibration["method"], "calibration_samples": calibration["samples"],
                   # an image folder: how its images became inputs, which a deployment must do the same way
                   **({"calibration_data": ctx.calibration.description} if ctx.calibration.description else {}),
@@ -199,7 +204,9 @@ def quantize_int8(ctx):
                   "activations": "uint8 per tensor", "weights": "int8 per channel, symmetric"
                   + (f", within ±{weight_max}: {narrowed}" if narrowed else ""),
                   # None: equalize-int8 did not run (disabled, or percentile calibration)
-                  "equalized_tensors": None if equalized is None else int(equalized), **record, **mixed}
+                  "equalized_tensors": None if equalized is None else int(equalized),
+                  # of those, how many have their factors in an int8 producer's scales (None: none equalized)
+                  "equalized_in_producers": folded, **record, **mixed}
         return out.with_attr(QUANTIZATION_ATTR, json.dumps(record))
 
     return step
