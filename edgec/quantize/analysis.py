@@ -1,7 +1,7 @@
 """Which tensors of a float Relax graph int8 quantization puts a quantize → dequantize pair on.
 
-A pair goes where an integer kernel would read int8: the data input of a convolution or a matrix product with
-constant weights, both inputs of an add of two activations (a residual), every input of a concat, the input of a
+A pair goes where an integer kernel would read int8: the data input of a convolution (a transposed one too) or a
+matrix product with constant weights, both inputs of an add of two activations (a residual), every input of a concat, the input of a
 pooling. Nothing goes between such a layer and its bias add and ReLU/clip: those are its int32 accumulator and
 epilogue, requantized once at the next boundary, so conv → relu → conv holds one pair, not one around each op.
 The analysis is a pure function of the graph, so `calibrate` and `quantize-int8` agree on the tensors by position.
@@ -10,20 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import relax
 
 CONV, MATMUL, ADD, CONCAT = "relax.nn.conv2d", "relax.matmul", "relax.add", "relax.concat"
+DECONV = "relax.nn.conv2d_transpose"
 POOLS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean")
 
 
 @dataclass(frozen=True)
 class Compute:
-    """A conv2d or matmul whose weights become int8, per output channel along `weight_axis`."""
+    """A conv2d, conv2d_transpose or matmul whose weights become int8, per output channel along `weight_axis`."""
     op: str
     weight: tvm.ir.expr.Constant
     weight_axis: int
     channel_axis: int              # the output's channel axis, along which a bias adds
+    macs: int                      # multiply-accumulates per run
 
 
 @dataclass
@@ -57,17 +60,32 @@ def _float_const(expr) -> bool:
 def _compute(call: relax.Call) -> tuple[Compute | None, str | None]:
     """The layer a call is, when its weights can be quantized per channel; else (None, why not) for conv/matmul."""
     op = _op(call)
-    if op not in (CONV, MATMUL):
+    if op not in (CONV, MATMUL, DECONV):
         return None, None
     x, w = call.args[0], call.args[1]
     if not _float_const(w):
         return None, f"{op.split('.')[-1]} with non-constant float32 weights"
-    if op == CONV:
+    if op == DECONV and int(call.attrs.groups) != 1:
+        # IOHW weights of a grouped deconvolution: O counts one group's outputs, not the output channels
+        return None, "conv2d_transpose with groups"
+    weights = w.value.numpy()
+    if op in (CONV, DECONV):
         a = call.attrs
-        return Compute(op, w, str(a.kernel_layout).index("O"), str(a.out_layout or a.data_layout).index("C")), None
-    if w.value.numpy().ndim != 2 or not _float_activation(x):
+        axis = str(a.kernel_layout).index("O")
+        # each output element of a conv reads its channel's weights once; each input element of a deconv is
+        # scattered through its channel's
+        reads = _elements(call) * weights.size // weights.shape[axis] if op == CONV else \
+            _elements(x) * weights.size // weights.shape[str(a.kernel_layout).index("I")]
+        return Compute(op, w, axis, str(a.out_layout or a.data_layout).index("C"), reads), None
+    if weights.ndim != 2 or not _float_activation(x):
         return None, "matmul with weights of rank other than 2"
-    return Compute(op, w, 1, len(x.ty.shape) - 1), None
+    return Compute(op, w, 1, len(x.ty.shape) - 1, _elements(call) * weights.shape[0]), None
+
+
+def _elements(expr) -> int:
+    """Elements of a tensor of static shape (0 where a dimension is not static)."""
+    dims = getattr(getattr(expr.ty, "shape", None), "values", None) or ()
+    return int(np.prod([int(d) if isinstance(d, tvm.tirx.IntImm) else 0 for d in dims]))
 
 
 def _bias_fits(bias: tvm.ir.expr.Constant, layer: relax.Var, compute: Compute) -> bool:

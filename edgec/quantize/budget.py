@@ -90,9 +90,7 @@ def _cost(plan: analysis.Plan, var: relax.Var) -> tuple[int, int]:
     if layer is None:
         return 0, 0
     w = layer.weight.value.numpy()
-    out = int(np.prod([int(d) for d in var.ty.shape]))
-    channels = w.shape[layer.weight_axis]
-    return out * (w.size // channels), 3 * w.size - 4 * channels
+    return layer.macs, 3 * w.size - 4 * w.shape[layer.weight_axis]
 
 
 def _layers_matching(names: list[str], patterns: tuple[str, ...]) -> set[str]:
