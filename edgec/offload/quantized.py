@@ -39,18 +39,57 @@ def _dequantize(data):
     return is_op("relax.dequantize")(data, is_const(), is_const())
 
 
+_ACTIVATIONS = ("relu", "clip", "hardswish", "sigmoid")
+_TAIL_ONLY = ("affine", "hardswish", "sigmoid")    # tokens of the longer tails (`tails`): real units, see QFused.tail
+
+
+def _tails(tails: bool) -> list[tuple[str, ...]]:
+    """The elementwise steps a chain may end with: none, ReLU or clip; with `tails` also an activation (ReLU, clip,
+    hardswish, sigmoid) then an affine (s * x + b, scalar s and b, as PP-LCNetV3's learnable affine blocks), either
+    or both: longest first. (An affine before the activation is in the conv's weights and bias already: fold's
+    `affine-into-conv`.)"""
+    found = [(), ("relu",), ("clip",)]
+    if tails:
+        found += [(*((act,) if act else ()), *(("affine",) if affine else ()))
+                  for act, affine in itertools.product((None, *_ACTIVATIONS), (True, False))]
+    return sorted(set(found), key=lambda t: (-len(t), t))
+
+
+def _scalar_operand(op: str, x):
+    """op(x, c) or op(c, x), c a constant."""
+    c = is_const()
+    return is_op(op)(x, c) | is_op(op)(c, x)
+
+
+def _step(token: str, x):
+    """The pattern of one tail step on x, as TVM's importers give it."""
+    if token == "affine":
+        return _scalar_operand("relax.add", _scalar_operand("relax.multiply", x))
+    if token == "relu":
+        return is_op("relax.nn.relu")(x)
+    if token == "clip":
+        return is_op("relax.clip")(x, wildcard(), wildcard())
+    if token == "sigmoid":
+        return is_op("relax.sigmoid")(x)
+    # ONNX HardSwish, x * clip(x + 3, 0, 6) / 6: divided last (opset < 14, decomposed HardSigmoid) or first
+    gate = is_op("relax.clip")(is_op("relax.add")(x, is_const()), wildcard(), wildcard())
+    divided = is_op("relax.divide")(gate, is_const())
+    return is_op("relax.divide")(is_op("relax.multiply")(x, gate) | is_op("relax.multiply")(gate, x), is_const()) \
+        | is_op("relax.multiply")(x, divided) | is_op("relax.multiply")(divided, x)
+
+
 def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callable[[relax.Call], str | None],
-                       *, residual: bool = False, float_out: bool = False) -> list[Pattern]:
+                       *, residual: bool = False, float_out: bool = False, tails: bool = False) -> list[Pattern]:
     """`<backend>.q<anchor>[_bias][_relu|_clip]` for quantize(chain(op(dequantize(x), dequantize(w)))), longest first;
     with `residual`, first `..._add` for quantize(dequantize(that) + dequantize(r)), QDQ's residual add of an 8-bit
     tensor r (a backend's sum post-op), the chain on either side; with `float_out`, then `..._f32` for the chains
     without the quantize, whose float32 output goes on to float operators (hardswish, sigmoid, an affine) before the
-    next quantize: edgec's own quantization leaves conv outputs so."""
+    next quantize: edgec's own quantization leaves conv outputs so; with `tails`, chains ending in the longer tails
+    of `_tails` too (`..._affine_hardswish_affine`: a backend that computes them as post-ops)."""
     patterns = []
-    combinations = sorted(itertools.product((True, False), (None, "relu", "clip")),
-                          key=lambda c: -(c[0] + (c[1] is not None)))
-    for quantized_out, bias, act in [(True, *c) for c in combinations] + [(False, *c) for c in combinations
-                                                                           if float_out]:
+    combinations = sorted(itertools.product((True, False), _tails(tails)), key=lambda c: -(c[0] + len(c[1])))
+    for quantized_out, bias, tokens in [(True, *c) for c in combinations] + [(False, *c) for c in combinations
+                                                                              if float_out]:
         weight_q = _dequantize(is_const())
         weight = weight_q | is_op("relax.permute_dims")(weight_q)    # Gemm's transB: (N, K) stored, (K, N) used
         root = is_op(op)(_dequantize(wildcard()), weight)
@@ -61,24 +100,22 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
             # the ONNX frontend's reshape to [1, C, 1, 1], which the NHWC conversion transposes
             root = is_op("relax.add")(root, shaped | is_op("relax.permute_dims")(shaped))
             annotations["bias"] = root
-        if act == "relu":
-            root = is_op("relax.nn.relu")(root)
-        elif act == "clip":
-            root = is_op("relax.clip")(root, wildcard(), wildcard())
-        if act:
+        for token in tokens:
+            root = _step(token, root)
+        if tokens:
             annotations["act"] = root
         if quantized_out:
             root = is_op("relax.quantize")(root, is_const(), is_const())
         annotations["out"] = root
-        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + ([act] if act else [])
+        name = "_".join([f"{backend}.q{anchor}"] + (["bias"] if bias else []) + list(tokens)
                         + ([] if quantized_out else [FLOAT_OUT]))
-        patterns.append(Pattern(name, root, annotations, _check(check_anchor), op))
+        patterns.append(Pattern(name, root, annotations, _check(check_anchor, tokens), op))
     if not residual:
         return patterns
     # two patterns, not one alternation: where both operands are chains, a match of the first side whose chain is
     # also read elsewhere (refused: a leaking value) must leave the other side its turn
     summed = []
-    for p in (p for p in patterns if not p.name.endswith(FLOAT_OUT)):
+    for p in (p for p in patterns if not p.name.endswith(FLOAT_OUT) and not _tail_tokens(p.name)):
         for chain_first in (True, False):
             chain, other = _dequantize(p.pattern), _dequantize(wildcard())
             add = is_op("relax.add")(*((chain, other) if chain_first else (other, chain)))
@@ -88,7 +125,68 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
     return summed + patterns
 
 
-def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str | None]:
+def _tail_tokens(composite: str) -> tuple[str, ...]:
+    """The tail steps a pattern name ends its chain with when they are a longer tail (see `_tails`), else ()."""
+    tokens = tuple(t for t in composite.split(".", 1)[1].split("_")[1:] if t in (*_ACTIVATIONS, "affine"))
+    return tokens if any(t in _TAIL_ONLY for t in tokens) else ()
+
+
+def _tail_steps(tokens: tuple[str, ...], end, resolve) -> list[tuple[str, tuple]]:
+    """A tail's steps in order, walking back from its last value `end`: (token, operands) with an affine's
+    (scale, shift), a hardswish's (3, its gate's clip, 6), a clip's and a ReLU's call, as the graph has them
+    (`resolve`: a variable to the expression it is bound to; a constant operand resolves to no call)."""
+    steps, node = [], resolve(end)
+
+    def split(call):    # (the data operand, the constant one)
+        a, b = call.args
+        return (a, b) if isinstance(resolve(a), relax.Call) else (b, a)
+
+    for token in reversed(tokens):
+        if token == "affine":
+            product, shift = split(node)
+            x, scale = split(resolve(product))
+            steps.append((token, (scale, shift)))
+        elif token == "hardswish":
+            def find(call, op):     # the operand of `call` that is a call of `op`
+                return next(a for a in map(resolve, call.args) if isinstance(a, relax.Call) and a.op.name == op)
+
+            if node.op.name == "relax.divide":      # (x * gate) / 6
+                gate, six = find(resolve(node.args[0]), "relax.clip"), node.args[1]
+            else:                                   # x * (gate / 6)
+                divided = find(node, "relax.divide")
+                gate, six = resolve(divided.args[0]), divided.args[1]
+            x, three = split(resolve(gate.args[0]))
+            steps.append((token, (three, gate, six)))
+        else:
+            x = node.args[0]
+            steps.append((token, (node,)))
+        node = resolve(x)
+    return steps[::-1]
+
+
+def _tail_reason(steps: list[tuple[str, tuple]]) -> str | None:
+    """Why a matched tail is not the elementwise steps its name says (None: it is)."""
+    for token, operands in steps:
+        if token == "affine" and not all(scalar_constant(c) and c.ty.dtype == "float32" for c in operands):
+            return "an affine with a per-channel or non-float32 scale or shift (scalars only)"
+        if token == "hardswish":
+            three, gate, six = operands
+            if not (scalar_constant(three) and scalar_constant(six)) or (
+                    float(three.value.numpy()), _bounds(gate), float(six.value.numpy())) != (3.0, (0.0, 6.0), 6.0):
+                return "x * clip(x + a, lo, hi) / b that is not hardswish (a = 3, [0, 6], b = 6)"
+        if token == "clip" and _bounds(operands[0]) is None:
+            return "clip bounds are not constants"
+    return None
+
+
+def _bounds(clip: relax.Call) -> tuple[float, float] | None:
+    """A clip's constant bounds (None where they are not constants)."""
+    if not all(isinstance(v, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) for v in clip.args[1:]):
+        return None
+    return float(clip.args[1].value), float(clip.args[2].value)
+
+
+def _check(check_anchor, tokens: tuple[str, ...] = ()) -> Callable[[relax.transform.PatternCheckContext], str | None]:
     def check(ctx: relax.transform.PatternCheckContext) -> str | None:
         if has_leaking_intermediate_variables(ctx):
             return "a value inside the quantized chain is also used outside it"
@@ -122,10 +220,10 @@ def _check(check_anchor) -> Callable[[relax.transform.PatternCheckContext], str 
             product = data.args[1].value.numpy().astype(np.float64) * weight.args[1].value.numpy().reshape(-1)
             if not np.allclose(bias.args[1].value.numpy().reshape(-1), product, rtol=1e-6, atol=0):
                 return "bias scale is not input scale x weight scale"
-        act = ctx.annotated_expr.get("act")
-        if act is not None and act.op.name == "relax.clip" and \
-                not all(isinstance(v, tvm.tirx.FloatImm) for v in act.args[1:]):
-            return "clip bounds are not constants"
+        if tokens:
+            reason = _tail_reason(_tail_steps(tokens, ctx.annotated_expr["act"], lambda e: _resolve(bound, e)))
+            if reason:
+                return reason
         if "sum" in ctx.annotated_expr:
             reason = _residual_reason(ctx.annotated_expr["residual"], ctx.annotated_expr["chain_out"],
                                       ctx.annotated_expr["sum_out"], out)
@@ -243,6 +341,10 @@ class QFused:
     out_dtype: str
     num_params: int
     sum: QSum | None = None
+    # a longer tail (quantized_patterns' `tails`): every step after the bias in order, ("linear", scale, shift)
+    # (parameter indices), ("hardswish",), ("logistic",), ("relu",) or ("clip", lo, hi); `activation` is then None.
+    # Its steps are not positively homogeneous, so the emitter runs them on the output in real units.
+    tail: tuple[tuple, ...] = ()
 
     @property
     def float_out(self) -> bool:
@@ -333,21 +435,33 @@ def read_quantized(func: relax.Function) -> QFused:
     weight = value(weight.args[0]) if transposed else weight
     bias = act = None
     bounds = (0.0, 0.0)
+    tokens = _tail_tokens(str(inner.attrs["Composite"]))
+    tail = tuple(_read_step(token, operands, param) for token, operands in
+                 _tail_steps(tokens, out if float_out else out.args[0], value)) if tokens else ()
     for v in values.values():
-        if v.op.name == "relax.add" and (summed is None or not v.same_as(add)):
+        if v.op.name == "relax.add" and value(v.args[0]).same_as(anchor):    # the bias add reads the anchor
             b = value(v.args[1])
             while b.op.name != "relax.dequantize":
                 b = value(b.args[0])
             bias = param(b.args[0])
-        elif v.op.name in ("relax.nn.relu", "relax.clip"):
+        elif v.op.name in ("relax.nn.relu", "relax.clip") and not tail:
             act = v.op.name.rsplit(".", 1)[-1]
             if act == "clip":
-                bounds = (float(v.args[1].value), float(v.args[2].value))
+                bounds = _bounds(v)
     return QFused(str(func.attrs["global_symbol"]), str(inner.attrs["Composite"]), anchor,
                   param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
                   param(weight.args[1]), transposed, bias, act, bounds,
                   *((None, None) if float_out else (param(out.args[1]), param(out.args[2]))),
-                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params), summed)
+                  str(data.args[0].ty.dtype), str(out.ty.dtype), len(func.params), summed, tail)
+
+
+def _read_step(token: str, operands: tuple, param: Callable) -> tuple:
+    """A tail step as QFused.tail holds it."""
+    if token == "affine":
+        return ("linear", *map(param, operands))
+    if token == "clip":
+        return ("clip", *_bounds(operands[0]))
+    return ({"sigmoid": "logistic"}.get(token, token),)
 
 
 @relax.expr_functor.mutator

@@ -1,10 +1,11 @@
-"""Folding: batch-norm into the preceding convolution, then every all-constant subexpression."""
+"""Folding: batch-norm and affines into the preceding convolution, then every all-constant subexpression."""
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
 from ..offload.fusion import static_shape
+from .ir import readers
 from .registry import register_pass
 
 
@@ -49,10 +50,106 @@ def _fold_batchnorm(mod, ctx):
     return mod
 
 
+def _per_channel(value: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """A float32 constant that broadcasts over an NCHW output per channel (one value, or C along axis 1), as [C]
+    float64; None for any other."""
+    if value is None or value.dtype != np.float32 or value.ndim > 4:
+        return None
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(-1)[0]))
+    shape = (1,) * (4 - value.ndim) + value.shape
+    return value.reshape(-1).astype(np.float64) if shape == (1, channels, 1, 1) else None
+
+
+def _operands(call: relax.Call) -> tuple[relax.Expr, relax.Expr]:
+    """(the variable operand, the other) of a binary call."""
+    a, b = call.args
+    return (a, b) if isinstance(a, relax.Var) else (b, a)
+
+
+def _affine_into_conv(func: relax.Function) -> relax.Function:
+    """func with each conv2d (NCHW/OIHW, constant weights) [+ bias] * m [+ a] (m, a constants per channel or
+    scalars: PP-LCNetV3's learnable affine blocks, a batch norm decomposed) computed as one conv2d + bias, its
+    weights times m and its bias b * m + a; each value on the way read by the next alone."""
+    values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    read_by = readers(func)
+
+    def op(var) -> str | None:
+        value = values.get(var)
+        return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
+
+    def only_reader(var, reader) -> bool:
+        return read_by.get(var) == [reader]
+
+    def constant(expr) -> np.ndarray | None:
+        """A constant's value, also behind a reshape (the ONNX importer's bias: reshape(b, [1, C, 1, 1]))."""
+        if op(expr) == "relax.reshape" and static_shape(expr) is not None:
+            shape, expr = static_shape(expr), values[expr].args[0]
+            return constant(expr).reshape(shape) if isinstance(expr, tvm.ir.expr.Constant) else None
+        return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+    folded: dict[relax.Var, relax.Expr] = {}
+    for var, value in values.items():
+        if op(var) != "relax.multiply" or var in folded:
+            continue
+        x, m = _operands(value)
+        bias, conv = None, x
+        if op(x) == "relax.add" and only_reader(x, var):
+            conv, bias = _operands(values[x])
+        call = values.get(conv)
+        if op(conv) != "relax.nn.conv2d" or not only_reader(conv, x if bias is not None else var) \
+                or (call.attrs.data_layout, call.attrs.kernel_layout, call.attrs.out_layout or "NCHW") \
+                != ("NCHW", "OIHW", "NCHW") or not isinstance(call.args[1], tvm.ir.expr.Constant) \
+                or (static_shape(call) or ()) == ():
+            continue
+        channels = static_shape(call)[1]
+        scale = _per_channel(constant(m), channels)
+        b = np.zeros(channels) if bias is None else _per_channel(constant(bias), channels)
+        if scale is None or b is None:
+            continue
+        last, shift = var, np.zeros(channels)
+        after = read_by.get(var, [])
+        if len(after) == 1 and op(after[0]) == "relax.add":
+            other = _per_channel(constant(_operands(values[after[0]])[1]), channels)
+            if other is not None:
+                last, shift = after[0], other
+        w = call.args[1].value.numpy()
+        weights = (w.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(w.dtype)
+        new_bias = (b * scale + shift).astype(w.dtype).reshape(1, -1, 1, 1)
+        a = call.attrs
+        folded[last] = (relax.op.nn.conv2d(call.args[0], relax.const(weights), a.strides, a.padding, a.dilation,
+                                           a.groups, a.data_layout, a.kernel_layout, a.out_layout, a.out_dtype),
+                        relax.const(new_bias))
+    if not folded:
+        return func
+
+    @relax.expr_functor.mutator
+    class Fold(relax.PyExprMutator):
+        def visit_var_binding_(self, binding):
+            if binding.var not in folded:
+                return super().visit_var_binding_(binding)
+            conv, bias = folded[binding.var]
+            new = self.builder_.emit(self.visit_expr(conv))
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(
+                relax.op.add(new, bias))))
+
+    return Fold().visit_expr(func)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FoldAffineIntoConv")
+def _fold_affine(mod, ctx):
+    mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _affine_into_conv(func)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
 @register_pass("fold-batchnorm", phase="graph")
 def fold_batchnorm(ctx):
-    """Fold inference batch-norm (after conv2d, with or without bias) into the conv's weights and bias."""
-    return _fold_batchnorm
+    """Fold inference batch-norm (after conv2d, with or without bias), then a per-channel or scalar affine after a
+    conv (x * m + a: a learnable affine block, a batch norm decomposed), into the conv's weights and bias."""
+    return tvm.transform.Sequential([_fold_batchnorm, _fold_affine], name="FoldBatchnorm")
 
 
 def _static(expr) -> tuple[tuple[int, ...], str] | None:

@@ -148,9 +148,10 @@ def int8_kernels(ctx: BuildContext) -> tvm.transform.Pass:
 
 def takes(func: relax.Function, target: tvm.target.Target) -> bool:
     """Whether a backend's partitioned int8 chain has an integer kernel for `target`: one int8-kernels' own patterns
-    match (no residual add fused in; a float32 output where `_float_out`), its anchor one the kernels take."""
+    match (no residual add or longer tail fused in; a float32 output where `_float_out`), its anchor one the kernels
+    take."""
     q = read_quantized(func)
-    return q.sum is None and (not q.float_out or _float_out(target)) and _unsupported(q.anchor) is None
+    return q.sum is None and not q.tail and (not q.float_out or _float_out(target)) and _unsupported(q.anchor) is None
 
 
 def _float_out(target: tvm.target.Target) -> bool:

@@ -33,6 +33,20 @@ def per_tensor(call: relax.Call) -> bool:
     return call.op.name not in ("relax.quantize", "relax.dequantize") or all(map(scalar_constant, call.args[1:]))
 
 
+def readers(func: relax.Function) -> dict[relax.Var, list[relax.Var | None]]:
+    """Every var -> the bindings whose value reads it (None: the function's result reads it)."""
+    found: dict[relax.Var, list[relax.Var | None]] = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            def note(expr, var=binding.var):
+                if isinstance(expr, relax.Var):
+                    found.setdefault(expr, []).append(var)
+            relax.analysis.post_order_visit(binding.value, note)
+    relax.analysis.post_order_visit(func.body.body, lambda e: found.setdefault(e, []).append(None)
+                                    if isinstance(e, relax.Var) else None)
+    return found
+
+
 def graph_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
     """The Relax functions of `mod` that are the model's graph: not a backend's partition, a composite pattern's
     body or a fused group (their ops are the library's or one kernel's)."""

@@ -30,27 +30,13 @@ import tvm
 from tvm import relax
 
 from ..dataset import Dataset
-from ..passes.ir import clip_half
+from ..passes.ir import clip_half, readers
 from ..progress import current
 from . import analysis
 from .calibrate import Runner, sweep
 
 SPREAD = 4.0        # max range / median range at which a tensor is equalized
 _FLOOR = 1e-3       # a channel's range is taken as at least this share of the widest (dead channels: range 0)
-
-
-def _readers(func: relax.Function) -> dict[relax.Var, list[relax.Var]]:
-    """Every var -> the bindings whose value reads it."""
-    readers: dict[relax.Var, list[relax.Var]] = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            def note(expr, var=binding.var):
-                if isinstance(expr, relax.Var):
-                    readers.setdefault(expr, []).append(var)
-            relax.analysis.post_order_visit(binding.value, note)
-    relax.analysis.post_order_visit(func.body.body, lambda e: readers.setdefault(e, []).append(None)
-                                    if isinstance(e, relax.Var) else None)
-    return readers
 
 
 def _channel_axis(call: relax.Call) -> int:
@@ -76,10 +62,10 @@ def _depthwise(call: relax.Call) -> bool:
 def candidates(func: relax.Function, plan: analysis.Plan) -> dict[str, tuple[relax.Var, list[relax.Var]]]:
     """{plan key: (tensor, its readers)} for the tensors every reader of which is a quantized depthwise conv."""
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    readers = _readers(func)
+    read_by = readers(func)
     out = {}
     for key, tensor in plan.tensors:
-        users = readers.get(tensor, [])
+        users = read_by.get(tensor, [])
         if tensor not in values or not users or any(u is None or u not in plan.compute for u in users):
             continue
         calls = [values[u] for u in users]
@@ -105,9 +91,9 @@ def rewrite(mod: tvm.IRModule, scale: dict[relax.Var, np.ndarray]) -> tvm.IRModu
     """main with x * (1 / a) read by x's depthwise readers in place of x, and their weights multiplied by a."""
     func = mod["main"]
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    readers = _readers(func)
-    reader_of = {u: t for t in scale for u in readers[t]}
-    axis = {t: _channel_axis(values[readers[t][0]]) for t in scale}
+    read_by = readers(func)
+    reader_of = {u: t for t in scale for u in read_by[t]}
+    axis = {t: _channel_axis(values[read_by[t][0]]) for t in scale}
 
     @relax.expr_functor.mutator
     class Equalize(relax.PyExprMutator):
@@ -201,14 +187,14 @@ def fold_into_producers(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     becomes quantize(conv(x, dq'(w)) + dq'(b)) where the quantize's saturation makes the ReLU/clip redundant."""
     func = mod["main"]
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    readers = _readers(func)
+    read_by = readers(func)
 
     def only_reader(var, reader) -> bool:
-        return readers.get(var) == [reader]
+        return read_by.get(var) == [reader]
 
     new: dict[relax.Var, relax.Expr] = {}
     for var, value in values.items():
-        users = readers.get(var, [])
+        users = read_by.get(var, [])
         if _op(value) != "relax.multiply" or not isinstance(value.args[1], tvm.ir.expr.Constant) \
                 or len(users) != 1 or _op(values.get(users[0])) != "relax.quantize":
             continue

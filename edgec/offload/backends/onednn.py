@@ -374,6 +374,26 @@ def _qsum(q: QFused) -> list[str]:
             f"{_DNNL_TYPES[s.residual_dtype]});"]
 
 
+_TAIL_STEPS = {"hardswish": "eltwise_hardswish", "logistic": "eltwise_logistic", "relu": "eltwise_relu"}
+
+
+def _tail(q: QFused) -> list[str]:
+    """A longer tail's post-ops (QFused.tail): its steps on the output in real units (output scales sx * sw), the
+    last one scaled by 1 / sy, the division the output scales leave out (an eltwise post-op's own scale: oneDNN 2.6
+    keeps one eltwise kernel per algorithm, so a second linear with other constants would compute as the first)."""
+    post = []
+    for i, step in enumerate(q.tail):
+        scale = "1.f / sy" if i == len(q.tail) - 1 and not q.float_out else "1.f"
+        if step[0] == "linear":
+            alg, alpha, beta = "eltwise_linear", f"Scale(a{step[1]}, 0)", f"Scale(a{step[2]}, 0)"
+        elif step[0] == "clip":
+            alg, alpha, beta = "eltwise_clip", c_float(step[1]), c_float(step[2])
+        else:
+            alg, alpha, beta = _TAIL_STEPS[step[0]], "0.f", "0.f"
+        post.append(f"post.append_eltwise({scale}, dnnl::algorithm::{alg}, {alpha}, {beta});")
+    return post
+
+
 def _qfunction(q: QFused) -> str:
     """An int8 chain as one primitive: s8 weights (reordered at load), s32 bias, output scales sx * sw[c] / sy, the
     activation in the output's scaled units, a residual add as post-ops (_qsum), zero points given at run time
@@ -387,6 +407,7 @@ def _qfunction(q: QFused) -> str:
     elif q.activation == "clip":
         lo, hi = q.bounds
         post.append(f"post.append_eltwise(1.f, dnnl::algorithm::eltwise_clip, {c_float(lo)} / sy, {c_float(hi)} / sy);")
+    post += _tail(q)
     if q.sum:
         post += _qsum(q)
     bias = q.bias is not None
@@ -435,7 +456,7 @@ def _qfunction(q: QFused) -> str:
 // {q.composite}""" + pack_function(q, f"""
   const float sx = Scale(a{q.data_scale}, 0), sy = {"1.f" if q.float_out else f"Scale(a{q.out_scale}, 0)"};{sum_scale}
   std::vector<float> scales({out_channels});
-  for (int c = 0; c < {out_channels}; ++c) scales[c] = sx * Scale(a{q.weight_scale}, c) / sy;
+  for (int c = 0; c < {out_channels}; ++c) scales[c] = sx * Scale(a{q.weight_scale}, c){"" if q.tail else " / sy"};
   int32_t zero_points[2] = {{ZeroPoint(a{q.data_zero_point}), {dst_zero_point}}};{fold}
   return Pack(a{q.weight}.data_ptr(), {bias_values}, {4 * out_channels},
               {_work(call)}, [&] {{
@@ -504,8 +525,9 @@ def _check_bmm(call) -> str | None:
 
 def _quantized_patterns():
     # a conv's residual add is its sum post-op (a matmul's and a deconvolution's are not taken yet)
+    # a conv's tail (an affine, hardswish, sigmoid: PP-LCNetV3's blocks) is post-ops too
     return [*quantized_patterns("onednn", "conv2d", "relax.nn.conv2d", nhwc_conv_check("oneDNN"), residual=True,
-                                float_out=True),
+                                float_out=True, tails=True),
             *quantized_patterns("onednn", "deconv", "relax.nn.conv2d_transpose", _deconv_check("NHWC"),
                                 float_out=True),
             *quantized_patterns("onednn", "matmul", "relax.matmul", _check_matmul, float_out=True)]
