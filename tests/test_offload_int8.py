@@ -153,14 +153,15 @@ def test_bias_at_another_scale_is_not_an_int8_bias(tmp_path):
 @pytest.mark.parametrize("tail", ["HardSwish", "Sigmoid"])
 def test_int8_conv_with_a_float_tail_runs_int8(tmp_path, tail):
     """A conv whose output goes through a float operator before its quantize (edgec's own quantization leaves
-    hardswish and sigmoid so) is an int8 primitive with a float32 destination in real units, sx * sw per channel:
-    PP-OCRv4 det's and rec's convs ran as float convs on weights dequantized at load, the int8 bundle slower than
-    the fp32 one. Within one step of onnxruntime's QDQ math."""
+    hardswish and sigmoid so) is one int8 primitive with the operator as a post-op in real units, sx * sw per
+    channel, and an 8-bit destination: PP-OCRv4 det's and rec's convs ran as float convs on weights dequantized at
+    load, the int8 bundle slower than the fp32 one (then as int8 primitives writing float32 for a TVM kernel).
+    Within one step of onnxruntime's QDQ math."""
     model = float_tail_conv(tmp_path / "qconv.onnx", tail)
     sample = {"x": (RNG.standard_normal((1, 4, 6, 6)) * 0.8).astype(np.float32)}
     result = build(model, tmp_path / "b", sample)
     assert result.manifest.verification["status"] == "verified"
-    assert int8_placement(result)["conv2d"] == ["onednn:onednn.qconv2d_bias_f32"]
+    assert int8_placement(result)["conv2d"] == [f"onednn:onednn.qconv2d_bias_{tail.lower()}"]
     for x in (sample, {"x": (RNG.standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)}):
         assert check_within_one_step(model, tmp_path / "b", x) < 0.05
 
@@ -576,6 +577,52 @@ def test_own_quantization_takes_deconvolutions_int8(tmp_path):
     assert result.compiled.quantization["layers"] == 5
     sqnr = {o.name: o.sqnr_db for o in result.evaluation.outputs}
     assert min(sqnr.values()) >= 30, sqnr
+
+
+def conv_with_tail(path: Path, tail: list[str]) -> Path:
+    """x -> Conv 3x3 with a bias -> `tail` -> Conv 1x1: each entry of `tail` HardSwish, Sigmoid or affine (Mul and
+    Add by scalars, as PP-LCNetV3's learnable affine blocks; the shift makes the output's zero point not 0)."""
+    inits = [numpy_helper.from_array((RNG.standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((RNG.standard_normal(16) * 0.1).astype(np.float32), "b1"),
+             numpy_helper.from_array((RNG.standard_normal((8, 16, 1, 1)) * 0.3).astype(np.float32), "w2")]
+    nodes, last = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1, 1, 1, 1])], "a"
+    for i, step in enumerate(tail):
+        out = f"t{i}"
+        if step == "affine":
+            inits += [numpy_helper.from_array(np.float32(0.7 + i), f"s{i}"),
+                      numpy_helper.from_array(np.float32(-0.2), f"z{i}")]
+            nodes += [helper.make_node("Mul", [f"s{i}", last], [f"{out}m"]),
+                      helper.make_node("Add", [f"{out}m", f"z{i}"], [out])]
+        else:
+            nodes.append(helper.make_node(step, [last], [out]))
+        last = out
+    nodes.append(helper.make_node("Conv", [last, "w2"], ["y"]))
+    return save_onnx(path, "conv_with_tail", nodes, {"x": [1, 8, 12, 12]}, {"y": [1, 8, 12, 12]}, inits)
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("tail, composite", [
+    (["HardSwish", "affine"], "onednn.qconv2d_bias_hardswish_affine"),
+    (["Sigmoid"], "onednn.qconv2d_bias_sigmoid"),
+    # the affine before the activation goes into the conv's weights and bias (fold-batchnorm)
+    (["affine", "HardSwish", "affine"], "onednn.qconv2d_bias_hardswish_affine"),
+    (["affine"], "onednn.qconv2d_bias"),
+])
+def test_int8_conv_tail_runs_as_post_ops(tmp_path, tail, composite):
+    """--quantize int8 on oneDNN: a conv's elementwise tail up to the next quantize is the int8 primitive's post-ops
+    (the conv writes uint8, no float32 tensor and TVM kernel between it and the next conv), verified by the
+    quantized rule on two inputs. oneDNN 2.6 computes two linear post-ops with the last one's constants (one
+    eltwise kernel per algorithm): the division by the output scale as a linear after the affine was refused by
+    verification, so it rides on the last post-op's own scale."""
+    model = conv_with_tail(tmp_path / "m.onnx", tail)
+    np.savez(tmp_path / "cal.npz", x=RNG.standard_normal((20, 8, 12, 12)).astype(np.float32))
+    options = BuildOptions(offload=("onednn",), quantize=QuantizeOptions("int8", tmp_path / "cal.npz"))
+    for k, scale in enumerate((1.0, 3.0)):
+        sample = {"x": (RNG.standard_normal((1, 8, 12, 12)) * scale).astype(np.float32)}
+        result = api.build(model, "host", tmp_path / f"b{k}", options=options, sample_inputs=sample)
+        assert result.manifest.verification["status"] == "verified", result.manifest.verification
+    assert int8_placement(result)["conv2d"] == [f"onednn:{composite}", "onednn:onednn.qconv2d_f32"], \
+        int8_placement(result)
 
 
 def float_tflite_cnn(path: Path) -> Path:

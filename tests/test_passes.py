@@ -160,6 +160,38 @@ def test_fold_batchnorm_removes_bn_and_keeps_numbers(tmp_path):
     np.testing.assert_allclose(run_relax(folded, [x]), run_relax(reference, [x]), rtol=1e-5, atol=1e-5)
 
 
+def conv_affine_onnx(path, scale_shape):
+    """x -> Conv(with bias) -> Mul(s) -> Add(t) -> HardSwish -> Mul(s2) -> y: PP-LCNetV3's learnable affine block
+    after a conv (s, t scalars, or one per channel shaped `scale_shape`), another affine after its activation."""
+    c = 4
+    inits = [numpy_helper.from_array((RNG.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array(RNG.standard_normal(c).astype(np.float32), "b"),
+             numpy_helper.from_array((RNG.random(scale_shape) + 0.5).astype(np.float32), "s"),
+             numpy_helper.from_array(RNG.standard_normal(scale_shape).astype(np.float32), "t"),
+             numpy_helper.from_array(np.float32(0.7), "s2")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["s", "c"], ["m"]), helper.make_node("Add", ["m", "t"], ["a"]),
+         helper.make_node("HardSwish", ["a"], ["h"]), helper.make_node("Mul", ["h", "s2"], ["y"])],
+        "conv_affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])], inits)
+    return save(graph, path)
+
+
+@pytest.mark.parametrize("scale_shape", [(), (1, 4, 1, 1)])
+def test_fold_batchnorm_folds_an_affine_after_a_conv(tmp_path, scale_shape):
+    """fold-batchnorm moves conv -> * s + t into the conv's weights and bias (one multiply is left: the one after
+    the activation, which is no conv's), and the numbers stay."""
+    model = load_model(conv_affine_onnx(tmp_path / "m.onnx", scale_shape))
+    ctx = ctx_for()
+    with ctx.tvm_target():
+        folded, _ = run_pipeline(model.mod, only(ctx, {"fold-batchnorm"}), ctx)
+    assert ops_in(model.mod).count("relax.multiply") == 3 and ops_in(folded).count("relax.multiply") == 2
+    assert ops_in(folded)[:2] == ["relax.nn.conv2d", "relax.add"], ops_in(folded)
+    x = RNG.random((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(run_relax(folded, [x]), run_relax(model.mod, [x]), rtol=1e-5, atol=1e-5)
+
+
 def test_lift_params_moves_weights_out_of_the_code(tmp_path):
     model = load_model(conv_bn_onnx(tmp_path / "m.onnx"))
     ctx = ctx_for()
