@@ -46,8 +46,8 @@ _TAIL_ONLY = ("affine", "hardswish", "sigmoid")    # tokens of the longer tails 
 def _tails(tails: bool) -> list[tuple[str, ...]]:
     """The elementwise steps a chain may end with: none, ReLU or clip; with `tails` also an activation (ReLU, clip,
     hardswish, sigmoid) then an affine (s * x + b, scalar s and b, as PP-LCNetV3's learnable affine blocks), either
-    or both: longest first. (An affine before the activation is in the conv's weights and bias already: fold's
-    `affine-into-conv`.)"""
+    or both: longest first. (An affine before the activation is in the conv's weights and bias already:
+    fold-batchnorm folds it.)"""
     found = [(), ("relu",), ("clip",)]
     if tails:
         found += [(*((act,) if act else ()), *(("affine",) if affine else ()))
@@ -85,7 +85,7 @@ def quantized_patterns(backend: str, anchor: str, op: str, check_anchor: Callabl
     tensor r (a backend's sum post-op), the chain on either side; with `float_out`, then `..._f32` for the chains
     without the quantize, whose float32 output goes on to float operators (hardswish, sigmoid, an affine) before the
     next quantize: edgec's own quantization leaves conv outputs so; with `tails`, chains ending in the longer tails
-    of `_tails` too (`..._affine_hardswish_affine`: a backend that computes them as post-ops)."""
+    of `_tails` too (`..._hardswish_affine`: a backend that computes them as post-ops)."""
     patterns = []
     combinations = sorted(itertools.product((True, False), _tails(tails)), key=lambda c: -(c[0] + len(c[1])))
     for quantized_out, bias, tokens in [(True, *c) for c in combinations] + [(False, *c) for c in combinations

@@ -90,7 +90,7 @@ def _affine_into_conv(func: relax.Function) -> relax.Function:
 
     folded: dict[relax.Var, relax.Expr] = {}
     for var, value in values.items():
-        if op(var) != "relax.multiply" or var in folded:
+        if op(var) != "relax.multiply":
             continue
         x, m = _operands(value)
         bias, conv = None, x
@@ -147,8 +147,10 @@ def _fold_affine(mod, ctx):
 
 @register_pass("fold-batchnorm", phase="graph")
 def fold_batchnorm(ctx):
-    """Fold inference batch-norm (after conv2d, with or without bias), then a per-channel or scalar affine after a
-    conv (x * m + a: a learnable affine block, a batch norm decomposed), into the conv's weights and bias."""
+    """Fold inference batch-norm, then affines (x * m + a), after a conv2d into its weights and bias.
+
+    With or without the conv's bias; m and a per channel or scalars: a learnable affine block, a decomposed batch
+    norm."""
     return tvm.transform.Sequential([_fold_batchnorm, _fold_affine], name="FoldBatchnorm")
 
 
