@@ -580,8 +580,9 @@ def test_own_quantization_takes_deconvolutions_int8(tmp_path):
 
 
 def conv_with_tail(path: Path, tail: list[str]) -> Path:
-    """x -> Conv 3x3 with a bias -> `tail` -> Conv 1x1: each entry of `tail` HardSwish, Sigmoid or affine (Mul and
-    Add by scalars, as PP-LCNetV3's learnable affine blocks; the shift makes the output's zero point not 0)."""
+    """x -> Conv 3x3 with a bias -> `tail` -> Conv 1x1: each entry of `tail` HardSwish, Sigmoid, "hardswish by hand"
+    or affine (Mul and Add by scalars, as PP-LCNetV3's learnable affine blocks; the shift makes the output's zero
+    point not 0)."""
     inits = [numpy_helper.from_array((RNG.standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32), "w1"),
              numpy_helper.from_array((RNG.standard_normal(16) * 0.1).astype(np.float32), "b1"),
              numpy_helper.from_array((RNG.standard_normal((8, 16, 1, 1)) * 0.3).astype(np.float32), "w2")]
@@ -593,6 +594,13 @@ def conv_with_tail(path: Path, tail: list[str]) -> Path:
                       numpy_helper.from_array(np.float32(-0.2), f"z{i}")]
             nodes += [helper.make_node("Mul", [f"s{i}", last], [f"{out}m"]),
                       helper.make_node("Add", [f"{out}m", f"z{i}"], [out])]
+        elif step == "hardswish by hand":   # as PaddlePaddle exports it: (x * clip(x + 3, 0, 6)) / 6, [1] constants
+            inits += [numpy_helper.from_array(np.array([v], np.float32), f"{name}{i}")
+                      for name, v in (("three", 3), ("zero", 0), ("six", 6))]
+            nodes += [helper.make_node("Add", [last, f"three{i}"], [f"{out}a"]),
+                      helper.make_node("Clip", [f"{out}a", f"zero{i}", f"six{i}"], [f"{out}c"]),
+                      helper.make_node("Mul", [last, f"{out}c"], [f"{out}m"]),
+                      helper.make_node("Div", [f"{out}m", f"six{i}"], [out])]
         else:
             nodes.append(helper.make_node(step, [last], [out]))
         last = out
@@ -603,6 +611,7 @@ def conv_with_tail(path: Path, tail: list[str]) -> Path:
 @needs_onednn_int8
 @pytest.mark.parametrize("tail, composite", [
     (["HardSwish", "affine"], "onednn.qconv2d_bias_hardswish_affine"),
+    (["hardswish by hand"], "onednn.qconv2d_bias_hardswish"),
     (["Sigmoid"], "onednn.qconv2d_bias_sigmoid"),
     # the affine before the activation goes into the conv's weights and bias (fold-batchnorm)
     (["affine", "HardSwish", "affine"], "onednn.qconv2d_bias_hardswish_affine"),

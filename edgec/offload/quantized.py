@@ -172,7 +172,7 @@ def _tail_reason(steps: list[tuple[str, tuple]]) -> str | None:
         if token == "hardswish":
             three, gate, six = operands
             if not (scalar_constant(three) and scalar_constant(six)) or (
-                    float(three.value.numpy()), _bounds(gate), float(six.value.numpy())) != (3.0, (0.0, 6.0), 6.0):
+                    three.value.numpy().item(), _bounds(gate), six.value.numpy().item()) != (3.0, (0.0, 6.0), 6.0):
                 return "x * clip(x + a, lo, hi) / b that is not hardswish (a = 3, [0, 6], b = 6)"
         if token == "clip" and _bounds(operands[0]) is None:
             return "clip bounds are not constants"

@@ -113,7 +113,7 @@ def _same_quantization(dequantize: relax.Call, quantize: relax.Call) -> bool:
     consts = [*dequantize.args[1:], *quantize.args[1:]]
     if not all(map(scalar_constant, consts)):
         return False
-    scale, zero, scale_q, zero_q = (float(c.value.numpy()) for c in consts)
+    scale, zero, scale_q, zero_q = (c.value.numpy().item() for c in consts)
     return (scale, zero) == (scale_q, zero_q) and _SCALE_RANGE[0] < scale < _SCALE_RANGE[1] \
         and str(quantize.attrs.out_dtype) == str(dequantize.args[0].ty.dtype)
 

@@ -101,7 +101,7 @@ def clip_half(call: relax.Call) -> tuple[relax.Expr, float, float] | None:
     if which is None or len(args) != 2 or not isinstance(args[1], tvm.ir.expr.GenericConst) \
             or args[1].value.numpy().size != 1:
         return None
-    bound = float(args[1].value.numpy())
+    bound = args[1].value.numpy().item()
     return (args[0], bound, math.inf) if which[1] == "maximum" else (args[0], -math.inf, bound)
 
 

@@ -218,7 +218,7 @@ def fold_into_producers(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
                 or not (np.isfinite(factor) & (factor > 0)).all():
             continue
         factor = factor.reshape(-1).astype(np.float64)
-        s, z = (float(a.value.numpy()) for a in quantize.args[1:])
+        s, z = (a.value.numpy().item() for a in quantize.args[1:])
         info = np.iinfo(str(quantize.attrs.out_dtype))
         # the quantize rounds v / s + z to the nearest integer, then saturates: v a quarter step inside the edge
         # gives the edge already (half a step would be a tie: round half away from zero or to even)

@@ -401,7 +401,7 @@ def _with_quantized_range_check(pattern):
         act = ctx.annotated_expr.get("act")
         if reason is None and act is not None:
             out = ctx.annotated_expr["out"]
-            scale, zero_point = float(out.args[1].value.numpy()), int(out.args[2].value.numpy())
+            scale, zero_point = out.args[1].value.numpy().item(), int(out.args[2].value.numpy().item())
             zero_point -= 128 if out.ty.dtype == "uint8" else 0
             real = (0.0, math.inf) if act.op.name == "relax.nn.relu" else (float(v.value) for v in act.args[1:])
             lo, hi = (_s8_bound(v, scale, zero_point) for v in real)
