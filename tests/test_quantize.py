@@ -370,6 +370,42 @@ def test_equalization_folds_into_an_int8_producer(tmp_path, activation, folded):
     assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
 
 
+def test_a_bias_beyond_int32_raises_its_channels_weight_scale(tmp_path):
+    """A channel whose weights are tiny and whose bias is large (a dead channel, a folded shift) would have an int32
+    bias beyond 2^30 at s_x * s_w: its weight scale is raised until the bias fits, so the layer keeps an int32 bias
+    (its integer chain) instead of a float bias add, and its output stays what the float model computes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax as rx
+
+    from edgec.dataset import open_dataset
+    from edgec.frontends import load_model
+    from edgec.quantize import calibrate, qdq
+    from edgec.quantize.reference import run_graph
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
+    w[7] *= 1e-7
+    b = rng.normal(0, 0.1, 8).astype(np.float32)
+    b[7] = 5.0
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "dead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx", {})
+    mod = rx.transform.FoldConstant()(model.mod)
+    x = rng.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    cal = open_dataset(tmp_path / "cal.npz", model.inputs)
+    quantized, record = qdq.rewrite(mod, calibrate.calibrate(mod, cal, "minmax", 99.99))
+    assert record["biases"] == 1 and record["float"] == [], record
+    out = np.stack([o["y"] for o in run_graph(quantized, model, [{"x": s[None]} for s in x])])
+    ref = np.stack([o["y"] for o in run_graph(mod, model, [{"x": s[None]} for s in x])])
+    assert np.abs(out[:, :, 7] - ref[:, :, 7]).max() < 1e-3       # the dead channel: its bias, to float32
+    assert 10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum()) > 30
+
+
 def _kl(values):
     """calibrate's entropy range for `values`, histogrammed as calibrate does (exact zeros left out)."""
     from edgec.quantize.calibrate import BINS, _kl_range

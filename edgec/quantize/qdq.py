@@ -2,7 +2,8 @@
 
 Activations: uint8, per tensor, asymmetric over the calibrated range (widened to hold 0, which padding and ReLU
 produce exactly). Weights: int8, symmetric, per output channel, stored as int8 constants behind a dequantize.
-Biases: int32 with scale s_x * s_w, zero point 0, as onnxruntime's QDQ quantizer stores them. Each quantized
+Biases: int32 with scale s_x * s_w, zero point 0, as onnxruntime's QDQ quantizer stores them (a channel's s_w
+raised where its bias would not fit, `fit_bias`). Each quantized
 input gets `dequantize(quantize(x))`; identical pairs on one tensor are then merged, so a tensor read by
 several layers is quantized once.
 """
@@ -44,6 +45,30 @@ def layer_weights(layer: analysis.Compute, rounded: np.ndarray | None = None,
     keeps weight_params's scales)."""
     wq, scale = weight_params(layer.weight.value.numpy(), layer.weight_axis, weight_max)
     return (wq if rounded is None else rounded), scale
+
+
+# an int32 bias at most this large leaves the int32 accumulator room for the products' sum (K * 127 * 255)
+BIAS_MAX = 2 ** 30
+
+
+def fit_bias(layer: analysis.Compute, wq: np.ndarray, sw: np.ndarray, sx: float, bias: np.ndarray | None,
+             weight_max: int = WEIGHT_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """(wq, sw) with the weight scale of each channel whose bias would be beyond BIAS_MAX at sx * sw raised until it
+    fits, that channel's weights rounded again on it. Such a channel's products are under K * 127 * 255 / 2^30 of
+    its bias (a depthwise conv's: 3e-4), so coarser weights cost it nothing measurable, where a float bias kept the
+    whole layer out of the integer chain (its conv writing float32 for a float bias add)."""
+    if bias is None:
+        return wq, sw
+    need = np.abs(bias.reshape(-1).astype(np.float64)) / (np.float64(sx) * BIAS_MAX)
+    grow = need > sw
+    if not grow.any():
+        return wq, sw
+    sw = np.where(grow, need * (1 + 1e-6), sw).astype(np.float32)    # float32 rounding must not land under `need`
+    w = layer.weight.value.numpy()
+    shape = [1] * w.ndim
+    shape[layer.weight_axis] = -1
+    again = np.clip(np.round(w / sw.reshape(shape)), -weight_max, weight_max).astype(np.int8)
+    return np.where(grow.reshape(shape), again, wq), sw
 
 
 def quantize_pair(x: relax.Expr, scale: float, zero_point: int) -> relax.Expr:
@@ -107,6 +132,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
                 x = call.args[0]
                 wq, sw = layer_weights(layer, (rounded or {}).get(plan.layers[var]), weight_max)
                 sx, zx = params[x]
+                wq, sw = fit_bias(layer, wq, sw, sx, biases.get(var), weight_max)
                 args[0] = choose(var, args[0], quantize_pair(args[0], sx, zx))
                 args[1] = choose(var, args[1], relax.op.dequantize(
                     relax.const(wq), relax.const(sw), relax.const(np.zeros_like(sw, np.int8)), axis=layer.weight_axis))
@@ -140,6 +166,14 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
                                      relax.const(np.zeros(scale.shape, np.int32)), axis=axis)
             done["biases"] += 1
             return relax.Call(new.op, [new.args[0], choose(layer, new.args[1], dq)], new.attrs)
+
+    values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    biases = {}     # a quantized layer's var -> its bias as quantize-int8 stores it (corrected)
+    for add, layer in plan.bias.items():
+        b = values[add].args[1].value.numpy()
+        if corrections and plan.layers[layer] in corrections:
+            b = b - corrections[plan.layers[layer]].reshape(b.shape)
+        biases[layer] = b
 
     mutator = QDQ(mod)
     out = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
