@@ -26,7 +26,7 @@ from tvm import relax
 from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from ..passes.ir import per_tensor, scalar_constant
+from ..passes.ir import clip_bounds, per_tensor, scalar_constant
 from .backend import Int8Limits, Pattern, exported
 from .fusion import composite_function, static_shape
 
@@ -172,18 +172,11 @@ def _tail_reason(steps: list[tuple[str, tuple]]) -> str | None:
         if token == "hardswish":
             three, gate, six = operands
             if not (scalar_constant(three) and scalar_constant(six)) or (
-                    three.value.numpy().item(), _bounds(gate), six.value.numpy().item()) != (3.0, (0.0, 6.0), 6.0):
+                    three.value.numpy().item(), clip_bounds(gate), six.value.numpy().item()) != (3.0, (0.0, 6.0), 6.0):
                 return "x * clip(x + a, lo, hi) / b that is not hardswish (a = 3, [0, 6], b = 6)"
-        if token == "clip" and _bounds(operands[0]) is None:
+        if token == "clip" and clip_bounds(operands[0]) is None:
             return "clip bounds are not constants"
     return None
-
-
-def _bounds(clip: relax.Call) -> tuple[float, float] | None:
-    """A clip's constant bounds (None where they are not constants)."""
-    if not all(isinstance(v, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) for v in clip.args[1:]):
-        return None
-    return float(clip.args[1].value), float(clip.args[2].value)
 
 
 def _check(check_anchor, tokens: tuple[str, ...] = ()) -> Callable[[relax.transform.PatternCheckContext], str | None]:
@@ -447,7 +440,7 @@ def read_quantized(func: relax.Function) -> QFused:
         elif v.op.name in ("relax.nn.relu", "relax.clip") and not tail:
             act = v.op.name.rsplit(".", 1)[-1]
             if act == "clip":
-                bounds = _bounds(v)
+                bounds = clip_bounds(v)
     return QFused(str(func.attrs["global_symbol"]), str(inner.attrs["Composite"]), anchor,
                   param(data.args[0]), param(data.args[1]), param(data.args[2]), param(weight.args[0]),
                   param(weight.args[1]), transposed, bias, act, bounds,
@@ -460,7 +453,7 @@ def _read_step(token: str, operands: tuple, param: Callable) -> tuple:
     if token == "affine":
         return ("linear", *map(param, operands))
     if token == "clip":
-        return ("clip", *_bounds(operands[0]))
+        return ("clip", *clip_bounds(operands[0]))
     return ({"sigmoid": "logistic"}.get(token, token),)
 
 

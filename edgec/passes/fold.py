@@ -5,7 +5,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
 from ..offload.fusion import static_shape
-from .ir import readers
+from .ir import op_name, readers
 from .registry import register_pass
 
 
@@ -75,8 +75,7 @@ def _affine_into_conv(func: relax.Function) -> relax.Function:
     read_by = readers(func)
 
     def op(var) -> str | None:
-        value = values.get(var)
-        return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
+        return op_name(values.get(var))
 
     def only_reader(var, reader) -> bool:
         return read_by.get(var) == [reader]

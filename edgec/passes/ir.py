@@ -22,6 +22,19 @@ def calls_any(mod: tvm.IRModule, ops: set[str]) -> bool:
     return bool(found)
 
 
+def op_name(expr) -> str | None:
+    """The operator a call calls ("relax.nn.conv2d"); None for anything else (a var, a constant, a call_tir's
+    function)."""
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def clip_bounds(clip: relax.Call) -> tuple[float, float] | None:
+    """An R.clip's constant bounds (None where they are not constants)."""
+    if not all(isinstance(v, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) for v in clip.args[1:]):
+        return None
+    return float(clip.args[1].value), float(clip.args[2].value)
+
+
 def scalar_constant(expr) -> bool:
     """Whether `expr` is a constant holding one value (a per-tensor scale or zero point, a scalar operand)."""
     return isinstance(expr, tvm.ir.expr.GenericConst) and expr.value.numpy().size == 1

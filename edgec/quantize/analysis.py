@@ -1,8 +1,8 @@
 """Which tensors of a float Relax graph int8 quantization puts a quantize → dequantize pair on.
 
 A pair goes where an integer kernel would read int8: the data input of a convolution (a transposed one too) or a
-matrix product with constant weights, both inputs of an add of two activations (a residual), every input of a concat, the input of a
-pooling. Nothing goes between such a layer and its bias add and ReLU/clip: those are its int32 accumulator and
+matrix product with constant weights, both inputs of an add of two activations (a residual), every input of a
+concat, the input of a pooling. Nothing goes between such a layer and its bias add and ReLU/clip: those are its int32 accumulator and
 epilogue, requantized once at the next boundary, so conv → relu → conv holds one pair, not one around each op.
 The analysis is a pure function of the graph, so `calibrate` and `quantize-int8` agree on the tensors by position.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 from tvm import relax
+
+from ..passes.ir import op_name
 
 CONV, MATMUL, ADD, CONCAT = "relax.nn.conv2d", "relax.matmul", "relax.add", "relax.concat"
 DECONV = "relax.nn.conv2d_transpose"
@@ -41,10 +43,6 @@ class Plan:
         return [k for k, _ in self.tensors]
 
 
-def _op(expr) -> str | None:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
-
-
 def _float_activation(expr) -> bool:
     """A float32 tensor with a static shape, bound to a var (a constant is no activation)."""
     ty = getattr(expr, "ty", None)
@@ -59,7 +57,7 @@ def _float_const(expr) -> bool:
 
 def _compute(call: relax.Call) -> tuple[Compute | None, str | None]:
     """The layer a call is, when its weights can be quantized per channel; else (None, why not) for conv/matmul."""
-    op = _op(call)
+    op = op_name(call)
     if op not in (CONV, MATMUL, DECONV):
         return None, None
     x, w = call.args[0], call.args[1]
@@ -126,7 +124,7 @@ def plan(func: relax.Function) -> Plan:
             float_ops[why] = float_ops.get(why, 0) + 1
     bias = {}
     for var, value in values.items():
-        if _op(value) == ADD:
+        if op_name(value) == ADD:
             layer, const = value.args
             if layer in compute and uses.get(layer) == 1 and _float_const(const) \
                     and _bias_fits(const, layer, compute[layer]):
@@ -136,7 +134,7 @@ def plan(func: relax.Function) -> Plan:
     layers: dict[relax.Var, str] = {}
     counts: dict[str, int] = {}
     for var, value in values.items():
-        op = _op(value)
+        op = op_name(value)
         if var in compute or op in POOLS:
             inputs = [value.args[0]]
         elif op == ADD and var not in bias:

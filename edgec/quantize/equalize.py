@@ -30,7 +30,7 @@ import tvm
 from tvm import relax
 
 from ..dataset import Dataset
-from ..passes.ir import clip_half, readers
+from ..passes.ir import clip_bounds, clip_half, op_name, readers
 from ..progress import current
 from . import analysis
 from .calibrate import Runner, sweep
@@ -150,16 +150,13 @@ def equalize(mod: tvm.IRModule, data: Dataset) -> tuple[tvm.IRModule, int]:
     return (rewrite(mod, scale), len(scale)) if scale else (mod, 0)
 
 
-def _op(value) -> str | None:
-    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
-
-
 def _activation(value) -> tuple[relax.Expr, float, float] | None:
     """(x, lo, hi) of a ReLU, a clip or one call_tir half of an ONNX Clip; None for anything else."""
-    if _op(value) == "relax.nn.relu":
+    if op_name(value) == "relax.nn.relu":
         return value.args[0], 0.0, math.inf
-    if _op(value) == "relax.clip":
-        return value.args[0], float(value.args[1].value), float(value.args[2].value)
+    if op_name(value) == "relax.clip":
+        bounds = clip_bounds(value)
+        return None if bounds is None else (value.args[0], *bounds)
     return clip_half(value) if isinstance(value, relax.Call) else None
 
 
@@ -171,7 +168,7 @@ def _redundant(bound: float, factor: np.ndarray, saturates: float, lower: bool) 
 
 def _dequantize_scaled(value: relax.Call, factor: np.ndarray) -> relax.Call | None:
     """dequantize(const q, const scale per channel, zero point) with its scale multiplied by `factor`."""
-    if _op(value) != "relax.dequantize" or not isinstance(value.args[0], tvm.ir.expr.Constant) \
+    if op_name(value) != "relax.dequantize" or not isinstance(value.args[0], tvm.ir.expr.Constant) \
             or not isinstance(value.args[1], tvm.ir.expr.Constant):
         return None
     scale = value.args[1].value.numpy()
@@ -195,8 +192,8 @@ def fold_into_producers(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     new: dict[relax.Var, relax.Expr] = {}
     for var, value in values.items():
         users = read_by.get(var, [])
-        if _op(value) != "relax.multiply" or not isinstance(value.args[1], tvm.ir.expr.Constant) \
-                or len(users) != 1 or _op(values.get(users[0])) != "relax.quantize":
+        if op_name(value) != "relax.multiply" or not isinstance(value.args[1], tvm.ir.expr.Constant) \
+                or len(users) != 1 or op_name(values.get(users[0])) != "relax.quantize":
             continue
         quantize = values[users[0]]
         if not all(isinstance(a, tvm.ir.expr.Constant) and a.value.numpy().size == 1 for a in quantize.args[1:]):
@@ -205,10 +202,10 @@ def fold_into_producers(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
         while x in values and only_reader(x, reader) and (act := _activation(values[x])) is not None:
             lo, hi, reader, x = max(lo, act[1]), min(hi, act[2]), x, act[0]
         chain, bias = x, None
-        if x in values and only_reader(x, reader) and _op(values[x]) == "relax.add" and values[x].args[1] in values:
+        if x in values and only_reader(x, reader) and op_name(values[x]) == "relax.add" and values[x].args[1] in values:
             bias, reader, x = values[x].args[1], x, values[x].args[0]
         conv = values.get(x)
-        if _op(conv) != analysis.CONV or not only_reader(x, reader) or conv.args[1] not in values \
+        if op_name(conv) != analysis.CONV or not only_reader(x, reader) or conv.args[1] not in values \
                 or not only_reader(conv.args[1], x) or bias is not None and not only_reader(bias, reader):
             continue
         factor = value.args[1].value.numpy()
@@ -220,10 +217,10 @@ def fold_into_producers(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
         factor = factor.reshape(-1).astype(np.float64)
         s, z = (a.value.numpy().item() for a in quantize.args[1:])
         info = np.iinfo(str(quantize.attrs.out_dtype))
-        # the quantize rounds v / s + z to the nearest integer, then saturates: v a quarter step inside the edge
-        # gives the edge already (half a step would be a tie: round half away from zero or to even)
         weights = _dequantize_scaled(values[conv.args[1]], factor)
         bias_scaled = None if bias is None else _dequantize_scaled(values[bias], factor)
+        # the quantize rounds v / s + z to the nearest integer, then saturates: v a quarter step inside the edge
+        # gives the edge already (half a step would be a tie: round half away from zero or to even)
         if not (_redundant(lo, factor, s * (int(info.min) - z + 0.25), lower=True)
                 and _redundant(hi, factor, s * (int(info.max) - z - 0.25), lower=False)) \
                 or weights is None or bias is not None and bias_scaled is None:
@@ -245,5 +242,5 @@ def fold_into_producers(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
 
     out = mod.clone()
     out["main"] = Fold(mod).visit_expr(func)
-    folded = sum(_op(values[v]) == "relax.multiply" for v in new)
+    folded = sum(op_name(values[v]) == "relax.multiply" for v in new)
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(out)), folded

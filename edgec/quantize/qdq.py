@@ -153,10 +153,8 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
         def _bias(self, new: relax.Call, layer: relax.Var) -> relax.Call:
             compute = plan.compute[layer]
             scale = layer_scales[layer]
-            bias = new.args[1].value.numpy()
-            if corrections and plan.layers[layer] in corrections:
-                bias = bias - corrections[plan.layers[layer]].reshape(bias.shape)
-                done["corrected"] += 1
+            bias = biases[layer]
+            done["corrected"] += bool(corrections and plan.layers[layer] in corrections)
             q = np.round(bias.astype(np.float64) / scale.reshape(bias.shape).astype(np.float64))
             if (np.abs(q) > _INT32.max).any():
                 keep("bias beyond int32 at scale s_x * s_w")
@@ -168,7 +166,7 @@ def rewrite(mod: tvm.IRModule, ranges: dict[str, tuple[float, float]], floats: f
             return relax.Call(new.op, [new.args[0], choose(layer, new.args[1], dq)], new.attrs)
 
     values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    biases = {}     # a quantized layer's var -> its bias as quantize-int8 stores it (corrected)
+    biases = {}     # a quantized layer's var -> its bias as quantize-int8 stores it (corrected; fit_bias, _bias)
     for add, layer in plan.bias.items():
         b = values[add].args[1].value.numpy()
         if corrections and plan.layers[layer] in corrections:
