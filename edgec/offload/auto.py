@@ -210,7 +210,7 @@ def _context_key(ctx: BuildContext) -> list:
 
     cpu, flags = _cpuinfo()
     return [cpu, sorted(flags), ctx.target.tvm_target, ctx.target.device.threads, tvm.__version__, ctx.opt_level,
-            ctx.target.pass_config, [s.name for s in _lowering(ctx)],
+            ctx.target.tvm_pass_config, [s.name for s in _lowering(ctx)],
             [_file_digest(m.__file__) for m in (cpu_schedule, int8_kernels, dot_products)], _spin_settings()]
 
 
@@ -273,7 +273,7 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
         for library in (True, False):
             variant = _variant(mod, groups, library, backends, ctx.tvm_target())
             # a context of its own: the build's timer counts the build's passes, not these
-            with tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.pass_config):
+            with tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.tvm_pass_config):
                 lowered = tvm.transform.Sequential([s.make(ctx) for s in steps], name="OffloadAutoLowering")(variant)
                 executable = tvm.compile(lowered, ctx.tvm_target(), relax_pipeline=None)
             path = Path(tmp) / ("backend.so" if library else "tvm.so")

@@ -123,8 +123,12 @@ inline int CallSite(const char* name, const TVMFFIAny* args, int32_t num_args, i
   return reinterpret_cast<const tvm::ffi::AnyView*>(args)[index].cast<tvm::ffi::TensorView>();
 }
 
-[[gnu::noinline]] inline tvm::ffi::ObjectRef StateArg(const TVMFFIAny* args) {
-  return reinterpret_cast<const tvm::ffi::AnyView*>(args)[0].cast<tvm::ffi::ObjectRef>();
+// The call's state, borrowed (TVM holds it for the call): a reference's release in line was 300 bytes per call site.
+// Null if it is not a T.
+template <typename T>
+[[gnu::noinline]] T* StateArg(const TVMFFIAny* args) {
+  const tvm::ffi::Object* state = reinterpret_cast<const tvm::ffi::AnyView*>(args)[0].cast<tvm::ffi::ObjectRef>().get();
+  return state && state->IsInstance<T>() ? const_cast<T*>(static_cast<const T*>(state)) : nullptr;
 }
 }  // namespace edgec_offload
 """
@@ -132,8 +136,9 @@ inline int CallSite(const char* name, const TVMFFIAny* args, int32_t num_args, i
 
 def run_export(symbol: str, runtime: tuple[int, ...], arguments: Callable[[Callable[[int], str], str], str]) -> str:
     """`<symbol>`, a call site's run function: TVM calls it with (state, the operands `runtime` in order, out), and it
-    calls the backend's Run(state, "<symbol>", ...) with `arguments(tensor, out)`, C++ expressions built from
-    tensor(operand index) and the output, each a tvm::ffi::TensorView."""
+    calls the backend's Run(state, "<symbol>", ...) (state: its State, null if it is not one) with
+    `arguments(tensor, out)`, C++ expressions built from tensor(operand index) and the output, each a
+    tvm::ffi::TensorView."""
     position = {i: k + 1 for k, i in enumerate(runtime)}    # args[0] is the state
 
     def tensor(i: int) -> str:
@@ -141,13 +146,13 @@ def run_export(symbol: str, runtime: tuple[int, ...], arguments: Callable[[Calla
 
     out = f"edgec_offload::TensorArg(args, {len(runtime) + 1})"
     return exported(symbol, len(runtime) + 2,
-                    f'Run(edgec_offload::StateArg(args), "{symbol}", {arguments(tensor, out)});')
+                    f'Run(edgec_offload::StateArg<State>(args), "{symbol}", {arguments(tensor, out)});')
 
 
 def exported(symbol: str, arguments: int, body: str) -> str:
     """`__tvm_ffi_<symbol>`, the C ABI function TVM calls by `symbol`: it checks that it was given `arguments`
     arguments, then runs `body`, C++ statements that read them as `args` (edgec_offload::TensorArg(args, i),
-    StateArg(args)) and may set `*result`."""
+    StateArg<State>(args)) and may set `*result`."""
     return f"""extern "C" TVM_FFI_DLL_EXPORT int __tvm_ffi_{symbol}(void*, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {{
   return edgec_offload::CallSite("{symbol}", args, n, {arguments}, result,
                                  [](const TVMFFIAny* args, tvm::ffi::Any* result) {{ {body} }});

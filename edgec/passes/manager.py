@@ -48,7 +48,7 @@ def pass_context(ctx: BuildContext, timer: PassTimer):
 
     Code generation (tvm.compile) runs inside it too, so a config or a tuning database set here reaches it.
     """
-    with ctx.tvm_target(), tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.pass_config,
+    with ctx.tvm_target(), tvm.transform.PassContext(opt_level=ctx.opt_level, config=ctx.target.tvm_pass_config,
                                                       instruments=[timer]):
         yield
 

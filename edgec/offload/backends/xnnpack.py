@@ -155,20 +155,20 @@ int8_t Bound(float value, float scale, int32_t zero_point) {
 using Create = std::function<xnn_status(xnn_operator_t*)>;
 using Setup = std::function<xnn_status(xnn_operator_t, const void*, void*, pthreadpool_t)>;
 
-tvm::ffi::ObjectRef Pack(const char* symbol, bool residual, float add_min, float add_max, const Create& create) {
+void Pack(tvm::ffi::Any* result, const char* symbol, bool residual, float add_min, float add_max,
+          const Create& create) {
   Initialize();
   edgec_offload::RunTvmKernelsOn(ParallelLaunch);
   auto s = tvm::ffi::make_object<State>();
   Check(create(&s->op), symbol, "operator creation");   // packs the weights and the bias
   if (residual) Check(xnn_create_add_nd_f32(add_min, add_max, 0, &s->add), symbol, "residual add creation");
-  return tvm::ffi::ObjectRef(std::move(s));
+  *result = tvm::ffi::ObjectRef(std::move(s));
 }
 
 // `flip_input`, `flip_output`: u8 tensors of an int8 operator, which runs them as s8 (FlipSign)
-int Run(const tvm::ffi::ObjectRef& state, const char* symbol, tvm::ffi::TensorView data, size_t data_bytes,
-        const void* residual, tvm::ffi::TensorView out, size_t out_bytes, const Setup& setup,
-        bool flip_input = false, bool flip_output = false) {
-  State* p = const_cast<State*>(state.as<State>());
+int Run(State* p, const char* symbol, tvm::ffi::TensorView data, size_t data_bytes, const void* residual,
+        tvm::ffi::TensorView out, size_t out_bytes, const Setup& setup, bool flip_input = false,
+        bool flip_output = false) {
   if (!p) throw std::runtime_error(std::string(symbol) + " was given a state its _pack function did not make");
   pthreadpool_t pool = Pool();
   std::lock_guard<std::mutex> lock(p->mutex);
@@ -278,7 +278,7 @@ def _function(fused: Fused) -> str:
     runtime = tuple(i for i in range(fused.num_params) if i not in packed)
     return f"""
 // {fused.composite}""" + pack_export(fused.symbol, packed, f"""
-  return Pack("{fused.symbol}", {"true" if residual is not None else "false"}, {c_float(add_lo)}, {c_float(add_hi)},
+  Pack(result, "{fused.symbol}", {"true" if residual is not None else "false"}, {c_float(add_lo)}, {c_float(add_hi)},
               [&](xnn_operator_t* op) -> xnn_status {{{create}
               }});""") + run_export(fused.symbol, runtime, lambda tensor, out: (
         f"{tensor(fused.data)}, {4 * math.prod(static_shape(fused.anchor.args[0]))}, "
@@ -328,7 +328,7 @@ def _qfunction(q: QFused) -> str:
   const int32_t zx = ZeroPoint(a{q.data_zero_point}) - {128 * flip_in}, zy = ZeroPoint(a{q.out_zero_point}) - {128 * flip_out};
   std::vector<float> kernel_scales({static_shape(call)[-1]});
   for (size_t c = 0; c < kernel_scales.size(); ++c) kernel_scales[c] = Scale(a{q.weight_scale}, c);
-  return Pack("{q.symbol}", false, 0.f, 0.f, [&](xnn_operator_t* op) -> xnn_status {{{reorder}
+  Pack(result, "{q.symbol}", false, 0.f, 0.f, [&](xnn_operator_t* op) -> xnn_status {{{reorder}
     return xnn_create_convolution2d_nhwc_qc8({geometry}, zx, sx, kernel_scales.data(), ohwi.data(), {bias}, zy, sy,
         {lo}, {hi}, 0, op);
   }});""") + run_export(q.symbol, q.runtime, lambda tensor, out: (
