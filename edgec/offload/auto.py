@@ -126,7 +126,7 @@ def find_groups(mod: tvm.IRModule, ctx: BuildContext, backends: tuple[Backend, .
         # where it has none, TVM's alternative would be the float QDQ operators: it stays offloaded
         quantized = is_quantized(func)
         if quantized and not (int8_kernels.takes(func, target) and all(
-                isinstance(first[symbol].args[k], tvm.ir.expr.GenericConst) for k in backend.packed(func))):
+                isinstance(first[symbol].args[k], tvm.ir.expr.GenericConst) for k in backend.operands(func).packed)):
             continue
         fused = read_quantized(func) if quantized else read_fused(func)
         shape = "x".join(map(str, static_shape(fused.anchor.args[0]) or ["?"]))
@@ -292,7 +292,7 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
 def _order(func: relax.Function, backend: Backend) -> tuple[list[int], int]:
     """A group's parameters as g<i> takes them, as main does: the operands computed at run time first (the inputs),
     then those the backend packs at load (the weights); and how many come first."""
-    packed = backend.packed(func)
+    packed = backend.operands(func).packed
     runtime = [k for k in range(len(func.params)) if k not in packed]
     return runtime + list(packed), len(runtime)
 

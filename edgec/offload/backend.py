@@ -44,14 +44,23 @@ class Int8Limits:
 
 
 @dataclass(frozen=True)
+class Operands:
+    """A partitioned function's parameters by index, as its emitted functions take them: `packed` by
+    `<symbol>_pack` at load (constants), `runtime` by `<symbol>` at each call; any other is read by neither (a zero
+    point or scale the pattern's check fixed), so it is not passed nor stored."""
+    packed: tuple[int, ...]
+    runtime: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str                            # codegen name: the functions go to relax.ext.<name>
     description: str
     patterns: Callable[[], list[Pattern]]          # most specific first: FuseOpsByPattern takes them in order
     layouts: dict[str, list[str]]                  # ConvertLayout's desired layouts, e.g. conv2d: NHWC, OIHW
     emit: Callable[[list[relax.Function]], str]    # one C++ source for the partitioned functions
-    # a partitioned function's parameter indices that its emitted `<symbol>_pack` takes at load (see passes.py)
-    packed: Callable[[relax.Function], tuple[int, ...]]
+    # which parameters of a partitioned function its emitted `<symbol>_pack` and `<symbol>` take (see passes.py)
+    operands: Callable[[relax.Function], Operands]
     linkage: Linkage
     # int8 chains in QDQ form (quantized.py), partitioned before constant folding would make their weights float
     quantized_patterns: Callable[[], list[Pattern]] = lambda: []

@@ -16,7 +16,7 @@ from tvm import relax
 from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .backend import Pattern
+from .backend import Operands, Pattern
 
 ACTIVATIONS = ("relu", "clip")
 # The reason a pattern refuses a second operand computed at run time, unless its backend takes one
@@ -154,9 +154,12 @@ class Fused:
     num_params: int
 
 
-def packed_operands(fused: Fused, *, weight: bool = True) -> tuple[int, ...]:
-    """The parameter indices a backend packs at load: the weight (unless it is computed at run time) and the bias."""
-    return tuple(sorted(([fused.weight] if weight else []) + [op.operand for op in fused.post_ops if op.kind == "bias"]))
+def fused_operands(fused: Fused, *, weight: bool = True) -> Operands:
+    """A backend packs the weight (unless it is computed at run time) and the bias at load; every other operand is
+    given to each call."""
+    packed = tuple(sorted(([fused.weight] if weight else []) + [op.operand for op in fused.post_ops
+                                                                if op.kind == "bias"]))
+    return Operands(packed, tuple(i for i in range(fused.num_params) if i not in packed))
 
 
 def composite_function(func: relax.Function) -> relax.Function:

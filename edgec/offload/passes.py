@@ -15,6 +15,7 @@ from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
+from .backend import Operands
 from .fusion import read_fused, recorded, static_shape
 from .quantized import (beyond, deconv_back_to_nchw, deconv_to_nhwc, is_quantized, quantized_layers, read_quantized,
                         untie_dequantize)
@@ -425,9 +426,9 @@ LOAD_SUFFIX = "_load"   # main_load: the function runners call once at load (the
 class _StateArguments(relax.PyExprMutator):
     """Calls of a backend's function take a state made at load instead of the operands it packs."""
 
-    def __init__(self, mod, packed: dict[str, tuple[int, ...]], weights):
+    def __init__(self, mod, operands: dict[str, Operands], weights):
         super().__init__(mod)
-        self.packed, self.weights = packed, weights
+        self.operands, self.weights = operands, weights
         self.states: list[tuple[relax.Var, str, list[relax.Expr]]] = []   # state, symbol, packed operands
 
     def visit_call_(self, call):
@@ -435,34 +436,37 @@ class _StateArguments(relax.PyExprMutator):
         if call.op != tvm.ir.Op.get("relax.call_dps_packed") or not isinstance(call.args[0], relax.ExternFunc):
             return call
         symbol = str(call.args[0].global_symbol)
-        if symbol not in self.packed:
+        if symbol not in self.operands:
             return call
-        indices, operands = self.packed[symbol], list(call.args[1].fields)
-        for k in indices:
+        taken, operands = self.operands[symbol], list(call.args[1].fields)
+        for k in taken.packed:
             if not (isinstance(operands[k], tvm.ir.expr.GenericConst) or
                     any(operands[k].same_as(w) for w in self.weights)):
                 raise ValueError(f"{symbol}: operand {k}, packed at load, is not a weight or a constant")
         state = relax.Var(f"state{len(self.states)}", relax.ObjectType())
-        self.states.append((state, symbol, [operands[k] for k in indices]))
-        rest = [state] + [o for i, o in enumerate(operands) if i not in indices]
+        self.states.append((state, symbol, [operands[k] for k in taken.packed]))
+        rest = [state] + [operands[k] for k in taken.runtime]
         return relax.Call(call.op, [call.args[0], relax.Tuple(rest)], call.attrs, call.ty_args)
 
 
-def _split_load(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, packed: dict[str, tuple[int, ...]]) -> tvm.IRModule:
+def _split_load(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, operands: dict[str, Operands]) -> tvm.IRModule:
     """F(inputs, weights) becomes F(inputs, kept weights, states) and F_load(weights) -> (kept weights, states),
-    where each state is `<symbol>_pack(its packed operands)`; the weights' values ("params") go with F_load."""
+    where each state is `<symbol>_pack(its packed operands)`; the weights' values ("params") go with F_load, less
+    those neither F nor a _pack reads."""
     func = mod[gv]
     num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params)
     inputs, weights = list(func.params[:num_input]), list(func.params[num_input:])
-    mutator = _StateArguments(mod, packed, weights)
+    mutator = _StateArguments(mod, operands, weights)
     body = mutator.visit_expr(func.body)
     if not mutator.states:
         return mod
     used = relax.analysis.free_vars(body)
     kept = [w for w in weights if any(w.same_as(u) for u in used)]
     states = [s for s, _, _ in mutator.states]
-    load_params = [relax.Var(w.name, w.ty) for w in weights]
-    renamed = dict(zip(weights, load_params))
+    read = [*kept, *(a for _, _, args in mutator.states for a in args)]
+    loaded = [i for i, w in enumerate(weights) if any(w.same_as(r) for r in read)]
+    load_params = [relax.Var(weights[i].name, weights[i].ty) for i in loaded]
+    renamed = dict(zip((weights[i] for i in loaded), load_params))
     bb = relax.BlockBuilder()
     name = gv.name_hint + LOAD_SUFFIX
     with bb.function(name, load_params, {"num_input": 0}):
@@ -475,7 +479,8 @@ def _split_load(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, packed: dict[str, tuple
         bb.emit_func_output(out)
     load = bb.get()[name]
     if "params" in func.attrs:
-        load = load.with_attr("params", func.attrs["params"])
+        values = list(func.attrs["params"])
+        load = load.with_attr("params", [values[i] for i in loaded])
     mod = mod.clone()   # IRModule assignment mutates in place; the pass must not touch its input
     mod[gv] = relax.Function(inputs + kept + states, body, func.ret_ty, func.is_pure, func.attrs,
                              func.span).without_attr("params")
@@ -507,8 +512,11 @@ def _named_by_composite(mod: tvm.IRModule) -> tvm.IRModule:
                    if isinstance(f, relax.Function) and "Codegen" in (f.attrs or {})}
     if not partitioned:
         return mod
-    # numbered in the order main calls them, as a profile lists them
-    called = [b.value.op.name_hint for block in mod["main"].body.blocks for b in block.bindings
+    # numbered in the order main (or offload-auto's g<i>, in turn) calls them, as a profile lists them
+    callers = sorted((gv.name_hint != "main", gv.name_hint, f) for gv, f in mod.functions_items()
+                     if isinstance(f, relax.Function) and gv.name_hint not in partitioned)
+    called = [b.value.op.name_hint for *_, f in callers if isinstance(f.body, relax.SeqExpr)
+              for block in f.body.blocks for b in block.bindings
               if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)]
     order = list(dict.fromkeys(name for name in [*called, *sorted(partitioned)] if name in partitioned))
     taken = {gv.name_hint for gv in mod.get_global_vars()}
@@ -541,13 +549,13 @@ def pack_at_load(backends) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="OffloadCodegen")
     def offload_codegen(mod, pctx):
         mod = _named_by_composite(mod)
-        packed = {str(f.attrs["global_symbol"]): by_name[str(f.attrs["Codegen"])].packed(f)
+        operands = {str(f.attrs["global_symbol"]): by_name[str(f.attrs["Codegen"])].operands(f)
                   for _, f in mod.functions_items()
                   if isinstance(f, relax.Function) and "Codegen" in (f.attrs or {})}
         mod = relax.transform.RunCodegen()(mod)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function) and "global_symbol" in (func.attrs or {}):
-                mod = _split_load(mod, gv, packed)
+                mod = _split_load(mod, gv, operands)
         return mod
 
     return offload_codegen

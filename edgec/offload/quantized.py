@@ -27,7 +27,7 @@ from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..passes.ir import clip_bounds, per_tensor, scalar_constant
-from .backend import Int8Limits, Pattern, exported
+from .backend import Int8Limits, Operands, Pattern, exported
 from .fusion import composite_function, static_shape
 
 QUANTIZED_ACTIVATIONS = ("uint8", "int8")
@@ -351,8 +351,20 @@ class QFused:
 
     @property
     def packed(self) -> tuple[int, ...]:
-        """Everything else: constants, packed at load."""
-        return tuple(i for i in range(self.num_params) if i not in self.runtime)
+        """The constants the emitters read, packed at load: the input's and output's scales and zero points, the
+        weights and their scales, the bias, a residual add's scales and zero points, a tail's affine operands. Not
+        the weights' zero point nor the bias's scale and zero point, which the pattern's check fixed (0, sx * sw, 0):
+        PP-OCRv4 det int8 stored 88 KB of them."""
+        read = {self.data_scale, self.data_zero_point, self.weight, self.weight_scale, self.bias, self.out_scale,
+                self.out_zero_point, *(i for step in self.tail if step[0] == "linear" for i in step[1:])}
+        if self.sum:
+            read |= {self.sum.residual_scale, self.sum.residual_zero_point, self.sum.out_scale,
+                     self.sum.out_zero_point}
+        return tuple(sorted(read - {None} - set(self.runtime)))
+
+    @property
+    def operands(self) -> Operands:
+        return Operands(self.packed, self.runtime)
 
 
 # C++ shared by the int8 emitters (after CPP_HELPERS): reading the scales (float32) and zero points (u8, s8) given to

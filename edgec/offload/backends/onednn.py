@@ -16,13 +16,14 @@ except that a primitive under kParallelWork runs on the calling thread.
 from __future__ import annotations
 
 import math
+from dataclasses import astuple
 
 import numpy as np
 from tvm import relax
 from tvm.target.codegen import target_has_features
 
-from ..backend import CPP_HELPERS, Backend, Int8Limits, Linkage, c_float, run_export, state_type_key
-from ..fusion import Fused, fused_patterns, nhwc_conv_check, packed_operands, read_fused, static_shape
+from ..backend import CPP_HELPERS, Backend, Int8Limits, Linkage, Operands, c_float, run_export, state_type_key
+from ..fusion import Fused, fused_operands, fused_patterns, nhwc_conv_check, read_fused, static_shape
 from ..quantized import (QUANTIZED_CPP, QFused, is_quantized, pack_export, pack_function, quantized_patterns,
                          read_quantized)
 
@@ -97,7 +98,7 @@ int ParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) {
 // A memory descriptor: rank 0 is none (no bias).
 struct Desc {
   int rank;
-  int64_t dims[6];
+  int32_t dims[6];   // int32: the tables are a third smaller
   memory::data_type type;
   tag format;
 };
@@ -109,7 +110,7 @@ enum class Kind { conv, deconv, matmul };
 struct Site {
   Kind kind;
   Desc src, weights, bias, dst;
-  int64_t strides[2], dilation[2], padding[4];
+  int32_t strides[2], dilation[2], padding[4];
   double work;   // multiply-adds (_work in onednn.py), see kParallelWork
 };
 
@@ -122,11 +123,14 @@ struct PostOp {
   memory::data_type type;
 };
 
-memory::desc Make(const Desc& d, tag format) { return memory::desc(memory::dims(d.dims, d.dims + d.rank), d.type, format); }
+memory::desc Make(const Desc& d, tag format) {
+  return memory::desc(memory::dims(d.dims, d.dims + d.rank), d.type, format);
+}
 
 // The primitive of `site` under `attr`, and the weights' descriptor as given. `packed`: the weights take the layout
 // the primitive chooses (reordered once at load), else the layout given.
-std::pair<dnnl::primitive_desc, memory::desc> Primitive(const Site& site, bool packed, const dnnl::primitive_attr& attr) {
+std::pair<dnnl::primitive_desc, memory::desc> Primitive(const Site& site, bool packed,
+                                                        const dnnl::primitive_attr& attr) {
   const memory::desc src = Make(site.src, site.src.format), dst = Make(site.dst, site.dst.format);
   const memory::desc user = Make(site.weights, site.weights.format);
   const memory::desc weights = packed ? Make(site.weights, tag::any) : user;
@@ -216,28 +220,43 @@ void Pack(tvm::ffi::Any* result, const Site& site, const void* weights, const vo
   *result = tvm::ffi::ObjectRef(std::move(s));
 }
 
-// An int8 chain's output scales: sx * (each output channel's weight scale) / sy.
-std::vector<float> OutputScales(const tvm::ffi::TensorView& weight_scale, int64_t channels, float sx, float sy) {
-  std::vector<float> scales(channels);
-  for (int64_t c = 0; c < channels; ++c) scales[c] = sx * Scale(weight_scale, c) / sy;
-  return scales;
-}
+// The weights of an int8 chain that reads no padding (a conv without it, a matmul), for folding the source's zero
+// point into its bias: `per_channel` per output channel, strided in memory as given.
+struct Folding {
+  int64_t channels, per_channel, channel_stride, element_stride;
+};
 
-// The bias of an int8 chain that reads no padding (a conv without it, a matmul) with the source's zero point z folded
-// in: conv(x - z, w) + b = conv(x, w) + b - z * (the sum of each output channel's weights), in the kernel's int32
-// units; its weights `per_channel` per output channel, strided in memory as given.
-std::vector<int32_t> FoldedBias(const tvm::ffi::TensorView& bias, const void* weights, int64_t channels,
-                                int64_t per_channel, int64_t channel_stride, int64_t element_stride, int32_t z) {
+// The bias with the source's zero point z folded in: conv(x - z, w) + b = conv(x, w) + b - z * (the sum of each
+// output channel's weights), in the kernel's int32 units.
+std::vector<int32_t> FoldedBias(const tvm::ffi::TensorView& bias, const void* weights, const Folding& f, int32_t z) {
   if (bias.dtype().code != kDLInt || bias.dtype().bits != 32) TVM_FFI_THROW(TypeError) << "a bias is not int32";
   const int32_t* b = static_cast<const int32_t*>(bias.data_ptr());
   const int8_t* w = static_cast<const int8_t*>(weights);
-  std::vector<int32_t> folded(b, b + channels);
-  for (int64_t c = 0; c < channels; ++c) {
+  std::vector<int32_t> folded(b, b + f.channels);
+  for (int64_t c = 0; c < f.channels; ++c) {
     int32_t sum = 0;
-    for (int64_t e = 0; e < per_channel; ++e) sum += w[c * channel_stride + e * element_stride];
+    for (int64_t e = 0; e < f.per_channel; ++e) sum += w[c * f.channel_stride + e * f.element_stride];
     folded[c] -= z * sum;
   }
   return folded;
+}
+
+// Sets *result to an int8 chain's state (Pack): output scales sx * sw[c] / sy (sy 1 where its tail divides by it),
+// the source's and destination's zero points, the source's folded into the bias where `folding` is given.
+void PackInt8(tvm::ffi::Any* result, const Site& site, const tvm::ffi::TensorView& weights,
+              const tvm::ffi::TensorView* bias, const tvm::ffi::TensorView& weight_scale, float sx, float sy,
+              int32_t src_zero_point, int32_t dst_zero_point, const Folding* folding,
+              std::initializer_list<PostOp> ops) {
+  std::vector<float> scales(site.dst.dims[1]);   // the output channels: dims are N, C, ... or M, N
+  for (size_t c = 0; c < scales.size(); ++c) scales[c] = sx * Scale(weight_scale, c) / sy;
+  int32_t zero_points[2] = {src_zero_point, dst_zero_point};
+  std::vector<int32_t> folded;
+  if (bias && folding) {
+    folded = FoldedBias(*bias, weights.data_ptr(), *folding, zero_points[0]);
+    zero_points[0] = 0;
+  }
+  const void* bias_values = folded.empty() ? (bias ? bias->data_ptr() : nullptr) : folded.data();
+  Pack(result, site, weights.data_ptr(), bias_values, ops, &scales, zero_points);
 }
 
 int Run(State* s, const char* symbol, void* src, void* weights, const void* residual, void* dst, size_t dst_bytes) {
@@ -380,14 +399,14 @@ def _anchor_name(fused: Fused) -> str:
     return fused.composite.split(".", 1)[1].split("_")[0]
 
 
-def _fused_packed(fused: Fused) -> tuple[int, ...]:
-    """The operands a call site's _pack takes: the passes strip these from its calls, the emitter's signatures
-    leave them out, so both read them here."""
-    return packed_operands(fused, weight=_anchor_name(fused) != "bmm")   # bmm's second operand is computed at run time
+def _fused_operands(fused: Fused) -> Operands:
+    """The operands a call site's _pack and run function take: the passes give its calls these, the emitter's
+    signatures take them, so both read them here."""
+    return fused_operands(fused, weight=_anchor_name(fused) != "bmm")   # bmm's second operand is computed at run time
 
 
-def _packed(func: relax.Function) -> tuple[int, ...]:
-    return read_quantized(func).packed if is_quantized(func) else _fused_packed(read_fused(func))
+def _operands(func: relax.Function) -> Operands:
+    return read_quantized(func).operands if is_quantized(func) else _fused_operands(read_fused(func))
 
 
 def _run_arguments(tensor, out: str, data: int, weight: int | None, residual: int | None, dst_bytes: int) -> str:
@@ -400,8 +419,7 @@ def _run_arguments(tensor, out: str, data: int, weight: int | None, residual: in
 
 
 def _function(fused: Fused) -> str:
-    packed = _fused_packed(fused)
-    runtime = tuple(i for i in range(fused.num_params) if i not in packed)
+    packed, runtime = astuple(_fused_operands(fused))
     bias = next((op.operand for op in fused.post_ops if op.kind == "bias"), None)
     residual = next((op.operand for op in fused.post_ops if op.kind == "add"), None)
     computed = fused.weight not in packed
@@ -457,7 +475,6 @@ def _qfunction(q: QFused) -> str:
     (from the state). A `..._f32` chain's destination is f32 in real units: sy is 1, no zero point."""
     call, src = q.anchor, _DNNL_TYPES[q.data_dtype]
     types = (src, "s8", _DNNL_TYPES[q.sum.out_dtype if q.sum else q.out_dtype])
-    out_channels = static_shape(call)[-1]
     post = []
     if q.activation == "relu":
         post.append(_eltwise("eltwise_relu"))
@@ -482,18 +499,15 @@ def _qfunction(q: QFused) -> str:
     sum_scale = (f"\n  const float sz = Scale(a{q.sum.out_scale}, 0);\n  const int32_t zy = ZeroPoint(a{q.out_zero_point});"
                  if q.sum else "")
     dst_zero_point = "0" if q.float_out else f"ZeroPoint(a{q.sum.out_zero_point if q.sum else q.out_zero_point})"
-    fold, bias_values = "", "nullptr" if q.bias is None else f"a{q.bias}.data_ptr()"
-    if bias and folding:
-        fold = (f"\n  const std::vector<int32_t> bias = FoldedBias(a{q.bias}, a{q.weight}.data_ptr(), "
-                f"{', '.join(map(str, folding))}, zero_points[0]);\n  zero_points[0] = 0;")
-        bias_values = "bias.data()"
+    fold = (f"\n  static const Folding folding = {_dims(folding)};" if bias and folding else "")
+    sy = "1.f" if q.float_out else f"Scale(a{q.out_scale}, 0)"
+    bias_tensor = "nullptr" if q.bias is None else f"&a{q.bias}"
     return f"""
 // {q.composite}{site}""" + pack_function(q, f"""
-  const float sx = Scale(a{q.data_scale}, 0), sy = {"1.f" if q.float_out else f"Scale(a{q.out_scale}, 0)"};{sum_scale}
-  const std::vector<float> scales = OutputScales(a{q.weight_scale}, {out_channels}, sx, {"1.f" if q.tail else "sy"});
-  int32_t zero_points[2] = {{ZeroPoint(a{q.data_zero_point}), {dst_zero_point}}};{fold}
-  Pack(result, {q.symbol}_site, a{q.weight}.data_ptr(), {bias_values},
-              {{{", ".join(post)}}}, &scales, zero_points);""") + run_export(q.symbol, q.runtime, lambda tensor, out:
+  const float sx = Scale(a{q.data_scale}, 0), sy = {sy};{sum_scale}{fold}
+  PackInt8(result, {q.symbol}_site, a{q.weight}, {bias_tensor}, a{q.weight_scale}, sx, {"1.f" if q.tail else "sy"},
+           ZeroPoint(a{q.data_zero_point}), {dst_zero_point}, {"&folding" if fold else "nullptr"},
+           {{{", ".join(post)}}});""") + run_export(q.symbol, q.runtime, lambda tensor, out:
         _run_arguments(tensor, out, q.data, None, q.sum.residual if q.sum else None,
                        np.dtype(q.out_dtype).itemsize * math.prod(static_shape(call))))
 
@@ -593,7 +607,7 @@ BACKEND = Backend(
     int8_limits=_int8_limits,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,
-    packed=_packed,
+    operands=_operands,
     # -fopenmp: the one compiler command compiles the emitted C++ (ParallelLaunch's pragma) and links (libgomp)
     linkage=Linkage(headers=("oneapi/dnnl/dnnl.hpp", "omp.h"), libs=("-ldnnl", "-fopenmp"),
                     packages={"x86_64": "libdnnl-dev"},

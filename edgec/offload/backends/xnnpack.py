@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from ..backend import CPP_HELPERS, Backend, Linkage, c_float, run_export, state_type_key
-from ..fusion import Fused, fused_patterns, nhwc_conv_check, packed_operands, read_fused, static_shape
+from ..fusion import Fused, fused_operands, fused_patterns, nhwc_conv_check, read_fused, static_shape
 from ..quantized import (QUANTIZED_CPP, QFused, chain_scales, is_quantized, pack_export, pack_function,
                          quantized_patterns, read_quantized)
 
@@ -271,16 +271,15 @@ def _setup(body: str) -> str:
 
 
 def _function(fused: Fused) -> str:
-    packed = packed_operands(fused)
+    operands = fused_operands(fused)
     (lo, hi), (add_lo, add_hi) = _ranges(fused)
     create, setup = _BUILDERS[fused.anchor.op.name](fused, c_float(lo), c_float(hi))
     residual = next((op.operand for op in fused.post_ops if op.kind == "add"), None)
-    runtime = tuple(i for i in range(fused.num_params) if i not in packed)
     return f"""
-// {fused.composite}""" + pack_export(fused.symbol, packed, f"""
+// {fused.composite}""" + pack_export(fused.symbol, operands.packed, f"""
   Pack(result, "{fused.symbol}", {"true" if residual is not None else "false"}, {c_float(add_lo)}, {c_float(add_hi)},
               [&](xnn_operator_t* op) -> xnn_status {{{create}
-              }});""") + run_export(fused.symbol, runtime, lambda tensor, out: (
+              }});""") + run_export(fused.symbol, operands.runtime, lambda tensor, out: (
         f"{tensor(fused.data)}, {4 * math.prod(static_shape(fused.anchor.args[0]))}, "
         f"{'nullptr' if residual is None else tensor(residual) + '.data_ptr()'}, {out}, "
         f"{4 * math.prod(static_shape(fused.anchor))}, {_setup(setup)}"))
@@ -426,7 +425,7 @@ BACKEND = Backend(
     quantized_patterns=_quantized_patterns,
     layouts={"relax.nn.conv2d": ["NHWC", "OIHW"]},
     emit=emit,
-    packed=lambda func: read_quantized(func).packed if is_quantized(func) else packed_operands(read_fused(func)),
+    operands=lambda func: read_quantized(func).operands if is_quantized(func) else fused_operands(read_fused(func)),
     linkage=Linkage(headers=("xnnpack.h", "pthreadpool.h"), libs=("-lXNNPACK", "-lpthreadpool"),
                     packages={"aarch64": "libxnnpack-dev"},
                     ship=("libcpuinfo.so.0", "libpthreadpool.so.0", "libXNNPACK.so.0"),
