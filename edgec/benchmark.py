@@ -311,7 +311,9 @@ class WorkerSpec:
 def _call_kind(name: str) -> str:
     from .offload import all_backends
 
-    backend = next((b for b in all_backends() if name.endswith(f"_{b}")), None)
+    # offload-codegen names a call site <backend>_<pattern>_<n>; FuseOps' own name (kept where that one was taken)
+    # ends in _<backend>
+    backend = next((b for b in all_backends() if name.startswith(f"{b}_") or name.endswith(f"_{b}")), None)
     return backend or ("vm" if name.startswith("vm.builtin.") else "tvm")
 
 
