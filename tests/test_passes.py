@@ -305,6 +305,29 @@ def test_one_pass_context_reaches_passes_and_codegen(tmp_path):
     assert capped.codegen_passes, "the PassContext's timer saw codegen's passes"
 
 
+def test_kernels_skip_argument_checks_unless_the_descriptor_keeps_them(tmp_path):
+    """By default (targets.DEFAULT_PASS_CONFIG) TVM's kernels have no per-call argument checks, whose only caller is
+    the model's VM program: no error raised anywhere in their code. A descriptor's "tirx.disable_assert" = false
+    keeps TVM's checks (type, rank, shape, dtype of each tensor), which raise a TypeError."""
+    model = load_model(conv_bn_onnx(tmp_path / "m.onnx"))
+    host = load_target("host")
+    board = tmp_path / "checked.toml"
+    board.write_text(open(host.origin).read().replace(
+        "[toolchain]", '[tvm.pass_config]\n"tirx.disable_assert" = false\n\n[toolchain]'))
+
+    def kernels_ir(target) -> str:
+        ctx = BuildContext(target, BuildOptions())
+        module = compile_model(model, ctx, plan(ctx, "onnx")).executable.mod
+        pending = [module]    # the executable imports the kernels' LLVM module (through the offload's loader)
+        while pending[0].kind != "llvm":
+            pending = pending[1:] + list(pending[0].imports)
+        return pending[0].inspect_source("ll")
+
+    raised = "@TVMFFIErrorSetRaisedFromCStr"
+    assert raised not in kernels_ir(host)
+    assert raised in kernels_ir(load_target_file(board))
+
+
 def test_activation_memory_from_the_ir(tmp_path):
     model = load_model(conv_bn_onnx(tmp_path / "m.onnx"))
     results = {}
