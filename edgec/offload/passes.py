@@ -16,7 +16,7 @@ from ..context import BuildContext
 from ..passes.ir import calls_any, per_tensor, restore_clip
 from ..passes.registry import register_pass
 from .backend import Operands
-from .fusion import read_fused, recorded, static_shape
+from .fusion import composite_function, read_fused, recorded, static_shape
 from .quantized import (beyond, deconv_back_to_nchw, deconv_to_nhwc, is_quantized, quantized_layers, read_quantized,
                         untie_dequantize)
 
@@ -504,10 +504,8 @@ class _Renamed(relax.PyExprMutator):
 def _named_by_composite(mod: tvm.IRModule) -> tvm.IRModule:
     """Each partitioned function named after its composite and a number (onednn_qconv2d_bias_relu_3) instead of
     FuseOps' list of its operators. The name is the C symbol of its run and _pack functions, kept in the library's
-    symbol table, its VM program and its error messages (PP-OCRv4 det int8: 44 names of about 100 characters, three
-    times over: 25 KB), and it is the name `edgec bench --profile` shows."""
-    from .fusion import composite_function
-
+    symbol table, its VM program and its error messages (PP-OCRv4 det int8: 88 names of about 100 characters; its
+    dynamic string table alone went 18 -> 10 KB), and it is the name `edgec bench --profile` shows."""
     partitioned = {gv.name_hint: (gv, f) for gv, f in mod.functions_items()
                    if isinstance(f, relax.Function) and "Codegen" in (f.attrs or {})}
     if not partitioned:
