@@ -291,7 +291,8 @@ def measure(mod: tvm.IRModule, groups: list[Group], ctx: BuildContext,
 
 def _order(func: relax.Function, backend: Backend) -> tuple[list[int], int]:
     """A group's parameters as g<i> takes them, as main does: the operands computed at run time first (the inputs),
-    then those the backend packs at load (the weights); and how many come first."""
+    then those the backend packs at load (the weights); and how many come first. An operand the backend reads not
+    at all (Operands) is an input here: g<i>_load leaves it out, as main_load does."""
     packed = backend.operands(func).packed
     runtime = [k for k in range(len(func.params)) if k not in packed]
     return runtime + list(packed), len(runtime)
