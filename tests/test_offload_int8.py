@@ -252,20 +252,22 @@ def test_residual_blocks_int8_exact(tmp_path, activations):
 
 
 @needs_onednn_int8
-@pytest.mark.parametrize("fault", ["residual_zero_point", "one_rounding_less"])
+@pytest.mark.parametrize("fault", ["residual_scale", "one_rounding_less"])
 def test_residual_sum_fault_is_refused(tmp_path, monkeypatch, fault):
-    """A fault seeded in the emitted sum post-op (the residual's zero point off by 2; the conv's own rounding and
+    """A fault seeded in the emitted sum post-op (the residual's scale 2% off; the conv's own rounding and
     saturation left out, so the sum rounds once where QDQ rounds twice) is refused by the quantized rule."""
     from edgec.offload.backends import onednn
     from edgec.verification import VerificationFailed
 
     correct = onednn._qsum
 
-    def faulty(q):
-        lines = correct(q)
-        if fault == "residual_zero_point":
-            return lines[:-1] + [lines[-1].replace(", ZeroPoint(", ", 2 + ZeroPoint(")]
-        return lines[2:]
+    def faulty(q, at):
+        post_ops = correct(q, at)
+        if fault == "residual_scale":
+            # the sum's Param c * S(sr) / S(sz): c 1.02
+            assert post_ops[-1].startswith("{dnnl::algorithm::undef, {1.0f, ")
+            return post_ops[:-1] + [post_ops[-1].replace("{1.0f, ", "{1.02f, ", 1)]
+        return post_ops[2:]
 
     monkeypatch.setattr(onednn, "_qsum", faulty)
     model = residual_blocks(tmp_path / "res.onnx")
