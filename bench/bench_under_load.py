@@ -15,9 +15,13 @@ For each count of busy neighbours (processes spinning on a core each), every run
 process, in alternated rounds; each process times `--runs` runs after a warm-up and reports its median and 90th
 percentile. The table gives the median of the rounds' medians and the worst round's 90th percentile.
 `--baseline BUNDLE` adds a bundle of the same model built by another edgec (before a change) as a row.
+`--pace MS` sleeps that long before each run, as an application running the model on each camera frame does
+(33 ms: 30 frames a second): the workers then sleep between runs, and every run wakes them. The model is one
+edgec generates or an ONNX file (`--input-shape` as for `edgec build`); onnxruntime runs the bundle's sample input.
 
     python bench/bench_under_load.py                          # mobilenetv2, 0/1/2 neighbours, 3 rounds
     python bench/bench_under_load.py --model resnet-small --neighbours 0 2 --rounds 5
+    python bench/bench_under_load.py --model cls.onnx --input-shape x:1x3x48x192 --neighbours 0 --pace 33
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from edgec import api, benchmark
 from edgec.examples import EXAMPLES
+from edgec.frontends import parse_input_shapes
 
 SETTINGS = {
     "default": {},
@@ -39,29 +44,31 @@ SETTINGS = {
     "GOMP_SPINCOUNT=300000": {"GOMP_SPINCOUNT": "300000"},
 }
 
-# One timed process: prints {"median": ms, "p90": ms}. argv: runtime, bundle or model path, threads, runs.
+# One timed process: prints {"median": ms, "p90": ms}. argv: runtime, model path (onnxruntime) or "-", the bundle
+# (whose sample input both runtimes take), threads, runs, pace (ms of sleep before each run).
 _WORKER = r"""
 import json, sys, time
 import numpy as np
-runtime, path, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+runtime, model, bundle, threads, runs, pace = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                               int(sys.argv[5]), float(sys.argv[6]))
+sys.path.insert(0, bundle)
+import run
+edgec = run.Model(bundle, threads=threads)
+feeds = edgec.sample("inputs")
 if runtime == "edgec":
-    sys.path.insert(0, path)
-    import run
-    model = run.Model(path, threads=threads)
-    feeds = model.sample("inputs")
-    call = lambda: model.run(feeds)
+    call = lambda: edgec.run(feeds)
 else:
+    del edgec
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {i.name: rng.random(i.shape, dtype=np.float32) for i in session.get_inputs()}
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     call = lambda: session.run(None, feeds)
 for _ in range(5):
     call()
 times = []
 for _ in range(runs):
+    time.sleep(pace / 1e3)
     start = time.perf_counter()
     call()
     times.append((time.perf_counter() - start) * 1e3)
@@ -70,20 +77,20 @@ print(json.dumps({"median": times[len(times) // 2], "p90": times[int(len(times) 
 """
 
 
-def timed(runtime: str, path: Path, env: dict, threads: int, runs: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _WORKER, runtime, str(path), str(threads), str(runs)],
-                          env={**os.environ, **env}, capture_output=True, text=True, check=True)
+def timed(runtime: str, model: Path, bundle: Path, env: dict, threads: int, runs: int, pace: float) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _WORKER, runtime, str(model), str(bundle), str(threads), str(runs),
+                           str(pace)], env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def under_load(neighbours: int, candidates: list[tuple[str, str, Path, dict]], threads: int, runs: int,
-               rounds: int) -> dict[str, list[dict]]:
+def under_load(neighbours: int, candidates: list[tuple[str, str, Path, dict]], model: Path, threads: int, runs: int,
+               rounds: int, pace: float) -> dict[str, list[dict]]:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(neighbours)]
     try:
         results: dict[str, list[dict]] = {label: [] for label, *_ in candidates}
         for _ in range(rounds):
-            for label, runtime, path, env in candidates:
-                results[label].append(timed(runtime, path, env, threads, runs))
+            for label, runtime, bundle, env in candidates:
+                results[label].append(timed(runtime, model, bundle, env, threads, runs, pace))
         return results
     finally:
         for p in busy:
@@ -93,28 +100,38 @@ def under_load(neighbours: int, candidates: list[tuple[str, str, Path, dict]], t
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenetv2", choices=sorted(EXAMPLES), help="an example edgec generates")
+    parser.add_argument("--model", default="mobilenetv2",
+                        help=f"an example edgec generates ({', '.join(sorted(EXAMPLES))}) or an ONNX file")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                        help="pin an input's shape, as for edgec build (an ONNX file's)")
     parser.add_argument("--neighbours", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pace", type=float, default=0.0, metavar="MS", help="sleep before each run (default 0)")
     parser.add_argument("--baseline", type=Path, help="a bundle of the same model from another edgec build, timed too")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="edgec-load-") as tmp:
-        model = EXAMPLES[args.model](Path(tmp) / f"{args.model}.onnx")
+        if args.model in EXAMPLES:
+            model = EXAMPLES[args.model](Path(tmp) / f"{args.model}.onnx")
+        else:
+            model = Path(args.model).resolve()
         bundle = Path(tmp) / "bundle"
-        api.build(model, "host", bundle)
+        api.build(model, "host", bundle, input_shapes=parse_input_shapes(args.input_shape))
         candidates = [(f"edgec, {name}", "edgec", bundle, env) for name, env in SETTINGS.items()]
         if args.baseline:
             candidates.append(("edgec baseline bundle", "edgec", args.baseline.resolve(), {}))
-        candidates.append(("onnxruntime", "onnxruntime", model, {}))
+        candidates.append(("onnxruntime", "onnxruntime", bundle, {}))
         machine = benchmark.machine()
-        print(f"{args.model}, {args.threads} threads, {machine.cpu} ({machine.cores} cores), "
-              f"{args.rounds} alternated rounds of {args.runs} runs; ms: median of round medians (worst round's p90)\n")
+        pace = f", {args.pace:g} ms pause before each run" if args.pace else ""
+        print(f"{Path(args.model).name}, {args.threads} threads, {machine.cpu} ({machine.cores} cores), "
+              f"{args.rounds} alternated rounds of {args.runs} runs{pace}; ms: median of round medians (worst round's "
+              "p90)\n")
         print("| runtime | " + " | ".join(f"{n} busy neighbour{'s' if n != 1 else ''}" for n in args.neighbours) + " |")
         print("|---" * (len(args.neighbours) + 1) + "|")
-        table = {n: under_load(n, candidates, args.threads, args.runs, args.rounds) for n in args.neighbours}
+        table = {n: under_load(n, candidates, model, args.threads, args.runs, args.rounds, args.pace)
+                 for n in args.neighbours}
         for label, *_ in candidates:
             cells = []
             for n in args.neighbours:
