@@ -303,6 +303,23 @@ def test_ppocrv4_det_wrong_requantization_is_refused(ppocr):
     assert not report["ok"]
 
 
+def test_energy_bound_is_never_tighter_than_the_nudged_references():
+    """A detector's one score, which its own rounding happens to leave almost where the float model puts it (1e-4),
+    while a nudge of the reference's requantization moves it 5e-3: a bundle 2e-3 off passes (no nearer than the
+    reference's own nudges land), one 1e-2 off does not; without rounding error only an identical output passes."""
+    ref, twin = {"score": np.float32([0.9])}, [{"score": np.float32([0.9001])}]
+    nudged = [[{"score": np.float32([0.9 + d])}] for d in (5e-3, -5e-3, 1e-3, -1e-3)]
+
+    def report(out, floats=twin):
+        return compare_quantized([{"score": np.float32([out])}], [ref], floats, QUANTIZED_RULE, nudged=nudged)["score"]
+
+    near, far = report(0.902), report(0.91)
+    assert near["ok"] and near["margin_db"] < QUANTIZED_RULE.margin_db and near["margin_db"] >= near["nudged_margin_db"]
+    assert not far["ok"] and far["margin_db"] < far["nudged_margin_db"]
+    exact = report(0.902, floats=[ref])      # the reference equals the float model
+    assert not exact["ok"] and "nudged_margin_db" not in exact
+
+
 def test_integer_rule_passes_an_output_within_one_step():
     """A full-integer model's 10 scores with one flipped rounding: the energy and element bounds refuse it (10% of the
     elements, 10 dB above the rounding's energy), the rule's one step accepts it; two steps do not pass."""
@@ -330,8 +347,8 @@ def amplifying(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["zero_point", "missing_bias", "requantization"])
 def test_nudged_element_bound_still_refuses_faults(amplifying, kind):
-    """With the element bound raised to what the nudged references measure, a faulty graph (onnxruntime computing the
-    faulty file, as an exact bundle of it would) is still refused: its error is above the rounding's energy."""
+    """With the element and energy bounds raised to what the nudged references measure, a faulty graph (onnxruntime
+    computing the faulty file, as an exact bundle of it would) is still refused by both."""
     from edgec.reference import ReferenceRuntime
 
     qdq, sample = amplifying
@@ -342,7 +359,8 @@ def test_nudged_element_bound_still_refuses_faults(amplifying, kind):
                                nudged=nudged)["logits"]
     print(kind, report)
     assert report["nudged_fraction_off"] > QUANTIZED_RULE.max_fraction     # the raised bound is in force
-    assert not report["ok"] and report["margin_db"] < QUANTIZED_RULE.margin_db
+    # refused by both bounds, the energy one at what the nudged references measure where that is lower
+    assert not report["ok"] and report["margin_db"] < min(QUANTIZED_RULE.margin_db, report["nudged_margin_db"])
     assert report["fraction_off"] > report["nudged_fraction_off"]
 
 
