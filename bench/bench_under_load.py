@@ -10,6 +10,8 @@ the settings OpenMP reads from the environment:
 
     OMP_WAIT_POLICY=PASSIVE           OpenMP workers sleep at once instead of spinning
     GOMP_SPINCOUNT=300000             libgomp's own default spin
+    GOMP_SPINCOUNT=10000              about 100 us
+    OMP_PROC_BIND=true                each team member bound to its own core (with the default spin)
 
 For each count of busy neighbours (processes spinning on a core each), every runtime and setting runs in its own
 process, in alternated rounds; each process times `--runs` runs after a warm-up and reports its median and 90th
@@ -42,6 +44,8 @@ SETTINGS = {
     "default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "GOMP_SPINCOUNT=300000": {"GOMP_SPINCOUNT": "300000"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "OMP_PROC_BIND=true": {"OMP_PROC_BIND": "true"},
 }
 
 # One timed process: prints {"median": ms, "p90": ms}. argv: runtime, model path (onnxruntime) or "-", the bundle
