@@ -378,6 +378,10 @@ class QuantizedRule:
     # and 16. A bundle beyond `max_fraction` is held to the largest fraction off that a nudged reference measures
     # instead (the energy bound stays); a network that does not amplify flips keeps `max_fraction`.
     nudges: tuple[float, ...] = ()
+    # The energy bound too then becomes the lowest margin a nudged reference measures, where below `margin_db`. Not
+    # where the nudged graphs are edgec's own import and the reference another runtime's (INTEGER_RULE: LiteRT),
+    # as a fault in that import would move the nudged references with the bundle.
+    nudged_energy: bool = True
     # the energy margin again per channel (the last axis) of an output with at least `channel_size` elements in each
     # channel: a fault in one channel (its weight scale, bias, weights) is 1/C of the output's energy and elements,
     # below both bounds above, while flips spread over all channels. None: not checked.
@@ -391,7 +395,7 @@ class QuantizedRule:
         extra = ({} if self.channel_margin_db is None else
                  {"channel_margin_db": self.channel_margin_db, "channel_size": self.channel_size})
         extra.update({} if self.within is None else {"within": self.within})
-        extra.update({"nudges": list(self.nudges)} if self.nudges else {})
+        extra.update({"nudges": list(self.nudges), "nudged_energy": self.nudged_energy} if self.nudges else {})
         return {"name": self.name, "margin_db": self.margin_db, "max_fraction": self.max_fraction, **extra}
 
 
@@ -406,7 +410,7 @@ PRECISION_RULE = QuantizedRule(max_fraction=1.0, name="precision")
 # full-integer models (a pre-quantized TFLite model) whose bundle is more than one step off the reference runtime:
 # `floats` are the model's unrounded twin (unrounded_integers) on TVM. See docs/architecture.md for the margin.
 INTEGER_RULE = QuantizedRule(margin_db=6.0, name="integer", channel_margin_db=3.0, within=1,
-                             nudges=QUANTIZED_RULE.nudges)
+                             nudges=QUANTIZED_RULE.nudges, nudged_energy=False)
 
 
 def decibels(signal: float, noise: float) -> float:
@@ -461,7 +465,7 @@ def compare_quantized(outputs: list[dict[str, np.ndarray]], reference: list[dict
         if nudged:
             r["nudged_fraction_off"] = max(float((np.abs(values(side) - ref) > rms).mean()) for side in nudged)
             max_fraction = max(max_fraction, r["nudged_fraction_off"])
-            if quantization > 0:     # else only an identical output passes, as without nudges
+            if rule.nudged_energy and quantization > 0:     # else only an identical output passes, as without nudges
                 r["nudged_margin_db"] = min(decibels(quantization, ((values(side) - ref) ** 2).sum())
                                             for side in nudged)
                 margin_db = min(margin_db, r["nudged_margin_db"])

@@ -10,6 +10,7 @@ over positions and the ones it cannot see)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import numpy as np
@@ -318,6 +319,10 @@ def test_energy_bound_is_never_tighter_than_the_nudged_references():
     assert not far["ok"] and far["margin_db"] < far["nudged_margin_db"]
     exact = report(0.902, floats=[ref])      # the reference equals the float model
     assert not exact["ok"] and "nudged_margin_db" not in exact
+    # a rule whose nudged graphs are not the reference's own (INTEGER_RULE's) keeps its energy bound
+    assert not INTEGER_RULE.nudged_energy
+    fixed = dataclasses.replace(QUANTIZED_RULE, nudged_energy=False)
+    assert not compare_quantized([{"score": np.float32([0.902])}], [ref], twin, fixed, nudged=nudged)["score"]["ok"]
 
 
 def test_integer_rule_passes_an_output_within_one_step():
