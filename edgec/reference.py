@@ -376,7 +376,8 @@ class QuantizedRule:
     # relative nudges of the reference's requantization (each quantized tensor times 1 + nudge before rounding, in
     # qdq_nudged or quantize.reference.nudged): correct float32 requantizations differ by an ulp or two, these by 4
     # and 16. A bundle beyond `max_fraction` is held to the largest fraction off that a nudged reference measures
-    # instead (the energy bound stays); a network that does not amplify flips keeps `max_fraction`.
+    # instead (the energy bound too, below, where `nudged_energy`); a network that does not amplify flips keeps
+    # `max_fraction`.
     nudges: tuple[float, ...] = ()
     # The energy bound too then becomes the lowest margin a nudged reference measures, where below `margin_db`. Not
     # where the nudged graphs are edgec's own import and the reference another runtime's (INTEGER_RULE: LiteRT),
@@ -463,11 +464,11 @@ def compare_quantized(outputs: list[dict[str, np.ndarray]], reference: list[dict
             r["problem"] = "values that are not finite"     # no energy to compare: refused
         max_fraction, margin_db = rule.max_fraction, rule.margin_db
         if nudged:
-            r["nudged_fraction_off"] = max(float((np.abs(values(side) - ref) > rms).mean()) for side in nudged)
+            moved = [values(side) - ref for side in nudged]
+            r["nudged_fraction_off"] = max(float((np.abs(m) > rms).mean()) for m in moved)
             max_fraction = max(max_fraction, r["nudged_fraction_off"])
             if rule.nudged_energy and quantization > 0:     # else only an identical output passes, as without nudges
-                r["nudged_margin_db"] = min(decibels(quantization, ((values(side) - ref) ** 2).sum())
-                                            for side in nudged)
+                r["nudged_margin_db"] = min(decibels(quantization, (m ** 2).sum()) for m in moved)
                 margin_db = min(margin_db, r["nudged_margin_db"])
         ok = r["margin_db"] >= margin_db and r["fraction_off"] <= max_fraction
         channels = np.shape(reference[0][name])[-1] if np.ndim(reference[0][name]) else 1

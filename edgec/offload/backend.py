@@ -51,6 +51,19 @@ class Operands:
     packed: tuple[int, ...]
     runtime: tuple[int, ...]
 
+    def pack_position(self, operand: int | None) -> int:
+        """`operand`'s index among `<symbol>_pack`'s arguments (`packed` in order); -1 for None."""
+        return -1 if operand is None else self.packed.index(operand)
+
+    def run_position(self, operand: int | None) -> int:
+        """`operand`'s index among `<symbol>`'s arguments (the state, `runtime` in order, the output); -1 for None."""
+        return -1 if operand is None else self.runtime.index(operand) + 1
+
+    @property
+    def run_count(self) -> int:
+        """How many arguments `<symbol>` takes: the output is the last."""
+        return len(self.runtime) + 2
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -143,18 +156,16 @@ template <typename T>
 """
 
 
-def run_export(symbol: str, runtime: tuple[int, ...], arguments: Callable[[Callable[[int], str], str], str]) -> str:
+def run_export(symbol: str, operands: Operands, arguments: Callable[[Callable[[int], str], str], str]) -> str:
     """`<symbol>`, a call site's run function: TVM calls it with (state, the operands `runtime` in order, out), and it
     calls the backend's Run(state, "<symbol>", ...) (state: its State, null if it is not one) with
     `arguments(tensor, out)`, C++ expressions built from tensor(operand index) and the output, each a
     tvm::ffi::TensorView."""
-    position = {i: k + 1 for k, i in enumerate(runtime)}    # args[0] is the state
-
     def tensor(i: int) -> str:
-        return f"edgec_offload::TensorArg(args, {position[i]})"
+        return f"edgec_offload::TensorArg(args, {operands.run_position(i)})"
 
-    out = f"edgec_offload::TensorArg(args, {len(runtime) + 1})"
-    return exported(symbol, len(runtime) + 2,
+    out = f"edgec_offload::TensorArg(args, {operands.run_count - 1})"
+    return exported(symbol, operands.run_count,
                     f'Run(edgec_offload::StateArg<State>(args), "{symbol}", {arguments(tensor, out)});')
 
 

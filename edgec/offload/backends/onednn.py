@@ -16,7 +16,6 @@ except that a primitive under kParallelWork runs on the calling thread.
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
 
 import numpy as np
 from tvm import relax
@@ -431,23 +430,11 @@ def _bmm_site(call: relax.Call, bias: bool) -> str:
 _SITES = {"relax.nn.conv2d": _conv_site, "relax.nn.conv2d_transpose": _deconv_site, "relax.matmul": _matmul_site}
 
 
-@dataclass(frozen=True)
-class _Arguments:
-    """Where a call site's operands (parameter indices) are among its emitted functions' arguments: _pack takes
-    `packed` in order, the run function the state, `runtime` in order, then the output."""
-    packed: tuple[int, ...]
-    runtime: tuple[int, ...]
-
-    def pack(self, operand: int | None) -> int:
-        return -1 if operand is None else self.packed.index(operand)
-
-    def run(self, operand: int | None) -> int:
-        return -1 if operand is None else self.runtime.index(operand) + 1
-
-    def run_args(self, data: int, weight: int | None = None, residual: int | None = None) -> str:
-        """A RunArgs initializer (C++ above)."""
-        out = len(self.runtime) + 1
-        return _dims((out + 1, self.run(data), self.run(weight), self.run(residual), out))
+def _run_args(at: Operands, data: int, weight: int | None = None, residual: int | None = None) -> str:
+    """A RunArgs initializer (C++ above): where the run function's arguments hold the source, weights computed at
+    run time and a residual (operand indices), and the output."""
+    return _dims((at.run_count, at.run_position(data), at.run_position(weight), at.run_position(residual),
+                  at.run_count - 1))
 
 
 def _param(c: float = 1.0, num: int = -1, den: int = -1, zero_point: int = -1) -> str:
@@ -526,48 +513,48 @@ extern "C" TVM_FFI_DLL_EXPORT int __tvm_ffi_{symbol}(void*, const TVMFFIAny* arg
 
 
 def _function(fused: Fused) -> str:
-    at = _Arguments(*astuple(_fused_operands(fused)))
+    at = _fused_operands(fused)
     bias = next((op.operand for op in fused.post_ops if op.kind == "bias"), None)
     residual = next((op.operand for op in fused.post_ops if op.kind == "add"), None)
     computed = fused.weight not in at.packed
     call = fused.anchor
     site = (_bmm_site(call, bias is not None) if computed else
             _SITES[call.op.name](call, ("f32", "f32", "f32"), None if bias is None else "f32"))
-    pack = (len(at.packed), at.pack(None if computed else fused.weight), at.pack(bias), -1, -1, -1, -1, -1)
-    run = at.run_args(fused.data, fused.weight if computed else None, residual)
+    pack = (len(at.packed), at.pack_position(None if computed else fused.weight), at.pack_position(bias), -1, -1, -1, -1, -1)
+    run = _run_args(at, fused.data, fused.weight if computed else None, residual)
     return _call_site(fused.symbol, fused.composite, site, pack, run, _post_ops(fused))
 
 
 _DNNL_TYPES = {"uint8": "u8", "int8": "s8", "float32": "f32"}
 
 
-def _qsum(q: QFused, at: _Arguments) -> list[str]:
+def _qsum(q: QFused, at: Operands) -> list[str]:
     """The post-ops of a residual add after the chain (z = quantize(dequantize(y) + dequantize(r))), rounding where
     QDQ does: y's rounding and saturation (round, clip to y's type less its zero point), then in z's units
     (y - zy) * sy / sz + (r - zr) * sr / sz, r read from dst (the sum post-op, as r's type); z's zero point and
     rounding are the destination's."""
     s = q.sum
     info = np.iinfo(q.out_dtype)
-    zy, sz = at.pack(q.out_zero_point), at.pack(s.out_scale)
+    zy, sz = at.pack_position(q.out_zero_point), at.pack_position(s.out_scale)
     return [_eltwise("eltwise_round"),
             _eltwise("eltwise_clip", _param(info.min, zero_point=zy), _param(info.max, zero_point=zy)),
-            _eltwise("eltwise_linear", _param(num=at.pack(q.out_scale), den=sz)),
-            _sum(_param(num=at.pack(s.residual_scale), den=sz), at.pack(s.residual_zero_point),
+            _eltwise("eltwise_linear", _param(num=at.pack_position(q.out_scale), den=sz)),
+            _sum(_param(num=at.pack_position(s.residual_scale), den=sz), at.pack_position(s.residual_zero_point),
                  _DNNL_TYPES[s.residual_dtype])]
 
 
 _TAIL_STEPS = {"hardswish": "eltwise_hardswish", "logistic": "eltwise_logistic", "relu": "eltwise_relu"}
 
 
-def _tail(q: QFused, at: _Arguments) -> list[str]:
+def _tail(q: QFused, at: Operands) -> list[str]:
     """A longer tail's post-ops (QFused.tail): its steps on the output in real units (output scales sx * sw), the
     last one scaled by 1 / sy, the division the output scales leave out (an eltwise post-op's own scale: oneDNN 2.6
     keeps one eltwise kernel per algorithm, so a second linear with other constants would compute as the first)."""
     post = []
     for i, step in enumerate(q.tail):
-        scale = _param(den=at.pack(q.out_scale)) if i == len(q.tail) - 1 else _param()
+        scale = _param(den=at.pack_position(q.out_scale)) if i == len(q.tail) - 1 else _param()
         if step[0] == "linear":
-            post.append(_eltwise("eltwise_linear", _param(num=at.pack(step[1])), _param(num=at.pack(step[2])), scale))
+            post.append(_eltwise("eltwise_linear", _param(num=at.pack_position(step[1])), _param(num=at.pack_position(step[2])), scale))
         elif step[0] == "clip":
             post.append(_eltwise("eltwise_clip", _param(step[1]), _param(step[2]), scale))
         else:
@@ -579,10 +566,10 @@ def _qfunction(q: QFused) -> str:
     """An int8 chain as one primitive: s8 weights (reordered at load), s32 bias, output scales sx * sw[c] / sy, the
     activation in the output's scaled units, a residual add as post-ops (_qsum), zero points given at run time
     (from the state). A `..._f32` chain's destination is f32 in real units: sy is 1, no zero point."""
-    at = _Arguments(q.packed, q.runtime)
+    at = q.operands
     call, src = q.anchor, _DNNL_TYPES[q.data_dtype]
     types = (src, "s8", _DNNL_TYPES[q.sum.out_dtype if q.sum else q.out_dtype])
-    sy = at.pack(q.out_scale)     # -1 (none, 1) for a float output
+    sy = at.pack_position(q.out_scale)     # -1 (none, 1) for a float output
     post = []
     if q.activation == "relu":
         post.append(_eltwise("eltwise_relu"))
@@ -606,10 +593,10 @@ def _qfunction(q: QFused) -> str:
             folding = (n, k, k, 1) if q.weight_transposed else (n, k, 1, n)
         site = _matmul_site(call, types, bias, "ba" if q.weight_transposed else "ab")
     # the output scales' divisor: none where a tail's last step divides by sy
-    pack = (len(at.packed), at.pack(q.weight), at.pack(q.bias), at.pack(q.weight_scale), at.pack(q.data_scale),
-            -1 if q.tail else sy, at.pack(q.data_zero_point),
-            -1 if q.float_out else at.pack(q.sum.out_zero_point if q.sum else q.out_zero_point))
-    run = at.run_args(q.data, residual=q.sum.residual if q.sum else None)
+    pack = (len(at.packed), at.pack_position(q.weight), at.pack_position(q.bias), at.pack_position(q.weight_scale), at.pack_position(q.data_scale),
+            -1 if q.tail else sy, at.pack_position(q.data_zero_point),
+            -1 if q.float_out else at.pack_position(q.sum.out_zero_point if q.sum else q.out_zero_point))
+    run = _run_args(at, q.data, residual=q.sum.residual if q.sum else None)
     return _call_site(q.symbol, q.composite, site, pack, run, post, folding)
 
 

@@ -279,7 +279,7 @@ def _function(fused: Fused) -> str:
 // {fused.composite}""" + pack_export(fused.symbol, operands.packed, f"""
   Pack(result, "{fused.symbol}", {"true" if residual is not None else "false"}, {c_float(add_lo)}, {c_float(add_hi)},
               [&](xnn_operator_t* op) -> xnn_status {{{create}
-              }});""") + run_export(fused.symbol, operands.runtime, lambda tensor, out: (
+              }});""") + run_export(fused.symbol, operands, lambda tensor, out: (
         f"{tensor(fused.data)}, {4 * math.prod(static_shape(fused.anchor.args[0]))}, "
         f"{'nullptr' if residual is None else tensor(residual) + '.data_ptr()'}, {out}, "
         f"{4 * math.prod(static_shape(fused.anchor))}, {_setup(setup)}"))
@@ -330,7 +330,7 @@ def _qfunction(q: QFused) -> str:
   Pack(result, "{q.symbol}", false, 0.f, 0.f, [&](xnn_operator_t* op) -> xnn_status {{{reorder}
     return xnn_create_convolution2d_nhwc_qc8({geometry}, zx, sx, kernel_scales.data(), ohwi.data(), {bias}, zy, sy,
         {lo}, {hi}, 0, op);
-  }});""") + run_export(q.symbol, q.runtime, lambda tensor, out: (
+  }});""") + run_export(q.symbol, q.operands, lambda tensor, out: (
         f"{tensor(q.data)}, {math.prod(static_shape(call.args[0]))}, nullptr, {out}, {math.prod(static_shape(call))}, "
         f"{_setup(setup)}, {str(flip_in).lower()}, {str(flip_out).lower()}"))
 
