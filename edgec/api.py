@@ -1,6 +1,7 @@
 """The Python API behind the CLI: build, run, compare, bench, inspect. Tests call these directly."""
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,7 +76,8 @@ def build(model_path: str | Path, target: str, out_dir: str | Path, *, input_sha
 
 def _build(model_path, target, out_dir: Path, input_shapes, options, archive, force, strict_memory,
            given_sample, state_pairs, progress) -> BuildResult:
-    from .verification import reference_outputs, sample_inputs, stream_steps, verify_staged, with_initial_state
+    from .verification import (STREAM_STEPS, reference_outputs, sample_inputs, stream_steps, verify_staged,
+                               with_initial_state)
 
     from .toolchain import find_tool
 
@@ -113,17 +115,20 @@ def _build(model_path, target, out_dir: Path, input_shapes, options, archive, fo
     if over_budget and strict_memory:
         raise EdgecError(over_budget, "drop --strict-memory to build anyway, or use a smaller model or input shape")
     say("reference run")
-    if given_sample is None and held_back is not None:
+    more = None
+    if held_back is not None:
         # the user's own data, not a random one: a quantized graph's rounding flips, which the quantized rule
         # measures, are amplified most on inputs unlike the calibration's (PP-OCRv4 rec int8 was refused on noise)
-        first = next(held_back.samples()).inputs
-        given_sample = {s.name: first[s.name] for s in model.stream_inputs()}      # a stream's state left out
+        held = [{s.name: h.inputs[s.name] for s in model.stream_inputs()}    # a stream's state left out
+                for h in itertools.islice(held_back.samples(), STREAM_STEPS)]
+        given_sample, more = (held[0], held[1:]) if given_sample is None else (given_sample, held)
     inputs = sample_inputs(model, given_sample)
+    steps = stream_steps(model, inputs, given_sample is not None, more)
     if compiled.quantized_graph is not None:   # checked against the quantized graph, not the float model
         reference = (quantized_reference if compiled.quantization["mode"] == "int8" else precision_reference)(
-            compiled.quantized_graph, model, stream_steps(model, inputs, given_sample is not None))
+            compiled.quantized_graph, model, steps)
     else:
-        reference = reference_outputs(model, stream_steps(model, inputs, given_sample is not None))
+        reference = reference_outputs(model, steps)
     sample = (None if isinstance(reference, str)
               else Sample(with_initial_state(model, inputs), reference.outputs[0], reference.name))
     say("write the bundle")

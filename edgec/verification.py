@@ -33,7 +33,8 @@ class VerificationFailed(EdgecError):
     exit_code = 1
 
 
-# A streaming model is verified over this many steps from its initial state, every step compared.
+# A streaming model is verified over this many steps from its initial state, every step compared; a model without
+# state judged by a statistical rule (QuantizedRule) over this many samples, pooled.
 STREAM_STEPS = 4
 
 
@@ -77,18 +78,23 @@ def with_initial_state(model: ImportedModel, inputs: dict[str, np.ndarray]) -> d
     return {**inputs, **{s.input: s.initial for s in model.states}}
 
 
-def stream_steps(model: ImportedModel, first: dict[str, np.ndarray], given: bool) -> list[dict[str, np.ndarray]]:
-    """A streaming model's sample sequence: `first`, then the user's sample again (it may be the only valid
-    input) or seeded random ones."""
+def stream_steps(model: ImportedModel, first: dict[str, np.ndarray], given: bool,
+                 more: list[dict[str, np.ndarray]] | None = None) -> list[dict[str, np.ndarray]]:
+    """The inputs the bundle is verified on, `first` (the sample it ships) first. A streaming model's sequence:
+    `first`, then the user's sample again (it may be the only valid input) or seeded random ones. A model without
+    state: `first` and, for a statistical rule to pool (verify_staged), `more` (held-back calibration samples),
+    or seeded random ones where `first` is random too; a given sample alone where there are no more."""
     if not model.states:
-        return [first]
+        extra = more if more is not None else [] if given else [
+            random_inputs(model.stream_inputs(), seed) for seed in range(1, STREAM_STEPS)]
+        return [first] + extra[:STREAM_STEPS - 1]
     return [first] + [first if given else random_inputs(model.stream_inputs(), seed) for seed in range(1, STREAM_STEPS)]
 
 
 def _run(ref: ReferenceRuntime, model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> tuple[dict, ...]:
     if model.states:
         return tuple(ref.stream(steps, model.states, model.constants))
-    return (ref.run({**steps[0], **model.constants}),)   # the model file still takes the folded inputs
+    return tuple(ref.run({**step, **model.constants}) for step in steps)   # the file still takes the folded inputs
 
 
 def reference_outputs(model: ImportedModel, steps: list[dict[str, np.ndarray]]) -> ReferenceRun | str:
@@ -146,9 +152,9 @@ _QUANTIZED_HINT = ("a reduced-precision bundle differs from its reference by rou
 
 def _failed(reference: ReferenceRun, name: str, what: str, k: int | None, steps: int, stream: bool,
             hint: str = _BUG_HINT) -> VerificationFailed:
-    """`k`: the step that disagrees; None for a rule measured over all steps."""
+    """`k`: the step that disagrees; None for a rule measured over all steps (a model without state: samples)."""
     at = ((f" at step {k + 1} of {steps}" if k is not None else f" over {steps} steps") + " from the initial state"
-          if stream else "")
+          if stream else f" over {steps} samples" if k is None and steps > 1 else "")
     return VerificationFailed(
         f"the compiled model disagrees with {reference.name} on output '{name}'{at}: {what}; no bundle was written",
         hint)
@@ -157,7 +163,9 @@ def _failed(reference: ReferenceRun, name: str, what: str, k: int | None, steps:
 def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | str, stream: bool = False) -> dict:
     """Run the staged bundle on the reference's inputs (with `stream`, step after step from the initial state) and
     compare every step with the reference; returns the manifest's "verification". A quantized graph's reference
-    (one with the float model's outputs) is compared by reference.QuantizedRule instead of the tolerance."""
+    (one with the float model's outputs) is compared by reference.QuantizedRule instead of the tolerance, over
+    every sample of a model without state (stream_steps): one sample's few rounding flips can land anywhere, the
+    more so in a small output (a detector's one score)."""
     from .runtime import choose_runner, run_bundle, stream_bundle
 
     tolerance = tolerance_for(reference)
@@ -169,11 +177,18 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
         return not_verified(f"cannot run {target.name} code here ({e.message})", tolerance)
     if stream:
         steps = stream_bundle(bundle_dir, list(reference.steps), runner)
-    else:
+    else:   # the float tolerance holds on each input: the sample; a statistical rule pools every sample
         steps = [run_bundle(bundle_dir, reference.steps[0], runner)]
+
+    def pooled() -> tuple[list[dict], str]:
+        if not stream:
+            steps.extend(run_bundle(bundle_dir, inputs, runner) for inputs in reference.steps[len(steps):])
+        return steps, runner + (f", {len(steps)} steps streamed" if stream else
+                                f", {len(steps)} samples" if len(steps) > 1 else "")
+
     ran = runner + (f", {len(steps)} steps streamed" if stream else "")
     if reference.floats is not None:
-        return _verify_quantized(bundle_dir, reference, steps, ran, stream)
+        return _verify_quantized(bundle_dir, reference, *pooled(), stream)
     worst, unmeasured = {}, ""
     for k, (outputs, expected) in enumerate(zip(steps, reference.outputs)):
         comparison = compare_outputs(outputs, expected, tolerance, against=reference.name)
@@ -185,7 +200,7 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
                 unmeasured = f"; the integer rule could not be measured ({type(e).__name__}: {last_line(e)})"
             else:
                 integer = replace(reference, floats=floats, rule=INTEGER_RULE)
-                return _verify_quantized(bundle_dir, integer, steps, ran, stream)
+                return _verify_quantized(bundle_dir, integer, *pooled(), stream)
         for o in comparison.outputs.values():
             if not o.ok:
                 what = o.problem or f"max abs error {o.max_abs:.3g} ({o.max_rel:.3g} of its range)"

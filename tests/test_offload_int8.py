@@ -680,7 +680,7 @@ def test_quantized_tflite_layers_run_on_int8_primitives(tmp_path, target, backen
     result = api.build(model, target, tmp_path / "b", options=options,
                        sample_inputs={"image": RNG.standard_normal((1, 12, 12, 8)).astype(np.float32)})
     checked = result.manifest.verification
-    assert checked["status"] == "verified" and checked["runner"] == runner, checked
+    assert checked["status"] == "verified" and checked["runner"] == f"{runner}, 4 samples", checked
     # the last conv's output stays float (the model's output): oneDNN's int8 primitive with a float32 destination,
     # XNNPACK's float conv on dequantized weights (its int8 operators' outputs are 8-bit)
     last = {"onednn": "qconv2d_bias_f32", "xnnpack": "conv2d_bias"}[backend]

@@ -116,7 +116,7 @@ def test_fp16_rpi5_under_cortex_a76(cnn, tmp_path, qemu_cpus):  # noqa: F811
     result = api.build(cnn, "rpi5", tmp_path / "fp16", options=_options("fp16"))
     manifest, bundle = result.manifest, result.bundle_dir
     verification = manifest.verification
-    assert verification["status"] == "verified" and verification["runner"] == "qemu", verification
+    assert verification["status"] == "verified" and verification["runner"] == "qemu, 4 samples", verification
     assert verification["rule"] == PRECISION_RULE.to_json()
     assert set(qemu_cpus) == {"cortex-a76"}
     assert "passed the precision rule (its error at least 0.0 dB below the graph's own rounding error; see" in \

@@ -68,6 +68,8 @@ def test_digits_int8_top1_within_one_point(digits, method):
           f"SQNR {logits.sqnr_db:.1f} dB")
     assert result.evaluation.samples == 90 and result.evaluation.labelled
     assert logits.top1_bundle >= logits.top1_reference - 0.01
+    # verified on the first held-back sample, the one it ships, and the next three, pooled
+    assert result.manifest.verification["runner"] == "in-process, 4 samples"
     record = json.loads((result.bundle_dir / "manifest.json").read_text())["quantization"]
     assert record["method"] == method and record["calibration_samples"] == 360
     assert record["layers"] == 2 and record["biases"] == 2 and record["float"] == []

@@ -25,7 +25,7 @@ from edgec.examples import mobilenet_v2
 from edgec.reference import DEFAULT_TOLERANCE, INTEGER_RULE, QUANTIZED_RULE, compare_outputs, compare_quantized
 from edgec.signature import random_inputs
 from edgec.targets import load_target
-from edgec.verification import VerificationFailed, reference_outputs, verify_staged
+from edgec.verification import VerificationFailed, reference_outputs, stream_steps, verify_staged
 from edgec.frontends import load_model
 
 
@@ -60,6 +60,7 @@ def test_mobilenetv2_qdq_builds_verified_by_the_quantized_rule(qdq):
     print("MobileNetV2 QDQ:", logits)
     assert verification["status"] == "verified" and verification["rule"] == QUANTIZED_RULE.to_json()
     assert "graph optimizations off" in verification["reference"]
+    assert verification["runner"] == "in-process, 4 samples"     # the random sample and 3 more, pooled
     assert logits["margin_db"] >= QUANTIZED_RULE.margin_db and logits["fraction_off"] <= QUANTIZED_RULE.max_fraction
     # steps away from the reference: the float rule refuses this correct bundle
     model = load_model(qdq / "qdq.onnx")
@@ -117,12 +118,12 @@ def _mutated(src, dst, kind: str):
 @pytest.mark.parametrize("kind", ["zero_point", "channel_scale", "swapped_weight", "missing_bias", "requantization"])
 def test_wrong_quantized_bundle_is_refused(qdq, kind):
     """A correct build of the faulty file (offload none: TVM's own kernels) checked against the original file's
-    reference: refused, with what was measured."""
+    reference on the samples a build pools: refused, with what was measured."""
     bad = _mutated(qdq / "qdq.onnx", qdq / f"{kind}.onnx", kind)
     result = api.build(bad, "host", qdq / kind, options=BuildOptions(offload=()))
-    sample = random_inputs(result.manifest.inputs)
-    reference = reference_outputs(load_model(qdq / "qdq.onnx"), [sample])
-    with pytest.raises(VerificationFailed, match="rounding error") as e:
+    model = load_model(qdq / "qdq.onnx")
+    reference = reference_outputs(model, stream_steps(model, random_inputs(result.manifest.inputs), False))
+    with pytest.raises(VerificationFailed, match="over 4 samples: its error .* rounding error") as e:
         verify_staged(result.bundle_dir, load_target("host"), reference)
     print(kind, e.value.message)
 
