@@ -5,12 +5,12 @@ A default host build offloads convolutions and matrix products to oneDNN, whose 
 loops of TVM's kernels left in the model (one pool per process; TVM's own pool never gets work). OpenMP's workers
 spin a while after each parallel region before they sleep: that makes back-to-back kernels fast, but when other
 processes want the same cores, spinning threads take the time slices the working ones need. The runners set
-GOMP_SPINCOUNT=1000 (about 10 us of spinning; libgomp's default is about 3 ms). This measures that default against
+GOMP_SPINCOUNT=10000 (about 100 us of spinning; libgomp's default is about 3 ms). This measures that default against
 the settings OpenMP reads from the environment:
 
     OMP_WAIT_POLICY=PASSIVE           OpenMP workers sleep at once instead of spinning
     GOMP_SPINCOUNT=300000             libgomp's own default spin
-    GOMP_SPINCOUNT=10000              about 100 us
+    GOMP_SPINCOUNT=1000               about 10 us (the runners' default before 2026-11-25)
     OMP_PROC_BIND=true                each team member bound to its own core (with the default spin)
 
 For each count of busy neighbours (processes spinning on a core each), every runtime and setting runs in its own
@@ -44,7 +44,7 @@ SETTINGS = {
     "default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "GOMP_SPINCOUNT=300000": {"GOMP_SPINCOUNT": "300000"},
-    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
     "OMP_PROC_BIND=true": {"OMP_PROC_BIND": "true"},
 }
 

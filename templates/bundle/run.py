@@ -555,10 +555,12 @@ def offload_thread_environment(environ):
     """The variables a bundle with offload libraries adds to `environ` before loading them (the environment's values
     win). The model's load function moves TVM's parallel loops onto the offload library's pool: one pool per
     process. TVM's pool is still made, idle (it only works for a model whose kernels use a barrier): its workers
-    sleep at once. libgomp's (oneDNN's team) spin about 10 us, not 3 ms, before they sleep: gaps between kernels stay
-    covered, and a thread waiting for a team member that lost its core to another process soon gives its own up.
-    MobileNetV2 on 2 cores (bench/README.md): 4.4-4.7 ms alone, as with libgomp's default spin, and 8-10 / 12-15 ms
-    beside 1 / 2 busy processes, where that default took 440 ms beside one (onnxruntime: 5.1-5.3, 9-9.5 / 10-16 ms).
+    sleep at once. libgomp's (oneDNN's team) spin about 100 us, not 3 ms, before they sleep: gaps between kernels stay
+    covered, and a thread waiting for a team member that lost its core to another process soon gives its own up
+    (libgomp's default took MobileNetV2 to 440 ms a run beside one busy process on 2 cores). With the team kept off
+    the caller's CPU (the oneDNN library), 10000 rounds were as fast as 1000 (about 10 us) beside busy processes and
+    faster alone, the more so for a model run at intervals (bench/README.md, "Paced runs": MobileNetV2 4.4 against
+    5.6 ms with 33 ms pauses; 3.6-4.2 / 7.7-7.9 / 8.1-9.9 ms back to back beside 0 / 1 / 2 busy processes).
     GOMP_SPINCOUNT is left alone under OMP_WAIT_POLICY, which it would override. libgomp reads both once, when it is
     loaded: a process that already has it (an earlier bundle, the application's own OpenMP) keeps the spin it
     started with. TVM's pool also pins the thread that starts it to the first THREADS cores, and OpenMP's team,
@@ -570,7 +572,7 @@ def offload_thread_environment(environ):
     added = {name: value for name, value in (("TVM_THREAD_POOL_SPIN_COUNT", "0"), ("TVM_BIND_THREADS", "0"))
              if name not in environ}
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        added["GOMP_SPINCOUNT"] = "1000"
+        added["GOMP_SPINCOUNT"] = "10000"
     return added
 
 
