@@ -180,15 +180,17 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
     else:   # the float tolerance holds on each input: the sample; a statistical rule pools every sample
         steps = [run_bundle(bundle_dir, reference.steps[0], runner)]
 
-    def pooled() -> tuple[list[dict], str]:
+    def pooled() -> list[dict]:
         if not stream:
             steps.extend(run_bundle(bundle_dir, inputs, runner) for inputs in reference.steps[len(steps):])
-        return steps, runner + (f", {len(steps)} steps streamed" if stream else
-                                f", {len(steps)} samples" if len(steps) > 1 else "")
+        return steps
 
-    ran = runner + (f", {len(steps)} steps streamed" if stream else "")
+    def ran() -> str:
+        return runner + (f", {len(steps)} steps streamed" if stream else
+                         f", {len(steps)} samples" if len(steps) > 1 else "")
+
     if reference.floats is not None:
-        return _verify_quantized(bundle_dir, reference, *pooled(), stream)
+        return _verify_quantized(bundle_dir, reference, pooled(), ran(), stream)
     worst, unmeasured = {}, ""
     for k, (outputs, expected) in enumerate(zip(steps, reference.outputs)):
         comparison = compare_outputs(outputs, expected, tolerance, against=reference.name)
@@ -200,7 +202,7 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
                 unmeasured = f"; the integer rule could not be measured ({type(e).__name__}: {last_line(e)})"
             else:
                 integer = replace(reference, floats=floats, rule=INTEGER_RULE)
-                return _verify_quantized(bundle_dir, integer, *pooled(), stream)
+                return _verify_quantized(bundle_dir, integer, pooled(), ran(), stream)
         for o in comparison.outputs.values():
             if not o.ok:
                 what = o.problem or f"max abs error {o.max_abs:.3g} ({o.max_rel:.3g} of its range)"
@@ -208,7 +210,7 @@ def verify_staged(bundle_dir: Path, target: Target, reference: ReferenceRun | st
                               f"* max|ref|{unmeasured}", k, len(steps), stream)
             if o.name not in worst or o.max_abs > worst[o.name].max_abs:
                 worst[o.name] = o
-    return {"status": "verified", "reason": None, "reference": reference.name, "runner": ran,
+    return {"status": "verified", "reason": None, "reference": reference.name, "runner": ran(),
             "tolerance": tolerance.to_json(),
             "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel} for o in worst.values()}}
 
