@@ -3,7 +3,8 @@
 The staged bundle runs a sample input through the runner its target uses on this machine (see
 `runtime.choose_runner`), and its outputs are compared, by name, with the reference runtime's (onnxruntime,
 LiteRT) under the one tolerance rule; a streaming model runs STREAM_STEPS steps from its initial state on both sides, every
-step compared (LiteRT keeps a TFLite model's variables itself, onnxruntime is fed its own state outputs). The
+step compared (LiteRT keeps a TFLite model's variables itself, onnxruntime is fed its own state outputs), and a
+quantized bundle of a model without state as many samples, its statistical rule pooled over them. The
 manifest records the result: "verified" with the reference, the
 runner and the errors, or "not verified" with the reason (no reference runtime, a model the reference refuses,
 no way to run the target's code here). Outputs beyond the tolerance stop the build: a wrong number is never
