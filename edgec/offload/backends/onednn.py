@@ -86,17 +86,17 @@ dnnl::primitive_attr Attr(const dnnl::post_ops& post) {
 // them (PP-OCR cls fp32 on 2 cores, 33 ms between runs: 1.73 ms a run, 0.71 back to back). The workers may run on
 // any CPU the caller may, but the caller's: checked at each region (sched_getcpu reads it without a system call),
 // and the workers' CPUs set again, in a region of their own, only when the caller has moved. The caller is never
-// pinned (it is the application's thread), nor is a team the user binds (OMP_PROC_BIND).
+// pinned (it is the application's thread), nor is a team the user binds (OMP_PROC_BIND). A caller allowed one CPU
+// leaves the workers none: the kernel refuses that mask and they keep theirs. (No CPU_COUNT, nor omp_in_parallel
+// (a nested region runs on one thread): each import took PP-OCRv4 det's library over a page boundary, 8 KB.)
 void KeepTeamOffCaller(int threads) {
   thread_local int caller_cpu = -1;   // each calling thread has a team of its own
   int cpu = sched_getcpu();
-  if (threads < 2 || cpu < 0 || cpu == caller_cpu || omp_get_proc_bind() != omp_proc_bind_false || omp_in_parallel())
-    return;
+  if (threads < 2 || cpu < 0 || cpu == caller_cpu || omp_get_proc_bind() != omp_proc_bind_false) return;
   caller_cpu = cpu;
   cpu_set_t others;
   if (sched_getaffinity(0, sizeof others, &others) != 0) return;
   CPU_CLR(cpu, &others);
-  if (CPU_COUNT(&others) == 0) return;
 #pragma omp parallel num_threads(threads)
   if (omp_get_thread_num() != 0) sched_setaffinity(0, sizeof others, &others);
 }
