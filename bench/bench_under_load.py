@@ -57,12 +57,12 @@ runtime, model, bundle, threads, runs, pace = (sys.argv[1], sys.argv[2], sys.arg
                                                int(sys.argv[5]), float(sys.argv[6]))
 sys.path.insert(0, bundle)
 import run
-edgec = run.Model(bundle, threads=threads)
-feeds = edgec.sample("inputs")
+manifest = run.load_manifest(bundle)     # the sample read as files: no edgec model (nor its threads) beside onnxruntime
+feeds = {t["name"]: np.load(f"{bundle}/{manifest['sample']['inputs']}/{t['file']}") for t in manifest["inputs"]}
 if runtime == "edgec":
+    edgec = run.Model(bundle, threads=threads)
     call = lambda: edgec.run(feeds)
 else:
-    del edgec
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
