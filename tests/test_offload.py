@@ -307,7 +307,8 @@ def test_openmp_team_keeps_off_the_calling_threads_cpu_which_stays_unpinned(smal
     region then running its halves in turn on one core (MobileNetV2 on 2 cores, a run every 33 ms: 11.0-11.4 ms
     against 4.0 back to back, and 5.9-6.0 kept apart). The library keeps the team's workers off the CPU the caller
     runs on; the caller itself is never pinned."""
-    script = ("import json, os, run\nm = run.Model('.', threads=2); x = m.sample('inputs'); [m.run(x) for _ in range(3)]\n"
+    script = ("import json, os, run\n"
+              "m = run.Model('.', threads=2); x = m.sample('inputs'); [m.run(x) for _ in range(3)]\n"
               "def allowed(tid):\n"
               "    with open(f'/proc/self/task/{tid}/status') as f:\n"
               "        return next(ln.split(':')[1].strip() for ln in f if ln.startswith('Cpus_allowed_list'))\n"

@@ -545,7 +545,8 @@ def _function(fused: Fused) -> str:
     call = fused.anchor
     site = (_bmm_site(call, bias is not None) if computed else
             _SITES[call.op.name](call, ("f32", "f32", "f32"), None if bias is None else "f32"))
-    pack = (len(at.packed), at.pack_position(None if computed else fused.weight), at.pack_position(bias), -1, -1, -1, -1, -1)
+    pack = (len(at.packed), at.pack_position(None if computed else fused.weight), at.pack_position(bias),
+            -1, -1, -1, -1, -1)
     run = _run_args(at, fused.data, fused.weight if computed else None, residual)
     return _call_site(fused.symbol, fused.composite, site, pack, run, _post_ops(fused))
 
@@ -579,7 +580,8 @@ def _tail(q: QFused, at: Operands) -> list[str]:
     for i, step in enumerate(q.tail):
         scale = _param(den=at.pack_position(q.out_scale)) if i == len(q.tail) - 1 else _param()
         if step[0] == "linear":
-            post.append(_eltwise("eltwise_linear", _param(num=at.pack_position(step[1])), _param(num=at.pack_position(step[2])), scale))
+            post.append(_eltwise("eltwise_linear", _param(num=at.pack_position(step[1])),
+                                 _param(num=at.pack_position(step[2])), scale))
         elif step[0] == "clip":
             post.append(_eltwise("eltwise_clip", _param(step[1]), _param(step[2]), scale))
         else:
@@ -618,8 +620,8 @@ def _qfunction(q: QFused) -> str:
             folding = (n, k, k, 1) if q.weight_transposed else (n, k, 1, n)
         site = _matmul_site(call, types, bias, "ba" if q.weight_transposed else "ab")
     # the output scales' divisor: none where a tail's last step divides by sy
-    pack = (len(at.packed), at.pack_position(q.weight), at.pack_position(q.bias), at.pack_position(q.weight_scale), at.pack_position(q.data_scale),
-            -1 if q.tail else sy, at.pack_position(q.data_zero_point),
+    pack = (len(at.packed), at.pack_position(q.weight), at.pack_position(q.bias), at.pack_position(q.weight_scale),
+            at.pack_position(q.data_scale), -1 if q.tail else sy, at.pack_position(q.data_zero_point),
             -1 if q.float_out else at.pack_position(q.sum.out_zero_point if q.sum else q.out_zero_point))
     run = _run_args(at, q.data, residual=q.sum.residual if q.sum else None)
     return _call_site(q.symbol, q.composite, site, pack, run, post, folding)
